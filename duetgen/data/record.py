@@ -16,13 +16,25 @@ Design choices:
   the content-addressed path.
 - Validation is strict and names the record id, the field and the reason (STYLE principle 12).
   Paths that are absolute, contain a URL scheme or ``..`` are refused here, before any file is opened.
+
+On disk (second half of this file): ``DatasetWriter`` writes a dataset directory of atomic JSONL
+shards plus content-addressed images, ``Dataset`` streams it back, validated. The format and its
+guarantees are described in docs/record-format.md.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
+import fcntl
+import hashlib
+import io
 import json
+import os
 import re
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Literal, Union
 
 ROLES = ("system", "user", "assistant")
@@ -227,3 +239,486 @@ def text(s: str) -> TextPart:
 
 def image(x: Any) -> ImagePart:
     return ImagePart(x)
+
+
+# =============================================================================================
+# Dataset IO: a directory of JSONL shards plus content-addressed images (DESIGN section 3).
+#
+#   root/manifest.json                     format version, shard list with record counts, total
+#   root/shards/part-NNNNN.jsonl           one validated record per line
+#   root/images/<2 hex>/<sha256>.<ext>     the image bytes; the same bytes are stored once
+#
+# Design choices:
+# - The manifest is the source of truth. A shard exists for a reader only once the manifest lists
+#   it; both are written as tmp file + fsync + os.replace, shard first, so a writer killed at any
+#   moment leaves the previous consistent state (tmp files are ignored and cleaned on append).
+# - Images are written (tmp + os.replace) as records arrive and fsync'ed just before the shard
+#   that references them is committed: a committed shard never points at an image that a power
+#   loss could still take away.
+# - Readers stream shard by shard and validate every record; images are opened lazily, only
+#   after the path is proven to resolve inside the root and the header size is under a pixel cap
+#   (the header is read before any pixel is decoded).
+# - One error family: DatasetError (files, manifest) and ImageError (one record's image) are both
+#   RecordError, so ``except RecordError`` catches every kind of bad input.
+# =============================================================================================
+
+FORMAT_NAME = "duetgen-interleaved"
+FORMAT_VERSION = 1
+DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: above any training resolution, far below a decompression bomb
+DEFAULT_MAX_IMAGE_BYTES = 256 << 20  # a 40 MP RGB image is 120 MB raw; an encoded file above this is not an image
+MANIFEST = "manifest.json"
+SHARD_DIR = "shards"
+IMAGE_DIR = "images"
+_SHARD_RE = re.compile(r"^shards/part-(\d{5})\.jsonl$")
+# PIL format name -> file extension. MPO is the multi-picture JPEG phones write; its first frame is a JPEG.
+IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "MPO": "jpg", "WEBP": "webp", "GIF": "gif"}
+
+
+class DatasetError(RecordError):
+    """A dataset directory, manifest or shard is invalid. The message names the file (and line)."""
+
+
+class ImageError(RecordError):
+    """An image of a record is missing, unreadable, too large or outside the root."""
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARD_DIR}/part-{index:05d}.jsonl"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (POSIX: the directory entry lives in the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` so that readers see the old content or the new, never a half file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _pil_guard(where: str):
+    """Turn PIL's decompression-bomb and decode failures into ImageError naming ``where``."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            # Our own cap is checked on the header; PIL's warning would only repeat it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{where}: refused as a decompression bomb ({e})") from None
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL raises all of these on bad data
+        raise ImageError(f"{where}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def inspect_image(fp: Any, where: str, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = True):
+    """Open an image from a file object, check format and size BEFORE decoding, then decode.
+
+    Returns the opened (and, if ``decode``, fully loaded) PIL image. ``where`` names the record
+    and path in every error.
+    """
+    from PIL import Image
+
+    with _pil_guard(where):
+        im = Image.open(fp)
+        if im.format not in IMAGE_FORMATS:
+            raise ImageError(f"{where}: unsupported image format {im.format!r} (allowed: PNG, JPEG, WEBP, GIF)")
+        w, h = im.size
+        if w <= 0 or h <= 0:
+            raise ImageError(f"{where}: empty image ({w}x{h})")
+        if w * h > max_pixels:
+            raise ImageError(f"{where}: image is {w}x{h} = {w * h:,} pixels, over the cap of {max_pixels:,}")
+        if decode:
+            im.load()
+    return im
+
+
+def to_rgb(im):
+    """RGB view of any PIL image; transparency is composited over white (how a page shows it)."""
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def encode_png(im) -> bytes:
+    """Lossless PNG bytes of a PIL image (deterministic: the same pixels give the same bytes)."""
+    if im.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):
+        im = to_rgb(im)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _resolve_inside(root: Path, rel: str, record_id: str) -> Path:
+    """Absolute path of dataset-relative ``rel``, proven (after resolving symlinks) to lie in ``root``."""
+    check_image_path(rel, record_id)
+    root_resolved = root.resolve()
+    target = (root_resolved / rel).resolve()
+    if not target.is_relative_to(root_resolved):
+        raise ImageError(f"record {record_id!r}: image path {rel!r} resolves outside the dataset root {str(root)!r}")
+    return target
+
+
+# --------------------------------------------------------------------------------- manifest
+def _read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise DatasetError(f"{str(root)!r} is not a dataset directory (no such directory)")
+    if not path.is_file():
+        raise DatasetError(f"{str(root)!r} is not a dataset directory: no {MANIFEST}")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(m, dict):
+        raise DatasetError(f"{path}: manifest must be a JSON object")
+    if m.get("format") != FORMAT_NAME:
+        raise DatasetError(f"{path}: 'format' is {m.get('format')!r}, expected {FORMAT_NAME!r}")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(f"{path}: unsupported format_version {m.get('format_version')!r} "
+                           f"(this reader knows {FORMAT_VERSION})")
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        raise DatasetError(f"{path}: 'shards' must be a list")
+    seen = set()
+    for i, s in enumerate(shards):
+        if not isinstance(s, dict) or not isinstance(s.get("path"), str) or not _SHARD_RE.match(s["path"]):
+            raise DatasetError(f"{path}: shards[{i}] must be "
+                               f"{{'path': 'shards/part-NNNNN.jsonl', 'num_records': int}}, got {s!r}")
+        n = s.get("num_records")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise DatasetError(f"{path}: shards[{i}].num_records must be a non-negative integer, got {n!r}")
+        if s["path"] in seen:
+            raise DatasetError(f"{path}: shard {s['path']!r} listed twice")
+        seen.add(s["path"])
+    total = m.get("num_records")
+    if total != sum(s["num_records"] for s in shards):
+        raise DatasetError(f"{path}: num_records {total!r} does not equal the sum over shards")
+    return m
+
+
+def _manifest_bytes(m: dict[str, Any]) -> bytes:
+    return (json.dumps(m, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+# --------------------------------------------------------------------------------- writer
+class DatasetWriter:
+    """Write records into a dataset directory, one atomic shard at a time.
+
+    >>> with DatasetWriter("out/ds", shard_size=1000) as w:
+    ...     w.write(Record(id="r0", messages=[Message("user", [TextPart("hi"), ImagePart(pil_image)])]))
+
+    ``write`` stores in-memory images (PIL -> PNG, bytes verified as PNG/JPEG/WEBP/GIF) under
+    ``images/`` and replaces them in the record by their relative path (the record is modified).
+    Leaving the ``with`` block commits the open shard, also when the block raised: every record
+    written so far was validated, so it is kept. ``append=True`` continues an existing dataset
+    (or starts one); otherwise the root must not hold a dataset yet.
+    """
+
+    def __init__(self, root: str | os.PathLike, shard_size: int = 1000, append: bool = False,
+                 name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+        if not isinstance(shard_size, int) or shard_size < 1:
+            raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
+        self.root = Path(root)
+        self.shard_size = shard_size
+        self.max_pixels = max_pixels
+        if self.root.exists() and not self.root.is_dir():
+            raise DatasetError(f"{str(self.root)!r} exists and is not a directory")
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / SHARD_DIR).mkdir(exist_ok=True)
+        (self.root / IMAGE_DIR).mkdir(exist_ok=True)
+        # One writer at a time: a second one would reuse shard numbers. flock dies with the process.
+        self._lock_file = open(self.root / ".writer.lock", "a")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise DatasetError(f"{str(self.root)!r}: another DatasetWriter is writing to this dataset") from None
+
+        try:
+            if (self.root / MANIFEST).exists():
+                if not append:
+                    raise DatasetError(f"{str(self.root)!r} already holds a dataset; pass append=True to add to it")
+                self.manifest = _read_manifest(self.root)
+                self._name_changed = name is not None and name != self.manifest.get("name")
+                if self._name_changed:
+                    self.manifest["name"] = name
+                self._clean_uncommitted()
+            else:
+                if any((self.root / SHARD_DIR).glob("part-*.jsonl")):
+                    raise DatasetError(f"{str(self.root)!r} has shards but no {MANIFEST}; "
+                                       "refusing to guess what is committed")
+                self._name_changed = False
+                now = _now()
+                self.manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "name": name,
+                                 "created": now, "updated": now, "num_records": 0, "shards": []}
+                atomic_write_bytes(self.root / MANIFEST, _manifest_bytes(self.manifest))
+        except BaseException:
+            self._lock_file.close()
+            raise
+        used = [int(_SHARD_RE.match(s["path"]).group(1)) for s in self.manifest["shards"]]
+        self._next_shard = max(used, default=-1) + 1
+        self._ids: set[str] = set()  # ids written in this session (duplicates refused)
+        self._shard_file = None  # open tmp file of the current shard
+        self._shard_count = 0
+        self._pending_images: list[Path] = []  # stored since the last commit, fsync'ed at commit
+        self._closed = False
+
+    def _clean_uncommitted(self) -> None:
+        """Remove what a killed writer left: tmp files and shards the manifest does not list."""
+        listed = {s["path"] for s in self.manifest["shards"]}
+        for p in (self.root / SHARD_DIR).iterdir():
+            rel = f"{SHARD_DIR}/{p.name}"
+            if p.name.startswith(".part-") and p.name.endswith(".tmp"):
+                p.unlink()
+            elif _SHARD_RE.match(rel) and rel not in listed:
+                p.unlink()  # renamed into place but the manifest commit never happened
+        for p in (self.root / IMAGE_DIR).glob("*/.*.tmp"):
+            p.unlink()
+
+    # ----------------------------------------------------------------------------- images
+    def add_image(self, image: Any, record_id: str = "?") -> str:
+        """Store a PIL image (as PNG) or encoded bytes (verified); return ``images/xx/<sha256>.<ext>``."""
+        where = f"record {record_id!r}: image"
+        if _is_pil(image):
+            w, h = image.size
+            if w * h > self.max_pixels:
+                raise ImageError(f"{where} is {w}x{h} = {w * h:,} pixels, over the cap of {self.max_pixels:,}")
+            data, ext = encode_png(image), "png"
+        elif isinstance(image, (bytes, bytearray, memoryview)):
+            data = bytes(image)
+            im = inspect_image(io.BytesIO(data), f"{where} bytes", self.max_pixels)
+            ext = IMAGE_FORMATS[im.format]
+        else:
+            raise ImageError(f"{where} must be a PIL image or encoded bytes, got {type(image).__name__}")
+        digest = hashlib.sha256(data).hexdigest()
+        rel = f"{IMAGE_DIR}/{digest[:2]}/{digest}.{ext}"
+        path = self.root / rel
+        if not path.exists():  # content addressed: the same bytes are stored once
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+            self._pending_images.append(path)
+        return rel
+
+    def _check_stored_path(self, rel: str, record_id: str) -> None:
+        path = _resolve_inside(self.root, rel, record_id)
+        where = f"record {record_id!r}: image {rel!r}"
+        if not path.is_file():
+            raise ImageError(f"{where} not found in the dataset root {str(self.root)!r}")
+        with open(path, "rb") as f:
+            inspect_image(f, where, self.max_pixels, decode=False)
+
+    # ----------------------------------------------------------------------------- records
+    def write(self, rec: Record) -> None:
+        """Validate ``rec``, store its in-memory images, append it to the current shard."""
+        if self._closed:
+            raise RuntimeError("DatasetWriter is closed")
+        if not isinstance(rec, Record):
+            raise RecordError(f"DatasetWriter.write expects a Record, got {type(rec).__name__}")
+        validate(rec)
+        if rec.id in self._ids:
+            raise RecordError(f"record {rec.id!r}: duplicate id (already written by this writer)")
+        for m in rec.messages:
+            for p in m.content:
+                if isinstance(p, ImagePart):
+                    if isinstance(p.image, str):
+                        self._check_stored_path(p.image, rec.id)
+                    else:
+                        p.image = self.add_image(p.image, rec.id)
+        line = rec.to_jsonl_line()  # validates again, now with every image a stored path
+        if self._shard_file is None:
+            self._open_shard()
+        self._shard_file.write(line + "\n")
+        self._ids.add(rec.id)
+        self._shard_count += 1
+        if self._shard_count >= self.shard_size:
+            self._commit_shard()
+
+    def _tmp_path(self, index: int) -> Path:
+        return self.root / SHARD_DIR / f".part-{index:05d}.jsonl.tmp"
+
+    def _open_shard(self) -> None:
+        self._shard_file = open(self._tmp_path(self._next_shard), "w", encoding="utf-8")
+        self._shard_count = 0
+
+    def _commit_shard(self) -> None:
+        """tmp shard -> fsync -> rename, then the manifest listing it (also tmp + rename)."""
+        f, index = self._shard_file, self._next_shard
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        for p in self._pending_images:  # images first: a committed shard must not outlive its images
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for d in {p.parent for p in self._pending_images}:
+            _fsync_dir(d)
+        self._pending_images.clear()
+        rel = shard_name(index)
+        os.replace(self._tmp_path(index), self.root / rel)
+        _fsync_dir(self.root / SHARD_DIR)
+        self.manifest["shards"].append({"path": rel, "num_records": self._shard_count})
+        self.manifest["num_records"] += self._shard_count
+        self.manifest["updated"] = _now()
+        atomic_write_bytes(self.root / MANIFEST, _manifest_bytes(self.manifest))
+        self._name_changed = False
+        self._shard_file, self._shard_count, self._next_shard = None, 0, index + 1
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if self._shard_file is not None:  # opened by the first write of a shard, so never empty
+                self._commit_shard()
+            if self._name_changed:  # a rename on append with no new shard still reaches the manifest
+                self.manifest["updated"] = _now()
+                atomic_write_bytes(self.root / MANIFEST, _manifest_bytes(self.manifest))
+        finally:
+            self._closed = True
+            self._lock_file.close()
+
+    @property
+    def num_records(self) -> int:
+        """Records committed so far (all sessions)."""
+        return self.manifest["num_records"]
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------- reader
+class Dataset:
+    """A read-only dataset directory. Iterating streams validated records, shard by shard.
+
+    >>> ds = Dataset("out/ds")
+    >>> for rec in ds:
+    ...     for part in rec.image_parts("assistant"):
+    ...         im = ds.open_image(part.path, record_id=rec.id)   # RGB, fully loaded
+    """
+
+    def __init__(self, root: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
+        self.root = Path(root)
+        self.max_pixels = max_pixels
+        self.max_image_bytes = max_image_bytes
+        self.manifest = _read_manifest(self.root)
+
+    @property
+    def name(self) -> str | None:
+        return self.manifest.get("name")
+
+    @property
+    def shards(self) -> list[str]:
+        """Relative paths of the committed shards, in order."""
+        return [s["path"] for s in self.manifest["shards"]]
+
+    def __len__(self) -> int:
+        return self.manifest["num_records"]
+
+    def __iter__(self) -> Iterator[Record]:
+        for i in range(len(self.manifest["shards"])):
+            yield from self.iter_shard(i)
+
+    def iter_shard(self, index: int) -> Iterator[Record]:
+        """Records of one shard (shards are the unit of parallel work, as in datatrove)."""
+        entry = self.manifest["shards"][index]
+        path = self.root / entry["path"]
+        n = 0
+        try:
+            f = open(path, encoding="utf-8")
+        except OSError as e:
+            raise DatasetError(f"{path}: shard listed in the manifest cannot be opened ({e.strerror})") from None
+        with f:
+            lineno = 0
+            while True:
+                try:
+                    line = f.readline()
+                except UnicodeDecodeError as e:
+                    raise DatasetError(f"{path}:{lineno + 1}: not valid UTF-8 ({e.reason})") from None
+                if not line:
+                    break
+                lineno += 1
+                if not line.strip():
+                    raise DatasetError(f"{path}:{lineno}: empty line")
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                try:
+                    rec = Record.from_json(d)
+                except RecordError as e:
+                    raise RecordError(f"{path}:{lineno}: {e}") from None
+                n += 1
+                yield rec
+        if n != entry["num_records"]:
+            raise DatasetError(f"{path}: holds {n} records but the manifest says {entry['num_records']}")
+
+    def image_path(self, path: str, record_id: str = "?") -> Path:
+        """Absolute path of a record's image, refused if it leaves the root (also via symlinks) or is missing."""
+        p = _resolve_inside(self.root, path, record_id)
+        if not p.is_file():
+            raise ImageError(f"record {record_id!r}: image {path!r} not found in the dataset root {str(self.root)!r}")
+        return p
+
+    def read_image_bytes(self, path: str, record_id: str = "?") -> bytes:
+        """The stored bytes, after the same containment and size checks as ``open_image``."""
+        p = self.image_path(path, record_id)
+        where = f"record {record_id!r}: image {path!r}"
+        size = p.stat().st_size
+        if size > self.max_image_bytes:  # checked before reading: the whole file goes to memory
+            raise ImageError(f"{where}: file is {size:,} bytes, over the cap of {self.max_image_bytes:,}")
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise ImageError(f"{where}: cannot be read ({e.strerror})") from None
+        inspect_image(io.BytesIO(data), where, self.max_pixels, decode=False)
+        return data
+
+    def open_image(self, path: str, record_id: str = "?"):
+        """Open a record's image as a fully loaded RGB PIL image (pixel cap checked on the header first)."""
+        p = self.image_path(path, record_id)
+        where = f"record {record_id!r}: image {path!r}"
+        try:
+            f = open(p, "rb")
+        except OSError as e:
+            raise ImageError(f"{where}: cannot be read ({e.strerror})") from None
+        with f:
+            im = inspect_image(f, where, self.max_pixels)
+            with _pil_guard(where):
+                return to_rgb(im)
+
+    def __repr__(self) -> str:
+        return f"Dataset({str(self.root)!r}, records={len(self)}, shards={len(self.shards)})"
