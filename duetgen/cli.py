@@ -31,10 +31,579 @@ def fail(msg: str) -> None:
 # ----------------------------------------------------------------------------- data
 
 
+@data_app.command("view")
+def data_view(
+    dataset_dir: Path = typer.Argument(..., help="Dataset directory (holds manifest.json)."),
+    out: Path = typer.Option(..., "--out", help="Page 1; later pages are written next to it as <stem>-page-NNNN.html."),
+    per_page: int = typer.Option(50, "--per-page", min=1, help="Records per page."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Show only the first N records."),
+    embed: bool = typer.Option(False, "--embed", help="Inline images as data URIs (a page that stands alone)."),
+):
+    """Render a dataset as static HTML chat pages (text and images inline, targets marked)."""
+    from duetgen.data.record import RecordError
+    from duetgen.data.view import render_dataset_html
+
+    try:
+        pages = render_dataset_html(dataset_dir, out, per_page=per_page, limit=limit, embed=embed)
+    except (RecordError, OSError) as e:
+        fail(f"cannot render {str(dataset_dir)!r}: {e}")
+    for p in pages:
+        typer.echo(str(p))
+
+
+@data_app.command("export-parquet")
+def data_export_parquet(
+    dataset_dir: Path = typer.Argument(..., help="Dataset directory (holds manifest.json)."),
+    out: Path = typer.Argument(..., help="Parquet file to write (images embedded; loads in HF datasets)."),
+):
+    """Export a dataset to one Parquet file with the images embedded, for the HF `datasets` ecosystem."""
+    from duetgen.data.parquet import export_parquet
+    from duetgen.data.record import RecordError
+
+    try:
+        n = export_parquet(dataset_dir, out)
+    except (RecordError, OSError) as e:
+        fail(f"cannot export {str(dataset_dir)!r}: {e}")
+    typer.echo(f"wrote {n} records to {out}")
+
+
+@data_app.command("import-parquet")
+def data_import_parquet(
+    parquet_file: Path = typer.Argument(..., help="Parquet file written by export-parquet (or shaped like it)."),
+    dataset_dir: Path = typer.Argument(..., help="New dataset directory (must not exist or be empty)."),
+):
+    """Import a Parquet file into a new dataset directory, validating every record and image."""
+    from duetgen.data.parquet import import_parquet
+    from duetgen.data.record import RecordError
+
+    try:
+        n = import_parquet(parquet_file, dataset_dir)
+    except (RecordError, OSError) as e:
+        fail(f"cannot import {str(parquet_file)!r}: {e}")
+    typer.echo(f"wrote {n} records to {dataset_dir}")
+
+
+@data_app.command("toyworld")
+def data_toyworld(
+    out: Path = typer.Option(..., "--out", help="New dataset directory to write."),
+    n: int = typer.Option(..., "--n", min=0, help="Number of records."),
+    seed: int = typer.Option(0, "--seed", help="Seed: the same seed, split and kinds give the same dataset."),
+    split: str = typer.Option("train", "--split", help="train | val | test (decided by a hash of every scene; see docs/shapeworld.md)."),
+    kinds: Optional[str] = typer.Option(None, "--kinds", help="Comma-separated subset of how-to,continuation,text-to-image,editing,understanding,transition (default: all, in the default mix)."),
+    shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Records per shard."),
+):
+    """Generate ShapeWorld records (the procedural toy world of DESIGN section 9) into a dataset."""
+    from duetgen.data import toyworld
+    from duetgen.data.record import RecordError
+
+    kind_list = None if kinds is None else [k.strip() for k in kinds.split(",") if k.strip()]
+    if split not in toyworld.SPLITS:
+        fail(f"--split {split!r}: expected one of {', '.join(toyworld.SPLITS)}")
+    for k in kind_list or []:
+        if k not in toyworld.KINDS:
+            fail(f"--kinds: unknown kind {k!r} (expected some of {', '.join(toyworld.KINDS)})")
+    if kind_list is not None and not kind_list:
+        fail("--kinds is empty")
+    try:
+        counts = toyworld.generate(out, n, seed=seed, split=split, kinds=kind_list, shard_size=shard_size)
+    except (toyworld.WorldError, RecordError, OSError) as e:
+        fail(f"cannot write ShapeWorld to {str(out)!r}: {e}")
+    typer.echo(f"wrote {n} {split} records to {out}: " + ", ".join(f"{k} {c}" for k, c in counts.items()))
+
+
+# ----------------------------------------------------------------------------- data: web engine (issue 6)
+
+
+@data_app.command("engine")
+def data_engine(
+    input: Path = typer.Option(..., "--input", help="Pages: a .jsonl file of {url, html[, id, source]} per line, or a directory of .html files."),
+    out: Path = typer.Option(..., "--out", help="Dataset directory to write; rerun the same command to resume a killed run."),
+    llm: Optional[str] = typer.Option(None, "--llm", help="OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1); without it: rules and templates only."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model id as the endpoint names it (a multimodal model: it captions images)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Local worker processes (1: in this process)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: a cluster address, or 'local' to start Ray here with --workers CPUs."),
+    shard_pages: int = typer.Option(100, "--shard-pages", min=1, help="Pages per shard (the unit of work and of restart)."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the API key (never written to disk)."),
+    llm_concurrency: int = typer.Option(16, "--llm-concurrency", min=1, help="LLM requests in flight per worker."),
+    allow_network: Optional[list[str]] = typer.Option(None, "--allow-network", help="CIDR whose images may be fetched although not public (repeatable), e.g. 127.0.0.0/8 for a local mirror."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+):
+    """Turn how-to web pages into clean interleaved conversations (paper 3.1), with a funnel report."""
+    import ipaddress
+    import os
+
+    from duetgen.data.engine import EngineConfig, EngineError, LocalExecutor, run_engine
+    from duetgen.data.engine.fetch import FetchConfig
+    from duetgen.data.record import RecordError
+
+    if (llm is None) != (model is None):
+        fail("give --llm and --model together (or neither, for the rules-only mode)")
+    if llm is not None and not llm.startswith(("http://", "https://")):
+        fail(f"--llm {llm!r} must be an http:// or https:// URL")
+    for n in allow_network or []:
+        try:
+            ipaddress.ip_network(n, strict=False)
+        except ValueError:
+            fail(f"--allow-network {n!r} is not a CIDR network")
+    cfg = EngineConfig(fetch=FetchConfig(allow_networks=tuple(allow_network or ())), shard_pages=shard_pages,
+                       llm_url=llm, llm_model=model, llm_api_key=os.environ.get(api_key_env),
+                       llm_concurrency=llm_concurrency)
+    try:
+        if ray is not None:
+            from duetgen.data.engine import RayExecutor
+
+            executor = RayExecutor(None if ray == "local" else ray, workers)
+        else:
+            executor = LocalExecutor(workers)
+        funnel = run_engine(input, out, cfg, executor, progress=progress)
+    except (EngineError, RecordError, OSError) as e:
+        fail(str(e))
+    s = funnel["summary"]
+    typer.echo(f"wrote {s['records_out']} records from {s['pages_in']} pages to {out} "
+               f"(funnel: {out / 'funnel.html'}; LLM: {funnel['llm'] or 'off'})")
+
+
+# ----------------------------------------------------------------------------- data: synthetic + alignment (issue 7)
+
+
+@data_app.command("taxonomy")
+def data_taxonomy(
+    file: Optional[Path] = typer.Option(None, "--file", help="Taxonomy JSON (default: the shipped 8-domain, 151-subcategory pool)."),
+):
+    """Validate and summarise the query-pool taxonomy (domains, subcategories, seed questions)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from duetgen.data.synthetic.taxonomy import TaxonomyError, load_taxonomy
+
+    try:
+        tax = load_taxonomy(file)
+    except TaxonomyError as e:
+        fail(str(e))
+    table = Table(title=f"{tax.name} v{tax.version}: {len(tax.domains)} domains, {tax.num_subcategories} subcategories, {tax.num_seeds} seeds")
+    for col in ("domain", "name", "subcategories", "seeds"):
+        table.add_column(col)
+    for row in tax.summary():
+        table.add_row(row["domain"], row["name"], str(row["subcategories"]), str(row["seeds"]))
+    Console().print(table)
+
+
+@data_app.command("expand")
+def data_expand(
+    out: Path = typer.Option(..., "--out", help="Query pool JSONL to write (id, prompt, kind, domain, subcategory, origin)."),
+    llm_url: Optional[str] = typer.Option(None, "--llm-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."),
+    llm_model: Optional[str] = typer.Option(None, "--llm-model", help="Model id as the endpoint names it."),
+    taxonomy: Optional[Path] = typer.Option(None, "--taxonomy", help="Taxonomy JSON (default: the shipped one)."),
+    per_subcategory: int = typer.Option(100, "--per-subcategory", min=1, help="Target questions per subcategory, seeds included."),
+    batch_size: int = typer.Option(25, "--batch-size", min=1, help="Questions asked for per LLM call."),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Rounds of asking the subcategories still short of the target."),
+    threshold: float = typer.Option(0.6, "--dedup-threshold", min=0.0, max=1.0, help="Character-shingle Jaccard at which two questions are near-duplicates."),
+    seed: int = typer.Option(0, "--seed", help="Run seed (per-request LLM seeds derive from it)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="SQLite response cache: a rerun costs nothing."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the API key."),
+    max_concurrency: int = typer.Option(8, "--max-concurrency", min=1, help="LLM requests in flight."),
+    seeds_only: bool = typer.Option(False, "--seeds-only", help="Write the seed questions alone (no LLM)."),
+):
+    """Expand the seed questions into a balanced, near-duplicate-free query pool with an LLM."""
+    import os
+
+    from duetgen.data.record import RecordError
+    from duetgen.data.synthetic.dedup import NearDupConfig
+    from duetgen.data.synthetic.expand import ExpandConfig, expand_queries, seed_queries, write_queries
+    from duetgen.data.synthetic.runlog import RunReport
+    from duetgen.data.synthetic.taxonomy import TaxonomyError, load_taxonomy
+
+    try:
+        tax = load_taxonomy(taxonomy)
+    except TaxonomyError as e:
+        fail(str(e))
+    report = RunReport("expand")
+    if seeds_only:
+        queries = seed_queries(tax)
+    else:
+        if not llm_url or not llm_model:
+            fail("give --llm-url and --llm-model (or --seeds-only)")
+        from duetgen.llm.client import LLMClient
+
+        try:
+            client = LLMClient(llm_url, llm_model, api_key=os.environ.get(api_key_env), max_concurrency=max_concurrency,
+                               cache_path=cache)
+        except ValueError as e:
+            fail(str(e))
+        cfg = ExpandConfig(per_subcategory=per_subcategory, batch_size=batch_size, max_rounds=rounds, seed=seed,
+                           dedup=NearDupConfig(threshold=threshold))
+        try:
+            queries = expand_queries(tax, client, cfg, report)
+        finally:
+            client.close()
+    try:
+        write_queries(out, queries)
+        path = report.save(out.parent)
+    except (OSError, RecordError) as e:
+        fail(f"cannot write {str(out)!r}: {e}")
+    typer.echo(f"wrote {len(queries)} queries to {out} (report: {path})")
+
+
+@data_app.command("dish-prompts")
+def data_dish_prompts(
+    photo_dir: Path = typer.Argument(..., help="Folder of dish photos (optional titles.json maps file names to dish names)."),
+    out: Path = typer.Option(..., "--out", help="Requests JSONL to write; image paths are relative to PHOTO_DIR."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the question wording."),
+    min_side: int = typer.Option(256, "--min-side", min=1, help="Skip photos whose shorter side is smaller."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many requests."),
+):
+    """Turn dish photos into "how do I cook this?" synthesis requests with the photo as user image."""
+    from duetgen.data.record import ImageError
+    from duetgen.data.synthetic.dishes import dish_requests
+    from duetgen.data.synthetic.expand import write_queries
+    from duetgen.data.synthetic.runlog import RunReport
+
+    report = RunReport("dish-prompts")
+    try:
+        reqs = dish_requests(photo_dir, seed=seed, min_side=min_side, limit=limit, report=report)
+        write_queries(out, reqs)
+        path = report.save(out.parent)
+    except (ImageError, OSError) as e:
+        fail(str(e))
+    typer.echo(f"wrote {len(reqs)} requests to {out}; skipped {len(report.skipped)} files (report: {path})")
+    typer.echo(f"synthesize them with: duetgen data synthesize {out} --image-root {photo_dir} ...")
+
+
+@data_app.command("synthesize")
+def data_synthesize(
+    requests: Path = typer.Argument(..., help="Requests JSONL (from `data expand` or `data dish-prompts`)."),
+    out: Path = typer.Option(..., "--out", help="Dataset directory; rerun the same command to resume."),
+    api: str = typer.Option("gemini", "--api", help="gemini (generateContent REST shape) | openai (chat completions with image parts)."),
+    url: str = typer.Option("https://generativelanguage.googleapis.com", "--url", help="API base URL (openai: the /v1 root)."),
+    model: str = typer.Option("gemini-2.5-flash-image", "--model", help="Model id."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder the requests' image paths are relative to (default: the requests file's folder)."),
+    api_key_env: str = typer.Option("GEMINI_API_KEY", "--api-key-env", help="Environment variable holding the API key (never recorded)."),
+    max_concurrency: int = typer.Option(4, "--max-concurrency", min=1, help="API requests in flight."),
+    max_retries: int = typer.Option(4, "--max-retries", min=0, help="Retries on 429 / 5xx / timeouts."),
+    timeout_s: float = typer.Option(300.0, "--timeout", help="Seconds per request."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Process at most this many not-yet-done requests."),
+    min_images: int = typer.Option(2, "--min-images", min=1, help="Drop answers with fewer images."),
+    max_images: int = typer.Option(12, "--max-images", min=1, help="Drop answers with more images."),
+    min_side: int = typer.Option(256, "--min-side", min=1, help="Drop answers with an image whose shorter side is smaller."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature."),
+    seed: int = typer.Option(0, "--seed", help="Run seed (per-request API seeds derive from it)."),
+    retry_dropped: bool = typer.Option(False, "--retry-dropped", help="Ask again for requests an earlier run dropped (refused / filtered)."),
+    price_input: Optional[float] = typer.Option(None, "--price-input", help="USD per 1M input tokens (default: the API's list price in image_api.py)."),
+    price_text: Optional[float] = typer.Option(None, "--price-text", help="USD per 1M output text tokens."),
+    price_image: Optional[float] = typer.Option(None, "--price-image", help="USD per 1M output image tokens."),
+):
+    """Synthesize interleaved answers with an image-capable API; quality-filter; resumable; cost-accounted."""
+    import asyncio
+    import os
+
+    from duetgen.data.record import RecordError
+    from duetgen.data.synthetic.image_api import GEMINI_25_FLASH_IMAGE_PRICING, GeminiImageClient, OpenAIImageClient, Pricing
+    from duetgen.data.synthetic.quality import QualityConfig
+    from duetgen.data.synthetic.runlog import RunReport
+    from duetgen.data.synthetic.synthesize import SynthesisConfig, load_requests, synthesize
+
+    if api not in ("gemini", "openai"):
+        fail(f"--api {api!r}: expected gemini or openai")
+    base = GEMINI_25_FLASH_IMAGE_PRICING if api == "gemini" else Pricing()
+    pricing = Pricing(base.input_per_mtok if price_input is None else price_input,
+                      base.output_text_per_mtok if price_text is None else price_text,
+                      base.output_image_per_mtok if price_image is None else price_image)
+    cls = GeminiImageClient if api == "gemini" else OpenAIImageClient
+    try:
+        client = cls(url, model, api_key=os.environ.get(api_key_env), max_concurrency=max_concurrency,
+                     max_retries=max_retries, timeout_s=timeout_s, pricing=pricing)
+    except ValueError as e:
+        fail(str(e))
+    report = RunReport("synthesize")
+    root = image_root if image_root is not None else requests.parent
+    try:
+        reqs = load_requests(requests, root, report)
+        cfg = SynthesisConfig(temperature=temperature, seed=seed, limit=limit, retry_dropped=retry_dropped,
+                              quality=QualityConfig(min_images=min_images, max_images=max_images, min_image_side=min_side))
+        asyncio.run(synthesize(reqs, client, out, cfg, image_root=root, report=report))
+    except (RecordError, OSError) as e:
+        fail(str(e))
+    c = report.extra.get("cost_usd", {})
+    typer.echo(f"wrote {report.counts.get('written', 0)} records to {out}; skipped {len(report.skipped)} "
+               f"({dict(report.skip_reasons)}); cost ${c.get('this_run', 0):.4f} this run, ${c.get('all_runs', 0):.4f} in all")
+
+
+@data_app.command("transitions")
+def data_transitions(
+    inputs: list[Path] = typer.Argument(..., help="Video files and/or folders (searched recursively)."),
+    out: Path = typer.Option(..., "--out", help="Dataset directory; rerun the same command to resume."),
+    llm_url: str = typer.Option(..., "--llm-url", help="OpenAI-compatible endpoint of the captioning MLLM (e.g. a local vLLM with Qwen2.5-VL)."),
+    llm_model: str = typer.Option(..., "--llm-model", help="Model id as the endpoint names it."),
+    window_s: float = typer.Option(5.0, "--window", min=0.1, help="Clip length in seconds."),
+    scene_threshold: float = typer.Option(27.0, "--scene-threshold", help="PySceneDetect ContentDetector threshold."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="SQLite response cache for the captions."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the API key."),
+    max_concurrency: int = typer.Option(8, "--max-concurrency", min=1, help="Caption requests in flight."),
+):
+    """Cut videos into 5 s clips inside scenes, drop static/dark ones, caption first->last frame transitions."""
+    import os
+
+    from duetgen.data.alignment.transitions import TransitionConfig, build_transitions, find_videos
+    from duetgen.data.record import RecordError
+    from duetgen.llm.client import LLMClient
+
+    try:
+        videos = find_videos(inputs)
+        client = LLMClient(llm_url, llm_model, api_key=os.environ.get(api_key_env), max_concurrency=max_concurrency,
+                           cache_path=cache)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if not videos:
+        fail(f"no video files ({', '.join(sorted(['.mp4', '.mkv', '.webm', '.mov', '.avi', '.m4v']))}) under {[str(p) for p in inputs]}")
+    try:
+        report = build_transitions(videos, client, out, TransitionConfig(window_s=window_s, scene_threshold=scene_threshold,
+                                                                         caption_batch=max(8, 2 * max_concurrency)))
+    except (RecordError, OSError) as e:
+        fail(str(e))
+    finally:
+        client.close()
+    typer.echo(f"wrote {report.counts.get('written', 0)} records from {report.counts.get('videos', 0)} videos to {out}; "
+               f"skipped {dict(report.skip_reasons)}")
+
+
+@data_app.command("adapt")
+def data_adapt(
+    source: Path = typer.Argument(..., help="The dataset's annotation file, or the folder that holds it."),
+    fmt: str = typer.Option(..., "--format", help="sharegpt4o | nhr-edit | omnigen | uniworld | echo4o."),
+    out: Path = typer.Option(..., "--out", help="Dataset directory (appended to; rerun skips records already there)."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder the image paths are relative to (default: the annotation file's folder)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Convert at most this many samples."),
+):
+    """Convert a public image generation / editing dataset into records (text-to-image, edit, multi-reference)."""
+    from duetgen.data.alignment.adapters import FORMATS, adapt
+    from duetgen.data.record import RecordError
+
+    if fmt not in FORMATS:
+        fail(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    try:
+        report = adapt(fmt, source, out, image_root=image_root, limit=limit)
+    except (RecordError, OSError) as e:
+        fail(str(e))
+    written = sum(v for k, v in report.counts.items() if k.startswith("written_"))
+    typer.echo(f"wrote {written} records to {out}; skipped {dict(report.skip_reasons)}")
+
+
+@data_app.command("mix")
+def data_mix(
+    out: Path = typer.Option(..., "--out", help="Mixture manifest JSON to write (the stage-2 sample list)."),
+    config: Optional[Path] = typer.Option(None, "--config", help='JSON: {"seed", "num_samples", "datasets": [{"name", "path", "weight"}]}; paths relative to it.'),
+    dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="NAME=PATH:WEIGHT (repeatable), instead of --config."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=1, help="Total samples (default: the sum of dataset sizes)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (overrides the config's)."),
+):
+    """Mix datasets by weight into a deterministic stage-2 training manifest."""
+    import json
+
+    from duetgen.data.mixing import build_mixture, parse_mix_config
+    from duetgen.data.record import DatasetError, RecordError
+
+    if (config is None) == (not dataset):
+        fail("give either --config or one or more --dataset NAME=PATH:WEIGHT")
+    try:
+        if config is not None:
+            try:
+                d = json.loads(config.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                fail(f"--config {str(config)!r}: not readable JSON ({e})")
+            sources, n, s = parse_mix_config(d, str(config), base=config.parent)
+        else:
+            entries = []
+            for spec in dataset:
+                name, sep, rest = spec.partition("=")
+                path, sep2, weight = rest.rpartition(":")
+                if not sep or not sep2 or not name or not path:
+                    fail(f"--dataset {spec!r}: expected NAME=PATH:WEIGHT")
+                try:
+                    entries.append({"name": name, "path": path, "weight": float(weight)})
+                except ValueError:
+                    fail(f"--dataset {spec!r}: weight {weight!r} is not a number")
+            sources, n, s = parse_mix_config({"datasets": entries}, "--dataset")
+        m = build_mixture(sources, num_samples if num_samples is not None else n, seed if seed is not None else s, out)
+    except (DatasetError, RecordError, OSError) as e:
+        fail(str(e))
+    for src in m["sources"]:
+        typer.echo(f"{src['name']:20s} p={src['probability']:.3f} drawn {src['num_drawn']} of {src['num_records']} ({src['epochs']} epochs)")
+    typer.echo(f"wrote {m['num_samples']} samples to {out}")
+
+
 # ----------------------------------------------------------------------------- eval
 
 
+@eval_app.command("toyworld")
+def eval_toyworld(
+    pred: Path = typer.Option(..., "--pred", help="Dataset of predictions (records with the truth's ids, assistant turns filled)."),
+    truth: Path = typer.Option(..., "--truth", help="ShapeWorld dataset written by `duetgen data toyworld`."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the full report (summary + per-record scores) as JSON."),
+):
+    """Score predictions with the exact ShapeWorld judge: T-Com, I-Com, I-Co, IT-Co, I-Q, U-Acc per task kind."""
+    from duetgen.data.record import RecordError
+    from duetgen.data.toyworld import WorldError
+    from duetgen.eval import toyworld_judge
+
+    try:
+        report = toyworld_judge.evaluate(pred, truth)
+    except (WorldError, RecordError, OSError) as e:
+        fail(f"cannot judge {str(pred)!r} against {str(truth)!r}: {e}")
+    toyworld_judge.print_report(report)
+    if out is not None:
+        try:
+            toyworld_judge.write_report(report, out)
+        except OSError as e:
+            fail(f"cannot write --out {str(out)!r}: {e}")
+        typer.echo(f"wrote {out}")
+
+
+@eval_app.command("run")
+def eval_run(
+    benchmark: str = typer.Option(..., "--benchmark", help="Benchmark name (see `duetgen eval benchmarks`) or a benchmark JSON file."),
+    pred: Path = typer.Option(..., "--pred", help="The model's outputs: a dataset directory, or a CoMM results folder (<id>/results.json)."),
+    out: Path = typer.Option(..., "--out", help="Run directory. Rerun the same command to resume: finished judge calls come from the score cache."),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible endpoint of the judge, e.g. http://127.0.0.1:8000/v1 (a local vLLM) or a hosted API."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Judge model id as the endpoint names it."),
+    k: int = typer.Option(1, "--k", min=1, help="Judge samples per scored unit (seeds 0..k-1); each score is their median."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Benchmark inputs: a dataset directory, or InterleavedBench's interleaved_bench.json. Defines the item list (missing predictions are counted)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image root for an InterleavedBench JSON (default: its folder)."),
+    truth: Optional[Path] = typer.Option(None, "--truth", help="shapeworld only: the ground-truth dataset."),
+    name: Optional[str] = typer.Option(None, "--name", help="The model's name in reports (default: the --pred folder name)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Score cache file to use (default: <out>/score_cache.sqlite); share one between runs."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the judge API key (never recorded)."),
+    max_concurrency: int = typer.Option(8, "--max-concurrency", min=1, help="Judge requests in flight."),
+    max_retries: int = typer.Option(4, "--max-retries", min=0, help="Retries on 429 / 5xx / timeouts before a request counts as an api_error."),
+    timeout_s: float = typer.Option(120.0, "--timeout", help="Seconds per judge request."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+):
+    """Judge a model's outputs on a benchmark and write results.jsonl + summary.json (rerun to resume)."""
+    import os
+
+    from duetgen.data.record import RecordError
+    from duetgen.eval.benchmarks import BenchmarkError
+    from duetgen.eval.harness import HarnessError, RunConfig, run_benchmark
+    from duetgen.eval.judge import JudgeConfig
+    from duetgen.llm.templates import TemplateError
+
+    if (judge_url is None) != (judge_model is None):
+        fail("give both --judge-url and --judge-model (or neither, for an exact benchmark)")
+    try:
+        judge = None if judge_url is None else JudgeConfig(
+            base_url=judge_url, model=judge_model, k=k, max_concurrency=max_concurrency,
+            timeout_s=timeout_s, max_retries=max_retries)
+        cfg = RunConfig(benchmark=benchmark, pred=str(pred), out=str(out), prompts=None if prompts is None else str(prompts),
+                        images=None if images is None else str(images), truth=None if truth is None else str(truth),
+                        name=name, cache=None if cache is None else str(cache))
+        summary = run_benchmark(cfg, judge, api_key=os.environ.get(api_key_env), progress=progress)
+    except (HarnessError, BenchmarkError, TemplateError, RecordError, ValueError, OSError) as e:
+        fail(str(e))
+    _print_summary(summary)
+    typer.echo(f"wrote {out / 'results.jsonl'} and {out / 'summary.json'}")
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{summary['benchmark']['title']}: {summary['name']} ({summary['n_items']} items)")
+    table.add_column("metric")
+    for col in ("mean", "95% CI", "n", "not scored"):
+        table.add_column(col, justify="right")
+    for m, row in summary["metrics"].items():
+        bad = ", ".join(f"{s} {n}" for s, n in row["states"].items() if s != "ok" and n)
+        ci = "-" if row["ci95"] is None else f"[{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}]"
+        table.add_row(m, "-" if row["mean"] is None else f"{row['mean']:.3f}", ci, str(row["n"]), bad or "-")
+    Console().print(table)
+
+
+@eval_app.command("report")
+def eval_report(
+    run_dirs: list[Path] = typer.Argument(..., help="One or more run directories of the same benchmark (compared side by side)."),
+    out: Path = typer.Option(Path("report.html"), "--out", help="HTML file to write; the JSON summary goes next to it (.json)."),
+    gallery: int = typer.Option(12, "--gallery", min=0, help="Items shown in the side-by-side gallery."),
+):
+    """Write an HTML report (tables with 95% intervals, bar chart, galleries) and a JSON summary of runs."""
+    from duetgen.data.record import RecordError
+    from duetgen.eval.benchmarks import BenchmarkError
+    from duetgen.eval.report import ReportError, write_report
+
+    try:
+        html_path, json_path = write_report(run_dirs, out, gallery_items=gallery)
+    except (ReportError, BenchmarkError, RecordError, OSError) as e:
+        fail(str(e))
+    typer.echo(f"wrote {html_path} and {json_path}")
+
+
+@eval_app.command("benchmarks")
+def eval_benchmarks():
+    """List the benchmarks (versioned definitions in duetgen/eval/benchmarks/) and their metrics."""
+    from duetgen.eval.benchmarks import list_benchmarks, load_benchmark
+
+    for name in list_benchmarks():
+        b = load_benchmark(name)
+        typer.echo(f"{b.id:24s} {b.title:24s} {b.kind:6s} {', '.join(b.metric_names())}")
+
+
+@eval_app.command("import")
+def eval_import(
+    src: Path = typer.Argument(..., help="Another system's outputs: a dataset, a CoMM results folder, or a folder of *.jsonl records with images relative to it."),
+    out: Path = typer.Argument(..., help="New dataset directory to write."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name stored in each record's meta."),
+):
+    """Validate another system's outputs and store them as a DuetGen dataset (usable as --pred)."""
+    from duetgen.data.record import RecordError
+    from duetgen.eval.adapters import import_outputs
+
+    try:
+        n = import_outputs(src, out, name=name)
+    except (RecordError, OSError) as e:
+        fail(f"cannot import {str(src)!r}: {e}")
+    typer.echo(f"wrote {n} records to {out}")
+
+
 # ----------------------------------------------------------------------------- demo
+
+
+@app.command("demo")
+def demo(
+    out: Path = typer.Option(Path("out/demo"), "--out", help="Folder for everything the demo writes."),
+    n: int = typer.Option(60, "--n", min=1, help="ShapeWorld records to generate."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the generated ShapeWorld set."),
+):
+    """The main job on the embedded ShapeWorld default: build a set, view it, judge it.
+
+    1. generate a ShapeWorld test split (all five task kinds plus transitions);
+    2. render it as an HTML page (interleaved text and images inline);
+    3. score the ground truth with the exact judge (every metric must read 1.0).
+    """
+    import shutil
+
+    from duetgen.data import toyworld
+    from duetgen.data.view import render_dataset_html
+    from duetgen.eval import toyworld_judge
+
+    data_dir = out / "shapeworld-test"
+    if data_dir.exists():
+        shutil.rmtree(data_dir)  # the demo owns this folder; a rerun starts clean
+    out.mkdir(parents=True, exist_ok=True)
+    typer.secho(f"[1/3] generating {n} ShapeWorld test records (seed {seed})", bold=True)
+    counts = toyworld.generate(data_dir, n, seed=seed, split="test")
+    typer.echo("      " + ", ".join(f"{k} {c}" for k, c in counts.items()))
+
+    typer.secho("[2/3] rendering the HTML view", bold=True)
+    pages = render_dataset_html(data_dir, out / "shapeworld-test.html")
+
+    typer.secho("[3/3] exact judge on the ground truth (a sanity check: all 1.0)", bold=True)
+    report = toyworld_judge.evaluate(data_dir, data_dir)
+    toyworld_judge.print_report(report)
+    toyworld_judge.write_report(report, out / "judge-ground-truth.json")
+
+    typer.secho(f"\ndataset:   {data_dir}", fg=typer.colors.GREEN)
+    typer.secho(f"html view: {pages[0].resolve()}", fg=typer.colors.GREEN)
+    typer.secho(f"judge:     {out / 'judge-ground-truth.json'}", fg=typer.colors.GREEN)
+
+
 
 
 if __name__ == "__main__":  # pragma: no cover
