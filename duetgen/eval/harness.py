@@ -1,0 +1,472 @@
+"""Run a benchmark on a model's outputs and write a run directory; rerun the same command to resume.
+
+    duetgen eval run --benchmark cooking --pred outputs/ --judge-url http://127.0.0.1:8000/v1 \\
+        --judge-model Qwen2.5-VL-72B-Instruct --out runs/cooking-mymodel [--k 3]
+
+A run directory holds:
+
+    run.json            settings (benchmark id and sha256, templates, judge, preprocessing) + invocations
+    results.jsonl       one line per benchmark item: every judged unit with its provenance, and the
+                        per-item metric values and states
+    summary.json        means with bootstrap 95% intervals, state counts, per-category tables
+    score_cache.sqlite  the judge's content-addressed score cache (unless --cache points elsewhere)
+
+Design choices:
+- Resume is a rerun. Finished items are kept when their content hash still matches (the record
+  and its image files); everything else is judged again through the score cache, so a request
+  that completed before a kill is never sent twice. Items with an ``api_error`` are re-judged
+  (those requests were never cached), so a rerun retries them and only them.
+- Lines are appended (one write, flushed and fsync'ed) as items finish; a kill leaves at most a
+  torn last line, which the next run drops. The final file is rewritten atomically in benchmark
+  order, with nothing volatile in it (no timings, no cache flags): an interrupted-and-resumed run
+  and an uninterrupted one write the same bytes.
+- A run directory is bound to its settings: resuming with another judge, template, benchmark
+  version or k is refused with a message naming what changed (use a new --out).
+- When benchmark prompts are given, they are the item list and the judge sees their input (the
+  prediction's user text must match); a benchmark item without a prediction is reported as
+  ``missing``, a prediction outside the benchmark is an error. Without prompts the predictions
+  define the items and coverage is reported as unchecked.
+- ``kind: "exact"`` benchmarks (ShapeWorld) go through the same run directory, scored by the
+  program in ``toyworld_judge`` with its own rules (a missing prediction scores 0 there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from duetgen.data.record import Dataset, Message, Record, RecordError, TextPart, atomic_write_bytes
+from duetgen.eval.benchmarks import Benchmark, load_benchmark
+from duetgen.eval.benchmarks.readers import read_interleavedbench, read_predictions, read_records
+from duetgen.eval.judge import Judge, JudgeConfig, Sample, load_template, sequence_parts
+from duetgen.eval.metrics import N_BOOT, SEED, summarize
+
+RUN_FORMAT = "duetgen-eval-run"
+RUN_FILE, RESULTS_FILE, SUMMARY_FILE, CACHE_FILE = "run.json", "results.jsonl", "summary.json", "score_cache.sqlite"
+
+
+class HarnessError(ValueError):
+    """Bad inputs or settings for a run. The message names the input."""
+
+
+@dataclass
+class RunConfig:
+    benchmark: str  # benchmark name (duetgen/eval/benchmarks/<name>.json) or a benchmark file
+    pred: str  # the model's outputs: a DuetGen dataset directory or a CoMM results folder
+    out: str  # the run directory; rerun with the same one to resume
+    prompts: str | None = None  # benchmark inputs: a dataset directory, or InterleavedBench's JSON
+    images: str | None = None  # image root of an InterleavedBench JSON (default: the JSON's folder)
+    truth: str | None = None  # exact benchmarks (ShapeWorld): the ground-truth dataset
+    name: str | None = None  # the model's name in reports (default: the pred folder's name)
+    cache: str | None = None  # score cache file (default: <out>/score_cache.sqlite); share it between runs
+    n_boot: int = N_BOOT  # bootstrap resamples for the 95% intervals
+    seed: int = SEED  # bootstrap seed
+
+
+@dataclass
+class Item:
+    id: str
+    category: str
+    sample: Sample | None  # the request and the model's answer; None when the prediction is missing
+    truth: Record | None = None  # exact benchmarks: the ground-truth record
+
+
+# ----------------------------------------------------------------------------- building items
+def split_record(rec: Record) -> tuple[list[Message], list]:
+    """(request, answer): messages up to the last user turn, and every assistant part after it."""
+    last_user = max((i for i, m in enumerate(rec.messages) if m.role == "user"), default=None)
+    if last_user is None:
+        raise RecordError(f"record {rec.id!r}: no user turn, so no request to judge")
+    after = rec.messages[last_user + 1:]
+    bad = [m.role for m in after if m.role != "assistant"]
+    if bad:
+        raise RecordError(f"record {rec.id!r}: a {bad[0]!r} turn follows the last user turn")
+    return rec.messages[:last_user + 1], [p for m in after for p in m.content]
+
+
+def _user_text(messages: list[Message]) -> str:
+    return "\n".join(" ".join(m.text.split()) for m in messages if m.role == "user")
+
+
+def _category(rec: Record) -> str:
+    c = rec.meta.get("category")
+    return c if isinstance(c, str) and c else "all"
+
+
+def build_items(bench: Benchmark, cfg: RunConfig) -> tuple[list[Item], dict]:
+    """The benchmark's items with their samples, and coverage info for the summary."""
+    preds, pred_images, pred_format = read_predictions(cfg.pred)
+    by_id: dict[str, Record] = {}
+    for r in preds:
+        if r.id in by_id:
+            raise HarnessError(f"{cfg.pred}: prediction id {r.id!r} appears twice")
+        by_id[r.id] = r
+
+    if bench.kind == "exact":
+        return _build_exact_items(bench, cfg, by_id, pred_images)
+    if cfg.truth is not None:
+        raise HarnessError(f"--truth is for exact benchmarks; {bench.name!r} is judged (use --prompts)")
+
+    prompts, prompt_images = None, None
+    if cfg.prompts is not None:
+        if bench.prompts_format == "none":
+            raise HarnessError(f"benchmark {bench.name!r} takes its inputs from the predictions; drop --prompts")
+        if bench.prompts_format == "interleavedbench_json" and Path(cfg.prompts).is_file():
+            prompts, prompt_images = read_interleavedbench(cfg.prompts, cfg.images)
+        else:
+            prompts, prompt_images = read_records(cfg.prompts)
+    elif cfg.images is not None:
+        raise HarnessError("--images is the image root of --prompts; give --prompts too")
+
+    items: list[Item] = []
+    if prompts is None:
+        for r in preds:
+            request, answer = split_record(r)
+            items.append(Item(r.id, _category(r), Sample(r.id, _category(r), request, answer, pred_images, pred_images)))
+    else:
+        ids = {p.id for p in prompts}
+        extra = [i for i in by_id if i not in ids]
+        if extra:
+            raise HarnessError(f"{cfg.pred}: {len(extra)} prediction(s) are not items of the benchmark prompts "
+                               f"{cfg.prompts} (first: {extra[:5]})")
+        for p in prompts:
+            if p.id not in by_id:
+                items.append(Item(p.id, _category(p), None))
+                continue
+            request, _ = split_record(p)
+            pred_request, answer = split_record(by_id[p.id])
+            if _user_text(pred_request) != _user_text(request):
+                raise HarnessError(f"{cfg.pred}: prediction {p.id!r} answers a different request than the benchmark "
+                                   f"item (user text differs): {_user_text(pred_request)[:80]!r} vs "
+                                   f"{_user_text(request)[:80]!r}")
+            items.append(Item(p.id, _category(p), Sample(p.id, _category(p), request, answer, prompt_images, pred_images)))
+
+    for it in items:  # the benchmark's input rule (Cooking has a dish image, its Text-Input variant none)
+        if it.sample is None:
+            continue
+        n = len(it.sample.input_image_parts)
+        if bench.input_images == "required" and n == 0:
+            raise HarnessError(f"item {it.id!r}: benchmark {bench.name!r} requires an input image, the request has none")
+        if bench.input_images == "forbidden" and n:
+            raise HarnessError(f"item {it.id!r}: benchmark {bench.name!r} has text-only inputs, the request has {n} image(s)")
+    coverage = {"pred_format": pred_format, "prompts_given": prompts is not None,
+                "expected_items": bench.expected_items, "items": len(items),
+                "missing": sum(it.sample is None for it in items)}
+    return items, coverage
+
+
+def _build_exact_items(bench: Benchmark, cfg: RunConfig, by_id: dict, pred_images) -> tuple[list[Item], dict]:
+    if cfg.truth is None:
+        raise HarnessError(f"benchmark {bench.name!r} is scored against ground truth: give --truth DIR")
+    if cfg.prompts is not None or cfg.images is not None:
+        raise HarnessError(f"benchmark {bench.name!r} reads its inputs from --truth; drop --prompts/--images")
+    from duetgen.data.toyworld import Task
+
+    truth_ds = Dataset(cfg.truth)
+    items = []
+    for t in truth_ds:
+        kind = Task.from_meta(t.meta, t.id).kind
+        request, _ = split_record(t)
+        sample = None
+        if t.id in by_id:
+            _, answer = split_record(by_id[t.id])
+            sample = Sample(t.id, kind, request, answer, truth_ds, pred_images)
+        items.append(Item(t.id, kind, sample, truth=t))
+    extra = sorted(set(by_id) - {it.id for it in items})
+    if extra:
+        raise HarnessError(f"{cfg.pred}: {len(extra)} prediction(s) have no ground-truth record in {cfg.truth} "
+                           f"(first: {extra[:5]})")
+    return items, {"pred_format": "records", "prompts_given": True, "expected_items": len(items),
+                   "items": len(items), "missing": sum(it.sample is None for it in items)}
+
+
+def item_hash(item: Item) -> str:
+    """sha256 of what is judged: the records' parts and, per image, its path, size and mtime."""
+    def parts_json(parts, source) -> list:
+        out = []
+        for p in parts:
+            if isinstance(p, TextPart):
+                out.append(["t", p.text])
+            else:
+                st = source.image_path(p.path, item.id).stat()
+                out.append(["i", p.path, st.st_size, st.st_mtime_ns])
+        return out
+
+    blob: dict[str, Any] = {"id": item.id, "category": item.category}
+    if item.sample is not None:
+        s = item.sample
+        blob["input"] = [[m.role, parts_json(m.content, s.input_images)] for m in s.input]
+        blob["output"] = parts_json(s.output, s.output_images)
+    if item.truth is not None:
+        blob["truth"] = item.truth.to_json()
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- judging one item
+async def judge_item(bench: Benchmark, item: Item, judge: Judge) -> dict:
+    """Every call of the benchmark on one item, then its metric values (see metric_values)."""
+    s = item.sample
+    n_in, n_out = len(s.input_image_parts), len(s.output_image_parts)
+
+    async def run_call(c):
+        t = load_template(c.template)
+        if c.view == "sequence":
+            return [await judge.score(t, {"sequence": sequence_parts(s, "all"), "num_output_images": n_out})]
+        if c.view == "image":
+            return list(await asyncio.gather(*(
+                judge.score(t, {"sequence": sequence_parts(s, j), "target": f"<Img_{n_in + j}>"}) for j in range(n_out))))
+        # hidden_pair (CoMM IRS): 1) predict each hidden image from text alone, 2) score each image against it
+        if n_out == 0:
+            return {"predict": None, "pairs": []}
+        pred = await judge.predict(load_template(c.predict_template),
+                                   {"sequence": sequence_parts(s, "none"), "num_hidden": n_out,
+                                    "first_hidden": n_in, "last_hidden": n_in + n_out - 1}, n_expected=n_out)
+        if pred["state"] != "ok":
+            return {"predict": pred, "pairs": []}
+        pairs = await asyncio.gather(*(judge.score(t, {"description": d, "image": s.image_bytes("output", j)})
+                                       for j, d in enumerate(pred["descriptions"])))
+        return {"predict": pred, "pairs": list(pairs)}
+
+    outs = await asyncio.gather(*(run_call(c) for c in bench.calls))
+    calls = {c.id: o for c, o in zip(bench.calls, outs)}
+    return {"id": item.id, "category": item.category, "calls": calls, "metrics": metric_values(bench, calls)}
+
+
+def _units_value(units: list[dict], field: str) -> dict:
+    if not units:
+        return {"state": "no_image", "value": None}
+    failed = [u for u in units if u["state"] != "ok"]
+    if failed:
+        return {"state": failed[0]["state"], "value": None}
+    return {"state": "ok", "value": sum(u["scores"][field] for u in units) / len(units)}
+
+
+def metric_values(bench: Benchmark, calls: dict) -> dict:
+    """Per-item metric values. Sequence metrics: the unit's score. Image-level metrics: the mean over
+    the answer's images (``no_image`` when it has none). Any failed unit makes the metric that state."""
+    out: dict[str, dict] = {}
+    for m in bench.metrics:
+        if m.mean_of is not None:
+            continue
+        c = bench.call(m.call)
+        units = calls[c.id]
+        if c.view == "hidden_pair":
+            if units["predict"] is not None and units["predict"]["state"] != "ok":
+                out[m.name] = {"state": units["predict"]["state"], "value": None}
+                continue
+            units = units["pairs"]
+        out[m.name] = _units_value(units, m.field)
+    for m in bench.metrics:
+        if m.mean_of is not None:
+            parts = [out[x] for x in m.mean_of]
+            bad = [p for p in parts if p["state"] != "ok"]
+            out[m.name] = ({"state": bad[0]["state"], "value": None} if bad
+                           else {"state": "ok", "value": sum(p["value"] for p in parts) / len(parts)})
+    return {m.name: out[m.name] for m in bench.metrics}
+
+
+def missing_line(bench: Benchmark, item: Item) -> dict:
+    return {"id": item.id, "category": item.category, "calls": {},
+            "metrics": {m: {"state": "missing", "value": None} for m in bench.metric_names()}}
+
+
+def exact_line(bench: Benchmark, item: Item) -> dict:
+    """ShapeWorld: the exact judge's scores of one item (its own rule: a missing prediction scores 0)."""
+    from duetgen.data.toyworld import Task
+    from duetgen.eval.toyworld_judge import score_record
+
+    truth = Task.from_meta(item.truth.meta, item.id)
+    texts = [p.text for m in item.truth.messages if m.role == "assistant" for p in m.content if isinstance(p, TextPart)]
+    s = item.sample
+    scores = score_record(truth, texts, None if s is None else s.output,
+                          lambda i: s.output_images.open_image(s.output_image_parts[i].path, record_id=item.id))
+    metrics = {}
+    for m in bench.metrics:
+        v = scores[m.field]
+        metrics[m.name] = {"state": "undefined", "value": None} if v is None else {"state": "ok", "value": float(v)}
+    return {"id": item.id, "category": item.category, "calls": {}, "missing": bool(scores["missing"]),
+            "metrics": metrics}
+
+
+# ----------------------------------------------------------------------------- run directory
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _settings(bench: Benchmark, judge_config: JudgeConfig | None) -> dict:
+    templates = {}
+    for c in bench.calls:
+        for name in filter(None, (c.template, c.predict_template)):
+            t = load_template(name)
+            templates[name] = {"version_key": t.version_key, "sha256": t.content_hash}
+    return {"benchmark": {"name": bench.name, "version": bench.version, "sha256": bench.sha256},
+            "templates": templates, "judge": None if judge_config is None else judge_config.settings()}
+
+
+def _check_or_create_run(out: Path, settings: dict, cfg: RunConfig) -> dict:
+    path = out / RUN_FILE
+    if path.exists():
+        try:
+            run = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise HarnessError(f"{path}: unreadable run file ({e})") from None
+        if run.get("format") != RUN_FORMAT:
+            raise HarnessError(f"{path}: not a DuetGen eval run")
+        for key in ("benchmark", "templates", "judge"):
+            if run["settings"].get(key) != settings[key]:
+                raise HarnessError(f"{out} holds a run with different {key} settings "
+                                   f"({json.dumps(run['settings'].get(key), sort_keys=True)[:300]} vs "
+                                   f"{json.dumps(settings[key], sort_keys=True)[:300]}); use a new --out")
+        return run
+    return {"format": RUN_FORMAT, "format_version": 1, "created": _now(), "settings": settings,
+            "name": cfg.name or Path(cfg.pred).resolve().name,
+            "inputs": {"pred": str(Path(cfg.pred).resolve()),
+                       "prompts": None if cfg.prompts is None else str(Path(cfg.prompts).resolve()),
+                       "images": None if cfg.images is None else str(Path(cfg.images).resolve()),
+                       "truth": None if cfg.truth is None else str(Path(cfg.truth).resolve())},
+            "bootstrap": {"n_boot": cfg.n_boot, "seed": cfg.seed}, "invocations": []}
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    """id -> result line; a torn or corrupt line (a killed writer's last one) is dropped."""
+    out: dict[str, dict] = {}
+    if not path.exists():
+        return out
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # torn last line
+            try:
+                line = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(line, dict) and isinstance(line.get("id"), str):
+                out[line["id"]] = line
+    return out
+
+
+def _has_api_error(line: dict) -> bool:
+    return any(v["state"] == "api_error" for v in line["metrics"].values())
+
+
+def _dumps(line: dict) -> str:
+    return json.dumps(line, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def run_benchmark(cfg: RunConfig, judge_config: JudgeConfig | None = None, api_key: str | None = None,
+                  progress: bool = True) -> dict:
+    """Judge (or resume judging) every item; write results and summary; return the summary."""
+    bench = load_benchmark(cfg.benchmark)
+    if bench.kind == "judge" and judge_config is None:
+        raise HarnessError(f"benchmark {bench.name!r} is judged by an MLLM: give --judge-url and --judge-model")
+    if bench.kind == "exact" and judge_config is not None:
+        raise HarnessError(f"benchmark {bench.name!r} is scored exactly by a program; drop --judge-url/--judge-model")
+    items, coverage = build_items(bench, cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = _check_or_create_run(out, _settings(bench, judge_config), cfg)
+    atomic_write_bytes(out / RUN_FILE, (json.dumps(run, indent=1) + "\n").encode())
+
+    # 1. keep finished items whose content is unchanged and that have no api_error
+    hashes = {it.id: item_hash(it) for it in items}
+    previous = read_results(out / RESULTS_FILE)
+    done = {i: line for i, line in previous.items()
+            if i in hashes and line.get("item_hash") == hashes[i] and not _has_api_error(line)}
+    order = [it.id for it in items]
+    atomic_write_bytes(out / RESULTS_FILE, "".join(_dumps(done[i]) + "\n" for i in order if i in done).encode())
+    todo = [it for it in items if it.id not in done]
+
+    # 2. judge the rest, appending each line as its item finishes
+    started = _now()
+    stats: dict[str, Any] = {}
+    f = open(out / RESULTS_FILE, "ab")
+    try:
+        def write(line: dict) -> None:
+            line["item_hash"] = hashes[line["id"]]
+            done[line["id"]] = line
+            f.write((_dumps(line) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+
+        with _progress_bar(progress, len(todo), f"{bench.title}") as advance:
+            if bench.kind == "exact":
+                for it in todo:
+                    write(exact_line(bench, it))
+                    advance()
+            else:
+                cache_path = Path(cfg.cache) if cfg.cache else out / CACHE_FILE
+                stats = asyncio.run(_judge_all(bench, todo, judge_config, cache_path, api_key, write, advance))
+    finally:
+        f.close()
+
+    # 3. final results in benchmark order, summary, invocation record
+    results = [done[i] for i in order]
+    atomic_write_bytes(out / RESULTS_FILE, "".join(_dumps(r) + "\n" for r in results).encode())
+    summary = build_summary(bench, run, results, coverage, cfg.n_boot, cfg.seed)
+    atomic_write_bytes(out / SUMMARY_FILE, (json.dumps(summary, indent=1) + "\n").encode())
+    run["invocations"].append({"started": started, "finished": _now(), "items": len(items), "kept": len(items) - len(todo),
+                               "judged": len(todo), **stats})
+    atomic_write_bytes(out / RUN_FILE, (json.dumps(run, indent=1) + "\n").encode())
+    return summary
+
+
+async def _judge_all(bench, todo, judge_config, cache_path, api_key, write, advance) -> dict:
+    judge = Judge(judge_config, cache_path=cache_path, api_key=api_key)
+    # Items in flight are bounded (their decoded images live in memory); the client bounds requests.
+    gate = asyncio.Semaphore(max(2, 2 * judge_config.max_concurrency))
+
+    async def one(it: Item) -> None:
+        async with gate:
+            line = missing_line(bench, it) if it.sample is None else await judge_item(bench, it, judge)
+            if it.sample is not None:
+                it.sample._bytes.clear()  # the decoded images are not needed any more
+        write(line)
+        advance()
+
+    try:
+        await asyncio.gather(*(one(it) for it in todo))
+    finally:
+        await judge.aclose()
+        judge.close()
+    return {"judge_requests": judge.stats.get("requests", 0), "cache_hits": judge.stats.get("cache_hits", 0),
+            "http_requests": judge.http_requests,
+            "request_states": {k: judge.stats.get(k, 0) for k in ("ok", "api_error", "refusal", "unparsable")}}
+
+
+def build_summary(bench: Benchmark, run: dict, results: list[dict], coverage: dict, n_boot: int, seed: int) -> dict:
+    s = summarize(results, bench.metric_names(), n_boot=n_boot, seed=seed)
+    s["name"] = run["name"]
+    s["benchmark"] = {"name": bench.name, "version": bench.version, "title": bench.title, "sha256": bench.sha256,
+                      "source": bench.source, "metrics": [{"name": m.name, "description": m.description}
+                                                          for m in bench.metrics]}
+    s["settings"] = run["settings"]
+    s["coverage"] = dict(coverage, missing=sum(1 for r in results if r.get("missing")
+                                               or all(v["state"] == "missing" for v in r["metrics"].values())))
+    return s
+
+
+class _progress_bar:
+    """A rich progress bar (or nothing): ``with _progress_bar(on, total, label) as advance: advance()``."""
+
+    def __init__(self, on: bool, total: int, label: str):
+        self.on, self.total, self.label = on, total, label
+
+    def __enter__(self):
+        if not self.on:
+            return lambda: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        self.bar.__enter__()
+        task = self.bar.add_task(f"judging {self.label}", total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc):
+        if self.on:
+            self.bar.__exit__(*exc)
