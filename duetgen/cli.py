@@ -20,6 +20,8 @@ data_app = typer.Typer(help="Build, convert and view interleaved datasets.", no_
 eval_app = typer.Typer(help="Evaluate interleaved outputs.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
+train_app = typer.Typer(help="Train DuetGen: stage 1 (MLLM) and stage 2 (connector + DiT).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
 
 
 def fail(msg: str) -> None:
@@ -560,6 +562,79 @@ def eval_import(
     except (RecordError, OSError) as e:
         fail(f"cannot import {str(src)!r}: {e}")
     typer.echo(f"wrote {n} records to {out}")
+
+
+# ----------------------------------------------------------------------------- train (issue 4)
+
+
+@train_app.command("stage1")
+def train_stage1(
+    config: str = typer.Option("toy", "--config", help="Run config name (duetgen/train/configs.py): toy, tiny."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<config>/stage1)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
+    data: Optional[list[Path]] = typer.Option(None, "--data", help="Dataset directories (default: the config's)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Override the config's number of steps."),
+    quiet: bool = typer.Option(False, "--quiet", help="Print JSON lines instead of a progress bar (for log files)."),
+):
+    """Stage 1: instruction-tune the MLLM (next-token loss on assistant text, <BOV> and end of turn), packed."""
+    import dataclasses
+
+    from duetgen.train.configs import stage1_config
+    from duetgen.train.stage1 import train
+
+    try:
+        cfg = stage1_config(config)
+    except ValueError as e:
+        fail(str(e))
+    if data:
+        cfg = dataclasses.replace(cfg, data=[str(d) for d in data])
+    if steps is not None:
+        cfg = dataclasses.replace(cfg, steps=steps)
+    for d in cfg.data:
+        if not (Path(d) / "manifest.json").is_file():
+            fail(f"--data {d!r}: not a dataset directory (no manifest.json); make one with `duetgen data toyworld`")
+    run_dir = out or Path("runs") / cfg.name / "stage1"
+    try:
+        train(cfg, run_dir, resume_run=resume, progress=not quiet)
+    except (FileExistsError, FileNotFoundError) as e:
+        fail(str(e))
+
+
+@train_app.command("stage2")
+def train_stage2(
+    config: str = typer.Option("toy", "--config", help="Run config name (duetgen/train/configs.py): toy, toy-text-only, tiny."),
+    stage1: Path = typer.Option(..., "--stage1", help="Stage-1 run directory (holds mllm/) or a transformers MLLM directory."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<config>/stage2)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
+    data: Optional[list[Path]] = typer.Option(None, "--data", help="Dataset directories (default: the config's)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Override the config's number of steps."),
+    quiet: bool = typer.Option(False, "--quiet", help="Print JSON lines instead of a progress bar (for log files)."),
+):
+    """Stage 2: MLLM frozen; train connector + DiT with rectified flow on one target image per sequence."""
+    import dataclasses
+
+    from duetgen.train.configs import stage2_config
+    from duetgen.train.stage2 import train
+
+    try:
+        cfg = stage2_config(config)
+    except ValueError as e:
+        fail(str(e))
+    if data:
+        cfg = dataclasses.replace(cfg, data=[str(d) for d in data])
+    if steps is not None:
+        cfg = dataclasses.replace(cfg, steps=steps)
+    for d in cfg.data:
+        if not (Path(d) / "manifest.json").is_file():
+            fail(f"--data {d!r}: not a dataset directory (no manifest.json); make one with `duetgen data toyworld`")
+    mllm_dir = stage1 / "mllm" if (stage1 / "mllm" / "config.json").is_file() else stage1
+    if not (mllm_dir / "config.json").is_file():
+        fail(f"--stage1 {str(stage1)!r}: no finished stage-1 MLLM there (expected {stage1}/mllm/config.json)")
+    run_dir = out or Path("runs") / cfg.name / "stage2"
+    try:
+        train(cfg, mllm_dir, run_dir, resume_run=resume, progress=not quiet)
+    except (FileExistsError, FileNotFoundError) as e:
+        fail(str(e))
 
 
 # ----------------------------------------------------------------------------- demo

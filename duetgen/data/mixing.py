@@ -1,0 +1,210 @@
+"""Weighted mixture of datasets into a stage-2 training manifest (paper sections 3.2 and 4).
+
+Stage 2 trains the connector and DiT on the context-alignment data (video transitions, image
+generation and editing sets) *plus* the instruction-tuning data of section 3.1. This module
+fixes, once and reproducibly, which records a stage-2 run sees and in what order:
+
+    {"seed": 0, "num_samples": 100000,
+     "datasets": [{"name": "video", "path": "data/video", "weight": 4},
+                  {"name": "edit", "path": "data/nhr", "weight": 3}, ...]}   --> mix.json
+
+Design choices:
+- Weights are relative sampling probabilities (normalised). Draw counts per dataset are
+  ``weight_i / sum(weights) * num_samples`` rounded by largest remainder, so they sum to
+  ``num_samples`` exactly.
+- A dataset drawn more times than it has records is repeated in whole passes, each pass a new
+  permutation; the remainder is a without-replacement draw. So no record repeats before every
+  record of its dataset was seen (upsampling without clumps).
+- Each dataset's draws use its own RNG seeded by (seed, dataset name): adding a dataset to the
+  mix changes the others' counts but not which records they draw for a given count. The final
+  order is one seeded shuffle of all draws.
+- The manifest names records by (dataset, record index) and stores each dataset's record count
+  and shard list; ``Mixture`` refuses a dataset that changed since the mix was made.
+- Paths are stored relative to the manifest file when possible, so a data folder can move.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from bisect import bisect_right
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from duetgen.data.record import Dataset, DatasetError, Record, atomic_write_bytes
+
+MIX_FORMAT = "duetgen-mixture"
+MIX_VERSION = 1
+
+
+@dataclass
+class MixSource:
+    name: str  # short name used in the manifest and in logs
+    path: str  # dataset directory
+    weight: float  # relative sampling probability
+
+
+def parse_mix_config(d: Any, where: str = "<config>", base: Path | None = None) -> tuple[list[MixSource], int | None, int]:
+    """(sources, num_samples or None, seed) from a config dict; errors name the config and entry."""
+    if not isinstance(d, dict):
+        raise DatasetError(f"{where}: a mix config must be a JSON object")
+    unknown = set(d) - {"seed", "num_samples", "datasets"}
+    if unknown:
+        raise DatasetError(f"{where}: unknown key(s) {sorted(unknown)}")
+    seed = d.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise DatasetError(f"{where}: 'seed' must be an integer")
+    n = d.get("num_samples")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise DatasetError(f"{where}: 'num_samples' must be a positive integer")
+    ds = d.get("datasets")
+    if not isinstance(ds, list) or not ds:
+        raise DatasetError(f"{where}: 'datasets' must be a non-empty list")
+    sources = []
+    for i, e in enumerate(ds):
+        w = f"{where}: datasets[{i}]"
+        if not isinstance(e, dict) or set(e) - {"name", "path", "weight"}:
+            raise DatasetError(f"{w} must be an object with name, path, weight")
+        if not isinstance(e.get("name"), str) or not e["name"]:
+            raise DatasetError(f"{w}.name must be a non-empty string")
+        if not isinstance(e.get("path"), str) or not e["path"]:
+            raise DatasetError(f"{w}.path must be a non-empty string")
+        wt = e.get("weight", 1.0)
+        if not isinstance(wt, (int, float)) or isinstance(wt, bool) or not wt > 0 or not np.isfinite(wt):
+            raise DatasetError(f"{w}.weight must be a positive number, got {wt!r}")
+        path = e["path"] if base is None or os.path.isabs(e["path"]) else str(base / e["path"])
+        sources.append(MixSource(e["name"], path, float(wt)))
+    return sources, n, seed
+
+
+def allocate(weights: list[float], total: int) -> list[int]:
+    """Largest-remainder rounding of ``total * w / sum(w)``; the counts sum to ``total``."""
+    w = np.asarray(weights, dtype=np.float64)
+    exact = w / w.sum() * total
+    counts = np.floor(exact).astype(np.int64)
+    rest = total - int(counts.sum())
+    order = np.argsort(-(exact - counts), kind="stable")  # ties: earlier dataset first
+    counts[order[:rest]] += 1
+    return counts.tolist()
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    h = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(h[:8], "little"))
+
+
+def draw(num_records: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` record indices: whole permutations, then a without-replacement remainder."""
+    passes, rem = divmod(count, num_records)
+    chunks = [rng.permutation(num_records) for _ in range(passes)]
+    if rem:
+        chunks.append(rng.permutation(num_records)[:rem])
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+
+
+def build_mixture(sources: list[MixSource], num_samples: int | None, seed: int, out_path: str | Path) -> dict:
+    """Write the mixture manifest to ``out_path`` and return it."""
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise DatasetError(f"dataset names must be unique, got {names}")
+    datasets = []
+    for s in sources:
+        ds = Dataset(s.path)  # validates the manifest; names the path on error
+        if len(ds) == 0:
+            raise DatasetError(f"dataset {s.name!r} at {s.path!r} has no records")
+        datasets.append(ds)
+    sizes = [len(d) for d in datasets]
+    total = num_samples if num_samples is not None else sum(sizes)
+    counts = allocate([s.weight for s in sources], total)
+
+    parts, src_ids = [], []
+    for k, (s, size, c) in enumerate(zip(sources, sizes, counts)):
+        idx = draw(size, c, _rng(seed, s.name))
+        parts.append(idx)
+        src_ids.append(np.full(len(idx), k, dtype=np.int64))
+    all_idx = np.concatenate(parts)
+    all_src = np.concatenate(src_ids)
+    order = np.random.default_rng(seed).permutation(len(all_idx))
+    samples = np.stack([all_src[order], all_idx[order]], axis=1).tolist()  # (N, 2)
+
+    out_path = Path(out_path)
+    wsum = sum(s.weight for s in sources)
+    manifest = {
+        "format": MIX_FORMAT, "format_version": MIX_VERSION, "seed": seed, "num_samples": total,
+        "sources": [{"name": s.name, "path": _rel(s.path, out_path.parent), "weight": s.weight,
+                     "probability": round(s.weight / wsum, 6), "num_records": size, "num_drawn": c,
+                     "epochs": round(c / size, 4), "shards": d.manifest["shards"]}
+                    for s, size, c, d in zip(sources, sizes, counts, datasets)],
+        "samples": samples,
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_path, (json.dumps(manifest, separators=(",", ":")) + "\n").encode())
+    return manifest
+
+
+def _rel(path: str, base: Path) -> str:
+    try:
+        return os.path.relpath(Path(path).resolve(), base.resolve())
+    except ValueError:  # another drive on Windows
+        return str(Path(path).resolve())
+
+
+class Mixture:
+    """Read a mixture manifest: ``len(m)``, ``m[i] -> (source name, Record)``, ``m.dataset(name)``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            m = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DatasetError(f"mixture manifest {str(self.path)!r} is not readable JSON ({e})") from None
+        if not isinstance(m, dict) or m.get("format") != MIX_FORMAT or m.get("format_version") != MIX_VERSION:
+            raise DatasetError(f"{str(self.path)!r} is not a {MIX_FORMAT} v{MIX_VERSION} manifest")
+        self.manifest = m
+        self.sources = m["sources"]
+        self.samples = m["samples"]
+        self._datasets: dict[int, Dataset] = {}
+        self._offsets: dict[tuple[int, int], list[int]] = {}  # (source, shard) -> byte offset of each line
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def dataset(self, k: int) -> Dataset:
+        if k not in self._datasets:
+            src = self.sources[k]
+            root = Path(src["path"]) if os.path.isabs(src["path"]) else self.path.parent / src["path"]
+            ds = Dataset(root)
+            if len(ds) != src["num_records"] or ds.manifest["shards"] != src["shards"]:
+                raise DatasetError(f"mixture {str(self.path)!r}: dataset {src['name']!r} at {str(root)!r} changed "
+                                   f"since the mixture was built ({len(ds)} records now, {src['num_records']} then)")
+            self._datasets[k] = ds
+        return self._datasets[k]
+
+    def locate(self, k: int, index: int) -> tuple[int, int]:
+        """(shard number, line number) of record ``index`` of source ``k``."""
+        counts = [s["num_records"] for s in self.sources[k]["shards"]]
+        starts = np.cumsum([0] + counts[:-1]).tolist()
+        shard = bisect_right(starts, index) - 1
+        return shard, index - starts[shard]
+
+    def __getitem__(self, i: int) -> tuple[str, Record]:
+        k, index = self.samples[i]
+        ds = self.dataset(k)
+        shard, line = self.locate(k, index)
+        key = (k, shard)
+        path = ds.root / ds.shards[shard]
+        if key not in self._offsets:
+            offs, pos = [], 0
+            with open(path, "rb") as f:
+                for raw in f:
+                    offs.append(pos)
+                    pos += len(raw)
+            self._offsets[key] = offs
+        with open(path, "rb") as f:
+            f.seek(self._offsets[key][line])
+            rec = Record.from_jsonl_line(f.readline().decode("utf-8"))
+        return self.sources[k]["name"], rec

@@ -1,0 +1,431 @@
+"""HTTP clients for image-capable interleaved generation APIs (paper section 3.1: Nano Banana).
+
+Two wire shapes, one result type:
+
+- ``GeminiImageClient``: the Gemini ``models/{model}:generateContent`` REST shape, as Gemini 2.5
+  Flash Image ("Nano Banana") answers it: ``candidates[0].content.parts`` is an ordered list of
+  ``{"text": ...}`` and ``{"inlineData": {"mimeType": "image/png", "data": <base64>}}`` parts;
+  ``promptFeedback.blockReason`` / ``finishReason`` say when a prompt or answer was blocked;
+  ``usageMetadata`` counts tokens per modality.
+- ``OpenAIImageClient``: an OpenAI-compatible ``/chat/completions`` server that returns images
+  either as content parts ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}``
+  in order, or (OpenRouter style) as ``message.images`` after the text.
+
+Design choices:
+- Failures are states, not exceptions: ``status`` is "ok", "blocked" (the API refused: prompt
+  block or a safety finish reason) or "api_error" (retries spent / not retryable / malformed).
+- Parts keep their order; an image part that cannot be used (not base64, a non-image MIME type,
+  a remote URL) becomes a ``bad_image`` part carrying the reason, so the quality filter can drop
+  the whole answer with that reason instead of silently closing the gap.
+- Remote image URLs in a reply are never fetched: untrusted replies must not make us reach
+  arbitrary (possibly private) addresses.
+- The reply body is streamed and capped (``max_response_bytes``) before JSON parsing.
+- Retries: 429 (Retry-After honoured, capped), 5xx, timeouts and connection errors, exponential
+  backoff with jitter; other 4xx are not retried. Concurrency is bounded by a semaphore.
+- Cost: from token usage and a ``Pricing`` table (per million tokens, by modality), or the
+  server's own ``usage.cost`` when it reports one. Blocked answers are billed too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import email.utils
+import io
+import json
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+
+Status = Literal["ok", "blocked", "api_error"]
+_DATA_URL_RE = re.compile(r"^data:([\w.+-]+/[\w.+-]+)(;[^,]*)?;base64,(.*)$", re.DOTALL)
+# Gemini finish reasons that mean "refused / filtered", not "done".
+GEMINI_BLOCK_FINISH = {"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "RECITATION", "IMAGE_SAFETY",
+                       "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION"}
+
+
+@dataclass
+class Pricing:
+    """USD per one million tokens. Check your provider's current price list before trusting totals."""
+
+    input_per_mtok: float = 0.0
+    output_text_per_mtok: float = 0.0
+    output_image_per_mtok: float = 0.0
+
+    def cost(self, usage: dict) -> float:
+        return (usage.get("prompt_tokens", 0) * self.input_per_mtok
+                + usage.get("output_text_tokens", 0) * self.output_text_per_mtok
+                + usage.get("output_image_tokens", 0) * self.output_image_per_mtok) / 1e6
+
+
+# Gemini 2.5 Flash Image list price when this was written (input $0.30/M, text out $2.50/M, image
+# out $30/M = $0.039 per 1024px image at 1290 tokens). Override with the CLI --price-* options.
+GEMINI_25_FLASH_IMAGE_PRICING = Pricing(0.30, 2.50, 30.0)
+
+
+@dataclass
+class GenerationResult:
+    status: Status
+    parts: list[dict] = field(default_factory=list)  # {"type": "text"|"image"|"bad_image", ...} in order
+    finish_reason: str | None = None
+    usage: dict = field(default_factory=dict)  # prompt_tokens, output_text_tokens, output_image_tokens
+    cost_usd: float = 0.0
+    error: str | None = None  # why, for api_error and blocked
+    model: str = ""
+
+    @property
+    def num_images(self) -> int:
+        return sum(p["type"] == "image" for p in self.parts)
+
+
+class _Retryable(Exception):
+    def __init__(self, msg: str, retry_after: float | None = None):
+        super().__init__(msg)
+        self.retry_after = retry_after
+
+
+class _Failed(Exception):
+    pass
+
+
+class _ImageAPIClient:
+    """Shared transport: bounded concurrency, retries, capped body, totals."""
+
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, max_concurrency: int = 4,
+                 timeout_s: float = 300, max_retries: int = 4, pricing: Pricing | None = None,
+                 max_response_bytes: int = 64 << 20, backoff_base_s: float = 1.0, backoff_max_s: float = 60.0):
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"image API base_url {base_url!r} must start with http:// or https://")
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        self.base_url, self.model, self.api_key = base_url.rstrip("/"), model, api_key
+        self.max_concurrency, self.timeout_s, self.max_retries = max_concurrency, timeout_s, max_retries
+        self.pricing = pricing or Pricing()
+        self.max_response_bytes = max_response_bytes
+        self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
+        self.totals = {"requests": 0, "http_requests": 0, "retries": 0, "ok": 0, "blocked": 0, "api_error": 0,
+                       "prompt_tokens": 0, "output_text_tokens": 0, "output_image_tokens": 0, "cost_usd": 0.0}
+        self._lock = threading.Lock()
+        self._loop = None
+        self._http: httpx.AsyncClient | None = None
+        self._sem: asyncio.Semaphore | None = None
+
+    # ----------------------------------------------------------------------------- subclass API
+    def _endpoint(self) -> str:
+        raise NotImplementedError
+
+    def _headers(self) -> dict:
+        raise NotImplementedError
+
+    def _body(self, messages: list[dict], temperature: float, seed: int | None) -> dict:
+        raise NotImplementedError
+
+    def _parse(self, payload: dict) -> GenerationResult:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------- public
+    async def agenerate(self, messages: list[dict], *, temperature: float = 1.0,
+                        seed: int | None = None) -> GenerationResult:
+        """One generation. Raises ValueError only for malformed ``messages`` (a caller bug)."""
+        body = self._body(messages, temperature, seed)
+        self._add(requests=1)
+        try:
+            payload = await self._post_with_retries(body)
+            res = self._parse(payload)
+        except _Failed as e:
+            res = GenerationResult("api_error", error=str(e))
+        res.model = self.model
+        if res.status != "api_error":
+            res.cost_usd = res.cost_usd or self.pricing.cost(res.usage)
+        self._add(**{res.status: 1}, cost_usd=res.cost_usd,
+                  **{k: res.usage.get(k, 0) for k in ("prompt_tokens", "output_text_tokens", "output_image_tokens")})
+        return res
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+        self._http, self._loop, self._sem = None, None, None
+
+    # ----------------------------------------------------------------------------- transport
+    def _add(self, **inc) -> None:
+        with self._lock:
+            for k, v in inc.items():
+                self.totals[k] += v
+
+    def _state(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+            self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s), headers=self._headers(),
+                                           limits=limits, trust_env=False)
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+            self._loop = loop
+        return self._http, self._sem
+
+    async def _post_with_retries(self, body: dict) -> dict:
+        http, sem = self._state()
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            try:
+                async with sem:
+                    self._add(http_requests=1)
+                    return await self._post_once(http, body)
+            except _Retryable as e:
+                last = str(e)
+                if attempt == self.max_retries:
+                    break
+                delay = min(self.backoff_max_s, self.backoff_base_s * 2**attempt) * random.uniform(0.5, 1.0)
+                if e.retry_after is not None:
+                    delay = max(delay, min(e.retry_after, self.backoff_max_s))
+                self._add(retries=1)
+                await asyncio.sleep(delay)
+        raise _Failed(f"{last} (gave up after {self.max_retries + 1} attempts)")
+
+    async def _post_once(self, http: httpx.AsyncClient, body: dict) -> dict:
+        try:
+            async with http.stream("POST", self._endpoint(), json=body) as resp:
+                chunks, size = [], 0
+                async for chunk in resp.aiter_bytes():
+                    size += len(chunk)
+                    if size > self.max_response_bytes:
+                        raise _Failed(f"reply larger than the cap of {self.max_response_bytes:,} bytes")
+                    chunks.append(chunk)
+                raw = b"".join(chunks)
+        except httpx.TimeoutException as e:
+            raise _Retryable(f"timeout after {self.timeout_s}s ({type(e).__name__})") from None
+        except httpx.TransportError as e:
+            raise _Retryable(f"connection error: {type(e).__name__}: {e}") from None
+        text = raw[:300].decode("utf-8", "replace")
+        if resp.status_code == 429:
+            raise _Retryable("HTTP 429 rate limited", _retry_after(resp.headers.get("retry-after")))
+        if resp.status_code >= 500:
+            raise _Retryable(f"HTTP {resp.status_code}: {text}")
+        if resp.status_code != 200:
+            raise _Failed(f"HTTP {resp.status_code} (not retried): {text}")
+        try:
+            payload = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _Failed(f"reply body is not JSON ({e}): {text[:200]}") from None
+        if not isinstance(payload, dict):
+            raise _Failed(f"reply body is a JSON {type(payload).__name__}, not an object")
+        return payload
+
+
+# ============================================================================= Gemini
+class GeminiImageClient(_ImageAPIClient):
+    """``POST {base_url}/{api_version}/models/{model}:generateContent`` with TEXT+IMAGE modalities."""
+
+    def __init__(self, base_url: str = "https://generativelanguage.googleapis.com",
+                 model: str = "gemini-2.5-flash-image", *, api_version: str = "v1beta", **kw):
+        kw.setdefault("pricing", GEMINI_25_FLASH_IMAGE_PRICING)
+        super().__init__(base_url, model, **kw)
+        self.api_version = api_version
+
+    def _endpoint(self) -> str:
+        return f"{self.base_url}/{self.api_version}/models/{self.model}:generateContent"
+
+    def _headers(self) -> dict:
+        return {"x-goog-api-key": self.api_key} if self.api_key else {}
+
+    def _body(self, messages: list[dict], temperature: float, seed: int | None) -> dict:
+        contents, system = [], []
+        for i, m in enumerate(_check_messages(messages)):
+            parts = []
+            for p in m["content"]:
+                if p["type"] == "text":
+                    parts.append({"text": p["text"]})
+                else:
+                    data, mime = _encode_image(p["image"], f"messages[{i}]")
+                    parts.append({"inline_data": {"mime_type": mime, "data": base64.b64encode(data).decode()}})
+            if m["role"] == "system":
+                system.extend(parts)
+            else:
+                contents.append({"role": "model" if m["role"] == "assistant" else "user", "parts": parts})
+        gen = {"responseModalities": ["TEXT", "IMAGE"], "temperature": temperature}
+        if seed is not None:
+            gen["seed"] = seed
+        body: dict[str, Any] = {"contents": contents, "generationConfig": gen}
+        if system:
+            body["systemInstruction"] = {"parts": system}
+        return body
+
+    def _parse(self, payload: dict) -> GenerationResult:
+        um = payload.get("usageMetadata") or {}
+        out_total = int(um.get("candidatesTokenCount") or 0)
+        image_tokens = sum(int(d.get("tokenCount") or 0) for d in um.get("candidatesTokensDetails") or []
+                           if isinstance(d, dict) and d.get("modality") == "IMAGE")
+        usage = {"prompt_tokens": int(um.get("promptTokenCount") or 0),
+                 # thinking tokens are billed as text output
+                 "output_text_tokens": max(0, out_total - image_tokens) + int(um.get("thoughtsTokenCount") or 0),
+                 "output_image_tokens": image_tokens}
+        block = (payload.get("promptFeedback") or {}).get("blockReason")
+        cands = payload.get("candidates") or []
+        if block and not cands:
+            return GenerationResult("blocked", usage=usage, error=f"prompt blocked: {block}", finish_reason=block)
+        if not cands or not isinstance(cands[0], dict):
+            raise _Failed(f"reply has no candidates: {json.dumps(payload)[:200]}")
+        cand = cands[0]
+        finish = cand.get("finishReason")
+        parts = []
+        for j, p in enumerate((cand.get("content") or {}).get("parts") or []):
+            if not isinstance(p, dict) or p.get("thought"):  # thought summaries are not the answer
+                continue
+            if isinstance(p.get("text"), str):
+                parts.append({"type": "text", "text": p["text"]})
+                continue
+            inline = p.get("inlineData") or p.get("inline_data")
+            if isinstance(inline, dict):
+                mime = inline.get("mimeType") or inline.get("mime_type") or ""
+                parts.append(_decode_inline(mime, inline.get("data"), f"part {j}"))
+        if finish in GEMINI_BLOCK_FINISH:
+            return GenerationResult("blocked", parts, finish, usage, error=f"finishReason {finish}")
+        return GenerationResult("ok", parts, finish, usage)
+
+
+# ============================================================================= OpenAI-compatible
+class OpenAIImageClient(_ImageAPIClient):
+    """``POST {base_url}/chat/completions`` asking for ``modalities: ["image", "text"]``."""
+
+    def _endpoint(self) -> str:
+        root = self.base_url
+        return root if root.endswith("/chat/completions") else root + "/chat/completions"
+
+    def _headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def _body(self, messages: list[dict], temperature: float, seed: int | None) -> dict:
+        wire = []
+        for i, m in enumerate(_check_messages(messages)):
+            parts = []
+            for p in m["content"]:
+                if p["type"] == "text":
+                    parts.append({"type": "text", "text": p["text"]})
+                else:
+                    data, mime = _encode_image(p["image"], f"messages[{i}]")
+                    url = f"data:{mime};base64," + base64.b64encode(data).decode()
+                    parts.append({"type": "image_url", "image_url": {"url": url}})
+            wire.append({"role": m["role"], "content": parts})
+        body: dict[str, Any] = {"model": self.model, "messages": wire, "modalities": ["image", "text"],
+                                "temperature": temperature}
+        if seed is not None:
+            body["seed"] = seed
+        return body
+
+    def _parse(self, payload: dict) -> GenerationResult:
+        u = payload.get("usage") or {}
+        details = u.get("completion_tokens_details") or {}
+        image_tokens = int(details.get("image_tokens") or 0)
+        usage = {"prompt_tokens": int(u.get("prompt_tokens") or 0),
+                 "output_text_tokens": max(0, int(u.get("completion_tokens") or 0) - image_tokens),
+                 "output_image_tokens": image_tokens}
+        reported_cost = u.get("cost") if isinstance(u.get("cost"), (int, float)) else 0.0
+        try:
+            choice = payload["choices"][0]
+            msg = choice["message"]
+        except (KeyError, IndexError, TypeError):
+            raise _Failed(f"reply has no choices[0].message: {json.dumps(payload)[:200]}") from None
+        finish = choice.get("finish_reason")
+        parts: list[dict] = []
+        content = msg.get("content")
+        if isinstance(content, str):
+            parts.append({"type": "text", "text": content})
+        elif isinstance(content, list):
+            for j, p in enumerate(content):
+                if not isinstance(p, dict):
+                    continue
+                if p.get("type") == "text" and isinstance(p.get("text"), str):
+                    parts.append({"type": "text", "text": p["text"]})
+                elif p.get("type") == "image_url":
+                    parts.append(_decode_data_url(p.get("image_url"), f"content[{j}]"))
+        for j, p in enumerate(msg.get("images") or []):  # OpenRouter: images listed after the text
+            parts.append(_decode_data_url(p.get("image_url") if isinstance(p, dict) else None, f"images[{j}]"))
+        if msg.get("refusal"):
+            return GenerationResult("blocked", parts, finish, usage, float(reported_cost),
+                                    error=f"refusal: {str(msg['refusal'])[:200]}")
+        if finish == "content_filter":
+            return GenerationResult("blocked", parts, finish, usage, float(reported_cost),
+                                    error="finish_reason content_filter")
+        return GenerationResult("ok", parts, finish, usage, float(reported_cost))
+
+
+# ============================================================================= helpers
+def _check_messages(messages: list[dict]) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {role, content} dicts")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"messages[{i}] must be a dict with role system|user|assistant")
+        content = m.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list) or not all(isinstance(p, dict) and p.get("type") in ("text", "image")
+                                                    for p in content):
+            raise ValueError(f"messages[{i}].content must be a string or a list of text/image parts")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+
+
+def _encode_image(img: Any, where: str) -> tuple[bytes, str]:
+    """(bytes, mime) for PIL images (sent as PNG) and encoded bytes (format checked)."""
+    from PIL import Image
+
+    if isinstance(img, (bytes, bytearray)):
+        try:
+            with Image.open(io.BytesIO(img)) as im:
+                fmt = im.format
+        except Exception as e:  # PIL raises many types on junk
+            raise ValueError(f"{where}: image bytes are not a readable image ({type(e).__name__})") from None
+        if fmt not in _MIME:
+            raise ValueError(f"{where}: image format {fmt!r} is not one the APIs accept (PNG, JPEG, WEBP, GIF)")
+        return bytes(img), _MIME[fmt]
+    if isinstance(img, Image.Image):
+        buf = io.BytesIO()
+        (img if img.mode in ("RGB", "RGBA", "L") else img.convert("RGB")).save(buf, format="PNG")
+        return buf.getvalue(), "image/png"
+    raise ValueError(f"{where}: an image part must hold a PIL image or encoded bytes, got {type(img).__name__}")
+
+
+def _decode_inline(mime: str, data: Any, where: str) -> dict:
+    if not isinstance(mime, str) or not mime.startswith("image/"):
+        return {"type": "bad_image", "reason": f"{where}: inline data has MIME type {mime!r}, not an image"}
+    if not isinstance(data, str):
+        return {"type": "bad_image", "reason": f"{where}: inline data is not a base64 string"}
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return {"type": "bad_image", "reason": f"{where}: inline data is not valid base64"}
+    return {"type": "image", "data": raw, "mime": mime}
+
+
+def _decode_data_url(image_url: Any, where: str) -> dict:
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    if not isinstance(url, str):
+        return {"type": "bad_image", "reason": f"{where}: image_url has no url string"}
+    m = _DATA_URL_RE.match(url)
+    if not m:
+        return {"type": "bad_image", "reason": f"{where}: image is not an inline base64 data URL "
+                                               f"(remote URLs are not fetched): {url[:60]!r}"}
+    return _decode_inline(m.group(1), m.group(3), where)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None

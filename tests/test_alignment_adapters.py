@@ -1,0 +1,189 @@
+"""Adapters from public image generation / editing formats to records (paper section 3.2).
+
+The annotation fixtures under tests/fixtures/alignment/<format>/ follow each format's released
+fields (see duetgen/data/alignment/adapters.py); the images they name are drawn here, each in a
+different colour so a test can tell which file ended up where.
+"""
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from duetgen.data.alignment.adapters import adapt
+from duetgen.data.record import Dataset, RecordError
+
+FIX = Path(__file__).parent / "fixtures" / "alignment"
+
+
+def _color(rel: str) -> tuple[int, int, int]:
+    h = hashlib.sha256(rel.encode()).digest()
+    return h[0], h[1], h[2]
+
+
+def draw(root: Path, rels: list[str], size=(64, 64)) -> None:
+    for rel in rels:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, _color(rel)).save(p)
+
+
+def colors_of(ds: Dataset, rec, role: str) -> list[tuple[int, int, int]]:
+    return [ds.open_image(p.path, rec.id).getpixel((5, 5)) for p in rec.image_parts(role)]
+
+
+def close(c1, c2, tol=6) -> bool:  # JPEG fixtures shift colours a little
+    return all(abs(a - b) <= tol for a, b in zip(c1, c2))
+
+
+def copy_fixture(name: str, tmp_path: Path) -> Path:
+    dst = tmp_path / name
+    shutil.copytree(FIX / name, dst)
+    return dst
+
+
+def by_key(ds: Dataset) -> dict:
+    return {r.meta["source_key"]: r for r in ds}
+
+
+def test_sharegpt4o_t2i_edit_multiref_and_bad_rows(tmp_path):
+    src = copy_fixture("sharegpt4o", tmp_path)
+    draw(src, ["text_to_image/0001.png", "text_to_image/0003.png", "text_and_image_to_image/in_0001.png",
+               "text_and_image_to_image/out_0001.png", "text_and_image_to_image/cat.png",
+               "text_and_image_to_image/sofa.png", "text_and_image_to_image/cat_on_sofa.png"])
+    (src / "text_and_image_to_image/not_an_image.png").write_text("plain text pretending to be a PNG")
+    (tmp_path / "outside.png").parent.mkdir(exist_ok=True)
+    draw(tmp_path, ["outside.png"])  # exists, but outside the root: must still be refused
+
+    report = adapt("sharegpt4o", src, tmp_path / "out", progress=False)
+    ds = Dataset(tmp_path / "out")
+    recs = by_key(ds)
+    assert len(ds) == 4
+    t2i = recs["text_to_image.json[0]"]
+    assert t2i.source == "sharegpt4o-image" and t2i.meta["task"] == "t2i"
+    assert [m.role for m in t2i.messages] == ["user", "assistant"]
+    assert t2i.messages[0].text.startswith("A red fox")
+    assert colors_of(ds, t2i, "assistant") == [_color("text_to_image/0001.png")]
+    assert t2i.meta["output_image_resolution"] == [64, 48]
+    edit = recs["text_and_image_to_image.json[0]"]
+    assert edit.meta["task"] == "edit"
+    assert colors_of(ds, edit, "user") == [_color("text_and_image_to_image/in_0001.png")]
+    assert colors_of(ds, edit, "assistant") == [_color("text_and_image_to_image/out_0001.png")]
+    multi = recs["text_and_image_to_image.json[1]"]
+    assert multi.meta["task"] == "multi_ref"
+    assert colors_of(ds, multi, "user") == [_color("text_and_image_to_image/cat.png"),
+                                            _color("text_and_image_to_image/sofa.png")]
+    reasons = {s["item"]: s["reason"] for s in report.skipped}
+    assert reasons == {"text_to_image.json[1]": "missing_field",
+                       "text_and_image_to_image.json[2]": "path_outside_root",
+                       "text_and_image_to_image.json[3]": "bad_image"}
+    assert list((tmp_path / "out" / "reports").glob("adapt-sharegpt4o-*.json"))
+
+
+def test_nhr_edit_fields_meta_and_bad_rows(tmp_path):
+    src = copy_fixture("nhr-edit", tmp_path)
+    draw(src, ["images/00/image_000001_original.jpg", "images/00/image_000001_edited_0.jpg",
+               "images/00/image_000002_original.jpg", "images/00/image_000002_edited_0.jpg",
+               "images/00/image_000003_original.jpg",  # its edited_1 is missing on purpose
+               "images/01/image_000005_original.jpg", "images/01/image_000005_edited_0.jpg"])
+    report = adapt("nhr-edit", src, tmp_path / "out", progress=False)
+    ds = Dataset(tmp_path / "out")
+    recs = by_key(ds)
+    assert sorted(recs) == ["000001", "000005"]
+    r = recs["000001"]
+    assert r.source == "nhr-edit" and r.meta["task"] == "edit"
+    assert r.messages[0].text == "Replace the red car with a blue bicycle."
+    assert r.meta["augmented_instructions"] == ["Swap the car for a blue bike.", "Change the red car into a blue bicycle."]
+    assert r.meta["category"] == "Replace" and r.meta["kind"] == "direct"
+    assert close(colors_of(ds, r, "user")[0], _color("images/00/image_000001_original.jpg"))
+    assert close(colors_of(ds, r, "assistant")[0], _color("images/00/image_000001_edited_0.jpg"))
+    reasons = sorted((s["item"], s["reason"]) for s in report.skipped)
+    assert reasons == [("metadata.jsonl:2", "missing_field"), ("metadata.jsonl:3", "missing_image"),
+                       ("metadata.jsonl:4", "bad_json")]
+
+
+def test_omnigen_placeholders_interleave_images(tmp_path):
+    src = copy_fixture("omnigen", tmp_path)
+    draw(src, ["cat.png", "edit_source_1.png", "edit_target_1.png", "model.png", "clothes.png", "try_on.png"])
+    report = adapt("omnigen", src, tmp_path / "out", progress=False)
+    ds = Dataset(tmp_path / "out")
+    recs = by_key(ds)
+    assert len(ds) == 3
+    tryon = recs["data.jsonl:3"]
+    kinds = [type(p).__name__ for p in tryon.messages[0].content]
+    # "<img><|image_1|></img> wears <img><|image_2|></img>." -> image, text, image, text
+    assert kinds == ["ImagePart", "TextPart", "ImagePart", "TextPart"]
+    assert tryon.messages[0].content[1].text == "wears"
+    assert colors_of(ds, tryon, "user") == [_color("model.png"), _color("clothes.png")]
+    assert tryon.meta["task"] == "multi_ref" and tryon.meta["task_type"] == "try-on"
+    assert recs["data.jsonl:1"].meta["task"] == "t2i"
+    assert recs["data.jsonl:2"].messages[0].text == "The umbrella should be red."
+    reasons = {s["item"]: s["reason"] for s in report.skipped}
+    assert reasons == {"data.jsonl:4": "bad_placeholder", "data.jsonl:5": "missing_field"}
+
+
+def test_uniworld_generation_turns_only(tmp_path):
+    src = copy_fixture("uniworld", tmp_path)
+    draw(src, ["gen/lighthouse.png", "edit/dog.png", "edit/dog_hat.png", "ref/a.png", "ref/b.png", "ref/ab.png"])
+    report = adapt("uniworld", src / "data.json", tmp_path / "out", image_root=src, progress=False)
+    ds = Dataset(tmp_path / "out")
+    recs = by_key(ds)
+    assert sorted(r.meta["task"] for r in recs.values()) == ["edit", "multi_ref", "t2i"]
+    edit = recs["data.json[1]"]
+    assert colors_of(ds, edit, "user") == [_color("edit/dog.png")]
+    assert colors_of(ds, edit, "assistant") == [_color("edit/dog_hat.png")]
+    assert edit.messages[0].text == "Add a party hat to the dog."
+    reasons = {s["item"]: s["reason"] for s in report.skipped}
+    assert reasons == {"data.json[3]": "not_generation", "data.json[4]": "image_count_mismatch"}
+
+
+def test_echo4o_logical_root_and_multi_reference(tmp_path):
+    src = copy_fixture("echo4o", tmp_path)
+    draw(src, ["Surrel-Fantasy-Image/images/000001.jpg", "Instruction-Following-Image/images/000002.jpg",
+               "Multi-Reference-Image/images/ref_a.jpg", "Multi-Reference-Image/images/ref_b.jpg",
+               "Multi-Reference-Image/images/ref_c.jpg", "Multi-Reference-Image/images/out_000003.jpg"])
+    report = adapt("echo4o", src, tmp_path / "out", progress=False)
+    ds = Dataset(tmp_path / "out")
+    recs = by_key(ds)
+    assert len(ds) == 3
+    multi = recs["data.jsonl:3"]
+    assert multi.meta["task"] == "multi_ref" and len(multi.image_parts("user")) == 3
+    assert close(colors_of(ds, multi, "assistant")[0], _color("Multi-Reference-Image/images/out_000003.jpg"))
+    reasons = {s["item"]: s["reason"] for s in report.skipped}
+    assert reasons == {"data.jsonl:4": "path_outside_root", "data.jsonl:5": "missing_field"}
+
+
+def test_rerun_appends_nothing_and_keeps_records(tmp_path):
+    src = copy_fixture("omnigen", tmp_path)
+    draw(src, ["cat.png", "edit_source_1.png", "edit_target_1.png", "model.png", "clothes.png", "try_on.png"])
+    adapt("omnigen", src, tmp_path / "out", progress=False)
+    ids = [r.id for r in Dataset(tmp_path / "out")]
+    report = adapt("omnigen", src, tmp_path / "out", progress=False)
+    assert [r.id for r in Dataset(tmp_path / "out")] == ids
+    assert report.counts["already_done"] == 3
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    with pytest.raises(RecordError, match="does not exist"):
+        adapt("nhr-edit", tmp_path / "nope", tmp_path / "out", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RecordError, match="metadata.jsonl"):
+        adapt("nhr-edit", tmp_path / "empty", tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match="unknown format"):
+        adapt("laion", tmp_path, tmp_path / "out", progress=False)
+
+
+def test_cli_adapt(tmp_path):
+    from typer.testing import CliRunner
+
+    from duetgen.cli import app
+
+    src = copy_fixture("omnigen", tmp_path)
+    draw(src, ["cat.png", "edit_source_1.png", "edit_target_1.png", "model.png", "clothes.png", "try_on.png"])
+    res = CliRunner().invoke(app, ["data", "adapt", str(src / "data.jsonl"), "--format", "omnigen", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert "wrote 3 records" in res.output and "bad_placeholder" in res.output
+    res = CliRunner().invoke(app, ["data", "adapt", str(src), "--format", "laion", "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 2 and "--format" in res.output

@@ -1,0 +1,71 @@
+"""The shipped query-pool taxonomy (paper section 3.1: 8 domains, 151 subcategories) and its loader."""
+
+import json
+
+import pytest
+
+from duetgen.data.synthetic.dedup import NearDupConfig, dedup
+from duetgen.data.synthetic.taxonomy import DEFAULT_TAXONOMY, TaxonomyError, load_taxonomy
+
+
+def test_shipped_taxonomy_counts():
+    tax = load_taxonomy()
+    assert len(tax.domains) == 8
+    assert tax.num_subcategories == 151
+    names = {d.name for d in tax.domains}
+    assert {"Home & Living", "Pets & Animal Care", "Cooking", "Transportation"} <= names
+    for s in tax.subcategories():
+        assert len(s.seeds) >= 3, s.id
+        assert s.name not in s.siblings and len(s.siblings) == len(next(d for d in tax.domains if d.id == s.domain_id).subcategories) - 1
+    seeds = [q for s in tax.subcategories() for q in s.seeds]
+    assert len(seeds) == tax.num_seeds == len(set(seeds))
+
+
+def test_seed_questions_are_not_near_duplicates_of_each_other():
+    seeds = [q for s in load_taxonomy().subcategories() for q in s.seeds]
+    kept, dropped = dedup(seeds, NearDupConfig(threshold=0.6))
+    assert dropped == {}, [(seeds[i], seeds[j]) for i, j in dropped.items()]
+
+
+def _write(tmp_path, doc):
+    p = tmp_path / "tax.json"
+    p.write_text(json.dumps(doc))
+    return p
+
+
+def _tiny():
+    return {"name": "t", "version": "1", "domains": [
+        {"id": "home", "name": "Home", "subcategories": [
+            {"id": "cleaning", "name": "Cleaning", "seeds": ["How do I clean an oven?"]},
+            {"id": "laundry", "name": "Laundry", "seeds": ["How do I wash wool?"]}]}]}
+
+
+def test_loader_names_the_bad_entry(tmp_path):
+    tax = load_taxonomy(_write(tmp_path, _tiny()))
+    assert tax.subcategory("laundry").siblings == ["Cleaning"]
+
+    d = _tiny()
+    d["domains"][0]["subcategories"][1]["id"] = "cleaning"
+    with pytest.raises(TaxonomyError, match="'cleaning' is used twice"):
+        load_taxonomy(_write(tmp_path, d))
+    d = _tiny()
+    d["domains"][0]["subcategories"][0]["seeds"] = []
+    with pytest.raises(TaxonomyError, match="subcategory 'cleaning'.*seeds"):
+        load_taxonomy(_write(tmp_path, d))
+    d = _tiny()
+    d["domains"][0]["subcategories"][0]["examples"] = ["x"]
+    with pytest.raises(TaxonomyError, match="unknown key"):
+        load_taxonomy(_write(tmp_path, d))
+    d = _tiny()
+    d["domains"][0]["subcategories"][0]["seeds"] = ["ok", 3]
+    with pytest.raises(TaxonomyError, match=r"seeds\[1\]"):
+        load_taxonomy(_write(tmp_path, d))
+    with pytest.raises(TaxonomyError, match="does not exist"):
+        load_taxonomy(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(TaxonomyError, match="not readable JSON"):
+        load_taxonomy(tmp_path / "bad.json")
+
+
+def test_default_path_is_the_package_data_file():
+    assert DEFAULT_TAXONOMY.name == "taxonomy.json" and DEFAULT_TAXONOMY.parent.name == "synthetic"
