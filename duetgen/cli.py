@@ -22,6 +22,8 @@ app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
 train_app = typer.Typer(help="Train DuetGen: stage 1 (MLLM) and stage 2 (connector + DiT).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+model_app = typer.Typer(help="Build, assemble and check DuetGen model directories.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
 
 
 def fail(msg: str) -> None:
@@ -124,7 +126,7 @@ def data_engine(
     model: Optional[str] = typer.Option(None, "--model", help="Model id as the endpoint names it (a multimodal model: it captions images)."),
     workers: int = typer.Option(1, "--workers", min=1, help="Local worker processes (1: in this process)."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: a cluster address, or 'local' to start Ray here with --workers CPUs."),
-    shard_pages: int = typer.Option(100, "--shard-pages", min=1, help="Pages per shard (the unit of work and of restart)."),
+    shard_pages: int = typer.Option(50, "--shard-pages", min=1, help="Pages per shard (the unit of work and of restart)."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the API key (never written to disk)."),
     llm_concurrency: int = typer.Option(16, "--llm-concurrency", min=1, help="LLM requests in flight per worker."),
     allow_network: Optional[list[str]] = typer.Option(None, "--allow-network", help="CIDR whose images may be fetched although not public (repeatable), e.g. 127.0.0.0/8 for a local mirror."),
@@ -154,7 +156,10 @@ def data_engine(
         if ray is not None:
             from duetgen.data.engine import RayExecutor
 
-            executor = RayExecutor(None if ray == "local" else ray, workers)
+            try:
+                executor = RayExecutor(None if ray == "local" else ray, workers)
+            except ImportError:
+                fail("--ray needs the ray package (pip install 'ray==2.60.0')")
         else:
             executor = LocalExecutor(workers)
         funnel = run_engine(input, out, cfg, executor, progress=progress)
@@ -635,6 +640,191 @@ def train_stage2(
         train(cfg, mllm_dir, run_dir, resume_run=resume, progress=not quiet)
     except (FileExistsError, FileNotFoundError) as e:
         fail(str(e))
+
+
+# ----------------------------------------------------------------------------- model (issue 3)
+
+
+@model_app.command("init")
+def model_init(
+    out: Path = typer.Argument(..., help="Model directory to write."),
+    preset: str = typer.Option("toy", "--preset", help="tiny, tiny-wan or toy (the real preset needs its weights: `model assemble`)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory."),
+):
+    """Write a randomly initialised DuetGen directory of an offline preset (a starting point, or for trying the tools)."""
+    from duetgen.models.presets import build, get_preset
+
+    try:
+        if get_preset(preset).tokenizer is None:
+            fail(f"--preset {preset!r}: its tokenizer comes with real weights; use `duetgen model assemble`")
+        path = build(preset, seed=seed).save_pretrained(out, overwrite=overwrite)
+    except (ValueError, FileExistsError) as e:
+        fail(str(e))
+    typer.echo(f"wrote {path}")
+
+
+@model_app.command("assemble")
+def model_assemble(
+    out: Path = typer.Argument(..., help="Model directory to write."),
+    mllm: Path = typer.Option(..., "--mllm", help="Local Qwen2.5-VL directory (e.g. Qwen2.5-VL-7B-Instruct)."),
+    dit: Path = typer.Option(..., "--dit", help="Local diffusers CosmosTransformer3DModel directory (a pipeline's transformer/)."),
+    vae: Path = typer.Option(..., "--vae", help="Local diffusers AutoencoderKLWan directory (a pipeline's vae/)."),
+    bf16: bool = typer.Option(True, "--bf16/--fp32", help="Store MLLM, connector and DiT in bfloat16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory."),
+):
+    """Assemble a DuetGen directory from local real weights: adds <BOV>, initialises the connector from the DiT."""
+    import torch
+
+    from duetgen.models.duetgen import DuetGen, ModelDirectoryError
+
+    try:
+        model = DuetGen.from_parts(mllm, dit, vae, dtype=torch.bfloat16 if bf16 else torch.float32)
+        path = model.save_pretrained(out, overwrite=overwrite)
+    except (ModelDirectoryError, ValueError, OSError) as e:
+        fail(str(e))
+    typer.echo(f"wrote {path} (preset {model.config.preset!r}, parameters {model.num_parameters()})")
+
+
+@model_app.command("check")
+def model_check(
+    path: Path = typer.Argument(..., help="DuetGen model directory."),
+    expect: Optional[str] = typer.Option(None, "--expect", help="Preset whose architecture the directory must have."),
+):
+    """Check a model directory from its configs and safetensors headers (no weights are read)."""
+    from duetgen.models.duetgen import ModelDirectoryError, preset_differences, read_directory
+
+    try:
+        parts = read_directory(path)
+        differences = preset_differences(parts, expect) if expect else []
+    except (ModelDirectoryError, ValueError, OSError) as e:
+        fail(str(e))
+    if differences:
+        fail(f"{path}: does not match preset {expect!r}: " + "; ".join(differences))
+    typer.echo(f"{path}: ok (preset {parts.settings.preset!r}, connector {parts.connector_shape[1]} -> "
+               f"{parts.connector_shape[0]}, vae {parts.vae['_class_name']})")
+
+
+# ----------------------------------------------------------------------------- generate + serve (issue 5)
+
+
+def _parse_image_size(value: Optional[str]) -> Optional[tuple[int, int]]:
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in value.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        fail(f"--image-size {value!r}: expected HEIGHTxWIDTH or one side, e.g. 64x64 or 64")
+    return parts[0], parts[1]
+
+
+def _load_pipeline(model: Optional[Path], device: str):
+    from duetgen.infer.pipeline import DEFAULT_MODEL_DIR, DuetGenPipeline
+    from duetgen.models.duetgen import ModelDirectoryError
+
+    if model is None:
+        if not (DEFAULT_MODEL_DIR / "duetgen.json").is_file():
+            fail(f"no --model given and no default checkpoint is shipped yet at {DEFAULT_MODEL_DIR} "
+                 "(train one: see docs/generation.md); pass --model DIR")
+        model = DEFAULT_MODEL_DIR
+    try:
+        return DuetGenPipeline.from_pretrained(model, device=device)
+    except (ModelDirectoryError, OSError) as e:
+        fail(f"--model {str(model)!r}: {e}")
+
+
+@app.command("generate")
+def generate(
+    prompt: str = typer.Argument(..., help="The user's request, e.g. \"How do I arrange a red circle at the top left and a blue square in the center?\""),
+    image: Optional[list[Path]] = typer.Option(None, "--image", help="Input image (repeatable), shown to the model before the prompt text."),
+    model: Optional[Path] = typer.Option(None, "--model", help="DuetGen model directory (default: the shipped ShapeWorld checkpoint)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: a one-record dataset, answer.html and answer.md."),
+    seed: int = typer.Option(0, "--seed", help="Seed of token sampling and image noise."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampler steps per image (default: the model's)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance scale w (1 = none; default: the model's)."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass in (0, 1]."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Sampled tokens (text and <BOV>)."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", min=0, help="Generated images at most."),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="HEIGHTxWIDTH of generated images (default: the model's)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier output in --out."),
+    quiet: bool = typer.Option(False, "--quiet", help="No live view; print only the output paths."),
+):
+    """Generate an interleaved answer (text streams in, a progress bar per image) and save it with an HTML page."""
+    from duetgen.infer.render import print_live, save_output
+
+    size = _parse_image_size(image_size)
+    out_has_files = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if out_has_files and not (overwrite and (out / "manifest.json").is_file()):
+        fail(f"--out {str(out)!r} exists and is not an earlier output to --overwrite; choose a new folder")
+    pipe = _load_pipeline(model, device)
+    settings = dict(seed=seed, num_steps=steps, guidance_scale=guidance, temperature=temperature, top_p=top_p,
+                    max_new_tokens=max_new_tokens, max_images=max_images, image_size=size)
+    try:
+        events = pipe.stream(prompt, images=list(image or []), **settings)
+        finished = print_live(events) if not quiet else [e for e in events][-1]
+    except ValueError as e:  # empty / over-long prompt, unreadable or oversize image, bad settings
+        fail(str(e))
+    paths = save_output(finished.record, out, overwrite=overwrite)
+    stats = finished.stats
+    if not quiet:
+        typer.secho(f"{stats['images']} image(s), {stats['new_tokens']} tokens, {finished.reason}, "
+                    f"{stats['total_s']:.2f} s", err=True)
+    typer.echo(f"dataset: {paths['dataset']}")
+    typer.echo(f"html:    {paths['html'].resolve()}")
+
+
+@train_app.command("eval-toy")
+def train_eval_toy(
+    model: Path = typer.Option(..., "--model", help="Trained DuetGen directory (stage-2 output, e.g. checkpoints/shapeworld-toy)."),
+    truth: Path = typer.Option(..., "--truth", help="ShapeWorld dataset with the prompts and truth (`duetgen data toyworld --split test`)."),
+    out: Path = typer.Option(..., "--out", help="Folder for pred/ (the answers), pred.html and report.json."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Answer only the first N records (scored on those)."),
+    steps: int = typer.Option(20, "--steps", min=1, help="Euler sampler steps per image."),
+    guidance: float = typer.Option(1.0, "--guidance", help="Guidance scale w (1 = none); the negative drops the final text chunk."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampler noise."),
+):
+    """Answer ShapeWorld prompts with the simple evaluation loop (greedy text, DiT on <BOV>) and score them with the exact judge."""
+    from duetgen.eval import toyworld_judge
+    from duetgen.train.toy_eval import evaluate_toy
+
+    if not (model / "duetgen.json").is_file():
+        fail(f"--model {str(model)!r}: not a DuetGen model directory (no duetgen.json)")
+    if not (truth / "manifest.json").is_file():
+        fail(f"--truth {str(truth)!r}: not a dataset directory (no manifest.json)")
+    report = evaluate_toy(model, truth, out, limit=limit, num_steps=steps, guidance_scale=guidance, seed=seed)
+    toyworld_judge.print_report(report)
+    typer.echo(f"answered {report['run']['records']} prompts in {report['run']['seconds']:.0f} s; wrote {out / 'report.json'}")
+
+
+@app.command("serve")
+def serve(
+    model: Optional[Path] = typer.Option(None, "--model", help="DuetGen model directory (default: the shipped ShapeWorld checkpoint)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; 127.0.0.1 keeps the server local."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
+    queue_size: int = typer.Option(4, "--queue-size", min=0, help="Requests that may wait while one generates; more get 429."),
+    timeout: float = typer.Option(300.0, "--timeout", min=1.0, help="Seconds a request may wait + generate."),
+    max_upload_mb: float = typer.Option(16.0, "--max-upload-mb", min=0.1, help="Request body cap (JSON with base64 images)."),
+    max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels", min=1, help="Pixel cap of one uploaded image."),
+    max_prompt_chars: int = typer.Option(4000, "--max-prompt-chars", min=1, help="Text cap of one request."),
+):
+    """Serve a chat page and an HTTP API (JSON + server-sent events, OpenAPI at /openapi.json); one generation at a time."""
+    from duetgen.serve.server import ServeLimits
+    from duetgen.serve.server import serve as run_server
+
+    pipe = _load_pipeline(model, device)
+    limits = ServeLimits(max_body_bytes=int(max_upload_mb * (1 << 20)), max_image_pixels=max_image_pixels,
+                         max_prompt_chars=max_prompt_chars, queue_size=queue_size, request_timeout_s=timeout)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.secho(f"warning: binding {host}: the server has no authentication", fg=typer.colors.YELLOW, err=True)
+    typer.secho(f"chat page: http://{host}:{port}/   API: http://{host}:{port}/openapi.json", err=True)
+    run_server(pipe, host=host, port=port, limits=limits)
 
 
 # ----------------------------------------------------------------------------- demo

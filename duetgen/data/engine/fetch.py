@@ -1,0 +1,214 @@
+"""Fetch a remote image safely: SSRF guard, size / time / pixel caps, content checks.
+
+Page HTML is untrusted: an ``<img src>`` may point at ``file://``, at the cloud metadata service,
+at a router on the LAN, or redirect there; it may be 2 GB, never end, or be a decompression bomb.
+
+Design choices:
+- http and https only. The host is resolved once with ``getaddrinfo``; EVERY resolved address must
+  be public (``ipaddress.is_global``, not multicast; IPv4-mapped / 6to4 / Teredo IPv6 forms are
+  unwrapped first), else the fetch is refused. The socket then connects to the address that was
+  checked (``http.client`` with its connect pinned), so a second DNS answer (rebinding) is never
+  used. TLS still verifies the certificate against the host name (SNI = host name).
+- Redirects are followed by hand (at most ``max_redirects``) and each hop goes through the same
+  scheme, resolution and address checks.
+- ``allow_private=True`` lifts the address check for loopback/LAN; ``allow_networks`` lifts it for
+  named CIDRs only (a local mirror, the tests' 127.0.0.0/8). The cloud metadata addresses stay
+  refused even then.
+- Caps: the body is streamed and cut at ``max_bytes``; one deadline covers all hops; the
+  Content-Type must be a raster image type we store (SVG is refused: it can carry script); the
+  bytes must sniff as PNG/JPEG/WebP/GIF too (a header can lie); the pixel count is read from the
+  image header and checked BEFORE any decode.
+- Failures raise ``FetchError(reason, detail)``; the stage turns them into image drops.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import ipaddress
+import socket
+import ssl
+import time
+import warnings
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+METADATA_ADDRESSES = {
+    ipaddress.ip_address("169.254.169.254"),  # AWS, GCP, Azure, OpenStack
+    ipaddress.ip_address("169.254.170.2"),  # AWS ECS task metadata
+    ipaddress.ip_address("100.100.100.200"),  # Alibaba Cloud
+    ipaddress.ip_address("fd00:ec2::254"),  # AWS IPv6
+}
+ALLOWED_CONTENT_TYPES = {"image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/gif"}
+ALLOWED_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "GIF"}
+
+
+@dataclass
+class FetchConfig:
+    allow_private: bool = False  # True: any loopback / private address may be fetched
+    allow_networks: tuple[str, ...] = ()  # CIDRs allowed although not public, e.g. ("127.0.0.0/8",) for a local mirror
+    timeout_s: float = 15.0  # one deadline for the whole fetch, all redirects included
+    max_bytes: int = 15_000_000  # body cap, enforced while streaming
+    max_pixels: int = 40_000_000  # header width*height cap, checked before decoding
+    max_redirects: int = 5
+    user_agent: str = "duetgen-data-engine/0.1 (+interleaved instruction data)"
+
+
+class FetchError(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def check_address(ip_str: str, allow_private: bool, allow_networks: tuple[str, ...] = ()) -> None:
+    """Raise FetchError('blocked_address') unless ``ip_str`` may be contacted."""
+    ip = ipaddress.ip_address(ip_str.split("%", 1)[0])  # drop an IPv6 zone id
+    if ip.version == 6:  # unwrap IPv4 embedded in IPv6 forms
+        inner = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if inner is not None:
+            ip = inner
+    if ip in METADATA_ADDRESSES:
+        raise FetchError("blocked_address", f"{ip} is a cloud metadata address")
+    if ip.is_multicast or ip.is_unspecified:
+        raise FetchError("blocked_address", f"{ip} is a multicast/unspecified address")
+    if allow_private or any(ip in ipaddress.ip_network(n, strict=False) for n in allow_networks):
+        return
+    if not ip.is_global or ip.is_reserved:
+        kind = next((k for k in ("loopback", "link_local", "private", "reserved") if getattr(ip, f"is_{k}")), "non-global")
+        raise FetchError("blocked_address", f"{ip} is a {kind} address")
+
+
+def resolve_checked(host: str, port: int, allow_private: bool, allow_networks: tuple[str, ...] = ()) -> str:
+    """Resolve ``host`` and check every address it resolves to; return the one to connect to."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise FetchError("dns_error", f"cannot resolve {host!r}: {e}") from None
+    addrs = sorted({info[4][0] for info in infos}, key=lambda a: (":" in a, a))  # IPv4 first
+    if not addrs:
+        raise FetchError("dns_error", f"{host!r} resolves to no address")
+    for a in addrs:  # all of them: a mixed answer is how DNS rebinding slips a private one in
+        check_address(a, allow_private, allow_networks)
+    return addrs[0]
+
+
+def _connection(scheme: str, host: str, port: int, ip: str, timeout: float) -> http.client.HTTPConnection:
+    def pinned_connect(address, timeout=timeout, source_address=None):
+        # A raw socket to the literal address: no getaddrinfo at all on this path.
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect((ip, address[1]))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    if scheme == "https":
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    conn._create_connection = pinned_connect  # connect to the checked address, never a re-resolution
+    return conn
+
+
+class ImageFetcher:
+    def __init__(self, cfg: FetchConfig):
+        self.cfg = cfg
+
+    def fetch(self, url: str) -> tuple[bytes, "object"]:
+        """(encoded bytes, decoded RGB PIL image) of the image at ``url``. Raises FetchError."""
+        deadline = time.monotonic() + self.cfg.timeout_s
+        for _ in range(self.cfg.max_redirects + 1):
+            status, headers, body_or_location = self._get_once(url, deadline)
+            if status in (301, 302, 303, 307, 308):
+                if not body_or_location:
+                    raise FetchError("http_error", f"HTTP {status} redirect without Location from {url}")
+                url = urljoin(url, body_or_location)
+                continue
+            return self._decode(body_or_location, headers, url)
+        raise FetchError("too_many_redirects", f"more than {self.cfg.max_redirects} redirects")
+
+    def _get_once(self, url: str, deadline: float):
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as e:
+            raise FetchError("bad_url", f"{url[:200]!r}: {e}") from None
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise FetchError("unsupported_scheme", f"{scheme or 'no'} scheme in {url[:120]!r} (only http/https)")
+        host = parts.hostname
+        if not host:
+            raise FetchError("bad_url", f"no host in {url[:200]!r}")
+        port = port or (443 if scheme == "https" else 80)
+        ip = resolve_checked(host, port, self.cfg.allow_private, tuple(self.cfg.allow_networks))
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise FetchError("timeout", f"deadline of {self.cfg.timeout_s}s passed")
+        conn = _connection(scheme, host, port, ip, timeout=remaining)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        try:
+            conn.request("GET", path, headers={"User-Agent": self.cfg.user_agent, "Accept": "image/*",
+                                               "Accept-Encoding": "identity"})
+            resp = conn.getresponse()
+            if resp.status in (301, 302, 303, 307, 308):
+                return resp.status, resp.headers, resp.headers.get("Location")
+            if resp.status != 200:
+                raise FetchError("http_error", f"HTTP {resp.status} for {url[:200]}")
+            ctype = (resp.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if ctype not in ALLOWED_CONTENT_TYPES:
+                raise FetchError("bad_content_type", f"Content-Type {ctype or 'missing'!r} is not a raster image")
+            declared = resp.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > self.cfg.max_bytes:
+                raise FetchError("too_large", f"Content-Length {int(declared):,} > cap {self.cfg.max_bytes:,}")
+            chunks, total = [], 0
+            while True:
+                if time.monotonic() > deadline:
+                    raise FetchError("timeout", f"body not received within {self.cfg.timeout_s}s")
+                chunk = resp.read(65536)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > self.cfg.max_bytes:
+                    raise FetchError("too_large", f"body exceeds cap {self.cfg.max_bytes:,} bytes")
+                chunks.append(chunk)
+            return 200, resp.headers, b"".join(chunks)
+        except FetchError:
+            raise
+        except (socket.timeout, TimeoutError) as e:
+            raise FetchError("timeout", f"{url[:200]}: {e}") from None
+        except ssl.SSLError as e:
+            raise FetchError("tls_error", f"{url[:200]}: {e}") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise FetchError("connect_error", f"{url[:200]}: {type(e).__name__}: {e}") from None
+        finally:
+            conn.close()
+
+    def _decode(self, data: bytes, headers, url: str):
+        from PIL import Image
+
+        from duetgen.data.record import to_rgb
+
+        try:
+            with warnings.catch_warnings():  # our own pixel cap is checked just below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:  # PIL's own cap fired while reading the header
+            raise FetchError("too_many_pixels", str(e)) from None
+        except Exception as e:  # PIL raises many kinds on junk
+            raise FetchError("corrupt_image", f"not a readable image ({type(e).__name__})") from None
+        if im.format not in ALLOWED_FORMATS:
+            raise FetchError("unsupported_format", f"{im.format} (allowed: PNG, JPEG, WebP, GIF)")
+        w, h = im.size
+        if w * h > self.cfg.max_pixels:  # from the header: nothing decoded yet
+            raise FetchError("too_many_pixels", f"{w}x{h} = {w * h:,} pixels > cap {self.cfg.max_pixels:,}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im.load()
+            rgb = to_rgb(im)
+        except Exception as e:
+            raise FetchError("corrupt_image", f"decode failed ({type(e).__name__}: {e})") from None
+        return data, rgb

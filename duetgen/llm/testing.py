@@ -1,0 +1,166 @@
+"""A local OpenAI-compatible chat server for tests and benchmarks (a double for paid APIs).
+
+It is a real HTTP server on 127.0.0.1 (stdlib ``ThreadingHTTPServer`` in a daemon thread), so the
+client under test goes through real sockets, real JSON and real status codes.
+
+Design choices:
+- Answers come from a ``responder(body) -> str | dict`` function the test supplies (default: echo
+  the last user text), so answers are deterministic and can depend on the prompt.
+- Faults are a FIFO the test fills with ``inject("429", "500", "timeout", "malformed_body",
+  "drop")``; each request takes the next one, so "fail twice then succeed" is two entries.
+- It measures what the tests assert on: request count, the bodies received, and the maximum
+  number of requests in flight at once (the client's concurrency bound).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+
+def echo_responder(body: dict) -> str:
+    """Reply with the last user message's text parts."""
+    last = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
+    if isinstance(last, str):
+        return f"echo: {last}"
+    return "echo: " + " ".join(p["text"] for p in last if p.get("type") == "text")
+
+
+class FakeOpenAIServer:
+    def __init__(self, responder: Callable[[dict], Any] = echo_responder, latency_s: float = 0.0,
+                 timeout_sleep_s: float = 3.0, retry_after: str = "0"):
+        self.responder = responder
+        self.latency_s = latency_s  # added to every request (the benchmark's 200 ms)
+        self.timeout_sleep_s = timeout_sleep_s  # how long a "timeout" fault stalls before answering
+        self.retry_after = retry_after  # the Retry-After header a "429" fault sends
+        self.faults: deque[str] = deque()
+        self.bodies: list[dict] = []
+        self.requests = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
+        self._httpd: ThreadingHTTPServer | None = None
+
+    # ----------------------------------------------------------------------------- control
+    def inject(self, *faults: str) -> None:
+        for f in faults:
+            if f not in ("429", "500", "503", "timeout", "malformed_body", "drop", "400"):
+                raise ValueError(f"unknown fault {f!r}")
+            self.faults.append(f)
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self.bodies.clear()
+            self.requests = self.max_in_flight = 0
+
+    @property
+    def url(self) -> str:
+        assert self._httpd is not None, "server not started"
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def start(self) -> "FakeOpenAIServer":
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                # Headers and body go out as two writes; with Nagle on, the second waits for the
+                # client's delayed ACK (~40 ms per request, measured). Real servers set this too.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):
+                n = int(self.headers.get("content-length") or 0)
+                raw = self.rfile.read(n)
+                with server._lock:
+                    server.requests += 1
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    fault = server.faults.popleft() if server.faults else None
+                try:
+                    self._answer(raw, fault)
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
+
+            def _answer(self, raw: bytes, fault: str | None):
+                if server.latency_s:
+                    time.sleep(server.latency_s)
+                if self.path.rstrip("/") != "/v1/chat/completions":
+                    return self._send(404, {"error": f"no route {self.path}"})
+                if fault == "timeout":
+                    time.sleep(server.timeout_sleep_s)
+                    return self._send(500, {"error": "stalled"})
+                if fault == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if fault == "429":
+                    return self._send(429, {"error": "rate limited"}, {"Retry-After": server.retry_after})
+                if fault in ("500", "503", "400"):
+                    return self._send(int(fault), {"error": f"injected {fault}"})
+                try:
+                    body = json.loads(raw)
+                except json.JSONDecodeError:
+                    return self._send(400, {"error": "body is not JSON"})
+                with server._lock:
+                    server.bodies.append(body)
+                if fault == "malformed_body":
+                    return self._send_raw(200, b'{"choices": [ {"mess')
+                reply = server.responder(body)
+                if isinstance(reply, str):
+                    reply = {"content": reply}
+                content = reply["content"]
+                prompt_words = len(json.dumps(body["messages"]).split())
+                self._send(200, {
+                    "id": "chatcmpl-fake", "object": "chat.completion", "model": body.get("model"),
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                 "finish_reason": reply.get("finish_reason", "stop")}],
+                    "usage": {"prompt_tokens": prompt_words, "completion_tokens": len(str(content).split()),
+                              "total_tokens": prompt_words + len(str(content).split())},
+                })
+
+            def _send(self, code: int, obj: dict, headers: dict | None = None):
+                self._send_raw(code, json.dumps(obj).encode(), headers)
+
+            def _send_raw(self, code: int, data: bytes, headers: dict | None = None):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
+                    pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            block_on_close = False
+            request_queue_size = 128
+
+        self._httpd = Server(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._httpd.serve_forever, daemon=True, name="fake-openai").start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> "FakeOpenAIServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,64 @@
+"""Data engine: image rules (size, aspect, uniform, QR, icon, logo, ad) and pHash near-duplicates."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "engine"))
+import howto_site as site  # noqa: E402
+
+from duetgen.data.engine.images import ImageRuleConfig, hamming, image_rule, phash  # noqa: E402
+
+CFG = ImageRuleConfig()
+
+
+def im(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def verdict(data, hints=""):
+    v = image_rule(im(data), hints, CFG)
+    return v and v[0]
+
+
+def test_step_photos_pass_every_rule():
+    for seed in range(1, 13):
+        assert verdict(site.photo(seed), f"step{seed}.jpg photo of step {seed}") is None
+
+
+def test_each_rule_fires_with_its_reason():
+    assert verdict(site.icon(), "icon-print.png") == "icon"
+    assert verdict(site.icon(), "print.png") == "too_small"
+    assert verdict(site.banner_ad(), "sale-728x90.png summer sale") == "banner_ad"  # IAB 728x90
+    assert verdict(site.photo(3, 600, 150), "divider.jpg") == "extreme_aspect"
+    assert verdict(site.photo(3, 400, 300), "/ads/creative.jpg") == "banner_ad"
+    assert verdict(site.logo(), "site-logo.png") == "logo"
+    assert verdict(site.photo(42, 300, 300), "avatar author") == "icon"
+    assert verdict(site.spacer(), "spacer.png") == "near_uniform"
+    assert verdict(site.qr_code(), "get-app.png") == "qr_code"  # no hint words: the detector finds it
+    # words inside other words do not fire: "add", "head", "shadow"
+    assert verdict(site.photo(8), "add-water head shadow.jpg") is None
+
+
+def test_qr_code_detected_inside_a_larger_photo():
+    base = im(site.photo(6, 640, 480))
+    qr = im(site.qr_code()).resize((200, 200), Image.Resampling.NEAREST)
+    base.paste(qr, (400, 240))
+    buf = io.BytesIO()
+    base.save(buf, format="PNG")
+    assert verdict(buf.getvalue(), "poster.png") == "qr_code"
+
+
+def test_phash_near_duplicate_vs_distinct():
+    a, a2 = im(site.photo(2)), im(site.near_duplicate(2))
+    assert hamming(phash(a), phash(a2)) <= 8  # resized + re-encoded copy
+    distances = [hamming(phash(im(site.photo(i))), phash(im(site.photo(j)))) for i in range(1, 9) for j in range(i + 1, 9)]
+    assert min(distances) > 8, distances  # different step photos stay apart
+    assert phash(a) == phash(a.copy()) and 0 <= phash(a) < 2**64
+    flipped = Image.fromarray(np.asarray(a)[:, ::-1])
+    assert hamming(phash(a), phash(flipped)) > 8

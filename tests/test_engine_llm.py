@@ -1,0 +1,132 @@
+"""Data engine with an LLM: captions, rewrite, reorder and dialogue against the local fake server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "engine"))
+from engine_llm import EngineResponder  # noqa: E402
+from howto_site import PAGES_DIR, Site, photo  # noqa: E402
+
+from duetgen.data.engine import EngineConfig, run_engine  # noqa: E402
+from duetgen.data.engine.fetch import FetchConfig  # noqa: E402
+from duetgen.data.record import Dataset, ImagePart, TextPart  # noqa: E402
+from duetgen.llm.testing import FakeOpenAIServer  # noqa: E402
+
+PAGES = ("bathe-a-cat.html", "repot-a-plant.html", "text-only.html")
+
+
+@pytest.fixture(scope="module")
+def site():
+    with Site() as s:
+        yield s
+
+
+@pytest.fixture
+def llm():
+    responder = EngineResponder()
+    with FakeOpenAIServer(responder) as server:
+        server.responder_obj = responder
+        yield server
+
+
+def pages_jsonl(tmp_path: Path, site: Site, names=PAGES) -> Path:
+    p = tmp_path / "pages.jsonl"
+    p.write_text("".join(json.dumps({"url": site.page_url(n), "html": (PAGES_DIR / n).read_text()}) + "\n" for n in names))
+    return p
+
+
+def config(llm, **kw) -> EngineConfig:
+    return EngineConfig(fetch=FetchConfig(allow_networks=("127.0.0.0/8",), timeout_s=3.0), shard_pages=2,
+                        llm_url=llm.url, llm_model="fake-vl", **kw)
+
+
+def stage(funnel, name):
+    return next(s for s in funnel["stages"] if s["name"] == name)
+
+
+def test_llm_mode_builds_dialogues_with_captions_and_rewrites(site, llm, tmp_path):
+    inp = pages_jsonl(tmp_path, site)
+    out = tmp_path / "ds"
+    cache = tmp_path / "cache.sqlite"
+    funnel = run_engine(inp, out, config(llm, llm_cache=str(cache)), progress=False)
+    names = [s["name"] for s in funnel["stages"]]
+    assert names == ["extract", "page_filter", "fetch_images", "image_rules", "caption_images", "dedup_images",
+                     "require_images", "clean_text", "rewrite_text", "reorder", "dialogue", "write"]
+    recs = {r.meta["title"]: r for r in Dataset(out)}
+    assert sorted(recs) == ["How to Bathe a Cat", "Repot a Houseplant"]
+
+    cat = recs["How to Bathe a Cat"]
+    assert cat.messages[0].content == [TextPart("Can you show me: How to Bathe a Cat?")]
+    answer = cat.messages[1].content
+    assert answer[0] == TextPart("Here is how, step by step.")
+    ds = Dataset(out)
+    assert [ds.read_image_bytes(p.image, cat.id) for p in answer if isinstance(p, ImagePart)] == [photo(i) for i in range(1, 7)]
+    assert cat.meta["engine"]["dialogue"] == "llm" and cat.meta["engine"]["model"] == "fake-vl"
+    assert all(im["category"] == "natural_photo" and im["caption"].startswith("A photo illustrating") for im in cat.meta["images"])
+    assert set(cat.meta["prompts"]) == {"caption_image", "rewrite_text", "reorder", "build_dialogue"}
+    assert cat.meta["prompts"]["build_dialogue"].startswith("build_dialogue@1:")
+
+    # the MLLM judged the author's portrait irrelevant (rules alone keep it)
+    assert stage(funnel, "caption_images")["image_drops"] == {"irrelevant": 1}
+    assert len(recs["Repot a Houseplant"].image_parts()) == 4
+
+    # requests really carried the images as data URLs, and the rewritten text reached the dialogue prompt
+    captions = [b for b in llm.bodies if b["messages"][0]["content"].startswith("You label images")]
+    sent = [b["messages"][1]["content"][1]["image_url"]["url"] for b in captions]
+    assert all(u.startswith("data:image/jpeg;base64,") for u in sent)
+    assert base64.b64encode(photo(1)).decode() in {u.split(",", 1)[1] for u in sent}  # the fetched bytes, as they were
+    dialogues = [b for b in llm.bodies if b["messages"][0]["content"].startswith("You turn cleaned")]
+    assert any("(edited)" in p.get("text", "") for b in dialogues for p in b["messages"][1]["content"])
+    assert dialogues[0]["response_format"]["type"] == "json_schema"
+
+    seen = llm.responder_obj.seen
+    n_images_captioned = stage(funnel, "caption_images")["images_in"]
+    assert seen == {"caption": n_images_captioned, "rewrite": 2, "reorder": 2, "dialogue": 2}
+    assert funnel["llm"]["requests"] == sum(seen.values()) and funnel["llm"]["cached"] == 0
+    assert funnel["llm"]["prompt_tokens"] > 0 and funnel["llm"]["completion_tokens"] > 0
+
+    # a rerun into a new output with the same cache costs nothing and gives the same records
+    before = llm.requests
+    funnel2 = run_engine(inp, tmp_path / "ds2", config(llm, llm_cache=str(cache)), progress=False)
+    assert llm.requests == before and funnel2["llm"]["cached"] == funnel2["llm"]["requests"] == funnel["llm"]["requests"]
+    assert [r.to_json() for r in Dataset(tmp_path / "ds2")] == [r.to_json() for r in Dataset(out)]
+    assert "LLM" in (out / "funnel.html").read_text() and "cached" in (out / "funnel.html").read_text()
+
+
+@pytest.mark.parametrize("mode,reason", [("lose_numbers", "llm_lost_facts"), ("wrong_count", "llm_bad_reply"),
+                                         ("not_json", "llm_invalid_json")])
+def test_bad_rewrites_drop_the_page_with_a_reason(site, llm, tmp_path, mode, reason):
+    llm.responder_obj.rewrite_mode = mode
+    funnel = run_engine(pages_jsonl(tmp_path, site, ["bathe-a-cat.html"]), tmp_path / "ds", config(llm), progress=False)
+    assert stage(funnel, "rewrite_text")["page_drops"] == {reason: 1}
+    assert funnel["summary"]["records_out"] == 0
+
+
+def test_bad_order_and_user_image(site, llm, tmp_path):
+    llm.responder_obj.reorder_mode = "bad"
+    funnel = run_engine(pages_jsonl(tmp_path, site, ["bathe-a-cat.html"]), tmp_path / "a", config(llm), progress=False)
+    assert stage(funnel, "reorder")["page_drops"] == {"llm_bad_reply": 1}
+    llm.responder_obj.reorder_mode = "identity"
+    llm.responder_obj.dialogue_user_image = True
+    run_engine(pages_jsonl(tmp_path, site, ["bathe-a-cat.html"]), tmp_path / "b", config(llm), progress=False)
+    rec = next(iter(Dataset(tmp_path / "b")))
+    assert len(rec.messages[0].images) == 1 and len(rec.messages[1].images) == 5  # image 0 moved to the user turn
+
+
+def test_api_errors_drop_items_and_the_run_goes_on(site, llm, tmp_path):
+    llm.inject(*["500"] * 3)  # the first three caption requests fail (no retries configured)
+    funnel = run_engine(pages_jsonl(tmp_path, site, ["bathe-a-cat.html"]), tmp_path / "ds",
+                        config(llm, llm_max_retries=0, llm_concurrency=1), progress=False)
+    cap = stage(funnel, "caption_images")
+    assert cap["image_drops"] == {"llm_api_error": 3} and cap["llm"]["errors"] == 3
+    assert funnel["summary"]["records_out"] == 1
+    ds = Dataset(tmp_path / "ds")
+    rec = next(iter(ds))
+    # captions run before dedup, in page order: step1, step2 and its near-duplicate lost their captions
+    assert [ds.read_image_bytes(p.image, rec.id) for p in rec.image_parts()] == [photo(i) for i in (3, 4, 5, 6)]

@@ -1,0 +1,271 @@
+"""Data engine end to end without an LLM: fixture pages over real HTTP -> dataset + funnel; resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "engine"))
+from howto_site import PAGES_DIR, Site, photo  # noqa: E402
+
+from duetgen.data.engine import EngineConfig, EngineError, LocalExecutor, run_engine  # noqa: E402
+from duetgen.data.engine import runner as runner_mod  # noqa: E402
+from duetgen.data.engine.fetch import FetchConfig  # noqa: E402
+from duetgen.data.record import Dataset, ImagePart, TextPart  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+LOOPBACK = ("127.0.0.0/8",)
+
+
+@pytest.fixture(scope="module")
+def site():
+    with Site(slow_s=5.0) as s:
+        yield s
+
+
+def config(**kw) -> EngineConfig:
+    kw.setdefault("shard_pages", 2)
+    # 2 s per image is far above a loopback fetch, and the slow endpoint (5 s) still times out.
+    return EngineConfig(fetch=FetchConfig(allow_networks=LOOPBACK, timeout_s=2.0, max_bytes=5_000_000), **kw)
+
+
+def write_jsonl(path: Path, site: Site, extra_lines=()) -> Path:
+    with open(path, "w") as f:
+        for p in sorted(PAGES_DIR.glob("*.html")):
+            if "cp1252" not in p.name:
+                f.write(json.dumps({"url": site.page_url(p.name), "html": p.read_text()}) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+    return path
+
+
+def records_by_title(out: Path) -> dict:
+    return {r.meta["title"]: r for r in Dataset(out)}
+
+
+def stage(funnel: dict, name: str) -> dict:
+    return next(s for s in funnel["stages"] if s["name"] == name)
+
+
+def all_drops(funnel: dict, kind: str) -> dict:
+    out: dict = {}
+    for s in funnel["stages"]:
+        for k, v in s[kind].items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def test_rules_only_run_builds_clean_records_and_a_funnel(site, tmp_path):
+    deep = "<html><body>" + "<div>" * 5000 + "<img src='/img/step1.jpg'>" + "</div>" * 5000 + "</body></html>"
+    huge = "<html><body><p>" + "a" * (50 * 1024 * 1024) + "</p></body></html>"  # a 50 MB page
+    hostile_pages = [json.dumps({"url": site.page_url("deep.html"), "html": deep}),
+                     json.dumps({"url": site.page_url("huge.html"), "html": huge})]
+    inp = write_jsonl(tmp_path / "pages.jsonl", site, ["{not json", '["a list"]', "", *hostile_pages])
+    out = tmp_path / "ds"
+    funnel = run_engine(inp, out, config(), progress=False)
+
+    recs = records_by_title(out)
+    assert sorted(recs) == ["How to Bathe a Cat", "How to Clean a Cast Iron Pan", "Repot a Houseplant"]
+
+    # --- the wikiHow-like page: question from the title, each step photo after its step text
+    cat = recs["How to Bathe a Cat"]
+    assert [m.role for m in cat.messages] == ["user", "assistant"]
+    assert cat.messages[0].content == [TextPart("How do I bathe a cat?")]
+    parts = cat.messages[1].content
+    images = [p for p in parts if isinstance(p, ImagePart)]
+    ds = Dataset(out)
+    got = [ds.read_image_bytes(p.image, cat.id) for p in images]
+    assert got == [photo(i) for i in (1, 2, 3, 4, 5, 6)]  # ad, near-duplicate, QR code, spacer gone
+    for i, p in enumerate(parts):
+        if isinstance(p, ImagePart):
+            assert isinstance(parts[i - 1], TextPart)  # every image follows text
+    text = "\n".join(p.text for p in parts if isinstance(p, TextPart))
+    first_image_at = next(i for i, p in enumerate(parts) if isinstance(p, ImagePart))
+    assert "Step 1: Trim your cat's claws" in parts[first_image_at - 1].text  # moved after its text
+    assert "Step 2: Gather the supplies" in text and "Step 7: Wrap your cat" in text
+    for junk in ("http", "www.", "Advertisement", "Was this article helpful", "©", "!!!", "Share on", "Visit"):
+        assert junk not in text, junk
+    assert cat.meta["url"] == site.page_url("bathe-a-cat.html") and cat.meta["engine"]["dialogue"] == "template"
+
+    # --- hostile page: every bad image dropped with its reason, the page itself survives
+    pan = recs["How to Clean a Cast Iron Pan"]
+    pan_imgs = [ds.read_image_bytes(p.image, pan.id) for p in pan.image_parts()]
+    assert pan_imgs == [photo(1), photo(12)]
+
+    # --- funnel: counts chain from stage to stage, every drop has its reason
+    names = [s["name"] for s in funnel["stages"]]
+    assert names == ["extract", "page_filter", "fetch_images", "image_rules", "dedup_images", "require_images",
+                     "clean_text", "reorder", "dialogue", "write"]
+    for a, b in zip(funnel["stages"], funnel["stages"][1:]):
+        assert a["pages_out"] == b["pages_in"], (a["name"], b["name"])
+        assert a["images_out"] == b["images_in"], (a["name"], b["name"])
+    for s in funnel["stages"]:
+        assert s["pages_in"] - s["pages_out"] == sum(s["page_drops"].values()), s["name"]
+    assert stage(funnel, "extract")["pages_in"] == 9  # 5 pages + 2 malformed lines + 2 hostile pages (blank line skipped)
+    assert all_drops(funnel, "page_drops") == {"bad_input": 2, "text_only": 1, "too_short": 1,
+                                               "too_deeply_nested": 1, "page_too_large": 1}
+    image_drops = all_drops(funnel, "image_drops")
+    assert image_drops == {
+        "unsupported_scheme": 3,  # file:, data:, javascript:
+        "blocked_address": 3,  # metadata address, redirect to 10.x, redirect to metadata
+        "too_many_pixels": 1, "corrupt_image": 2, "bad_content_type": 1, "too_large": 1, "timeout": 1,
+        "too_many_redirects": 1, "http_error": 2,  # missing-photo.jpg, relative-but-fine.jpg (404)
+        "banner_ad": 1, "qr_code": 1, "near_uniform": 2, "near_duplicate": 1,
+    }, image_drops
+    assert funnel["summary"]["records_out"] == 3 and funnel["llm"] == {}
+    html = (out / "funnel.html").read_text()
+    assert "near_duplicate" in html and "bad_input" in html and "<script" not in html
+    assert json.loads((out / "funnel.json").read_text()) == funnel
+    ex = stage(funnel, "image_rules")["examples"]["image:qr_code"][0]
+    assert ex["src"] == "/img/get-app-qr.png" and ex["thumb"].startswith("data:image/jpeg;base64,")
+
+    # a second run of the same command is a no-op that reports the same funnel
+    again = run_engine(inp, out, config(), progress=False)
+    assert again["summary"]["shards_run_now"] == 0 and again["stages"] == funnel["stages"]
+    assert len(Dataset(out)) == 3
+
+
+def test_duplicate_url_is_written_once(site, tmp_path):
+    line = json.dumps({"url": site.page_url("repot-a-plant.html"), "html": (PAGES_DIR / "repot-a-plant.html").read_text()})
+    inp = tmp_path / "pages.jsonl"
+    inp.write_text("\n".join([line, line, line]) + "\n")
+    funnel = run_engine(inp, tmp_path / "ds", config(shard_pages=2), progress=False)
+    assert len(Dataset(tmp_path / "ds")) == 1
+    assert stage(funnel, "write")["page_drops"] == {"duplicate_id": 2}
+
+
+def test_directory_input_with_legacy_encoding_and_base_href(site, tmp_path):
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    for name in ("creme-brulee-cp1252.html", "bathe-a-cat.html"):
+        raw = (PAGES_DIR / name).read_bytes()
+        raw = raw.replace(b"<head>", f'<head><base href="{site.url}/pages/">'.encode(), 1)
+        (pages / name).write_bytes(raw)
+    (pages / "notes.txt").write_text("not a page")
+    out = tmp_path / "ds"
+    funnel = run_engine(pages, out, config(), progress=False)
+    recs = records_by_title(out)
+    assert sorted(recs) == ["How to Bathe a Cat", "How to Make Crème Brûlée"]
+    creme = recs["How to Make Crème Brûlée"]
+    assert creme.messages[0].content[0].text == "How do I make crème brûlée?"
+    body = creme.messages[1].text
+    assert "It’s easier than it looks – you need 4 egg yolks" in body and "80°C" in body
+    assert creme.meta["encoding"] == "cp1252" and creme.meta["engine"]["input"] == "creme-brulee-cp1252.html"
+    assert len(creme.image_parts()) == 3 and funnel["summary"]["pages_in"] == 2
+
+
+def test_relative_images_without_base_url_are_dropped_not_read_from_disk(tmp_path):
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    (pages / "secret.jpg").write_bytes(photo(1))  # next to the page: must never be read
+    body = "<p>" + "Plenty of instructions here. " * 20 + "</p>"
+    (pages / "p.html").write_text(f"<html><body><article><h1>Do a Thing</h1><img src='secret.jpg'>{body}</article></body></html>")
+    out = tmp_path / "ds"
+    funnel = run_engine(pages, out, config(), progress=False)
+    assert all_drops(funnel, "image_drops") == {"unresolvable_url": 1}
+    assert all_drops(funnel, "page_drops") == {"no_images_left": 1}
+    assert funnel["summary"]["records_out"] == 0
+
+
+def test_restart_with_other_input_or_config_is_refused(site, tmp_path):
+    inp = write_jsonl(tmp_path / "pages.jsonl", site)
+    out = tmp_path / "ds"
+    run_engine(inp, out, config(), progress=False)
+    with pytest.raises(EngineError, match="different input or config"):
+        run_engine(inp, out, config(shard_pages=3), progress=False)
+    with open(inp, "a") as f:
+        f.write(json.dumps({"url": "https://x.example/a", "html": "<p>x</p>"}) + "\n")
+    with pytest.raises(EngineError, match="different input or config"):
+        run_engine(inp, out, config(), progress=False)
+    with pytest.raises(EngineError, match="does not exist"):
+        run_engine(tmp_path / "nope.jsonl", tmp_path / "ds2", config(), progress=False)
+
+
+def test_crash_between_commit_and_marker_neither_loses_nor_duplicates(site, tmp_path, monkeypatch):
+    inp = write_jsonl(tmp_path / "pages.jsonl", site)
+    out = tmp_path / "ds"
+    real_replace = os.replace
+
+    def crash_on_second_marker(src, dst):
+        if str(dst).endswith("done/shard-00001.json"):
+            raise KeyboardInterrupt("simulated kill right after the dataset commit of shard 1")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(runner_mod.os, "replace", crash_on_second_marker)
+    with pytest.raises(KeyboardInterrupt):
+        run_engine(inp, out, config(), progress=False)
+    monkeypatch.setattr(runner_mod.os, "replace", real_replace)
+    assert (out / "_engine" / "pending" / "shard-00001.json").exists()
+    n_before = len(Dataset(out))
+    funnel = run_engine(inp, out, config(), progress=False)
+    ids = [r.id for r in Dataset(out)]
+    assert len(ids) == len(set(ids)) == 3 and n_before >= 1
+    assert stage(funnel, "extract")["pages_in"] == 5  # shard 1's counters were kept, not recounted or lost
+
+
+def test_two_workers_write_the_same_records_as_one(site, tmp_path):
+    inp = write_jsonl(tmp_path / "pages.jsonl", site)
+    run_engine(inp, tmp_path / "a", config(shard_pages=1), LocalExecutor(1), progress=False)
+    run_engine(inp, tmp_path / "b", config(shard_pages=1), LocalExecutor(2), progress=False)
+    a = [r.to_json() for r in Dataset(tmp_path / "a")]
+    b = [r.to_json() for r in Dataset(tmp_path / "b")]
+    assert a == b and len(a) == 3
+
+
+def _clean_run_ids(inp: Path, out: Path) -> list:
+    run_engine(inp, out, config(shard_pages=1), progress=False)
+    return [r.to_json() for r in Dataset(out)]
+
+
+def test_sigkill_mid_run_then_restart_loses_and_duplicates_nothing(tmp_path):
+    with Site(slow_s=0.5, image_latency_s=0.03) as site:
+        lines = []
+        for i in range(10):
+            for name in ("bathe-a-cat.html", "repot-a-plant.html"):
+                lines.append(json.dumps({"url": site.page_url(name) + f"?copy={i}", "html": (PAGES_DIR / name).read_text()}))
+        inp = tmp_path / "pages.jsonl"
+        inp.write_text("\n".join(lines) + "\n")
+        expected = _clean_run_ids(inp, tmp_path / "clean")
+        assert len(expected) == 20
+
+        out = tmp_path / "killed"
+        cmd = [str(REPO / ".venv" / "bin" / "duetgen"), "data", "engine", "--input", str(inp), "--out", str(out),
+               "--shard-pages", "1", "--allow-network", "127.0.0.0/8", "--no-progress"]
+        kills = 0
+        for wait_for in (3, 9):  # kill twice, at different points
+            proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            deadline = time.time() + 60
+            while time.time() < deadline and len(list((out / "_engine" / "done").glob("*.json"))) < wait_for:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.02)
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole run, mid-flight
+            proc.wait()
+            kills += 1
+        done_at_kill = len(list((out / "_engine" / "done").glob("*.json")))
+        assert 9 <= done_at_kill < 20 and kills == 2
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "wrote 20 records from 20 pages" in proc.stdout
+        got = [r.to_json() for r in Dataset(out)]
+        assert got == expected  # same records, same order, none lost, none twice
+        funnel = json.loads((out / "funnel.json").read_text())
+        assert funnel["stages"][0]["pages_in"] == 20
+
+
+def test_cli_reports_bad_input_cleanly(tmp_path):
+    exe = str(REPO / ".venv" / "bin" / "duetgen")
+    r = subprocess.run([exe, "data", "engine", "--input", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "missing.jsonl" in r.stderr and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([exe, "data", "engine", "--input", str(tmp_path), "--out", str(tmp_path / "o"), "--llm", "x"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--llm and --model together" in r.stderr
