@@ -572,6 +572,24 @@ def eval_import(
 # ----------------------------------------------------------------------------- train (issue 4)
 
 
+def _train_config(load, name: str, data: Optional[list[Path]], steps: Optional[int]):
+    """Run config ``name`` from ``load`` with the --data / --steps overrides; every dataset must exist."""
+    import dataclasses
+
+    try:
+        cfg = load(name)
+    except ValueError as e:
+        fail(str(e))
+    if data:
+        cfg = dataclasses.replace(cfg, data=[str(d) for d in data])
+    if steps is not None:
+        cfg = dataclasses.replace(cfg, steps=steps)
+    for d in cfg.data:
+        if not (Path(d) / "manifest.json").is_file():
+            fail(f"--data {d!r}: not a dataset directory (no manifest.json); make one with `duetgen data toyworld`")
+    return cfg
+
+
 @train_app.command("stage1")
 def train_stage1(
     config: str = typer.Option("toy", "--config", help="Run config name (duetgen/train/configs.py): toy, tiny."),
@@ -582,22 +600,10 @@ def train_stage1(
     quiet: bool = typer.Option(False, "--quiet", help="Print JSON lines instead of a progress bar (for log files)."),
 ):
     """Stage 1: instruction-tune the MLLM (next-token loss on assistant text, <BOV> and end of turn), packed."""
-    import dataclasses
-
     from duetgen.train.configs import stage1_config
     from duetgen.train.stage1 import train
 
-    try:
-        cfg = stage1_config(config)
-    except ValueError as e:
-        fail(str(e))
-    if data:
-        cfg = dataclasses.replace(cfg, data=[str(d) for d in data])
-    if steps is not None:
-        cfg = dataclasses.replace(cfg, steps=steps)
-    for d in cfg.data:
-        if not (Path(d) / "manifest.json").is_file():
-            fail(f"--data {d!r}: not a dataset directory (no manifest.json); make one with `duetgen data toyworld`")
+    cfg = _train_config(stage1_config, config, data, steps)
     run_dir = out or Path("runs") / cfg.name / "stage1"
     try:
         train(cfg, run_dir, resume_run=resume, progress=not quiet)
@@ -616,22 +622,10 @@ def train_stage2(
     quiet: bool = typer.Option(False, "--quiet", help="Print JSON lines instead of a progress bar (for log files)."),
 ):
     """Stage 2: MLLM frozen; train connector + DiT with rectified flow on one target image per sequence."""
-    import dataclasses
-
     from duetgen.train.configs import stage2_config
     from duetgen.train.stage2 import train
 
-    try:
-        cfg = stage2_config(config)
-    except ValueError as e:
-        fail(str(e))
-    if data:
-        cfg = dataclasses.replace(cfg, data=[str(d) for d in data])
-    if steps is not None:
-        cfg = dataclasses.replace(cfg, steps=steps)
-    for d in cfg.data:
-        if not (Path(d) / "manifest.json").is_file():
-            fail(f"--data {d!r}: not a dataset directory (no manifest.json); make one with `duetgen data toyworld`")
+    cfg = _train_config(stage2_config, config, data, steps)
     mllm_dir = stage1 / "mllm" if (stage1 / "mllm" / "config.json").is_file() else stage1
     if not (mllm_dir / "config.json").is_file():
         fail(f"--stage1 {str(stage1)!r}: no finished stage-1 MLLM there (expected {stage1}/mllm/config.json)")
@@ -867,6 +861,16 @@ def demo(
     typer.secho(f"\ndataset:   {data_dir}", fg=typer.colors.GREEN)
     typer.secho(f"html view: {pages[0].resolve()}", fg=typer.colors.GREEN)
     typer.secho(f"judge:     {out / 'judge-ground-truth.json'}", fg=typer.colors.GREEN)
+
+    # issue 5: answers of the shipped ShapeWorld checkpoint to a how-to, a continuation and an editing prompt
+    from duetgen.infer.pipeline import DEFAULT_MODEL_DIR, DuetGenPipeline, shapeworld_demo
+
+    if (DEFAULT_MODEL_DIR / "duetgen.json").is_file():
+        typer.secho("[4/4] duetgen generate on ShapeWorld prompts (how-to, continuation, editing)", bold=True)
+        generated = shapeworld_demo(DuetGenPipeline.from_pretrained(DEFAULT_MODEL_DIR), out, seed=seed)
+        typer.secho(f"generated: {generated.resolve()}", fg=typer.colors.GREEN)
+    else:
+        typer.secho(f"[4/4] skipped generation: no checkpoint shipped yet at {DEFAULT_MODEL_DIR}", fg=typer.colors.YELLOW)
 
 
 

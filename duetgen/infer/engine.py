@@ -1,0 +1,516 @@
+"""The interleaved decode loop: the MLLM writes, and on ``<BOV>`` the DiT draws (DESIGN section 7).
+
+    engine = InterleavedEngine(model)                        # a duetgen.models.duetgen.DuetGen
+    for event in engine.stream(messages, GenerationConfig(seed=0)):
+        ...                                                  # TextDelta, ImageStarted, DenoisingStep, ImageDone, Finished
+    finished = engine.run(messages, config, emit=print)      # the same loop, synchronous
+
+The loop, for one assistant answer (paper section 4, "During inference ..."):
+1. Render the conversation so far (``render_prompt``: it ends in an open assistant turn), encode
+   every earlier image once with the autoencoder (the DiT's clean conditioning frames).
+2. Prefill the MLLM once. Its per-layer hidden states (``layer_states``) are kept.
+3. Decode a token. Text: feed it, keep its states, stream the text. End of turn or a limit: stop.
+4. ``<BOV>`` at position b: the DiT text condition is the kept states of tokens [0, b) through the
+   connector; the guidance negative is its prefix without the final text chunk (a slice: no extra
+   MLLM pass). Sample the target latent with guidance (positive and negative as two samples of one
+   packed DiT call), decode it, then feed ``<BOV><|vision_start|><|image_pad|>*n<|vision_end|>``
+   plus the new image's pixels to the MLLM in one forward: the image enters the KV cache with its
+   3D rope positions, and the logits after ``<|vision_end|>`` give the next token. Back to 3.
+
+Design choices:
+- One ``DynamicCache`` for the whole answer (``KVCacheContext``). ``RecomputeContext`` is the naive
+  baseline that re-prefills the whole history for every token; both expose the same three calls
+  (prefill / append / states), so the loop is written once and the test and the benchmark compare
+  only the MLLM bookkeeping.
+- Hidden states are kept as they are produced (prefill, each decode step, each image block) and
+  never recomputed: ``states(b)`` concatenates the kept chunks.
+- 3D rope positions are tracked by the context itself: a chunk appended at ``next_position`` gets
+  ``rope_position_ids(chunk) + next_position`` (Qwen2.5-VL's ``get_rope_index`` is translation
+  invariant: text advances by one, an image's t/h/w start at the running position and the text
+  after it resumes at ``start + max(h, w) / merge``). Tested equal to ``rope_position_ids`` of the
+  full sequence. Positions are always passed explicitly (transformers 5.23 only computes mrope
+  itself when it also gets ``mm_token_type_ids``).
+- The vision tokens are written by the engine, never sampled: every special token except
+  ``<BOV>``, ``<|im_end|>`` and ``<|endoftext|>`` is masked out of the logits (a sampled
+  ``<|image_pad|>`` without pixels would be meaningless to the model).
+- The DiT side is the model's own ``DuetGen.sample_latent`` (sampler, parameterisation, guidance
+  as the model defines them), ``encode_images`` / ``decode_latents`` / ``generation_size``: the
+  engine adds only the text condition (kept states -> connector) and its negative slice.
+- A generated image is re-encoded from its uint8 pixels for later conditioning, not reused as the
+  sampled float latent: the condition is then exactly what a later run on the saved record sees.
+  An input image is resized with ``generation_size`` (aspect kept, at most ``image_size`` pixels).
+- Reproducibility: every random draw comes from CPU generators seeded from ``config.seed`` (token
+  sampling: one generator for the answer; image noise: ``seed + 1000 * (image index + 1)``), so a
+  seed gives the same answer on any device within float tolerance, and image k's noise does not
+  depend on how many tokens came before it.
+- Limits: ``max_new_tokens`` counts sampled tokens (text and ``<BOV>``; the vision block the engine
+  writes is not counted); a ``<BOV>`` beyond ``max_images`` ends the answer with reason
+  ``max_images`` rather than silently dropping the picture the model asked for.
+- ``logits_processor(generated_ids, logits) -> logits`` is a hook for constrained decoding. The
+  tests use it to force ``<BOV>`` at chosen points in a random tiny model (which writes one only by
+  chance); it is applied identically in both contexts.
+- ``stream`` runs ``run`` in a worker thread and hands its events over a queue, so denoising steps
+  arrive while the sampler runs; closing the stream cancels the answer at its next event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from duetgen.data.record import ImagePart, Message, RecordError, TextPart
+from duetgen.diffusion.guidance import final_text_chunk_start
+from duetgen.diffusion.sampling import SamplerConfig
+from duetgen.models.image_processor import to_rgb
+from duetgen.models.mllm import TokenIds, layer_states, render_prompt, rope_position_ids, vision_block
+
+FINISH_REASONS = ("end_of_turn", "max_tokens", "max_images")
+NOISE_SEED_STRIDE = 1000  # image k's noise generator is seeded with seed + STRIDE * (k + 1)
+
+
+# ============================================================================ configs and events
+@dataclass
+class GenerationConfig:
+    """Sampling settings of one answer. ``None`` takes the model's default (its ``DuetGenConfig``)."""
+
+    max_new_tokens: int = 512  # sampled tokens (text + <BOV>); the engine-written vision tokens do not count
+    max_images: int | None = None  # generated images; a <BOV> past the limit ends the answer ("max_images").
+    # None: as many as the model's max_images (inputs + generated) leaves after the prompt's images
+    temperature: float = 0.0  # 0 = greedy; otherwise softmax(logits / temperature)
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens whose probability reaches top_p
+    seed: int = 0  # token sampling and image noise (see module docstring)
+    num_steps: int | None = None  # DiT sampler steps per image (calibration: 10 nearly as good as 50 on ShapeWorld)
+    guidance_scale: float | None = None  # w in v = v_neg + w (v_pos - v_neg); 1 = no guidance (one branch per step)
+    solver: str | None = None  # "euler" | "unipc" (duetgen.diffusion.sampling)
+    image_size: tuple[int, int] | None = None  # (height, width) of generated images in pixels
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1; got {self.max_new_tokens}")
+        if self.max_images is not None and self.max_images < 0:
+            raise ValueError(f"max_images must be >= 0; got {self.max_images}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0; got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
+        if self.num_steps is not None and self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1; got {self.num_steps}")
+        if self.guidance_scale is not None and not (self.guidance_scale > 0 and math.isfinite(self.guidance_scale)):
+            raise ValueError(f"guidance_scale must be a finite number > 0; got {self.guidance_scale}")
+        if self.solver is not None and self.solver not in ("euler", "unipc"):
+            raise ValueError(f"solver must be 'euler' or 'unipc'; got {self.solver!r}")
+        if self.image_size is not None:
+            if len(self.image_size) != 2 or min(self.image_size) < 1:
+                raise ValueError(f"image_size must be (height, width) in pixels; got {self.image_size}")
+
+    def sampler(self, default: SamplerConfig) -> SamplerConfig:
+        overrides = {k: v for k, v in (("num_steps", self.num_steps), ("solver", self.solver)) if v is not None}
+        return dataclasses.replace(default, **overrides)
+
+
+@dataclass
+class TextDelta:
+    text: str  # new answer text since the last event (never splits a UTF-8 character)
+
+
+@dataclass
+class ImageStarted:
+    index: int  # 0-based among the images generated in this answer
+    height: int
+    width: int
+
+
+@dataclass
+class DenoisingStep:
+    index: int  # image index
+    step: int  # 1-based step just finished
+    num_steps: int
+
+
+@dataclass
+class ImageDone:
+    index: int
+    image: Image.Image  # RGB, the decoded picture
+    seconds: float  # DiT sampling + decode time of this image
+
+
+@dataclass
+class Finished:
+    reason: str  # one of FINISH_REASONS
+    content: list  # the answer's parts in order: TextPart / ImagePart(PIL image)
+    stats: dict  # token / image counts and timings (time_to_first_token_s, mllm_s, dit_s, total_s, ...)
+    record: object = None  # the answer as a Record, set by DuetGenPipeline.stream
+
+
+Event = TextDelta | ImageStarted | DenoisingStep | ImageDone | Finished
+
+
+# ============================================================================ MLLM contexts
+class KVCacheContext:
+    """The answer's MLLM state: one KV cache, kept hidden states, running 3D rope position."""
+
+    def __init__(self, model):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        self.input_ids: list[int] = []
+        self.next_position = 0  # rope position of the next token (all three axes)
+        self.positions: list[Tensor] = []  # (3, n) per chunk; the test compares them with the full sequence
+        self._states: list[Tensor] = []  # (n, n_layers * D) per chunk, as produced
+        self.forward_seconds = 0.0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def prefill(self, input_ids: Tensor, pixel_values: Tensor | None, image_grid_thw: Tensor | None) -> Tensor:
+        """The prompt in one forward; returns the next-token logits (V,)."""
+        return self.append(input_ids, pixel_values, image_grid_thw)
+
+    @torch.no_grad()
+    def append(self, input_ids: Tensor, pixel_values: Tensor | None = None,
+               image_grid_thw: Tensor | None = None) -> Tensor:
+        """Feed a chunk (text tokens, or a vision block with its pixels) through the cache; logits (V,) after it."""
+        start = time.perf_counter()
+        device = self.model.device
+        ids = input_ids.to(device)  # (n,)
+        grid = image_grid_thw.to(device) if image_grid_thw is not None else None
+        positions = rope_position_ids(self.model, ids, grid) + self.next_position  # (3, n): translation invariant
+        kwargs = {}
+        if pixel_values is not None:
+            kwargs = {"pixel_values": pixel_values.to(device), "image_grid_thw": grid}
+        out = self.model(
+            input_ids=ids[None],  # (1, n)
+            position_ids=positions[:, None],  # (3, 1, n)
+            past_key_values=self.cache,  # transformers 5.23 name (the cache object is updated in place)
+            use_cache=True,
+            output_hidden_states=True,
+            logits_to_keep=1,
+            **kwargs,
+        )
+        self._states.append(layer_states(out.hidden_states)[0])  # (n, n_layers * D)
+        self.positions.append(positions)
+        self.next_position = int(positions.max()) + 1
+        self.input_ids.extend(input_ids.tolist())
+        self.forward_seconds += time.perf_counter() - start
+        return out.logits[0, -1]  # (V,)
+
+    def states(self, length: int) -> Tensor:
+        """(length, n_layers * D): the kept states of tokens [0, length)."""
+        if len(self._states) > 1:  # consolidate so repeated conditions do not re-concatenate every chunk
+            self._states = [torch.cat(self._states)]
+        return self._states[0][:length]
+
+
+class RecomputeContext:
+    """Baseline: no cache; every call re-runs the whole history (prompt, answer so far, every image)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.input_ids: list[int] = []
+        self._pixels: list[Tensor] = []
+        self._grids: list[Tensor] = []
+        self._states: Tensor | None = None
+        self.forward_seconds = 0.0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def prefill(self, input_ids: Tensor, pixel_values: Tensor | None, image_grid_thw: Tensor | None) -> Tensor:
+        return self.append(input_ids, pixel_values, image_grid_thw)
+
+    @torch.no_grad()
+    def append(self, input_ids: Tensor, pixel_values: Tensor | None = None,
+               image_grid_thw: Tensor | None = None) -> Tensor:
+        start = time.perf_counter()
+        device = self.model.device
+        self.input_ids.extend(input_ids.tolist())
+        if pixel_values is not None:
+            self._pixels.append(pixel_values)
+            self._grids.append(image_grid_thw)
+        ids = torch.tensor(self.input_ids, dtype=torch.long, device=device)  # (L,)
+        grid = torch.cat(self._grids).to(device) if self._grids else None
+        kwargs = {}
+        if grid is not None:
+            kwargs = {"pixel_values": torch.cat(self._pixels).to(device), "image_grid_thw": grid}
+        out = self.model(
+            input_ids=ids[None],
+            position_ids=rope_position_ids(self.model, ids, grid)[:, None],  # (3, 1, L)
+            use_cache=False,
+            output_hidden_states=True,
+            logits_to_keep=1,
+            **kwargs,
+        )
+        self._states = layer_states(out.hidden_states)[0]  # (L, n_layers * D), recomputed every time
+        self.forward_seconds += time.perf_counter() - start
+        return out.logits[0, -1]
+
+    def states(self, length: int) -> Tensor:
+        return self._states[:length]
+
+
+CONTEXTS = {"kv_cache": KVCacheContext, "recompute": RecomputeContext}
+
+
+# ============================================================================ token sampling
+def special_token_mask(tokenizer, vocab_rows: int, allowed: Sequence[int]) -> Tensor:
+    """(V,) bool, True for tokens the model may not sample: every special token except ``allowed``."""
+    banned = torch.zeros(vocab_rows, dtype=torch.bool)
+    for token_id in tokenizer.all_special_ids + [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.get_added_vocab()]:
+        if token_id is not None and 0 <= token_id < vocab_rows and token_id not in allowed:
+            banned[token_id] = True
+    banned[len(tokenizer):] = True  # padding rows of the embedding matrix are no tokens
+    return banned
+
+
+def sample_token(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """Greedy for temperature 0, else nucleus sampling with ``generator`` (CPU, float32)."""
+    logits = logits.float().cpu()
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)  # (V,)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class _TextStream:
+    """Incremental detokenisation: deltas of ``decode(ids)`` that never end in half a character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence; wait for the next token
+            return ""
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta
+
+    def flush(self) -> tuple[str, str]:
+        """End the segment: (its full text, the part not yet emitted, e.g. a held-back broken character)."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False) if self.ids else ""
+        rest = text[len(self.emitted):]
+        self.ids, self.emitted = [], ""
+        return text, rest
+
+
+# ============================================================================ the engine
+class InterleavedEngine:
+    """Runs one assistant answer of a ``DuetGen`` model (duetgen.models.duetgen) as a stream of events.
+
+    Not thread-safe: one answer at a time per engine (the server serialises requests per model).
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.ids = TokenIds.from_tokenizer(model.tokenizer)
+        self.eos_ids = {self.ids.im_end}
+        eot = model.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        if isinstance(eot, int) and eot >= 0:
+            self.eos_ids.add(eot)
+        rows = model.mllm.get_output_embeddings().weight.shape[0]
+        self.banned = special_token_mask(model.tokenizer, rows, allowed=[self.ids.bov, *self.eos_ids])
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def load_image(part: ImagePart) -> Image.Image:
+        if isinstance(part.image, Image.Image):
+            return to_rgb(part.image)
+        raise RecordError(f"image {part.image!r} is not an in-memory PIL image; the caller loads images")
+
+    def image_size(self, config: GenerationConfig) -> tuple[int, int]:
+        h, w = config.image_size or self.model.config.image_size
+        k = self.model.pixel_multiple
+        if h % k or w % k:
+            raise ValueError(f"image_size {h}x{w}: height and width must be multiples of {k} "
+                             f"(autoencoder factor x DiT patch)")
+        return h, w
+
+    def condition_latent(self, image: Image.Image) -> Tensor:
+        """An earlier image -> its clean conditioning latent (C, h, w), resized to a size the DiT can take."""
+        height, width = self.model.generation_size(image.height, image.width)
+        if (width, height) != image.size:
+            image = image.resize((width, height), Image.BICUBIC)
+        return self.model.encode_images([image])[0]
+
+    @torch.no_grad()
+    def draw(self, context, bov_position: int, system_length: int, cond_latents: list[Tensor],
+             size: tuple[int, int], config: GenerationConfig, image_index: int,
+             on_step: Callable[[int, int], None]) -> Tensor:
+        """Sample the latent of the image whose <BOV> is at ``bov_position`` -> (C, h, w)."""
+        model = self.model
+        text_pos = model.connect(context.states(bov_position))  # (b, D_cross): every token before <BOV>
+        negative_length = final_text_chunk_start(
+            context.input_ids[:bov_position], self.ids.vision_end, min_start=max(min(system_length, bov_position), 1))
+        text_neg = text_pos[:negative_length]  # causal MLLM: the negative is a prefix slice (paper section 4)
+        scale = model.config.guidance_scale if config.guidance_scale is None else config.guidance_scale
+        generator = torch.Generator().manual_seed(config.seed + NOISE_SEED_STRIDE * (image_index + 1))
+        return model.sample_latent(
+            cond_latents, text_pos, text_neg if scale != 1.0 else None, size=size, generator=generator,
+            sampler=config.sampler(model.config.sampler), guidance_scale=scale,
+            callback=lambda i, n, t, x: on_step(i + 1, n),
+        )  # (C, h, w); positive and negative in one packed DiT call per step
+
+    # ------------------------------------------------------------------ the loop
+    def stream(self, messages: Sequence[Message], config: GenerationConfig | None = None, **kwargs) -> Iterator[Event]:
+        """Yield the events of ``run`` as they happen (the loop runs in a worker thread).
+
+        Closing the generator early cancels the answer at its next event (at most one decode step
+        or one denoising step later); an exception in the loop is re-raised here.
+        """
+        events: queue.Queue = queue.Queue()
+        cancel = threading.Event()
+        done = object()
+
+        def work() -> None:
+            try:
+                self.run(messages, config, emit=events.put, cancel=cancel, **kwargs)
+            except BaseException as e:  # handed to the consumer, raised there
+                events.put(_Failed(e))
+            finally:
+                events.put(done)
+
+        worker = threading.Thread(target=work, name="duetgen-engine", daemon=True)
+        worker.start()
+        try:
+            while (item := events.get()) is not done:
+                if isinstance(item, _Failed):
+                    if isinstance(item.error, Cancelled):
+                        continue
+                    raise item.error
+                yield item
+        finally:
+            cancel.set()
+            worker.join()
+
+    def run(self, messages: Sequence[Message], config: GenerationConfig | None = None, *,
+            emit: Callable[[Event], None] = lambda event: None,
+            cancel: threading.Event | None = None,
+            context: str = "kv_cache",
+            logits_processor: Callable[[list[int], Tensor], Tensor] | None = None) -> Finished:
+        """Generate the assistant answer to ``messages`` (image parts hold PIL images).
+
+        ``emit`` receives every event as it happens (the last one is the returned ``Finished``);
+        setting ``cancel`` stops the answer at the next event with ``Cancelled``.
+        ``context``: "kv_cache" (the engine) or "recompute" (the re-prefill baseline).
+        """
+        config = config or GenerationConfig()
+        config.check()
+        if context not in CONTEXTS:
+            raise ValueError(f"context must be one of {sorted(CONTEXTS)}; got {context!r}")
+
+        def send(event: Event) -> None:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("generation cancelled")
+            emit(event)
+
+        t_start = time.perf_counter()
+        size = self.image_size(config)
+        m = self.model
+
+        # 1. Render the prompt; earlier images become conditioning latents (encoded once)
+        rendered = render_prompt(messages, m.tokenizer, m.image_processor, self.load_image)
+        earlier = [self.load_image(p) for msg in messages for p in msg.content if isinstance(p, ImagePart)]
+        cond_latents = [self.condition_latent(image) for image in earlier]
+        room = max(m.config.max_images - len(earlier), 0)  # the DiT takes at most max_images frames
+        max_images = room if config.max_images is None else min(config.max_images, room)
+
+        # 2. Prefill once
+        ctx = CONTEXTS[context](m.mllm)
+        logits = ctx.prefill(rendered.input_ids, rendered.pixel_values, rendered.image_grid_thw)
+        time_to_first_token = None
+        generator = torch.Generator().manual_seed(config.seed)
+        generated: list[int] = []  # sampled tokens of this answer (text and <BOV>)
+        content: list = []
+        text = _TextStream(m.tokenizer)
+        n_images, dit_seconds, reason = 0, 0.0, "max_tokens"
+
+        def close_text() -> None:
+            segment, rest = text.flush()
+            if rest:
+                send(TextDelta(rest))
+            if segment:
+                content.append(TextPart(segment))
+
+        # 3. Decode until end of turn or a limit
+        while len(generated) < config.max_new_tokens:
+            logits = logits.float().masked_fill(self.banned.to(logits.device), float("-inf"))
+            if logits_processor is not None:
+                logits = logits_processor(list(generated), logits)
+            token = sample_token(logits, config.temperature, config.top_p, generator)
+            if time_to_first_token is None:
+                time_to_first_token = time.perf_counter() - t_start
+            if token in self.eos_ids:
+                reason = "end_of_turn"
+                break
+            if token != self.ids.bov:
+                generated.append(token)
+                delta = text.push(token)
+                if delta:
+                    send(TextDelta(delta))
+                logits = ctx.append(torch.tensor([token]))
+                continue
+            if n_images >= max_images:
+                reason = "max_images"
+                break
+            generated.append(token)
+
+            # 4. <BOV>: draw with the kept states of every token before it and every earlier image
+            close_text()
+            send(ImageStarted(n_images, *size))
+            t_image = time.perf_counter()
+            latent = self.draw(ctx, len(ctx), rendered.system_length, cond_latents, size, config, n_images,
+                               on_step=lambda s, n, k=n_images: send(DenoisingStep(k, s, n)))
+            picture = m.decode_latents([latent])[0]  # RGB PIL
+            cond_latents.append(m.encode_images([picture])[0])  # the uint8 picture, as a saved record gives it
+            seconds = time.perf_counter() - t_image
+            dit_seconds += seconds
+            content.append(ImagePart(picture))
+            send(ImageDone(n_images, picture, round(seconds, 4)))
+            n_images += 1
+
+            # 5. The image enters the context: <BOV> + vision block + pixels, one forward
+            pixel_values, grid = m.image_processor.process_one(picture)
+            n_tokens = grid[0] * grid[1] * grid[2] // m.image_processor.merge_size**2
+            block = torch.tensor([self.ids.bov, *vision_block(self.ids, n_tokens)])
+            logits = ctx.append(block, torch.from_numpy(pixel_values), torch.tensor([grid]))
+
+        close_text()
+        stats = {
+            "finish_reason": reason,
+            "new_tokens": len(generated),
+            "images": n_images,
+            "context_tokens": len(ctx),
+            "time_to_first_token_s": round(time_to_first_token or 0.0, 4),
+            "mllm_s": round(ctx.forward_seconds, 4),
+            "dit_s": round(dit_seconds, 4),
+            "total_s": round(time.perf_counter() - t_start, 4),
+        }
+        self.last_context = ctx  # for tests and benchmarks: positions, ids
+        finished = Finished(reason, content, stats)
+        send(finished)
+        return finished
+
+
+class Cancelled(Exception):
+    """The consumer stopped listening (closed the stream or set ``cancel``)."""
+
+
+@dataclass
+class _Failed:
+    error: BaseException

@@ -1,0 +1,485 @@
+"""`duetgen serve`: a chat page and an HTTP API (JSON and server-sent events) over one DuetGen model.
+
+    GET  /                     the chat page (text streams in, images appear as they are drawn, image upload)
+    GET  /api/health           {"status": "ok", "model": ..., "running": 0|1, "waiting": n}
+    GET  /api/model            the model's defaults and this server's limits
+    POST /api/generate         one answer as JSON: the record, images as PNG data URLs
+    POST /api/generate/stream  the same as server-sent events: text, image_started, step, image_done, finished | error
+    GET  /openapi.json         the API, documented (FastAPI)
+
+Design choices:
+- One generation per model at a time (the engine keeps one KV cache and is not thread-safe); a
+  bounded queue admits at most ``queue_size`` more requests, the next ones get 429 with
+  Retry-After at once instead of piling up. Waiting and generating together are bounded by
+  ``request_timeout_s``: a waiting request gives up with 503, a running one is cancelled (the engine
+  stops at its next event) and answers 504 (JSON) or an ``error`` event (stream).
+- Everything that arrives is untrusted: the body is capped while it is read (413, also for bodies
+  without Content-Length), images are base64 PNG/JPEG/WEBP/GIF checked for format and pixel count
+  before decoding (``duetgen.data.record.inspect_image``), the prompt length, image count and every
+  setting have caps. A bad request is a 4xx whose ``detail`` names the field and the problem; the
+  server keeps serving. Images never come as paths or URLs: the server reads no file and fetches
+  nothing on a client's behalf.
+- Binds 127.0.0.1 by default. The page and its script are static files of this package; text from
+  the model is inserted with ``textContent`` only, never as HTML.
+- Generation runs in a worker thread; events reach the async side through ``call_soon_threadsafe``.
+  A client that disconnects from the stream cancels its generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from duetgen.data.record import ImagePart, Message, RecordError, TextPart, encode_png, inspect_image, to_rgb
+from duetgen.infer.engine import Cancelled, DenoisingStep, Finished, GenerationConfig, ImageDone, ImageStarted, TextDelta
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+# ============================================================================ limits
+@dataclass
+class ServeLimits:
+    """What one request may ask for. Defaults suit the ShapeWorld model on a CPU."""
+
+    max_body_bytes: int = 16 << 20  # a request body (JSON with base64 images) larger than this gets 413
+    max_image_bytes: int = 4 << 20  # one encoded image
+    max_image_pixels: int = 4096 * 4096  # one decoded image (checked from the header, before decoding)
+    max_images: int = 8  # images in one request (inputs and earlier answers together)
+    max_prompt_chars: int = 4000  # all text of the conversation together
+    max_messages: int = 32
+    max_new_tokens: int = 1024
+    max_steps: int = 100  # sampler steps per image
+    max_output_pixels: int = 1024 * 1024  # height x width of a generated image
+    queue_size: int = 4  # requests that may wait while one runs; more get 429
+    request_timeout_s: float = 300.0  # waiting + generating; then 503 (still waiting) or 504 (cancelled)
+
+
+# ============================================================================ API schema
+class Part(BaseModel):
+    type: Literal["text", "image"]
+    text: str | None = Field(None, description="for type=text")
+    image: str | None = Field(None, description="for type=image: base64 PNG/JPEG/WEBP/GIF, optionally a data: URL")
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: list[Part]
+
+
+class GenerateRequest(BaseModel):
+    """Either ``prompt`` (+ ``images``) for a single user turn, or a whole ``messages`` conversation."""
+
+    prompt: str | None = Field(None, description="the user's request (a single-turn chat)",
+                               examples=["How do I arrange a red circle at the top left and a blue square in the center?"])
+    images: list[str] = Field(default_factory=list, description="input images for `prompt` (base64 or data: URLs), shown before its text")
+    messages: list[ChatMessage] | None = Field(None, description="a conversation; the answer continues it")
+    seed: int = 0
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    num_steps: int | None = Field(None, ge=1, description="sampler steps per image; default: the model's")
+    guidance_scale: float | None = Field(None, gt=0, description="w in v_neg + w (v_pos - v_neg); 1 = none; default: the model's")
+    max_new_tokens: int = Field(512, ge=1)
+    max_images: int | None = Field(None, ge=0, description="generated images at most")
+    image_size: list[int] | None = Field(None, min_length=2, max_length=2, description="[height, width] of generated images")
+
+
+class AnswerPart(BaseModel):
+    type: Literal["text", "image"]
+    text: str | None = None
+    index: int | None = Field(None, description="image: its index among the message's images")
+    image: str | None = Field(None, description="image: PNG data URL")
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    messages: list[dict] = Field(description="the conversation and the answer, images as PNG data URLs")
+    answer: list[AnswerPart]
+    meta: dict
+
+
+class BadRequest(ValueError):
+    """Invalid input: answered with a 4xx whose detail is this message."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+# ============================================================================ images over HTTP
+def decode_image(data: str, where: str, limits: ServeLimits):
+    """base64 (or a data: URL) -> RGB PIL image, checked for size, format and pixels before decoding."""
+    if not isinstance(data, str) or not data:
+        raise BadRequest(f"{where}: expected a base64 image string")
+    if data.startswith("data:"):
+        header, _, data = data.partition(",")
+        if ";base64" not in header:
+            raise BadRequest(f"{where}: only base64 data: URLs are accepted")
+    if len(data) > limits.max_image_bytes * 4 // 3 + 4:
+        raise BadRequest(f"{where}: image is larger than {limits.max_image_bytes:,} bytes", status=413)
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{where}: not valid base64") from None
+    try:
+        image = inspect_image(io.BytesIO(raw), where, max_pixels=limits.max_image_pixels)
+    except RecordError as e:
+        status = 413 if "over the cap" in str(e) else 400
+        raise BadRequest(str(e), status=status) from None
+    return to_rgb(image)
+
+
+def image_data_url(image) -> str:
+    return "data:image/png;base64," + base64.b64encode(encode_png(image)).decode("ascii")
+
+
+def request_messages(req: GenerateRequest, limits: ServeLimits) -> list[Message]:
+    """The request as record messages with decoded images; BadRequest naming the field on any problem."""
+    if (req.prompt is None) == (req.messages is None):
+        raise BadRequest("give exactly one of `prompt` or `messages`")
+    if req.prompt is not None:
+        if not req.prompt.strip():
+            raise BadRequest("prompt is empty")
+        raw = [ChatMessage(role="user", content=[*(Part(type="image", image=i) for i in req.images),
+                                                  Part(type="text", text=req.prompt)])]
+        names = [f"images[{i}]" for i in range(len(req.images))] + ["prompt"]
+    else:
+        if req.images:
+            raise BadRequest("`images` goes with `prompt`; put images inside `messages` instead")
+        if not req.messages:
+            raise BadRequest("messages is empty")
+        raw = req.messages
+        names = [f"messages[{i}].content[{j}]" for i, m in enumerate(raw) for j in range(len(m.content))]
+    if len(raw) > limits.max_messages:
+        raise BadRequest(f"{len(raw)} messages, over the cap of {limits.max_messages}")
+    n_images = sum(p.type == "image" for m in raw for p in m.content)
+    if n_images > limits.max_images:
+        raise BadRequest(f"{n_images} images, over the cap of {limits.max_images}", status=413)
+    chars = sum(len(p.text or "") for m in raw for p in m.content)
+    if chars > limits.max_prompt_chars:
+        raise BadRequest(f"prompt is {chars:,} characters, over the cap of {limits.max_prompt_chars:,}", status=413)
+    messages, k = [], 0
+    for m in raw:
+        content = []
+        for p in m.content:
+            where = names[k]
+            k += 1
+            if p.type == "text":
+                if p.text is None:
+                    raise BadRequest(f"{where}: a text part needs `text`")
+                content.append(TextPart(p.text))
+            else:
+                content.append(ImagePart(decode_image(p.image, where, limits)))
+        messages.append(Message(m.role, content))
+    if messages[-1].role == "user" and not any(
+            isinstance(p, ImagePart) or p.text.strip() for p in messages[-1].content):
+        raise BadRequest("the last user message is empty")
+    return messages
+
+
+def request_config(req: GenerateRequest, limits: ServeLimits, model) -> GenerationConfig:
+    if req.num_steps is not None and req.num_steps > limits.max_steps:
+        raise BadRequest(f"num_steps={req.num_steps} is over the cap of {limits.max_steps}")
+    if req.max_new_tokens > limits.max_new_tokens:
+        raise BadRequest(f"max_new_tokens={req.max_new_tokens} is over the cap of {limits.max_new_tokens}")
+    size = tuple(req.image_size) if req.image_size is not None else None
+    if size is not None:
+        multiple = model.pixel_multiple
+        if min(size) < 1 or size[0] % multiple or size[1] % multiple:
+            raise BadRequest(f"image_size={list(size)}: sides must be positive multiples of {multiple}")
+        if size[0] * size[1] > limits.max_output_pixels:
+            raise BadRequest(f"image_size={list(size)} is over the cap of {limits.max_output_pixels:,} pixels")
+    config = GenerationConfig(max_new_tokens=req.max_new_tokens, max_images=req.max_images,
+                              temperature=req.temperature, top_p=req.top_p, seed=req.seed, num_steps=req.num_steps,
+                              guidance_scale=req.guidance_scale, image_size=size)
+    try:
+        config.check()
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    return config
+
+
+# ============================================================================ one model, one generation at a time
+class QueueFull(Exception):
+    pass
+
+
+class GenerationService:
+    """Admission (bounded queue), the model lock, timeouts and cancellation around one pipeline."""
+
+    def __init__(self, pipeline, limits: ServeLimits):
+        self.pipeline = pipeline
+        self.limits = limits
+        self.lock = threading.Lock()  # one generation per model
+        self._admitted = 0  # running + waiting
+        self._running = 0
+        self._count_lock = threading.Lock()
+
+    def status(self) -> dict:
+        with self._count_lock:
+            return {"running": self._running, "waiting": self._admitted - self._running}
+
+    def admit(self) -> None:
+        with self._count_lock:
+            if self._admitted >= 1 + self.limits.queue_size:
+                raise QueueFull(f"the server is busy: 1 generation running and {self.limits.queue_size} waiting; retry later")
+            self._admitted += 1
+
+    def release(self) -> None:
+        with self._count_lock:
+            self._admitted -= 1
+
+    def run(self, messages, config, on_event, cancel: threading.Event, deadline: float) -> Finished:
+        """Blocking: wait for the model (until ``deadline``), generate, pass each event to ``on_event``."""
+        if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise TimeoutError("waited too long for the model (other requests were running)")
+        try:
+            with self._count_lock:
+                self._running += 1
+            finished = None
+            events = self.pipeline.stream(messages, config)
+            try:
+                for event in events:
+                    if cancel.is_set():
+                        raise Cancelled("the client went away")
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"generation took longer than {self.limits.request_timeout_s:g} s and was stopped")
+                    on_event(event)
+                    if isinstance(event, Finished):
+                        finished = event
+            finally:
+                events.close()  # cancels the engine at its next event if we stopped early
+            return finished
+        finally:
+            with self._count_lock:
+                self._running -= 1
+            self.lock.release()
+
+
+# ============================================================================ events on the wire
+def event_json(event) -> tuple[str, dict]:
+    if isinstance(event, TextDelta):
+        return "text", {"text": event.text}
+    if isinstance(event, ImageStarted):
+        return "image_started", {"index": event.index, "height": event.height, "width": event.width}
+    if isinstance(event, DenoisingStep):
+        return "step", {"index": event.index, "step": event.step, "num_steps": event.num_steps}
+    if isinstance(event, ImageDone):
+        return "image_done", {"index": event.index, "image": image_data_url(event.image), "seconds": event.seconds}
+    if isinstance(event, Finished):
+        return "finished", {"id": event.record.id, "finish_reason": event.reason, "stats": event.stats,
+                            "answer": answer_json(event.content, with_images=False)}
+    raise TypeError(f"unknown event {type(event).__name__}")
+
+
+def answer_json(content, with_images: bool = True) -> list[dict]:
+    out, k = [], 0
+    for p in content:
+        if isinstance(p, TextPart):
+            out.append({"type": "text", "text": p.text})
+        else:
+            out.append({"type": "image", "index": k, **({"image": image_data_url(p.image)} if with_images else {})})
+            k += 1
+    return out
+
+
+def sse(name: str, data: dict) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+# ============================================================================ body size cap (ASGI)
+class BodyLimit:
+    """413 for a request body over ``max_bytes``, by Content-Length or while it streams in (chunked).
+
+    The body is read here, up to the cap, before the app sees it (at most ``max_bytes`` in memory):
+    an exception raised from inside the app's body parsing would be turned into a 400 by FastAPI.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._too_large(send)
+        chunks, seen, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client disconnected
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_bytes:
+                return await self._too_large(send)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: disconnect notifications (streaming responses)
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send):
+        body = json.dumps({"detail": f"request body is over the cap of {self.max_bytes:,} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+# ============================================================================ the app
+def create_app(pipeline, limits: ServeLimits | None = None) -> FastAPI:
+    """The ASGI app over one ``DuetGenPipeline`` (run it with uvicorn; ``duetgen serve`` does)."""
+    limits = limits or ServeLimits()
+    service = GenerationService(pipeline, limits)
+    app = FastAPI(
+        title="DuetGen",
+        version="1",
+        description="Interleaved text-and-image generation: an MLLM writes, a video DiT draws (DuetGen). "
+                    "One generation at a time per model; see docs/serving.md for limits and events.",
+        docs_url=None, redoc_url=None,  # their pages load scripts from a CDN; /openapi.json is the contract
+    )
+    app.state.service = service
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, e: BadRequest):
+        return JSONResponse({"detail": str(e)}, status_code=e.status)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, e: QueueFull):
+        return JSONResponse({"detail": str(e)}, status_code=429, headers={"Retry-After": "5"})
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get("/api/health", summary="Liveness and queue state")
+    async def health():
+        return {"status": "ok", "model": pipeline.model_id, **service.status()}
+
+    @app.get("/api/model", summary="The model's defaults and this server's limits")
+    async def model_info():
+        cfg = pipeline.model.config
+        return {"model": pipeline.model_id, "preset": cfg.preset, "image_size": list(cfg.image_size),
+                "num_steps": cfg.sampler.num_steps, "guidance_scale": cfg.guidance_scale,
+                "max_images": cfg.max_images, "pixel_multiple": pipeline.model.pixel_multiple,
+                "limits": asdict(limits)}
+
+    def prepare(req: GenerateRequest):
+        messages = request_messages(req, limits)
+        config = request_config(req, limits, pipeline.model)
+        try:
+            messages = pipeline.messages(messages)  # the pipeline's own checks (same as the Python API)
+        except (ValueError, RecordError) as e:
+            raise BadRequest(str(e)) from None
+        return messages, config
+
+    @app.post("/api/generate", response_model=GenerateResponse, response_model_exclude_none=True,
+              summary="Generate one answer (JSON)",
+              responses={400: {"description": "bad input"}, 413: {"description": "body, image or prompt too large"},
+                         429: {"description": "queue full"}, 500: {"description": "the model failed"},
+                         503: {"description": "waited too long"}, 504: {"description": "generation timed out"}})
+    async def generate(req: GenerateRequest):
+        messages, config = prepare(req)
+        service.admit()
+        deadline = time.monotonic() + limits.request_timeout_s
+        cancel = threading.Event()
+        try:
+            finished = await run_in_threadpool(service.run, messages, config, lambda e: None, cancel, deadline)
+        except TimeoutError as e:
+            status = 503 if "waited" in str(e) else 504
+            return JSONResponse({"detail": str(e)}, status_code=status)
+        except RecordError as e:  # found while rendering the prompt (e.g. an image's aspect ratio)
+            return JSONResponse({"detail": str(e)}, status_code=400)
+        except Exception as e:  # a failure inside the model: reported, and the server keeps serving
+            return JSONResponse({"detail": f"generation failed: {type(e).__name__}: {e}"}, status_code=500)
+        finally:
+            cancel.set()
+            service.release()
+        record = finished.record
+        return {"id": record.id, "answer": answer_json(finished.content),
+                "messages": [{"role": m.role, "content": answer_json(m.content)} for m in record.messages],
+                "meta": record.meta}
+
+    @app.post("/api/generate/stream", summary="Generate one answer as server-sent events",
+              response_class=StreamingResponse,
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "events: text {text}, image_started {index, height, width}, "
+                                              "step {index, step, num_steps}, image_done {index, image: PNG data URL, seconds}, "
+                                              "finished {id, finish_reason, stats, answer}, error {detail}"},
+                         400: {"description": "bad input"}, 413: {"description": "too large"},
+                         429: {"description": "queue full"}})
+    async def generate_stream(req: GenerateRequest, request: Request):
+        messages, config = prepare(req)
+        service.admit()  # 429 before the stream starts
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        deadline = time.monotonic() + limits.request_timeout_s
+        done = object()
+
+        def work():
+            try:
+                service.run(messages, config, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e), cancel, deadline)
+            except Cancelled:
+                pass
+            except (TimeoutError, RecordError) as e:
+                loop.call_soon_threadsafe(queue.put_nowait, _Error(str(e)))
+            except Exception as e:  # reported to the client; the server keeps serving
+                loop.call_soon_threadsafe(queue.put_nowait, _Error(f"generation failed: {type(e).__name__}: {e}"))
+            finally:
+                service.release()
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        threading.Thread(target=work, name="duetgen-request", daemon=True).start()
+
+        async def events():
+            try:
+                while True:
+                    item = await queue.get()
+                    if item is done:
+                        return
+                    if isinstance(item, _Error):
+                        yield sse("error", {"detail": item.detail})
+                    else:
+                        yield sse(*event_json(item))
+            finally:
+                cancel.set()  # the client went away (or we finished): stop the generation
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    return app
+
+
+@dataclass
+class _Error:
+    detail: str
+
+
+def serve(pipeline, host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None) -> None:
+    """Run the server until interrupted (``duetgen serve``)."""
+    import uvicorn
+
+    uvicorn.run(create_app(pipeline, limits), host=host, port=port, log_level="info",
+                timeout_keep_alive=5, limit_concurrency=64)
