@@ -151,6 +151,20 @@ def test_classify_only_prose_refusals_as_refusals():
     assert ok == {"state": "ok", "data": {"a": 1}}
 
 
+def test_api_refusal_field_is_a_refusal_and_is_cached(server, tmp_path):
+    # content null + message.refusal (OpenAI structured outputs); the text has no prose-refusal opening,
+    # so only the field can make this a refusal (before, it was an api_error: "malformed response body").
+    fields = {"sequence": sequence_parts(make_sample(i=5, marker="JUDGE_APIREFUSAL"), "all"), "num_output_images": 2}
+    server.reset()
+    unit = run(score_and_close(judge_for(server, tmp_path), "duetgen_sequence", fields))
+    assert unit["state"] == "refusal" and unit["scores"] is None and server.count == 1
+    assert unit["samples"][0]["text"] == "Grading this content is against the usage policy."
+    judge = judge_for(server, tmp_path)
+    again = run(score_and_close(judge, "duetgen_sequence", fields))
+    assert again["state"] == "refusal" and server.count == 1 and judge.stats["cache_hits"] == 1
+    assert classify(ChatResult("refusal", "No.", None, "the API refused: No."))["state"] == "refusal"
+
+
 # ----------------------------------------------------------------------------- k samples, provenance
 def test_k_samples_use_distinct_seeds_and_the_score_is_their_median(server, tmp_path):
     s = make_sample(i=7)

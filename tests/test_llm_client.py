@@ -82,6 +82,47 @@ def test_malformed_response_body_is_api_error(server):
     assert r.status == "api_error" and "malformed response body" in r.error
 
 
+def test_api_refusal_is_its_own_status_not_retried_and_cached(tmp_path):
+    # OpenAI structured outputs refuse with content null and message.refusal set.
+    reply = {"refusal": "I can't help with that."}
+    with FakeOpenAIServer(lambda body: reply if "forbidden" in str(body["messages"]) else "fine") as s:
+        c = client_for(s, cache_path=tmp_path / "c.sqlite")
+        r = c.chat(user("something forbidden"), json_schema=SCHEMA)
+        assert r.status == "refusal" and not r.ok and r.text == "I can't help with that."
+        assert r.data is None and "refused" in r.error and not r.cached
+        assert s.bodies[-1]["messages"] and s.requests == 1  # a refusal is an answer: no retry
+        t = c.usage_totals
+        assert t["refusals"] == 1 and t["errors"] == 0 and t["retries"] == 0 and t["invalid_json"] == 0
+        again = c.chat(user("something forbidden"), json_schema=SCHEMA)
+        assert again.status == "refusal" and again.cached and again.text == r.text and s.requests == 1
+        assert c.chat(user("allowed"), json_schema=SCHEMA).status == "invalid_json"  # "fine" is not JSON
+        c.close()
+        # a fresh client on the same file (another process) gets the refusal from the cache too
+        c2 = client_for(s, cache_path=tmp_path / "c.sqlite")
+        r2 = c2.chat(user("something forbidden"), json_schema=SCHEMA)
+        assert r2.status == "refusal" and r2.cached and s.requests == 2
+        c2.close()
+
+
+def test_cache_file_from_before_refusals_gains_the_column(tmp_path):
+    import sqlite3
+
+    from duetgen.llm.cache import ResponseCache
+
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE responses (key TEXT PRIMARY KEY, model TEXT NOT NULL, template_version TEXT NOT NULL,"
+                " text TEXT NOT NULL, usage TEXT NOT NULL, created REAL NOT NULL)")
+    con.execute("INSERT INTO responses VALUES ('k', 'm', 't', 'old answer', '{\"prompt_tokens\": 3}', 0)")
+    con.commit()
+    con.close()
+    cache = ResponseCache(path)
+    assert cache.get("k") == ("old answer", {"prompt_tokens": 3}, False)
+    cache.put("k2", model="m", template_version="t", text="no", usage={}, refusal=True)
+    assert cache.get("k2").refusal and len(cache) == 2
+    cache.close()
+
+
 def test_connection_refused_is_api_error():
     s = FakeOpenAIServer().start()
     url = s.url
@@ -166,12 +207,11 @@ def test_concurrency_bound_holds_and_order_is_kept(tmp_path):
     with FakeOpenAIServer(latency_s=0.15) as s:
         c = client_for(s, max_concurrency=3, cache_path=tmp_path / "c.sqlite")
         reqs = [(user(f"q{i}"), {}) for i in range(12)]
-        t0 = time.perf_counter()
         results = c.chat_many(reqs, progress=False)
-        wall = time.perf_counter() - t0
         assert [r.text for r in results] == [f"echo: q{i}" for i in range(12)]
-        assert s.max_in_flight == 3  # bounded, and actually parallel
-        assert wall < 12 * 0.15 * 0.6  # about 4 rounds of 0.15 s, not 12
+        # bounded, and actually parallel (the server counts requests in flight; no wall-clock
+        # bound here: timings belong in benchmarks/, this machine is shared and noisy)
+        assert s.max_in_flight == 3
         # rerun: all cached, concurrent cache reads and writes were safe
         again = c.chat_many(reqs, progress=True)
         assert all(r.cached for r in again) and s.requests == 12

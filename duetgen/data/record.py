@@ -290,7 +290,7 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable (POSIX: the directory entry lives in the directory)."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -308,11 +308,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
-def _pil_guard(where: str):
+def pil_guard(where: str):
     """Turn PIL's decompression-bomb and decode failures into ImageError naming ``where``."""
     from PIL import Image
 
@@ -337,7 +337,7 @@ def inspect_image(fp: Any, where: str, max_pixels: int = DEFAULT_MAX_PIXELS, dec
     """
     from PIL import Image
 
-    with _pil_guard(where):
+    with pil_guard(where):
         im = Image.open(fp)
         if im.format not in IMAGE_FORMATS:
             raise ImageError(f"{where}: unsupported image format {im.format!r} (allowed: PNG, JPEG, WEBP, GIF)")
@@ -349,6 +349,22 @@ def inspect_image(fp: Any, where: str, max_pixels: int = DEFAULT_MAX_PIXELS, dec
         if decode:
             im.load()
     return im
+
+
+def open_rgb_image(path: Path, where: str, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """A fully loaded RGB PIL image from a file whose path is already checked (``resolve_inside``).
+
+    The format and pixel cap are checked on the header before decoding; ``where`` names the record
+    and path in every error.
+    """
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ImageError(f"{where}: cannot be read ({e.strerror})") from None
+    with f:
+        im = inspect_image(f, where, max_pixels)
+        with pil_guard(where):
+            return to_rgb(im)
 
 
 def to_rgb(im):
@@ -375,7 +391,7 @@ def encode_png(im) -> bytes:
     return buf.getvalue()
 
 
-def _resolve_inside(root: Path, rel: str, record_id: str) -> Path:
+def resolve_inside(root: Path, rel: str, record_id: str) -> Path:
     """Absolute path of dataset-relative ``rel``, proven (after resolving symlinks) to lie in ``root``."""
     check_image_path(rel, record_id)
     root_resolved = root.resolve()
@@ -529,7 +545,7 @@ class DatasetWriter:
         return rel
 
     def _check_stored_path(self, rel: str, record_id: str) -> None:
-        path = _resolve_inside(self.root, rel, record_id)
+        path = resolve_inside(self.root, rel, record_id)
         where = f"record {record_id!r}: image {rel!r}"
         if not path.is_file():
             raise ImageError(f"{where} not found in the dataset root {str(self.root)!r}")
@@ -582,11 +598,11 @@ class DatasetWriter:
             finally:
                 os.close(fd)
         for d in {p.parent for p in self._pending_images}:
-            _fsync_dir(d)
+            fsync_dir(d)
         self._pending_images.clear()
         rel = shard_name(index)
         os.replace(self._tmp_path(index), self.root / rel)
-        _fsync_dir(self.root / SHARD_DIR)
+        fsync_dir(self.root / SHARD_DIR)
         self.manifest["shards"].append({"path": rel, "num_records": self._shard_count})
         self.manifest["num_records"] += self._shard_count
         self.manifest["updated"] = _now()
@@ -688,7 +704,7 @@ class Dataset:
 
     def image_path(self, path: str, record_id: str = "?") -> Path:
         """Absolute path of a record's image, refused if it leaves the root (also via symlinks) or is missing."""
-        p = _resolve_inside(self.root, path, record_id)
+        p = resolve_inside(self.root, path, record_id)
         if not p.is_file():
             raise ImageError(f"record {record_id!r}: image {path!r} not found in the dataset root {str(self.root)!r}")
         return p
@@ -709,16 +725,8 @@ class Dataset:
 
     def open_image(self, path: str, record_id: str = "?"):
         """Open a record's image as a fully loaded RGB PIL image (pixel cap checked on the header first)."""
-        p = self.image_path(path, record_id)
-        where = f"record {record_id!r}: image {path!r}"
-        try:
-            f = open(p, "rb")
-        except OSError as e:
-            raise ImageError(f"{where}: cannot be read ({e.strerror})") from None
-        with f:
-            im = inspect_image(f, where, self.max_pixels)
-            with _pil_guard(where):
-                return to_rgb(im)
+        return open_rgb_image(self.image_path(path, record_id), f"record {record_id!r}: image {path!r}",
+                              self.max_pixels)
 
     def __repr__(self) -> str:
         return f"Dataset({str(self.root)!r}, records={len(self)}, shards={len(self.shards)})"

@@ -14,15 +14,17 @@ Design choices:
   for the endpoint and for the caches); each score is the median of the k. Temperature 0 is not
   deterministic on hosted APIs, and the median of a few samples damps that noise.
 - Four states per request: ``ok``, ``api_error`` (HTTP/transport failure after the client's
-  retries), ``refusal`` (the judge declined in prose), ``unparsable`` (not JSON, or not the
-  schema). A failure is never turned into a score: a unit is ``ok`` only if all k samples are,
-  otherwise it carries the first failing state and no score (STYLE principle 10).
-- Score cache: SQLite, keyed by sha256 of (endpoint, model, template version and hash, the
-  rendered messages with each image replaced by the sha256 of the exact bytes sent, sampling
-  settings, seed, schema). Same request, same answer: a rerun or a resume after a kill costs no
-  judge call. ``ok``, ``refusal`` and ``unparsable`` outcomes are cached (they are the judge's
-  answer to that exact request); ``api_error`` never is, so a rerun retries it. The LLM client's
-  own response cache is not used (it would duplicate this one).
+  retries), ``refusal`` (the judge declined in prose, or through the API's ``message.refusal``),
+  ``unparsable`` (not JSON, or not the schema). A failure is never turned into a score: a unit
+  is ``ok`` only if all k samples are, otherwise it carries the first failing state and no score
+  (STYLE principle 10).
+- Score cache: SQLite (``duetgen.llm.cache.SqliteStore``, the LLM response cache's mechanism),
+  keyed by sha256 of (endpoint, model, template version and hash, the rendered messages with each
+  image replaced by the sha256 of the exact bytes sent, sampling settings, seed, schema). Same
+  request, same answer: a rerun or a resume after a kill costs no judge call. ``ok``, ``refusal``
+  and ``unparsable`` outcomes are cached (they are the judge's answer to that exact request);
+  ``api_error`` never is, so a rerun retries it. The LLM client's own response cache is not
+  used (it would duplicate this one).
 - Images: RGB, longest side downscaled to 512 px (bicubic; CoMM's judge also caps at 512), sent as
   JPEG quality 90. The exact recipe is ``PREPROCESS`` and is recorded with every score.
 - Views decide what the judge sees; images are numbered from 0 across input and output and
@@ -37,9 +39,7 @@ import hashlib
 import io
 import json
 import re
-import sqlite3
 import statistics
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from duetgen.data.record import ImagePart, Message, Part, TextPart
+from duetgen.llm.cache import SqliteStore
 from duetgen.llm.client import ChatResult, LLMClient
 from duetgen.llm.templates import PromptTemplate
 
@@ -197,37 +198,19 @@ def count_images(messages: list[dict]) -> int:
 
 
 # ----------------------------------------------------------------------------- score cache
-class ScoreCache:
+class ScoreCache(SqliteStore):
     """key -> judged outcome (JSON) in one SQLite file; safe to share between processes (WAL)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(str(self.path), timeout=30.0, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a killed process
-        self._conn.execute("PRAGMA busy_timeout=30000")
-        self._conn.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, value TEXT NOT NULL, "
-                           "template TEXT NOT NULL, created REAL NOT NULL)")
+    table = "scores"
+    columns = "key TEXT PRIMARY KEY, value TEXT NOT NULL, template TEXT NOT NULL, created REAL NOT NULL"
 
     def get(self, key: str) -> dict | None:
-        with self._lock:
-            row = self._conn.execute("SELECT value FROM scores WHERE key = ?", (key,)).fetchone()
+        row = self._fetch_one("SELECT value FROM scores WHERE key = ?", (key,))
         return None if row is None else json.loads(row[0])
 
     def put(self, key: str, value: dict, template: str) -> None:
-        with self._lock:
-            self._conn.execute("INSERT OR REPLACE INTO scores (key, value, template, created) VALUES (?, ?, ?, ?)",
-                               (key, json.dumps(value, sort_keys=True), template, time.time()))
-
-    def __len__(self) -> int:
-        with self._lock:
-            return self._conn.execute("SELECT COUNT(*) FROM scores").fetchone()[0]
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._execute("INSERT OR REPLACE INTO scores (key, value, template, created) VALUES (?, ?, ?, ?)",
+                      (key, json.dumps(value, sort_keys=True), template, time.time()))
 
 
 # ----------------------------------------------------------------------------- the judge
@@ -257,6 +240,8 @@ def classify(res: ChatResult) -> dict:
     """A client result as one of the four states; a score exists only in ``ok``."""
     if res.status == "api_error":
         return {"state": "api_error", "error": res.error}
+    if res.status == "refusal":  # the API's own refusal field (content null), not prose
+        return {"state": "refusal", "error": res.error, "text": (res.text or "")[:MAX_FAILED_TEXT]}
     if res.status == "invalid_json":
         text = res.text or ""
         state = "refusal" if _REFUSAL_RE.match(text) else "unparsable"

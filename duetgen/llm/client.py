@@ -10,14 +10,18 @@ Design choices:
   event loop thread owned by the client, so connections and the client survive between calls.
 - Retries: 429 (honouring Retry-After, capped at ``backoff_max_s``), 5xx, timeouts and connection
   errors, with exponential backoff and jitter (delay * U[0.5, 1]) so a burst of workers does not
-  retry in lock-step. Other 4xx are the caller's bug and are not retried.
+  retry in lock-step. Other 4xx are the caller's bug and are not retried. The transport is
+  ``duetgen.llm.transport``, shared with the image-generation clients.
 - Failures are states, not exceptions: ``status="api_error"`` after the retries are spent,
-  ``status="invalid_json"`` when a schema was asked and the reply does not parse or validate. The
-  reply is parsed with ``json.loads`` as it stands: no fence stripping, no repair (never a guess).
+  ``status="invalid_json"`` when a schema was asked and the reply does not parse or validate,
+  ``status="refusal"`` when the API declined with ``message.refusal`` (OpenAI structured-output
+  refusals: ``content`` is null); ``text`` then holds the refusal message. The reply is parsed
+  with ``json.loads`` as it stands: no fence stripping, no repair (never a guess).
 - Cache key: sha256 over model, template version, the canonical messages with every image replaced
   by the sha256 of its bytes, and all sampling settings. Successful HTTP replies are cached, also
-  those whose JSON turns out invalid (the model's answer is the answer: a rerun reproduces it at no
-  cost; change the seed or the template to ask again). API errors are never cached.
+  those whose JSON turns out invalid and refusals (the model's answer is the answer: a rerun
+  reproduces it at no cost; change the seed or the template to ask again). A refusal is an answer,
+  not a fault, so it is not retried either. API errors are never cached.
 - Images: ``{"type": "image", "image": PIL | bytes | Path}`` becomes a data URL. PNG/JPEG/WebP/GIF
   bytes are sent as they are; a PIL image is encoded as PNG (lossless and byte-deterministic, so
   the cache key is stable). A plain ``str`` is refused: it is ambiguous (path? URL?) and reading
@@ -28,13 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import hashlib
 import io
 import json
-import random
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,15 +43,16 @@ from typing import Any, Literal
 import httpx
 
 from duetgen.llm.cache import ResponseCache
+from duetgen.llm.transport import LoopPool, RequestFailed, check_status, transport_errors, with_retries
 
-Status = Literal["ok", "api_error", "invalid_json"]
+Status = Literal["ok", "api_error", "invalid_json", "refusal"]
 _MIME_BY_FORMAT = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
 
 
 @dataclass
 class ChatResult:
-    status: Status  # "ok" | "api_error" (retries exhausted / not retryable) | "invalid_json"
-    text: str | None  # the reply text (also set for invalid_json, for debugging)
+    status: Status  # "ok" | "api_error" (retries exhausted / not retryable) | "invalid_json" | "refusal"
+    text: str | None  # the reply text (also set for invalid_json, for debugging; the refusal message for refusal)
     data: Any | None  # the parsed, validated JSON when a schema was asked
     error: str | None  # why, when status != "ok"
     usage: dict = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
@@ -60,12 +62,6 @@ class ChatResult:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
-
-
-class _RetryableError(Exception):
-    def __init__(self, msg: str, retry_after: float | None = None):
-        super().__init__(msg)
-        self.retry_after = retry_after
 
 
 class LLMClient:
@@ -97,11 +93,10 @@ class LLMClient:
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
         self.cache = ResponseCache(cache_path) if cache_path is not None else None
         self._totals = dict(requests=0, cached=0, prompt_tokens=0, completion_tokens=0, errors=0,
-                            invalid_json=0, http_requests=0, retries=0)
+                            invalid_json=0, refusals=0, http_requests=0, retries=0)
         self._totals_lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None  # the loop _http and _sem belong to
-        self._http: httpx.AsyncClient | None = None
-        self._sem: asyncio.Semaphore | None = None
+        self._pool = LoopPool(timeout_s=timeout_s, max_concurrency=max_concurrency,
+                              headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
         self._sync_loop: asyncio.AbstractEventLoop | None = None  # the sync wrappers' loop thread
         self._sync_thread: threading.Thread | None = None
         self._sync_lock = threading.Lock()
@@ -133,9 +128,9 @@ class LLMClient:
         self._count(requests=1)
 
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
-            text, usage = hit
             self._count(cached=1)
-            return self._finish(text, usage, json_schema, cached=True, finish_reason=None)
+            return self._finish(hit.text, hit.usage, json_schema, cached=True, finish_reason=None,
+                                refusal=hit.refusal)
 
         body: dict[str, Any] = {"model": self.model, "messages": wire_messages,
                                 "temperature": temperature, "max_tokens": max_tokens}
@@ -147,14 +142,15 @@ class LLMClient:
             body["response_format"] = {"type": "json_schema",
                                        "json_schema": {"name": "reply", "schema": json_schema, "strict": True}}
         try:
-            text, usage, finish_reason = await self._post_with_retries(body)
-        except _RequestFailed as e:
+            text, usage, finish_reason, refusal = await self._post_with_retries(body)
+        except RequestFailed as e:
             self._count(errors=1)
             return ChatResult("api_error", None, None, str(e), model=self.model)
         self._count(prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0))
         if self.cache is not None:
-            self.cache.put(key, model=self.model, template_version=template_version, text=text, usage=usage)
-        return self._finish(text, usage, json_schema, cached=False, finish_reason=finish_reason)
+            self.cache.put(key, model=self.model, template_version=template_version, text=text, usage=usage,
+                           refusal=refusal)
+        return self._finish(text, usage, json_schema, cached=False, finish_reason=finish_reason, refusal=refusal)
 
     def chat(self, messages: list[dict], **kw) -> ChatResult:
         """Synchronous ``achat`` (not from inside a running event loop: use ``achat`` there)."""
@@ -182,9 +178,7 @@ class LLMClient:
             return self._run_sync(self.amap(requests, on_done=lambda _: bar.advance(task)))
 
     async def aclose(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-        self._http, self._loop, self._sem = None, None, None
+        await self._pool.aclose()
 
     def close(self) -> None:
         """Stop the sync wrappers' event loop thread (closing its HTTP client) and the cache."""
@@ -219,64 +213,41 @@ class LLMClient:
                 self._sync_thread.start()
         return asyncio.run_coroutine_threadsafe(coro, self._sync_loop).result()
 
-    def _loop_state(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:  # first use on this loop: a client and a semaphore bound to it
-            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
-            self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s), headers=headers, limits=limits,
-                                           trust_env=False)
-            self._sem = asyncio.Semaphore(self.max_concurrency)
-            self._loop = loop
-        return self._http, self._sem
+    async def _post_with_retries(self, body: dict) -> tuple[str, dict, str | None, bool]:
+        http, sem = self._pool.get()
+        return await with_retries(lambda: self._post_once(http, body), sem, max_retries=self.max_retries,
+                                  backoff_base_s=self.backoff_base_s, backoff_max_s=self.backoff_max_s,
+                                  count=self._count)
 
-    async def _post_with_retries(self, body: dict) -> tuple[str, dict, str | None]:
-        http, sem = self._loop_state()
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            try:
-                async with sem:
-                    self._count(http_requests=1)
-                    return await self._post_once(http, body)
-            except _RetryableError as e:
-                last = str(e)
-                if attempt == self.max_retries:
-                    break
-                delay = min(self.backoff_max_s, self.backoff_base_s * 2**attempt) * random.uniform(0.5, 1.0)
-                if e.retry_after is not None:
-                    delay = max(delay, min(e.retry_after, self.backoff_max_s))
-                self._count(retries=1)
-                await asyncio.sleep(delay)
-        raise _RequestFailed(f"{last} (gave up after {self.max_retries + 1} attempts)")
-
-    async def _post_once(self, http: httpx.AsyncClient, body: dict) -> tuple[str, dict, str | None]:
-        try:
+    async def _post_once(self, http: httpx.AsyncClient, body: dict) -> tuple[str, dict, str | None, bool]:
+        """(text, usage, finish_reason, refusal); with ``refusal`` the text is the refusal message."""
+        with transport_errors(self.timeout_s):
             resp = await http.post(self.endpoint, json=body)
-        except httpx.TimeoutException as e:
-            raise _RetryableError(f"timeout after {self.timeout_s}s ({type(e).__name__})") from None
-        except httpx.TransportError as e:  # connection refused / reset, protocol errors
-            raise _RetryableError(f"connection error: {type(e).__name__}: {e}") from None
-        if resp.status_code == 429:
-            raise _RetryableError("HTTP 429 rate limited", _parse_retry_after(resp.headers.get("retry-after")))
-        if resp.status_code >= 500:
-            raise _RetryableError(f"HTTP {resp.status_code}: {resp.text[:200]}")
-        if resp.status_code != 200:
-            raise _RequestFailed(f"HTTP {resp.status_code} (not retried): {resp.text[:300]}")
+        check_status(resp, resp.text)
         try:
             payload = resp.json()
             choice = payload["choices"][0]
-            text = choice["message"]["content"]
+            message = choice["message"]
+            refusal = message.get("refusal")
+            # OpenAI's structured-output refusal: content null, refusal a non-empty string.
+            if isinstance(refusal, str) and refusal:
+                text, refused = refusal, True
+            else:
+                text, refused = message["content"], False
             if not isinstance(text, str):
                 raise TypeError(f"message.content is {type(text).__name__}, not a string")
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise _RequestFailed(f"malformed response body ({type(e).__name__}: {e}): {resp.text[:200]}") from None
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            raise RequestFailed(f"malformed response body ({type(e).__name__}: {e}): {resp.text[:200]}") from None
         u = payload.get("usage") or {}
         usage = {"prompt_tokens": int(u.get("prompt_tokens") or 0),
                  "completion_tokens": int(u.get("completion_tokens") or 0)}
-        return text, usage, choice.get("finish_reason")
+        return text, usage, choice.get("finish_reason"), refused
 
     def _finish(self, text: str, usage: dict, json_schema: dict | None, *, cached: bool,
-                finish_reason: str | None) -> ChatResult:
+                finish_reason: str | None, refusal: bool = False) -> ChatResult:
+        if refusal:
+            self._count(refusals=1)
+            return ChatResult("refusal", text, None, f"the API refused: {text[:300]}", usage, cached, self.model)
         if json_schema is None:
             return ChatResult("ok", text, None, None, usage, cached, self.model)
         data, err = _parse_and_validate(text, json_schema)
@@ -293,25 +264,7 @@ class LLMClient:
                 self._totals[k] += v
 
 
-class _RequestFailed(Exception):
-    """A request that will not succeed by retrying (or whose retries are spent)."""
-
-
 # ----------------------------------------------------------------------------- helpers
-def _parse_retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:  # HTTP-date form
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
 def _parse_and_validate(text: str, schema: dict) -> tuple[Any, str | None]:
     import jsonschema
 

@@ -5,11 +5,16 @@ client under test goes through real sockets, real JSON and real status codes.
 
 Design choices:
 - Answers come from a ``responder(body) -> str | dict`` function the test supplies (default: echo
-  the last user text), so answers are deterministic and can depend on the prompt.
+  the last user text), so answers are deterministic and can depend on the prompt. A dict may set
+  ``content``, ``finish_reason`` and ``refusal`` (then ``content`` defaults to null, as OpenAI's
+  structured-output refusals send it).
 - Faults are a FIFO the test fills with ``inject("429", "500", "timeout", "malformed_body",
   "drop")``; each request takes the next one, so "fail twice then succeed" is two entries.
 - It measures what the tests assert on: request count, the bodies received, and the maximum
   number of requests in flight at once (the client's concurrency bound).
+- The plumbing every local test server needs is here too, for the other doubles (web site, judge,
+  image APIs): ``LocalHandler`` (keep-alive, TCP_NODELAY, quiet, ``send_json`` / ``send_bytes``) and
+  ``serve_in_thread`` / ``stop_server`` (127.0.0.1, a free port, a daemon thread).
 """
 
 from __future__ import annotations
@@ -21,6 +26,54 @@ import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
+
+
+class LocalHandler(BaseHTTPRequestHandler):
+    """Base request handler of the local test servers: HTTP/1.1 keep-alive, no Nagle delay, no log."""
+
+    protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()
+        # Headers and body go out as two writes; with Nagle on, the second waits for the
+        # client's delayed ACK (~40 ms per request, measured). Real servers set this too.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def send_bytes(self, code: int, content_type: str, data: bytes, headers: dict | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
+            pass
+
+    def send_json(self, code: int, obj: Any, headers: dict | None = None) -> None:
+        self.send_bytes(code, "application/json", json.dumps(obj).encode(), headers)
+
+
+class _LocalHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # stop() must not wait for a handler a test left stalled
+    request_queue_size = 128  # bursts of concurrent clients in the concurrency tests
+
+
+def serve_in_thread(handler: type[BaseHTTPRequestHandler], name: str = "local-http") -> ThreadingHTTPServer:
+    """A threading HTTP server on 127.0.0.1 at a free port, serving from a daemon thread."""
+    httpd = _LocalHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True, name=name).start()
+    return httpd
+
+
+def stop_server(httpd: ThreadingHTTPServer) -> None:
+    httpd.shutdown()
+    httpd.server_close()
 
 
 def echo_responder(body: dict) -> str:
@@ -66,18 +119,7 @@ class FakeOpenAIServer:
     def start(self) -> "FakeOpenAIServer":
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def setup(self):
-                super().setup()
-                # Headers and body go out as two writes; with Nagle on, the second waits for the
-                # client's delayed ACK (~40 ms per request, measured). Real servers set this too.
-                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-            def log_message(self, *args):  # quiet
-                pass
-
+        class Handler(LocalHandler):
             def do_POST(self):
                 n = int(self.headers.get("content-length") or 0)
                 raw = self.rfile.read(n)
@@ -96,67 +138,47 @@ class FakeOpenAIServer:
                 if server.latency_s:
                     time.sleep(server.latency_s)
                 if self.path.rstrip("/") != "/v1/chat/completions":
-                    return self._send(404, {"error": f"no route {self.path}"})
+                    return self.send_json(404, {"error": f"no route {self.path}"})
                 if fault == "timeout":
                     time.sleep(server.timeout_sleep_s)
-                    return self._send(500, {"error": "stalled"})
+                    return self.send_json(500, {"error": "stalled"})
                 if fault == "drop":
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
                 if fault == "429":
-                    return self._send(429, {"error": "rate limited"}, {"Retry-After": server.retry_after})
+                    return self.send_json(429, {"error": "rate limited"}, {"Retry-After": server.retry_after})
                 if fault in ("500", "503", "400"):
-                    return self._send(int(fault), {"error": f"injected {fault}"})
+                    return self.send_json(int(fault), {"error": f"injected {fault}"})
                 try:
                     body = json.loads(raw)
                 except json.JSONDecodeError:
-                    return self._send(400, {"error": "body is not JSON"})
+                    return self.send_json(400, {"error": "body is not JSON"})
                 with server._lock:
                     server.bodies.append(body)
                 if fault == "malformed_body":
-                    return self._send_raw(200, b'{"choices": [ {"mess')
+                    return self.send_bytes(200, "application/json", b'{"choices": [ {"mess')
                 reply = server.responder(body)
                 if isinstance(reply, str):
                     reply = {"content": reply}
-                content = reply["content"]
+                message = {"role": "assistant", "content": reply.get("content")}
+                if "refusal" in reply:
+                    message["refusal"] = reply["refusal"]
+                said = str(reply.get("refusal") or message["content"])
                 prompt_words = len(json.dumps(body["messages"]).split())
-                self._send(200, {
+                self.send_json(200, {
                     "id": "chatcmpl-fake", "object": "chat.completion", "model": body.get("model"),
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                 "finish_reason": reply.get("finish_reason", "stop")}],
-                    "usage": {"prompt_tokens": prompt_words, "completion_tokens": len(str(content).split()),
-                              "total_tokens": prompt_words + len(str(content).split())},
+                    "choices": [{"index": 0, "message": message, "finish_reason": reply.get("finish_reason", "stop")}],
+                    "usage": {"prompt_tokens": prompt_words, "completion_tokens": len(said.split()),
+                              "total_tokens": prompt_words + len(said.split())},
                 })
 
-            def _send(self, code: int, obj: dict, headers: dict | None = None):
-                self._send_raw(code, json.dumps(obj).encode(), headers)
-
-            def _send_raw(self, code: int, data: bytes, headers: dict | None = None):
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                try:
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
-                    pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            block_on_close = False
-            request_queue_size = 128
-
-        self._httpd = Server(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._httpd.serve_forever, daemon=True, name="fake-openai").start()
+        self._httpd = serve_in_thread(Handler, "fake-openai")
         return self
 
     def stop(self) -> None:
         if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
+            stop_server(self._httpd)
             self._httpd = None
 
     def __enter__(self) -> "FakeOpenAIServer":

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from duetgen.data.record import atomic_write_bytes
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -179,9 +181,7 @@ class ImageProcessor:
         }
         path = Path(directory) / "preprocessor_config.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(cfg, indent=2))
-        os.replace(tmp, path)
+        atomic_write_bytes(path, json.dumps(cfg, indent=2).encode())
         return path
 
 

@@ -73,6 +73,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from duetgen.data.record import atomic_write_bytes, fsync_dir
+
 FORMAT = "duetgen-checkpoint/1"
 STEP_DIR_RE = re.compile(r"^step-(\d{7,})$")
 LATEST = "latest"
@@ -120,14 +122,6 @@ def _barrier() -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -422,8 +416,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
             "format": FORMAT, "step": step, "world_size": world, "trainable_only": trainable_only,
             "statefuls": sorted(statefuls), "files": sorted(files), "config": cfg,
             "torch_version": torch.__version__, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        _fsync_dir(tmp / "rng")
-        _fsync_dir(tmp)
+        fsync_dir(tmp / "rng")
+        fsync_dir(tmp)
         if final.exists():  # the same step saved again (a rerun): replace it
             trash = run_dir / f".tmp-old-{final.name}"
             os.rename(final, trash)
@@ -431,12 +425,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
             shutil.rmtree(trash)
         else:
             os.rename(tmp, final)
-        _fsync_dir(run_dir)
-        pointer = run_dir / f".{LATEST}.tmp"
-        pointer.write_text(final.name + "\n")
-        _fsync_file(pointer)
-        os.replace(pointer, run_dir / LATEST)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
+        atomic_write_bytes(run_dir / LATEST, (final.name + "\n").encode())  # tmp + fsync + os.replace
         if keep_last is not None:
             for old in list_checkpoints(run_dir)[:-keep_last]:
                 if old != final:

@@ -57,7 +57,8 @@ def render_html(data: dict) -> str:
         llm = s.get("llm") or {}
         llm_cell = (f"{llm.get('requests', 0)} calls, {llm.get('cached', 0)} cached, "
                     f"{llm.get('prompt_tokens', 0)}+{llm.get('completion_tokens', 0)} tokens, "
-                    f"{llm.get('errors', 0)} errors, {llm.get('invalid_json', 0)} invalid") if llm else ""
+                    f"{llm.get('errors', 0)} errors, {llm.get('invalid_json', 0)} invalid, "
+                    f"{llm.get('refusals', 0)} refused") if llm else ""
         rows.append(
             f"<tr><td>{_e(s['name'])}</td><td>{s['pages_in']}</td><td>{s['pages_out']}</td>"
             f"<td>{s['images_in']}</td><td>{s['images_out']}</td><td><ul>{''.join(drops)}</ul></td>"

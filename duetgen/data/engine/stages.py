@@ -12,10 +12,10 @@ Design choices:
 - Every drop goes through ``stats.drop_page`` / ``drop_image`` / ``drop_text`` with a reason code.
 - LLM stages take pages in batches and send all of a batch's requests at once through
   ``LLMClient.chat_many`` (bounded concurrency), so throughput comes from the client's
-  concurrency, not from more processes. A failed or invalid LLM reply drops the item with the
-  status as the reason (``llm_api_error`` / ``llm_invalid_json``) or a semantic check's reason
-  (``llm_bad_reply``...); nothing is guessed, and the API error is not cached, so a fresh run
-  (new --out) asks again.
+  concurrency, not from more processes. A failed, invalid or refused LLM reply drops the item
+  with the status as the reason (``llm_api_error`` / ``llm_invalid_json`` / ``llm_refusal``) or a
+  semantic check's reason (``llm_bad_reply``...); nothing is guessed, and the API error is not
+  cached, so a fresh run (new --out) asks again.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _batched(docs: Iterable[Doc], n: int) -> Iterator[list[Doc]]:
 
 
 def _llm_failure(result) -> str:
-    return "llm_api_error" if result.status == "api_error" else "llm_invalid_json"
+    return f"llm_{result.status}"  # llm_api_error | llm_invalid_json | llm_refusal
 
 
 def _llm_image(item: ImageItem, side: int = 768) -> bytes:
@@ -246,7 +246,7 @@ def _chat(client, requests, stats: StageStats):
     before = client.usage_totals
     results = client.chat_many(requests, progress=False) if requests else []
     after = client.usage_totals
-    for k in ("requests", "cached", "prompt_tokens", "completion_tokens", "errors", "invalid_json"):
+    for k in ("requests", "cached", "prompt_tokens", "completion_tokens", "errors", "invalid_json", "refusals"):
         stats.llm[k] += after[k] - before[k]
     return results
 

@@ -21,27 +21,26 @@ Design choices:
   arbitrary (possibly private) addresses.
 - The reply body is streamed and capped (``max_response_bytes``) before JSON parsing.
 - Retries: 429 (Retry-After honoured, capped), 5xx, timeouts and connection errors, exponential
-  backoff with jitter; other 4xx are not retried. Concurrency is bounded by a semaphore.
+  backoff with jitter; other 4xx are not retried. Concurrency is bounded by a semaphore. This
+  transport is ``duetgen.llm.transport``, the one the chat client uses.
 - Cost: from token usage and a ``Pricing`` table (per million tokens, by modality), or the
   server's own ``usage.cost`` when it reports one. Blocked answers are billed too.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import email.utils
 import io
 import json
-import random
 import re
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
+
+from duetgen.llm.transport import LoopPool, RequestFailed, check_status, transport_errors, with_retries
 
 Status = Literal["ok", "blocked", "api_error"]
 _DATA_URL_RE = re.compile(r"^data:([\w.+-]+/[\w.+-]+)(;[^,]*)?;base64,(.*)$", re.DOTALL)
@@ -84,16 +83,6 @@ class GenerationResult:
         return sum(p["type"] == "image" for p in self.parts)
 
 
-class _Retryable(Exception):
-    def __init__(self, msg: str, retry_after: float | None = None):
-        super().__init__(msg)
-        self.retry_after = retry_after
-
-
-class _Failed(Exception):
-    pass
-
-
 class _ImageAPIClient:
     """Shared transport: bounded concurrency, retries, capped body, totals."""
 
@@ -112,9 +101,8 @@ class _ImageAPIClient:
         self.totals = {"requests": 0, "http_requests": 0, "retries": 0, "ok": 0, "blocked": 0, "api_error": 0,
                        "prompt_tokens": 0, "output_text_tokens": 0, "output_image_tokens": 0, "cost_usd": 0.0}
         self._lock = threading.Lock()
-        self._loop = None
-        self._http: httpx.AsyncClient | None = None
-        self._sem: asyncio.Semaphore | None = None
+        # _headers() may read only what is set above (api_key): subclasses finish their __init__ later.
+        self._pool = LoopPool(timeout_s=timeout_s, max_concurrency=max_concurrency, headers=self._headers())
 
     # ----------------------------------------------------------------------------- subclass API
     def _endpoint(self) -> str:
@@ -138,7 +126,7 @@ class _ImageAPIClient:
         try:
             payload = await self._post_with_retries(body)
             res = self._parse(payload)
-        except _Failed as e:
+        except RequestFailed as e:
             res = GenerationResult("api_error", error=str(e))
         res.model = self.model
         if res.status != "api_error":
@@ -148,9 +136,7 @@ class _ImageAPIClient:
         return res
 
     async def aclose(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-        self._http, self._loop, self._sem = None, None, None
+        await self._pool.aclose()
 
     # ----------------------------------------------------------------------------- transport
     def _add(self, **inc) -> None:
@@ -158,62 +144,30 @@ class _ImageAPIClient:
             for k, v in inc.items():
                 self.totals[k] += v
 
-    def _state(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
-            self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s), headers=self._headers(),
-                                           limits=limits, trust_env=False)
-            self._sem = asyncio.Semaphore(self.max_concurrency)
-            self._loop = loop
-        return self._http, self._sem
-
     async def _post_with_retries(self, body: dict) -> dict:
-        http, sem = self._state()
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            try:
-                async with sem:
-                    self._add(http_requests=1)
-                    return await self._post_once(http, body)
-            except _Retryable as e:
-                last = str(e)
-                if attempt == self.max_retries:
-                    break
-                delay = min(self.backoff_max_s, self.backoff_base_s * 2**attempt) * random.uniform(0.5, 1.0)
-                if e.retry_after is not None:
-                    delay = max(delay, min(e.retry_after, self.backoff_max_s))
-                self._add(retries=1)
-                await asyncio.sleep(delay)
-        raise _Failed(f"{last} (gave up after {self.max_retries + 1} attempts)")
+        http, sem = self._pool.get()
+        return await with_retries(lambda: self._post_once(http, body), sem, max_retries=self.max_retries,
+                                  backoff_base_s=self.backoff_base_s, backoff_max_s=self.backoff_max_s,
+                                  count=self._add)
 
     async def _post_once(self, http: httpx.AsyncClient, body: dict) -> dict:
-        try:
+        with transport_errors(self.timeout_s):
             async with http.stream("POST", self._endpoint(), json=body) as resp:
                 chunks, size = [], 0
                 async for chunk in resp.aiter_bytes():
                     size += len(chunk)
                     if size > self.max_response_bytes:
-                        raise _Failed(f"reply larger than the cap of {self.max_response_bytes:,} bytes")
+                        raise RequestFailed(f"reply larger than the cap of {self.max_response_bytes:,} bytes")
                     chunks.append(chunk)
                 raw = b"".join(chunks)
-        except httpx.TimeoutException as e:
-            raise _Retryable(f"timeout after {self.timeout_s}s ({type(e).__name__})") from None
-        except httpx.TransportError as e:
-            raise _Retryable(f"connection error: {type(e).__name__}: {e}") from None
         text = raw[:300].decode("utf-8", "replace")
-        if resp.status_code == 429:
-            raise _Retryable("HTTP 429 rate limited", _retry_after(resp.headers.get("retry-after")))
-        if resp.status_code >= 500:
-            raise _Retryable(f"HTTP {resp.status_code}: {text}")
-        if resp.status_code != 200:
-            raise _Failed(f"HTTP {resp.status_code} (not retried): {text}")
+        check_status(resp, text)
         try:
             payload = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _Failed(f"reply body is not JSON ({e}): {text[:200]}") from None
+            raise RequestFailed(f"reply body is not JSON ({e}): {text[:200]}") from None
         if not isinstance(payload, dict):
-            raise _Failed(f"reply body is a JSON {type(payload).__name__}, not an object")
+            raise RequestFailed(f"reply body is a JSON {type(payload).__name__}, not an object")
         return payload
 
 
@@ -269,7 +223,7 @@ class GeminiImageClient(_ImageAPIClient):
         if block and not cands:
             return GenerationResult("blocked", usage=usage, error=f"prompt blocked: {block}", finish_reason=block)
         if not cands or not isinstance(cands[0], dict):
-            raise _Failed(f"reply has no candidates: {json.dumps(payload)[:200]}")
+            raise RequestFailed(f"reply has no candidates: {json.dumps(payload)[:200]}")
         cand = cands[0]
         finish = cand.get("finishReason")
         parts = []
@@ -329,7 +283,7 @@ class OpenAIImageClient(_ImageAPIClient):
             choice = payload["choices"][0]
             msg = choice["message"]
         except (KeyError, IndexError, TypeError):
-            raise _Failed(f"reply has no choices[0].message: {json.dumps(payload)[:200]}") from None
+            raise RequestFailed(f"reply has no choices[0].message: {json.dumps(payload)[:200]}") from None
         finish = choice.get("finish_reason")
         parts: list[dict] = []
         content = msg.get("content")
@@ -416,16 +370,3 @@ def _decode_data_url(image_url: Any, where: str) -> dict:
         return {"type": "bad_image", "reason": f"{where}: image is not an inline base64 data URL "
                                                f"(remote URLs are not fetched): {url[:60]!r}"}
     return _decode_inline(m.group(1), m.group(3), where)
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None

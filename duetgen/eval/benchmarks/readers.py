@@ -38,11 +38,9 @@ from duetgen.data.record import (
     Record,
     RecordError,
     TextPart,
-    _pil_guard,
-    _resolve_inside,
     check_image_path,
-    inspect_image,
-    to_rgb,
+    open_rgb_image,
+    resolve_inside,
 )
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # InterleavedBench's file is ~1 MB; a CoMM results.json is < 10 kB
@@ -74,22 +72,14 @@ class ImageFolder:
         self.max_pixels = max_pixels
 
     def image_path(self, path: str, record_id: str = "?") -> Path:
-        p = _resolve_inside(self.root, path, record_id)
+        p = resolve_inside(self.root, path, record_id)
         if not p.is_file():
             raise ImageError(f"record {record_id!r}: image {path!r} not found under {str(self.root)!r}")
         return p
 
     def open_image(self, path: str, record_id: str = "?"):
-        p = self.image_path(path, record_id)
-        where = f"record {record_id!r}: image {path!r}"
-        try:
-            f = open(p, "rb")
-        except OSError as e:
-            raise ImageError(f"{where}: cannot be read ({e.strerror})") from None
-        with f:
-            im = inspect_image(f, where, self.max_pixels)
-            with _pil_guard(where):
-                return to_rgb(im)
+        return open_rgb_image(self.image_path(path, record_id), f"record {record_id!r}: image {path!r}",
+                              self.max_pixels)
 
     def __repr__(self) -> str:
         return f"ImageFolder({str(self.root)!r})"

@@ -1,0 +1,131 @@
+"""HTTP plumbing shared by the API clients: per-loop connection pool, retries with backoff, errors.
+
+Used by ``duetgen.llm.client.LLMClient`` (chat completions) and the image-generation clients of
+``duetgen.data.synthetic.image_api``; each client keeps its own wire format and result type.
+
+Design choices:
+- ``LoopPool``: one ``httpx.AsyncClient`` and one semaphore per event loop (neither may cross
+  loops); the semaphore bounds requests in flight. ``trust_env=False``: proxies and netrc from the
+  environment never redirect a request silently.
+- ``with_retries``: 429 (honouring Retry-After, capped at ``backoff_max_s``), 5xx, timeouts and
+  connection errors are ``RetryableError``; they are retried with exponential backoff and jitter
+  (delay * U[0.5, 1]) so a burst of workers does not retry in lock-step. Anything else is a
+  ``RequestFailed``, returned to the caller at once (other 4xx are the caller's bug).
+- The status check and the transport-error mapping are helpers, not a ``post`` wrapper, because
+  the clients read their bodies differently (whole vs. streamed under a byte cap).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import random
+import time
+from typing import Awaitable, Callable, TypeVar
+
+import httpx
+
+T = TypeVar("T")
+
+
+class RetryableError(Exception):
+    """A failure that may pass: rate limit, server error, timeout, dropped connection."""
+
+    def __init__(self, msg: str, retry_after: float | None = None):
+        super().__init__(msg)
+        self.retry_after = retry_after  # seconds the server asked us to wait (Retry-After)
+
+
+class RequestFailed(Exception):
+    """A request that will not succeed by retrying (or whose retries are spent)."""
+
+
+class LoopPool:
+    """An ``httpx.AsyncClient`` and a semaphore for the running event loop, rebuilt on a new loop."""
+
+    def __init__(self, *, timeout_s: float, max_concurrency: int, headers: dict):
+        self.timeout_s, self.max_concurrency, self.headers = timeout_s, max_concurrency, headers
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._sem: asyncio.Semaphore | None = None
+
+    def get(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # first use on this loop: a client and a semaphore bound to it
+            limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+            self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s), headers=self.headers,
+                                           limits=limits, trust_env=False)
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+            self._loop = loop
+        return self._http, self._sem
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+        self._http, self._loop, self._sem = None, None, None
+
+
+async def with_retries(attempt: Callable[[], Awaitable[T]], sem: asyncio.Semaphore, *, max_retries: int,
+                       backoff_base_s: float, backoff_max_s: float,
+                       count: Callable[..., None] = lambda **_: None) -> T:
+    """``await attempt()`` under ``sem`` until it does not raise ``RetryableError``.
+
+    ``count(http_requests=1)`` is called per attempt and ``count(retries=1)`` per retry (the
+    clients' usage totals). Raises ``RequestFailed`` when the retries are spent; a
+    ``RequestFailed`` from ``attempt`` passes through at once.
+    """
+    last = ""
+    for i in range(max_retries + 1):
+        try:
+            async with sem:  # the wait below is outside: a sleeping retry does not hold a slot
+                count(http_requests=1)
+                return await attempt()
+        except RetryableError as e:
+            last = str(e)
+            if i == max_retries:
+                break
+            delay = min(backoff_max_s, backoff_base_s * 2**i) * random.uniform(0.5, 1.0)
+            if e.retry_after is not None:
+                delay = max(delay, min(e.retry_after, backoff_max_s))
+            count(retries=1)
+            await asyncio.sleep(delay)
+    raise RequestFailed(f"{last} (gave up after {max_retries + 1} attempts)")
+
+
+@contextlib.contextmanager
+def transport_errors(timeout_s: float):
+    """httpx timeouts and connection failures (refused, reset, protocol errors) as ``RetryableError``."""
+    try:
+        yield
+    except httpx.TimeoutException as e:
+        raise RetryableError(f"timeout after {timeout_s}s ({type(e).__name__})") from None
+    except httpx.TransportError as e:
+        raise RetryableError(f"connection error: {type(e).__name__}: {e}") from None
+
+
+def check_status(resp: httpx.Response, body_text: str) -> None:
+    """Raise for anything but HTTP 200: 429 and 5xx are retryable, other codes are not.
+
+    ``body_text`` is the start of the reply body, quoted in the error.
+    """
+    if resp.status_code == 429:
+        raise RetryableError("HTTP 429 rate limited", parse_retry_after(resp.headers.get("retry-after")))
+    if resp.status_code >= 500:
+        raise RetryableError(f"HTTP {resp.status_code}: {body_text[:200]}")
+    if resp.status_code != 200:
+        raise RequestFailed(f"HTTP {resp.status_code} (not retried): {body_text[:300]}")
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date); None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:  # HTTP-date form
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
