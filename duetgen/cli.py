@@ -465,6 +465,53 @@ def eval_toyworld(
         typer.echo(f"wrote {out}")
 
 
+@eval_app.command("generate")
+def eval_generate(
+    benchmark: str = typer.Option(..., "--benchmark", help="Benchmark name (see `duetgen eval benchmarks`) or a benchmark JSON file."),
+    model: Path = typer.Option(..., "--model", help="DuetGen model directory (DuetGen.save_pretrained / a training checkpoint)."),
+    out: Path = typer.Option(..., "--out", help="Prediction folder to write (a dataset, plus generation.json); give it to `eval run --pred`. Rerun to resume."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Judged benchmarks: the inputs, a dataset directory or InterleavedBench's interleaved_bench.json."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image root for an InterleavedBench JSON (default: its folder)."),
+    truth: Optional[Path] = typer.Option(None, "--truth", help="shapeworld: the ground-truth dataset; only its user turns are shown to the model."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Answer only the first N items (a later run without it continues)."),
+    seed: int = typer.Option(0, "--seed", help="Base seed; each item's seed is derived from it and the item id."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampler steps per image (default: the model's)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance scale w (1 = none; default: the model's)."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass in (0, 1]."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Sampled tokens (text and <BOV>) per answer."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", min=0, help="Generated images per answer at most (default: the model's frame budget)."),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="HEIGHTxWIDTH of generated images (default: the model's)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
+    name: Optional[str] = typer.Option(None, "--name", help="The model's name in the records and reports (default: the --model folder name)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+):
+    """Answer a benchmark's inputs with a DuetGen checkpoint (then judge them with `duetgen eval run --pred OUT`)."""
+    from duetgen.data.record import RecordError
+    from duetgen.eval.adapters import AdapterError, DuetGenModel, benchmark_inputs, generate_benchmark
+    from duetgen.eval.benchmarks import BenchmarkError, load_benchmark
+    from duetgen.models.duetgen import ModelDirectoryError
+
+    try:  # the cheap checks first: a wrong flag fails before the model loads
+        benchmark_inputs(load_benchmark(benchmark), prompts, truth, images)
+    except (AdapterError, BenchmarkError) as e:
+        fail(str(e))
+    settings = dict(seed=seed, num_steps=steps, guidance_scale=guidance, temperature=temperature, top_p=top_p,
+                    max_new_tokens=max_new_tokens, max_images=max_images, image_size=_parse_image_size(image_size))
+    try:
+        dg = DuetGenModel.from_pretrained(model, name=name, device=device, **settings)
+    except (ModelDirectoryError, OSError) as e:
+        fail(f"--model {str(model)!r}: {e}")
+    except ValueError as e:  # a setting out of range
+        fail(str(e))
+    try:
+        n = generate_benchmark(dg, benchmark, out, prompts=prompts, truth=truth, images=images, limit=limit,
+                               progress=progress)
+    except (AdapterError, BenchmarkError, RecordError, ValueError, OSError) as e:
+        fail(str(e))
+    typer.echo(f"generated {n} answer(s) with {dg.name}; wrote {out} (settings in {out / 'generation.json'})")
+
+
 @eval_app.command("run")
 def eval_run(
     benchmark: str = typer.Option(..., "--benchmark", help="Benchmark name (see `duetgen eval benchmarks`) or a benchmark JSON file."),

@@ -1,6 +1,6 @@
 """Adapters: put any system's outputs on a benchmark as records (DESIGN section 3).
 
-Two ways in:
+Three ways in:
 
 1. ``import_outputs(src, out)``: another system's outputs, already generated, become a DuetGen
    dataset. ``src`` is a DuetGen dataset, a CoMM results folder (``<id>/results.json``), or a plain
@@ -9,35 +9,56 @@ Two ways in:
    they are; importing validates everything once and stores the images content-addressed.
 2. ``run_model(model, prompts, out)``: run a model that implements ``Model`` on the benchmark
    prompts and write its answers (resumable: ids already in ``out`` are skipped).
-
-The DuetGen model itself: its interleaved decode loop (``duetgen/infer/engine.py``, DESIGN
-section 7) does not exist yet, so there is no DuetGen checkpoint adapter here. When it lands, the
-adapter is a small ``Model`` whose ``generate`` loads the checkpoint once and calls that loop;
-nothing in the harness changes. Until then, nothing here pretends to run DuetGen.
+3. ``generate_benchmark(DuetGenModel.from_pretrained(dir), "shapeworld", out, truth=...)``
+   (``duetgen eval generate``): a DuetGen checkpoint on a benchmark's inputs, through
+   ``run_model``, with its settings recorded in ``out/generation.json``.
 
 Design choices:
 - A narrow model interface (lm-evaluation-harness style): the model gets the request messages
   with input images as PIL RGB images and returns the answer's parts (text, and images as PIL or
-  encoded bytes). It never sees benchmark files or paths.
+  encoded bytes). It never sees benchmark files or paths. Two optional extensions: a ``generate``
+  that takes an ``item_id`` keyword gets the item's id (DuetGen seeds each item from it), and one
+  that returns a ``Record`` (what ``DuetGenPipeline`` gives) has its meta kept as provenance.
 - Outputs carry the request (with its input images) plus the answer, so an output dataset is a
   self-contained record of what was asked and answered; ``meta`` keeps the prompt's meta
   (category, ...) and adds the model's name.
 - Shards are committed every ``shard_size`` records, so a crash loses at most one open shard and a
   rerun continues after the last committed record.
+- The model sees only the request: the messages up to the last user turn (``split_record``). For
+  ground-truth benchmarks (ShapeWorld, whose inputs are the truth records) an assistant turn
+  before the last user turn would be part of the truth, so such an item is refused up front.
+- DuetGen's seed is derived per item from its id (sha256 of ``"{seed}:{id}"``): an answer does not
+  depend on which items ran before it, so a resumed, limited or reordered run writes the same
+  answer for the same item as one uninterrupted run.
+- ``generation.json`` binds a prediction folder to one model (sha256 of every file of its
+  directory) and one set of resolved settings; resuming with another is refused (the
+  ``eval run`` rule for judge settings), so a folder never mixes two models' answers.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as _dt
+import hashlib
+import inspect
 import json
 import os
 from pathlib import Path
 from typing import Iterable, Protocol, runtime_checkable
 
-from duetgen.data.record import (Dataset, DatasetWriter, ImagePart, Message, Part, Record, RecordError, TextPart)
+from duetgen.data.record import (Dataset, DatasetWriter, ImagePart, Message, Part, Record, RecordError, TextPart,
+                                 atomic_write_bytes)
 from duetgen.eval.benchmarks.readers import (ImageFolder, ImageSource, ReaderError, is_comm_results_dir,
                                              read_comm_results, read_interleavedbench, read_records)
 
 MAX_JSONL_BYTES = 1024 * 1024 * 1024  # one record file of a plain folder; records are streamed line by line
+GENERATION_FILE = "generation.json"  # in a prediction folder written by generate_benchmark
+GENERATION_FORMAT = "duetgen-eval-generation"
+SEED_RULE = "int(sha256(f'{seed}:{item_id}')[:8], 16) >> 1"  # recorded with the settings; see item_seed
+
+
+class AdapterError(ValueError):
+    """Bad inputs or settings for generating on a benchmark. The message names the input."""
 
 
 @runtime_checkable
@@ -48,7 +69,11 @@ class Model(Protocol):
 
     def generate(self, request: list[Message]) -> list[Part]:
         """The assistant's interleaved answer to ``request`` (input images are PIL RGB images);
-        image parts of the answer hold PIL images or encoded PNG/JPEG/WebP bytes."""
+        image parts of the answer hold PIL images or encoded PNG/JPEG/WebP bytes.
+
+        Optional: accept an ``item_id`` keyword (``run_model`` then passes the benchmark item's id),
+        and return a ``Record`` instead of parts (the answer is every assistant part after its last
+        user turn; its meta is stored under the output's ``meta["generator"]``)."""
         ...
 
 
@@ -135,6 +160,10 @@ def run_model(model: Model, prompts: str | os.PathLike, out: str | os.PathLike, 
     todo = [r for r in records if r.id not in done]
     from duetgen.eval.harness import _progress_bar, split_record
 
+    try:  # the optional item_id keyword of the protocol
+        takes_id = "item_id" in inspect.signature(model.generate).parameters
+    except (TypeError, ValueError):  # a callable without an inspectable signature
+        takes_id = False
     n = 0
     with DatasetWriter(out, shard_size=shard_size, append=True, name=model.name) as w, \
             _progress_bar(progress, len(todo), f"generating with {model.name}") as advance:
@@ -142,13 +171,181 @@ def run_model(model: Model, prompts: str | os.PathLike, out: str | os.PathLike, 
             request, _ = split_record(rec)  # a prompt with a reference answer: only the request goes in
             shown = [Message(m.role, [ImagePart(source.open_image(p.path, rec.id)) if isinstance(p, ImagePart)
                                       else TextPart(p.text) for p in m.content]) for m in request]
-            answer = model.generate(shown)
+            answer = model.generate(shown, item_id=rec.id) if takes_id else model.generate(shown)
+            generator = None
+            if isinstance(answer, Record):  # e.g. DuetGenPipeline's output: keep how it was made
+                generator = answer.meta
+                answer = split_record(answer)[1]
             if not isinstance(answer, list) or not all(isinstance(p, (TextPart, ImagePart)) for p in answer):
-                raise TypeError(f"{model.name}.generate must return a list of TextPart / ImagePart (item {rec.id!r})")
+                raise TypeError(f"{model.name}.generate must return a list of TextPart / ImagePart, or a Record "
+                                f"(item {rec.id!r})")
             stored = _with_loaded_images(Record(rec.id, request, rec.source, rec.meta), source)
-            out_rec = Record(id=rec.id, source=model.name, meta=dict(rec.meta, model=model.name),
+            meta = dict(rec.meta, model=model.name, **({} if generator is None else {"generator": generator}))
+            out_rec = Record(id=rec.id, source=model.name, meta=meta,
                              messages=stored.messages + [Message("assistant", answer)])
             w.write(out_rec)
             n += 1
             advance()
+    return n
+
+
+# ----------------------------------------------------------------------------- a DuetGen checkpoint
+def item_seed(seed: int, item_id: str) -> int:
+    """The seed of one benchmark item: fixed by the run's seed and the item's id alone (SEED_RULE)."""
+    return int(hashlib.sha256(f"{seed}:{item_id}".encode()).hexdigest()[:8], 16) >> 1  # < 2**31
+
+
+def model_fingerprint(root: str | os.PathLike) -> str:
+    """sha256 over every file of a model directory (relative path and bytes), streamed.
+
+    One more sequential read of the weights (loading reads them too) per invocation, against hours
+    of generation; sizes alone would not tell a checkpoint retrained in place from the old one."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(path.relative_to(root).as_posix().encode() + b"\x00")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+class DuetGenModel:
+    """A DuetGen checkpoint as a ``Model``: one loaded pipeline, fixed settings, one seed per item.
+
+    >>> model = DuetGenModel.from_pretrained("checkpoints/shapeworld-toy", num_steps=10)
+    >>> generate_benchmark(model, "shapeworld", "preds/sw", truth="shapeworld-test/")
+    """
+
+    def __init__(self, pipe, config=None, name: str | None = None, path: str | os.PathLike | None = None):
+        self.pipe = pipe  # a duetgen.infer.pipeline.DuetGenPipeline
+        self.config = pipe.config(config, {})  # a checked GenerationConfig; its seed is the run's base seed
+        self.name = name or Path(path or pipe.model_id).name
+        self.path = None if path is None else Path(path)
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, name: str | None = None, device: str = "cpu",
+                        dtype=None, **settings) -> "DuetGenModel":
+        """Load a DuetGen directory; ``settings`` are GenerationConfig fields (``num_steps=10, seed=3``).
+        A bad directory raises ``ModelDirectoryError`` naming it; a bad setting, ``ValueError``."""
+        from duetgen.infer.pipeline import DuetGenPipeline
+
+        pipe = DuetGenPipeline.from_pretrained(path, device=device, dtype=dtype)
+        return cls(pipe, pipe.config(None, settings), name=name or Path(path).resolve().name, path=path)
+
+    def generate(self, request: list[Message], item_id: str | None = None) -> Record:
+        """The pipeline's output record for ``request``; seeded by ``item_id`` (the base seed without one)."""
+        seed = self.config.seed if item_id is None else item_seed(self.config.seed, item_id)
+        return self.pipe(request, dataclasses.replace(self.config, seed=seed), record_id=item_id)
+
+    def settings(self) -> dict:
+        """What fixes the answers: the model's identity and every generation setting, resolved
+        against the model's defaults (so "the model's steps" is recorded as a number)."""
+        if self._fingerprint is None and self.path is not None:
+            self._fingerprint = model_fingerprint(self.path)
+        c, m = self.config, self.pipe.model.config
+        generation = {
+            "seed": c.seed, "seed_rule": SEED_RULE,
+            "temperature": c.temperature, "top_p": c.top_p, "max_new_tokens": c.max_new_tokens,
+            # None: as many as the model's frame budget (inputs + generated) leaves after the prompt's images
+            "max_images": c.max_images, "model_max_images": m.max_images,
+            "sampler": dataclasses.asdict(c.sampler(m.sampler)),
+            "guidance_scale": m.guidance_scale if c.guidance_scale is None else c.guidance_scale,
+            "image_size": list(c.image_size or m.image_size),
+        }
+        return {"model": {"fingerprint": self._fingerprint, "preset": m.preset}, "generation": generation}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def benchmark_inputs(bench, prompts, truth, images) -> tuple[str, str]:
+    """(the inputs' path, the flag that gave it), following ``duetgen eval run``'s rules."""
+    if bench.kind == "exact":
+        if prompts is not None or images is not None:
+            raise AdapterError(f"benchmark {bench.name!r} takes its inputs from the ground truth: "
+                               "give --truth DIR (not --prompts/--images)")
+        if truth is None:
+            raise AdapterError(f"benchmark {bench.name!r}: give --truth DIR (the ground-truth dataset; "
+                               "only its user turns are shown to the model)")
+        return str(truth), "--truth"
+    if truth is not None:
+        raise AdapterError(f"--truth is for exact benchmarks; {bench.name!r} is judged (use --prompts)")
+    if bench.prompts_format == "none":
+        raise AdapterError(f"benchmark {bench.name!r} has no prompts to generate from: its inputs come inside "
+                           "the predictions (CoMM's results.json); run CoMM's pipeline and `duetgen eval import`")
+    if prompts is None:
+        raise AdapterError(f"benchmark {bench.name!r}: give --prompts (its inputs)")
+    return str(prompts), "--prompts"
+
+
+def _check_items(bench, records: list[Record], where: str) -> None:
+    """Every item is askable before anything is generated: a bad item 180 fails now, not in hour 3."""
+    from duetgen.eval.harness import split_record
+
+    for rec in records:
+        request, _ = split_record(rec)
+        if bench.kind == "exact" and any(m.role != "user" for m in request):
+            raise AdapterError(f"{where}: item {rec.id!r} has an assistant turn before its last user turn; "
+                               f"{bench.name!r} items are single requests and their assistant turns are the truth, "
+                               "which the model must not see")
+        n = sum(isinstance(p, ImagePart) for m in request if m.role == "user" for p in m.content)
+        if bench.input_images == "required" and n == 0:
+            raise AdapterError(f"{where}: item {rec.id!r}: benchmark {bench.name!r} requires an input image")
+        if bench.input_images == "forbidden" and n:
+            raise AdapterError(f"{where}: item {rec.id!r}: benchmark {bench.name!r} has text-only inputs; "
+                               f"this one has {n} image(s)")
+
+
+def _open_generation_file(out: Path, bound: dict) -> dict:
+    """The folder's generation.json, created or checked against ``bound`` (benchmark, model, settings)."""
+    path = out / GENERATION_FILE
+    if path.exists():
+        try:
+            run = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise AdapterError(f"{path}: unreadable ({e})") from None
+        if not isinstance(run, dict) or run.get("format") != GENERATION_FORMAT:
+            raise AdapterError(f"{path}: not a DuetGen generation file")
+        for key, value in bound.items():
+            if run.get(key) != value:
+                raise AdapterError(f"{out} holds answers made with different {key} settings "
+                                   f"({json.dumps(run.get(key), sort_keys=True)[:300]} vs "
+                                   f"{json.dumps(value, sort_keys=True)[:300]}); use a new --out")
+        return run
+    if (out / "manifest.json").exists():
+        raise AdapterError(f"{out} holds a dataset that `duetgen eval generate` did not write "
+                           f"(no {GENERATION_FILE}); use a new --out")
+    return {"format": GENERATION_FORMAT, "format_version": 1, "created": _now(), **bound, "invocations": []}
+
+
+def generate_benchmark(model: Model, benchmark: str, out: str | os.PathLike, *, prompts: str | os.PathLike | None = None,
+                       truth: str | os.PathLike | None = None, images: str | os.PathLike | None = None,
+                       limit: int | None = None, shard_size: int = 50, progress: bool = True) -> int:
+    """Answer a benchmark's inputs with ``model`` into the prediction folder ``out`` (for ``eval run
+    --pred``); rerun to resume. Returns how many answers this call generated."""
+    from duetgen.eval.benchmarks import load_benchmark
+
+    bench = load_benchmark(benchmark)
+    source, flag = benchmark_inputs(bench, prompts, truth, images)
+    records, _ = read_prompts(source, images)
+    _check_items(bench, records[:limit], f"{flag} {source}")
+
+    out = Path(out)
+    settings = model.settings() if callable(getattr(model, "settings", None)) else {"model": {}, "generation": {}}
+    bound = {"benchmark": {"name": bench.name, "version": bench.version},
+             "model": settings["model"], "generation": settings["generation"]}
+    run = _open_generation_file(out, bound)
+    run["name"] = model.name
+    invocation = {"started": _now(), "inputs": str(Path(source).resolve()), "limit": limit,
+                  "model_path": None if getattr(model, "path", None) is None else str(Path(model.path).resolve())}
+    run["invocations"].append(invocation)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / GENERATION_FILE, (json.dumps(run, indent=1) + "\n").encode())
+    n = run_model(model, source, out, images=images, limit=limit, shard_size=shard_size, progress=progress)
+    invocation.update(finished=_now(), generated=n)
+    atomic_write_bytes(out / GENERATION_FILE, (json.dumps(run, indent=1) + "\n").encode())
     return n

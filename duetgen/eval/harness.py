@@ -394,7 +394,7 @@ def run_benchmark(cfg: RunConfig, judge_config: JudgeConfig | None = None, api_k
             f.flush()
             os.fsync(f.fileno())
 
-        with _progress_bar(progress, len(todo), f"{bench.title}") as advance:
+        with _progress_bar(progress, len(todo), f"judging {bench.title}") as advance:
             if bench.kind == "exact":
                 for it in todo:
                     write(exact_line(bench, it))
@@ -464,7 +464,7 @@ class _progress_bar:
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         self.bar.__enter__()
-        task = self.bar.add_task(f"judging {self.label}", total=self.total)
+        task = self.bar.add_task(self.label, total=self.total)
         return lambda: self.bar.advance(task)
 
     def __exit__(self, *exc):
