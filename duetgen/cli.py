@@ -877,48 +877,49 @@ def demo(
     n: int = typer.Option(60, "--n", min=1, help="ShapeWorld records to generate."),
     seed: int = typer.Option(0, "--seed", help="Seed for the generated ShapeWorld set."),
 ):
-    """The main job on the embedded ShapeWorld default: build a set, view it, judge it.
+    """The main job on the embedded ShapeWorld default: build a set, view it, judge it, generate.
 
     1. generate a ShapeWorld test split (all five task kinds plus transitions);
     2. render it as an HTML page (interleaved text and images inline);
-    3. score the ground truth with the exact judge (every metric must read 1.0).
+    3. score the ground truth with the exact judge (every metric must read 1.0);
+    4. answer a how-to, a continuation (with a canvas) and an editing prompt with the shipped
+       ShapeWorld checkpoint, written as records and an HTML page.
     """
     import shutil
 
     from duetgen.data import toyworld
     from duetgen.data.view import render_dataset_html
     from duetgen.eval import toyworld_judge
+    from duetgen.infer.pipeline import DEFAULT_MODEL_DIR, DuetGenPipeline, shapeworld_demo
 
     data_dir = out / "shapeworld-test"
     if data_dir.exists():
         shutil.rmtree(data_dir)  # the demo owns this folder; a rerun starts clean
     out.mkdir(parents=True, exist_ok=True)
-    typer.secho(f"[1/3] generating {n} ShapeWorld test records (seed {seed})", bold=True)
+    typer.secho(f"[1/4] generating {n} ShapeWorld test records (seed {seed})", bold=True)
     counts = toyworld.generate(data_dir, n, seed=seed, split="test")
     typer.echo("      " + ", ".join(f"{k} {c}" for k, c in counts.items()))
 
-    typer.secho("[2/3] rendering the HTML view", bold=True)
+    typer.secho("[2/4] rendering the HTML view", bold=True)
     pages = render_dataset_html(data_dir, out / "shapeworld-test.html")
 
-    typer.secho("[3/3] exact judge on the ground truth (a sanity check: all 1.0)", bold=True)
+    typer.secho("[3/4] exact judge on the ground truth (a sanity check: all 1.0)", bold=True)
     report = toyworld_judge.evaluate(data_dir, data_dir)
     toyworld_judge.print_report(report)
     toyworld_judge.write_report(report, out / "judge-ground-truth.json")
 
-    typer.secho(f"\ndataset:   {data_dir}", fg=typer.colors.GREEN)
-    typer.secho(f"html view: {pages[0].resolve()}", fg=typer.colors.GREEN)
-    typer.secho(f"judge:     {out / 'judge-ground-truth.json'}", fg=typer.colors.GREEN)
-
-    # issue 5: answers of the shipped ShapeWorld checkpoint to a how-to, a continuation and an editing prompt
-    from duetgen.infer.pipeline import DEFAULT_MODEL_DIR, DuetGenPipeline, shapeworld_demo
-
+    generated = None
     if (DEFAULT_MODEL_DIR / "duetgen.json").is_file():
-        typer.secho("[4/4] duetgen generate on ShapeWorld prompts (how-to, continuation, editing)", bold=True)
+        typer.secho("[4/4] generating answers to ShapeWorld prompts (how-to, continuation, editing)", bold=True)
         generated = shapeworld_demo(DuetGenPipeline.from_pretrained(DEFAULT_MODEL_DIR), out, seed=seed)
-        typer.secho(f"generated: {generated.resolve()}", fg=typer.colors.GREEN)
     else:
         typer.secho(f"[4/4] skipped generation: no checkpoint shipped yet at {DEFAULT_MODEL_DIR}", fg=typer.colors.YELLOW)
 
+    typer.secho(f"\ndataset:   {data_dir}", fg=typer.colors.GREEN)
+    typer.secho(f"judge:     {out / 'judge-ground-truth.json'}", fg=typer.colors.GREEN)
+    typer.secho(f"html view: {pages[0].resolve()}", fg=typer.colors.GREEN)
+    if generated is not None:
+        typer.secho(f"generated: {generated.resolve()}", fg=typer.colors.GREEN)
 
 
 
