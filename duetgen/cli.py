@@ -826,6 +826,7 @@ def train_eval_toy(
     truth: Path = typer.Option(..., "--truth", help="ShapeWorld dataset with the prompts and truth (`duetgen data toyworld --split test`)."),
     out: Path = typer.Option(..., "--out", help="Folder for pred/ (the answers), pred.html and report.json."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Answer only the first N records (scored on those)."),
+    kinds: Optional[str] = typer.Option(None, "--kinds", help="Only these task kinds, comma-separated (e.g. editing,continuation)."),
     steps: int = typer.Option(20, "--steps", min=1, help="Euler sampler steps per image."),
     guidance: float = typer.Option(1.0, "--guidance", help="Guidance scale w (1 = none); the negative drops the final text chunk."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampler noise."),
@@ -838,7 +839,14 @@ def train_eval_toy(
         fail(f"--model {str(model)!r}: not a DuetGen model directory (no duetgen.json)")
     if not (truth / "manifest.json").is_file():
         fail(f"--truth {str(truth)!r}: not a dataset directory (no manifest.json)")
-    report = evaluate_toy(model, truth, out, limit=limit, num_steps=steps, guidance_scale=guidance, seed=seed)
+    from duetgen.data.toyworld import KINDS
+
+    kind_list = None if kinds is None else [k.strip() for k in kinds.split(",") if k.strip()]
+    unknown = [k for k in kind_list or [] if k not in KINDS]
+    if unknown:
+        fail(f"--kinds: unknown task kind(s) {unknown}; expected some of {list(KINDS)}")
+    report = evaluate_toy(model, truth, out, limit=limit, kinds=kind_list, num_steps=steps, guidance_scale=guidance,
+                          seed=seed)
     toyworld_judge.print_report(report)
     typer.echo(f"answered {report['run']['records']} prompts in {report['run']['seconds']:.0f} s; wrote {out / 'report.json'}")
 

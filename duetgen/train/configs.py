@@ -1,0 +1,139 @@
+"""Run configs for the two training stages: one dataclass per stage, a run is a named function.
+
+    cfg = toy_stage1()                          # the ShapeWorld run on 2 CPU cores
+    cfg = dataclasses.replace(cfg, steps=100)   # a variant changes a few fields of a copy
+    cfg = stage1_config("toy")                  # what `duetgen train stage1 --config toy` uses
+
+Design choices (torchtitan / nanochat style, STYLE principle 7):
+- Two flat dataclasses with commented fields, no nesting beyond what a stage needs; a run is a
+  function returning a full config; variants are `dataclasses.replace` of a copy.
+- `tiny_*` runs exist for tests (seconds on a CPU); `toy_*` is the ShapeWorld run whose checkpoint
+  ships in `checkpoints/shapeworld-toy/`. Numbers cite the calibration note
+  (shared/notes/shapeworld-calibration.md) or a measurement in docs/training.md.
+- Every config is JSON-able (`dataclasses.asdict`), so it is stored in every checkpoint and the
+  trained model directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Stage1Config:
+    """Stage 1: MLLM instruction tuning (paper section 4.2), next-token loss on packed conversations."""
+
+    name: str = "toy"
+    data: list[str] = field(default_factory=lambda: ["runs/shapeworld/data/train"])  # dataset dirs, concatenated
+    exclude_kinds: list[str] = field(default_factory=lambda: ["transition"])  # meta.kind values left out (docs/shapeworld.md: transitions are image-only stage-2 data and parse as edits)
+    val_data: str | None = None  # dataset dir for the held-out loss; None: the last `val_records` records of `data`, left out of training
+    val_records: int = 128  # records in the held-out loss
+    mllm: str = "toy"  # "toy" / "tiny": a random config of the real Qwen2.5-VL class + offline tokenizer; else a local model directory
+    vocab_size: int = 512  # offline BPE size (toy/tiny only)
+    train_vision: bool = True  # False freezes the vision tower (ViT + merger); see docs/training.md, "what limits it"
+    token_budget: int = 1024  # tokens per packed sequence (one pack per step per rank)
+    max_record_tokens: int = 1024  # longer records are an error naming them
+    steps: int = 4000  # optimiser steps (copying words from the prompt emerged only after ~1500, docs/training.md)
+    lr: float = 1e-3  # peak learning rate (small model trained from scratch)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine ends at lr * this
+    weight_decay: float = 0.01  # matrices only (duetgen.train.optim.param_groups)
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 1  # torch intra-op threads on CPU: 1, because the 2 cores are shared and 2 threads fell to 6 s/step under load (docs/training.md)
+    log_every: int = 10  # progress + TensorBoard scalars
+    eval_every: int = 250  # held-out loss
+    sample_every: int = 500  # greedy answers to a few prompts -> HTML
+    save_every: int = 250  # atomic resumable checkpoint
+    keep_last: int = 2  # checkpoints kept
+    num_samples: int = 6  # prompts answered in each sample block
+    max_new_tokens: int = 160  # greedy decode length in sample blocks
+
+
+@dataclass
+class Stage2Config:
+    """Stage 2: interleaved context alignment (paper section 4.1-4.2). MLLM frozen; connector + DiT learn."""
+
+    name: str = "toy"
+    data: list[str] = field(default_factory=lambda: ["runs/shapeworld/data/train"])  # instruction + transition records, concatenated (mix them with `duetgen data mix`)
+    include_kinds: list[str] | None = None  # meta.kind values kept (None: every record with an assistant image)
+    val_records: int = 64  # last records of `data` held out for the validation loss and samples
+    preset: str = "toy"  # duetgen.models.presets name: the DiT architecture (random init), the autoencoder and the saved settings
+    latent_token_budget: int = 768  # DiT patch tokens per pack (conditioning frames + targets); 16 per ShapeWorld canvas
+    parameterisation: str = "x0"  # "x0" | "velocity" | "cosmos"; x0 is what trained on ShapeWorld (calibration note, point 1)
+    x0_relative_to_previous: bool = True  # x0 = network output + latest conditioning frame (white canvas when none); see docs/training.md
+    time_distribution: str = "logit_normal"
+    time_shift: float = 1.0
+    drop_final_text_prob: float = 0.1  # the final text chunk removed (guidance negative, paper section 4)
+    use_condition_frames: bool = True  # False: the ablation with text condition only (no earlier images as frames)
+    steps: int = 2500  # ~45 min on one shared core (docs/training.md)
+    lr: float = 1e-3  # calibration note: 4 layers x 128 at 1e-3 trained
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.998  # EMA over connector + DiT; ~500-step horizon for a few-thousand-step run
+    seed: int = 0
+    threads: int = 1  # see Stage1Config.threads
+    log_every: int = 10
+    eval_every: int = 250  # validation loss at fixed times and noise
+    sample_every: int = 500  # a few images drawn by the EMA model -> HTML
+    save_every: int = 250
+    keep_last: int = 20  # all of a toy run: `stage2.export_checkpoint` turns step N into a model (ablations at equal steps)
+    num_samples: int = 16  # the exactness of 16 EMA samples is the run's quickest quality signal
+    sample_steps: int = 20  # sampler steps for sample blocks (calibration: 10 is nearly as good as 50)
+    guidance_scale: float = 1.0  # sample blocks only; w = 1 is no guidance
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def toy_stage1() -> Stage1Config:
+    """ShapeWorld stage 1 on 2 CPU cores (docs/training.md has the measured wall time)."""
+    return Stage1Config()
+
+
+def toy_stage2() -> Stage2Config:
+    """ShapeWorld stage 2 on 2 CPU cores."""
+    return Stage2Config()
+
+
+def toy_stage2_text_only() -> Stage2Config:
+    """Ablation: the same stage 2 without earlier images as DiT frames (paper's claim, measured as I-Co)."""
+    return dataclasses.replace(toy_stage2(), name="toy-text-only", use_condition_frames=False)
+
+
+def tiny_stage1() -> Stage1Config:
+    """Unit tests: a 0.16M-parameter Qwen2.5-VL, a few steps, saves often."""
+    return Stage1Config(name="tiny", mllm="tiny", vocab_size=300, token_budget=512, steps=6, warmup_steps=2,
+                        val_records=4, log_every=1, eval_every=3, sample_every=3, save_every=3, num_samples=2,
+                        max_new_tokens=8, threads=1)
+
+
+def tiny_stage2() -> Stage2Config:
+    """Unit tests: a 2-layer DiT, a few steps, saves often."""
+    return Stage2Config(name="tiny", preset="tiny", latent_token_budget=1536, steps=6, warmup_steps=2, val_records=4,
+                        log_every=1, eval_every=3, sample_every=3, save_every=3, num_samples=2, sample_steps=2,
+                        threads=1, ema_decay=0.9)
+
+
+def toy_stage1_frozen_vision() -> Stage1Config:
+    """Diagnostic: the toy run with the random vision tower frozen (in the shipped run its features collapsed)."""
+    return dataclasses.replace(toy_stage1(), name="toy-frozen-vision", train_vision=False)
+
+
+STAGE1_CONFIGS = {"toy": toy_stage1, "toy-frozen-vision": toy_stage1_frozen_vision, "tiny": tiny_stage1}
+STAGE2_CONFIGS = {"toy": toy_stage2, "toy-text-only": toy_stage2_text_only, "tiny": tiny_stage2}
+
+
+def stage1_config(name: str) -> Stage1Config:
+    if name not in STAGE1_CONFIGS:
+        raise ValueError(f"unknown stage-1 config {name!r}; expected one of {sorted(STAGE1_CONFIGS)}")
+    return STAGE1_CONFIGS[name]()
+
+
+def stage2_config(name: str) -> Stage2Config:
+    if name not in STAGE2_CONFIGS:
+        raise ValueError(f"unknown stage-2 config {name!r}; expected one of {sorted(STAGE2_CONFIGS)}")
+    return STAGE2_CONFIGS[name]()

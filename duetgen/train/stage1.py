@@ -1,0 +1,362 @@
+"""Stage 1: MLLM instruction tuning (paper section 4.2, DESIGN section 6). One flat script, one loop.
+
+    duetgen train stage1 --config toy [--out runs/toy/stage1] [--resume]
+
+Only MLLM parameters train. Loss: next token, on assistant text, each `<BOV>` and the assistant's
+closing `<|im_end|>` (DESIGN section 4; `duetgen.models.mllm.render_record` writes the labels).
+Several conversations are packed into one sequence under a token budget (`duetgen.data.packing`):
+per-sample 3D mrope positions, a block-diagonal causal mask (no attention across samples), and
+each sample's first label ignored so the shifted loss never crosses samples.
+
+Design choices:
+- The model is transformers' own `Qwen2_5_VLForConditionalGeneration`, called with a 4D boolean
+  mask, which transformers 5.x passes to SDPA unchanged (a packed forward equals separate forwards
+  to 1e-6, tests/test_stage1.py). On GPU a varlen kernel would avoid the (T, T) mask; at the toy
+  budget (1024 tokens) the mask is 1 MB.
+- Conversations are rendered on the fly each step (images decoded then); only their lengths are
+  computed up front, once, for the packer.
+- Everything a resumed run needs is in the checkpoint (`duetgen.train.checkpoint`): weights,
+  AdamW, the LR schedule, the sampler's exact data position and every RNG. A run killed with
+  SIGKILL and resumed gives the same per-step losses (tests/test_train_resume.py).
+- The run directory holds `tokenizer/` (written once, before step 0, so a resume sees the same
+  ids), `checkpoints/`, `tb/` (TensorBoard), `samples/` (HTML), `metrics.jsonl` (one line per
+  logged step) and, at the end, `mllm/`: a plain transformers directory (weights, tokenizer,
+  image-processor config) that stage 2 and `from_pretrained` read.
+- bf16 autocast only on CUDA; CPU runs in fp32 (bf16 matmuls are slow on most CPUs).
+- Single process here; `torchrun` runs shard the packs by rank (`PackedSampler(rank=, world_size=)`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from duetgen.data.packing import PackedSampler, block_diagonal_mask, concat_packed
+from duetgen.data.record import Dataset, Record
+from duetgen.models.mllm import IGNORE_INDEX, RenderedSequence, render_record, rope_position_ids
+from duetgen.train.checkpoint import latest_checkpoint, resume, save_checkpoint
+from duetgen.train.configs import Stage1Config
+from duetgen.train.optim import clip_grad_norm, make_adamw, make_scheduler
+
+
+# ----------------------------------------------------------------------------- model and data helpers
+
+
+def build_mllm(cfg: Stage1Config, run_dir: Path):
+    """(model, tokenizer, image_processor) at initialisation: a random toy/tiny Qwen2.5-VL, or a local model."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from duetgen.models import mllm as M
+    from duetgen.models.image_processor import ImageProcessor
+    from duetgen.models.tokenizer import build_tokenizer, shapeworld_corpus, tiny_corpus
+
+    if cfg.mllm in ("toy", "tiny"):
+        tok_dir = run_dir / "tokenizer"
+        if (tok_dir / "tokenizer.json").is_file():  # a resumed run keeps its ids
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        else:
+            corpus = shapeworld_corpus() if cfg.mllm == "toy" else list(tiny_corpus()) + list(shapeworld_corpus())
+            tokenizer = build_tokenizer(tok_dir, corpus, vocab_size=cfg.vocab_size)
+        make_config = M.toy_qwen2_5_vl_config if cfg.mllm == "toy" else M.tiny_qwen2_5_vl_config
+        processor = M.toy_image_processor() if cfg.mllm == "toy" else M.tiny_image_processor()
+        model = Qwen2_5_VLForConditionalGeneration(make_config(len(tokenizer)))
+        return model, tokenizer, processor
+    path = Path(cfg.mllm)
+    if not path.is_dir():
+        raise FileNotFoundError(f"stage-1 config mllm={cfg.mllm!r}: not 'toy', 'tiny' or a local model directory")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    M.add_bov(tokenizer, model)
+    return model, tokenizer, ImageProcessor.from_pretrained(path)
+
+
+def load_records(dirs: list[str], include_kinds: list[str] | None = None,
+                 exclude_kinds: list[str] = ()) -> list[tuple[Dataset, Record]]:
+    """Every record of the datasets (in order) whose ``meta.kind`` passes the filters, with its dataset."""
+    out = []
+    for d in dirs:
+        ds = Dataset(d)
+        for rec in ds:
+            kind = (rec.meta or {}).get("kind")
+            if kind in exclude_kinds or (include_kinds is not None and kind not in include_kinds):
+                continue
+            out.append((ds, rec))
+    if not out:
+        raise ValueError(f"no records left in {dirs} after filtering kinds (include {include_kinds}, exclude {exclude_kinds})")
+    return out
+
+
+def render(item: tuple[Dataset, Record], tokenizer, processor, max_tokens: int | None = None) -> RenderedSequence:
+    """A stored record -> token ids + stage-1 labels + pixels (images read through the dataset: root enforced)."""
+    ds, rec = item
+    return render_record(rec, tokenizer, processor, load_image=lambda part: ds.open_image(part.path, rec.id),
+                         max_tokens=max_tokens)
+
+
+def pack_inputs(model, seqs: list[RenderedSequence]) -> dict[str, torch.Tensor]:
+    """Packed model kwargs for several rendered conversations (batch of one, no attention across them)."""
+    device = model.device
+    packed = concat_packed([{"input_ids": s.input_ids, "labels": s.labels} for s in seqs], label_key="labels",
+                           ignore_index=IGNORE_INDEX)  # labels[first token of each sample] = ignore
+    position_ids = torch.cat([rope_position_ids(model, s.input_ids.to(device), _to(s.image_grid_thw, device))
+                              for s in seqs], dim=1)  # (3, T): mrope restarts in every sample
+    inputs = {
+        "input_ids": packed["input_ids"][None].to(device),  # (1, T)
+        "position_ids": position_ids[:, None],  # (3, 1, T)
+        "attention_mask": block_diagonal_mask(packed["cu_seqlens"])[None, None].to(device),  # (1, 1, T, T) bool
+        "labels": packed["labels"].to(device),  # (T,), shifted in next_token_loss
+    }
+    images = [s for s in seqs if s.pixel_values is not None]
+    if images:
+        inputs["pixel_values"] = torch.cat([s.pixel_values for s in images]).to(device)  # (N_patches, C*T*P*P)
+        inputs["image_grid_thw"] = torch.cat([s.image_grid_thw for s in images]).to(device)  # (n_images, 3)
+    return inputs
+
+
+def _to(x, device):
+    return None if x is None else x.to(device)
+
+
+def next_token_loss(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(mean loss over supervised tokens, number of supervised tokens) of one packed sequence."""
+    labels = inputs["labels"]
+    kwargs = {k: v for k, v in inputs.items() if k != "labels"}
+    logits = model(**kwargs, use_cache=False).logits[0]  # (T, V)
+    targets = labels[1:]  # token i predicts token i + 1
+    n = int((targets != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(logits[:-1].float(), targets, ignore_index=IGNORE_INDEX, reduction="sum") / max(n, 1)
+    return loss, n
+
+
+def save_mllm(model, tokenizer, processor, out: Path) -> None:
+    """A plain transformers directory (safetensors), written to a tmp dir then renamed (atomic)."""
+    tmp = out.with_name(f".tmp-{out.name}")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train(cfg: Stage1Config, run_dir: str | os.PathLike, resume_run: bool = False, progress: bool = True,
+          stop_after: int | None = None) -> Path:
+    """Train stage 1 into ``run_dir``; returns ``run_dir/mllm``. ``stop_after`` ends early (tests)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from torch.utils.tensorboard import SummaryWriter
+
+    # --- setup
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    found = latest_checkpoint(ckpt_dir)
+    if found is not None and not resume_run:
+        raise FileExistsError(f"{run_dir} already holds checkpoints ({found.name}); pass --resume or a new --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    model, tokenizer, processor = build_mllm(cfg, run_dir)
+    model.to(device).train()
+    if not cfg.train_vision:
+        model.model.visual.requires_grad_(False)  # left out of AdamW (param_groups skips frozen parameters)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    # --- data: filter, hold out a validation tail, lengths once for the packer
+    items = load_records(cfg.data, exclude_kinds=cfg.exclude_kinds)
+    if cfg.val_data is not None:
+        val_items = load_records([cfg.val_data], exclude_kinds=cfg.exclude_kinds)[: cfg.val_records]
+    else:
+        if len(items) <= cfg.val_records:
+            raise ValueError(f"{cfg.data}: {len(items)} records, not more than val_records={cfg.val_records}")
+        items, val_items = items[: -cfg.val_records], items[-cfg.val_records:]
+    lengths = [len(render(it, tokenizer, processor, cfg.max_record_tokens))
+               for it in _track(items, "measuring record lengths", progress)]
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    sampler = PackedSampler(lengths, cfg.token_budget, seed=cfg.seed, rank=rank, world_size=world,
+                            names=[rec.id for _, rec in items])
+
+    # --- optimiser, schedule, resume
+    optimizer = make_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    step = 0
+    if found is not None:
+        step = resume(found, model, optimizer, scheduler=scheduler, stateful={"sampler": sampler}).step
+        extend_schedule(scheduler, cfg.steps)
+    metrics_path = run_dir / "metrics.jsonl"
+    _truncate_metrics(metrics_path, step)
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    tb = SummaryWriter(str(run_dir / "tb"), purge_step=step + 1 if step else None)
+    print(f"stage 1: {n_params / 1e6:.2f}M params, {len(items)} train records ({sum(lengths)} tokens), "
+          f"{sampler.packs_per_epoch()} packs/epoch, start at step {step}/{cfg.steps} on {device}", flush=True)
+
+    # --- the loop
+    packs = iter(sampler)
+    columns = [TextColumn("stage 1"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s"), TimeRemainingColumn()]
+    window_tokens, window_start = 0, time.perf_counter()
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("train", total=cfg.steps, completed=step, loss=float("nan"), tps=0.0)
+        while step < cfg.steps:
+            # one optimiser step on one pack
+            pack = next(packs)
+            seqs = [render(items[i], tokenizer, processor, cfg.max_record_tokens) for i in pack.items]
+            inputs = pack_inputs(model, seqs)
+            with autocast:
+                loss, n_supervised = next_token_loss(model, inputs)
+            loss.backward()
+            grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            window_tokens += pack.num_tokens
+
+            # once in a while: log
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                elapsed = time.perf_counter() - window_start
+                row = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                       "tokens_per_s": window_tokens / elapsed, "supervised_tokens": n_supervised,
+                       "pack_tokens": pack.num_tokens, "epoch": pack.epoch, "time": time.time()}
+                _append_metrics(metrics_path, row)
+                for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                    tb.add_scalar(f"train/{key}", row[key], step)
+                bar.update(task, completed=step, loss=row["loss"], tps=row["tokens_per_s"])
+                if not progress:
+                    print(json.dumps(row), flush=True)
+                window_tokens, window_start = 0, time.perf_counter()
+
+            # once in a while: held-out loss
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                val, accuracy = evaluate_loss(model, val_items, tokenizer, processor, cfg)
+                tb.add_scalar("val/loss", val, step)
+                tb.add_scalar("val/token_accuracy", accuracy, step)
+                _append_metrics(metrics_path, {"step": step, "val_loss": val, "val_token_accuracy": accuracy})
+                if not progress:
+                    print(f"step {step}: val loss {val:.4f}, token accuracy {accuracy:.4f}", flush=True)
+
+            # once in a while: greedy answers to a few held-out prompts, as HTML
+            if step % cfg.sample_every == 0 or step == cfg.steps:
+                write_samples(model, tokenizer, processor, val_items[: cfg.num_samples], run_dir / "samples" / f"step-{step:07d}",
+                              cfg.max_new_tokens)
+
+            # once in a while: atomic resumable checkpoint
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save_checkpoint(ckpt_dir, step, model, optimizer, scheduler=scheduler, stateful={"sampler": sampler},
+                                config=cfg, keep_last=cfg.keep_last)
+            if stop_after is not None and step >= stop_after:
+                tb.close()
+                return run_dir / "mllm"
+
+    # --- export
+    tb.close()
+    model.eval()
+    save_mllm(model, tokenizer, processor, run_dir / "mllm")
+    print(f"stage 1 done: {run_dir / 'mllm'}", flush=True)
+    return run_dir / "mllm"
+
+
+@torch.no_grad()
+def evaluate_loss(model, val_items, tokenizer, processor, cfg: Stage1Config) -> tuple[float, float]:
+    """(token-weighted next-token loss, teacher-forced accuracy of the supervised tokens) on held-out records.
+
+    The accuracy shows what the loss hides on ShapeWorld: whether the model copies the colours, shapes
+    and positions from the prompt (the template tokens alone already give about 90%).
+    """
+    was_training = model.training
+    model.eval()
+    total, correct, count = 0.0, 0, 0
+    batch: list[RenderedSequence] = []
+    seqs = [render(it, tokenizer, processor, cfg.max_record_tokens) for it in val_items]
+    for i, s in enumerate(seqs):
+        batch.append(s)
+        if i + 1 == len(seqs) or sum(len(b) for b in batch) + len(seqs[i + 1]) > cfg.token_budget:
+            inputs = pack_inputs(model, batch)
+            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits[0]
+            targets = inputs["labels"][1:]
+            supervised = targets != IGNORE_INDEX
+            total += F.cross_entropy(logits[:-1].float(), targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
+            correct += int((logits[:-1].argmax(-1)[supervised] == targets[supervised]).sum())
+            count += int(supervised.sum())
+            batch = []
+    model.train(was_training)
+    return total / max(count, 1), correct / max(count, 1)
+
+
+@torch.no_grad()
+def write_samples(model, tokenizer, processor, val_items, out_dir: Path, max_new_tokens: int) -> None:
+    """Greedy answers to held-out prompts (the truth's images stand in after each `<BOV>`), written as a
+    dataset plus an HTML page, next to the truth: stage 1 cannot draw, it only learns when to."""
+    from duetgen.data.record import DatasetWriter, Message
+    from duetgen.data.view import render_dataset_html
+    from duetgen.train.toy_eval import greedy_answer
+
+    was_training = model.training
+    model.eval()
+    if out_dir.exists():
+        import shutil
+        shutil.rmtree(out_dir)
+    with DatasetWriter(out_dir, name=out_dir.name) as writer:
+        for ds, rec in val_items:
+            user = [m for m in rec.messages if m.role != "assistant"]
+            truth_images = [ds.open_image(p.path, rec.id) for p in rec.image_parts("assistant")]
+            prompt = [Message(m.role, [_loaded(ds, rec, p) for p in m.content]) for m in user]
+            answer = greedy_answer(model, tokenizer, processor, prompt,
+                                   draw=lambda k, _ctx: truth_images[k] if k < len(truth_images) else None,
+                                   max_new_tokens=max_new_tokens)
+            writer.write(Record(id=rec.id, source="stage1-sample", messages=prompt + [answer],
+                                meta={"note": "images after <BOV> are the truth's (stage 1 does not draw)"}))
+    render_dataset_html(out_dir, out_dir / "index.html", progress=False)
+    model.train(was_training)
+
+
+def _loaded(ds, rec, part):
+    from duetgen.data.record import ImagePart, TextPart
+    return part if isinstance(part, TextPart) else ImagePart(ds.open_image(part.path, rec.id))
+
+
+def extend_schedule(scheduler, total_steps: int) -> None:
+    """A resumed run whose config asks for another number of steps (``--resume --steps N``) continues on
+    the cosine of the new length from where it is: the checkpoint stored the old length with the schedule."""
+    schedule = scheduler.lr_lambdas[0]
+    if schedule.total_steps != total_steps:
+        print(f"schedule: {schedule.total_steps} -> {total_steps} total steps (resumed with another --steps)", flush=True)
+        schedule.total_steps = total_steps
+
+
+def _track(items, label, progress):
+    if not progress:
+        return items
+    from rich.progress import track
+    return track(items, description=label)
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint a run resumes from (they will be logged again)."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    keep = [r for r in rows if json.loads(r)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(r + "\n" for r in keep), encoding="utf-8")
+    os.replace(tmp, path)

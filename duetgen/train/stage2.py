@@ -1,0 +1,427 @@
+"""Stage 2: interleaved context alignment (paper sections 4.1-4.2, DESIGN section 6). One flat script, one loop.
+
+    duetgen train stage2 --config toy --stage1 runs/toy/stage1 [--out runs/toy/stage2] [--resume]
+
+The MLLM is frozen (eval mode, no grad); the connector and the DiT train with rectified flow.
+Per sequence ONE target image is drawn at random among the assistant images; its conditioning
+frames are every image before it in the conversation (user canvases, earlier answer images) and
+its text condition is the MLLM's all-layer hidden states of every token before its `<BOV>`
+(paper section 4.1). With probability `drop_final_text_prob` the final text chunk is removed from
+that condition (what guidance uses as its negative, paper section 4). Instruction data and
+transition data are mixed by training on a mixed dataset (`duetgen data mix`); ShapeWorld's
+generator already mixes 15% transitions in.
+
+Design choices:
+- Packing: each record costs (conditioning frames + 1) x tokens-per-frame DiT tokens; records are
+  packed under `latent_token_budget` by `duetgen.data.packing.PackedSampler`, whose lengths are
+  a function of the epoch because the target drawn (and with it the number of frames) changes
+  every epoch. The draw is a pure function of (seed, epoch, record index), so a resumed run
+  redraws exactly the same targets.
+- The MLLM runs once per pack, all text prefixes packed in one sequence with a block-diagonal
+  causal mask (the stage-1 packing); each prefix ends right before its `<BOV>` (or, when the final
+  chunk is dropped, right after the last `<|vision_end|>`). The MLLM is causal, so this equals the
+  states of the whole conversation sliced there.
+- Loss: `duetgen.diffusion.flow_matching.flow_matching_loss`, mean over the pack's targets.
+  Conditioning frames get flow time 0 and no loss (`targets_only=True` skips their output layer).
+- "x0 relative to previous" (`x0_relative_to_previous`, default on for ShapeWorld): with the x0
+  parameterisation, the network's output is ADDED to the latest conditioning frame (a white
+  canvas when there is none) to give x0_hat, so "change nothing" is the zero output. The
+  calibration note measured that copying the earlier canvas is what a DiT trained from scratch
+  learns slowest (edits kept untouched objects only 44% of the time after 20 minutes); a real
+  Cosmos DiT gets copying from video pretraining and trains with the plain parameterisation
+  (set it False). It is part of the diffusion process, outside the network, and is stored in
+  `duetgen.json` so every sampler applies it.
+- EMA (fp32 shadow, `duetgen.train.optim.EMA`) over connector + DiT: the samples, the exported
+  model and the shipped checkpoint use the EMA weights.
+- Resume state in the checkpoint: connector + DiT weights (the frozen MLLM comes from --stage1),
+  AdamW, LR schedule, EMA, sampler position, every RNG (the time, noise and drop draws come from
+  torch's global generator, which the checkpoint restores).
+- bf16 autocast only on CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from duetgen.data.packing import PackedSampler
+from duetgen.data.record import Dataset, ImagePart, Message, Record, TextPart
+from duetgen.diffusion.flow_matching import FlowMatchingConfig, dit_sample_inputs, flow_matching_loss, sample_time
+from duetgen.models.mllm import RenderedSequence, layer_states, negative_prefix_length
+from duetgen.train.checkpoint import latest_checkpoint, resume, save_checkpoint
+from duetgen.train.configs import Stage2Config
+from duetgen.train.logging import MetricsLogger
+from duetgen.train.optim import EMA, clip_grad_norm, make_adamw, make_scheduler
+from duetgen.train.stage1 import extend_schedule, load_records, pack_inputs, render
+
+# ----------------------------------------------------------------------------- model helpers
+
+
+def load_mllm(mllm_dir: str | os.PathLike):
+    """(model, tokenizer, image_processor) of a stage-1 output directory, frozen in eval mode."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from duetgen.models.image_processor import ImageProcessor
+    from duetgen.models.mllm import check_compatible
+
+    mllm_dir = Path(mllm_dir)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(mllm_dir, local_files_only=True, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(mllm_dir, local_files_only=True)
+    check_compatible(model.config, tokenizer)
+    model.requires_grad_(False).eval()
+    return model, tokenizer, ImageProcessor.from_pretrained(mllm_dir)
+
+
+def build_duetgen(cfg: Stage2Config, mllm, tokenizer, processor):
+    """A `DuetGen` around the stage-1 MLLM: a random DiT + fresh connector of the preset, its autoencoder,
+    and settings that record how this stage trains (what every sampler must apply)."""
+    from dataclasses import replace
+
+    from diffusers import CosmosTransformer3DModel
+
+    from duetgen.models import presets
+    from duetgen.models.connector import Connector
+    from duetgen.models.duetgen import DuetGen, build_vae, mllm_condition_channels
+
+    preset = presets.get_preset(cfg.preset)
+    in_channels = mllm_condition_channels(mllm.config)  # n_layers x width of the stage-1 MLLM
+    transformer = CosmosTransformer3DModel(**{**preset.dit, "crossattn_proj_in_channels": in_channels})
+    connector = Connector.from_dit_projection(transformer, in_channels)
+    from duetgen.diffusion.sampling import SamplerConfig
+
+    settings = replace(preset.settings, parameterisation=cfg.parameterisation,
+                       x0_relative_to_previous=cfg.x0_relative_to_previous,
+                       use_condition_frames=cfg.use_condition_frames, guidance_scale=cfg.guidance_scale,
+                       sampler=SamplerConfig(solver="euler", num_steps=cfg.sample_steps))  # what the samples measured
+    model = DuetGen(mllm, tokenizer, processor, connector, transformer, build_vae(preset.vae), settings)
+    return model.freeze_mllm()
+
+
+@torch.no_grad()
+def mllm_states(mllm, seqs: list[RenderedSequence]) -> list[torch.Tensor]:
+    """All-layer normalised states (L_i, n_layers * D) of each sequence, in one packed forward."""
+    inputs = pack_inputs(mllm, seqs)
+    inputs.pop("labels")
+    out = mllm.model(**inputs, output_hidden_states=True, use_cache=False)
+    states = layer_states(out.hidden_states)[0]  # (T, n_layers * D)
+    return list(states.split([len(s) for s in seqs]))
+
+
+def white_latent(vae, height: int, width: int) -> torch.Tensor:
+    """The latent of a white canvas (C, h, w): the "previous image" of a first drawing."""
+    return vae.encode(torch.ones(1, 3, height, width))[0]
+
+
+def image_latents(vae, images: list[Image.Image], device) -> list[torch.Tensor]:
+    """PIL images -> latents (C, h, w), each encoded on its own (sizes may differ)."""
+    from duetgen.models.vae import uint8_to_unit
+
+    tensors = [uint8_to_unit(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)[None]) for im in images]
+    return vae.encode_list([t[0].to(device) for t in tensors])
+
+
+# ----------------------------------------------------------------------------- data helpers
+
+
+def image_slots(rec: Record) -> tuple[int, list[int]]:
+    """(number of images in the conversation, indices among them of the assistant images)."""
+    n, generated = 0, []
+    for m in rec.messages:
+        for p in m.content:
+            if isinstance(p, ImagePart):
+                if m.role == "assistant":
+                    generated.append(n)
+                n += 1
+    return n, generated
+
+
+def image_sizes(ds: Dataset, rec: Record) -> list[tuple[int, int]]:
+    """(width, height) of every image of the conversation, from the file headers (no decoding)."""
+    sizes = []
+    for p in (p for m in rec.messages for p in m.content if isinstance(p, ImagePart)):
+        with Image.open(ds.image_path(p.path, rec.id)) as im:
+            sizes.append(im.size)
+    return sizes
+
+
+def draw_targets(items, seed: int, epoch: int) -> list[int]:
+    """The target image (index among the conversation's images) of every record for one epoch: uniform
+    among its assistant images, a pure function of (seed, epoch) so resume redraws the same."""
+    rng = np.random.default_rng([seed, epoch, 2])
+    return [int(rng.choice(image_slots(rec)[1])) for _, rec in items]
+
+
+def check_size(image: Image.Image, multiple: int, where: str) -> None:
+    if image.width % multiple or image.height % multiple:
+        raise ValueError(f"{where}: image of {image.width}x{image.height} is not a multiple of {multiple} pixels "
+                         "(autoencoder factor x DiT patch); resize the dataset's images")
+
+
+# ----------------------------------------------------------------------------- one pack -> loss
+
+
+def pack_loss(batch: list[dict], mllm, connector, dit, vae, cfg: Stage2Config, fm: FlowMatchingConfig,
+              device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mean flow-matching loss over the pack's targets. ``batch`` items: rendered, target, images, drop.
+
+    Random draws (times, noise) come from ``generator`` (None: torch's global one, restored by resume).
+    """
+    # 1. text condition: states of the tokens before each target's <BOV> (or the negative prefix)
+    prefixes = []
+    for b in batch:
+        rendered = b["rendered"]
+        bov = next(s.bov_position for s in rendered.images if s.index == b["target"])
+        length = negative_prefix_length(rendered, bov) if b["drop"] else bov
+        prefixes.append(rendered.prefix(length))
+    states = mllm_states(mllm, prefixes)  # per sample (L_i, C)
+    text = [connector(s.to(device)) for s in states]  # per sample (L_i, D_cross)
+
+    # 2. latents of the context images and the target, flow time, noise
+    latents = [image_latents(vae, b["images"], device) for b in batch]  # per sample [(C, h, w) ...]
+    x0 = [lat[-1] for lat in latents]
+    conds = [lat[:-1] if cfg.use_condition_frames else [] for lat in latents]
+    t = sample_time(len(batch), fm, generator=generator).to(device)  # (B,)
+    noise = [torch.randn(x.shape, generator=generator).to(device) for x in x0]
+
+    # 3. the DiT: conditioning frames at time 0, target at x_t
+    frames, times, masks = [], [], []
+    for i in range(len(batch)):
+        x_t = (1 - t[i]) * x0[i] + t[i] * noise[i]  # (C, h, w)
+        f, tt, m = dit_sample_inputs(conds[i], x_t, t[i])
+        frames.append(f), times.append(tt), masks.append(m)
+    out = dit(frames=frames, timesteps=times, condition_mask=masks, text=text, targets_only=True)
+
+    # 4. loss on the targets (x0 relative to the previous canvas when configured)
+    losses = []
+    for i in range(len(batch)):
+        raw = out[i][0]  # (C, h, w)
+        if cfg.x0_relative_to_previous:
+            base = conds[i][-1] if conds[i] else white_latent(vae, *batch[i]["images"][-1].size[::-1]).to(device)
+            raw = raw + base
+        losses.append(flow_matching_loss(raw, x0[i], noise[i], t[i], cfg.parameterisation, fm.x0_min_t))
+    return torch.stack(losses).mean()
+
+
+def make_batch(indices, items, targets, tokenizer, processor, drop_prob: float, generator=None) -> list[dict]:
+    """Render each record and load its images up to the target; draw whether its final text chunk is dropped."""
+    batch = []
+    for i in indices:
+        ds, rec = items[i]
+        k = targets[i]
+        parts = [p for m in rec.messages for p in m.content if isinstance(p, ImagePart)][: k + 1]
+        images = [ds.open_image(p.path, rec.id) for p in parts]
+        drop = bool(torch.rand((), generator=generator) < drop_prob)
+        batch.append({"rendered": render(items[i], tokenizer, processor), "target": k, "images": images,
+                      "drop": drop, "id": rec.id})
+    return batch
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train(cfg: Stage2Config, mllm_dir: str | os.PathLike, run_dir: str | os.PathLike, resume_run: bool = False,
+          progress: bool = True, stop_after: int | None = None) -> Path:
+    """Train stage 2 into ``run_dir``; returns ``run_dir/model`` (the DuetGen directory)."""
+    # --- setup
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    found = latest_checkpoint(ckpt_dir)
+    if found is not None and not resume_run:
+        raise FileExistsError(f"{run_dir} already holds checkpoints ({found.name}); pass --resume or a new --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    mllm, tokenizer, processor = load_mllm(mllm_dir)
+    model = build_duetgen(cfg, mllm, tokenizer, processor).to(device)
+    connector, dit, vae = model.connector, model.dit, model.vae
+    trainable = nn.ModuleDict({"connector": connector, "dit": dit}).train()  # the DiT's crossattn_proj IS the connector
+    n_params = sum(p.numel() for p in trainable.parameters())
+    fm = FlowMatchingConfig(parameterisation=cfg.parameterisation, time_distribution=cfg.time_distribution,
+                            time_shift=cfg.time_shift)
+    multiple = model.pixel_multiple
+
+    # --- data: records with at least one assistant image; a validation tail
+    items = [it for it in load_records(cfg.data, include_kinds=cfg.include_kinds) if image_slots(it[1])[1]]
+    if len(items) <= cfg.val_records:
+        raise ValueError(f"{cfg.data}: {len(items)} records with assistant images, not more than val_records={cfg.val_records}")
+    items, val_items = items[: -cfg.val_records], items[-cfg.val_records:]
+    image_tokens = [[(w // multiple) * (h // multiple) for w, h in image_sizes(ds, rec)] for ds, rec in items]
+
+    def lengths(epoch: int) -> list[int]:
+        """DiT tokens of each record this epoch: its target frame, plus every earlier image as a frame."""
+        targets = draw_targets(items, cfg.seed, epoch)
+        return [sum(tokens[: k + 1]) if cfg.use_condition_frames else tokens[k] for tokens, k in zip(image_tokens, targets)]
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    sampler = PackedSampler(lengths, cfg.latent_token_budget, seed=cfg.seed, rank=rank, world_size=world)
+    target_cache: dict[int, list[int]] = {}
+
+    def targets_of(epoch: int) -> list[int]:
+        if epoch not in target_cache:
+            target_cache.clear()
+            target_cache[epoch] = draw_targets(items, cfg.seed, epoch)
+        return target_cache[epoch]
+
+    # --- optimiser, schedule, EMA, resume
+    optimizer = make_adamw(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    ema = EMA(trainable, decay=cfg.ema_decay)
+    step = 0
+    if found is not None:
+        step = resume(found, trainable, optimizer, scheduler=scheduler, stateful={"sampler": sampler, "ema": ema}).step
+        extend_schedule(scheduler, cfg.steps)
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    print(f"stage 2: {n_params / 1e6:.2f}M trainable params (connector + DiT), MLLM frozen, {len(items)} train "
+          f"records, {sampler.packs_per_epoch()} packs/epoch, start at step {step}/{cfg.steps} on {device}", flush=True)
+
+    # --- the loop
+    packs = iter(sampler)
+    with MetricsLogger(run_dir, cfg.steps, start_step=step, unit="samples", progress=progress,
+                       description="stage 2") as log:
+        samples_since_log = 0
+        while step < cfg.steps:
+            pack = next(packs)
+            batch = make_batch(pack.items, items, targets_of(pack.epoch), tokenizer, processor, cfg.drop_final_text_prob)
+            for b in batch:
+                for im in b["images"]:
+                    check_size(im, multiple, f"record {b['id']!r}")
+            with autocast:
+                loss = pack_loss(batch, mllm, connector, dit, vae, cfg, fm, device)
+            loss.backward()
+            grad_norm = clip_grad_norm(trainable.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            ema.update(trainable)
+            step += 1
+            samples_since_log += len(batch)
+
+            # once in a while: log
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                entry = log.log(step, loss=loss, lr=scheduler.get_last_lr()[0], items=samples_since_log,
+                                grad_norm=grad_norm, pack_samples=len(batch), pack_tokens=pack.num_tokens)
+                samples_since_log = 0
+                if not progress:
+                    print(json.dumps(entry), flush=True)
+
+            # once in a while: validation loss (fixed times and noise) and exactness of EMA samples
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                val = validation_loss(val_items, mllm, connector, dit, vae, cfg, fm, tokenizer, processor, device)
+                log.log_scalars(step, "val", loss=val)
+                if not progress:
+                    print(f"step {step}: val loss {val:.4f}", flush=True)
+            if step % cfg.sample_every == 0 or step == cfg.steps:
+                exact = write_samples(run_dir / "samples" / f"step-{step:07d}.html", val_items[: cfg.num_samples],
+                                      model, trainable, ema, cfg, step)
+                log.log_scalars(step, "val", sample_exact=exact)
+                if not progress:
+                    print(f"step {step}: EMA samples exact {exact:.3f}", flush=True)
+
+            # once in a while: atomic resumable checkpoint
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save_checkpoint(ckpt_dir, step, trainable, optimizer, scheduler=scheduler,
+                                stateful={"sampler": sampler, "ema": ema}, config=cfg, keep_last=cfg.keep_last)
+            if stop_after is not None and step >= stop_after:
+                return run_dir / "model"
+
+    # --- export the EMA weights as a DuetGen directory
+    ema.copy_to(trainable)
+    model.save_pretrained(run_dir / "model", overwrite=True)
+    print(f"stage 2 done: {run_dir / 'model'}", flush=True)
+    return run_dir / "model"
+
+
+@torch.no_grad()
+def validation_loss(val_items, mllm, connector, dit, vae, cfg, fm, tokenizer, processor, device) -> float:
+    """Loss on the held-out records at fixed targets, times, noise and no text drop (comparable across steps)."""
+    generator = torch.Generator().manual_seed(1234)
+    targets = [image_slots(rec)[1][-1] for _, rec in val_items]  # the last answer image: the most context
+    total = 0.0
+    chunks = [list(range(i, min(i + 16, len(val_items)))) for i in range(0, len(val_items), 16)]
+    was = dit.training
+    dit.eval(), connector.eval()
+    for chunk in chunks:
+        batch = make_batch(chunk, val_items, targets, tokenizer, processor, drop_prob=0.0)
+        total += pack_loss(batch, mllm, connector, dit, vae, cfg, fm, device, generator=generator).item() * len(chunk)
+    dit.train(was), connector.train(was)
+    return total / len(val_items)
+
+
+@torch.no_grad()
+def write_samples(page: Path, val_items, model, trainable, ema, cfg: Stage2Config, step: int) -> float:
+    """Draw the last answer image of a few held-out records with the EMA weights (truth context, teacher
+    forced), write truth and sample side by side as HTML; return the fraction read back exactly equal."""
+    from duetgen.eval.toyworld_judge import read_canvas
+    from duetgen.models.mllm import TokenIds
+    from duetgen.train.logging import write_samples_html
+    from duetgen.train.toy_eval import DrawConfig, DrawContext, draw_image
+
+    backup = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
+    ema.copy_to(trainable)
+    trainable.eval()
+    tokenizer, processor = model.tokenizer, model.image_processor
+    ids = TokenIds.from_tokenizer(tokenizer)
+    draw_cfg = DrawConfig(num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale)
+    generator = torch.Generator().manual_seed(0)
+    records, exact = [], []
+    for ds, rec in val_items:
+        k = image_slots(rec)[1][-1]
+        rendered = render((ds, rec), tokenizer, processor)
+        slot = next(s for s in rendered.images if s.index == k)
+        parts = [p for m in rec.messages for p in m.content if isinstance(p, ImagePart)]
+        images = [ds.open_image(p.path, rec.id) for p in parts[: k + 1]]
+        context = DrawContext(prefix=rendered.prefix(slot.bov_position), images=images[:-1], vision_end=ids.vision_end)
+        sample = draw_image(model, context, draw_cfg, generator=generator, size=(images[-1].height, images[-1].width))
+        truth_reading, sample_reading = read_canvas(images[-1]), read_canvas(sample)
+        exact.append(sample_reading.clean and {(p.colour, p.shape, p.position) for p in sample_reading.pieces}
+                     == {(p.colour, p.shape, p.position) for p in truth_reading.pieces})
+        context_text = tokenizer.decode(rendered.input_ids[: slot.bov_position].tolist()[-60:])
+        records.append(Record(id=rec.id, source="stage2-sample", messages=[
+            Message("user", [*[ImagePart(im) for im in images[:-1]], TextPart("…" + context_text)]),
+            Message("assistant", [TextPart("truth:"), ImagePart(images[-1]), TextPart("EMA sample:"), ImagePart(sample),
+                                  TextPart("exact" if exact[-1] else "not exact")])]))
+    write_samples_html(page, records, title=f"stage 2, step {step}", subtitle="last answer image, truth context")
+    trainable.load_state_dict(backup)
+    trainable.train()
+    return float(np.mean(exact))
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, cfg: Stage2Config, mllm_dir: str | os.PathLike,
+                      out: str | os.PathLike, use_ema: bool = True) -> Path:
+    """A DuetGen directory from a stage-2 training checkpoint (its EMA weights, or the raw ones), e.g. to
+    evaluate step N."""
+    from safetensors import safe_open
+
+    from duetgen.train.checkpoint import unflatten_state
+
+    checkpoint = Path(checkpoint)
+    mllm, tokenizer, processor = load_mllm(mllm_dir)
+    model = build_duetgen(cfg, mllm, tokenizer, processor)
+    trainable = nn.ModuleDict({"connector": model.connector, "dit": model.dit})
+    ema = EMA(trainable, decay=cfg.ema_decay)
+    tree = json.loads((checkpoint / "state.json").read_text())["ema"]
+    with safe_open(str(checkpoint / "state.safetensors"), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+        ema.load_state_dict(unflatten_state(tree, lambda key: f.get_tensor(aliases.get(key, key))))
+    if use_ema:
+        ema.copy_to(trainable)
+    else:
+        from safetensors.torch import load_file
+
+        raw = load_file(str(checkpoint / "model.safetensors"))
+        if set(raw) != set(trainable.state_dict()):
+            raise ValueError(f"{checkpoint}/model.safetensors does not hold this run's connector + DiT weights")
+        trainable.load_state_dict(raw)
+    return model.save_pretrained(out, overwrite=True)
+

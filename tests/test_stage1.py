@@ -1,0 +1,116 @@
+"""Stage 1: packed next-token training of the MLLM (tiny random Qwen2.5-VL, real ShapeWorld records)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from duetgen.data.toyworld import generate
+from duetgen.models.mllm import IGNORE_INDEX, model_inputs
+from duetgen.train.configs import stage1_config, tiny_stage1
+from duetgen.train.stage1 import build_mllm, load_records, next_token_loss, pack_inputs, render, train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sw")
+    generate(root / "train", 40, seed=0, split="train", progress=False)
+    return root / "train"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    model, tokenizer, processor = build_mllm(tiny_stage1(), tmp_path_factory.mktemp("tok"))
+    return model.eval(), tokenizer, processor
+
+
+def test_packed_forward_equals_separate_forwards(data, tiny):
+    model, tokenizer, processor = tiny
+    items = load_records([str(data)], exclude_kinds=["transition"])[:4]
+    seqs = [render(it, tokenizer, processor) for it in items]
+    assert any(s.pixel_values is not None for s in seqs)
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in pack_inputs(model, seqs).items() if k != "labels"}).logits[0]
+        offset = 0
+        for s in seqs:
+            alone = model(**model_inputs(model, s, with_labels=False)).logits[0]
+            torch.testing.assert_close(packed[offset:offset + len(s)], alone, atol=1e-5, rtol=1e-5)
+            offset += len(s)
+
+
+def test_packed_loss_is_the_token_weighted_mean_of_the_separate_losses(data, tiny):
+    """No sample's loss sees another sample, and a sample's first token is never a target of the previous one."""
+    model, tokenizer, processor = tiny
+    items = load_records([str(data)], exclude_kinds=["transition"])[:3]
+    seqs = [render(it, tokenizer, processor) for it in items]
+    with torch.no_grad():
+        loss, n = next_token_loss(model, pack_inputs(model, seqs))
+        total, count = 0.0, 0
+        for s in seqs:
+            logits = model(**model_inputs(model, s, with_labels=False)).logits[0]
+            targets = s.labels[1:]
+            k = int((targets != IGNORE_INDEX).sum())
+            total += F.cross_entropy(logits[:-1], targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
+            count += k
+    assert n == count
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_only_assistant_text_bov_and_end_of_turn_are_supervised(data, tiny):
+    model, tokenizer, processor = tiny
+    (ds, rec), = [it for it in load_records([str(data)]) if it[1].meta["kind"] == "how-to"][:1]
+    seq = render((ds, rec), tokenizer, processor)
+    inputs = pack_inputs(model, [seq])
+    supervised = tokenizer.decode(inputs["input_ids"][0][inputs["labels"] != IGNORE_INDEX])
+    answer = "".join(p.text for p in rec.messages[-1].content if hasattr(p, "text"))
+    assert supervised.replace("<BOV>", "").replace("<|im_end|>", "") == answer
+    assert supervised.count("<BOV>") == len(rec.image_parts("assistant"))
+    assert supervised.endswith("<|im_end|>")
+
+
+def test_tiny_run_trains_saves_and_exports(data, tmp_path):
+    cfg = dataclasses.replace(tiny_stage1(), data=[str(data)], steps=12, warmup_steps=2, sample_every=12)
+    out = train(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "preprocessor_config.json").is_file()
+    assert (tmp_path / "run" / "samples" / "step-0000012" / "index.html").is_file()
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(out, local_files_only=True)  # plain transformers loads it
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
+def test_unknown_config_and_bad_data_are_clear_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from duetgen.cli import app
+
+    with pytest.raises(ValueError, match="unknown stage-1 config 'nope'"):
+        stage1_config("nope")
+    result = CliRunner().invoke(app, ["train", "stage1", "--config", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "not a dataset directory" in result.output
+
+
+def test_resume_with_more_steps_continues_on_the_longer_cosine(data, tmp_path):
+    from duetgen.train.optim import WarmupCosine
+
+    cfg = dataclasses.replace(tiny_stage1(), data=[str(data)], steps=4, warmup_steps=2, save_every=4, eval_every=100,
+                              sample_every=100)
+    train(cfg, tmp_path / "run", progress=False)
+    train(dataclasses.replace(cfg, steps=8), tmp_path / "run", resume_run=True, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    assert sorted(lrs) == list(range(1, 9))
+    longer = WarmupCosine(2, 8, cfg.min_lr_ratio)
+    for step in range(5, 9):  # get_last_lr after `step` optimiser steps = the lambda at `step`
+        assert lrs[step] == pytest.approx(cfg.lr * longer(step))
+    assert lrs[4] == pytest.approx(cfg.lr * WarmupCosine(2, 4, cfg.min_lr_ratio)(4))  # the first part kept its own

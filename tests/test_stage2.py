@@ -1,0 +1,157 @@
+"""Stage 2: frozen MLLM, connector + DiT with rectified flow (tiny random models, real ShapeWorld records)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from duetgen.data.toyworld import generate
+from duetgen.diffusion.flow_matching import FlowMatchingConfig
+from duetgen.models.mllm import all_layer_states, negative_prefix_length
+from duetgen.train import stage1, stage2
+from duetgen.train.configs import tiny_stage1, tiny_stage2
+from duetgen.train.toy_eval import DrawConfig, DrawContext, draw_image, evaluate_toy
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("s2")
+    generate(root / "train", 40, seed=0, split="train", progress=False)
+    generate(root / "test", 5, seed=1, split="test", kinds=["how-to", "editing", "understanding"], progress=False)
+    cfg1 = dataclasses.replace(tiny_stage1(), data=[str(root / "train")], steps=2, warmup_steps=1, sample_every=100)
+    mllm_dir = stage1.train(cfg1, root / "stage1", progress=False)
+    return root, mllm_dir
+
+
+def _models(mllm_dir, cfg):
+    torch.manual_seed(0)
+    mllm, tokenizer, processor = stage2.load_mllm(mllm_dir)
+    model = stage2.build_duetgen(cfg, mllm, tokenizer, processor)
+    return mllm, tokenizer, processor, model.vae, model, model.connector, model.dit
+
+
+def test_mllm_frozen_only_connector_and_dit_get_gradients(setup):
+    root, mllm_dir = setup
+    cfg = dataclasses.replace(tiny_stage2(), data=[str(root / "train")])
+    mllm, tokenizer, processor, vae, _, connector, dit = _models(mllm_dir, cfg)
+    items = [it for it in stage1.load_records(cfg.data) if stage2.image_slots(it[1])[1]][:3]
+    targets = stage2.draw_targets(items, seed=0, epoch=0)
+    batch = stage2.make_batch(range(3), items, targets, tokenizer, processor, drop_prob=0.5)
+    loss = stage2.pack_loss(batch, mllm, connector, dit, vae, cfg, FlowMatchingConfig(parameterisation="x0"), "cpu")
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert not mllm.training and all(p.grad is None and not p.requires_grad for p in mllm.parameters())
+    assert all(p.grad is not None for p in connector.parameters())
+    assert sum(p.grad is not None for p in dit.parameters()) > 0.9 * len(list(dit.parameters()))
+
+
+def test_text_condition_is_the_states_before_bov_or_the_negative_prefix(setup):
+    """The packed MLLM pass gives, per sample, exactly the all-layer states of the whole record cut at its <BOV>."""
+    root, mllm_dir = setup
+    cfg = dataclasses.replace(tiny_stage2(), data=[str(root / "train")])
+    mllm, tokenizer, processor, *_ = _models(mllm_dir, cfg)
+    items = [it for it in stage1.load_records(cfg.data, include_kinds=["continuation"])][:2]
+    rendered = [stage1.render(it, tokenizer, processor) for it in items]
+    bovs = [r.bov_positions[-1] for r in rendered]
+    prefixes = [rendered[0].prefix(bovs[0]), rendered[1].prefix(negative_prefix_length(rendered[1], bovs[1]))]
+    packed = stage2.mllm_states(mllm, prefixes)
+    with torch.no_grad():
+        full0, full1 = all_layer_states(mllm, rendered[0]), all_layer_states(mllm, rendered[1])
+    torch.testing.assert_close(packed[0], full0[: bovs[0]], atol=1e-4, rtol=1e-4)
+    neg = negative_prefix_length(rendered[1], bovs[1])
+    assert neg < bovs[1]  # the final text chunk ("Step k: ...") is gone ...
+    assert rendered[1].input_ids[neg - 1] == mllm.config.vision_end_token_id  # ... up to the last image
+    torch.testing.assert_close(packed[1], full1[:neg], atol=1e-4, rtol=1e-4)
+
+
+def test_targets_are_assistant_images_drawn_per_epoch_and_deterministic(setup):
+    root, _ = setup
+    items = [it for it in stage1.load_records([str(root / "train")]) if stage2.image_slots(it[1])[1]]
+    a, b = stage2.draw_targets(items, 0, 0), stage2.draw_targets(items, 0, 0)
+    assert a == b
+    assert a != stage2.draw_targets(items, 0, 1)  # a new draw each epoch
+    for (_, rec), k in zip(items, a):
+        n, generated = stage2.image_slots(rec)
+        assert k in generated and k < n
+        if rec.meta["kind"] in ("continuation", "editing", "transition"):
+            assert k >= 1  # the user's canvas comes before every answer image: at least one conditioning frame
+
+
+def test_x0_relative_to_previous_makes_a_zero_output_copy_the_previous_canvas(setup):
+    """The parameterisation lives in the sampler: a DiT that outputs zeros reproduces the latest frame exactly
+    (a white canvas when there is none)."""
+    root, mllm_dir = setup
+    cfg = tiny_stage2()
+    mllm, tokenizer, processor, vae, model, connector, dit = _models(mllm_dir, cfg)
+    with torch.no_grad():
+        dit.proj_out.weight.zero_()
+        dit.proj_out.bias.zero_() if dit.proj_out.bias is not None else None
+    items = [it for it in stage1.load_records([str(root / "train")], include_kinds=["editing"])][:1]
+    (ds, rec), = items
+    rendered = stage1.render(items[0], tokenizer, processor)
+    canvas = ds.open_image(rec.messages[0].content[0].path, rec.id)
+    from duetgen.models.mllm import TokenIds
+
+    ctx = DrawContext(prefix=rendered.prefix(rendered.bov_positions[0]), images=[canvas],
+                      vision_end=TokenIds.from_tokenizer(tokenizer).vision_end)
+    drawn = draw_image(model, ctx, DrawConfig(num_steps=3), generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(np.asarray(drawn), np.asarray(canvas.convert("RGB")))
+    ctx = dataclasses.replace(ctx, images=[])
+    drawn = draw_image(model, ctx, DrawConfig(num_steps=3), generator=torch.Generator().manual_seed(0), size=(64, 64))
+    assert np.asarray(drawn).min() == 255  # white
+    model.config.x0_relative_to_previous = False
+    plain = draw_image(model, ctx, DrawConfig(num_steps=3), generator=torch.Generator().manual_seed(0), size=(64, 64))
+    assert np.asarray(plain).max() < 200  # plain x0: zero output is mid-grey, not white
+
+
+def test_text_only_ablation_packs_one_frame_per_sample(setup):
+    root, mllm_dir = setup
+    cfg = dataclasses.replace(tiny_stage2(), data=[str(root / "train")], use_condition_frames=False)
+    mllm, tokenizer, processor, vae, _, connector, dit = _models(mllm_dir, cfg)
+    calls = []
+    original = dit.forward
+
+    def spy(frames, **kw):
+        calls.append([len(f) for f in frames])
+        return original(frames, **kw)
+
+    dit.forward = spy
+    items = [it for it in stage1.load_records(cfg.data, include_kinds=["continuation"])][:2]
+    batch = stage2.make_batch(range(2), items, stage2.draw_targets(items, 0, 0), tokenizer, processor, 0.0)
+    stage2.pack_loss(batch, mllm, connector, dit, vae, cfg, FlowMatchingConfig(parameterisation="x0"), "cpu")
+    assert calls == [[1, 1]]
+    cfg = dataclasses.replace(cfg, use_condition_frames=True)
+    calls.clear()
+    stage2.pack_loss(batch, mllm, connector, dit, vae, cfg, FlowMatchingConfig(parameterisation="x0"), "cpu")
+    assert calls == [[b["target"] + 1 for b in batch]]
+
+
+def test_tiny_run_exports_a_model_that_loads_and_evaluates(setup, tmp_path):
+    root, mllm_dir = setup
+    cfg = dataclasses.replace(tiny_stage2(), data=[str(root / "train")], steps=4, warmup_steps=1, sample_every=4)
+    out = stage2.train(cfg, mllm_dir, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert any("val/sample_exact" in r for r in rows)
+    assert (tmp_path / "run" / "samples" / "step-0000004.html").is_file()
+    from diffusers import CosmosTransformer3DModel
+
+    from duetgen.models.duetgen import DuetGen
+
+    model = DuetGen.from_pretrained(out, expect="tiny")
+    assert (model.config.parameterisation, model.config.x0_relative_to_previous, model.config.use_condition_frames) \
+        == ("x0", True, True)
+    stock = CosmosTransformer3DModel.from_pretrained(out / "dit")  # plain diffusers, connector inside crossattn_proj
+    assert stock.config.crossattn_proj_in_channels == model.connector.in_channels
+    exported = DuetGen.from_pretrained(stage2.export_checkpoint(tmp_path / "run" / "checkpoints" / "step-0000004", cfg,
+                                                                mllm_dir, tmp_path / "exported"))
+    for (name, a), b in zip(model.dit.state_dict().items(), exported.dit.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)  # the checkpoint's EMA weights are what the run exported
+    report = evaluate_toy(out, root / "test", tmp_path / "eval", limit=3, num_steps=2, max_new_tokens=30, progress=False)
+    assert report["summary"]["all"]["n"] == 3 and report["summary"]["all"]["missing"] == 0
+    assert (tmp_path / "eval" / "pred.html").is_file()
