@@ -590,6 +590,7 @@ def generate(out_dir: str | Path, n: int, seed: int = 0, split: str = "train",
     renormalised over ``kinds``). The same arguments give the same records and image bytes.
     """
     from duetgen.data.record import DatasetWriter
+    from duetgen.progress import progress_bar
 
     if not isinstance(n, int) or n < 0:
         raise WorldError(f"n must be a non-negative integer, got {n!r}")
@@ -611,7 +612,7 @@ def generate(out_dir: str | Path, n: int, seed: int = 0, split: str = "train",
 
     counts = {k: 0 for k in kinds}
     with DatasetWriter(out_dir, shard_size=shard_size, name=name or f"shapeworld-{split}-seed{seed}") as writer, \
-            _progress(progress, n, f"ShapeWorld {split}") as advance:
+            progress_bar(progress, n, f"ShapeWorld {split}") as advance:
         for i in range(n):
             rng = task_rng(seed, split, i)
             kind = rng.choices(kinds, weights)[0]
@@ -620,27 +621,6 @@ def generate(out_dir: str | Path, n: int, seed: int = 0, split: str = "train",
             counts[kind] += 1
             advance()
     return counts
-
-
-class _progress:
-    """A rich progress bar (or nothing) as a context manager yielding an ``advance()`` callable."""
-
-    def __init__(self, enabled: bool, total: int, label: str):
-        self.enabled, self.total, self.label = enabled, total, label
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        self.bar.__enter__()
-        task = self.bar.add_task(self.label, total=self.total)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.__exit__(*exc)
 
 
 # =============================================================================================

@@ -158,7 +158,8 @@ def run_model(model: Model, prompts: str | os.PathLike, out: str | os.PathLike, 
         records = records[:limit]
     done = {r.id for r in Dataset(out)} if (Path(out) / "manifest.json").is_file() else set()
     todo = [r for r in records if r.id not in done]
-    from duetgen.eval.harness import _progress_bar, split_record
+    from duetgen.eval.harness import split_record
+    from duetgen.progress import progress_bar
 
     try:  # the optional item_id keyword of the protocol
         takes_id = "item_id" in inspect.signature(model.generate).parameters
@@ -166,7 +167,7 @@ def run_model(model: Model, prompts: str | os.PathLike, out: str | os.PathLike, 
         takes_id = False
     n = 0
     with DatasetWriter(out, shard_size=shard_size, append=True, name=model.name) as w, \
-            _progress_bar(progress, len(todo), f"generating with {model.name}") as advance:
+            progress_bar(progress, len(todo), f"generating with {model.name}") as advance:
         for rec in todo:
             request, _ = split_record(rec)  # a prompt with a reference answer: only the request goes in
             shown = [Message(m.role, [ImagePart(source.open_image(p.path, rec.id)) if isinstance(p, ImagePart)

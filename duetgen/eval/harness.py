@@ -46,6 +46,7 @@ from duetgen.eval.benchmarks import Benchmark, load_benchmark
 from duetgen.eval.benchmarks.readers import read_interleavedbench, read_predictions, read_records
 from duetgen.eval.judge import Judge, JudgeConfig, Sample, load_template, sequence_parts
 from duetgen.eval.metrics import N_BOOT, SEED, summarize
+from duetgen.progress import progress_bar
 
 RUN_FORMAT = "duetgen-eval-run"
 RUN_FILE, RESULTS_FILE, SUMMARY_FILE, CACHE_FILE = "run.json", "results.jsonl", "summary.json", "score_cache.sqlite"
@@ -394,7 +395,7 @@ def run_benchmark(cfg: RunConfig, judge_config: JudgeConfig | None = None, api_k
             f.flush()
             os.fsync(f.fileno())
 
-        with _progress_bar(progress, len(todo), f"judging {bench.title}") as advance:
+        with progress_bar(progress, len(todo), f"judging {bench.title}") as advance:
             if bench.kind == "exact":
                 for it in todo:
                     write(exact_line(bench, it))
@@ -449,24 +450,3 @@ def build_summary(bench: Benchmark, run: dict, results: list[dict], coverage: di
     s["coverage"] = dict(coverage, missing=sum(1 for r in results if r.get("missing")
                                                or all(v["state"] == "missing" for v in r["metrics"].values())))
     return s
-
-
-class _progress_bar:
-    """A rich progress bar (or nothing): ``with _progress_bar(on, total, label) as advance: advance()``."""
-
-    def __init__(self, on: bool, total: int, label: str):
-        self.on, self.total, self.label = on, total, label
-
-    def __enter__(self):
-        if not self.on:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        self.bar.__enter__()
-        task = self.bar.add_task(self.label, total=self.total)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc):
-        if self.on:
-            self.bar.__exit__(*exc)

@@ -422,7 +422,7 @@ def _find_description(text: str) -> Scene:
 def evaluate(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
     """Score every truth record; returns {"summary": {kind: {metric: mean, n, missing}}, "records": [...], ...}."""
     from duetgen.data.record import Dataset, ImagePart, RecordError, TextPart
-    from duetgen.data.toyworld import _progress
+    from duetgen.progress import progress_bar
 
     truth_ds, pred_ds = Dataset(truth_dir), Dataset(pred_dir)
     preds: dict[str, Any] = {}
@@ -431,7 +431,7 @@ def evaluate(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike, progress
             raise RecordError(f"{pred_dir}: prediction id {rec.id!r} appears twice")
         preds[rec.id] = [p for m in rec.messages if m.role == "assistant" for p in m.content]
     rows, truth_ids = [], set()
-    with _progress(progress, len(truth_ds), "judging") as advance:
+    with progress_bar(progress, len(truth_ds), "judging") as advance:
         for rec in truth_ds:
             truth = Task.from_meta(rec.meta, rec.id)
             truth_ids.add(rec.id)
