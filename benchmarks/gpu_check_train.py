@@ -480,7 +480,7 @@ def check_stage1(model, args, device, autocast, reference, mode: str) -> dict:
     if mode == "lora":
         import peft
 
-        targets = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+        from duetgen.train.lora import LANGUAGE_MODEL_TARGETS as targets  # language model only, not the ViT's MLP
         config = peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
                                  target_modules=targets)
         lora = peft.get_peft_model(mllm, config)  # wraps in place: `mllm` now runs through the LoRA layers

@@ -114,3 +114,82 @@ def test_resume_with_more_steps_continues_on_the_longer_cosine(data, tmp_path):
     for step in range(5, 9):  # get_last_lr after `step` optimiser steps = the lambda at `step`
         assert lrs[step] == pytest.approx(cfg.lr * longer(step))
     assert lrs[4] == pytest.approx(cfg.lr * WarmupCosine(2, 4, cfg.min_lr_ratio)(4))  # the first part kept its own
+
+
+# ----------------------------------------------------------------------------- LoRA (lora_rank > 0)
+
+
+def test_lora_trains_only_adapters_and_embeddings_and_keeps_base_weights(data, tmp_path):
+    from duetgen.train.configs import tiny_lora_stage1
+    from duetgen.train.lora import add_lora
+    from duetgen.train.optim import make_adamw
+
+    torch.manual_seed(0)
+    cfg = tiny_lora_stage1()
+    model, tokenizer, processor = build_mllm(cfg, tmp_path / "tok")
+    lora = add_lora(model, cfg.lora_rank, cfg.lora_alpha, train_embeddings=True)
+    embeddings = {"model.language_model.embed_tokens.weight", "lm_head.weight"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n or n in embeddings for n in trainable)
+    assert embeddings <= trainable
+    assert not any(".lora_" in n for n, _ in model.model.visual.named_parameters())  # ViT MLP not targeted
+    assert any("mlp.gate_proj.lora_A" in n for n in trainable)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if n not in trainable}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in trainable}
+    optimizer = make_adamw(model, lr=1e-2)
+    seqs = [render(it, tokenizer, processor) for it in load_records([str(data)])[:3]]
+    model.train()
+    for _ in range(2):
+        loss, _ = next_token_loss(model, pack_inputs(model, seqs))
+        loss.backward()
+        grads = {n for n, p in model.named_parameters() if p.grad is not None}
+        assert grads == trainable
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for n, p in model.named_parameters():
+        if n in base:
+            assert torch.equal(p, base[n]), n  # bit-identical frozen weights
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters()
+               if n in before and "lora_A" not in n)  # B (zero-init) and the embeddings moved
+    del lora
+
+    torch.manual_seed(0)
+    frozen, *_ = build_mllm(cfg, tmp_path / "tok")
+    add_lora(frozen, cfg.lora_rank, cfg.lora_alpha, train_embeddings=False)
+    assert all(".lora_" in n for n, p in frozen.named_parameters() if p.requires_grad)
+
+
+def test_tiny_lora_run_resumes_and_exports_a_merged_plain_model(data, tmp_path):
+    from safetensors import safe_open
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from duetgen.train.configs import stage1_config
+
+    cfg = dataclasses.replace(stage1_config("tiny-lora"), data=[str(data)], steps=4, warmup_steps=1, save_every=2,
+                              eval_every=100, sample_every=100)
+    train(cfg, tmp_path / "cut", progress=False, stop_after=2)  # checkpoint at step 2, then "killed"
+    with safe_open(str(tmp_path / "cut" / "checkpoints" / "step-0000002" / "model.safetensors"), "pt") as f:
+        assert any(".lora_" in k for k in f.keys())  # the checkpoint holds the adapters
+    out = train(cfg, tmp_path / "cut", resume_run=True, progress=False)
+    train(cfg, tmp_path / "whole", progress=False)
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("cut", "whole")}
+    losses = {name: {r["step"]: r["loss"] for r in rows[name] if "loss" in r} for name in rows}
+    assert sorted(losses["cut"]) == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses["cut"].values())
+    assert losses["cut"] == pytest.approx(losses["whole"], rel=1e-5)  # resume continues the same run
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert not any("lora_" in k or "base_layer" in k or "base_model" in k for k in keys)
+    assert not (out / "adapter_config.json").exists()
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, local_files_only=True)
+    assert type(model) is Qwen2_5_VLForConditionalGeneration
+    # the merge changed the language model's weights (B moved away from zero) but not the frozen ViT
+    torch.manual_seed(cfg.seed)
+    init, *_ = build_mllm(cfg, tmp_path / "whole")
+    init_state, merged_state = init.state_dict(), model.state_dict()
+    q = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged_state[q], init_state[q])
+    visual = [k for k in merged_state if k.startswith("model.visual.")]
+    assert visual and all(torch.equal(merged_state[k], init_state[k]) for k in visual)

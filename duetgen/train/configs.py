@@ -32,6 +32,10 @@ class Stage1Config:
     mllm: str = "toy"  # "toy" / "tiny": a random config of the real Qwen2.5-VL class + offline tokenizer; else a local model directory
     vocab_size: int = 512  # offline BPE size (toy/tiny only)
     train_vision: bool = True  # False freezes the vision tower (ViT + merger); see docs/training.md, "what limits it"
+    lora_rank: int = 0  # 0: full fine-tuning; > 0: peft LoRA of this rank on the language model only (vision frozen), merged at export
+    lora_alpha: float = 32.0  # LoRA scale is alpha / rank
+    lora_dropout: float = 0.0
+    lora_train_embeddings: bool = True  # with LoRA, embed_tokens + lm_head stay trainable (the new <BOV> rows must learn; duetgen.train.lora)
     token_budget: int = 1024  # tokens per packed sequence (one pack per step per rank)
     max_record_tokens: int = 1024  # longer records are an error naming them
     steps: int = 4000  # optimiser steps (copying words from the prompt emerged only after ~1500, docs/training.md)
@@ -123,7 +127,13 @@ def toy_stage1_frozen_vision() -> Stage1Config:
     return dataclasses.replace(toy_stage1(), name="toy-frozen-vision", train_vision=False)
 
 
-STAGE1_CONFIGS = {"toy": toy_stage1, "toy-frozen-vision": toy_stage1_frozen_vision, "tiny": tiny_stage1}
+def tiny_lora_stage1() -> Stage1Config:
+    """Unit tests and a smoke run of the LoRA path: the tiny run with rank-4 LoRA."""
+    return dataclasses.replace(tiny_stage1(), name="tiny-lora", lora_rank=4, lora_alpha=8.0)
+
+
+STAGE1_CONFIGS = {"toy": toy_stage1, "toy-frozen-vision": toy_stage1_frozen_vision, "tiny": tiny_stage1,
+                  "tiny-lora": tiny_lora_stage1}
 STAGE2_CONFIGS = {"toy": toy_stage2, "toy-text-only": toy_stage2_text_only, "tiny": tiny_stage2}
 
 

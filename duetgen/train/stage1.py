@@ -2,7 +2,8 @@
 
     duetgen train stage1 --config toy [--out runs/toy/stage1] [--resume]
 
-Only MLLM parameters train. Loss: next token, on assistant text, each `<BOV>` and the assistant's
+Only MLLM parameters train: all of them, or (``lora_rank > 0``) peft LoRA on the language model plus
+the embeddings (`duetgen.train.lora`), merged into the weights at export. Loss: next token, on assistant text, each `<BOV>` and the assistant's
 closing `<|im_end|>` (DESIGN section 4; `duetgen.models.mllm.render_record` writes the labels).
 Several conversations are packed into one sequence under a token budget (`duetgen.data.packing`):
 per-sample 3D mrope positions, a block-diagonal causal mask (no attention across samples), and
@@ -22,6 +23,8 @@ Design choices:
   ids), `checkpoints/`, `tb/` (TensorBoard), `samples/` (HTML), `metrics.jsonl` (one line per
   logged step) and, at the end, `mllm/`: a plain transformers directory (weights, tokenizer,
   image-processor config) that stage 2 and `from_pretrained` read.
+- LoRA checkpoints hold the full state under peft's module names (base + LoRA tensors); resume wraps
+  the model the same way before loading, so the resume path is the full fine-tuning one.
 - bf16 autocast only on CUDA; CPU runs in fp32 (bf16 matmuls are slow on most CPUs).
 - Single process here; `torchrun` runs shard the packs by rank (`PackedSampler(rank=, world_size=)`).
 """
@@ -174,7 +177,12 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, resume_run: bool = Fals
     model.to(device).train()
     if not cfg.train_vision:
         model.model.visual.requires_grad_(False)  # left out of AdamW (param_groups skips frozen parameters)
+    lora = None
+    if cfg.lora_rank > 0:  # `model` keeps running (now through the LoRA layers); `lora` only merges at export
+        from duetgen.train.lora import add_lora
+        lora = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_train_embeddings)
     n_params = sum(p.numel() for p in model.parameters())
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     # --- data: filter, hold out a validation tail, lengths once for the packer
     items = load_records(cfg.data, exclude_kinds=cfg.exclude_kinds)
@@ -202,7 +210,7 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, resume_run: bool = Fals
     _truncate_metrics(metrics_path, step)
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     tb = SummaryWriter(str(run_dir / "tb"), purge_step=step + 1 if step else None)
-    print(f"stage 1: {n_params / 1e6:.2f}M params, {len(items)} train records ({sum(lengths)} tokens), "
+    print(f"stage 1: {n_params / 1e6:.2f}M params ({n_trained / 1e6:.2f}M trained), {len(items)} train records ({sum(lengths)} tokens), "
           f"{sampler.packs_per_epoch()} packs/epoch, start at step {step}/{cfg.steps} on {device}", flush=True)
 
     # --- the loop
@@ -266,6 +274,9 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, resume_run: bool = Fals
     # --- export
     tb.close()
     model.eval()
+    if lora is not None:
+        from duetgen.train.lora import merge_lora
+        model = merge_lora(lora)  # plain Qwen2.5-VL again: stage 2 and from_pretrained never see peft
     save_mllm(model, tokenizer, processor, run_dir / "mllm")
     print(f"stage 1 done: {run_dir / 'mllm'}", flush=True)
     return run_dir / "mllm"
