@@ -448,6 +448,19 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def open_run_dir(run_dir: str | os.PathLike, resume_run: bool) -> tuple[Path, Path | None]:
+    """Create ``run_dir`` for a training run; return it and its latest checkpoint (None for a new run).
+
+    A run that already has checkpoints is refused unless resuming, so nothing is overwritten by accident.
+    """
+    run_dir = Path(run_dir)
+    found = latest_checkpoint(run_dir / "checkpoints")
+    if found is not None and not resume_run:
+        raise FileExistsError(f"{run_dir} already holds checkpoints ({found.name}); pass --resume or a new --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, found
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The step directory ``latest`` points to; the newest complete one if the pointer is missing or stale."""
     run_dir = Path(run_dir)

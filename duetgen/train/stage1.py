@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from duetgen.data.packing import PackedSampler, block_diagonal_mask, concat_packed
 from duetgen.data.record import Dataset, Record
 from duetgen.models.mllm import IGNORE_INDEX, RenderedSequence, render_record, rope_position_ids
-from duetgen.train.checkpoint import latest_checkpoint, resume, save_checkpoint
+from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
 from duetgen.train.configs import Stage1Config
 from duetgen.train.optim import clip_grad_norm, make_adamw, make_scheduler
 
@@ -162,12 +162,8 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, resume_run: bool = Fals
     from torch.utils.tensorboard import SummaryWriter
 
     # --- setup
-    run_dir = Path(run_dir)
+    run_dir, found = open_run_dir(run_dir, resume_run)
     ckpt_dir = run_dir / "checkpoints"
-    found = latest_checkpoint(ckpt_dir)
-    if found is not None and not resume_run:
-        raise FileExistsError(f"{run_dir} already holds checkpoints ({found.name}); pass --resume or a new --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

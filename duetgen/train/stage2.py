@@ -55,7 +55,7 @@ from duetgen.data.packing import PackedSampler
 from duetgen.data.record import Dataset, ImagePart, Message, Record, TextPart
 from duetgen.diffusion.flow_matching import FlowMatchingConfig, dit_sample_inputs, flow_matching_loss, sample_time
 from duetgen.models.mllm import RenderedSequence, layer_states, negative_prefix_length
-from duetgen.train.checkpoint import latest_checkpoint, resume, save_checkpoint
+from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
 from duetgen.train.configs import Stage2Config
 from duetgen.train.logging import MetricsLogger
 from duetgen.train.optim import EMA, clip_grad_norm, make_adamw, make_scheduler
@@ -230,12 +230,8 @@ def train(cfg: Stage2Config, mllm_dir: str | os.PathLike, run_dir: str | os.Path
           progress: bool = True, stop_after: int | None = None) -> Path:
     """Train stage 2 into ``run_dir``; returns ``run_dir/model`` (the DuetGen directory)."""
     # --- setup
-    run_dir = Path(run_dir)
+    run_dir, found = open_run_dir(run_dir, resume_run)
     ckpt_dir = run_dir / "checkpoints"
-    found = latest_checkpoint(ckpt_dir)
-    if found is not None and not resume_run:
-        raise FileExistsError(f"{run_dir} already holds checkpoints ({found.name}); pass --resume or a new --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
