@@ -619,8 +619,8 @@ def eval_import(
 # ----------------------------------------------------------------------------- train (issue 4)
 
 
-def _train_config(load, name: str, data: Optional[list[Path]], steps: Optional[int]):
-    """Run config ``name`` from ``load`` with the --data / --steps overrides; every dataset must exist."""
+def _train_config(load, name: str, data: Optional[list[Path]], steps: Optional[int], packs_per_rank: Optional[int] = None):
+    """Run config ``name`` from ``load`` with the --data / --steps / --packs-per-rank overrides; every dataset must exist."""
     import dataclasses
 
     try:
@@ -631,6 +631,8 @@ def _train_config(load, name: str, data: Optional[list[Path]], steps: Optional[i
         cfg = dataclasses.replace(cfg, data=[str(d) for d in data])
     if steps is not None:
         cfg = dataclasses.replace(cfg, steps=steps)
+    if packs_per_rank is not None:
+        cfg = dataclasses.replace(cfg, packs_per_rank=packs_per_rank)
     for d in cfg.data:
         if not (Path(d) / "manifest.json").is_file():
             fail(f"--data {d!r}: not a dataset directory (no manifest.json); make one with `duetgen data toyworld`")
@@ -644,13 +646,17 @@ def train_stage1(
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
     data: Optional[list[Path]] = typer.Option(None, "--data", help="Dataset directories (default: the config's)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Override the config's number of steps."),
+    packs_per_rank: Optional[int] = typer.Option(None, "--packs-per-rank", min=1, help="Packs per step on each rank (gradient accumulation; default: the config's)."),
     quiet: bool = typer.Option(False, "--quiet", help="Print JSON lines instead of a progress bar (for log files)."),
 ):
-    """Stage 1: instruction-tune the MLLM (next-token loss on assistant text, <BOV> and end of turn), packed."""
+    """Stage 1: instruction-tune the MLLM (next-token loss on assistant text, <BOV> and end of turn), packed.
+
+    Multi-process: torchrun --nproc-per-node N -m duetgen.cli train stage1 ... (FSDP2; docs/training-infra.md).
+    """
     from duetgen.train.configs import stage1_config
     from duetgen.train.stage1 import train
 
-    cfg = _train_config(stage1_config, config, data, steps)
+    cfg = _train_config(stage1_config, config, data, steps, packs_per_rank)
     run_dir = out or Path("runs") / cfg.name / "stage1"
     try:
         train(cfg, run_dir, resume_run=resume, progress=not quiet)
@@ -666,13 +672,17 @@ def train_stage2(
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
     data: Optional[list[Path]] = typer.Option(None, "--data", help="Dataset directories (default: the config's)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Override the config's number of steps."),
+    packs_per_rank: Optional[int] = typer.Option(None, "--packs-per-rank", min=1, help="Packs per step on each rank (gradient accumulation; default: the config's)."),
     quiet: bool = typer.Option(False, "--quiet", help="Print JSON lines instead of a progress bar (for log files)."),
 ):
-    """Stage 2: MLLM frozen; train connector + DiT with rectified flow on one target image per sequence."""
+    """Stage 2: MLLM frozen; train connector + DiT with rectified flow on one target image per sequence.
+
+    Multi-process: torchrun --nproc-per-node N -m duetgen.cli train stage2 ... (FSDP2; docs/training-infra.md).
+    """
     from duetgen.train.configs import stage2_config
     from duetgen.train.stage2 import train
 
-    cfg = _train_config(stage2_config, config, data, steps)
+    cfg = _train_config(stage2_config, config, data, steps, packs_per_rank)
     mllm_dir = stage1 / "mllm" if (stage1 / "mllm" / "config.json").is_file() else stage1
     if not (mllm_dir / "config.json").is_file():
         fail(f"--stage1 {str(stage1)!r}: no finished stage-1 MLLM there (expected {stage1}/mllm/config.json)")

@@ -78,7 +78,7 @@ def test_configs_build_the_real_class(make_config):
     assert out.logits.shape == (1, 4, 300)
 
 
-def test_toy_canvas_is_16_tokens(tmp_path):
+def test_toy_canvas_is_9_tokens_one_per_grid_cell(tmp_path):
     tok = build_tokenizer(tmp_path / "toy", shapeworld_corpus(), vocab_size=512)
     model = Qwen2_5_VLForConditionalGeneration(toy_qwen2_5_vl_config(len(tok)))
     check_compatible(model.config, tok)
@@ -86,7 +86,7 @@ def test_toy_canvas_is_16_tokens(tmp_path):
     record = Record("t2i", [Message("user", [TextPart("Draw a purple square at the bottom.")]),
                             Message("assistant", [TextPart("Here it is."), ImagePart(canvas)])])
     r = render_record(record, tok, toy_image_processor())
-    assert [s.num_tokens for s in r.images] == [16]
+    assert [s.num_tokens for s in r.images] == [9]  # shown at 48x48: 3x3 merged tokens
     assert torch.isfinite(model(**model_inputs(model, r)).loss)
 
 

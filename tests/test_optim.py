@@ -106,7 +106,7 @@ def test_clip_grad_norm_returns_the_norm_before_clipping():
 
 def test_ema_average_copy_and_state():
     model = nn.Linear(3, 2).to(torch.bfloat16)
-    ema = EMA(model, decay=0.75)
+    ema = EMA(model, decay=0.75, warmup=False)
     assert all(s.dtype == torch.float32 for s in ema.shadow.values())
     start = {n: s.clone() for n, s in ema.shadow.items()}
     with torch.no_grad():
@@ -124,9 +124,31 @@ def test_ema_average_copy_and_state():
     ema2.copy_to(other)
     assert torch.equal(other.weight, expected.to(torch.bfloat16))
 
+    assert ema2.warmup is False  # restored with the state
+
     with pytest.raises(KeyError, match="does not match"):
         EMA(nn.Linear(3, 2, bias=False)).load_state_dict(ema.state_dict())
     with pytest.raises(ValueError, match="shape"):
         EMA(nn.Linear(4, 2)).load_state_dict(ema.state_dict())
     with pytest.raises(ValueError, match="decay"):
         EMA(model, decay=1.0)
+
+
+def test_ema_warmup_follows_diffusers_rule_and_forgets_the_initial_weights():
+    model = nn.Linear(3, 2)
+    ema = EMA(model, decay=0.998)
+    decays = []
+    for _ in range(600):
+        decays.append(ema.current_decay())
+        with torch.no_grad():
+            model.weight.fill_(1.0)
+        ema.update(model)
+    assert decays[0] == pytest.approx(0.1) and decays[90] == pytest.approx(91 / 100)
+    assert decays[-1] == pytest.approx(600 / 609)  # still warming up: 0.998 is reached at ~4,500 updates
+    capped = EMA(model, decay=0.9)
+    capped.num_updates = 100
+    assert capped.current_decay() == 0.9  # (1 + n) / (10 + n) > 0.9 from n = 81 on: the configured decay
+    # the share of the initial weights left: product of the decays (0.998**600 = 0.30 without warm-up)
+    share = float(torch.tensor(decays, dtype=torch.float64).prod())
+    assert share < 1e-3
+    torch.testing.assert_close(ema.shadow["weight"], torch.ones(2, 3), atol=1e-3, rtol=0)

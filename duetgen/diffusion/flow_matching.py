@@ -188,11 +188,15 @@ def flow_matching_loss(
     t: torch.Tensor | float,
     parameterisation: Parameterisation,
     x0_min_t: float = 0.05,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Velocity MSE, averaged over every dim after t's: (B,) for t of shape (B,), a scalar for a scalar t.
 
     velocity / cosmos: mean((v_hat - (noise - x0))^2)
     x0:                mean(((x0 - x0_hat) / max(t, x0_min_t))^2)   (= the velocity error for t >= x0_min_t)
+
+    ``weight`` (broadcastable to x0, >= 0) makes it a weighted mean: sum(w * err^2) / sum(w), so the
+    loss keeps its scale whatever the weights (stage 2's emphasis on the pixels an image changes).
     """
     check_parameterisation(parameterisation)
     if raw.shape != x0.shape:
@@ -209,7 +213,10 @@ def flow_matching_loss(
         _, v_hat = to_x0_and_velocity(raw, x_t, t, parameterisation)
         error = v_hat - v
     t_dims = torch.as_tensor(t).ndim
-    return error.pow(2).flatten(t_dims).mean(-1)
+    if weight is None:
+        return error.pow(2).flatten(t_dims).mean(-1)
+    weight = weight.to(dtype).expand_as(error)
+    return (weight * error.pow(2)).flatten(t_dims).sum(-1) / weight.flatten(t_dims).sum(-1).clamp(min=1e-12)
 
 
 

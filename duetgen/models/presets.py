@@ -9,7 +9,7 @@ A run is a function that changes a few fields of a copy (torchtitan style):
 |---|---|---|---|---|
 | `tiny` | 2 x 64 text, 2 x 32 vision (mllm.tiny_qwen2_5_vl_config) | 2 x 32, patch 2 | pixel shuffle f = 2 (12 ch) | unit tests |
 | `tiny-wan` | same | same, 4 latent channels | tiny random AutoencoderKLWan (f = 2) | tests of the Wan save/load path |
-| `toy` | 4 x 256 text, 2 x 128 vision (mllm.toy_qwen2_5_vl_config) | 4 x 128, patch 4 (video_dit.toy_cosmos_config) | pixel shuffle f = 4 (48 ch) | ShapeWorld on 2 CPU cores |
+| `toy` | 4 x 256 text, 2 x 128 vision (mllm.toy_qwen2_5_vl_config), canvases at 48 px | 4 x 128, patch 4, learnable positions (video_dit.toy_cosmos_config) | pixel shuffle f = 4 (48 ch) | ShapeWorld on 2 CPU cores |
 | `qwen2.5-vl-7b+cosmos-predict2.5-2b` | Qwen2.5-VL-7B-Instruct | Cosmos-Predict2.5-2B | Wan2.1 VAE | the paper's system (weights from local paths) |
 
 Design choices:
@@ -22,6 +22,9 @@ Design choices:
   2 CPU cores), clean-image ("x0") prediction (velocity-predicted samples stayed noisy), 10 sampler
   steps ("10 nearly as good as 50"), guidance 2 (it lifted text-to-image; the note does not say
   which convention, and it hurt edits: a starting point, not a measurement of ours).
+- Two toy choices came from training it (docs/training.md, "What changed"): the MLLM sees a canvas
+  at 48x48, white-centred (`toy_image_processor`: 9 tokens, one per cell, empty cells zero), and the
+  DiT has learnable absolute positions (rope alone cannot tell tokens of a blank canvas apart).
 - The offline presets train their tokenizer at build time (milliseconds) and size the embedding to
   it; the real preset's tokenizer comes with the weights (`DuetGen.from_parts`), so `build` of it
   has `tokenizer=None` and cannot be saved.
@@ -45,6 +48,7 @@ from duetgen.models.connector import Connector
 from duetgen.models.duetgen import DuetGen, DuetGenConfig, build_vae, mllm_condition_channels
 from duetgen.models.image_processor import ImageProcessor
 from duetgen.models.mllm import (
+    TOY_MLLM_SIDE,
     tiny_image_processor,
     tiny_qwen2_5_vl_config,
     toy_image_processor,
@@ -52,7 +56,7 @@ from duetgen.models.mllm import (
 )
 from duetgen.models.tokenizer import build_tokenizer, shapeworld_corpus, tiny_corpus
 from duetgen.models.vae import tiny_wan_vae_config
-from duetgen.models.video_dit import tiny_cosmos_config, toy_cosmos_config
+from duetgen.models.video_dit import init_learnable_positions, tiny_cosmos_config, toy_cosmos_config
 
 REAL_PRESET = "qwen2.5-vl-7b+cosmos-predict2.5-2b"
 OFFLINE_CORPORA = {"tiny": tiny_corpus, "shapeworld": shapeworld_corpus}
@@ -111,7 +115,7 @@ def toy() -> ModelPreset:
         name="toy",
         settings=DuetGenConfig(
             preset="toy", parameterisation="x0", sampler=SamplerConfig(solver="euler", num_steps=10),
-            guidance_scale=2.0, image_size=(64, 64), max_images=8, mllm_max_side=128,
+            guidance_scale=2.0, image_size=(64, 64), max_images=8, mllm_max_side=TOY_MLLM_SIDE,
         ),
         mllm=mllm,
         tokenizer="shapeworld",
@@ -334,6 +338,7 @@ def materialize(module: nn.Module, device: torch.device, hf_init: bool = False) 
                 sub.weight.fill_(1.0)
                 if getattr(sub, "bias", None) is not None:
                     sub.bias.zero_()
+    init_learnable_positions(module)  # a DiT with absolute positions (no reset_parameters of its own)
     uninitialised = [name for name, t in tensors.items() if t.is_floating_point() and bool(t.isnan().any())]
     if uninitialised:
         raise RuntimeError(f"materialize({type(module).__name__}): no initialiser covers {uninitialised[:8]}"

@@ -103,6 +103,9 @@ def toy_cosmos_config(latent_channels: int = 48, crossattn_in_channels: int = 51
     channels, 16x16 latents for a 64x64 canvas) 4x4 patches give 16 tokens per frame, and 4 layers x
     128 wide trained well; fewer tokens and layers won because steps per second bound progress.
     `crossattn_in_channels` is the toy MLLM's n_layers x width (the connector maps it to 128).
+    Unlike Cosmos-Predict2.5 it has learnable absolute positions (Cosmos-1's, diffusers' default):
+    rope is relative, so on a blank canvas every token computes the same thing and a text-only
+    drawing ("at the top left") has nowhere to go (tests/test_toy_training_choices.py).
     """
     config = dict(
         in_channels=latent_channels + 1,  # + condition-mask channel
@@ -117,13 +120,28 @@ def toy_cosmos_config(latent_channels: int = 48, crossattn_in_channels: int = 51
         patch_size=(1, 4, 4),  # 16 tokens per 64x64 canvas (calibration: 4x4 beat 2x2 on CPU)
         rope_scale=(1.0, 3.0, 3.0),
         concat_padding_mask=True,
-        extra_pos_embed_type=None,
+        extra_pos_embed_type="learnable",  # absolute positions: with rope alone a blank canvas is symmetric (docs/training.md)
         use_crossattn_projection=True,
         crossattn_proj_in_channels=crossattn_in_channels,
         encoder_hidden_states_channels=128,
     )
     config.update(overrides)
     return config
+
+
+def init_learnable_positions(transformer) -> None:
+    """Random tables for a DiT with learnable absolute positions (the toy DiT; Cosmos-Predict2.5 has none).
+
+    diffusers creates them as zeros, and `CosmosLearnablePositionalEmbed` divides by their norm: at
+    zero every token gets the same (zero) embedding and the gradient of x / (eps + |x|) is 1/eps.
+    Their scale does not matter (the embedding is RMS-normalised), so N(0, 1).
+    """
+    pe = getattr(transformer, "learnable_pos_embed", None)
+    if pe is None or pe.pos_emb_t.device.type == "meta":
+        return
+    with torch.no_grad():
+        for table in (pe.pos_emb_t, pe.pos_emb_h, pe.pos_emb_w):
+            table.normal_(0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------- stock-forward shim

@@ -32,11 +32,13 @@ class Stage1Config:
     mllm: str = "toy"  # "toy" / "tiny": a random config of the real Qwen2.5-VL class + offline tokenizer; else a local model directory
     vocab_size: int = 512  # offline BPE size (toy/tiny only)
     train_vision: bool = True  # False freezes the vision tower (ViT + merger); see docs/training.md, "what limits it"
+    vision_lr_scale: float = 0.1  # vision tower LR = lr * this (at 1.0 its output norm grew 1.9 -> 172 and collapsed, docs/training.md)
     lora_rank: int = 0  # 0: full fine-tuning; > 0: peft LoRA of this rank on the language model only (vision frozen), merged at export
     lora_alpha: float = 32.0  # LoRA scale is alpha / rank
     lora_dropout: float = 0.0
     lora_train_embeddings: bool = True  # with LoRA, embed_tokens + lm_head stay trainable (the new <BOV> rows must learn; duetgen.train.lora)
-    token_budget: int = 1024  # tokens per packed sequence (one pack per step per rank)
+    token_budget: int = 1024  # tokens per packed sequence
+    packs_per_rank: int = 1  # packs per optimiser step on each rank (gradient accumulation); a step sees world_size x this; the loss is the mean over the step's supervised tokens, so 1 rank x 2 packs = 2 ranks x 1 pack
     max_record_tokens: int = 1024  # longer records are an error naming them
     steps: int = 4000  # optimiser steps (copying words from the prompt emerged only after ~1500, docs/training.md)
     lr: float = 1e-3  # peak learning rate (small model trained from scratch)
@@ -65,19 +67,22 @@ class Stage2Config:
     val_records: int = 64  # last records of `data` held out for the validation loss and samples
     preset: str = "toy"  # duetgen.models.presets name: the DiT architecture (random init), the autoencoder and the saved settings
     latent_token_budget: int = 768  # DiT patch tokens per pack (conditioning frames + targets); 16 per ShapeWorld canvas
+    packs_per_rank: int = 1  # packs per optimiser step on each rank (gradient accumulation); the loss is the mean over the step's targets on all ranks (see Stage1Config)
     parameterisation: str = "x0"  # "x0" | "velocity" | "cosmos"; x0 is what trained on ShapeWorld (calibration note, point 1)
     x0_relative_to_previous: bool = True  # x0 = network output + latest conditioning frame (white canvas when none); see docs/training.md
     time_distribution: str = "logit_normal"
     time_shift: float = 1.0
+    x0_min_t: float = 0.05  # x0 loss: velocity divisor clamped at t >= this (calibration note point 1)
+    changed_loss_weight: float = 0.0  # extra loss weight on latent values where the target differs from the reference canvas (previous image, or white); 0 = plain MSE
     drop_final_text_prob: float = 0.1  # the final text chunk removed (guidance negative, paper section 4)
     use_condition_frames: bool = True  # False: the ablation with text condition only (no earlier images as frames)
-    steps: int = 2500  # ~45 min on one shared core (docs/training.md)
+    steps: int = 4000  # ~50 min on one shared core (docs/training.md); text-conditioned drawing is what comes last
     lr: float = 1e-3  # calibration note: 4 layers x 128 at 1e-3 trained
     warmup_steps: int = 200
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    ema_decay: float = 0.998  # EMA over connector + DiT; ~500-step horizon for a few-thousand-step run
+    ema_decay: float = 0.998  # EMA over connector + DiT, with warm-up (1 + n) / (10 + n) (duetgen.train.optim.EMA)
     seed: int = 0
     threads: int = 1  # see Stage1Config.threads
     log_every: int = 10
@@ -94,8 +99,13 @@ class Stage2Config:
 
 
 def toy_stage1() -> Stage1Config:
-    """ShapeWorld stage 1 on 2 CPU cores (docs/training.md has the measured wall time)."""
-    return Stage1Config()
+    """ShapeWorld stage 1 on 2 CPU cores (docs/training.md has the measured wall time).
+
+    The default mix has 10% understanding records; 4000 extra ones (their own seed) make reading
+    canvases about a quarter of the data, and the held-out loss uses the val split.
+    """
+    return Stage1Config(data=["runs/shapeworld/data/train", "runs/shapeworld/data/train-understanding"],
+                        val_data="runs/shapeworld/data/val", val_records=100)
 
 
 def toy_stage2() -> Stage2Config:
@@ -127,12 +137,20 @@ def toy_stage1_frozen_vision() -> Stage1Config:
     return dataclasses.replace(toy_stage1(), name="toy-frozen-vision", train_vision=False)
 
 
+def toy_stage1_reading() -> Stage1Config:
+    """The shipped ShapeWorld stage 1, phase 2: from a model whose language model already copies prompt
+    words (the first ShapeWorld run's) with a fresh vision tower (`stage1.fresh_vision_tower`), learn
+    to read canvases at 48x48; 1500 steps at half the LR (docs/training.md, "the shipped MLLM")."""
+    return dataclasses.replace(toy_stage1(), name="toy-reading", mllm="runs/shapeworld/stage1-init", steps=1500,
+                               lr=5e-4, warmup_steps=50, vision_lr_scale=0.2)
+
+
 def tiny_lora_stage1() -> Stage1Config:
     """Unit tests and a smoke run of the LoRA path: the tiny run with rank-4 LoRA."""
     return dataclasses.replace(tiny_stage1(), name="tiny-lora", lora_rank=4, lora_alpha=8.0)
 
 
-STAGE1_CONFIGS = {"toy": toy_stage1, "toy-frozen-vision": toy_stage1_frozen_vision, "tiny": tiny_stage1,
+STAGE1_CONFIGS = {"toy": toy_stage1, "toy-reading": toy_stage1_reading, "toy-frozen-vision": toy_stage1_frozen_vision, "tiny": tiny_stage1,
                   "tiny-lora": tiny_lora_stage1}
 STAGE2_CONFIGS = {"toy": toy_stage2, "toy-text-only": toy_stage2_text_only, "tiny": tiny_stage2}
 

@@ -46,11 +46,29 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def make_adamw(model: nn.Module, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-               eps: float = 1e-8, fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW over ``param_groups(model, weight_decay)``. ``fused=None`` lets torch pick (fused on CUDA)."""
+               eps: float = 1e-8, fused: bool | None = None,
+               lr_scales: Mapping[str, float] | None = None) -> torch.optim.AdamW:
+    """AdamW over ``param_groups(model, weight_decay)``. ``fused=None`` lets torch pick (fused on CUDA).
+
+    ``lr_scales`` maps a name fragment to an LR multiplier: parameters whose name contains it get
+    their own groups at ``lr * scale`` (e.g. ``{"visual.": 0.1}`` for a vision tower); the schedule
+    scales every group alike.
+    """
     if lr <= 0 or weight_decay < 0:
         raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={lr} weight_decay={weight_decay}")
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
+    groups = param_groups(model, weight_decay)
+    for fragment, scale in (lr_scales or {}).items():
+        if scale <= 0:
+            raise ValueError(f"lr_scales[{fragment!r}] = {scale}: must be > 0")
+        chosen = {id(p) for name, p in model.named_parameters() if fragment in name}
+        split = []
+        for g in groups:
+            rest = [p for p in g["params"] if id(p) not in chosen]
+            picked = [p for p in g["params"] if id(p) in chosen]
+            split += [{**g, "params": rest}] if rest else []
+            split += [{**g, "params": picked, "lr": g.get("lr", lr) * scale}] if picked else []
+        groups = split
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
 @dataclass
@@ -102,12 +120,18 @@ class EMA:
 
     Kept in fp32 whatever the parameter dtype (bf16 has too few mantissa bits for 1 - decay ~ 1e-4
     increments to register). Parameters are matched by name, so pass the same (wrapped) model each time.
+
+    ``warmup`` (default on): update n uses ``min(decay, (1 + n) / (10 + n))``, the rule of diffusers'
+    ``EMAModel`` and timm. Without it the average keeps ``decay ** n`` of the random initial weights:
+    30% after 600 steps at 0.998, which pulled the ShapeWorld DiT's output towards zero ("change
+    nothing") in short runs (docs/training.md).
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999):
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
+        self.warmup = warmup
         self.num_updates = 0
         self.shadow = {n: p.detach().to(torch.float32, copy=True)
                        for n, p in model.named_parameters() if p.requires_grad}
@@ -126,8 +150,15 @@ class EMA:
         """One averaging step; call it after every optimiser step."""
         shadow = list(self.shadow.values())
         params = [p.detach().float() for p in self._params(model)]
-        torch._foreach_lerp_(shadow, params, 1.0 - self.decay)
+        torch._foreach_lerp_(shadow, params, 1.0 - self.current_decay())
         self.num_updates += 1
+
+    def current_decay(self) -> float:
+        """The decay the next update uses."""
+        if not self.warmup:
+            return self.decay
+        n = self.num_updates
+        return min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -136,7 +167,7 @@ class EMA:
             p.copy_(s.to(p.dtype))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -149,3 +180,4 @@ class EMA:
                 raise ValueError(f"EMA state {n!r} has shape {tuple(shadow[n].shape)}, model has {tuple(s.shape)}")
             s.copy_(shadow[n])
         self.decay, self.num_updates = float(state["decay"]), int(state["num_updates"])
+        self.warmup = bool(state.get("warmup", self.warmup))

@@ -34,6 +34,10 @@ Design choices (torchtitan's ``parallelize``; STYLE principle 3):
   PREMUL_SUM ("Cannot use ReduceOp.PREMUL_SUM with Gloo"); ``apply_fsdp(sum_gradients=True)`` sets
   the factor to 1 together with ``set_force_sum_reduction_for_comms(True)``, which uses plain SUM
   and works on both backends.
+- Around a sharded model the stage scripts also need: ``gather_full_state_dict`` (rank 0 gets the
+  full weights on its CPU to export them), ``init_buffers_from_config`` (transformers' RoPE buffers
+  rebuilt from each module's ``config``, the same numbers as its ``__init__``), ``broadcast_module``
+  (a replicated frozen part made identical on every rank) and ``barrier``.
 """
 
 from __future__ import annotations
@@ -197,3 +201,57 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
         if env.distributed else StateDictOptions(strict=strict)
     set_model_state_dict(model, state_dict, options=options)  # strict: torch raises naming missing/unexpected keys
     return model
+
+
+# --- what the stage scripts need around a sharded model -----------------------------------------------
+
+
+def barrier(env: DistEnv) -> None:
+    """Wait for every rank (no-op in a single process), e.g. until rank 0 has written a file the others read."""
+    if env.distributed:
+        dist.barrier()
+
+
+def broadcast_module(module: nn.Module, env: DistEnv) -> nn.Module:
+    """Give every rank rank 0's parameters and buffers of a replicated (not sharded) module, in place.
+
+    For frozen parts whose random initialisation would otherwise differ per rank (e.g. a placeholder
+    autoencoder). No-op in a single process.
+    """
+    if env.distributed:
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(t.data, src=0)
+    return module
+
+
+def init_buffers_from_config(model: nn.Module) -> None:
+    """``init_buffers`` for transformers models: rebuild every module that owns non-persistent buffers
+    (the rotary embeddings' inverse frequencies) from its ``config`` on the CPU and copy the buffers.
+
+    The same numbers as the module's ``__init__`` by construction, whatever the RoPE type.
+    """
+    for name, m in model.named_modules():
+        if not m._non_persistent_buffers_set:
+            continue
+        config = getattr(m, "config", None)
+        if config is None:
+            raise ValueError(f"{name} ({type(m).__name__}) has non-persistent buffers "
+                             f"{sorted(m._non_persistent_buffers_set)} but no config to rebuild them from")
+        with torch.device("cpu"):
+            fresh = type(m)(config)
+        for buffer in m._non_persistent_buffers_set:
+            getattr(m, buffer).copy_(getattr(fresh, buffer))
+
+
+def gather_full_state_dict(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
+    """Rank 0: the full (unsharded) state dict on the CPU; other ranks: ``{}``. A collective.
+
+    For exporting a model trained sharded: rank 0 loads it into a plain copy (built on ``meta``,
+    then ``load_full_state_dict`` with a one-process ``DistEnv()``) and saves that.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    if not env.distributed:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -20,20 +20,29 @@ Design choices:
   AdamW, the LR schedule, the sampler's exact data position and every RNG. A run killed with
   SIGKILL and resumed gives the same per-step losses (tests/test_train_resume.py).
 - The run directory holds `tokenizer/` (written once, before step 0, so a resume sees the same
-  ids), `checkpoints/`, `tb/` (TensorBoard), `samples/` (HTML), `metrics.jsonl` (one line per
-  logged step) and, at the end, `mllm/`: a plain transformers directory (weights, tokenizer,
+  ids), `checkpoints/`, `tensorboard/` + `metrics.jsonl` (`duetgen.train.logging.MetricsLogger`, as
+  in stage 2: rich bar, TensorBoard, one JSON line per logged step), `samples/` (HTML) and, at the
+  end, `mllm/`: a plain transformers directory (weights, tokenizer,
   image-processor config) that stage 2 and `from_pretrained` read.
 - LoRA checkpoints hold the full state under peft's module names (base + LoRA tensors); resume wraps
   the model the same way before loading, so the resume path is the full fine-tuning one.
 - bf16 autocast only on CUDA; CPU runs in fp32 (bf16 matmuls are slow on most CPUs).
-- Single process here; `torchrun` runs shard the packs by rank (`PackedSampler(rank=, world_size=)`).
+- Distribution (`torchrun --nproc-per-node N -m duetgen.cli train stage1 ...`, docs/training-infra.md):
+  rank 0 builds the initial weights (and writes `tokenizer/`) once; every rank builds the same model
+  on `meta`, FSDP2 shards each decoder layer and vision block (`duetgen.train.parallel`) and rank 0's
+  weights are broadcast shard by shard. Packs are sharded by rank. A step's loss is the sum over every
+  rank's supervised tokens divided by their all-reduced count (FSDP sums gradients), so 2 ranks x 1
+  pack train like 1 rank x 2 packs, up to float rounding (`packs_per_rank`; tests/test_train_distributed.py). Every
+  rank runs the held-out loss and the greedy samples (FSDP forwards are collectives; all ranks
+  compute the same numbers); rank 0 alone logs and writes. Export gathers the full state dict to
+  rank 0, which loads it into a plain copy and saves that. A single process runs none of this.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -45,15 +54,23 @@ from duetgen.data.record import Dataset, Record
 from duetgen.models.mllm import IGNORE_INDEX, RenderedSequence, render_record, rope_position_ids
 from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
 from duetgen.train.configs import Stage1Config
+from duetgen.train.logging import MetricsLogger
 from duetgen.train.optim import clip_grad_norm, make_adamw, make_scheduler
+from duetgen.train.parallel import (DistEnv, all_reduce_sum, apply_fsdp, barrier, destroy_distributed,
+                                    gather_full_state_dict, init_buffers_from_config, init_distributed,
+                                    load_full_state_dict)
 
 
 # ----------------------------------------------------------------------------- model and data helpers
 
 
-def build_mllm(cfg: Stage1Config, run_dir: Path):
-    """(model, tokenizer, image_processor) at initialisation: a random toy/tiny Qwen2.5-VL, or a local model."""
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+def build_mllm(cfg: Stage1Config, run_dir: Path, meta: bool = False):
+    """(model, tokenizer, image_processor) at initialisation: a random toy/tiny Qwen2.5-VL, or a local model.
+
+    ``meta``: the same architecture on the meta device, without weights (distributed runs load rank 0's);
+    a toy/tiny tokenizer must then already be in ``run_dir/tokenizer``.
+    """
+    from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     from duetgen.models import mllm as M
     from duetgen.models.image_processor import ImageProcessor
@@ -68,14 +85,19 @@ def build_mllm(cfg: Stage1Config, run_dir: Path):
             tokenizer = build_tokenizer(tok_dir, corpus, vocab_size=cfg.vocab_size)
         make_config = M.toy_qwen2_5_vl_config if cfg.mllm == "toy" else M.tiny_qwen2_5_vl_config
         processor = M.toy_image_processor() if cfg.mllm == "toy" else M.tiny_image_processor()
-        model = Qwen2_5_VLForConditionalGeneration(make_config(len(tokenizer)))
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = Qwen2_5_VLForConditionalGeneration(make_config(len(tokenizer)))
         return model, tokenizer, processor
     path = Path(cfg.mllm)
     if not path.is_dir():
         raise FileNotFoundError(f"stage-1 config mllm={cfg.mllm!r}: not 'toy', 'tiny' or a local model directory")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    if meta:  # _from_config takes the checkpoint's dtype, as from_pretrained does
+        with torch.device("meta"):
+            model = Qwen2_5_VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+    else:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, local_files_only=True, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    M.add_bov(tokenizer, model)
+    M.add_bov(tokenizer, model)  # on meta: the same resize (the <BOV> rows come with rank 0's weights)
     return model, tokenizer, ImageProcessor.from_pretrained(path)
 
 
@@ -152,32 +174,95 @@ def save_mllm(model, tokenizer, processor, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def fresh_vision_tower(mllm_dir: str | os.PathLike, out: str | os.PathLike, seed: int = 0) -> Path:
+    """A toy MLLM directory with ``mllm_dir``'s language model, a freshly initialised vision tower and
+    the current toy image processor: the starting point of the shipped ShapeWorld stage 1's second
+    phase (docs/training.md). Same architecture required (the toy one); writes atomically."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from duetgen.models import mllm as M
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(mllm_dir, local_files_only=True, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(mllm_dir, local_files_only=True)
+    torch.manual_seed(seed)
+    fresh = Qwen2_5_VLForConditionalGeneration(M.toy_qwen2_5_vl_config(len(tokenizer)))
+    try:
+        model.model.visual.load_state_dict(fresh.model.visual.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"{mllm_dir}: its vision tower is not the toy one ({e})") from None
+    out = Path(out)
+    save_mllm(model, tokenizer, M.toy_image_processor(), out)
+    return out
+
+
 # ----------------------------------------------------------------------------- training
+
+
+def adapt(model, cfg: Stage1Config):
+    """What trains, as the config says: the vision tower frozen or not, LoRA or not (returns the PeftModel
+    for the merge at export, else None). Applied before sharding, so FSDP sees the final parameters."""
+    if not cfg.train_vision:
+        model.model.visual.requires_grad_(False)  # left out of AdamW (param_groups skips frozen parameters)
+    if cfg.lora_rank > 0:  # `model` keeps running (now through the LoRA layers); `lora` only merges at export
+        from duetgen.train.lora import add_lora
+        return add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_train_embeddings)
+    return None
+
+
+def build_sharded_mllm(cfg: Stage1Config, run_dir: Path, env: DistEnv):
+    """Distributed runs: (model, tokenizer, processor, lora), the model FSDP2-sharded over the ranks.
+
+    Rank 0 builds the initial model exactly as a single process does (same seed, same weights) and
+    writes ``tokenizer/``; every rank then builds the architecture on ``meta``, shards each decoder
+    layer and vision block, and receives rank 0's weights tensor by tensor (its shard only).
+    """
+    init = {}
+    if env.is_main:
+        reference, _, _ = build_mllm(cfg, run_dir)
+        adapt(reference, cfg)
+        init = reference.state_dict()
+        del reference
+    barrier(env)  # tokenizer/ is written before the other ranks read it
+    model, tokenizer, processor = build_mllm(cfg, run_dir, meta=True)
+    lora = adapt(model, cfg)
+    blocks = [*model.model.language_model.layers, *model.model.visual.blocks]
+    apply_fsdp(model, blocks, env, sum_gradients=True)  # summed: the loss is already a global-token mean
+    load_full_state_dict(model, init, env, init_buffers=init_buffers_from_config)
+    return model.train(), tokenizer, processor, lora
 
 
 def train(cfg: Stage1Config, run_dir: str | os.PathLike, resume_run: bool = False, progress: bool = True,
           stop_after: int | None = None) -> Path:
-    """Train stage 1 into ``run_dir``; returns ``run_dir/mllm``. ``stop_after`` ends early (tests)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-    from torch.utils.tensorboard import SummaryWriter
+    """Train stage 1 into ``run_dir``; returns ``run_dir/mllm``. ``stop_after`` ends early (tests).
 
+    Under torchrun every rank calls this; the process group is started here (unless the caller
+    started one) and ended on return.
+    """
+    started = not torch.distributed.is_initialized()
+    env = init_distributed()
+    try:
+        return _train(cfg, run_dir, env, resume_run, progress, stop_after)
+    finally:
+        if started:
+            destroy_distributed()
+
+
+def _train(cfg: Stage1Config, run_dir, env: DistEnv, resume_run: bool, progress: bool, stop_after: int | None) -> Path:
     # --- setup
     run_dir, found = open_run_dir(run_dir, resume_run)
     ckpt_dir = run_dir / "checkpoints"
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = env.device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    model, tokenizer, processor = build_mllm(cfg, run_dir)
-    model.to(device).train()
-    if not cfg.train_vision:
-        model.model.visual.requires_grad_(False)  # left out of AdamW (param_groups skips frozen parameters)
-    lora = None
-    if cfg.lora_rank > 0:  # `model` keeps running (now through the LoRA layers); `lora` only merges at export
-        from duetgen.train.lora import add_lora
-        lora = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_train_embeddings)
-    n_params = sum(p.numel() for p in model.parameters())
+    if env.distributed:
+        model, tokenizer, processor, lora = build_sharded_mllm(cfg, run_dir, env)
+    else:
+        model, tokenizer, processor = build_mllm(cfg, run_dir)
+        model.to(device).train()
+        lora = adapt(model, cfg)
+    n_params = sum(p.numel() for p in model.parameters())  # DTensors count their full size
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     # --- data: filter, hold out a validation tail, lengths once for the packer
@@ -189,92 +274,97 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, resume_run: bool = Fals
             raise ValueError(f"{cfg.data}: {len(items)} records, not more than val_records={cfg.val_records}")
         items, val_items = items[: -cfg.val_records], items[-cfg.val_records:]
     lengths = [len(render(it, tokenizer, processor, cfg.max_record_tokens))
-               for it in _track(items, "measuring record lengths", progress)]
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    sampler = PackedSampler(lengths, cfg.token_budget, seed=cfg.seed, rank=rank, world_size=world,
+               for it in _track(items, "measuring record lengths", progress and env.is_main)]
+    sampler = PackedSampler(lengths, cfg.token_budget, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
                             names=[rec.id for _, rec in items])
 
     # --- optimiser, schedule, resume
-    optimizer = make_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, lr_scales={"visual.": cfg.vision_lr_scale})
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     step = 0
     if found is not None:
         step = resume(found, model, optimizer, scheduler=scheduler, stateful={"sampler": sampler}).step
         extend_schedule(scheduler, cfg.steps)
-    metrics_path = run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, step)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    tb = SummaryWriter(str(run_dir / "tb"), purge_step=step + 1 if step else None)
-    print(f"stage 1: {n_params / 1e6:.2f}M params ({n_trained / 1e6:.2f}M trained), {len(items)} train records ({sum(lengths)} tokens), "
-          f"{sampler.packs_per_epoch()} packs/epoch, start at step {step}/{cfg.steps} on {device}", flush=True)
+    if env.is_main:
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        ranks = f" x {env.world_size} ranks" if env.distributed else ""
+        print(f"stage 1: {n_params / 1e6:.2f}M params ({n_trained / 1e6:.2f}M trained), {len(items)} train records ({sum(lengths)} tokens), "
+              f"{sampler.packs_per_epoch()} packs/epoch per rank, start at step {step}/{cfg.steps} on {device}{ranks}", flush=True)
 
     # --- the loop
     packs = iter(sampler)
-    columns = [TextColumn("stage 1"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s"), TimeRemainingColumn()]
-    window_tokens, window_start = 0, time.perf_counter()
-    with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("train", total=cfg.steps, completed=step, loss=float("nan"), tps=0.0)
+    with MetricsLogger(run_dir, cfg.steps, start_step=step, unit="tokens", enabled=env.is_main, progress=progress,
+                       description="stage 1") as log:
+        tokens_since_log = 0
         while step < cfg.steps:
-            # one optimiser step on one pack
-            pack = next(packs)
-            seqs = [render(items[i], tokenizer, processor, cfg.max_record_tokens) for i in pack.items]
-            inputs = pack_inputs(model, seqs)
-            with autocast:
-                loss, n_supervised = next_token_loss(model, inputs)
-            loss.backward()
+            # one optimiser step on `packs_per_rank` packs on every rank
+            step_packs = [next(packs) for _ in range(cfg.packs_per_rank)]
+            step_inputs = [pack_inputs(model, [render(items[i], tokenizer, processor, cfg.max_record_tokens)
+                                               for i in pack.items]) for pack in step_packs]
+            counts = [int((x["labels"][1:] != IGNORE_INDEX).sum()) for x in step_inputs]  # next_token_loss's n
+            n_supervised, n_tokens = all_reduce_sum(
+                torch.tensor([sum(counts), sum(p.num_tokens for p in step_packs)]), env).tolist()
+            step_loss = None
+            for inputs, n in zip(step_inputs, counts):
+                with autocast:
+                    loss, _ = next_token_loss(model, inputs)
+                # this pack's share of the mean over the step's supervised tokens on all ranks (exactly
+                # x 1.0 for one pack in one process); FSDP sums the ranks' gradients
+                share = loss * (n / max(n_supervised, 1))
+                share.backward()
+                step_loss = share.detach() if step_loss is None else step_loss + share.detach()
+            loss = all_reduce_sum(step_loss, env)
             grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
-            window_tokens += pack.num_tokens
+            tokens_since_log += n_tokens
 
-            # once in a while: log
+            # once in a while: log (rank 0: bar, TensorBoard, metrics.jsonl; --quiet: JSON lines on stdout)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                elapsed = time.perf_counter() - window_start
-                row = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                       "tokens_per_s": window_tokens / elapsed, "supervised_tokens": n_supervised,
-                       "pack_tokens": pack.num_tokens, "epoch": pack.epoch, "time": time.time()}
-                _append_metrics(metrics_path, row)
-                for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                    tb.add_scalar(f"train/{key}", row[key], step)
-                bar.update(task, completed=step, loss=row["loss"], tps=row["tokens_per_s"])
-                if not progress:
-                    print(json.dumps(row), flush=True)
-                window_tokens, window_start = 0, time.perf_counter()
+                entry = log.log(step, loss=loss, lr=scheduler.get_last_lr()[0], items=tokens_since_log,
+                                grad_norm=grad_norm, supervised_tokens=n_supervised, pack_tokens=n_tokens,
+                                epoch=step_packs[-1].epoch)
+                tokens_since_log = 0
+                if not progress and env.is_main:
+                    print(json.dumps(entry), flush=True)
 
-            # once in a while: held-out loss
+            # once in a while: held-out loss (every rank: sharded forwards are collectives)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val, accuracy = evaluate_loss(model, val_items, tokenizer, processor, cfg)
-                tb.add_scalar("val/loss", val, step)
-                tb.add_scalar("val/token_accuracy", accuracy, step)
-                _append_metrics(metrics_path, {"step": step, "val_loss": val, "val_token_accuracy": accuracy})
-                if not progress:
+                log.log_scalars(step, "val", loss=val, token_accuracy=accuracy)
+                if not progress and env.is_main:
                     print(f"step {step}: val loss {val:.4f}, token accuracy {accuracy:.4f}", flush=True)
 
-            # once in a while: greedy answers to a few held-out prompts, as HTML
+            # once in a while: greedy answers to a few held-out prompts, as HTML (written by rank 0)
             if step % cfg.sample_every == 0 or step == cfg.steps:
-                write_samples(model, tokenizer, processor, val_items[: cfg.num_samples], run_dir / "samples" / f"step-{step:07d}",
-                              cfg.max_new_tokens)
+                write_samples(model, tokenizer, processor, val_items[: cfg.num_samples],
+                              run_dir / "samples" / f"step-{step:07d}" if env.is_main else None, cfg.max_new_tokens)
 
-            # once in a while: atomic resumable checkpoint
+            # once in a while: atomic resumable checkpoint (every rank: full state gathered to rank 0)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save_checkpoint(ckpt_dir, step, model, optimizer, scheduler=scheduler, stateful={"sampler": sampler},
                                 config=cfg, keep_last=cfg.keep_last)
             if stop_after is not None and step >= stop_after:
-                tb.close()
                 return run_dir / "mllm"
 
-    # --- export
-    tb.close()
+    # --- export (rank 0; a sharded model is first gathered into a plain copy)
     model.eval()
-    if lora is not None:
-        from duetgen.train.lora import merge_lora
-        model = merge_lora(lora)  # plain Qwen2.5-VL again: stage 2 and from_pretrained never see peft
-    save_mllm(model, tokenizer, processor, run_dir / "mllm")
-    print(f"stage 1 done: {run_dir / 'mllm'}", flush=True)
+    if env.distributed:
+        full = gather_full_state_dict(model, env)
+        if env.is_main:
+            model, _, _ = build_mllm(cfg, run_dir, meta=True)
+            lora = adapt(model, cfg)
+            load_full_state_dict(model, full, DistEnv(), init_buffers=init_buffers_from_config).eval()
+        del full
+    if env.is_main:
+        if lora is not None:
+            from duetgen.train.lora import merge_lora
+            model = merge_lora(lora)  # plain Qwen2.5-VL again: stage 2 and from_pretrained never see peft
+        save_mllm(model, tokenizer, processor, run_dir / "mllm")
+        print(f"stage 1 done: {run_dir / 'mllm'}", flush=True)
+    barrier(env)  # every rank returns once mllm/ exists
     return run_dir / "mllm"
 
 
@@ -306,30 +396,38 @@ def evaluate_loss(model, val_items, tokenizer, processor, cfg: Stage1Config) -> 
 
 
 @torch.no_grad()
-def write_samples(model, tokenizer, processor, val_items, out_dir: Path, max_new_tokens: int) -> None:
+def write_samples(model, tokenizer, processor, val_items, out_dir: Path | None, max_new_tokens: int) -> None:
     """Greedy answers to held-out prompts (the truth's images stand in after each `<BOV>`), written as a
-    dataset plus an HTML page, next to the truth: stage 1 cannot draw, it only learns when to."""
+    dataset plus an HTML page, next to the truth: stage 1 cannot draw, it only learns when to.
+
+    ``out_dir=None``: decode without writing (the other ranks of a sharded model run the same forwards).
+    """
     from duetgen.data.record import DatasetWriter, Message
     from duetgen.data.view import render_dataset_html
     from duetgen.train.toy_eval import greedy_answer
 
     was_training = model.training
     model.eval()
+    records = []
+    for ds, rec in val_items:
+        user = [m for m in rec.messages if m.role != "assistant"]
+        truth_images = [ds.open_image(p.path, rec.id) for p in rec.image_parts("assistant")]
+        prompt = [Message(m.role, [_loaded(ds, rec, p) for p in m.content]) for m in user]
+        answer = greedy_answer(model, tokenizer, processor, prompt,
+                               draw=lambda k, _ctx: truth_images[k] if k < len(truth_images) else None,
+                               max_new_tokens=max_new_tokens)
+        records.append(Record(id=rec.id, source="stage1-sample", messages=prompt + [answer],
+                              meta={"note": "images after <BOV> are the truth's (stage 1 does not draw)"}))
+    model.train(was_training)
+    if out_dir is None:
+        return
     if out_dir.exists():
         import shutil
         shutil.rmtree(out_dir)
     with DatasetWriter(out_dir, name=out_dir.name) as writer:
-        for ds, rec in val_items:
-            user = [m for m in rec.messages if m.role != "assistant"]
-            truth_images = [ds.open_image(p.path, rec.id) for p in rec.image_parts("assistant")]
-            prompt = [Message(m.role, [_loaded(ds, rec, p) for p in m.content]) for m in user]
-            answer = greedy_answer(model, tokenizer, processor, prompt,
-                                   draw=lambda k, _ctx: truth_images[k] if k < len(truth_images) else None,
-                                   max_new_tokens=max_new_tokens)
-            writer.write(Record(id=rec.id, source="stage1-sample", messages=prompt + [answer],
-                                meta={"note": "images after <BOV> are the truth's (stage 1 does not draw)"}))
+        for record in records:
+            writer.write(record)
     render_dataset_html(out_dir, out_dir / "index.html", progress=False)
-    model.train(was_training)
 
 
 def _loaded(ds, rec, part):
@@ -351,19 +449,3 @@ def _track(items, label, progress):
         return items
     from rich.progress import track
     return track(items, description=label)
-
-
-def _append_metrics(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint a run resumes from (they will be logged again)."""
-    if not path.is_file():
-        return
-    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    keep = [r for r in rows if json.loads(r)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(r + "\n" for r in keep), encoding="utf-8")
-    os.replace(tmp, path)

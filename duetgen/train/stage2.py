@@ -37,10 +37,22 @@ Design choices:
   AdamW, LR schedule, EMA, sampler position, every RNG (the time, noise and drop draws come from
   torch's global generator, which the checkpoint restores).
 - bf16 autocast only on CUDA.
+- Distribution (`torchrun --nproc-per-node N -m duetgen.cli train stage2 ...`, docs/training-infra.md):
+  the connector and the DiT train FSDP2-sharded (one unit per DiT block, the connector its own
+  unit), built on `meta` and filled from rank 0's initial weights; the frozen MLLM and the
+  autoencoder stay replicated. Packs are sharded by rank; the loss is the mean over the step's
+  targets on all ranks (FSDP sums gradients), so 2 ranks x 1 pack train like 1 rank x 2 packs
+  (`packs_per_rank`; tests/test_train_distributed.py). When a step spans several packs (ranks or
+  `packs_per_rank`), each pack draws its text drop, times and noise from its own generator seeded by
+  (seed, epoch, global pack position), so the draws do not depend on how packs are split; one pack
+  in one process keeps torch's global generator (runs and checkpoints from before are unchanged).
+  Every rank runs the validation loss and the EMA samples (collectives); rank 0 logs and writes, and
+  exports from a full state dict gathered to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict
@@ -53,12 +65,16 @@ from torch import nn
 
 from duetgen.data.packing import PackedSampler
 from duetgen.data.record import Dataset, ImagePart, Message, Record, TextPart
+from duetgen.models.video_dit import init_learnable_positions
 from duetgen.diffusion.flow_matching import FlowMatchingConfig, dit_sample_inputs, flow_matching_loss, sample_time
 from duetgen.models.mllm import RenderedSequence, layer_states, negative_prefix_length
 from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
 from duetgen.train.configs import Stage2Config
 from duetgen.train.logging import MetricsLogger
 from duetgen.train.optim import EMA, clip_grad_norm, make_adamw, make_scheduler
+from duetgen.train.parallel import (DistEnv, all_reduce_sum, apply_fsdp, barrier, broadcast_module,
+                                    destroy_distributed, gather_full_state_dict, init_distributed,
+                                    load_full_state_dict)
 from duetgen.train.stage1 import extend_schedule, load_records, pack_inputs, render
 
 # ----------------------------------------------------------------------------- model helpers
@@ -79,9 +95,12 @@ def load_mllm(mllm_dir: str | os.PathLike):
     return model, tokenizer, ImageProcessor.from_pretrained(mllm_dir)
 
 
-def build_duetgen(cfg: Stage2Config, mllm, tokenizer, processor):
+def build_duetgen(cfg: Stage2Config, mllm, tokenizer, processor, dit_device: str | torch.device | None = None):
     """A `DuetGen` around the stage-1 MLLM: a random DiT + fresh connector of the preset, its autoencoder,
-    and settings that record how this stage trains (what every sampler must apply)."""
+    and settings that record how this stage trains (what every sampler must apply).
+
+    ``dit_device="meta"``: DiT and connector without storage (distributed runs load rank 0's weights).
+    """
     from dataclasses import replace
 
     from diffusers import CosmosTransformer3DModel
@@ -92,8 +111,10 @@ def build_duetgen(cfg: Stage2Config, mllm, tokenizer, processor):
 
     preset = presets.get_preset(cfg.preset)
     in_channels = mllm_condition_channels(mllm.config)  # n_layers x width of the stage-1 MLLM
-    transformer = CosmosTransformer3DModel(**{**preset.dit, "crossattn_proj_in_channels": in_channels})
-    connector = Connector.from_dit_projection(transformer, in_channels)
+    with torch.device(dit_device) if dit_device is not None else contextlib.nullcontext():
+        transformer = CosmosTransformer3DModel(**{**preset.dit, "crossattn_proj_in_channels": in_channels})
+        connector = Connector.from_dit_projection(transformer, in_channels)
+    init_learnable_positions(transformer)  # diffusers makes them zeros
     from duetgen.diffusion.sampling import SamplerConfig
 
     settings = replace(preset.settings, parameterisation=cfg.parameterisation,
@@ -112,6 +133,9 @@ def mllm_states(mllm, seqs: list[RenderedSequence]) -> list[torch.Tensor]:
     out = mllm.model(**inputs, output_hidden_states=True, use_cache=False)
     states = layer_states(out.hidden_states)[0]  # (T, n_layers * D)
     return list(states.split([len(s) for s in seqs]))
+
+
+CHANGED_TOLERANCE = 0.05  # latent units; pixel-shuffle latents are pixels in [-1, 1], so ~6 colour levels
 
 
 def white_latent(vae, height: int, width: int) -> torch.Tensor:
@@ -202,10 +226,13 @@ def pack_loss(batch: list[dict], mllm, connector, dit, vae, cfg: Stage2Config, f
     losses = []
     for i in range(len(batch)):
         raw = out[i][0]  # (C, h, w)
+        base = conds[i][-1] if conds[i] else white_latent(vae, *batch[i]["images"][-1].size[::-1]).to(device)
         if cfg.x0_relative_to_previous:
-            base = conds[i][-1] if conds[i] else white_latent(vae, *batch[i]["images"][-1].size[::-1]).to(device)
             raw = raw + base
-        losses.append(flow_matching_loss(raw, x0[i], noise[i], t[i], cfg.parameterisation, fm.x0_min_t))
+        weight = None
+        if cfg.changed_loss_weight > 0:  # what the step changes is a few % of the canvas: weigh it up
+            weight = 1 + cfg.changed_loss_weight * ((x0[i] - base).abs() > CHANGED_TOLERANCE).to(x0[i].dtype)
+        losses.append(flow_matching_loss(raw, x0[i], noise[i], t[i], cfg.parameterisation, fm.x0_min_t, weight))
     return torch.stack(losses).mean()
 
 
@@ -226,24 +253,76 @@ def make_batch(indices, items, targets, tokenizer, processor, drop_prob: float, 
 # ----------------------------------------------------------------------------- training
 
 
+def pack_generator(seed: int, pack) -> torch.Generator:
+    """The generator of one pack's random draws: a pure function of (seed, epoch, global pack position),
+    so a pack draws the same on whichever rank and in whichever slot of a step it lands."""
+    state = np.random.SeedSequence([seed, pack.epoch, pack.position, 4]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def build_sharded_duetgen(cfg: Stage2Config, mllm, tokenizer, processor, env: DistEnv):
+    """Distributed runs: the DuetGen with connector and DiT FSDP2-sharded; the frozen MLLM and the
+    autoencoder stay replicated (they do not train).
+
+    Rank 0 builds the initial connector + DiT exactly as a single process does (same seed, same
+    weights); every rank builds them on ``meta``, shards them (a unit per DiT block) and receives rank
+    0's weights tensor by tensor (its shard only).
+    """
+    init, vae_state = {}, {}
+    if env.is_main:
+        reference = build_duetgen(cfg, mllm, tokenizer, processor)
+        init = nn.ModuleDict({"connector": reference.connector, "dit": reference.dit}).state_dict()
+        vae_state = reference.vae.state_dict()
+        del reference
+    model = build_duetgen(cfg, mllm, tokenizer, processor, dit_device="meta")
+    if env.is_main:
+        model.vae.load_state_dict(vae_state)
+    broadcast_module(model.vae.to(env.device), env)  # a randomly initialised autoencoder must match on every rank
+    model.mllm.to(env.device)
+    apply_fsdp(model.dit, model.dit.transformer_blocks, env, sum_gradients=True)  # summed: the loss is a global mean
+    # The connector is its own root (it runs outside the DiT's forward), called once per sample, i.e. a
+    # different number of times on each rank: gathered once and kept until backward, never per call.
+    apply_fsdp(model.connector, [], env, sum_gradients=True, reshard_after_forward=False)
+    load_full_state_dict(nn.ModuleDict({"connector": model.connector, "dit": model.dit}), init, env)
+    return model
+
+
 def train(cfg: Stage2Config, mllm_dir: str | os.PathLike, run_dir: str | os.PathLike, resume_run: bool = False,
           progress: bool = True, stop_after: int | None = None) -> Path:
-    """Train stage 2 into ``run_dir``; returns ``run_dir/model`` (the DuetGen directory)."""
+    """Train stage 2 into ``run_dir``; returns ``run_dir/model`` (the DuetGen directory).
+
+    Under torchrun every rank calls this; the process group is started here (unless the caller
+    started one) and ended on return.
+    """
+    started = not torch.distributed.is_initialized()
+    env = init_distributed()
+    try:
+        return _train(cfg, mllm_dir, run_dir, env, resume_run, progress, stop_after)
+    finally:
+        if started:
+            destroy_distributed()
+
+
+def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool, progress: bool,
+           stop_after: int | None) -> Path:
     # --- setup
     run_dir, found = open_run_dir(run_dir, resume_run)
     ckpt_dir = run_dir / "checkpoints"
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = env.device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     mllm, tokenizer, processor = load_mllm(mllm_dir)
-    model = build_duetgen(cfg, mllm, tokenizer, processor).to(device)
+    if env.distributed:
+        model = build_sharded_duetgen(cfg, mllm, tokenizer, processor, env)
+    else:
+        model = build_duetgen(cfg, mllm, tokenizer, processor).to(device)
     connector, dit, vae = model.connector, model.dit, model.vae
     trainable = nn.ModuleDict({"connector": connector, "dit": dit}).train()  # the DiT's crossattn_proj IS the connector
     n_params = sum(p.numel() for p in trainable.parameters())
     fm = FlowMatchingConfig(parameterisation=cfg.parameterisation, time_distribution=cfg.time_distribution,
-                            time_shift=cfg.time_shift)
+                            time_shift=cfg.time_shift, x0_min_t=cfg.x0_min_t)
     multiple = model.pixel_multiple
 
     # --- data: records with at least one assistant image; a validation tail
@@ -258,9 +337,7 @@ def train(cfg: Stage2Config, mllm_dir: str | os.PathLike, run_dir: str | os.Path
         targets = draw_targets(items, cfg.seed, epoch)
         return [sum(tokens[: k + 1]) if cfg.use_condition_frames else tokens[k] for tokens, k in zip(image_tokens, targets)]
 
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    sampler = PackedSampler(lengths, cfg.latent_token_budget, seed=cfg.seed, rank=rank, world_size=world)
+    sampler = PackedSampler(lengths, cfg.latent_token_budget, seed=cfg.seed, rank=env.rank, world_size=env.world_size)
     target_cache: dict[int, list[int]] = {}
 
     def targets_of(epoch: int) -> list[int]:
@@ -277,64 +354,91 @@ def train(cfg: Stage2Config, mllm_dir: str | os.PathLike, run_dir: str | os.Path
     if found is not None:
         step = resume(found, trainable, optimizer, scheduler=scheduler, stateful={"sampler": sampler, "ema": ema}).step
         extend_schedule(scheduler, cfg.steps)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    print(f"stage 2: {n_params / 1e6:.2f}M trainable params (connector + DiT), MLLM frozen, {len(items)} train "
-          f"records, {sampler.packs_per_epoch()} packs/epoch, start at step {step}/{cfg.steps} on {device}", flush=True)
+    if env.is_main:
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        ranks = f" x {env.world_size} ranks" if env.distributed else ""
+        print(f"stage 2: {n_params / 1e6:.2f}M trainable params (connector + DiT), MLLM frozen, {len(items)} train "
+              f"records, {sampler.packs_per_epoch()} packs/epoch per rank, start at step {step}/{cfg.steps} on "
+              f"{device}{ranks}", flush=True)
 
     # --- the loop
     packs = iter(sampler)
-    with MetricsLogger(run_dir, cfg.steps, start_step=step, unit="samples", progress=progress,
+    global_draws = cfg.packs_per_rank == 1 and not env.distributed  # one pack per step: torch's global generator
+    with MetricsLogger(run_dir, cfg.steps, start_step=step, unit="samples", enabled=env.is_main, progress=progress,
                        description="stage 2") as log:
         samples_since_log = 0
         while step < cfg.steps:
-            pack = next(packs)
-            batch = make_batch(pack.items, items, targets_of(pack.epoch), tokenizer, processor, cfg.drop_final_text_prob)
-            for b in batch:
+            # one optimiser step on `packs_per_rank` packs on every rank (draws: module docstring)
+            step_packs = [next(packs) for _ in range(cfg.packs_per_rank)]
+            generators = [None if global_draws else pack_generator(cfg.seed, p) for p in step_packs]
+            batches = [make_batch(p.items, items, targets_of(p.epoch), tokenizer, processor, cfg.drop_final_text_prob,
+                                  generator=g) for p, g in zip(step_packs, generators)]
+            for b in (b for batch in batches for b in batch):
                 for im in b["images"]:
                     check_size(im, multiple, f"record {b['id']!r}")
-            with autocast:
-                loss = pack_loss(batch, mllm, connector, dit, vae, cfg, fm, device)
-            loss.backward()
+            n_samples, n_tokens = all_reduce_sum(
+                torch.tensor([sum(map(len, batches)), sum(p.num_tokens for p in step_packs)]), env).tolist()
+            step_loss = None
+            for batch, g in zip(batches, generators):
+                with autocast:
+                    loss = pack_loss(batch, mllm, connector, dit, vae, cfg, fm, device, generator=g)
+                # this pack's share of the mean over the step's targets on all ranks (exactly x 1.0 for one
+                # pack in one process); FSDP sums the ranks' gradients
+                share = loss * (len(batch) / n_samples)
+                share.backward()
+                step_loss = share.detach() if step_loss is None else step_loss + share.detach()
+            loss = all_reduce_sum(step_loss, env)
             grad_norm = clip_grad_norm(trainable.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             ema.update(trainable)
             step += 1
-            samples_since_log += len(batch)
+            samples_since_log += n_samples
 
-            # once in a while: log
+            # once in a while: log (rank 0: bar, TensorBoard, metrics.jsonl; --quiet: JSON lines on stdout)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 entry = log.log(step, loss=loss, lr=scheduler.get_last_lr()[0], items=samples_since_log,
-                                grad_norm=grad_norm, pack_samples=len(batch), pack_tokens=pack.num_tokens)
+                                grad_norm=grad_norm, pack_samples=n_samples, pack_tokens=n_tokens)
                 samples_since_log = 0
-                if not progress:
+                if not progress and env.is_main:
                     print(json.dumps(entry), flush=True)
 
             # once in a while: validation loss (fixed times and noise) and exactness of EMA samples
+            # (every rank: sharded forwards are collectives; rank 0 writes)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val = validation_loss(val_items, mllm, connector, dit, vae, cfg, fm, tokenizer, processor, device)
                 log.log_scalars(step, "val", loss=val)
-                if not progress:
+                if not progress and env.is_main:
                     print(f"step {step}: val loss {val:.4f}", flush=True)
             if step % cfg.sample_every == 0 or step == cfg.steps:
-                exact = write_samples(run_dir / "samples" / f"step-{step:07d}.html", val_items[: cfg.num_samples],
-                                      model, trainable, ema, cfg, step)
+                page = run_dir / "samples" / f"step-{step:07d}.html" if env.is_main else None
+                exact = write_samples(page, val_items[: cfg.num_samples], model, trainable, ema, cfg, step)
                 log.log_scalars(step, "val", sample_exact=exact)
-                if not progress:
+                if not progress and env.is_main:
                     print(f"step {step}: EMA samples exact {exact:.3f}", flush=True)
 
-            # once in a while: atomic resumable checkpoint
+            # once in a while: atomic resumable checkpoint (every rank: full state gathered to rank 0)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save_checkpoint(ckpt_dir, step, trainable, optimizer, scheduler=scheduler,
                                 stateful={"sampler": sampler, "ema": ema}, config=cfg, keep_last=cfg.keep_last)
             if stop_after is not None and step >= stop_after:
                 return run_dir / "model"
 
-    # --- export the EMA weights as a DuetGen directory
+    # --- export the EMA weights as a DuetGen directory (rank 0; sharded weights gathered into a plain copy)
     ema.copy_to(trainable)
-    model.save_pretrained(run_dir / "model", overwrite=True)
-    print(f"stage 2 done: {run_dir / 'model'}", flush=True)
+    if env.distributed:
+        full = gather_full_state_dict(trainable, env)
+        if env.is_main:
+            plain = build_duetgen(cfg, mllm, tokenizer, processor, dit_device="meta")
+            plain.vae.load_state_dict(vae.state_dict())
+            load_full_state_dict(nn.ModuleDict({"connector": plain.connector, "dit": plain.dit}), full, DistEnv())
+            model = plain
+        del full
+    if env.is_main:
+        model.save_pretrained(run_dir / "model", overwrite=True)
+        print(f"stage 2 done: {run_dir / 'model'}", flush=True)
+    barrier(env)  # every rank returns once model/ exists
     return run_dir / "model"
 
 
@@ -355,7 +459,7 @@ def validation_loss(val_items, mllm, connector, dit, vae, cfg, fm, tokenizer, pr
 
 
 @torch.no_grad()
-def write_samples(page: Path, val_items, model, trainable, ema, cfg: Stage2Config, step: int) -> float:
+def write_samples(page: Path | None, val_items, model, trainable, ema, cfg: Stage2Config, step: int) -> float:
     """Draw the last answer image of a few held-out records with the EMA weights (truth context, teacher
     forced), write truth and sample side by side as HTML; return the fraction read back exactly equal."""
     from duetgen.eval.toyworld_judge import read_canvas
@@ -387,7 +491,8 @@ def write_samples(page: Path, val_items, model, trainable, ema, cfg: Stage2Confi
             Message("user", [*[ImagePart(im) for im in images[:-1]], TextPart("…" + context_text)]),
             Message("assistant", [TextPart("truth:"), ImagePart(images[-1]), TextPart("EMA sample:"), ImagePart(sample),
                                   TextPart("exact" if exact[-1] else "not exact")])]))
-    write_samples_html(page, records, title=f"stage 2, step {step}", subtitle="last answer image, truth context")
+    if page is not None:  # None: another rank of a sharded run (same forwards, nothing written)
+        write_samples_html(page, records, title=f"stage 2, step {step}", subtitle="last answer image, truth context")
     trainable.load_state_dict(backup)
     trainable.train()
     return float(np.mean(exact))
