@@ -138,9 +138,10 @@ def toy_stage1_frozen_vision() -> Stage1Config:
 
 
 def toy_stage1_reading() -> Stage1Config:
-    """The shipped ShapeWorld stage 1, phase 2: from a model whose language model already copies prompt
-    words (the first ShapeWorld run's) with a fresh vision tower (`stage1.fresh_vision_tower`), learn
-    to read canvases at 48x48; 1500 steps at half the LR (docs/training.md, "the shipped MLLM")."""
+    """ShapeWorld stage 1, phase 2 (this session's run, docs/training.md "ShapeWorld runs"): from a model
+    whose language model already copies prompt words (the first run's, `checkpoints/shapeworld-toy/mllm`)
+    with a fresh vision tower (`stage1.fresh_vision_tower` -> runs/shapeworld/stage1-init), learn to
+    read canvases at 48x48; 1500 steps at half the LR."""
     return dataclasses.replace(toy_stage1(), name="toy-reading", mllm="runs/shapeworld/stage1-init", steps=1500,
                                lr=5e-4, warmup_steps=50, vision_lr_scale=0.2)
 
