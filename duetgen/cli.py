@@ -641,7 +641,7 @@ def _train_config(load, name: str, data: Optional[list[Path]], steps: Optional[i
 
 @train_app.command("stage1")
 def train_stage1(
-    config: str = typer.Option("toy", "--config", help="Run config name (duetgen/train/configs.py): toy, tiny."),
+    config: str = typer.Option("toy", "--config", help="Run config name (duetgen/train/configs.py): toy, toy-reading, toy-frozen-vision, tiny, tiny-lora."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<config>/stage1)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
     data: Optional[list[Path]] = typer.Option(None, "--data", help="Dataset directories (default: the config's)."),

@@ -152,7 +152,7 @@ def toy_image_processor() -> ImageProcessor:
     - white as the normalisation mean (std 0.5): an empty cell is an all-zero patch, and the bias-free
       patch embedding keeps it zero, so only objects carry signal into the language model. With the
       CLIP mean/std every token shared a large background component and a from-scratch model did not
-      learn to read them (teacher-forced accuracy on understanding answers 0.70 -> 0.89 after 200 steps).
+      learn to read them (understanding-only probe, token accuracy after 400 steps: 0.68 -> 0.985).
     """
     side = TOY_MLLM_SIDE
     return ImageProcessor(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=side * side,

@@ -4,8 +4,8 @@
     python scripts/probes/understanding_only.py --out /tmp/und-clip64 --side 64 --norm clip --vision-lr-scale 1.0
 
 Prints the held-out loss and teacher-forced token accuracy on the val split's understanding answers
-every 100 steps (docs/training.md, "What changed": 0.68-0.72 with CLIP normalisation, 0.96 at step
-400 with white-centred 48 px canvases). Needs runs/shapeworld/data/{train,val} (docs/training.md).
+every 100 steps (docs/training.md, "What changed": 0.68 at step 400 with CLIP at 64 px, 0.985 with
+white-centred 48 px canvases). Needs runs/shapeworld/data/{train,val} (docs/training.md).
 """
 
 from __future__ import annotations
