@@ -155,3 +155,27 @@ def test_tiny_run_exports_a_model_that_loads_and_evaluates(setup, tmp_path):
     report = evaluate_toy(out, root / "test", tmp_path / "eval", limit=3, num_steps=2, max_new_tokens=30, progress=False)
     assert report["summary"]["all"]["n"] == 3 and report["summary"]["all"]["missing"] == 0
     assert (tmp_path / "eval" / "pred.html").is_file()
+
+
+def test_changed_loss_weight_weighs_the_changed_latents_and_zero_output_copies_are_cheap_only_without_it(setup):
+    """`changed_loss_weight`: a weighted mean where the target differs from the reference canvas. A DiT
+    whose output is zero copies the previous canvas (x0 relative); its loss must rise with the weight,
+    because everything it gets wrong is exactly what the step changes."""
+    root, mllm_dir = setup
+    base = dataclasses.replace(tiny_stage2(), data=[str(root / "train")], parameterisation="x0",
+                               x0_relative_to_previous=True)
+    mllm, tokenizer, processor, vae, _, connector, dit = _models(mllm_dir, base)
+    with torch.no_grad():
+        dit.transformer.proj_out.weight.zero_()  # output 0 = "change nothing"
+        if dit.transformer.proj_out.bias is not None:
+            dit.transformer.proj_out.bias.zero_()
+    items = [it for it in stage1.load_records(base.data, include_kinds=["editing"]) if stage2.image_slots(it[1])[1]][:3]
+    batch = stage2.make_batch(range(len(items)), items, [1] * len(items), tokenizer, processor, drop_prob=0.0)
+    losses = []
+    for w in (0.0, 4.0, 16.0):
+        cfg = dataclasses.replace(base, changed_loss_weight=w)
+        fm = FlowMatchingConfig(parameterisation="x0")
+        with torch.no_grad():
+            losses.append(stage2.pack_loss(batch, mllm, connector, dit, vae, cfg, fm, "cpu",
+                                           generator=torch.Generator().manual_seed(0)).item())
+    assert losses[0] > 0 and losses[0] < losses[1] < losses[2], losses
