@@ -226,7 +226,9 @@ def pack_loss(batch: list[dict], mllm, connector, dit, vae, cfg: Stage2Config, f
     losses = []
     for i in range(len(batch)):
         raw = out[i][0]  # (C, h, w)
-        base = conds[i][-1] if conds[i] else white_latent(vae, *batch[i]["images"][-1].size[::-1]).to(device)
+        base = None  # the reference canvas: the latest conditioning frame, or white (a VAE encode: only when used)
+        if cfg.x0_relative_to_previous or cfg.changed_loss_weight > 0:
+            base = conds[i][-1] if conds[i] else white_latent(vae, *batch[i]["images"][-1].size[::-1]).to(device)
         if cfg.x0_relative_to_previous:
             raw = raw + base
         weight = None
