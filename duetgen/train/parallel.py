@@ -42,10 +42,11 @@ Design choices (torchtitan's ``parallelize``; STYLE principle 3):
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -109,6 +110,26 @@ def all_reduce_sum(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.distributed:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def backward_pack_shares(pack_losses: Iterator[torch.Tensor], counts: Sequence[int], global_count: int,
+                         env: DistEnv, autocast=contextlib.nullcontext()) -> torch.Tensor:
+    """Back-propagate one optimiser step's packs; returns the step's global mean loss (detached).
+
+    ``pack_losses`` yields each pack's mean loss lazily (computed under ``autocast``, one graph alive at
+    a time); pack i counts ``counts[i]`` items (tokens, targets) of the step's all-reduced
+    ``global_count``. Each pack back-propagates ``mean x count / global_count`` (exactly x 1.0 for one
+    pack in one process) and FSDP sums the ranks' gradients, so any split of the step's packs over
+    ranks or accumulation slots gives the same update.
+    """
+    step_loss = None
+    for n in counts:
+        with autocast:
+            loss = next(pack_losses)
+        share = loss * (n / max(global_count, 1))
+        share.backward()
+        step_loss = share.detach() if step_loss is None else step_loss + share.detach()
+    return all_reduce_sum(step_loss, env)
 
 
 def apply_fsdp(model: nn.Module, blocks: Sequence[nn.Module], env: DistEnv, *,

@@ -56,9 +56,9 @@ from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
 from duetgen.train.configs import Stage1Config
 from duetgen.train.logging import MetricsLogger
 from duetgen.train.optim import clip_grad_norm, make_adamw, make_scheduler
-from duetgen.train.parallel import (DistEnv, all_reduce_sum, apply_fsdp, barrier, destroy_distributed,
-                                    gather_full_state_dict, init_buffers_from_config, init_distributed,
-                                    load_full_state_dict)
+from duetgen.train.parallel import (DistEnv, all_reduce_sum, apply_fsdp, backward_pack_shares, barrier,
+                                    destroy_distributed, gather_full_state_dict, init_buffers_from_config,
+                                    init_distributed, load_full_state_dict)
 
 
 # ----------------------------------------------------------------------------- model and data helpers
@@ -304,16 +304,9 @@ def _train(cfg: Stage1Config, run_dir, env: DistEnv, resume_run: bool, progress:
             counts = [int((x["labels"][1:] != IGNORE_INDEX).sum()) for x in step_inputs]  # next_token_loss's n
             n_supervised, n_tokens = all_reduce_sum(
                 torch.tensor([sum(counts), sum(p.num_tokens for p in step_packs)]), env).tolist()
-            step_loss = None
-            for inputs, n in zip(step_inputs, counts):
-                with autocast:
-                    loss, _ = next_token_loss(model, inputs)
-                # this pack's share of the mean over the step's supervised tokens on all ranks (exactly
-                # x 1.0 for one pack in one process); FSDP sums the ranks' gradients
-                share = loss * (n / max(n_supervised, 1))
-                share.backward()
-                step_loss = share.detach() if step_loss is None else step_loss + share.detach()
-            loss = all_reduce_sum(step_loss, env)
+            # each pack's share of the mean over the step's supervised tokens on all ranks
+            loss = backward_pack_shares((next_token_loss(model, x)[0] for x in step_inputs), counts, n_supervised,
+                                        env, autocast)
             grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -72,7 +72,7 @@ from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
 from duetgen.train.configs import Stage2Config
 from duetgen.train.logging import MetricsLogger
 from duetgen.train.optim import EMA, clip_grad_norm, make_adamw, make_scheduler
-from duetgen.train.parallel import (DistEnv, all_reduce_sum, apply_fsdp, barrier, broadcast_module,
+from duetgen.train.parallel import (DistEnv, all_reduce_sum, apply_fsdp, backward_pack_shares, barrier, broadcast_module,
                                     destroy_distributed, gather_full_state_dict, init_distributed,
                                     load_full_state_dict)
 from duetgen.train.stage1 import extend_schedule, load_records, pack_inputs, render
@@ -380,16 +380,10 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
                     check_size(im, multiple, f"record {b['id']!r}")
             n_samples, n_tokens = all_reduce_sum(
                 torch.tensor([sum(map(len, batches)), sum(p.num_tokens for p in step_packs)]), env).tolist()
-            step_loss = None
-            for batch, g in zip(batches, generators):
-                with autocast:
-                    loss = pack_loss(batch, mllm, connector, dit, vae, cfg, fm, device, generator=g)
-                # this pack's share of the mean over the step's targets on all ranks (exactly x 1.0 for one
-                # pack in one process); FSDP sums the ranks' gradients
-                share = loss * (len(batch) / n_samples)
-                share.backward()
-                step_loss = share.detach() if step_loss is None else step_loss + share.detach()
-            loss = all_reduce_sum(step_loss, env)
+            # each pack's share of the mean over the step's targets on all ranks
+            loss = backward_pack_shares((pack_loss(b, mllm, connector, dit, vae, cfg, fm, device, generator=g)
+                                         for b, g in zip(batches, generators)), list(map(len, batches)), n_samples,
+                                        env, autocast)
             grad_norm = clip_grad_norm(trainable.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
