@@ -179,3 +179,22 @@ def test_changed_loss_weight_weighs_the_changed_latents_and_zero_output_copies_a
             losses.append(stage2.pack_loss(batch, mllm, connector, dit, vae, cfg, fm, "cpu",
                                            generator=torch.Generator().manual_seed(0)).item())
     assert losses[0] > 0 and losses[0] < losses[1] < losses[2], losses
+
+
+def test_init_from_starts_connector_and_dit_from_a_trained_model(setup, tmp_path):
+    """`init_from`: step 0 of a new run is the given model's connector + DiT (not a random init)."""
+    root, mllm_dir = setup
+    cfg = dataclasses.replace(tiny_stage2(), data=[str(root / "train")], steps=2, warmup_steps=1, sample_every=100,
+                              eval_every=100, save_every=100)
+    first = stage2.train(cfg, mllm_dir, tmp_path / "a", progress=False)
+    from duetgen.models.duetgen import DuetGen
+
+    source = DuetGen.from_pretrained(first)
+    second = dataclasses.replace(cfg, init_from=str(first), lr=1e-12, seed=1)  # the weights stay at step 0's
+    out = DuetGen.from_pretrained(stage2.train(second, mllm_dir, tmp_path / "b", progress=False))
+    fresh = _models(mllm_dir, second)[-1]
+    for (name, a), b, c in zip(source.dit.state_dict().items(), out.dit.state_dict().values(),
+                               fresh.state_dict().values()):
+        torch.testing.assert_close(b, a, msg=name)
+    assert any(not torch.equal(a, c) for a, c in zip(source.dit.state_dict().values(), fresh.state_dict().values()))
+    torch.testing.assert_close(out.connector.proj.weight, source.connector.proj.weight)

@@ -76,6 +76,7 @@ class Stage2Config:
     changed_loss_weight: float = 0.0  # extra loss weight on latent values where the target differs from the reference canvas (previous image, or white); 0 = plain MSE
     drop_final_text_prob: float = 0.1  # the final text chunk removed (guidance negative, paper section 4)
     use_condition_frames: bool = True  # False: the ablation with text condition only (no earlier images as frames)
+    init_from: str | None = None  # a DuetGen directory whose connector + DiT start this run (else random); the MLLM may differ
     steps: int = 4000  # ~50 min on one shared core (docs/training.md); text-conditioned drawing is what comes last
     lr: float = 1e-3  # calibration note: 4 layers x 128 at 1e-3 trained
     warmup_steps: int = 200
@@ -118,6 +119,23 @@ def toy_stage2_text_only() -> Stage2Config:
     return dataclasses.replace(toy_stage2(), name="toy-text-only", use_condition_frames=False)
 
 
+def toy_stage2_continue() -> Stage2Config:
+    """ShapeWorld stage 2, continued (docs/training.md "ShapeWorld runs"): the previous run's connector + DiT
+    (`runs/shapeworld/stage2-ext/model`, 6000 steps on phase 2's MLLM) trained on, on phase 3's MLLM, with
+    6000 extra text-to-image and 6000 extra editing records: text-conditioned drawing is what the DiT
+    learns last and blank-canvas targets were about a fifth of the mix (a text-to-image-only probe placed
+    colours after 600 steps)."""
+    return dataclasses.replace(toy_stage2(), name="toy-continue", init_from="runs/shapeworld/stage2-ext/model",
+                               data=["runs/shapeworld/data/train-tti", "runs/shapeworld/data/train-editing",
+                                     "runs/shapeworld/data/train"],
+                               steps=6000, lr=5e-4, warmup_steps=100, save_every=500)
+
+
+def toy_stage2_continue_text_only() -> Stage2Config:
+    """Ablation of the continued run: the same without earlier images as DiT frames."""
+    return dataclasses.replace(toy_stage2_continue(), name="toy-continue-text-only", use_condition_frames=False)
+
+
 def tiny_stage1() -> Stage1Config:
     """Unit tests: a 0.16M-parameter Qwen2.5-VL, a few steps, saves often."""
     return Stage1Config(name="tiny", mllm="tiny", vocab_size=300, token_budget=512, steps=6, warmup_steps=2,
@@ -146,14 +164,23 @@ def toy_stage1_reading() -> Stage1Config:
                                lr=5e-4, warmup_steps=50, vision_lr_scale=0.2)
 
 
+def toy_stage1_understanding() -> Stage1Config:
+    """ShapeWorld stage 1, phase 3 (docs/training.md "ShapeWorld runs"): from phase 2's model
+    (`runs/shapeworld/stage1b/mllm`), which copies prompt words but reads canvas colours at 0.18,
+    1000 steps with understanding about half of the data (a second 8000-record understanding set)."""
+    return dataclasses.replace(toy_stage1(), name="toy-understanding", mllm="runs/shapeworld/stage1b/mllm",
+                               data=toy_stage1().data + ["runs/shapeworld/data/train-understanding-2"],
+                               steps=1000, lr=5e-4, warmup_steps=50, vision_lr_scale=0.3)
+
+
 def tiny_lora_stage1() -> Stage1Config:
     """Unit tests and a smoke run of the LoRA path: the tiny run with rank-4 LoRA."""
     return dataclasses.replace(tiny_stage1(), name="tiny-lora", lora_rank=4, lora_alpha=8.0)
 
 
-STAGE1_CONFIGS = {"toy": toy_stage1, "toy-reading": toy_stage1_reading, "toy-frozen-vision": toy_stage1_frozen_vision, "tiny": tiny_stage1,
+STAGE1_CONFIGS = {"toy": toy_stage1, "toy-reading": toy_stage1_reading, "toy-understanding": toy_stage1_understanding, "toy-frozen-vision": toy_stage1_frozen_vision, "tiny": tiny_stage1,
                   "tiny-lora": tiny_lora_stage1}
-STAGE2_CONFIGS = {"toy": toy_stage2, "toy-text-only": toy_stage2_text_only, "tiny": tiny_stage2}
+STAGE2_CONFIGS = {"toy": toy_stage2, "toy-text-only": toy_stage2_text_only, "toy-continue": toy_stage2_continue, "toy-continue-text-only": toy_stage2_continue_text_only, "tiny": tiny_stage2}
 
 
 def stage1_config(name: str) -> Stage1Config:

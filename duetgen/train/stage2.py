@@ -255,6 +255,23 @@ def make_batch(indices, items, targets, tokenizer, processor, drop_prob: float, 
 # ----------------------------------------------------------------------------- training
 
 
+def load_generator_weights(trainable: nn.Module, model_dir: str | os.PathLike, env: DistEnv) -> None:
+    """Start the connector + DiT from a trained DuetGen directory (`Stage2Config.init_from`), e.g. a
+    previous stage-2 run continued on a further-trained MLLM of the same architecture. Shapes must match
+    (load_state_dict is strict: a mismatch names the parameter)."""
+    from duetgen.models.duetgen import DuetGen
+
+    source = DuetGen.from_pretrained(model_dir)
+    state = {f"connector.{k}": v for k, v in source.connector.state_dict().items()}
+    state |= {f"dit.{k}": v for k, v in source.dit.state_dict().items()}
+    if env.distributed:
+        load_full_state_dict(trainable, state, env)
+    else:
+        trainable.load_state_dict(state)
+    if env.is_main:
+        print(f"stage 2: connector + DiT start from {model_dir}", flush=True)
+
+
 def pack_generator(seed: int, pack) -> torch.Generator:
     """The generator of one pack's random draws: a pure function of (seed, epoch, global pack position),
     so a pack draws the same on whichever rank and in whichever slot of a step it lands."""
@@ -322,6 +339,8 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
         model = build_duetgen(cfg, mllm, tokenizer, processor).to(device)
     connector, dit, vae = model.connector, model.dit, model.vae
     trainable = nn.ModuleDict({"connector": connector, "dit": dit}).train()  # the DiT's crossattn_proj IS the connector
+    if cfg.init_from is not None and found is None:
+        load_generator_weights(trainable, cfg.init_from, env)
     n_params = sum(p.numel() for p in trainable.parameters())
     fm = FlowMatchingConfig(parameterisation=cfg.parameterisation, time_distribution=cfg.time_distribution,
                             time_shift=cfg.time_shift, x0_min_t=cfg.x0_min_t)
