@@ -99,14 +99,43 @@ class Stage2Config:
 # ----------------------------------------------------------------------------- runs
 
 
-def toy_stage1() -> Stage1Config:
-    """ShapeWorld stage 1 on 2 CPU cores (docs/training.md has the measured wall time).
+def toy_stage1_read_more() -> Stage1Config:
+    """ShapeWorld stage 1, phase 3: phase 2's model (`--config toy` -> runs/shapeworld/stage1) still says
+    "at" for middle-row pieces ("on the left", "in the center"); 800 more steps with understanding
+    about half of the data (a second 8000-record understanding set)."""
+    return dataclasses.replace(toy_stage1(), name="toy-read-more", mllm="runs/shapeworld/stage1/mllm",
+                               data=toy_stage1().data + ["runs/shapeworld/data/train-understanding-2"],
+                               steps=800, lr=5e-4)
+
+
+def toy_stage1_mixed_scratch() -> Stage1Config:
+    """ShapeWorld stage 1 from scratch on the whole mix at once (a negative result, docs/training.md: after
+    3500 steps it neither copied nor read colour words). The base the other toy stage-1 runs vary.
 
     The default mix has 10% understanding records; 4000 extra ones (their own seed) make reading
     canvases about a quarter of the data, and the held-out loss uses the val split.
     """
-    return Stage1Config(data=["runs/shapeworld/data/train", "runs/shapeworld/data/train-understanding"],
+    return Stage1Config(name="toy-mixed-scratch",
+                        data=["runs/shapeworld/data/train", "runs/shapeworld/data/train-understanding"],
                         val_data="runs/shapeworld/data/val", val_records=100)
+
+
+def toy_stage1_read_first() -> Stage1Config:
+    """ShapeWorld stage 1, phase 1 of 2: a fresh toy MLLM learns to read canvases first, on the
+    understanding records only (400 steps; colour words read right 28/28 on val, docs/training.md).
+    A language model trained on the copy tasks first never learned to read colours (same doc)."""
+    from duetgen.data.toyworld import KINDS
+
+    return dataclasses.replace(toy_stage1_mixed_scratch(), name="toy-read-first", data=["runs/shapeworld/data/train"],
+                               exclude_kinds=[k for k in KINDS if k != "understanding"], steps=400,
+                               warmup_steps=50, eval_every=100)
+
+
+def toy_stage1() -> Stage1Config:
+    """ShapeWorld stage 1, phase 2 of 2 (`duetgen train stage1 --config toy`): from phase 1's model
+    (`--config toy-read-first --out runs/shapeworld/stage1-read-first`), the whole mix for 2000 steps."""
+    return dataclasses.replace(toy_stage1_mixed_scratch(), name="toy", mllm="runs/shapeworld/stage1-read-first/mllm",
+                               steps=2000, warmup_steps=50)
 
 
 def toy_stage2() -> Stage2Config:
@@ -131,6 +160,28 @@ def toy_stage2_continue() -> Stage2Config:
                                steps=6000, lr=5e-4, warmup_steps=100, save_every=500)
 
 
+def toy_stage2_more_text() -> Stage2Config:
+    """ShapeWorld stage 2 from a random DiT on the data of `toy-continue` (6000 extra text-to-image and
+    6000 extra editing records), 4500 steps."""
+    return dataclasses.replace(toy_stage2_continue(), name="toy-more-text", init_from=None, lr=1e-3, warmup_steps=200,
+                               steps=4500)
+
+
+def toy_stage2_continue_2() -> Stage2Config:
+    """`toy-continue` once more, on the two-phase stage-1 MLLM (`--config toy-read-first` then `toy`): the
+    connector + DiT of `toy-continue` at the step it was stopped (exported to runs/shapeworld/models/c-last)."""
+    return dataclasses.replace(toy_stage2_continue(), name="toy-continue-2", init_from="runs/shapeworld/models/c-last",
+                               steps=4500)
+
+
+def toy_stage2_continue_3() -> Stage2Config:
+    """The last leg: `toy-continue-2`'s connector + DiT at the step it was stopped (exported to
+    runs/shapeworld/models/d-last) trained on the final stage-1 MLLM (`--config toy-read-more`), so the
+    shipped DiT has learned on the hidden states of the shipped MLLM."""
+    return dataclasses.replace(toy_stage2_continue(), name="toy-continue-3", init_from="runs/shapeworld/models/d-last",
+                               steps=2000)
+
+
 def toy_stage2_continue_text_only() -> Stage2Config:
     """Ablation of the continued run: the same without earlier images as DiT frames."""
     return dataclasses.replace(toy_stage2_continue(), name="toy-continue-text-only", use_condition_frames=False)
@@ -152,7 +203,7 @@ def tiny_stage2() -> Stage2Config:
 
 def toy_stage1_frozen_vision() -> Stage1Config:
     """Diagnostic: the toy run with the random vision tower frozen (in the shipped run its features collapsed)."""
-    return dataclasses.replace(toy_stage1(), name="toy-frozen-vision", train_vision=False)
+    return dataclasses.replace(toy_stage1_mixed_scratch(), name="toy-frozen-vision", train_vision=False)
 
 
 def toy_stage1_reading() -> Stage1Config:
@@ -160,7 +211,7 @@ def toy_stage1_reading() -> Stage1Config:
     whose language model already copies prompt words (the first run's, `checkpoints/shapeworld-toy/mllm`)
     with a fresh vision tower (`stage1.fresh_vision_tower` -> runs/shapeworld/stage1-init), learn to
     read canvases at 48x48; 1500 steps at half the LR."""
-    return dataclasses.replace(toy_stage1(), name="toy-reading", mllm="runs/shapeworld/stage1-init", steps=1500,
+    return dataclasses.replace(toy_stage1_mixed_scratch(), name="toy-reading", mllm="runs/shapeworld/stage1-init", steps=1500,
                                lr=5e-4, warmup_steps=50, vision_lr_scale=0.2)
 
 
@@ -168,8 +219,8 @@ def toy_stage1_understanding() -> Stage1Config:
     """ShapeWorld stage 1, phase 3 (docs/training.md "ShapeWorld runs"): from phase 2's model
     (`runs/shapeworld/stage1b/mllm`), which copies prompt words but reads canvas colours at 0.18,
     1000 steps with understanding about half of the data (a second 8000-record understanding set)."""
-    return dataclasses.replace(toy_stage1(), name="toy-understanding", mllm="runs/shapeworld/stage1b/mllm",
-                               data=toy_stage1().data + ["runs/shapeworld/data/train-understanding-2"],
+    return dataclasses.replace(toy_stage1_mixed_scratch(), name="toy-understanding", mllm="runs/shapeworld/stage1b/mllm",
+                               data=toy_stage1_mixed_scratch().data + ["runs/shapeworld/data/train-understanding-2"],
                                steps=1000, lr=5e-4, warmup_steps=50, vision_lr_scale=0.3)
 
 
@@ -178,9 +229,9 @@ def tiny_lora_stage1() -> Stage1Config:
     return dataclasses.replace(tiny_stage1(), name="tiny-lora", lora_rank=4, lora_alpha=8.0)
 
 
-STAGE1_CONFIGS = {"toy": toy_stage1, "toy-reading": toy_stage1_reading, "toy-understanding": toy_stage1_understanding, "toy-frozen-vision": toy_stage1_frozen_vision, "tiny": tiny_stage1,
+STAGE1_CONFIGS = {"toy": toy_stage1, "toy-read-first": toy_stage1_read_first, "toy-read-more": toy_stage1_read_more, "toy-mixed-scratch": toy_stage1_mixed_scratch, "toy-reading": toy_stage1_reading, "toy-understanding": toy_stage1_understanding, "toy-frozen-vision": toy_stage1_frozen_vision, "tiny": tiny_stage1,
                   "tiny-lora": tiny_lora_stage1}
-STAGE2_CONFIGS = {"toy": toy_stage2, "toy-text-only": toy_stage2_text_only, "toy-continue": toy_stage2_continue, "toy-continue-text-only": toy_stage2_continue_text_only, "tiny": tiny_stage2}
+STAGE2_CONFIGS = {"toy": toy_stage2, "toy-text-only": toy_stage2_text_only, "toy-continue": toy_stage2_continue, "toy-continue-2": toy_stage2_continue_2, "toy-continue-3": toy_stage2_continue_3, "toy-more-text": toy_stage2_more_text, "toy-continue-text-only": toy_stage2_continue_text_only, "tiny": tiny_stage2}
 
 
 def stage1_config(name: str) -> Stage1Config:

@@ -90,7 +90,9 @@ def build_mllm(cfg: Stage1Config, run_dir: Path, meta: bool = False):
         return model, tokenizer, processor
     path = Path(cfg.mllm)
     if not path.is_dir():
-        raise FileNotFoundError(f"stage-1 config mllm={cfg.mllm!r}: not 'toy', 'tiny' or a local model directory")
+        raise FileNotFoundError(f"stage-1 config {cfg.name!r}: mllm={cfg.mllm!r} is not 'toy', 'tiny' or a local model "
+                                "directory (a config that continues an earlier phase needs that phase's run first: "
+                                "docs/training.md, 'ShapeWorld runs')")
     if meta:  # _from_config takes the checkpoint's dtype, as from_pretrained does
         with torch.device("meta"):
             model = Qwen2_5_VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(path, local_files_only=True))

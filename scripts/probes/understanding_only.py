@@ -24,20 +24,19 @@ def main() -> None:
     ap.add_argument("--train", default="runs/shapeworld/data/train")
     ap.add_argument("--val", default="runs/shapeworld/data/val")
     args = ap.parse_args()
-    from duetgen.data.toyworld import KINDS
     from duetgen.models import mllm as M
     from duetgen.models.image_processor import ImageProcessor
     from duetgen.train import stage1
-    from duetgen.train.configs import toy_stage1
+    from duetgen.train.configs import toy_stage1_read_first
 
     norm = {"image_mean": (1.0, 1.0, 1.0), "image_std": (0.5, 0.5, 0.5)} if args.norm == "white" else {}
     processor = ImageProcessor(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16,
                                max_pixels=args.side * args.side, max_side=args.side, **norm)
     M.toy_image_processor = lambda: processor  # the probe's canvas view; stage1.build_mllm asks for the toy one
-    cfg = dataclasses.replace(toy_stage1(), name="understanding-only", data=[args.train], val_data=args.val,
-                              exclude_kinds=[k for k in KINDS if k != "understanding"], steps=args.steps,
-                              warmup_steps=50, vision_lr_scale=args.vision_lr_scale, eval_every=100,
-                              sample_every=10**9, save_every=10**9)
+    # `--config toy-read-first` (a fresh toy MLLM, understanding records only) with the probe's view
+    cfg = dataclasses.replace(toy_stage1_read_first(), name="understanding-only", data=[args.train], val_data=args.val,
+                              steps=args.steps, vision_lr_scale=args.vision_lr_scale, sample_every=10**9,
+                              save_every=10**9)
     stage1.train(cfg, args.out, progress=False)
 
 
