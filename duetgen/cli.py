@@ -641,7 +641,7 @@ def _train_config(load, name: str, data: Optional[list[Path]], steps: Optional[i
 
 @train_app.command("stage1")
 def train_stage1(
-    config: str = typer.Option("toy", "--config", help="Run config name (duetgen/train/configs.py): toy, toy-reading, toy-frozen-vision, tiny, tiny-lora."),
+    config: str = typer.Option("toy", "--config", help="Run config name (duetgen/train/configs.py, STAGE1_CONFIGS): the ShapeWorld recipe is toy-read-first, then toy, then toy-read-more (docs/training.md); tiny, tiny-lora for tests; others are earlier runs."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<config>/stage1)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
     data: Optional[list[Path]] = typer.Option(None, "--data", help="Dataset directories (default: the config's)."),
@@ -666,7 +666,7 @@ def train_stage1(
 
 @train_app.command("stage2")
 def train_stage2(
-    config: str = typer.Option("toy", "--config", help="Run config name (duetgen/train/configs.py): toy, toy-text-only, tiny."),
+    config: str = typer.Option("toy", "--config", help="Run config name (duetgen/train/configs.py, STAGE2_CONFIGS): toy, toy-more-text, toy-text-only (ablation), toy-continue[-2|-3] (the shipped chain, docs/training.md), tiny."),
     stage1: Path = typer.Option(..., "--stage1", help="Stage-1 run directory (holds mllm/) or a transformers MLLM directory."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<config>/stage2)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),

@@ -100,7 +100,7 @@ class Stage2Config:
 
 
 def toy_stage1_read_more() -> Stage1Config:
-    """ShapeWorld stage 1, phase 3: phase 2's model (`--config toy` -> runs/shapeworld/stage1) still says
+    """ShapeWorld stage 1, phase 3 of 3: phase 2's model (`--config toy` -> runs/shapeworld/stage1) still says
     "at" for middle-row pieces ("on the left", "in the center"); 800 more steps with understanding
     about half of the data (a second 8000-record understanding set)."""
     return dataclasses.replace(toy_stage1(), name="toy-read-more", mllm="runs/shapeworld/stage1/mllm",
@@ -121,7 +121,7 @@ def toy_stage1_mixed_scratch() -> Stage1Config:
 
 
 def toy_stage1_read_first() -> Stage1Config:
-    """ShapeWorld stage 1, phase 1 of 2: a fresh toy MLLM learns to read canvases first, on the
+    """ShapeWorld stage 1, phase 1 of 3: a fresh toy MLLM learns to read canvases first, on the
     understanding records only (400 steps; colour words read right 28/28 on val, docs/training.md).
     A language model trained on the copy tasks first never learned to read colours (same doc)."""
     from duetgen.data.toyworld import KINDS
@@ -132,7 +132,7 @@ def toy_stage1_read_first() -> Stage1Config:
 
 
 def toy_stage1() -> Stage1Config:
-    """ShapeWorld stage 1, phase 2 of 2 (`duetgen train stage1 --config toy`): from phase 1's model
+    """ShapeWorld stage 1, phase 2 of 3 (`duetgen train stage1 --config toy`): from phase 1's model
     (`--config toy-read-first --out runs/shapeworld/stage1-read-first`), the whole mix for 2000 steps."""
     return dataclasses.replace(toy_stage1_mixed_scratch(), name="toy", mllm="runs/shapeworld/stage1-read-first/mllm",
                                steps=2000, warmup_steps=50)
@@ -182,11 +182,6 @@ def toy_stage2_continue_3() -> Stage2Config:
                                steps=2000)
 
 
-def toy_stage2_continue_text_only() -> Stage2Config:
-    """Ablation of the continued run: the same without earlier images as DiT frames."""
-    return dataclasses.replace(toy_stage2_continue(), name="toy-continue-text-only", use_condition_frames=False)
-
-
 def tiny_stage1() -> Stage1Config:
     """Unit tests: a 0.16M-parameter Qwen2.5-VL, a few steps, saves often."""
     return Stage1Config(name="tiny", mllm="tiny", vocab_size=300, token_budget=512, steps=6, warmup_steps=2,
@@ -231,7 +226,7 @@ def tiny_lora_stage1() -> Stage1Config:
 
 STAGE1_CONFIGS = {"toy": toy_stage1, "toy-read-first": toy_stage1_read_first, "toy-read-more": toy_stage1_read_more, "toy-mixed-scratch": toy_stage1_mixed_scratch, "toy-reading": toy_stage1_reading, "toy-understanding": toy_stage1_understanding, "toy-frozen-vision": toy_stage1_frozen_vision, "tiny": tiny_stage1,
                   "tiny-lora": tiny_lora_stage1}
-STAGE2_CONFIGS = {"toy": toy_stage2, "toy-text-only": toy_stage2_text_only, "toy-continue": toy_stage2_continue, "toy-continue-2": toy_stage2_continue_2, "toy-continue-3": toy_stage2_continue_3, "toy-more-text": toy_stage2_more_text, "toy-continue-text-only": toy_stage2_continue_text_only, "tiny": tiny_stage2}
+STAGE2_CONFIGS = {"toy": toy_stage2, "toy-text-only": toy_stage2_text_only, "toy-continue": toy_stage2_continue, "toy-continue-2": toy_stage2_continue_2, "toy-continue-3": toy_stage2_continue_3, "toy-more-text": toy_stage2_more_text, "tiny": tiny_stage2}
 
 
 def stage1_config(name: str) -> Stage1Config:
