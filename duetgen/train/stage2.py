@@ -255,21 +255,21 @@ def make_batch(indices, items, targets, tokenizer, processor, drop_prob: float, 
 # ----------------------------------------------------------------------------- training
 
 
-def load_generator_weights(trainable: nn.Module, model_dir: str | os.PathLike, env: DistEnv) -> None:
-    """Start the connector + DiT from a trained DuetGen directory (`Stage2Config.init_from`), e.g. a
-    previous stage-2 run continued on a further-trained MLLM of the same architecture. Shapes must match
-    (load_state_dict is strict: a mismatch names the parameter)."""
-    from duetgen.models.duetgen import DuetGen
+def generator_state(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The connector + DiT weights of a trained DuetGen directory (`Stage2Config.init_from`), keyed as
+    the training ModuleDict {"connector", "dit"}; the directory's MLLM is not loaded (the run has its own,
+    which may be further trained). Loading into the run's modules is strict: a mismatch names the key."""
+    from diffusers import CosmosTransformer3DModel
+    from safetensors.torch import load_file
 
-    source = DuetGen.from_pretrained(model_dir)
-    state = {f"connector.{k}": v for k, v in source.connector.state_dict().items()}
-    state |= {f"dit.{k}": v for k, v in source.dit.state_dict().items()}
-    if env.distributed:
-        load_full_state_dict(trainable, state, env)
-    else:
-        trainable.load_state_dict(state)
-    if env.is_main:
-        print(f"stage 2: connector + DiT start from {model_dir}", flush=True)
+    from duetgen.models.duetgen import CONNECTOR_FILE, read_directory
+    from duetgen.models.video_dit import PackedCosmosDiT
+
+    root = Path(model_dir)
+    read_directory(root)  # the directory's checks (files, connector keys and shapes) before any weight is read
+    dit = CosmosTransformer3DModel.from_pretrained(root / "dit", local_files_only=True, use_safetensors=True)
+    state = {f"dit.{k}": v for k, v in PackedCosmosDiT(dit).state_dict().items()}
+    return state | {f"connector.{k}": v for k, v in load_file(root / CONNECTOR_FILE).items()}
 
 
 def pack_generator(seed: int, pack) -> torch.Generator:
@@ -279,18 +279,22 @@ def pack_generator(seed: int, pack) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
-def build_sharded_duetgen(cfg: Stage2Config, mllm, tokenizer, processor, env: DistEnv):
+def build_sharded_duetgen(cfg: Stage2Config, mllm, tokenizer, processor, env: DistEnv,
+                          init_from: str | os.PathLike | None = None):
     """Distributed runs: the DuetGen with connector and DiT FSDP2-sharded; the frozen MLLM and the
     autoencoder stay replicated (they do not train).
 
     Rank 0 builds the initial connector + DiT exactly as a single process does (same seed, same
-    weights); every rank builds them on ``meta``, shards them (a unit per DiT block) and receives rank
-    0's weights tensor by tensor (its shard only).
+    weights), or with ``init_from`` reads the trained ones of that DuetGen directory; every rank builds
+    them on ``meta``, shards them (a unit per DiT block) and receives rank 0's weights tensor by tensor
+    (its shard only).
     """
     init, vae_state = {}, {}
     if env.is_main:
         reference = build_duetgen(cfg, mllm, tokenizer, processor)
         init = nn.ModuleDict({"connector": reference.connector, "dit": reference.dit}).state_dict()
+        if init_from is not None:  # a trained connector + DiT instead of the random ones (Stage2Config.init_from)
+            init = generator_state(init_from)
         vae_state = reference.vae.state_dict()
         del reference
     model = build_duetgen(cfg, mllm, tokenizer, processor, dit_device="meta")
@@ -334,13 +338,17 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
 
     mllm, tokenizer, processor = load_mllm(mllm_dir)
     if env.distributed:
-        model = build_sharded_duetgen(cfg, mllm, tokenizer, processor, env)
+        model = build_sharded_duetgen(cfg, mllm, tokenizer, processor, env,
+                                      init_from=cfg.init_from if found is None else None)
     else:
         model = build_duetgen(cfg, mllm, tokenizer, processor).to(device)
     connector, dit, vae = model.connector, model.dit, model.vae
     trainable = nn.ModuleDict({"connector": connector, "dit": dit}).train()  # the DiT's crossattn_proj IS the connector
     if cfg.init_from is not None and found is None:
-        load_generator_weights(trainable, cfg.init_from, env)
+        if not env.distributed:  # (distributed runs loaded them in build_sharded_duetgen)
+            trainable.load_state_dict(generator_state(cfg.init_from))
+        if env.is_main:
+            print(f"stage 2: connector + DiT start from {cfg.init_from}", flush=True)
     n_params = sum(p.numel() for p in trainable.parameters())
     fm = FlowMatchingConfig(parameterisation=cfg.parameterisation, time_distribution=cfg.time_distribution,
                             time_shift=cfg.time_shift, x0_min_t=cfg.x0_min_t)
