@@ -132,6 +132,37 @@ def test_stage2_two_ranks_with_a_sharded_resume_match_one_process(single_stage1,
     assert (tmp_path / "two" / "samples" / f"step-{STEPS:07d}.html").is_file()
 
 
+INIT_FROM_DRIVER = textwrap.dedent("""
+    import dataclasses, sys
+    from duetgen.train import stage2
+    from duetgen.train.configs import tiny_stage2
+
+    data, mllm, out, steps, init_from = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+    stage2.train(dataclasses.replace(tiny_stage2(), data=[data], steps=steps, init_from=init_from), mllm, out,
+                 progress=False)
+""")
+
+
+def test_stage2_init_from_on_two_ranks_matches_one_process(single_stage1, tmp_path):
+    """`init_from` under torchrun: rank 0 reads the trained connector + DiT and shards them out."""
+    root = single_stage1
+    mllm = root / "s1-one" / "mllm"
+    cfg = dataclasses.replace(tiny_stage2(), data=[str(root / "train")], steps=2)
+    source = stage2.train(cfg, mllm, tmp_path / "source", progress=False)
+    cfg = dataclasses.replace(tiny_stage2(), data=[str(root / "train")], steps=STEPS, init_from=str(source),
+                              packs_per_rank=2)  # the same global batch as 2 ranks x 1 pack
+    stage2.train(cfg, mllm, tmp_path / "one", progress=False)
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(INIT_FROM_DRIVER)
+    out = _torchrun(str(driver), str(root / "train"), str(mllm), str(tmp_path / "two"), str(STEPS), str(source))
+    assert "start from" in out and "x 2 ranks" in out
+
+    _same_curve(tmp_path / "one", tmp_path / "two", ("pack_samples", "pack_tokens"))
+    for name in ("dit/diffusion_pytorch_model.safetensors", "connector.safetensors"):
+        _same_weights(tmp_path / "one" / "model" / name, tmp_path / "two" / "model" / name)
+
+
 def test_meta_qwen_gets_its_rope_buffers_back_from_config(single_stage1):
     """What every stage-1 rank does to the model it built on meta: same buffers, same logits as the original."""
     from transformers import Qwen2_5_VLForConditionalGeneration
