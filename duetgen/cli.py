@@ -837,11 +837,11 @@ def train_eval_toy(
     out: Path = typer.Option(..., "--out", help="Folder for pred/ (the answers), pred.html and report.json."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Answer only the first N records (scored on those)."),
     kinds: Optional[str] = typer.Option(None, "--kinds", help="Only these task kinds, comma-separated (e.g. editing,continuation)."),
-    steps: int = typer.Option(20, "--steps", min=1, help="Euler sampler steps per image."),
-    guidance: float = typer.Option(1.0, "--guidance", help="Guidance scale w (1 = none); the negative drops the final text chunk."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sampler noise."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampler steps per image (default: the model's, as `duetgen generate`)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance scale w (1 = none; default: the model's); the negative drops the final text chunk."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every answer (as `duetgen generate --seed`)."),
 ):
-    """Answer ShapeWorld prompts with the simple evaluation loop (greedy text, DiT on <BOV>) and score them with the exact judge."""
+    """Answer ShapeWorld prompts through the engine of `duetgen generate` (greedy text, the DiT on <BOV>) and score them with the exact judge."""
     from duetgen.eval import toyworld_judge
     from duetgen.train.toy_eval import evaluate_toy
 

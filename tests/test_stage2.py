@@ -8,13 +8,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from duetgen.data.record import Dataset, ImagePart, Message, TextPart
 from duetgen.data.toyworld import generate
 from duetgen.diffusion.flow_matching import FlowMatchingConfig
 from duetgen.models.mllm import all_layer_states, negative_prefix_length
 from duetgen.train import stage1, stage2
 from duetgen.train.configs import tiny_stage1, tiny_stage2
-from duetgen.train.toy_eval import DrawConfig, DrawContext, draw_image, evaluate_toy
+from duetgen.train.toy_eval import draw_teacher_forced, evaluate_toy
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +43,36 @@ def test_mllm_frozen_only_connector_and_dit_get_gradients(setup):
     items = [it for it in stage1.load_records(cfg.data) if stage2.image_slots(it[1])[1]][:3]
     targets = stage2.draw_targets(items, seed=0, epoch=0)
     batch = stage2.make_batch(range(3), items, targets, tokenizer, processor, drop_prob=0.5)
-    loss = stage2.pack_loss(batch, mllm, connector, dit, vae, cfg, FlowMatchingConfig(parameterisation="x0"), "cpu")
+    loss = stage2.pack_loss(batch, stage2.ConditionStates(mllm), connector, dit, vae, cfg, FlowMatchingConfig(parameterisation="x0"), "cpu")
     loss.backward()
     assert torch.isfinite(loss)
     assert not mllm.training and all(p.grad is None and not p.requires_grad for p in mllm.parameters())
     assert all(p.grad is not None for p in connector.parameters())
     assert sum(p.grad is not None for p in dit.parameters()) > 0.9 * len(list(dit.parameters()))
+
+
+def test_condition_states_are_the_prefix_states_computed_once_per_record(setup):
+    """ConditionStates: any prefix of a record equals the states of that prefix alone (causal MLLM, fp16
+    rounding), the record's MLLM runs once, and a fresh store (a resumed run) gives the same bits."""
+    root, mllm_dir = setup
+    cfg = dataclasses.replace(tiny_stage2(), data=[str(root / "train")])
+    mllm, tokenizer, processor, *_ = _models(mllm_dir, cfg)
+    item = [it for it in stage1.load_records(cfg.data, include_kinds=["how-to"])][0]
+    rendered = stage1.render(item, tokenizer, processor)
+    first, last = rendered.bov_positions[0], rendered.bov_positions[-1]
+    calls = []
+    original = mllm.model.forward
+    mllm.model.forward = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    condition = stage2.ConditionStates(mllm)
+    key = (str(item[0].root), item[1].id)
+    a_last, a_first = condition.prefix(key, rendered, last), condition.prefix(key, rendered, first)
+    assert len(calls) == 1 and a_last.shape[0] == last and a_first.shape[0] == first
+    mllm.model.forward = original
+    with torch.no_grad():
+        alone = all_layer_states(mllm, rendered.prefix(first))
+    torch.testing.assert_close(a_first, alone, atol=2e-3, rtol=2e-3)  # fp16 storage
+    fresh = stage2.ConditionStates(mllm, keep=False)
+    assert torch.equal(fresh.prefix(key, rendered, first), a_first) and fresh.nbytes == 0
 
 
 def test_text_condition_is_the_states_before_bov_or_the_negative_prefix(setup):
@@ -92,19 +118,21 @@ def test_x0_relative_to_previous_makes_a_zero_output_copy_the_previous_canvas(se
         dit.proj_out.bias.zero_() if dit.proj_out.bias is not None else None
     items = [it for it in stage1.load_records([str(root / "train")], include_kinds=["editing"])][:1]
     (ds, rec), = items
-    rendered = stage1.render(items[0], tokenizer, processor)
     canvas = ds.open_image(rec.messages[0].content[0].path, rec.id)
-    from duetgen.models.mllm import TokenIds
+    from duetgen.infer.engine import GenerationConfig
+    from duetgen.infer.pipeline import DuetGenPipeline
 
-    ctx = DrawContext(prefix=rendered.prefix(rendered.bov_positions[0]), images=[canvas],
-                      vision_end=TokenIds.from_tokenizer(tokenizer).vision_end)
-    drawn = draw_image(model, ctx, DrawConfig(num_steps=3), generator=torch.Generator().manual_seed(0))
-    assert np.array_equal(np.asarray(drawn), np.asarray(canvas.convert("RGB")))
-    ctx = dataclasses.replace(ctx, images=[])
-    drawn = draw_image(model, ctx, DrawConfig(num_steps=3), generator=torch.Generator().manual_seed(0), size=(64, 64))
+    pipe = DuetGenPipeline(model)
+    user = [Message("user", [ImagePart(canvas), TextPart(rec.messages[0].content[1].text)])]
+    config = GenerationConfig(num_steps=3, guidance_scale=1.0)
+    drawn = draw_teacher_forced(pipe, user, config)  # the canvas as the engine conditions on it (the model's size)
+    expected = canvas.convert("RGB").resize(drawn.size, Image.BICUBIC)
+    assert np.array_equal(np.asarray(drawn), np.asarray(expected))
+    text_only = [Message("user", [TextPart("Draw a red circle at the top.")])]
+    drawn = draw_teacher_forced(pipe, text_only, config)
     assert np.asarray(drawn).min() == 255  # white
     model.config.x0_relative_to_previous = False
-    plain = draw_image(model, ctx, DrawConfig(num_steps=3), generator=torch.Generator().manual_seed(0), size=(64, 64))
+    plain = draw_teacher_forced(pipe, text_only, config)
     assert np.asarray(plain).max() < 200  # plain x0: zero output is mid-grey, not white
 
 
@@ -122,11 +150,11 @@ def test_text_only_ablation_packs_one_frame_per_sample(setup):
     dit.forward = spy
     items = [it for it in stage1.load_records(cfg.data, include_kinds=["continuation"])][:2]
     batch = stage2.make_batch(range(2), items, stage2.draw_targets(items, 0, 0), tokenizer, processor, 0.0)
-    stage2.pack_loss(batch, mllm, connector, dit, vae, cfg, FlowMatchingConfig(parameterisation="x0"), "cpu")
+    stage2.pack_loss(batch, stage2.ConditionStates(mllm), connector, dit, vae, cfg, FlowMatchingConfig(parameterisation="x0"), "cpu")
     assert calls == [[1, 1]]
     cfg = dataclasses.replace(cfg, use_condition_frames=True)
     calls.clear()
-    stage2.pack_loss(batch, mllm, connector, dit, vae, cfg, FlowMatchingConfig(parameterisation="x0"), "cpu")
+    stage2.pack_loss(batch, stage2.ConditionStates(mllm), connector, dit, vae, cfg, FlowMatchingConfig(parameterisation="x0"), "cpu")
     assert calls == [[b["target"] + 1 for b in batch]]
 
 
@@ -176,7 +204,7 @@ def test_changed_loss_weight_weighs_the_changed_latents_and_zero_output_copies_a
         cfg = dataclasses.replace(base, changed_loss_weight=w)
         fm = FlowMatchingConfig(parameterisation="x0")
         with torch.no_grad():
-            losses.append(stage2.pack_loss(batch, mllm, connector, dit, vae, cfg, fm, "cpu",
+            losses.append(stage2.pack_loss(batch, stage2.ConditionStates(mllm), connector, dit, vae, cfg, fm, "cpu",
                                            generator=torch.Generator().manual_seed(0)).item())
     assert losses[0] > 0 and losses[0] < losses[1] < losses[2], losses
 
@@ -198,3 +226,37 @@ def test_init_from_starts_connector_and_dit_from_a_trained_model(setup, tmp_path
         torch.testing.assert_close(b, a, msg=name)
     assert any(not torch.equal(a, c) for a, c in zip(source.dit.state_dict().values(), fresh.state_dict().values()))
     torch.testing.assert_close(out.connector.proj.weight, source.connector.proj.weight)
+
+
+def test_eval_toy_answers_equal_duetgen_generate(setup, tmp_path):
+    """One decode path: the record `eval-toy` writes for a truth prompt equals what `duetgen generate PROMPT
+    --image CANVAS --seed 0` writes (a real CLI subprocess), text and pixels; on the shipped checkpoint,
+    which answers an edit with a sentence and a picture."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, _ = setup
+    model_dir = Path(__file__).resolve().parents[1] / "checkpoints" / "shapeworld-toy"
+    truth = Dataset(root / "test")
+    rec = next(r for r in truth if r.meta["kind"] == "editing")
+    evaluate_toy(model_dir, root / "test", tmp_path / "eval", kinds=["editing"], limit=1, progress=False)
+    pred = Dataset(tmp_path / "eval" / "pred")
+    ours = next(iter(pred))
+    canvas_part, text_part = rec.messages[0].content
+    canvas = tmp_path / "canvas.png"
+    truth.open_image(canvas_part.path, rec.id).save(canvas)
+    subprocess.run([sys.executable, "-m", "duetgen.cli", "generate", text_part.text, "--image", str(canvas),
+                    "--model", str(model_dir), "--seed", "0", "--out", str(tmp_path / "gen"), "--quiet"],
+                   check=True, capture_output=True)
+    generated = Dataset(tmp_path / "gen")
+    theirs = next(iter(generated))
+    a = [m for m in ours.messages if m.role == "assistant"][0].content
+    b = [m for m in theirs.messages if m.role == "assistant"][0].content
+    assert [type(p) for p in a] == [type(p) for p in b] and any(isinstance(p, ImagePart) for p in a)
+    for pa, pb in zip(a, b):
+        if isinstance(pa, TextPart):
+            assert pa.text == pb.text
+        else:
+            assert np.array_equal(np.asarray(pred.open_image(pa.path, ours.id)),
+                                  np.asarray(generated.open_image(pb.path, theirs.id)))

@@ -448,8 +448,22 @@ def evaluate(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike, progress
             "truth": str(truth_dir), "pred": str(pred_dir)}
 
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_interval(values: list[float], seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of the mean (records resampled with replacement, a fixed seed)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(BOOTSTRAP_RESAMPLES, len(v)))].mean(axis=1)
+    return [float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))]
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per kind (and "all"): mean of each metric over the records that define it, n, missing."""
+    """Per kind (and "all"): mean of each metric over the records that define it, its 95% bootstrap
+    interval (``<metric>_ci``), n, missing."""
     groups = {k: [r for r in rows if r["kind"] == k] for k in KINDS}
     groups = {k: rs for k, rs in groups.items() if rs} | {"all": rows}
     out = {}
@@ -458,6 +472,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for m in METRICS:
             vals = [r[m] for r in rs if r[m] is not None]
             s[m] = sum(vals) / len(vals) if vals else None
+            s[f"{m}_ci"] = bootstrap_interval(vals) if vals else None
         out[kind] = s
     return out
 
@@ -475,7 +490,9 @@ def print_report(report: dict[str, Any]) -> None:
     for kind, s in report["summary"].items():
         if kind == "all":
             table.add_section()
-        table.add_row(kind, str(s["n"]), str(s["missing"]), *("-" if s[m] is None else f"{s[m]:.3f}" for m in METRICS))
+        table.add_row(kind, str(s["n"]), str(s["missing"]),
+                      *("-" if s[m] is None else f"{s[m]:.3f} [{s[m + '_ci'][0]:.2f}, {s[m + '_ci'][1]:.2f}]"
+                        for m in METRICS))
     console = Console()
     console.print(table)
     if report["unexpected_predictions"]:

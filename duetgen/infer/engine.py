@@ -402,12 +402,16 @@ class InterleavedEngine:
             emit: Callable[[Event], None] = lambda event: None,
             cancel: threading.Event | None = None,
             context: str = "kv_cache",
-            logits_processor: Callable[[list[int], Tensor], Tensor] | None = None) -> Finished:
+            logits_processor: Callable[[list[int], Tensor], Tensor] | None = None,
+            image_source: Callable[[int], Image.Image | None] | None = None) -> Finished:
         """Generate the assistant answer to ``messages`` (image parts hold PIL images).
 
         ``emit`` receives every event as it happens (the last one is the returned ``Finished``);
         setting ``cancel`` stops the answer at the next event with ``Cancelled``.
         ``context``: "kv_cache" (the engine) or "recompute" (the re-prefill baseline).
+        ``image_source(k)``: the k-th image of the answer comes from it instead of the DiT (stage-1
+        samples put the truth's images there: an MLLM alone cannot draw); ``None`` from it ends the
+        answer ("max_images"). With it, the DiT and the autoencoder are never called.
         """
         config = config or GenerationConfig()
         config.check()
@@ -426,7 +430,7 @@ class InterleavedEngine:
         # 1. Render the prompt; earlier images become conditioning latents (encoded once)
         rendered = render_prompt(messages, m.tokenizer, m.image_processor, self.load_image)
         earlier = [self.load_image(p) for msg in messages for p in msg.content if isinstance(p, ImagePart)]
-        cond_latents = [self.condition_latent(image) for image in earlier]
+        cond_latents = [self.condition_latent(image) for image in earlier] if image_source is None else []
         room = max(m.config.max_images - len(earlier), 0)  # the DiT takes at most max_images frames
         max_images = room if config.max_images is None else min(config.max_images, room)
 
@@ -465,7 +469,8 @@ class InterleavedEngine:
                     send(TextDelta(delta))
                 logits = ctx.append(torch.tensor([token]))
                 continue
-            if n_images >= max_images:
+            supplied = image_source(n_images) if image_source is not None and n_images < max_images else None
+            if n_images >= max_images or (image_source is not None and supplied is None):
                 reason = "max_images"
                 break
             generated.append(token)
@@ -474,10 +479,13 @@ class InterleavedEngine:
             close_text()
             send(ImageStarted(n_images, *size))
             t_image = time.perf_counter()
-            latent = self.draw(ctx, len(ctx), rendered.system_length, cond_latents, size, config, n_images,
-                               on_step=lambda s, n, k=n_images: send(DenoisingStep(k, s, n)))
-            picture = m.decode_latents([latent])[0]  # RGB PIL
-            cond_latents.append(m.encode_images([picture])[0])  # the uint8 picture, as a saved record gives it
+            if supplied is not None:
+                picture = to_rgb(supplied)
+            else:
+                latent = self.draw(ctx, len(ctx), rendered.system_length, cond_latents, size, config, n_images,
+                                   on_step=lambda s, n, k=n_images: send(DenoisingStep(k, s, n)))
+                picture = m.decode_latents([latent])[0]  # RGB PIL
+                cond_latents.append(m.encode_images([picture])[0])  # the uint8 picture, as a saved record gives it
             seconds = time.perf_counter() - t_image
             dit_seconds += seconds
             content.append(ImagePart(picture))

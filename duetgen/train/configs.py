@@ -74,6 +74,7 @@ class Stage2Config:
     time_shift: float = 1.0
     x0_min_t: float = 0.05  # x0 loss: velocity divisor clamped at t >= this (calibration note point 1)
     changed_loss_weight: float = 0.0  # extra loss weight on latent values where the target differs from the reference canvas (previous image, or white); 0 = plain MSE
+    keep_mllm_states: bool = True  # keep each record's frozen-MLLM states after its first forward (stage2.ConditionStates; ~150 KB per ShapeWorld record)
     drop_final_text_prob: float = 0.1  # the final text chunk removed (guidance negative, paper section 4)
     use_condition_frames: bool = True  # False: the ablation with text condition only (no earlier images as frames)
     init_from: str | None = None  # a DuetGen directory whose connector + DiT start this run (else random); the MLLM may differ

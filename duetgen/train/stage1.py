@@ -399,18 +399,16 @@ def write_samples(model, tokenizer, processor, val_items, out_dir: Path | None, 
     """
     from duetgen.data.record import DatasetWriter, Message
     from duetgen.data.view import render_dataset_html
-    from duetgen.train.toy_eval import greedy_answer
+    from duetgen.train.toy_eval import greedy_answer_with_truth_images, truth_prompt
 
     was_training = model.training
     model.eval()
+    pipe = text_only_pipeline(model, tokenizer, processor)
     records = []
     for ds, rec in val_items:
-        user = [m for m in rec.messages if m.role != "assistant"]
         truth_images = [ds.open_image(p.path, rec.id) for p in rec.image_parts("assistant")]
-        prompt = [Message(m.role, [_loaded(ds, rec, p) for p in m.content]) for m in user]
-        answer = greedy_answer(model, tokenizer, processor, prompt,
-                               draw=lambda k, _ctx: truth_images[k] if k < len(truth_images) else None,
-                               max_new_tokens=max_new_tokens)
+        prompt = truth_prompt(ds, rec)
+        answer = greedy_answer_with_truth_images(pipe, prompt, truth_images, max_new_tokens)
         records.append(Record(id=rec.id, source="stage1-sample", messages=prompt + [answer],
                               meta={"note": "images after <BOV> are the truth's (stage 1 does not draw)"}))
     model.train(was_training)
@@ -425,9 +423,28 @@ def write_samples(model, tokenizer, processor, val_items, out_dir: Path | None, 
     render_dataset_html(out_dir, out_dir / "index.html", progress=False)
 
 
-def _loaded(ds, rec, part):
-    from duetgen.data.record import ImagePart, TextPart
-    return part if isinstance(part, TextPart) else ImagePart(ds.open_image(part.path, rec.id))
+def text_only_pipeline(mllm, tokenizer, processor):
+    """`DuetGenPipeline` around a stage-1 MLLM for its samples: the engine of `duetgen generate`, with a DiT
+    built on the `meta` device (no storage, never called: the samples supply the truth's images through
+    the engine's `image_source`); the tiny preset's DiT and autoencoder do, whatever the MLLM."""
+    from dataclasses import replace
+
+    from diffusers import CosmosTransformer3DModel
+
+    from duetgen.infer.pipeline import DuetGenPipeline
+    from duetgen.models import presets
+    from duetgen.models.connector import Connector
+    from duetgen.models.duetgen import DuetGen, build_vae, mllm_condition_channels
+
+    name = mllm.config.name_or_path
+    preset = presets.get_preset("tiny")
+    channels = mllm_condition_channels(mllm.config)
+    with torch.device("meta"):
+        dit = CosmosTransformer3DModel(**{**preset.dit, "crossattn_proj_in_channels": channels})
+        connector = Connector(channels, dit.config.text_embed_dim)
+        vae = build_vae(preset.vae)
+    settings = replace(preset.settings, mllm_max_side=processor.max_side, image_size=(64, 64), max_images=16)
+    return DuetGenPipeline(DuetGen(mllm, tokenizer, processor, connector, dit, vae, settings), model_id=f"stage 1 {name}")
 
 
 def extend_schedule(scheduler, total_steps: int) -> None:

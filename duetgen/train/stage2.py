@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -67,7 +68,7 @@ from duetgen.data.packing import PackedSampler
 from duetgen.data.record import Dataset, ImagePart, Message, Record, TextPart
 from duetgen.models.video_dit import init_learnable_positions
 from duetgen.diffusion.flow_matching import FlowMatchingConfig, dit_sample_inputs, flow_matching_loss, sample_time
-from duetgen.models.mllm import RenderedSequence, layer_states, negative_prefix_length
+from duetgen.models.mllm import RenderedSequence, all_layer_states, layer_states, negative_prefix_length
 from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
 from duetgen.train.configs import Stage2Config
 from duetgen.train.logging import MetricsLogger
@@ -123,6 +124,40 @@ def build_duetgen(cfg: Stage2Config, mllm, tokenizer, processor, dit_device: str
                        sampler=SamplerConfig(solver="euler", num_steps=cfg.sample_steps))  # what the samples measured
     model = DuetGen(mllm, tokenizer, processor, connector, transformer, build_vae(preset.vae), settings)
     return model.freeze_mllm()
+
+
+class ConditionStates:
+    """The frozen MLLM's text condition for stage 2: all-layer normalised states of each record's
+    tokens up to its last ``<BOV>``, from one forward of that record alone, kept after the first time.
+
+    Every condition of a record (any target, with or without its final text chunk) is a prefix of
+    those states (the MLLM is causal), so a record costs one MLLM forward per run instead of one per
+    draw. Measured on the toy run (docs/training.md, "Stage-2 speed"): the packed MLLM forward was
+    about two thirds of a stage-2 step, and one forward per record is faster than the packed one
+    (no dense block-diagonal mask). Kept in fp16 (about 150 KB per ShapeWorld record); the value is
+    rounded to fp16 on the first computation too, so a resumed run (empty store) sees bit-identical
+    conditions. ``keep=False`` computes every time (same values).
+    """
+
+    def __init__(self, mllm, keep: bool = True):
+        self.mllm = mllm
+        self.keep = keep
+        self.store: dict[tuple[str, str], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def prefix(self, key: tuple[str, str], rendered: RenderedSequence, length: int) -> torch.Tensor:
+        """(length, n_layers * D) states of ``rendered``'s first ``length`` tokens; ``key`` names the record."""
+        full = self.store.get(key)
+        if full is None or len(full) < length:
+            end = max([length, *rendered.bov_positions])
+            full = all_layer_states(self.mllm, rendered.prefix(end)).to(torch.float16)  # (L, C)
+            if self.keep:
+                self.store[key] = full
+        return full[:length].float()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.store.values())
 
 
 @torch.no_grad()
@@ -191,20 +226,19 @@ def check_size(image: Image.Image, multiple: int, where: str) -> None:
 # ----------------------------------------------------------------------------- one pack -> loss
 
 
-def pack_loss(batch: list[dict], mllm, connector, dit, vae, cfg: Stage2Config, fm: FlowMatchingConfig,
-              device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Mean flow-matching loss over the pack's targets. ``batch`` items: rendered, target, images, drop.
+def pack_loss(batch: list[dict], condition: ConditionStates, connector, dit, vae, cfg: Stage2Config,
+              fm: FlowMatchingConfig, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mean flow-matching loss over the pack's targets. ``batch`` items: rendered, target, images, drop, key.
 
     Random draws (times, noise) come from ``generator`` (None: torch's global one, restored by resume).
     """
     # 1. text condition: states of the tokens before each target's <BOV> (or the negative prefix)
-    prefixes = []
+    states = []
     for b in batch:
         rendered = b["rendered"]
         bov = next(s.bov_position for s in rendered.images if s.index == b["target"])
         length = negative_prefix_length(rendered, bov) if b["drop"] else bov
-        prefixes.append(rendered.prefix(length))
-    states = mllm_states(mllm, prefixes)  # per sample (L_i, C)
+        states.append(condition.prefix(b["key"], rendered, length))  # (L_i, C)
     text = [connector(s.to(device)) for s in states]  # per sample (L_i, D_cross)
 
     # 2. latents of the context images and the target, flow time, noise
@@ -248,7 +282,7 @@ def make_batch(indices, items, targets, tokenizer, processor, drop_prob: float, 
         images = [ds.open_image(p.path, rec.id) for p in parts]
         drop = bool(torch.rand((), generator=generator) < drop_prob)
         batch.append({"rendered": render(items[i], tokenizer, processor), "target": k, "images": images,
-                      "drop": drop, "id": rec.id})
+                      "drop": drop, "id": rec.id, "key": (str(ds.root), rec.id)})
     return batch
 
 
@@ -337,6 +371,7 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     mllm, tokenizer, processor = load_mllm(mllm_dir)
+    condition = ConditionStates(mllm, keep=cfg.keep_mllm_states)
     if env.distributed:
         model = build_sharded_duetgen(cfg, mllm, tokenizer, processor, env,
                                       init_from=cfg.init_from if found is None else None)
@@ -395,7 +430,7 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
     global_draws = cfg.packs_per_rank == 1 and not env.distributed  # one pack per step: torch's global generator
     with MetricsLogger(run_dir, cfg.steps, start_step=step, unit="samples", enabled=env.is_main, progress=progress,
                        description="stage 2") as log:
-        samples_since_log = 0
+        samples_since_log, steps_clock = 0, (step, time.perf_counter())  # steps/s: what bounds a CPU recipe
         while step < cfg.steps:
             # one optimiser step on `packs_per_rank` packs on every rank (draws: module docstring)
             step_packs = [next(packs) for _ in range(cfg.packs_per_rank)]
@@ -408,7 +443,7 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
             n_samples, n_tokens = all_reduce_sum(
                 torch.tensor([sum(map(len, batches)), sum(p.num_tokens for p in step_packs)]), env).tolist()
             # each pack's share of the mean over the step's targets on all ranks
-            loss = backward_pack_shares((pack_loss(b, mllm, connector, dit, vae, cfg, fm, device, generator=g)
+            loss = backward_pack_shares((pack_loss(b, condition, connector, dit, vae, cfg, fm, device, generator=g)
                                          for b, g in zip(batches, generators)), list(map(len, batches)), n_samples,
                                         env, autocast)
             grad_norm = clip_grad_norm(trainable.parameters(), cfg.grad_clip)
@@ -422,15 +457,17 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
             # once in a while: log (rank 0: bar, TensorBoard, metrics.jsonl; --quiet: JSON lines on stdout)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 entry = log.log(step, loss=loss, lr=scheduler.get_last_lr()[0], items=samples_since_log,
-                                grad_norm=grad_norm, pack_samples=n_samples, pack_tokens=n_tokens)
-                samples_since_log = 0
+                                grad_norm=grad_norm, pack_samples=n_samples, pack_tokens=n_tokens,
+                                mllm_states_mb=condition.nbytes / 2**20,
+                                steps_per_s=(step - steps_clock[0]) / max(time.perf_counter() - steps_clock[1], 1e-9))
+                samples_since_log, steps_clock = 0, (step, time.perf_counter())
                 if not progress and env.is_main:
                     print(json.dumps(entry), flush=True)
 
             # once in a while: validation loss (fixed times and noise) and exactness of EMA samples
             # (every rank: sharded forwards are collectives; rank 0 writes)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                val = validation_loss(val_items, mllm, connector, dit, vae, cfg, fm, tokenizer, processor, device)
+                val = validation_loss(val_items, condition, connector, dit, vae, cfg, fm, tokenizer, processor, device)
                 log.log_scalars(step, "val", loss=val)
                 if not progress and env.is_main:
                     print(f"step {step}: val loss {val:.4f}", flush=True)
@@ -466,7 +503,8 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
 
 
 @torch.no_grad()
-def validation_loss(val_items, mllm, connector, dit, vae, cfg, fm, tokenizer, processor, device) -> float:
+def validation_loss(val_items, condition: ConditionStates, connector, dit, vae, cfg, fm, tokenizer, processor,
+                    device) -> float:
     """Loss on the held-out records at fixed targets, times, noise and no text drop (comparable across steps)."""
     generator = torch.Generator().manual_seed(1234)
     targets = [image_slots(rec)[1][-1] for _, rec in val_items]  # the last answer image: the most context
@@ -476,43 +514,40 @@ def validation_loss(val_items, mllm, connector, dit, vae, cfg, fm, tokenizer, pr
     dit.eval(), connector.eval()
     for chunk in chunks:
         batch = make_batch(chunk, val_items, targets, tokenizer, processor, drop_prob=0.0)
-        total += pack_loss(batch, mllm, connector, dit, vae, cfg, fm, device, generator=generator).item() * len(chunk)
+        total += pack_loss(batch, condition, connector, dit, vae, cfg, fm, device, generator=generator).item() * len(chunk)
     dit.train(was), connector.train(was)
     return total / len(val_items)
 
 
 @torch.no_grad()
 def write_samples(page: Path | None, val_items, model, trainable, ema, cfg: Stage2Config, step: int) -> float:
-    """Draw the last answer image of a few held-out records with the EMA weights (truth context, teacher
-    forced), write truth and sample side by side as HTML; return the fraction read back exactly equal."""
+    """Draw the last answer image of a few held-out records with the EMA weights through the engine of
+    `duetgen generate` (truth context, `<BOV>` forced: `toy_eval.draw_teacher_forced`), write truth and
+    sample side by side as HTML; return the fraction read back exactly equal."""
     from duetgen.eval.toyworld_judge import read_canvas
-    from duetgen.models.mllm import TokenIds
+    from duetgen.infer.engine import GenerationConfig
+    from duetgen.infer.pipeline import DuetGenPipeline
     from duetgen.train.logging import write_samples_html
-    from duetgen.train.toy_eval import DrawConfig, DrawContext, draw_image
+    from duetgen.train.toy_eval import draw_teacher_forced, teacher_forced_context
 
     backup = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
     ema.copy_to(trainable)
     trainable.eval()
-    tokenizer, processor = model.tokenizer, model.image_processor
-    ids = TokenIds.from_tokenizer(tokenizer)
-    draw_cfg = DrawConfig(num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale)
-    generator = torch.Generator().manual_seed(0)
+    pipe = DuetGenPipeline(model, model_id=f"stage2 step {step} (EMA)")
     records, exact = [], []
-    for ds, rec in val_items:
-        k = image_slots(rec)[1][-1]
-        rendered = render((ds, rec), tokenizer, processor)
-        slot = next(s for s in rendered.images if s.index == k)
-        parts = [p for m in rec.messages for p in m.content if isinstance(p, ImagePart)]
-        images = [ds.open_image(p.path, rec.id) for p in parts[: k + 1]]
-        context = DrawContext(prefix=rendered.prefix(slot.bov_position), images=images[:-1], vision_end=ids.vision_end)
-        sample = draw_image(model, context, draw_cfg, generator=generator, size=(images[-1].height, images[-1].width))
-        truth_reading, sample_reading = read_canvas(images[-1]), read_canvas(sample)
+    for i, (ds, rec) in enumerate(val_items):
+        k = len(rec.image_parts("assistant")) - 1
+        messages, truth = teacher_forced_context(ds, rec, k)
+        config = GenerationConfig(seed=i, num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale)
+        sample = draw_teacher_forced(pipe, messages, config)
+        truth_reading, sample_reading = read_canvas(truth), read_canvas(sample)
         exact.append(sample_reading.clean and {(p.colour, p.shape, p.position) for p in sample_reading.pieces}
                      == {(p.colour, p.shape, p.position) for p in truth_reading.pieces})
-        context_text = tokenizer.decode(rendered.input_ids[: slot.bov_position].tolist()[-60:])
+        context_text = " ".join(p.text for m in messages for p in m.content if isinstance(p, TextPart))
+        context_images = [p for m in messages for p in m.content if isinstance(p, ImagePart)]
         records.append(Record(id=rec.id, source="stage2-sample", messages=[
-            Message("user", [*[ImagePart(im) for im in images[:-1]], TextPart("…" + context_text)]),
-            Message("assistant", [TextPart("truth:"), ImagePart(images[-1]), TextPart("EMA sample:"), ImagePart(sample),
+            Message("user", [*context_images, TextPart("…" + context_text[-300:])]),
+            Message("assistant", [TextPart("truth:"), ImagePart(truth), TextPart("EMA sample:"), ImagePart(sample),
                                   TextPart("exact" if exact[-1] else "not exact")])]))
     if page is not None:  # None: another rank of a sharded run (same forwards, nothing written)
         write_samples_html(page, records, title=f"stage 2, step {step}", subtitle="last answer image, truth context")

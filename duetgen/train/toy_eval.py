@@ -1,160 +1,131 @@
-"""The simple evaluation loop: run a trained DuetGen on ShapeWorld prompts and score it with the exact judge.
+"""ShapeWorld evaluation through the engine users run: answer truth prompts, score them with the exact judge.
 
     duetgen train eval-toy --model checkpoints/shapeworld-toy --truth runs/shapeworld/data/test --out runs/eval
 
-This is NOT the inference engine (that is `duetgen/infer/engine.py`, with one KV cache for the whole
-answer). It is the shortest correct loop, kept for measuring training:
+Every number this module produces comes from `duetgen.infer.pipeline.DuetGenPipeline`, the object behind
+`duetgen generate` and `duetgen serve` (one KV-cached `InterleavedEngine`, the model's own sampler,
+guidance, image size and stop rules). There is no second decode loop: a record answered here equals
+`duetgen generate PROMPT [--image CANVAS] --seed S` for the same prompt and seed (tests/test_toy_eval.py).
 
-1. render the conversation so far (`render_prompt`), run the MLLM over all of it, take the greedy
-   next token; repeat (no KV cache: every token re-runs the whole prefix, fine for 200-token toys);
-2. on `<BOV>`: the text condition is the MLLM's all-layer states of every token before it
-   (`all_layer_states` of the prefix), the conditioning frames are every image so far (user
-   canvases and images drawn earlier in the answer); the DiT samples the image (Euler, guidance
-   written out below), and the image joins the context as an assistant image;
-3. stop at `<|im_end|>`, at `max_new_tokens`, or after `max_images` images.
-
-Predictions are written as a dataset whose record ids are the truth's, then
-`duetgen.eval.toyworld_judge.evaluate` scores them (T-Com, I-Com, I-Co, IT-Co, I-Q, U-Acc).
-
-Design choices:
-- Generated text is re-tokenised canonically when the conversation is re-rendered after each image,
-  which is exactly how training rendered the same text (each run of text tokenised on its own).
-- Guidance: v = v_neg + w (v_pos - v_neg), the negative keeping every conditioning frame and
-  dropping the final text chunk (paper section 4); w = 1 makes one call per sampler step.
-- Images are drawn by `DuetGen.sample_latent`, which applies the model's saved settings
-  (`use_condition_frames`, `x0_relative_to_previous`: the output added to the latest conditioning
-  frame; docs/training.md says why it exists).
+Three users:
+1. `evaluate_toy`: answer every truth prompt (user turns only), write the answers as a dataset with the
+   truth's record ids, score them with `duetgen.eval.toyworld_judge.evaluate` (T-Com, I-Com, I-Co,
+   IT-Co, I-Q, U-Acc, per kind, with bootstrap intervals).
+2. `draw_teacher_forced`: stage 2's samples. The truth conversation up to one answer image (its text
+   and earlier images) is given as an assistant turn being continued; the engine is made to emit
+   `<BOV>` at once (a logits hook), so the DiT draws that image from the truth context.
+3. `greedy_answer_with_truth_images`: stage 1's samples. The MLLM writes; after each `<BOV>` the truth's
+   image enters the context (the engine's `image_source` hook): an MLLM alone cannot draw.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image
 
 from duetgen.data.record import ImagePart, Message, Record, TextPart
-from duetgen.models.mllm import TokenIds, all_layer_states, render_prompt, rope_position_ids
+from duetgen.infer.engine import GenerationConfig
 
 
-# ----------------------------------------------------------------------------- text: greedy decoding
+def truth_prompt(truth, rec: Record) -> list[Message]:
+    """The user turns of a stored record, images loaded (through the dataset: its root is enforced)."""
+    return [Message(m.role, [p if isinstance(p, TextPart) else ImagePart(truth.open_image(p.path, rec.id))
+                             for p in m.content]) for m in rec.messages if m.role != "assistant"]
 
 
-@torch.no_grad()
-def greedy_answer(model, tokenizer, processor, prompt: list[Message],
-                  draw: Callable[[int, "DrawContext"], Image.Image | None],
-                  max_new_tokens: int = 200, max_images: int = 8) -> Message:
-    """Greedy-decode one assistant turn; ``draw(k, context)`` makes the k-th image (None stops the answer)."""
-    ids = TokenIds.from_tokenizer(tokenizer)
-    parts: list = []
-    run: list[int] = []  # token ids of the text being written since the last image
-    n_images = 0
-    base = render_prompt(prompt, tokenizer, processor)  # re-rendered after each image
-    for _ in range(max_new_tokens):
-        input_ids = torch.cat([base.input_ids, torch.tensor(run, dtype=torch.long)]).to(model.device)
-        grid = None if base.image_grid_thw is None else base.image_grid_thw.to(model.device)
-        kwargs = {"input_ids": input_ids[None], "position_ids": rope_position_ids(model, input_ids, grid)[:, None]}
-        if base.pixel_values is not None:
-            kwargs.update(pixel_values=base.pixel_values.to(model.device), image_grid_thw=grid)
-        token = int(model(**kwargs, use_cache=False).logits[0, -1].argmax())
-        if token == ids.im_end:
-            break
-        if token != ids.bov:
-            run.append(token)
+# ----------------------------------------------------------------------------- stage-2 samples
+
+
+def force_bov_first(bov_id: int):
+    """A logits hook that makes the first sampled token ``<BOV>`` (a teacher-forced draw)."""
+
+    def hook(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if generated:
+            return logits
+        forced = torch.full_like(logits, float("-inf"))
+        forced[..., bov_id] = 0.0
+        return forced
+
+    return hook
+
+
+def draw_teacher_forced(pipe, messages: list[Message], config: GenerationConfig) -> Image.Image:
+    """The image the model draws right after ``messages`` (the last one an assistant turn being continued,
+    or a user turn): the engine's own draw, with ``<BOV>`` forced as the next token."""
+    from duetgen.infer.engine import Finished
+
+    config = GenerationConfig(**{**config.__dict__, "max_new_tokens": 1, "max_images": 1})
+    finished: Finished = pipe.engine.run(pipe.messages(messages), config,
+                                         logits_processor=force_bov_first(pipe.engine.ids.bov))
+    images = [p.image for p in finished.content if isinstance(p, ImagePart)]
+    if len(images) != 1:
+        raise RuntimeError(f"teacher-forced draw made {len(images)} images ({finished.reason})")
+    return images[0]
+
+
+def teacher_forced_context(ds, rec: Record, image_index: int) -> tuple[list[Message], Image.Image]:
+    """(the conversation right before assistant image ``image_index`` (0-based among the answer's images),
+    the truth image)."""
+    messages: list[Message] = []
+    seen = 0
+    for m in rec.messages:
+        loaded = [p if isinstance(p, TextPart) else ImagePart(ds.open_image(p.path, rec.id)) for p in m.content]
+        if m.role != "assistant":
+            messages.append(Message(m.role, loaded))
             continue
-        # <BOV>: close the text run, draw, append the image, re-render
-        text = tokenizer.decode(run)
-        if text:
-            parts.append(TextPart(text))
-        run = []
-        messages = prompt + [Message("assistant", list(parts))] if parts else prompt
-        prefix = render_prompt(messages, tokenizer, processor)  # the tokens before the <BOV>
-        images = [p.image for m in messages for p in m.content if isinstance(p, ImagePart)]
-        image = draw(n_images, DrawContext(prefix=prefix, images=images, vision_end=ids.vision_end))
-        if image is None:
-            break
-        parts.append(ImagePart(image))
-        n_images += 1
-        if n_images >= max_images:
-            break
-        base = render_prompt(prompt + [Message("assistant", list(parts))], tokenizer, processor)
-    text = tokenizer.decode(run)
-    if text:
-        parts.append(TextPart(text))
-    if not parts:
-        parts.append(TextPart(""))
-    return Message("assistant", parts)
+        parts = []
+        for p in loaded:
+            if isinstance(p, ImagePart):
+                if seen == image_index:
+                    messages.append(Message("assistant", parts)) if parts else None
+                    return messages, p.image
+                seen += 1
+            parts.append(p)
+        messages.append(Message("assistant", parts))
+    raise ValueError(f"record {rec.id!r} has no assistant image {image_index}")
 
 
-@dataclass
-class DrawContext:
-    prefix: object  # RenderedSequence of every token before the <BOV>
-    images: list  # PIL images of the context so far (user canvases, earlier answer images), oldest first
-    vision_end: int  # <|vision_end|> id: the final text chunk starts after the last one
+# ----------------------------------------------------------------------------- stage-1 samples
 
 
-# ----------------------------------------------------------------------------- images: the DiT sampler
-
-
-@dataclass
-class DrawConfig:
-    num_steps: int = 20  # Euler steps (calibration: 10 is nearly as good as 50)
-    guidance_scale: float = 1.0  # w; 1 = no guidance
-
-
-@torch.no_grad()
-def draw_image(model, context: DrawContext, cfg: DrawConfig, generator: torch.Generator | None = None,
-               size: tuple[int, int] | None = None) -> Image.Image:
-    """Sample one image for the `<BOV>` that follows ``context.prefix`` with a `DuetGen` model.
-
-    The model's settings decide what the DiT sees and how its output is read
-    (`use_condition_frames`, `parameterisation`, `x0_relative_to_previous`).
-    """
-    from duetgen.diffusion.guidance import final_text_chunk_start
-    from duetgen.diffusion.sampling import SamplerConfig
-
-    # 1. text condition: all-layer MLLM states before the <BOV>; negative = without the final text chunk
-    states = all_layer_states(model.mllm, context.prefix)  # (L, n_layers * D)
-    text_pos = model.connect(states.to(model.device))  # (L, D_cross)
-    start = final_text_chunk_start(context.prefix.input_ids.tolist(), context.vision_end,
-                                   min_start=max(context.prefix.system_length, 1))
-    text_neg = text_pos[:start]
-    # 2. conditioning frames: every image so far; 3. sample (guidance in velocity space) and decode
-    cond = model.encode_images(context.images) if context.images else []
-    if size is None and context.images:  # the canvas keeps its size; none yet: the model's image_size
-        size = (context.images[-1].height, context.images[-1].width)
-    latent = model.sample_latent(cond, text_pos, text_neg, size=size, generator=generator,
-                                 sampler=SamplerConfig(solver="euler", num_steps=cfg.num_steps),
-                                 guidance_scale=cfg.guidance_scale)
-    return model.decode_latents([latent])[0]
+def greedy_answer_with_truth_images(pipe, prompt: list[Message], truth_images: list[Image.Image],
+                                    max_new_tokens: int) -> Message:
+    """Greedy answer of the MLLM; the k-th ``<BOV>`` is followed by the truth's k-th image (none left: stop)."""
+    config = GenerationConfig(max_new_tokens=max_new_tokens, max_images=len(truth_images), temperature=0.0)
+    finished = pipe.engine.run(pipe.messages(prompt), config,
+                               image_source=lambda k: truth_images[k] if k < len(truth_images) else None)
+    return Message("assistant", list(finished.content) or [TextPart("")])
 
 
 # ----------------------------------------------------------------------------- the evaluation
 
 
 def evaluate_toy(model_dir: str | os.PathLike, truth_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                 limit: int | None = None, kinds: list[str] | None = None, num_steps: int = 20, guidance_scale: float = 1.0, seed: int = 0,
-                 max_new_tokens: int = 200, progress: bool = True) -> dict:
-    """Answer every truth prompt with the model, write predictions to ``out_dir/pred``, judge them; return the report.
+                 limit: int | None = None, kinds: list[str] | None = None, num_steps: int | None = None,
+                 guidance_scale: float | None = None, seed: int = 0, max_new_tokens: int = 512,
+                 progress: bool = True, model=None) -> dict:
+    """Answer every truth prompt through `DuetGenPipeline`, write the answers to ``out_dir/pred``, judge them.
 
-    Writes ``out_dir/pred`` (dataset, record ids = truth ids), ``out_dir/report.json`` and
-    ``out_dir/pred.html``. Wall time and settings go into the report's ``run`` entry.
+    ``num_steps`` / ``guidance_scale``: None = the model's defaults (what `duetgen generate` uses). Every
+    record is answered with ``seed`` (as `duetgen generate --seed`). ``model``: an already loaded
+    `DuetGen` (else ``model_dir`` is loaded). Writes ``out_dir/pred`` (record ids = truth ids),
+    ``out_dir/report.json`` and ``out_dir/pred.html``; wall time and settings go into the report's ``run``.
     """
     import shutil
 
     from duetgen.data.record import Dataset, DatasetWriter
     from duetgen.data.view import render_dataset_html
     from duetgen.eval import toyworld_judge
+    from duetgen.infer.pipeline import DuetGenPipeline
+    from duetgen.progress import progress_bar
 
-    from duetgen.models.duetgen import DuetGen
-
-    torch.manual_seed(seed)
-    model = DuetGen.from_pretrained(model_dir).eval()
-    cfg = DrawConfig(num_steps=num_steps, guidance_scale=guidance_scale)
+    pipe = DuetGenPipeline.from_pretrained(model_dir) if model is None else DuetGenPipeline(model, str(model_dir))
+    config = GenerationConfig(seed=seed, num_steps=num_steps, guidance_scale=guidance_scale,
+                              max_new_tokens=max_new_tokens)
     truth = Dataset(truth_dir)
     out_dir = Path(out_dir)
     pred_dir = out_dir / "pred"
@@ -165,20 +136,12 @@ def evaluate_toy(model_dir: str | os.PathLike, truth_dir: str | os.PathLike, out
     records = records[:limit] if limit is not None else records
     subset = limit is not None or kinds is not None
     start = time.perf_counter()
-    from rich.progress import track
-
-    with DatasetWriter(pred_dir, name="toy-eval") as writer:
-        for i, rec in enumerate(track(records, description="answering", disable=not progress)):
-            prompt = [Message(m.role, [p if isinstance(p, TextPart) else ImagePart(truth.open_image(p.path, rec.id))
-                                       for p in m.content]) for m in rec.messages if m.role != "assistant"]
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
-
-            def draw(k, context):
-                return draw_image(model, context, cfg, generator=generator)
-
-            answer = greedy_answer(model.mllm, model.tokenizer, model.image_processor, prompt, draw,
-                                   max_new_tokens=max_new_tokens)
-            writer.write(Record(id=rec.id, source="duetgen-toy-eval", messages=prompt + [answer], meta={"kind": rec.meta.get("kind")}))
+    with DatasetWriter(pred_dir, name="toy-eval") as writer, progress_bar(progress, len(records), "answering") as advance:
+        for rec in records:
+            answer = pipe(truth_prompt(truth, rec), config, record_id=rec.id)
+            answer.meta["kind"] = (rec.meta or {}).get("kind")
+            writer.write(answer)
+            advance()
     seconds = time.perf_counter() - start
     report = toyworld_judge.evaluate(pred_dir, truth_dir, progress=False)
     if subset:  # score only the records answered (the rest would count as missing)
@@ -186,10 +149,10 @@ def evaluate_toy(model_dir: str | os.PathLike, truth_dir: str | os.PathLike, out
         report["records"] = [row for row in report["records"] if row["id"] in answered]
         report["summary"] = toyworld_judge.summarise(report["records"])
     report["run"] = {"model": str(model_dir), "truth": str(truth_dir), "records": len(records), "kinds": kinds,
-                     "limit": limit, "seconds": seconds,
-                     "num_steps": num_steps, "guidance_scale": guidance_scale, "seed": seed,
-                     "settings": model.config.to_dict(),
-                     "loop": "duetgen.train.toy_eval (simple, no KV cache)"}
+                     "limit": limit, "seconds": seconds, "seed": seed,
+                     "generation": {k: v for k, v in config.__dict__.items()},
+                     "settings": pipe.model.config.to_dict(),
+                     "loop": "duetgen.infer.pipeline.DuetGenPipeline (the engine of duetgen generate / serve)"}
     toyworld_judge.write_report(report, out_dir / "report.json")
     render_dataset_html(pred_dir, out_dir / "pred.html", progress=False)
     return report
