@@ -830,6 +830,26 @@ def generate(
     typer.echo(f"html:    {paths['html'].resolve()}")
 
 
+@train_app.command("shapeworld")
+def train_shapeworld(
+    out: Path = typer.Option(..., "--out", help="Run directory: data/, the stage runs, eval-test/, model/ and phases.json (wall time per phase)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run: finished phases are skipped, the interrupted one resumes from its checkpoint."),
+    recipe: str = typer.Option("shapeworld", "--recipe", help="shapeworld (the shipped checkpoint's recipe, about 80 min on 2 CPU cores) or tiny (seconds; tests)."),
+    quiet: bool = typer.Option(False, "--quiet", help="JSON lines instead of progress bars (for a log file)."),
+):
+    """Reproduce the ShapeWorld checkpoint from nothing: data, stage 1 (three phases), stage 2, eval on test, export to OUT/model.
+
+    Run it in the background with a log: `nohup duetgen train shapeworld --out runs/sw --quiet > sw.log 2>&1 &`.
+    """
+    from duetgen.train.shapeworld import run_recipe
+
+    try:
+        run_recipe(out, recipe=recipe, resume=resume, progress=not quiet,
+                   log=lambda line: typer.echo(line, err=False))
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+
+
 @train_app.command("eval-toy")
 def train_eval_toy(
     model: Path = typer.Option(..., "--model", help="Trained DuetGen directory (stage-2 output, e.g. checkpoints/shapeworld-toy)."),
