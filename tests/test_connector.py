@@ -88,3 +88,36 @@ def test_export_saves_a_dit_that_plain_diffusers_loads(tmp_path):
 def test_export_refuses_a_connector_of_another_output_width():
     with pytest.raises(ValueError, match="text_embed_dim=32"):
         Connector(48, 24).export_to_dit(make_dit())
+
+
+def test_recency_marker_adds_a_row_per_distance_to_the_bov_and_starts_as_a_no_op():
+    torch.manual_seed(0)
+    plain, marked = Connector(12, 8), Connector(12, 8, recency_tokens=3)
+    marked.proj.load_state_dict(plain.proj.state_dict())
+    h = torch.randn(6, 12)
+    torch.testing.assert_close(marked(h), plain(h))  # zero rows: no change at init
+    with torch.no_grad():
+        marked.recency.weight.copy_(torch.arange(4, dtype=torch.float32)[:, None].expand(4, 8))
+    diff = marked(h) - plain(h)  # row min(d, 3) for the token d places before the <BOV>
+    torch.testing.assert_close(diff[:, 0], torch.tensor([3.0, 3.0, 3.0, 2.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="recency_tokens"):
+        Connector(12, 8, recency_tokens=-1)
+
+
+def test_recency_marker_is_saved_with_the_connector_and_loaded_back(tmp_path):
+    from dataclasses import replace
+
+    from duetgen.models.duetgen import DuetGen
+    from duetgen.models.presets import build
+
+    model = build("tiny")
+    marked = Connector(model.connector.in_channels, model.connector.out_channels, recency_tokens=4)
+    with torch.no_grad():
+        marked.recency.weight.normal_()
+    model = DuetGen(model.mllm, model.tokenizer, model.image_processor, marked, model.transformer, model.vae,
+                    replace(model.config))
+    loaded = DuetGen.from_pretrained(model.save_pretrained(tmp_path / "m"))
+    assert loaded.connector.recency_tokens == 4
+    torch.testing.assert_close(loaded.connector.recency.weight, marked.recency.weight)
+    h = torch.randn(7, model.connector.in_channels)
+    torch.testing.assert_close(loaded.connect(h), model.connect(h))

@@ -42,32 +42,55 @@ DIT_PROJECTION_KEY_MAP = {
 
 
 class Connector(nn.Module):
-    """Linear + GELU from concatenated MLLM hidden states to the DiT's cross-attention width."""
+    """Linear + GELU from concatenated MLLM hidden states to the DiT's cross-attention width, plus an
+    optional learned marker of each token's distance to the image it conditions.
 
-    def __init__(self, in_channels: int, out_channels: int):
+    ``recency_tokens`` = K > 0 adds ``recency.weight[min(d, K)]`` to the output of the token d places
+    before the `<BOV>` (d = 0 for the last token; every token K or more places back shares the last row).
+    Why: in a how-to answer the current step's words are ~4% of the condition and nothing told the DiT
+    which step is the current one (shared/notes/shapeworld-image-diagnosis.md); the step sentence is
+    always the last few tokens before the `<BOV>`. Rows start at zero, so the marker begins as a no-op.
+    The input must therefore end right before the `<BOV>`; the guidance negative is a prefix slice of
+    the OUTPUT (the engine and stage 2 both slice after the connector), so its rows carry the distances
+    of the full condition. The stock DiT's `crossattn_proj` (`export_to_dit`) has no such rows: a plain
+    diffusers user of `dit/` gets the condition without the marker (docs/model.md).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, recency_tokens: int = 0):
         super().__init__()
         if in_channels <= 0 or out_channels <= 0:
             raise ValueError(f"Connector widths must be positive; got in={in_channels}, out={out_channels}")
+        if recency_tokens < 0:
+            raise ValueError(f"recency_tokens must be >= 0; got {recency_tokens}")
         self.in_channels = in_channels
         self.out_channels = out_channels
+        self.recency_tokens = recency_tokens
         self.proj = nn.Linear(in_channels, out_channels, bias=True)
         self.activation = nn.GELU()  # exact (erf) GELU, as crossattn_proj
+        if recency_tokens:
+            self.recency = nn.Embedding(recency_tokens + 1, out_channels)
+            nn.init.zeros_(self.recency.weight)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        """(..., in_channels) -> (..., out_channels)."""
+        """(..., L, in_channels) -> (..., L, out_channels); the last of the L tokens is the one before the `<BOV>`."""
         if hidden_states.shape[-1] != self.in_channels:
             raise ValueError(
                 f"Connector expects features of width {self.in_channels} (MLLM n_layers x width); "
                 f"got shape {tuple(hidden_states.shape)}"
             )
-        return self.activation(self.proj(hidden_states))
+        out = self.activation(self.proj(hidden_states))  # (..., L, D_cross)
+        if self.recency_tokens:
+            length = hidden_states.shape[-2]
+            distance = torch.arange(length - 1, -1, -1, device=out.device).clamp(max=self.recency_tokens)  # (L,)
+            out = out + self.recency(distance).to(out.dtype)  # (L, D_cross), broadcast over leading dims
+        return out
 
     @classmethod
-    def from_dit_projection(cls, dit: nn.Module, in_channels: int) -> "Connector":
+    def from_dit_projection(cls, dit: nn.Module, in_channels: int, recency_tokens: int = 0) -> "Connector":
         """A connector for `dit` fed `in_channels` MLLM features: the DiT's pretrained `crossattn_proj`
-        when its input width matches, else a fresh one (module docstring)."""
+        when its input width matches, else a fresh one (module docstring); a fresh step marker if asked."""
         out_channels = dit.config.text_embed_dim
-        connector = cls(in_channels, out_channels).to(device=dit.device, dtype=dit.dtype)
+        connector = cls(in_channels, out_channels, recency_tokens).to(device=dit.device, dtype=dit.dtype)
         if dit.config.use_crossattn_projection and dit.config.crossattn_proj_in_channels == in_channels:
             connector.load_dit_projection(dit)
             logger.info("connector: copied the DiT's pretrained crossattn_proj (%d -> %d)", in_channels, out_channels)

@@ -16,7 +16,8 @@ Design choices:
       mllm/                   Qwen2_5_VLForConditionalGeneration.from_pretrained + AutoTokenizer.from_pretrained,
                               preprocessor_config.json (duetgen.models.image_processor)
       dit/                    diffusers CosmosTransformer3DModel.from_pretrained; its crossattn_proj IS the connector
-      connector.safetensors   proj.weight (D_cross, n_layers * D), proj.bias (D_cross,)
+      connector.safetensors   proj.weight (D_cross, n_layers * D), proj.bias (D_cross,), optional
+                              recency.weight (K + 1, D_cross): the step marker (connector.py)
       vae/config.json         `_class_name` AutoencoderKLWan (+ its safetensors: plain diffusers) or PixelShuffleAE
   Safetensors and JSON only: no pickle, no trust_remote_code, local files only.
 - The connector and the DiT's own `crossattn_proj` are ONE module: at construction the stock DiT's
@@ -73,6 +74,7 @@ FORMAT_VERSION = 1  # of duetgen.json and the directory layout
 SETTINGS_FILE = "duetgen.json"
 CONNECTOR_FILE = "connector.safetensors"
 CONNECTOR_KEYS = ("proj.weight", "proj.bias")
+RECENCY_KEY = "recency.weight"  # optional: the connector's step marker (connector.py)
 VAE_CLASSES = ("AutoencoderKLWan", "PixelShuffleAE")  # vae/config.json `_class_name`
 MAX_LISTED_DIFFERENCES = 6  # in a preset-mismatch error
 
@@ -495,7 +497,7 @@ class DuetGen(nn.Module):
             root / "dit", torch_dtype=dtype or mllm.dtype, local_files_only=True, use_safetensors=True
         )
         out_channels, in_channels = parts.connector_shape
-        connector = Connector(in_channels, out_channels)
+        connector = Connector(in_channels, out_channels, recency_tokens=parts.connector_recency_tokens)
         connector.load_state_dict(load_file(root / CONNECTOR_FILE))  # keys and shapes checked in read_directory
         connector.to(dtype=dit.dtype)
         if parts.vae["_class_name"] == "AutoencoderKLWan":
@@ -583,6 +585,7 @@ class DirectoryParts:
     dit_config: dict
     connector_shape: tuple[int, int]  # (out, in)
     vae: dict  # vae/config.json
+    connector_recency_tokens: int = 0  # rows of connector recency.weight minus one (0: no marker)
 
 
 def read_directory(root: Path) -> DirectoryParts:
@@ -635,11 +638,14 @@ def read_directory(root: Path) -> DirectoryParts:
     # connector.safetensors: keys and shapes from the header
     with safe_open(root / CONNECTOR_FILE, framework="pt") as f:
         keys = sorted(f.keys())
-        if keys != sorted(CONNECTOR_KEYS):
-            fail(f"{CONNECTOR_FILE} holds {keys}; expected {list(CONNECTOR_KEYS)}")
+        if keys not in (sorted(CONNECTOR_KEYS), sorted(CONNECTOR_KEYS + (RECENCY_KEY,))):
+            fail(f"{CONNECTOR_FILE} holds {keys}; expected {list(CONNECTOR_KEYS)} (and optionally {RECENCY_KEY!r})")
         weight, bias = (tuple(f.get_slice(k).get_shape()) for k in CONNECTOR_KEYS)
+        recency = tuple(f.get_slice(RECENCY_KEY).get_shape()) if RECENCY_KEY in keys else None
     if len(weight) != 2 or bias != weight[:1]:
         fail(f"{CONNECTOR_FILE}: proj.weight {weight} and proj.bias {bias} are not a Linear's shapes")
+    if recency is not None and (len(recency) != 2 or recency[1] != weight[0] or recency[0] < 2):
+        fail(f"{CONNECTOR_FILE}: {RECENCY_KEY} {recency} is not (K + 1, {weight[0]}) rows of the output width")
 
     # vae/
     try:
@@ -662,7 +668,8 @@ def read_directory(root: Path) -> DirectoryParts:
                         f"connector {weight[1]} (dit/ and {CONNECTOR_FILE} come from different models)")
     if problems:
         fail("; ".join(problems))
-    return DirectoryParts(settings, mllm_config, tokenizer, image_processor, dit_config, weight, vae)
+    return DirectoryParts(settings, mllm_config, tokenizer, image_processor, dit_config, weight, vae,
+                          connector_recency_tokens=0 if recency is None else recency[0] - 1)
 
 
 def _cosmos_defaults() -> dict:

@@ -74,6 +74,7 @@ class Stage2Config:
     time_shift: float = 1.0
     x0_min_t: float = 0.05  # x0 loss: velocity divisor clamped at t >= this (calibration note point 1)
     changed_loss_weight: float = 0.0  # extra loss weight on latent values where the target differs from the reference canvas (previous image, or white); 0 = plain MSE
+    recency_tokens: int = 0  # > 0: the connector's learned step marker over the last K tokens before <BOV> (models/connector.py)
     keep_mllm_states: bool = True  # keep each record's frozen-MLLM states after its first forward (stage2.ConditionStates; ~150 KB per ShapeWorld record)
     drop_final_text_prob: float = 0.1  # the final text chunk removed (guidance negative, paper section 4)
     use_condition_frames: bool = True  # False: the ablation with text condition only (no earlier images as frames)
@@ -102,11 +103,12 @@ class Stage2Config:
 
 def toy_stage1_read_more() -> Stage1Config:
     """ShapeWorld stage 1, phase 3 of 3: phase 2's model (`--config toy` -> runs/shapeworld/stage1) still says
-    "at" for middle-row pieces ("on the left", "in the center"); 800 more steps with understanding
-    about half of the data (a second 8000-record understanding set)."""
+    "at" for middle-row pieces ("on the left", "in the center"); 2000 more steps with understanding
+    about half of the data (a second 8000-record understanding set). (The third run's phase 3 ran 800
+    steps and was resumed to 2000, a different LR curve; `duetgen train shapeworld` runs 2000 in one go.)"""
     return dataclasses.replace(toy_stage1(), name="toy-read-more", mllm="runs/shapeworld/stage1/mllm",
                                data=toy_stage1().data + ["runs/shapeworld/data/train-understanding-2"],
-                               steps=800, lr=5e-4)
+                               steps=2000, lr=5e-4)
 
 
 def toy_stage1_mixed_scratch() -> Stage1Config:

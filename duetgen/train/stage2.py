@@ -114,7 +114,7 @@ def build_duetgen(cfg: Stage2Config, mllm, tokenizer, processor, dit_device: str
     in_channels = mllm_condition_channels(mllm.config)  # n_layers x width of the stage-1 MLLM
     with torch.device(dit_device) if dit_device is not None else contextlib.nullcontext():
         transformer = CosmosTransformer3DModel(**{**preset.dit, "crossattn_proj_in_channels": in_channels})
-        connector = Connector.from_dit_projection(transformer, in_channels)
+        connector = Connector.from_dit_projection(transformer, in_channels, recency_tokens=cfg.recency_tokens)
     init_learnable_positions(transformer)  # diffusers makes them zeros
     from duetgen.diffusion.sampling import SamplerConfig
 
@@ -233,13 +233,14 @@ def pack_loss(batch: list[dict], condition: ConditionStates, connector, dit, vae
     Random draws (times, noise) come from ``generator`` (None: torch's global one, restored by resume).
     """
     # 1. text condition: states of the tokens before each target's <BOV> (or the negative prefix)
-    states = []
+    # (the negative is a slice of the connector's output, as in the engine: the step marker counts from the <BOV>)
+    text = []
     for b in batch:
         rendered = b["rendered"]
         bov = next(s.bov_position for s in rendered.images if s.index == b["target"])
         length = negative_prefix_length(rendered, bov) if b["drop"] else bov
-        states.append(condition.prefix(b["key"], rendered, length))  # (L_i, C)
-    text = [connector(s.to(device)) for s in states]  # per sample (L_i, D_cross)
+        states = condition.prefix(b["key"], rendered, bov)  # (bov, C)
+        text.append(connector(states.to(device))[:length])  # (L_i, D_cross)
 
     # 2. latents of the context images and the target, flow time, noise
     latents = [image_latents(vae, b["images"], device) for b in batch]  # per sample [(C, h, w) ...]
