@@ -830,6 +830,30 @@ def generate(
     typer.echo(f"html:    {paths['html'].resolve()}")
 
 
+@train_app.command("export-step")
+def train_export_step(
+    run: Path = typer.Option(..., "--run", help="Stage-2 run directory (holds checkpoints/ and config.json)."),
+    step: int = typer.Option(..., "--step", min=1, help="The checkpoint step to export."),
+    stage1: Path = typer.Option(..., "--stage1", help="The MLLM the run trained on: a stage-1 run directory (holds mllm/) or an MLLM directory."),
+    out: Path = typer.Option(..., "--out", help="New DuetGen model directory."),
+    raw: bool = typer.Option(False, "--raw", help="Export the raw weights instead of the EMA ones."),
+):
+    """Turn step N of a stage-2 run into a DuetGen model directory (EMA weights), e.g. to compare runs at equal steps."""
+    import json as _json
+
+    from duetgen.train.configs import Stage2Config
+    from duetgen.train.stage2 import export_checkpoint
+
+    ckpt = run / "checkpoints" / f"step-{step:07d}"
+    if not (ckpt / "meta.json").is_file():
+        fail(f"--run {str(run)!r}: no complete checkpoint for step {step} ({ckpt})")
+    mllm_dir = stage1 / "mllm" if (stage1 / "mllm" / "config.json").is_file() else stage1
+    if not (mllm_dir / "config.json").is_file():
+        fail(f"--stage1 {str(stage1)!r}: no MLLM there (expected {stage1}/mllm/config.json or {stage1}/config.json)")
+    cfg = Stage2Config(**_json.loads((run / "config.json").read_text()))
+    typer.echo(export_checkpoint(ckpt, cfg, mllm_dir, out, use_ema=not raw))
+
+
 @train_app.command("shapeworld")
 def train_shapeworld(
     out: Path = typer.Option(..., "--out", help="Run directory: data/, the stage runs, eval-test/, model/ and phases.json (wall time per phase)."),

@@ -270,3 +270,30 @@ def test_closing_the_stream_cancels_the_answer(engine):
     n = len(calls)
     time.sleep(0.2)
     assert len(calls) == n
+
+
+def test_default_guidance_without_frames_applies_only_to_images_with_no_earlier_image():
+    """`guidance_scale_without_frames`: the first image of a text-only prompt is guided (its negative is a
+    true unconditional, two branches per DiT call); an image with earlier images uses `guidance_scale`."""
+    model = tiny_model(guidance_scale=1.0, guidance_scale_without_frames=3.0)
+    engine = InterleavedEngine(model)
+    ids = TokenIds.from_tokenizer(model.tokenizer)
+    branches = []
+    original = model.dit.forward
+
+    def spy(frames, **kw):
+        branches.append(len(frames))  # samples in the packed DiT call: 2 with guidance, 1 without
+        return original(frames, **kw)
+
+    model.dit.forward = spy
+    config = GenerationConfig(max_new_tokens=20, num_steps=2, seed=0)
+    engine.run([Message("user", [TextPart("Draw a red circle at the top.")])], config,
+               logits_processor=force_bov_every(2, ids, n_images=2))
+    assert branches == [2, 2, 1, 1]  # image 1: no earlier image -> guided; image 2: the first is a frame
+    branches.clear()
+    engine.run(prompt_with_canvas(), config, logits_processor=force_bov_every(2, ids, n_images=1))
+    assert branches == [1, 1]  # a user canvas is an earlier image
+    branches.clear()
+    engine.run(prompt_with_canvas(), dataclasses.replace(config, guidance_scale=2.0),
+               logits_processor=force_bov_every(2, ids, n_images=1))
+    assert branches == [2, 2]  # an explicit scale applies to every image

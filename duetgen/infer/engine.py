@@ -358,7 +358,7 @@ class InterleavedEngine:
         negative_length = final_text_chunk_start(
             context.input_ids[:bov_position], self.ids.vision_end, min_start=max(min(system_length, bov_position), 1))
         text_neg = text_pos[:negative_length]  # causal MLLM: the negative is a prefix slice (paper section 4)
-        scale = model.config.guidance_scale if config.guidance_scale is None else config.guidance_scale
+        scale = model.config.guidance_for(bool(cond_latents)) if config.guidance_scale is None else config.guidance_scale
         generator = torch.Generator().manual_seed(config.seed + NOISE_SEED_STRIDE * (image_index + 1))
         return model.sample_latent(
             cond_latents, text_pos, text_neg if scale != 1.0 else None, size=size, generator=generator,

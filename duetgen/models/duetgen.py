@@ -97,6 +97,9 @@ class DuetGenConfig:
     use_condition_frames: bool = True  # False: the text-only ablation, the DiT never sees earlier images
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # default solver / steps / schedule for drawing
     guidance_scale: float = 1.0  # w in v_neg + w (v_pos - v_neg); 1 = no guidance; Cosmos' g = w - 1
+    # w for an image with no earlier image in the conversation (text-to-image, a how-to's first step): its
+    # negative is the system turn alone, a true unconditional; None = guidance_scale (docs/training.md)
+    guidance_scale_without_frames: float | None = None
     image_size: tuple[int, int] = (768, 768)  # (height, width) in pixels of a generated image (paper section 5: 768x768)
     max_images: int = 8  # images in one conversation (inputs + generated): every one is a DiT frame of the next image
     mllm_max_side: int | None = 480  # longer-side cap of images fed to the MLLM (paper section 4.1); None = no cap
@@ -119,10 +122,18 @@ class DuetGenConfig:
             problems.append(f"mllm_max_side={self.mllm_max_side!r} must be a positive int or None")
         if not self.guidance_scale > 0:
             problems.append(f"guidance_scale={self.guidance_scale!r} must be > 0")
+        if self.guidance_scale_without_frames is not None and not self.guidance_scale_without_frames > 0:
+            problems.append(f"guidance_scale_without_frames={self.guidance_scale_without_frames!r} must be > 0 or None")
         if self.dit_attention not in ATTENTION_MODES:
             problems.append(f"dit_attention={self.dit_attention!r} is not one of {ATTENTION_MODES}")
         if problems:
             raise ValueError("DuetGenConfig: " + "; ".join(problems))
+
+    def guidance_for(self, has_frames: bool) -> float:
+        """The default guidance scale of an image drawn with (or without) earlier images."""
+        if not has_frames and self.guidance_scale_without_frames is not None:
+            return self.guidance_scale_without_frames
+        return self.guidance_scale
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -417,7 +428,7 @@ class DuetGen(nn.Module):
             out = self.dit(**inputs, targets_only=True)
             return [[sample[-1] + base] if base is not None else sample for sample in out]
 
-        scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        scale = self.config.guidance_for(bool(cond_frames)) if guidance_scale is None else guidance_scale
         denoise = guided_denoiser(dit, cond, text_pos, text_neg if scale != 1.0 else None, scale,
                                   self.config.parameterisation)
         return sample(denoise, noise, sampler or self.config.sampler, callback)  # (C, h, w)
