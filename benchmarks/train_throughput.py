@@ -6,7 +6,9 @@ Stage 1: the toy Qwen2.5-VL (random init, 4.1M parameters) takes forward + backw
 over the SAME set of sequences whose lengths mix like the paper's instruction data: short
 questions/answers (40-160 tokens) and long multi-image answers (400-1000 tokens), 1:1.
   - packed: samples packed under a token budget (first-fit decreasing, `duetgen.data.packing`),
-    one sequence per step, block-diagonal causal mask, per-sample positions;
+    one sequence per step, per-sample positions, attention per sample (causal SDPA on each sample's
+    slice, `duetgen.models.packed_attention`, what stage 1 runs); "packed-mask" is the same packs with
+    one dense block-diagonal 4D mask (stage 1 until session 4);
   - padded: batches of `--batch` samples in the shuffled order, padded to the longest, 2D padding mask.
 Throughput counts REAL tokens only (padding is waste), wall time of the whole pass, median of repeats
 interleaved packed/padded so that load from other processes hits both alike.
@@ -43,18 +45,29 @@ def run_stage1(model, optimizer, sequences, lengths, budget: int, batch: int, mo
 
     real = sum(lengths)
     start = time.perf_counter()
-    if mode == "packed":
+    if mode in ("packed", "packed-mask"):
+        from duetgen.models.packed_attention import PACKED_ATTENTION
+
+        per_sample = mode == "packed"  # stage 1's path: per-sample causal SDPA; "packed-mask": the dense 4D mask
+        model.config.text_config._attn_implementation = PACKED_ATTENTION if per_sample else "sdpa"
+        model.model.language_model.config._attn_implementation = model.config.text_config._attn_implementation
         for pack in pack_items(lengths, budget, seed=0):
             ids = torch.cat([sequences[i] for i in pack.items])  # (T,)
             pos = torch.cat([torch.arange(lengths[i]) for i in pack.items]).expand(3, -1)[:, None]  # (3, 1, T)
-            mask = block_diagonal_mask(cu_seqlens_from_lengths([lengths[i] for i in pack.items]))[None, None]
-            logits = model(input_ids=ids[None], position_ids=pos, attention_mask=mask, use_cache=False).logits[0]
+            cu = cu_seqlens_from_lengths([lengths[i] for i in pack.items])
+            if per_sample:
+                attn = {"cu_seq_lens_q": cu.int(), "cu_seq_lens_k": cu.int()}
+            else:
+                attn = {"attention_mask": block_diagonal_mask(cu)[None, None]}
+            logits = model(input_ids=ids[None], position_ids=pos, use_cache=False, **attn).logits[0]
             targets = ids[1:].clone()
             starts = np.cumsum([lengths[i] for i in pack.items])[:-1] - 1  # no loss across samples
             targets[torch.as_tensor(starts, dtype=torch.long)] = -100
             F.cross_entropy(logits[:-1], targets, ignore_index=-100).backward()
             optimizer.step(), optimizer.zero_grad(set_to_none=True)
     else:
+        model.config.text_config._attn_implementation = "sdpa"
+        model.model.language_model.config._attn_implementation = "sdpa"
         order = np.random.default_rng(0).permutation(len(lengths))
         for b in range(0, len(order), batch):
             idx = order[b:b + batch]
@@ -95,17 +108,19 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     sequences = [torch.randint(8, 512, (n,)) for n in lengths]
     pad = padding_fraction(lengths, args.budget, args.batch)
-    results = {"packed": [], "padded": []}
+    results = {"packed": [], "packed-mask": [], "padded": []}
     for _ in range(args.repeats):
-        for mode in ("packed", "padded"):
+        for mode in results:
             tps, real = run_stage1(model, optimizer, sequences, lengths, args.budget, args.batch, mode)
             results[mode].append(tps)
     packed, padded = statistics.median(results["packed"]), statistics.median(results["padded"])
+    masked = statistics.median(results["packed-mask"])
     print(f"stage 1 (toy Qwen2.5-VL 4.1M, {args.n} sequences of 40-1000 tokens, {sum(lengths)} real tokens, "
           f"{args.threads} thread(s), median of {args.repeats})")
     print(f"  packed  (budget {args.budget}):  {packed:8.0f} real tokens/s   padding if packs were padded to the budget: {pad.packed:.1%}")
     print(f"  padded  (batch {args.batch}):      {padded:8.0f} real tokens/s   padding: {pad.padded:.1%}")
-    print(f"  packed / padded = {packed / padded:.2f}x")
+    print(f"  packed, one dense 4D mask instead (the path before session 4): {masked:8.0f} real tokens/s")
+    print(f"  packed / padded = {packed / padded:.2f}x   (dense-mask packed / padded = {masked / padded:.2f}x)")
 
     # --- stage 2
     from diffusers import CosmosTransformer3DModel

@@ -43,6 +43,38 @@ def test_packed_forward_equals_separate_forwards(data, tiny):
             offset += len(s)
 
 
+def test_packed_attention_per_sample_equals_the_dense_mask_and_separate_forwards(data, tiny, tmp_path):
+    """`use_packed_attention` (per-sample causal SDPA, boundaries as cu_seq_lens, no mask): the same logits
+    and gradients as the dense block-diagonal mask, and as each sample alone."""
+    from duetgen.models.packed_attention import use_packed_attention, uses_packed_attention
+
+    _, tokenizer, processor = tiny
+    torch.manual_seed(0)
+    masked, _, _ = build_mllm(tiny_stage1(), tmp_path / "a")
+    torch.manual_seed(0)
+    split, _, _ = build_mllm(tiny_stage1(), tmp_path / "b")
+    use_packed_attention(split)
+    assert uses_packed_attention(split) and not uses_packed_attention(masked)
+    items = load_records([str(data)], exclude_kinds=["transition"])[:4]
+    seqs = [render(it, tokenizer, processor) for it in items]
+    a_inputs, b_inputs = pack_inputs(masked, seqs), pack_inputs(split, seqs)
+    assert "attention_mask" in a_inputs and "attention_mask" not in b_inputs and "cu_seq_lens_q" in b_inputs
+    loss_a, _ = next_token_loss(masked, a_inputs)
+    loss_b, _ = next_token_loss(split, b_inputs)
+    loss_a.backward(), loss_b.backward()
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=1e-5)
+    for (name, pa), pb in zip(masked.named_parameters(), split.parameters()):
+        if pa.grad is not None:
+            torch.testing.assert_close(pb.grad, pa.grad, atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        packed = split(**{k: v for k, v in b_inputs.items() if k != "labels"}).logits[0]
+        offset = 0
+        for s in seqs:
+            alone = split(**model_inputs(split, s, with_labels=False)).logits[0]  # no cu_seq_lens: plain SDPA
+            torch.testing.assert_close(packed[offset:offset + len(s)], alone, atol=1e-5, rtol=1e-5)
+            offset += len(s)
+
+
 def test_packed_loss_is_the_token_weighted_mean_of_the_separate_losses(data, tiny):
     """No sample's loss sees another sample, and a sample's first token is never a target of the previous one."""
     model, tokenizer, processor = tiny

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from duetgen.data.packing import PackedSampler, block_diagonal_mask, concat_packed
 from duetgen.data.record import Dataset, Record
 from duetgen.models.mllm import IGNORE_INDEX, RenderedSequence, render_record, rope_position_ids
+from duetgen.models.packed_attention import use_packed_attention, uses_packed_attention
 from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
 from duetgen.train.configs import Stage1Config
 from duetgen.train.logging import MetricsLogger
@@ -136,9 +137,14 @@ def pack_inputs(model, seqs: list[RenderedSequence]) -> dict[str, torch.Tensor]:
     inputs = {
         "input_ids": packed["input_ids"][None].to(device),  # (1, T)
         "position_ids": position_ids[:, None],  # (3, 1, T)
-        "attention_mask": block_diagonal_mask(packed["cu_seqlens"])[None, None].to(device),  # (1, 1, T, T) bool
         "labels": packed["labels"].to(device),  # (T,), shifted in next_token_loss
     }
+    if uses_packed_attention(model):  # per-sample causal SDPA (models/packed_attention.py): boundaries, no mask
+        cu = packed["cu_seqlens"].to(device=device, dtype=torch.int32)
+        longest = int((cu[1:] - cu[:-1]).max())
+        inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    else:
+        inputs["attention_mask"] = block_diagonal_mask(packed["cu_seqlens"])[None, None].to(device)  # (1, 1, T, T) bool
     images = [s for s in seqs if s.pixel_values is not None]
     if images:
         inputs["pixel_values"] = torch.cat([s.pixel_values for s in images]).to(device)  # (N_patches, C*T*P*P)
@@ -264,6 +270,7 @@ def _train(cfg: Stage1Config, run_dir, env: DistEnv, resume_run: bool, progress:
         model, tokenizer, processor = build_mllm(cfg, run_dir)
         model.to(device).train()
         lora = adapt(model, cfg)
+    use_packed_attention(model)  # per-sample causal SDPA, no dense mask (models/packed_attention.py; not saved)
     n_params = sum(p.numel() for p in model.parameters())  # DTensors count their full size
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
