@@ -666,7 +666,7 @@ def train_stage1(
 
 @train_app.command("stage2")
 def train_stage2(
-    config: str = typer.Option("toy", "--config", help="Run config name (duetgen/train/configs.py, STAGE2_CONFIGS): toy, toy-more-text, toy-text-only (ablation), toy-continue[-2|-3] (the shipped chain, docs/training.md), tiny."),
+    config: str = typer.Option("toy", "--config", help="Run config name (duetgen/train/configs.py, STAGE2_CONFIGS): the ShapeWorld recipe is toy-draw, then toy (from toy-draw's model; `duetgen train shapeworld` runs both); toy-text-only (the no-frames ablation), tiny for tests; others are earlier runs (docs/training.md)."),
     stage1: Path = typer.Option(..., "--stage1", help="Stage-1 run directory (holds mllm/) or a transformers MLLM directory."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<config>/stage2)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),

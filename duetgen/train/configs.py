@@ -95,7 +95,8 @@ class Stage2Config:
     keep_last: int = 20  # all of a toy run: `stage2.export_checkpoint` turns step N into a model (ablations at equal steps)
     num_samples: int = 16  # the exactness of 16 EMA samples is the run's quickest quality signal
     sample_steps: int = 20  # sampler steps for sample blocks (calibration: 10 is nearly as good as 50)
-    guidance_scale: float = 1.0  # sample blocks only; w = 1 is no guidance
+    guidance_scale: float = 1.0  # sample blocks, and the exported model's default guidance; w = 1 is no guidance
+    guidance_scale_without_frames: float | None = None  # the exported model's default for images with no earlier image (DuetGenConfig)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -141,9 +142,37 @@ def toy_stage1() -> Stage1Config:
                                steps=2000, warmup_steps=50)
 
 
+def toy_stage2_draw() -> Stage2Config:
+    """ShapeWorld stage 2, phase 1 of 2 (`duetgen train shapeworld`): drawing from text first. A random DiT on
+    the text-to-image and how-to records only (blank canvases and pieces added one at a time: the text
+    says what to draw), uniform flow times, the plain clean-image loss, 1000 steps. Measured (docs/
+    training.md, "What session 4 measured"): this curriculum put the mark in the right cell on 13 of 13
+    val text-to-image prompts at 1000 steps in all, the mix alone 8 of 13; the note's run B (text-to-image
+    only) and runs C / D (then edits) found the same direction."""
+    return dataclasses.replace(Stage2Config(), name="toy-draw",
+                               data=["runs/shapeworld/data/train-tti", "runs/shapeworld/data/train"],
+                               include_kinds=["text-to-image", "how-to"], time_distribution="uniform",
+                               x0_min_t=1.0, steps=1000, warmup_steps=100, save_every=500, sample_every=500,
+                               eval_every=500)
+
+
 def toy_stage2() -> Stage2Config:
-    """ShapeWorld stage 2 on 2 CPU cores."""
-    return Stage2Config()
+    """ShapeWorld stage 2, phase 2 of 2 (`duetgen train shapeworld`): from phase 1's connector + DiT
+    (`--config toy-draw` -> runs/shapeworld/stage2-draw), the whole mix (the extra text-to-image and
+    editing records plus the default mix), uniform flow times, the plain clean-image loss (`x0_min_t=1`:
+    every time weighs the same; the velocity weighting 1/t^2 left the high-noise times, where only the
+    text decides where to draw, with little gradient: E4 against E1 in docs/training.md), 2000 steps."""
+    return dataclasses.replace(Stage2Config(), name="toy", init_from="runs/shapeworld/stage2-draw/model",
+                               data=["runs/shapeworld/data/train-tti", "runs/shapeworld/data/train-editing",
+                                     "runs/shapeworld/data/train"],
+                               time_distribution="uniform", x0_min_t=1.0, steps=2000, warmup_steps=100,
+                               save_every=500, sample_every=1000, eval_every=500, guidance_scale_without_frames=2.0)
+
+
+def toy_stage2_session3() -> Stage2Config:
+    """Stage 2 as sessions 1-3 ran it (logit-normal(0, 1) times, the velocity-weighted x0 loss, 4000 steps on
+    the default mix): the base of the `toy-continue*` legs that built the session-3 checkpoint."""
+    return Stage2Config(name="toy-session3")
 
 
 def toy_stage2_text_only() -> Stage2Config:
@@ -157,7 +186,7 @@ def toy_stage2_continue() -> Stage2Config:
     6000 extra text-to-image and 6000 extra editing records: text-conditioned drawing is what the DiT
     learns last and blank-canvas targets were about a fifth of the mix (a text-to-image-only probe placed
     colours after 600 steps)."""
-    return dataclasses.replace(toy_stage2(), name="toy-continue", init_from="runs/shapeworld/stage2-ext/model",
+    return dataclasses.replace(toy_stage2_session3(), name="toy-continue", init_from="runs/shapeworld/stage2-ext/model",
                                data=["runs/shapeworld/data/train-tti", "runs/shapeworld/data/train-editing",
                                      "runs/shapeworld/data/train"],
                                steps=6000, lr=5e-4, warmup_steps=100, save_every=500)
@@ -229,7 +258,7 @@ def tiny_lora_stage1() -> Stage1Config:
 
 STAGE1_CONFIGS = {"toy": toy_stage1, "toy-read-first": toy_stage1_read_first, "toy-read-more": toy_stage1_read_more, "toy-mixed-scratch": toy_stage1_mixed_scratch, "toy-reading": toy_stage1_reading, "toy-understanding": toy_stage1_understanding, "toy-frozen-vision": toy_stage1_frozen_vision, "tiny": tiny_stage1,
                   "tiny-lora": tiny_lora_stage1}
-STAGE2_CONFIGS = {"toy": toy_stage2, "toy-text-only": toy_stage2_text_only, "toy-continue": toy_stage2_continue, "toy-continue-2": toy_stage2_continue_2, "toy-continue-3": toy_stage2_continue_3, "toy-more-text": toy_stage2_more_text, "tiny": tiny_stage2}
+STAGE2_CONFIGS = {"toy": toy_stage2, "toy-draw": toy_stage2_draw, "toy-text-only": toy_stage2_text_only, "toy-session3": toy_stage2_session3, "toy-continue": toy_stage2_continue, "toy-continue-2": toy_stage2_continue_2, "toy-continue-3": toy_stage2_continue_3, "toy-more-text": toy_stage2_more_text, "tiny": tiny_stage2}
 
 
 def stage1_config(name: str) -> Stage1Config:

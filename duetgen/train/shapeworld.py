@@ -15,7 +15,9 @@ Design choices:
 - The configs are the named runs of `duetgen.train.configs` with their paths moved under OUT, so
   `duetgen train stage1 --config ...` and this command train the same thing.
 - Stage 1 keeps the measured three-phase order (read canvases first, then the whole mix, then more
-  understanding; docs/training.md says why); stage 2 is one run from a random DiT, no chain.
+  understanding; docs/training.md says why); stage 2 draws from text first (text-to-image and how-to
+  records, from a random DiT), then trains on the whole mix from there: two phases of one command,
+  not a chain of hand-continued runs.
 - The final model is `OUT/model` (a DuetGen directory, what `checkpoints/shapeworld-toy/` ships).
 """
 
@@ -71,11 +73,16 @@ def stage1_phase(name: str, cfg_fn, data: list[str], init: str | None, **overrid
     return Phase(f"stage1/{name}", lambda out: (out / name / "mllm" / "config.json").is_file(), run)
 
 
-def stage2_phase(name: str, cfg_fn, data: list[str], mllm_from: str, **overrides) -> Phase:
+def stage2_phase(name: str, cfg_fn, data: list[str], mllm_from: str, init_from: str | None = None,
+                 **overrides) -> Phase:
+    """A stage-2 run OUT/<name> on OUT/<mllm_from>/mllm; its connector + DiT start from OUT/<init_from>/model
+    (an earlier stage-2 phase of the recipe) or at random."""
     from duetgen.train import stage2
 
     def run(out: Path, resume: bool, progress: bool) -> None:
         cfg = dataclasses.replace(cfg_fn(), data=[str(out / "data" / d) for d in data], **overrides)
+        if init_from is not None:
+            cfg = dataclasses.replace(cfg, init_from=str(out / init_from / "model"))
         stage2.train(cfg, out / mllm_from / "mllm", out / name, resume_run=resume and (out / name).exists(),
                      progress=progress)
 
@@ -122,7 +129,9 @@ def shapeworld_recipe() -> list[Phase]:
         stage1_phase("stage1", C.toy_stage1, ["train", "train-understanding"], init="stage1-read-first"),
         stage1_phase("stage1-more", C.toy_stage1_read_more,
                      ["train", "train-understanding", "train-understanding-2"], init="stage1"),
-        stage2_phase("stage2", C.toy_stage2, ["train-tti", "train-editing", "train"], mllm_from="stage1-more"),
+        stage2_phase("stage2-draw", C.toy_stage2_draw, ["train-tti", "train"], mllm_from="stage1-more"),
+        stage2_phase("stage2", C.toy_stage2, ["train-tti", "train-editing", "train"], mllm_from="stage1-more",
+                     init_from="stage2-draw"),
         eval_phase("stage2", "test", "eval-test"),
         export_phase("stage2"),
     ]
