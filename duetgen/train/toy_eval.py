@@ -20,6 +20,7 @@ Three users:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -58,7 +59,7 @@ def draw_teacher_forced(pipe, messages: list[Message], config: GenerationConfig)
     or a user turn): the engine's own draw, with ``<BOV>`` forced as the next token."""
     from duetgen.infer.engine import Finished
 
-    config = GenerationConfig(**{**config.__dict__, "max_new_tokens": 1, "max_images": 1})
+    config = dataclasses.replace(config, max_new_tokens=1, max_images=1)
     finished: Finished = pipe.engine.run(pipe.messages(messages), config,
                                          logits_processor=force_bov_first(pipe.engine.ids.bov))
     images = [p.image for p in finished.content if isinstance(p, ImagePart)]
@@ -80,8 +81,9 @@ def teacher_forced_context(ds, rec: Record, image_index: int) -> tuple[list[Mess
         parts = []
         for p in loaded:
             if isinstance(p, ImagePart):
-                if seen == image_index:
-                    messages.append(Message("assistant", parts)) if parts else None
+                if seen == image_index:  # the answer so far becomes an assistant turn being continued
+                    if parts:
+                        messages.append(Message("assistant", parts))
                     return messages, p.image
                 seen += 1
             parts.append(p)
@@ -150,7 +152,7 @@ def evaluate_toy(model_dir: str | os.PathLike, truth_dir: str | os.PathLike, out
         report["summary"] = toyworld_judge.summarise(report["records"])
     report["run"] = {"model": str(model_dir), "truth": str(truth_dir), "records": len(records), "kinds": kinds,
                      "limit": limit, "seconds": seconds, "seed": seed,
-                     "generation": {k: v for k, v in config.__dict__.items()},
+                     "generation": dataclasses.asdict(config),
                      "settings": pipe.model.config.to_dict(),
                      "loop": "duetgen.infer.pipeline.DuetGenPipeline (the engine of duetgen generate / serve)"}
     toyworld_judge.write_report(report, out_dir / "report.json")
