@@ -260,3 +260,19 @@ def test_eval_toy_answers_equal_duetgen_generate(setup, tmp_path):
         else:
             assert np.array_equal(np.asarray(pred.open_image(pa.path, ours.id)),
                                   np.asarray(generated.open_image(pb.path, theirs.id)))
+
+
+def test_init_from_without_a_step_marker_starts_the_marker_at_zero_and_refuses_other_gaps():
+    from torch import nn
+
+    from duetgen.models.connector import Connector
+
+    plain = nn.ModuleDict({"connector": Connector(8, 4), "dit": nn.Linear(4, 4)})
+    marked = nn.ModuleDict({"connector": Connector(8, 4, recency_tokens=3), "dit": nn.Linear(4, 4)})
+    stage2.load_generator_state(marked, plain.state_dict(), "plain-model")
+    assert torch.equal(marked["connector"].proj.weight, plain["connector"].proj.weight)
+    assert not marked["connector"].recency.weight.any()  # zero rows: the marker starts as a no-op
+    state = plain.state_dict()
+    del state["dit.bias"]
+    with pytest.raises(ValueError, match="dit.bias"):
+        stage2.load_generator_state(marked, state, "broken-model")

@@ -308,6 +308,18 @@ def generator_state(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state | {f"connector.{k}": v for k, v in load_file(root / CONNECTOR_FILE).items()}
 
 
+NEW_MODULE_KEYS = {"connector.recency.weight"}  # may be absent from an init_from model: zero rows = no marker yet
+
+
+def load_generator_state(trainable: nn.Module, state: dict[str, torch.Tensor], source) -> None:
+    """Load an init_from state strictly, except that a step marker this run adds and ``source`` lacks keeps
+    its zero initialisation (the marker then starts as a no-op, as in a fresh run)."""
+    missing, unexpected = trainable.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - NEW_MODULE_KEYS:
+        raise ValueError(f"{source}: its connector + DiT do not fit this run's: missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)}")
+
+
 def pack_generator(seed: int, pack) -> torch.Generator:
     """The generator of one pack's random draws: a pure function of (seed, epoch, global pack position),
     so a pack draws the same on whichever rank and in whichever slot of a step it lands."""
@@ -383,7 +395,7 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
     trainable = nn.ModuleDict({"connector": connector, "dit": dit}).train()  # the DiT's crossattn_proj IS the connector
     if cfg.init_from is not None and found is None:
         if not env.distributed:  # (distributed runs loaded them in build_sharded_duetgen)
-            trainable.load_state_dict(generator_state(cfg.init_from))
+            load_generator_state(trainable, generator_state(cfg.init_from), cfg.init_from)
         if env.is_main:
             print(f"stage 2: connector + DiT start from {cfg.init_from}", flush=True)
     n_params = sum(p.numel() for p in trainable.parameters())
