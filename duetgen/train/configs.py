@@ -161,12 +161,15 @@ def toy_stage2() -> Stage2Config:
     (`--config toy-draw` -> runs/shapeworld/stage2-draw), the whole mix (the extra text-to-image and
     editing records plus the default mix), uniform flow times, the plain clean-image loss (`x0_min_t=1`:
     every time weighs the same; the velocity weighting 1/t^2 left the high-noise times, where only the
-    text decides where to draw, with little gradient: E4 against E1 in docs/training.md), 2000 steps."""
+    text decides where to draw, with little gradient: E4 against E1 in docs/training.md), the connector's
+    step marker over the last 16 tokens (val IT-Co 0.46 -> 0.63 against the same phase without it), 2000
+    steps."""
     return dataclasses.replace(Stage2Config(), name="toy", init_from="runs/shapeworld/stage2-draw/model",
                                data=["runs/shapeworld/data/train-tti", "runs/shapeworld/data/train-editing",
                                      "runs/shapeworld/data/train"],
-                               time_distribution="uniform", x0_min_t=1.0, steps=2000, warmup_steps=100,
-                               save_every=500, sample_every=1000, eval_every=500, guidance_scale_without_frames=2.0)
+                               time_distribution="uniform", x0_min_t=1.0, recency_tokens=16, steps=2000,
+                               warmup_steps=100, save_every=500, sample_every=1000, eval_every=500,
+                               guidance_scale_without_frames=2.0)
 
 
 def toy_stage2_session3() -> Stage2Config:
