@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from safetensors.torch import load_file
+from test_train_resume import _env, _kill_after_first_checkpoint
 
 
 def _cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "duetgen.cli", "train", "shapeworld", "--recipe", "tiny", "--out", str(out), "--quiet",
             *extra]
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _weights(out: Path) -> dict:
@@ -41,16 +35,8 @@ def test_recipe_runs_every_phase_refuses_a_used_dir_and_resumes_a_killed_run_to_
     assert again.returncode != 0 and "already holds a run; pass --resume" in again.stderr + again.stdout
 
     # SIGKILL inside stage 2 (after its first checkpoint), then --resume: same exported weights
-    proc = subprocess.Popen(_cmd(killed), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = killed / "stage2" / "checkpoints" / "latest"
-    deadline = time.monotonic() + 300
-    while not latest.is_file():
-        assert proc.poll() is None, f"recipe ended (rc {proc.returncode}) before stage 2's first checkpoint"
-        assert time.monotonic() < deadline, "no stage-2 checkpoint within 300 s"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (killed / "model").exists()
+    _kill_after_first_checkpoint(_cmd(killed), killed / "stage2", timeout_s=300)
+    assert not (killed / "model").exists()
     resumed = subprocess.run(_cmd(killed, "--resume"), env=_env(), check=True, capture_output=True, text=True)
     assert "[stage1/stage1] done before, skipped" in resumed.stdout
     a, b = _weights(full), _weights(killed)

@@ -45,13 +45,14 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def _kill_after_first_checkpoint(cmd: list[str], run_dir: Path) -> None:
+def _kill_after_first_checkpoint(cmd: list[str], run_dir: Path, timeout_s: float = 120) -> None:
+    """Start ``cmd``, SIGKILL it as soon as ``run_dir`` holds a checkpoint (also used by test_shapeworld_recipe)."""
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = run_dir / "checkpoints" / "latest"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout_s
     while not latest.is_file():
         assert proc.poll() is None, f"run ended (rc {proc.returncode}) before its first checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        assert time.monotonic() < deadline, f"no checkpoint within {timeout_s:.0f} s"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
