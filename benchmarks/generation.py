@@ -51,14 +51,20 @@ from duetgen.models.tokenizer import OFFLINE_TOKEN_IDS
 N_IMAGES = 4
 
 
-def force_structure(ids: TokenIds, n_images: int, tokens_per_step: int):
-    """logits_processor: <BOV> after every `tokens_per_step` text tokens (n_images times), then <|im_end|>."""
+def force_structure(ids: TokenIds, n_images: int, tokens_per_step: int, stop_ids=()):
+    """logits_processor: <BOV> after every `tokens_per_step` text tokens (n_images times), then <|im_end|>.
+
+    In between, <BOV> and the end-of-turn tokens (``stop_ids``) are masked: a trained model would
+    otherwise draw or stop earlier than the structure says, and the answer would depend on the checkpoint.
+    """
     def processor(generated, logits):
         since = len(generated) - (max(i for i, t in enumerate(generated) if t == ids.bov) + 1 if ids.bov in generated else 0)
         images = generated.count(ids.bov)
         forced = ids.bov if images < n_images and since == tokens_per_step else (
             ids.im_end if images == n_images and since == tokens_per_step else None)
         if forced is None:
+            logits = logits.clone()
+            logits[[ids.bov, ids.im_end, *stop_ids]] = float("-inf")
             return logits
         out = torch.full_like(logits, float("-inf"))
         out[forced] = 0.0
@@ -86,7 +92,7 @@ def kv_cache_vs_reprefill(model, args) -> dict:
     ids = TokenIds.from_tokenizer(model.tokenizer)
     config = GenerationConfig(max_new_tokens=N_IMAGES * (args.tokens_per_step + 1) + args.tokens_per_step + 1,
                               num_steps=1, guidance_scale=1.0)  # the DiT is measured in part 2
-    processor = force_structure(ids, N_IMAGES, args.tokens_per_step)
+    processor = force_structure(ids, N_IMAGES, args.tokens_per_step, engine.eos_ids)
     messages = continuation_prompt()
     times = {"kv_cache": [], "recompute": []}
     tokens = {}
@@ -216,7 +222,7 @@ def gpu_check(args) -> None:
     events = []
     t0 = time.perf_counter()
     finished = engine.run(continuation_prompt(), config, emit=events.append,
-                          logits_processor=force_structure(ids, N_IMAGES, args.tokens_per_step))
+                          logits_processor=force_structure(ids, N_IMAGES, args.tokens_per_step, engine.eos_ids))
     total = time.perf_counter() - t0
     per_image = [e.seconds for e in events if isinstance(e, ImageDone)]
     print(f"answer: {finished.stats['new_tokens']} tokens, {finished.stats['images']} images of {size[0]}x{size[1]}, "
