@@ -95,6 +95,18 @@ def test_schemes_content_and_caps(site):
     assert reason(f, "http://[not-an-ip/a.jpg") == "bad_url"
 
 
+@pytest.mark.parametrize("path", ["/img/drip.jpg", "/img/drip-headers.jpg"])
+def test_deadline_is_wall_clock_against_a_server_that_drips_bytes(site, path):
+    """Issue 15 item 2: one byte every 50 ms kept every socket read alive; the deadline is a wall clock now."""
+    f = ImageFetcher(FetchConfig(allow_networks=LOOPBACK, timeout_s=1.0))
+    t0 = time.perf_counter()
+    with pytest.raises(FetchError) as e:
+        f.fetch(f"{site.url}{path}")
+    elapsed = time.perf_counter() - t0
+    assert e.value.reason == "timeout" and "within 1.0s" in e.value.detail and path in e.value.detail
+    assert 0.9 < elapsed < 1.5, elapsed  # the server would have dripped for 4 s
+
+
 def test_connects_to_the_checked_address_not_a_re_resolution(site, monkeypatch):
     """A host name resolves once; the socket goes to that address; Host header keeps the name."""
     calls = []

@@ -14,7 +14,10 @@ Design choices:
 - ``allow_private=True`` lifts the address check for loopback/LAN; ``allow_networks`` lifts it for
   named CIDRs only (a local mirror, the tests' 127.0.0.0/8). The cloud metadata addresses stay
   refused even then.
-- Caps: the body is streamed and cut at ``max_bytes``; one deadline covers all hops; the
+- Caps: the body is streamed and cut at ``max_bytes``; one wall-clock deadline covers all hops.
+  Socket timeouts alone are per ``recv``: a server sending one byte per second held a "15 s" fetch
+  for 40-61 s (issue 15). So a timer shuts the socket down when the deadline passes, whatever
+  phase the fetch is in (connect, TLS, headers, body), and the fetch fails as ``timeout``. The
   Content-Type must be a raster image type we store (SVG is refused: it can carry script); the
   bytes must sniff as PNG/JPEG/WebP/GIF too (a header can lie); the pixel count is read from the
   image header and checked BEFORE any decode.
@@ -28,6 +31,7 @@ import io
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -92,7 +96,50 @@ def resolve_checked(host: str, port: int, allow_private: bool, allow_networks: t
     return addrs[0]
 
 
-def _connection(scheme: str, host: str, port: int, ip: str, timeout: float) -> http.client.HTTPConnection:
+class _Deadline:
+    """Shuts the hop's socket down when the wall-clock deadline passes (a blocked read then returns).
+
+    It holds a ``dup`` of the socket taken at connect time: that descriptor names the same TCP
+    socket through the TLS wrap (which detaches the original object) and cannot be reused for
+    another connection before ``close``.
+    """
+
+    def __init__(self, remaining_s: float):
+        self.fired = threading.Event()
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._timer = threading.Timer(remaining_s, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.append(sock.dup())
+            if self.fired.is_set():
+                self._shutdown()
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired.set()
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        for s in self._socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:  # not connected yet, or already gone
+                pass
+
+    def close(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for s in self._socks:
+                s.close()
+            self._socks.clear()
+
+
+def _connection(scheme: str, host: str, port: int, ip: str, timeout: float,
+                deadline: _Deadline) -> http.client.HTTPConnection:
     def pinned_connect(address, timeout=timeout, source_address=None):
         # A raw socket to the literal address: no getaddrinfo at all on this path.
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
@@ -100,6 +147,7 @@ def _connection(scheme: str, host: str, port: int, ip: str, timeout: float) -> h
         try:
             sock.settimeout(timeout)
             sock.connect((ip, address[1]))
+            deadline.watch(sock)
         except BaseException:
             sock.close()
             raise
@@ -147,12 +195,15 @@ class ImageFetcher:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise FetchError("timeout", f"deadline of {self.cfg.timeout_s}s passed")
-        conn = _connection(scheme, host, port, ip, timeout=remaining)
+        watchdog = _Deadline(remaining)
+        conn = _connection(scheme, host, port, ip, timeout=remaining, deadline=watchdog)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         try:
             conn.request("GET", path, headers={"User-Agent": self.cfg.user_agent, "Accept": "image/*",
                                                "Accept-Encoding": "identity"})
             resp = conn.getresponse()
+            if watchdog.fired.is_set():  # headers cut short by the shutdown: judge nothing from them
+                raise FetchError("timeout", f"{url[:200]}: not received within {self.cfg.timeout_s}s")
             if resp.status in (301, 302, 303, 307, 308):
                 return resp.status, resp.headers, resp.headers.get("Location")
             if resp.status != 200:
@@ -165,9 +216,9 @@ class ImageFetcher:
                 raise FetchError("too_large", f"Content-Length {int(declared):,} > cap {self.cfg.max_bytes:,}")
             chunks, total = [], 0
             while True:
-                if time.monotonic() > deadline:
-                    raise FetchError("timeout", f"body not received within {self.cfg.timeout_s}s")
-                chunk = resp.read(65536)
+                chunk = resp.read1(65536)  # what one recv brings: a slow body cannot hide in a 64 KiB read
+                if watchdog.fired.is_set():  # the socket was shut down under the read
+                    raise FetchError("timeout", f"{url[:200]}: not received within {self.cfg.timeout_s}s")
                 if not chunk:
                     break
                 total += len(chunk)
@@ -177,13 +228,18 @@ class ImageFetcher:
             return 200, resp.headers, b"".join(chunks)
         except FetchError:
             raise
-        except (socket.timeout, TimeoutError) as e:
-            raise FetchError("timeout", f"{url[:200]}: {e}") from None
-        except ssl.SSLError as e:
-            raise FetchError("tls_error", f"{url[:200]}: {e}") from None
-        except (OSError, http.client.HTTPException) as e:
-            raise FetchError("connect_error", f"{url[:200]}: {type(e).__name__}: {e}") from None
+        except Exception as e:
+            if watchdog.fired.is_set():  # whatever the read raised once its socket was shut down
+                raise FetchError("timeout", f"{url[:200]}: not received within {self.cfg.timeout_s}s") from None
+            if isinstance(e, (socket.timeout, TimeoutError)):
+                raise FetchError("timeout", f"{url[:200]}: {e}") from None
+            if isinstance(e, ssl.SSLError):
+                raise FetchError("tls_error", f"{url[:200]}: {e}") from None
+            if isinstance(e, (OSError, http.client.HTTPException)):
+                raise FetchError("connect_error", f"{url[:200]}: {type(e).__name__}: {e}") from None
+            raise
         finally:
+            watchdog.close()
             conn.close()
 
     def _decode(self, data: bytes, headers, url: str):
