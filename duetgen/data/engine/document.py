@@ -38,6 +38,7 @@ class ImageItem:
     group: int | None = None
     hints: str = ""  # class/id/filename words used by the icon/logo/ad rules
     url: str | None = None  # absolute URL after resolution against the page's base URL
+    file: str | None = None  # or, for a saved page, the image file's path relative to the input folder
     data: bytes | None = None  # fetched, verified encoded bytes
     image: Any = None  # decoded RGB PIL image
     phash: int | None = None
@@ -62,6 +63,10 @@ class Doc:
     source: str = "web"
     meta: dict[str, Any] = field(default_factory=dict)
     record: Any = None  # the finished duetgen Record, set by the dialogue stage
+    # A page read from a folder (``--input DIR``) without a ``<base href>``: its relative images are
+    # files read from ``local_root / dirname(local_page)``, never from outside ``local_root``.
+    local_root: str | None = None  # the input folder
+    local_page: str | None = None  # the page's path relative to it
 
     @property
     def images(self) -> list[ImageItem]:

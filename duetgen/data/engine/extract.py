@@ -206,6 +206,8 @@ def extract(doc: Doc, cfg: ExtractConfig) -> Doc:
     if _max_depth(tree) >= MAX_DEPTH:
         raise ExtractError("too_deeply_nested", f"element nesting reaches {MAX_DEPTH}; the parser truncates there")
     doc.title = _title(tree)
+    if tree.xpath("//base/@href"):  # the page names where its images live: over http, not beside it
+        doc.local_root = doc.local_page = None
     doc.url = _base_url(tree, doc.url)
     _strip_boilerplate(tree)
     root = _main_root(tree)

@@ -22,6 +22,9 @@ Design choices:
   bytes must sniff as PNG/JPEG/WebP/GIF too (a header can lie); the pixel count is read from the
   image header and checked BEFORE any decode.
 - Failures raise ``FetchError(reason, detail)``; the stage turns them into image drops.
+- A page saved to disk (``--input DIR``) names its images as files beside it; ``read_local`` reads
+  them under the same caps, only from inside the input folder (``..``, absolute paths and symlinks
+  that leave it are ``outside_input``), never a FIFO or a device.
 """
 
 from __future__ import annotations
@@ -29,13 +32,16 @@ from __future__ import annotations
 import http.client
 import io
 import ipaddress
+import os
 import socket
 import ssl
+import stat
 import threading
 import time
 import warnings
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from pathlib import Path
+from urllib.parse import unquote, urljoin, urlsplit
 
 METADATA_ADDRESSES = {
     ipaddress.ip_address("169.254.169.254"),  # AWS, GCP, Azure, OpenStack
@@ -241,6 +247,41 @@ class ImageFetcher:
         finally:
             watchdog.close()
             conn.close()
+
+    def read_local(self, root: str, page: str, src: str) -> tuple[str, bytes, "object"]:
+        """(path relative to ``root``, bytes, RGB image) of a saved page's image file. Raises FetchError.
+
+        ``src`` is resolved against the page's folder (``page`` is relative to ``root``). The file
+        must resolve, symlinks followed, inside ``root``; it is read under the same byte, format and
+        pixel caps as a download.
+        """
+        parts = urlsplit(src)
+        rel = unquote(parts.path)  # a saved page writes "step%201.jpg" for "step 1.jpg"
+        if not rel or "\x00" in rel:
+            raise FetchError("bad_url", f"{src[:200]!r} names no file")
+        if rel.startswith("/"):
+            raise FetchError("outside_input", f"{src[:200]!r} is an absolute path (only paths relative to the page are read)")
+        root_path = Path(root).resolve()
+        target = (root_path / Path(page).parent / rel).resolve()
+        if not target.is_relative_to(root_path):
+            raise FetchError("outside_input", f"{src[:200]!r} from {page!r} resolves outside the input folder")
+        where = target.relative_to(root_path).as_posix()
+        try:  # O_NONBLOCK: a FIFO put where the image should be cannot stall the worker
+            fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise FetchError("missing_file", f"{src[:200]!r} from {page!r}: no file {where!r} in the input folder") from None
+        except OSError as e:
+            raise FetchError("unreadable_file", f"{where!r}: {e.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise FetchError("unreadable_file", f"{where!r} is not a regular file")
+            if st.st_size > self.cfg.max_bytes:
+                raise FetchError("too_large", f"{where!r}: {st.st_size:,} bytes > cap {self.cfg.max_bytes:,}")
+            data = f.read(self.cfg.max_bytes + 1)
+        if len(data) > self.cfg.max_bytes:  # grew after the stat
+            raise FetchError("too_large", f"{where!r}: over the cap of {self.cfg.max_bytes:,} bytes")
+        return (where, *self._decode(data, None, where))
 
     def _decode(self, data: bytes, headers, url: str):
         from PIL import Image

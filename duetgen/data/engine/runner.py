@@ -2,10 +2,12 @@
 
 Input (chosen to carry each page's own URL, which relative image links need):
 - a JSONL file, one page per line: ``{"url": "https://...", "html": "<html>...", "id"?: str, "source"?: str}``;
-- or a directory of ``*.html`` / ``*.htm`` files (read as bytes, decoded by their ``<meta charset>``);
-  the base URL for relative images comes from ``<base href>``, ``<link rel=canonical>`` or
-  ``og:url``; without one, relative images are dropped (``unresolvable_url``). Images are always
-  fetched over http(s): nothing is ever read from the local disk on a page's say-so.
+- or a directory of ``*.html`` / ``*.htm`` files (read as bytes, decoded by their ``<meta charset>``),
+  as a browser saves them: a relative image path is a file beside the page (``img/step1.jpg``),
+  read from the page's own folder and never from outside the input directory (``..``, absolute
+  paths and symlinks leaving it are dropped as ``outside_input``). A page with a ``<base href>``
+  names where its images live: they are fetched over http(s) like a JSONL page's. Absolute
+  ``http(s)`` image URLs are always fetched.
 
 Design choices (the datatrove recipe):
 - The input is cut into shards of ``shard_pages`` pages (JSONL: byte offsets found in one scan),
@@ -193,7 +195,7 @@ def read_shard(spec: ShardSpec, cfg: EngineConfig) -> Iterator[Doc]:
         for rel in spec.files:
             p = root / rel
             d = Doc(id=_doc_id(None, None, rel), url=None, source=cfg.source,
-                    meta={"engine": {"shard": spec.index, "input": rel}})
+                    meta={"engine": {"shard": spec.index, "input": rel}}, local_root=str(root), local_page=rel)
             size = p.stat().st_size
             if size > cfg.extract.max_html_bytes:
                 d.meta["input_drop"] = ("page_too_large", f"{rel}: {size:,} bytes > cap {cfg.extract.max_html_bytes:,}")

@@ -143,20 +143,39 @@ class FetchImages:
         except FetchError as e:
             return e
 
+    def _read(self, d: Doc, src: str):
+        try:
+            return self.fetcher.read_local(d.local_root, d.local_page, src)
+        except FetchError as e:
+            return e
+
     def __call__(self, docs, stats):
         with ThreadPoolExecutor(self.threads) as pool:
             for d in docs:
+                files = {}  # a saved page's relative images: files beside it (src -> result)
                 for item in d.images:  # resolve first: bad URLs never reach the network
                     src = item.src
-                    if urlsplit(src).scheme:
+                    parts = urlsplit(src)
+                    if parts.scheme:
                         item.url = src
+                    elif d.local_root is not None and not parts.netloc:
+                        files[src] = None
                     elif d.url:
                         item.url = urljoin(d.url, src)
                 urls = sorted({i.url for i in d.images if i.url and urlsplit(i.url).scheme in ("http", "https")})
                 fetched = dict(zip(urls, pool.map(self._fetch, urls)))  # each URL once per page
+                files = dict(zip(files, pool.map(lambda src: self._read(d, src), files)))
                 kept = []
                 for x in d.items:
                     if isinstance(x, ImageItem):
+                        if x.src in files:
+                            got = files[x.src]
+                            if isinstance(got, FetchError):
+                                stats.drop_image(d, x, got.reason, got.detail)
+                                continue
+                            x.file, x.data, x.image = got
+                            kept.append(x)
+                            continue
                         if x.url is None:
                             stats.drop_image(d, x, "unresolvable_url", f"relative {x.src[:100]!r} and no base URL")
                             continue
@@ -437,7 +456,8 @@ class BuildDialogue:
     def _meta(self, d: Doc, mode: str) -> dict:
         return {"url": d.url, "title": d.title, **{k: v for k, v in d.meta.items() if k != "engine"},
                 "engine": {**d.meta.get("engine", {}), "dialogue": mode, "model": self.model},
-                "images": [{"url": x.url, "caption": x.caption, "category": x.category} for x in d.images]}
+                "images": [{"url": x.url, **({"file": x.file} if x.file else {}), "caption": x.caption,
+                            "category": x.category} for x in d.images]}
 
     def template_record(self, d: Doc) -> Record | str:
         """Deterministic: title -> question; steps 'Step k: ...' each followed by its images."""
