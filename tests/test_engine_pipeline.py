@@ -300,6 +300,62 @@ def test_sigkill_mid_run_then_restart_loses_and_duplicates_nothing(tmp_path):
         assert funnel["stages"][0]["pages_in"] == 20
 
 
+def _pool_workers(parent: int) -> list[int]:
+    """Pids of the multiprocessing spawn workers whose parent is ``parent`` (Linux /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat, cmd = (d / "stat").read_text(), (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"spawn_main" in cmd:
+            out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_pool_workers_die_with_a_sigkilled_driver(tmp_path):
+    """Issue 15 item 3: after SIGKILL of `duetgen data engine --workers 2` its workers lived on under PID 1."""
+    with Site(slow_s=0.5, image_latency_s=0.2) as site:
+        lines = [json.dumps({"url": site.page_url("bathe-a-cat.html") + f"?copy={i}",
+                             "html": (PAGES_DIR / "bathe-a-cat.html").read_text()}) for i in range(20)]
+        inp = tmp_path / "pages.jsonl"
+        inp.write_text("\n".join(lines) + "\n")
+        cmd = [str(REPO / ".venv" / "bin" / "duetgen"), "data", "engine", "--input", str(inp), "--out",
+               str(tmp_path / "out"), "--shard-pages", "1", "--workers", "2", "--allow-network", "127.0.0.0/8",
+               "--no-progress"]
+        proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        workers: list[int] = []
+        try:
+            deadline = time.time() + 60
+            while time.time() < deadline and len(workers) < 2 and proc.poll() is None:
+                workers = _pool_workers(proc.pid)
+                time.sleep(0.05)
+            assert len(workers) == 2 and proc.poll() is None
+            os.kill(proc.pid, signal.SIGKILL)  # the driver only, as the OOM killer or `kill -9 PID` would
+            proc.wait()
+            t0 = time.time()
+            while time.time() - t0 < 5 and any(_alive(w) for w in workers):
+                time.sleep(0.05)
+            assert not [w for w in workers if _alive(w)], "pool workers outlived their driver"
+        finally:
+            for w in workers:  # never leave one behind, whatever failed above
+                if _alive(w):
+                    os.kill(w, signal.SIGKILL)
+            if proc.poll() is None:
+                proc.kill()
+
+
 def test_cli_reports_bad_input_cleanly(tmp_path):
     exe = str(REPO / ".venv" / "bin" / "duetgen")
     r = subprocess.run([exe, "data", "engine", "--input", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")],
