@@ -6,6 +6,7 @@
     POST /api/generate         one answer as JSON: the record, images as PNG data URLs
     POST /api/generate/stream  the same as server-sent events: text, image_started, step, image_done, finished | error
     GET  /openapi.json         the API, documented (FastAPI)
+    /v1/...                    the OpenAI-compatible API (duetgen.serve.openai_api)
 
 Design choices:
 - One generation per model at a time (the engine keeps one KV cache and is not thread-safe); a
@@ -66,6 +67,8 @@ class ServeLimits:
     max_output_pixels: int = 1024 * 1024  # height x width of a generated image
     queue_size: int = 4  # requests that may wait while one runs; more get 429
     request_timeout_s: float = 300.0  # waiting + generating; then 503 (still waiting) or 504 (cancelled)
+    image_store_bytes: int = 256 << 20  # /v1: generated images served by URL, oldest dropped first over this
+    image_ttl_s: float = 3600.0  # /v1: how long a generated image's URL stays valid
 
 
 # ============================================================================ API schema
@@ -469,6 +472,9 @@ def create_app(pipeline, limits: ServeLimits | None = None) -> FastAPI:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    from duetgen.serve.openai_api import mount_openai_api  # imports this module: imported here, not at the top
+
+    mount_openai_api(app, service, limits)  # /v1, OpenAI-compatible; its error rewriting wraps the body cap
     return app
 
 
