@@ -447,3 +447,43 @@ def test_image_file_over_byte_cap_is_refused_before_reading(tmp_path):
     with pytest.raises(ImageError, match=r"record 'b': image '.*': file is \d+ bytes, over the cap of 10"):
         ds.read_image_bytes(path, record_id="b")
     assert Dataset(tmp_path / "ds").read_image_bytes(path, record_id="b") == (tmp_path / "ds" / path).read_bytes()
+
+
+# --------------------------------------------------------------------------------- issue 15: hostile datasets
+def _duetgen(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / ".venv" / "bin" / "duetgen"), *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+
+
+def test_shard_or_manifest_symlinked_out_of_the_root_is_refused_by_every_reader(tmp_path):
+    """Issue 15 item 4: export-parquet, data view and eval toyworld read a shard that was a symlink out."""
+    from duetgen.data import toyworld
+
+    toyworld.generate(tmp_path / "truth", 2, split="test", progress=False)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for name in ("shard-out", "manifest-out"):
+        ds = tmp_path / name
+        subprocess.run(["cp", "-r", str(tmp_path / "truth"), str(ds)], check=True)
+        rel = "manifest.json" if name == "manifest-out" else Dataset(ds).shards[0]
+        moved = outside / f"{name}-{Path(rel).name}"
+        os.replace(ds / rel, moved)
+        os.symlink(moved, ds / rel)  # the file itself is fine; only where it lives is wrong
+        with pytest.raises(DatasetError, match="resolves outside the dataset root"):
+            list(Dataset(ds))
+        runs = {"export-parquet": _duetgen("data", "export-parquet", str(ds), str(tmp_path / f"{name}.parquet")),
+                "data view": _duetgen("data", "view", str(ds), "--out", str(tmp_path / f"{name}.html")),
+                "eval toyworld": _duetgen("eval", "toyworld", "--pred", str(ds), "--truth", str(tmp_path / "truth"))}
+        for cmd, r in runs.items():
+            assert r.returncode == 2, (cmd, r.stdout[-500:], r.stderr[-1000:])
+            assert "resolves outside the dataset root" in r.stderr and rel in r.stderr, (cmd, r.stderr)
+            assert "Traceback" not in r.stderr
+        assert not (tmp_path / f"{name}.parquet").exists() and not (tmp_path / f"{name}.html").exists()
+
+
+def test_unreadable_bytes_error_names_the_record_not_a_buffer(tmp_path):
+    """Issue 15 item 9: PIL's message was `cannot identify image file <_io.BytesIO object at 0x...>`."""
+    with DatasetWriter(tmp_path / "ds") as w:
+        with pytest.raises(ImageError) as e:
+            w.write(rec("junk-7", b"GIF89 but not really an image at all"))
+    assert "record 'junk-7'" in str(e.value) and "BytesIO" not in str(e.value) and "0x" not in str(e.value)

@@ -187,3 +187,22 @@ def test_cli_export_import(tmp_path):
     assert res.exit_code == 2 and "no such directory" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["data", "import-parquet", str(tmp_path / "x.parquet"), str(tmp_path / "dst")])
     assert res.exit_code == 2 and "not an empty folder" in res.output
+
+
+def test_export_of_a_truncated_image_fails_at_export(tmp_path):
+    """Issue 15 item 9: a truncated PNG was exported with exit code 0, then import-parquet refused it."""
+    import subprocess
+    from pathlib import Path
+
+    src = make_dataset(tmp_path / "src", n=2)
+    victim = next(iter(src)).image_parts()[0].path
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(buf, "PNG")
+    (src.root / victim).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # the header reads; the pixels do not
+    exe = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "duetgen"
+    r = subprocess.run([str(exe), "data", "export-parquet", str(src.root), str(tmp_path / "x.parquet")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout
+    assert f"record 'r0': image '{victim}'" in r.stderr and "not a readable image" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "BytesIO" not in r.stderr
+    assert not (tmp_path / "x.parquet").exists() and not list(tmp_path.glob(".x.parquet*"))

@@ -175,3 +175,15 @@ def test_cli_view(tmp_path):
     (tmp_path / "notds" / "manifest.json").write_text("[1, 2")
     res = runner.invoke(app, ["data", "view", str(tmp_path / "notds"), "--out", str(tmp_path / "x.html")])
     assert res.exit_code == 2 and "unreadable manifest" in res.output
+
+
+def test_broken_image_is_named_by_its_record(tmp_path):
+    """Issue 15 item 9: `data view` said record '?' for the record whose image was broken."""
+    ds = make(tmp_path / "ds", n=2)
+    second = list(ds)[1]
+    os.remove(ds.root / second.image_parts()[0].path)
+    for embed in (False, True):
+        [page] = render_dataset_html(tmp_path / "ds", tmp_path / f"p{embed}.html", embed=embed, progress=False)
+        text = page.read_text()
+        assert "record &#x27;rec-1&#x27;: image" in text and "not found" in text
+        assert "&#x27;?&#x27;" not in text

@@ -80,7 +80,8 @@ def _record_to_row(rec: Record, ds: Dataset) -> dict[str, Any]:
                 content.append({"type": "text", "text": p.text})
             else:
                 content.append({"type": "image", "index": len(images)})
-                images.append({"bytes": ds.read_image_bytes(p.path, record_id=rec.id), "path": p.path})
+                # Decoded in full: a truncated file exported "fine" and was then refused by import.
+                images.append({"bytes": ds.read_image_bytes(p.path, record_id=rec.id, decode=True), "path": p.path})
         messages.append({"role": m.role, "content": content})
     return {"id": rec.id, "source": rec.source, "images": images,
             "messages": json.dumps(messages, ensure_ascii=False, separators=(",", ":")),

@@ -325,6 +325,8 @@ def pil_guard(where: str):
         raise ImageError(f"{where}: refused as a decompression bomb ({e})") from None
     except ImageError:
         raise
+    except Image.UnidentifiedImageError:  # its message is the repr of our in-memory buffer: say what it means
+        raise ImageError(f"{where}: not a readable image (no PNG, JPEG, WEBP or GIF header)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL raises all of these on bad data
         raise ImageError(f"{where}: not a readable image ({type(e).__name__}: {e})") from None
 
@@ -402,12 +404,23 @@ def resolve_inside(root: Path, rel: str, record_id: str) -> Path:
 
 
 # --------------------------------------------------------------------------------- manifest
+def dataset_file(root: Path, rel: str) -> Path:
+    """``root / rel`` (the manifest or a shard), refused if it resolves outside the root (a symlink out)."""
+    path = root / rel
+    root_resolved = root.resolve()
+    if not path.resolve().is_relative_to(root_resolved):
+        raise DatasetError(f"{path}: resolves outside the dataset root {str(root)!r} "
+                           f"(to {str(path.resolve())!r}); a dataset's files must lie inside it")
+    return path
+
+
 def _read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST
     if not root.is_dir():
         raise DatasetError(f"{str(root)!r} is not a dataset directory (no such directory)")
     if not path.is_file():
         raise DatasetError(f"{str(root)!r} is not a dataset directory: no {MANIFEST}")
+    dataset_file(root, MANIFEST)
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -671,7 +684,7 @@ class Dataset:
     def iter_shard(self, index: int) -> Iterator[Record]:
         """Records of one shard (shards are the unit of parallel work, as in datatrove)."""
         entry = self.manifest["shards"][index]
-        path = self.root / entry["path"]
+        path = dataset_file(self.root, entry["path"])
         n = 0
         try:
             f = open(path, encoding="utf-8")
@@ -709,8 +722,12 @@ class Dataset:
             raise ImageError(f"record {record_id!r}: image {path!r} not found in the dataset root {str(self.root)!r}")
         return p
 
-    def read_image_bytes(self, path: str, record_id: str = "?") -> bytes:
-        """The stored bytes, after the same containment and size checks as ``open_image``."""
+    def read_image_bytes(self, path: str, record_id: str = "?", decode: bool = False) -> bytes:
+        """The stored bytes, after the same containment and size checks as ``open_image``.
+
+        The header is always checked; ``decode=True`` decodes every pixel too, so a truncated or
+        corrupt file fails here (naming the record and path) instead of in whoever reads the bytes next.
+        """
         p = self.image_path(path, record_id)
         where = f"record {record_id!r}: image {path!r}"
         size = p.stat().st_size
@@ -720,7 +737,7 @@ class Dataset:
             data = p.read_bytes()
         except OSError as e:
             raise ImageError(f"{where}: cannot be read ({e.strerror})") from None
-        inspect_image(io.BytesIO(data), where, self.max_pixels, decode=False)
+        inspect_image(io.BytesIO(data), where, self.max_pixels, decode=decode)
         return data
 
     def open_image(self, path: str, record_id: str = "?"):

@@ -167,15 +167,18 @@ def _nav_html(out_path: Path, page: int, num_pages: int) -> str:
 
 
 def dataset_image_src(ds: Dataset, page_dir: Path, embed: bool = False) -> ImageSource:
-    """``image_src`` for records of ``ds`` shown on a page in ``page_dir`` (checks containment and caps)."""
+    """``image_src`` for records of ``ds`` shown on a page in ``page_dir`` (checks containment and caps).
+
+    It takes the record id as an optional second argument, for the error shown in place of a broken image.
+    """
     page_dir = Path(os.path.abspath(page_dir))
 
-    def src(path: str) -> str:
+    def src(path: str, record_id: str = "?") -> str:
         if embed:
-            data = ds.read_image_bytes(path)  # containment, existence, format and pixel cap
+            data = ds.read_image_bytes(path, record_id)  # containment, existence, format and pixel cap
             mime = Image.MIME[Image.open(io.BytesIO(data)).format]  # header only; the format was checked
             return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-        ds.image_path(path)  # containment (symlinks resolved) and existence
+        ds.image_path(path, record_id)  # containment (symlinks resolved) and existence
         rel = os.path.relpath(os.path.abspath(ds.root / path), page_dir)
         return quote(rel.replace(os.sep, "/"))
 
@@ -216,7 +219,7 @@ def render_dataset_html(dataset_root: str | os.PathLike, out_path: str | os.Path
     records = (r for i, r in zip(range(total), ds))
     for i, rec in enumerate(track(records, total=total, description="render html",
                                      disable=not progress, console=Console(stderr=True))):
-        fragments.append(render_record_html(rec, image_src, index=i + 1))
+        fragments.append(render_record_html(rec, lambda path: image_src(path, rec.id), index=i + 1))
         if len(fragments) == per_page:
             write_page(len(written) + 1, fragments)
             fragments = []
