@@ -269,3 +269,18 @@ def test_judge_config_refuses_bad_k_and_non_http_endpoints():
         JudgeConfig("http://127.0.0.1:1/v1", "m", k=0)
     with pytest.raises(ValueError, match="must start with http"):
         JudgeConfig("file:///etc/passwd", "m")
+
+
+# ----------------------------------------------------------------------------- issue 15: hostile judge replies
+@pytest.mark.parametrize("marker", ["JUDGE_DRIP", "JUDGE_HUGE"])
+def test_dripping_or_huge_judge_reply_is_an_api_error_within_the_timeout(server, tmp_path, marker):
+    """Issue 15 items 7 and 8: a dripping judge held a request 31 s under --timeout 3; 100 MB replies were read whole."""
+    import time
+
+    s = make_sample(marker=marker)
+    t0 = time.perf_counter()
+    unit = run(score_and_close(judge_for(server, tmp_path, timeout_s=1.0, max_reply_bytes=1 << 20), "duetgen_sequence",
+                               {"sequence": sequence_parts(s, "all"), "num_output_images": 2}))
+    assert time.perf_counter() - t0 < 2.5
+    assert unit["state"] == "api_error" and unit["scores"] is None
+    assert ("deadline" if marker == "JUDGE_DRIP" else "cap of 1,048,576 bytes") in unit["samples"][0]["error"]

@@ -287,3 +287,37 @@ def test_prompt_template_load_render_and_version(tmp_path, server):
         PromptTemplate.load("bad", root=tmp_path)
     kw = t.chat_kwargs()
     assert kw["json_schema"] == t.json_schema and kw["template_version"] == t.version_key and kw["max_tokens"] == 256
+
+
+# ----------------------------------------------------------------------------- issue 15: total deadline, reply cap
+def test_timeout_is_a_total_deadline_against_a_server_that_drips_bytes(server):
+    """Issue 15 item 7: httpx timeouts are per read; a reply dripping one byte per 50 ms held a 1 s request for 6 s."""
+    server.inject("drip")
+    client = client_for(server, timeout_s=1.0, max_retries=0)
+    t0 = time.perf_counter()
+    r = client.chat(user("hi"))
+    elapsed = time.perf_counter() - t0
+    client.close()
+    assert r.status == "api_error" and "within the 1 s deadline" in r.error
+    assert 0.9 < elapsed < 1.6, elapsed
+
+
+@pytest.mark.parametrize("fault", ["huge", "huge_declared"])
+def test_reply_over_the_byte_cap_is_an_api_error_read_only_up_to_the_cap(server, fault):
+    """Issue 15 item 8: 100 MB replies, two at a time, took a judge run to 2.15 GB; now each is cut at the cap."""
+    import tracemalloc
+
+    server.inject(fault, fault)
+    client = client_for(server, max_retries=2, max_reply_bytes=1 << 20)
+    tracemalloc.start()
+    try:
+        results = client.chat_many([(user("a"), {}), (user("b"), {})], progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        client.close()
+    assert [r.status for r in results] == ["api_error", "api_error"]
+    assert all("over the cap of 1,048,576 bytes" in r.error or "larger than the cap of 1,048,576 bytes" in r.error
+               for r in results), [r.error for r in results]
+    assert server.requests == 2  # not retried: the same request would bring the same reply
+    assert peak < 16 << 20, f"peak {peak:,} bytes of Python memory for two 64 MB replies"

@@ -220,8 +220,9 @@ class JudgeConfig:
     model: str  # the judge model id as that endpoint names it
     k: int = 1  # samples per judged unit (seeds 0..k-1); each score is their median
     max_concurrency: int = 8  # judge requests in flight
-    timeout_s: float = 120.0  # per request
+    timeout_s: float = 120.0  # per request, in all (connect + reply), not per read
     max_retries: int = 4  # client retries on 429 / 5xx / timeouts before a request is an api_error
+    max_reply_bytes: int = 8 << 20  # a larger reply is cut off and recorded as an api_error
     backoff_base_s: float = 0.5  # first retry wait (doubles each retry)
 
     def __post_init__(self):
@@ -255,7 +256,7 @@ class Judge:
         self.client = LLMClient(config.base_url, config.model, api_key=api_key,
                                 max_concurrency=config.max_concurrency, timeout_s=config.timeout_s,
                                 max_retries=config.max_retries, backoff_base_s=config.backoff_base_s,
-                                cache_path=None)
+                                max_reply_bytes=config.max_reply_bytes, cache_path=None)
         self.cache = ScoreCache(cache_path) if cache_path is not None else None
         self.stats: Counter = Counter()  # requests by state, cache hits
 

@@ -8,6 +8,8 @@ Design choices:
 - One ``httpx.AsyncClient`` and one semaphore per event loop. The semaphore bounds HTTP requests in
   flight (cache hits never take a slot); ``amap`` keeps input order. The sync wrappers run on one
   event loop thread owned by the client, so connections and the client survive between calls.
+- Every request has a total deadline (``timeout_s``: connect, headers and body together, not per
+  read) and its reply a byte cap (``max_reply_bytes``, default 8 MB); both in ``transport.post_json``.
 - Retries: 429 (honouring Retry-After, capped at ``backoff_max_s``), 5xx, timeouts and connection
   errors, with exponential backoff and jitter (delay * U[0.5, 1]) so a burst of workers does not
   retry in lock-step. Other 4xx are the caller's bug and are not retried. The transport is
@@ -43,7 +45,7 @@ from typing import Any, Literal
 import httpx
 
 from duetgen.llm.cache import ResponseCache
-from duetgen.llm.transport import LoopPool, RequestFailed, check_status, transport_errors, with_retries
+from duetgen.llm.transport import DEFAULT_MAX_REPLY_BYTES, LoopPool, RequestFailed, check_status, post_json, with_retries
 
 Status = Literal["ok", "api_error", "invalid_json", "refusal"]
 _MIME_BY_FORMAT = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
@@ -77,6 +79,7 @@ class LLMClient:
         cache_path: str | Path | None = None,
         backoff_base_s: float = 0.5,  # first retry waits about this long, doubling each time
         backoff_max_s: float = 30.0,  # cap on one wait, also on a server's Retry-After
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,  # a larger reply is an api_error (read as a stream, cut there)
     ):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"LLM base_url {base_url!r} must start with http:// or https://")
@@ -91,6 +94,7 @@ class LLMClient:
         self.api_key = api_key
         self.max_concurrency, self.timeout_s, self.max_retries = max_concurrency, timeout_s, max_retries
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
+        self.max_reply_bytes = max_reply_bytes
         self.cache = ResponseCache(cache_path) if cache_path is not None else None
         self._totals = dict(requests=0, cached=0, prompt_tokens=0, completion_tokens=0, errors=0,
                             invalid_json=0, refusals=0, http_requests=0, retries=0)
@@ -221,11 +225,11 @@ class LLMClient:
 
     async def _post_once(self, http: httpx.AsyncClient, body: dict) -> tuple[str, dict, str | None, bool]:
         """(text, usage, finish_reason, refusal); with ``refusal`` the text is the refusal message."""
-        with transport_errors(self.timeout_s):
-            resp = await http.post(self.endpoint, json=body)
-        check_status(resp, resp.text)
+        resp, raw = await post_json(http, self.endpoint, body, timeout_s=self.timeout_s, max_bytes=self.max_reply_bytes)
+        text = raw.decode("utf-8", "replace")
+        check_status(resp, text)
         try:
-            payload = resp.json()
+            payload = json.loads(raw)
             choice = payload["choices"][0]
             message = choice["message"]
             refusal = message.get("refusal")
@@ -237,7 +241,7 @@ class LLMClient:
             if not isinstance(text, str):
                 raise TypeError(f"message.content is {type(text).__name__}, not a string")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-            raise RequestFailed(f"malformed response body ({type(e).__name__}: {e}): {resp.text[:200]}") from None
+            raise RequestFailed(f"malformed response body ({type(e).__name__}: {e}): {text[:200]}") from None
         u = payload.get("usage") or {}
         usage = {"prompt_tokens": int(u.get("prompt_tokens") or 0),
                  "completion_tokens": int(u.get("completion_tokens") or 0)}

@@ -9,7 +9,9 @@ Design choices:
   ``content``, ``finish_reason`` and ``refusal`` (then ``content`` defaults to null, as OpenAI's
   structured-output refusals send it).
 - Faults are a FIFO the test fills with ``inject("429", "500", "timeout", "malformed_body",
-  "drop")``; each request takes the next one, so "fail twice then succeed" is two entries.
+  "drop", "drip", "huge", "huge_declared")``; each request takes the next one, so "fail twice then
+  succeed" is two entries. ``drip`` sends a valid reply one byte every 50 ms (6 s at most);
+  ``huge`` streams ``huge_bytes`` of filler (``huge_declared`` with a Content-Length).
 - It measures what the tests assert on: request count, the bodies received, and the maximum
   number of requests in flight at once (the client's concurrency bound).
 - The plumbing every local test server needs is here too, for the other doubles (web site, judge,
@@ -57,6 +59,40 @@ class LocalHandler(BaseHTTPRequestHandler):
     def send_json(self, code: int, obj: Any, headers: dict | None = None) -> None:
         self.send_bytes(code, "application/json", json.dumps(obj).encode(), headers)
 
+    def send_dripping(self, data: bytes, interval_s: float = 0.05, max_s: float = 6.0) -> None:
+        """200 with ``data`` sent one byte every ``interval_s`` (for at most ``max_s``): every read
+        of the client succeeds, so only a total deadline stops it."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.close_connection = True
+        t0 = time.monotonic()
+        try:
+            for b in data:
+                if time.monotonic() - t0 > max_s:
+                    return
+                self.wfile.write(bytes([b]))
+                self.wfile.flush()
+                time.sleep(interval_s)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def send_huge(self, total_bytes: int, declare: bool = False) -> None:
+        """200 with ``total_bytes`` of JSON-looking filler, with or without a Content-Length."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        if declare:
+            self.send_header("Content-Length", str(total_bytes))
+        self.end_headers()
+        self.close_connection = True
+        chunk = b" " * (1 << 20)
+        try:
+            for _ in range(total_bytes // len(chunk)):
+                self.wfile.write(chunk)
+        except (BrokenPipeError, ConnectionResetError):  # the client stopped reading at its cap
+            pass
+
 
 class _LocalHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
@@ -91,6 +127,7 @@ class FakeOpenAIServer:
         self.latency_s = latency_s  # added to every request (the benchmark's 200 ms)
         self.timeout_sleep_s = timeout_sleep_s  # how long a "timeout" fault stalls before answering
         self.retry_after = retry_after  # the Retry-After header a "429" fault sends
+        self.huge_bytes = 64 << 20  # the size of a "huge" fault's reply
         self.faults: deque[str] = deque()
         self.bodies: list[dict] = []
         self.requests = 0
@@ -102,7 +139,7 @@ class FakeOpenAIServer:
     # ----------------------------------------------------------------------------- control
     def inject(self, *faults: str) -> None:
         for f in faults:
-            if f not in ("429", "500", "503", "timeout", "malformed_body", "drop", "400"):
+            if f not in ("429", "500", "503", "timeout", "malformed_body", "drop", "400", "drip", "huge", "huge_declared"):
                 raise ValueError(f"unknown fault {f!r}")
             self.faults.append(f)
 
@@ -150,6 +187,10 @@ class FakeOpenAIServer:
                     return self.send_json(429, {"error": "rate limited"}, {"Retry-After": server.retry_after})
                 if fault in ("500", "503", "400"):
                     return self.send_json(int(fault), {"error": f"injected {fault}"})
+                if fault == "drip":
+                    return self.send_dripping(b'{"choices": [{"message": {"role": "assistant", "content": "slow"}}]}')
+                if fault in ("huge", "huge_declared"):
+                    return self.send_huge(server.huge_bytes, declare=fault == "huge_declared")
                 try:
                     body = json.loads(raw)
                 except json.JSONDecodeError:

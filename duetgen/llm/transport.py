@@ -11,8 +11,12 @@ Design choices:
   connection errors are ``RetryableError``; they are retried with exponential backoff and jitter
   (delay * U[0.5, 1]) so a burst of workers does not retry in lock-step. Anything else is a
   ``RequestFailed``, returned to the caller at once (other 4xx are the caller's bug).
-- The status check and the transport-error mapping are helpers, not a ``post`` wrapper, because
-  the clients read their bodies differently (whole vs. streamed under a byte cap).
+- ``post_json`` is the one way a client sends a request: a TOTAL deadline (``asyncio.timeout``
+  around connect, headers and body) and a byte cap on the reply, read as a stream. httpx timeouts
+  are per operation: a judge dripping one byte at a time held a request for 31 s under
+  ``--timeout 3``, and 100 MB replies, two at a time, took a judge run to 2.15 GB (issue 15). A
+  missed deadline is a ``RetryableError`` (like any timeout); a reply over the cap is a
+  ``RequestFailed`` (asking again would bring the same reply), so the item becomes an API error.
 """
 
 from __future__ import annotations
@@ -102,6 +106,36 @@ def transport_errors(timeout_s: float):
         raise RetryableError(f"timeout after {timeout_s}s ({type(e).__name__})") from None
     except httpx.TransportError as e:
         raise RetryableError(f"connection error: {type(e).__name__}: {e}") from None
+
+
+DEFAULT_MAX_REPLY_BYTES = 8 << 20  # a chat reply is text: 8 MB is ~2M tokens, far above any max_tokens
+
+
+async def post_json(http: httpx.AsyncClient, url: str, body: dict, *, timeout_s: float,
+                    max_bytes: int) -> tuple[httpx.Response, bytes]:
+    """POST ``body`` as JSON; (response, raw reply body) read within ``timeout_s`` in all and at most ``max_bytes``.
+
+    Raises ``RetryableError`` for a missed deadline or a transport failure, ``RequestFailed`` for a
+    reply over the cap (by Content-Length, before reading, or while streaming). The status is not
+    checked here: call ``check_status``.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            with transport_errors(timeout_s):
+                async with http.stream("POST", url, json=body) as resp:
+                    declared = resp.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > max_bytes:
+                        raise RequestFailed(f"reply of {int(declared):,} bytes (Content-Length) is over the cap "
+                                            f"of {max_bytes:,} bytes")
+                    chunks, size = [], 0
+                    async for chunk in resp.aiter_bytes():
+                        size += len(chunk)
+                        if size > max_bytes:
+                            raise RequestFailed(f"reply larger than the cap of {max_bytes:,} bytes")
+                        chunks.append(chunk)
+    except TimeoutError:  # asyncio.timeout: the whole exchange, not one read, took too long
+        raise RetryableError(f"no complete reply within the {timeout_s:g} s deadline") from None
+    return resp, b"".join(chunks)
 
 
 def check_status(resp: httpx.Response, body_text: str) -> None:

@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import httpx
 
-from duetgen.llm.transport import LoopPool, RequestFailed, check_status, transport_errors, with_retries
+from duetgen.llm.transport import LoopPool, RequestFailed, check_status, post_json, with_retries
 
 Status = Literal["ok", "blocked", "api_error"]
 _DATA_URL_RE = re.compile(r"^data:([\w.+-]+/[\w.+-]+)(;[^,]*)?;base64,(.*)$", re.DOTALL)
@@ -151,15 +151,8 @@ class _ImageAPIClient:
                                   count=self._add)
 
     async def _post_once(self, http: httpx.AsyncClient, body: dict) -> dict:
-        with transport_errors(self.timeout_s):
-            async with http.stream("POST", self._endpoint(), json=body) as resp:
-                chunks, size = [], 0
-                async for chunk in resp.aiter_bytes():
-                    size += len(chunk)
-                    if size > self.max_response_bytes:
-                        raise RequestFailed(f"reply larger than the cap of {self.max_response_bytes:,} bytes")
-                    chunks.append(chunk)
-                raw = b"".join(chunks)
+        resp, raw = await post_json(http, self._endpoint(), body, timeout_s=self.timeout_s,
+                                    max_bytes=self.max_response_bytes)
         text = raw[:300].decode("utf-8", "replace")
         check_status(resp, text)
         try:
