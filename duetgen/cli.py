@@ -912,6 +912,7 @@ def serve(
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
     queue_size: int = typer.Option(4, "--queue-size", min=0, help="Requests that may wait while one generates; more get 429."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Requests generated together, batched through one model (duetgen.infer.batched); 1 = one at a time."),
     timeout: float = typer.Option(300.0, "--timeout", min=1.0, help="Seconds a request may wait + generate."),
     max_upload_mb: float = typer.Option(16.0, "--max-upload-mb", min=0.1, help="Request body cap (JSON with base64 images)."),
     max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels", min=1, help="Pixel cap of one uploaded image."),
@@ -923,7 +924,8 @@ def serve(
 
     pipe = _load_pipeline(model, device)
     limits = ServeLimits(max_body_bytes=int(max_upload_mb * (1 << 20)), max_image_pixels=max_image_pixels,
-                         max_prompt_chars=max_prompt_chars, queue_size=queue_size, request_timeout_s=timeout)
+                         max_prompt_chars=max_prompt_chars, queue_size=queue_size, request_timeout_s=timeout,
+                         max_batch=batch)
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.secho(f"warning: binding {host}: the server has no authentication", fg=typer.colors.YELLOW, err=True)
     typer.secho(f"chat page: http://{host}:{port}/   API: http://{host}:{port}/openapi.json", err=True)

@@ -102,3 +102,25 @@ def test_cancelled_and_failing_answers_leave_the_others_running(model):
     assert errors[2] is None
     assert answer(results[2])[1] == answer(InterleavedEngine(model).run(*requests[2]))[1]
     assert engine.scheduler._members == {}
+
+
+def test_server_with_max_batch_answers_concurrent_requests_as_alone(model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from live_server import live_server
+    from duetgen.infer.pipeline import DuetGenPipeline
+    from duetgen.serve.server import ServeLimits, create_app
+
+    bodies = [{"prompt": training_prompt(i)[0], "seed": i, "num_steps": 2, "max_new_tokens": 80} for i in range(3)]
+
+    def answers(limits):
+        with live_server(create_app(DuetGenPipeline(model, model_id="tiny-fit"), limits)) as url:
+            with ThreadPoolExecutor(3) as pool:
+                replies = list(pool.map(lambda b: httpx.post(f"{url}/api/generate", json=b, timeout=120), bodies))
+            busy = httpx.get(f"{url}/api/health").json()
+        assert all(r.status_code == 200 for r in replies) and busy["running"] == 0
+        return [[p.get("text") for p in r.json()["answer"]] for r in replies]
+
+    assert answers(ServeLimits(max_batch=3, queue_size=0)) == answers(ServeLimits(max_batch=1, queue_size=2))

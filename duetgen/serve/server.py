@@ -66,6 +66,7 @@ class ServeLimits:
     max_steps: int = 100  # sampler steps per image
     max_output_pixels: int = 1024 * 1024  # height x width of a generated image
     queue_size: int = 4  # requests that may wait while one runs; more get 429
+    max_batch: int = 1  # answers generated together, batched through one model (duetgen.infer.batched); 1 = one at a time
     request_timeout_s: float = 300.0  # waiting + generating; then 503 (still waiting) or 504 (cancelled)
     image_store_bytes: int = 256 << 20  # /v1: generated images served by URL, oldest dropped first over this
     image_ttl_s: float = 3600.0  # /v1: how long a generated image's URL stays valid
@@ -226,7 +227,7 @@ class GenerationService:
     def __init__(self, pipeline, limits: ServeLimits):
         self.pipeline = pipeline
         self.limits = limits
-        self.lock = threading.Lock()  # one generation per model
+        self.lock = threading.BoundedSemaphore(limits.max_batch)  # generations at once per model (1 unless batched)
         self._admitted = 0  # running + waiting
         self._running = 0
         self._count_lock = threading.Lock()
@@ -237,8 +238,9 @@ class GenerationService:
 
     def admit(self) -> None:
         with self._count_lock:
-            if self._admitted >= 1 + self.limits.queue_size:
-                raise QueueFull(f"the server is busy: 1 generation running and {self.limits.queue_size} waiting; retry later")
+            if self._admitted >= self.limits.max_batch + self.limits.queue_size:
+                raise QueueFull(f"the server is busy: {self.limits.max_batch} generation(s) running and "
+                                f"{self.limits.queue_size} waiting; retry later")
             self._admitted += 1
 
     def release(self) -> None:
@@ -352,6 +354,10 @@ class BodyLimit:
 def create_app(pipeline, limits: ServeLimits | None = None) -> FastAPI:
     """The ASGI app over one ``DuetGenPipeline`` (run it with uvicorn; ``duetgen serve`` does)."""
     limits = limits or ServeLimits()
+    if limits.max_batch > 1 and getattr(pipeline.engine, "max_batch", 1) != limits.max_batch:
+        from duetgen.infer.batched import BatchedEngine
+
+        pipeline.engine = BatchedEngine(pipeline.model, limits.max_batch)  # concurrent requests share batched steps
     service = GenerationService(pipeline, limits)
     app = FastAPI(
         title="DuetGen",

@@ -1,0 +1,158 @@
+"""Serving throughput: `duetgen serve` batching concurrent requests (duetgen.infer.batched) against one at a time.
+
+    nice -n 19 .venv/bin/python benchmarks/serving.py                       # the shipped ShapeWorld checkpoint
+    nice -n 19 .venv/bin/python benchmarks/serving.py --concurrency 1 4 16 --requests 16 --threads 1
+
+Two real servers on 127.0.0.1 over the same model weights, taking turns in each round: the one-at-a-time
+server (``ServeLimits(max_batch=1)``, the server as it was) and the batched one
+(``max_batch = the largest concurrency``). Requests are ShapeWorld test prompts of every kind
+(how-to, continuation and editing with a canvas, text-to-image, understanding) sent as OpenAI chat
+completions to ``/v1`` with fixed seeds, each from its own client thread. In one run:
+
+1. four requests in a row on the one-at-a-time server against the same four sent at once to the
+   batched server (wall time of the four; issue 17's target: >= 2x);
+2. answers per second at each ``--concurrency`` (``--requests`` answers, that many client
+   threads keep that many requests in flight) on both servers, and their ratio.
+
+Every batched answer is checked equal in text to the one-at-a-time answer of the same request.
+Reported: medians over ``--repeats`` rounds, and each round's ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import io
+import json
+import random
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/live_server.py
+from live_server import live_server  # noqa: E402
+
+from duetgen.data import toyworld  # noqa: E402
+from duetgen.infer.pipeline import DEFAULT_MODEL_DIR, DuetGenPipeline  # noqa: E402
+from duetgen.serve.openai_api import served_model_name  # noqa: E402
+from duetgen.serve.server import ServeLimits, create_app  # noqa: E402
+
+KINDS = ("how-to", "continuation", "text-to-image", "editing", "understanding")
+
+
+def shapeworld_requests(n: int, model: str, seed: int = 0) -> list[dict]:
+    """``n`` chat-completion bodies: test-split ShapeWorld prompts, kinds in turn, a canvas as a data: URL where the kind has one."""
+    bodies = []
+    for i in range(n):
+        task = toyworld.sample_task(KINDS[i % len(KINDS)], random.Random(seed * 1000 + i), split="test")
+        content = [{"type": "text", "text": task.prompt()}]
+        if task.has_canvas:
+            buf = io.BytesIO()
+            toyworld.render(task.initial).save(buf, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+            content.insert(0, {"type": "image_url", "image_url": {"url": url}})
+        bodies.append({"model": model, "seed": i, "messages": [{"role": "user", "content": content}]})
+    return bodies
+
+
+def run_load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, list[str]]:
+    """Send ``bodies`` with ``concurrency`` client threads; (wall seconds, answer texts in request order)."""
+    answers: list[str | None] = [None] * len(bodies)
+    next_index = iter(range(len(bodies)))
+    lock = threading.Lock()
+
+    def client():
+        with httpx.Client(timeout=600) as http:
+            while True:
+                with lock:
+                    i = next(next_index, None)
+                if i is None:
+                    return
+                r = http.post(f"{url}/v1/chat/completions", json=bodies[i])
+                if r.status_code != 200:
+                    raise RuntimeError(f"request {i}: {r.status_code} {r.text}")
+                answers[i] = r.json()["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if any(a is None for a in answers):
+        raise RuntimeError("some requests failed (see above)")
+    return wall, answers
+
+
+def text_only(markdown: str) -> str:
+    """The answer without its image links (URLs are content hashes: float noise in a pixel changes them)."""
+    import re
+
+    return re.sub(r"\n\n!\[image \d+\]\([^)]*\)\n\n", "<image>", markdown)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=16, help="answers per throughput measurement")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; medians are reported (a shared machine is noisy)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = DuetGenPipeline.from_pretrained(args.model).model
+    name = served_model_name(str(args.model))
+    largest = max(max(args.concurrency), 4)
+    servers = {  # the same weights; each pipeline has its own engine
+        "one_at_a_time": (DuetGenPipeline(model, model_id=str(args.model)), ServeLimits(max_batch=1, queue_size=largest)),
+        "batched": (DuetGenPipeline(model, model_id=str(args.model)), ServeLimits(max_batch=largest, queue_size=largest)),
+    }
+    four = shapeworld_requests(4, name)
+    load = shapeworld_requests(args.requests, name, seed=1)
+    results: dict = {"model": str(args.model), "torch_threads": args.threads, "max_batch": largest,
+                     "requests_per_load": args.requests, "repeats": args.repeats}
+    answers: dict = {}
+    walls: dict = {}  # (label, "four" | concurrency) -> wall seconds per round
+    with contextlib.ExitStack() as stack:
+        urls = {label: stack.enter_context(live_server(create_app(pipe, limits))) for label, (pipe, limits) in servers.items()}
+        for url in urls.values():
+            run_load(url, four[:1], 1)  # warm-up
+        # the servers take turns within each round, so a change in the machine's load hits both alike
+        for _ in range(args.repeats):
+            for label, url in urls.items():
+                wall, answers[label, "four"] = run_load(url, four, 1 if label == "one_at_a_time" else 4)
+                walls.setdefault((label, "four"), []).append(wall)
+                for c in args.concurrency:
+                    wall, answers[label, c] = run_load(url, load, c)
+                    walls.setdefault((label, c), []).append(wall)
+            print(f"round {len(walls['batched', 'four'])} done", file=sys.stderr)
+    median = statistics.median
+    results["four_in_a_row_s"] = round(median(walls["one_at_a_time", "four"]), 3)
+    results["four_at_once_batched_s"] = round(median(walls["batched", "four"]), 3)
+    results["four_speedup_per_round"] = [round(a / b, 2) for a, b in zip(walls["one_at_a_time", "four"], walls["batched", "four"])]
+    results["four_speedup"] = round(median(results["four_speedup_per_round"]), 2)
+    results["answers_per_s"] = {label: {c: round(args.requests / median(walls[label, c]), 3) for c in args.concurrency}
+                                for label in servers}
+    results["throughput_ratio_per_round"] = {
+        c: [round(a / b, 2) for a, b in zip(walls["one_at_a_time", c], walls["batched", c])] for c in args.concurrency}
+    results["throughput_ratio"] = {c: round(median(r), 2) for c, r in results["throughput_ratio_per_round"].items()}
+    keys = ["four", *args.concurrency]
+    results["answers_equal_in_text"] = all(
+        [text_only(a) for a in answers["batched", k]] == [text_only(a) for a in answers["one_at_a_time", k]] for k in keys)
+    print(json.dumps(results, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
