@@ -917,6 +917,7 @@ def serve(
     max_upload_mb: float = typer.Option(16.0, "--max-upload-mb", min=0.1, help="Request body cap (JSON with base64 images)."),
     max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels", min=1, help="Pixel cap of one uploaded image."),
     max_prompt_chars: int = typer.Option(4000, "--max-prompt-chars", min=1, help="Text cap of one request."),
+    allowed_host: Optional[list[str]] = typer.Option(None, "--allowed-host", help="Host header value to answer besides the bound host (repeatable; '*' = any, e.g. behind a proxy). Others get 400: DNS rebinding."),
 ):
     """Serve a chat page and an HTTP API (JSON + server-sent events, OpenAPI at /openapi.json); one generation at a time."""
     from duetgen.serve.server import ServeLimits
@@ -927,9 +928,10 @@ def serve(
                          max_prompt_chars=max_prompt_chars, queue_size=queue_size, request_timeout_s=timeout,
                          max_batch=batch)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        typer.secho(f"warning: binding {host}: the server has no authentication", fg=typer.colors.YELLOW, err=True)
+        typer.secho(f"warning: binding {host}: the server has no authentication; it answers only requests whose Host "
+                    f"header names {host} (add --allowed-host NAME for the names clients use)", fg=typer.colors.YELLOW, err=True)
     typer.secho(f"chat page: http://{host}:{port}/   API: http://{host}:{port}/openapi.json", err=True)
-    run_server(pipe, host=host, port=port, limits=limits)
+    run_server(pipe, host=host, port=port, limits=limits, allowed_hosts=allowed_host)
 
 
 # ----------------------------------------------------------------------------- demo

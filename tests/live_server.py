@@ -10,9 +10,13 @@ import uvicorn
 
 
 @contextlib.contextmanager
-def live_server(app):
-    """Yield the base URL ("http://127.0.0.1:PORT") of a real server running ``app``; stop it afterwards."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+def live_server(app, config: uvicorn.Config | None = None):
+    """Yield the base URL ("http://127.0.0.1:PORT") of a real server running ``app``; stop it afterwards.
+
+    ``config``: a ready ``uvicorn.Config`` (on 127.0.0.1, port 0) instead of uvicorn's defaults.
+    """
+    config = config or uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

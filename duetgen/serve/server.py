@@ -40,13 +40,16 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from duetgen.data.record import ImagePart, Message, RecordError, TextPart, encode_png, inspect_image, to_rgb
 from duetgen.infer.engine import Cancelled, DenoisingStep, Finished, GenerationConfig, ImageDone, ImageStarted, TextDelta
+from duetgen.serve.guards import LOOPBACK_HOSTS, hosts_to_answer, uvicorn_config, validation_error
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -65,6 +68,7 @@ class ServeLimits:
     max_new_tokens: int = 1024
     max_steps: int = 100  # sampler steps per image
     max_output_pixels: int = 1024 * 1024  # height x width of a generated image
+    max_output_side: int = 2048  # either side of a generated image ([16, 65536] passed the pixel cap and failed in the model)
     queue_size: int = 4  # requests that may wait while one runs; more get 429
     max_batch: int = 1  # answers generated together, batched through one model (duetgen.infer.batched); 1 = one at a time
     request_timeout_s: float = 300.0  # waiting + generating; then 503 (still waiting) or 504 (cancelled)
@@ -91,11 +95,11 @@ class GenerateRequest(BaseModel):
                                examples=["How do I arrange a red circle at the top left and a blue square in the center?"])
     images: list[str] = Field(default_factory=list, description="input images for `prompt` (base64 or data: URLs), shown before its text")
     messages: list[ChatMessage] | None = Field(None, description="a conversation; the answer continues it")
-    seed: int = 0
-    temperature: float = Field(0.0, ge=0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = Field(0, ge=-(2**63), lt=2**63, description="a signed 64-bit integer (torch's seed range)")
+    temperature: float = Field(0.0, ge=0, allow_inf_nan=False, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     num_steps: int | None = Field(None, ge=1, description="sampler steps per image; default: the model's")
-    guidance_scale: float | None = Field(None, gt=0, description="w in v_neg + w (v_pos - v_neg); 1 = none; default: the model's")
+    guidance_scale: float | None = Field(None, gt=0, allow_inf_nan=False, description="w in v_neg + w (v_pos - v_neg); 1 = none; default: the model's")
     max_new_tokens: int = Field(512, ge=1)
     max_images: int | None = Field(None, ge=0, description="generated images at most")
     image_size: list[int] | None = Field(None, min_length=2, max_length=2, description="[height, width] of generated images")
@@ -184,6 +188,10 @@ def request_messages(req: GenerateRequest, limits: ServeLimits) -> list[Message]
             if p.type == "text":
                 if p.text is None:
                     raise BadRequest(f"{where}: a text part needs `text`")
+                try:  # JSON's "\ud800" escape decodes to a lone surrogate, which no tokenizer (or UTF-8) takes
+                    p.text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise BadRequest(f"{where}: not valid Unicode (lone surrogate at character {e.start})") from None
                 content.append(TextPart(p.text))
             else:
                 content.append(ImagePart(decode_image(p.image, where, limits)))
@@ -206,6 +214,8 @@ def request_config(req: GenerateRequest, limits: ServeLimits, model) -> Generati
             raise BadRequest(f"image_size={list(size)}: sides must be positive multiples of {multiple}")
         if size[0] * size[1] > limits.max_output_pixels:
             raise BadRequest(f"image_size={list(size)} is over the cap of {limits.max_output_pixels:,} pixels")
+        if max(size) > limits.max_output_side:
+            raise BadRequest(f"image_size={list(size)}: each side must be at most {limits.max_output_side}")
     config = GenerationConfig(max_new_tokens=req.max_new_tokens, max_images=req.max_images,
                               temperature=req.temperature, top_p=req.top_p, seed=req.seed, num_steps=req.num_steps,
                               guidance_scale=req.guidance_scale, image_size=size)
@@ -351,9 +361,14 @@ class BodyLimit:
 
 
 # ============================================================================ the app
-def create_app(pipeline, limits: ServeLimits | None = None) -> FastAPI:
-    """The ASGI app over one ``DuetGenPipeline`` (run it with uvicorn; ``duetgen serve`` does)."""
+def create_app(pipeline, limits: ServeLimits | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The ASGI app over one ``DuetGenPipeline`` (run it with uvicorn; ``duetgen serve`` does).
+
+    ``allowed_hosts``: the ``Host`` header values answered (``guards.hosts_to_answer``); default the
+    loopback names, ``["*"]`` for any. Any other Host gets 400 (DNS rebinding onto a local server).
+    """
     limits = limits or ServeLimits()
+    model_name = Path(pipeline.model_id).name or pipeline.model_id  # never the server's absolute path
     if limits.max_batch > 1 and getattr(pipeline.engine, "max_batch", 1) != limits.max_batch:
         from duetgen.infer.batched import BatchedEngine
 
@@ -377,18 +392,20 @@ def create_app(pipeline, limits: ServeLimits | None = None) -> FastAPI:
     async def queue_full(request: Request, e: QueueFull):
         return JSONResponse({"detail": str(e)}, status_code=429, headers={"Retry-After": "5"})
 
+    app.add_exception_handler(RequestValidationError, validation_error)  # a 422 whose input was NaN rendered as 500
+
     @app.get("/", include_in_schema=False)
     async def index():
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     @app.get("/api/health", summary="Liveness and queue state")
     async def health():
-        return {"status": "ok", "model": pipeline.model_id, **service.status()}
+        return {"status": "ok", "model": model_name, **service.status()}
 
     @app.get("/api/model", summary="The model's defaults and this server's limits")
     async def model_info():
         cfg = pipeline.model.config
-        return {"model": pipeline.model_id, "preset": cfg.preset, "image_size": list(cfg.image_size),
+        return {"model": model_name, "preset": cfg.preset, "image_size": list(cfg.image_size),
                 "num_steps": cfg.sampler.num_steps, "guidance_scale": cfg.guidance_scale,
                 "max_images": cfg.max_images, "pixel_multiple": pipeline.model.pixel_multiple,
                 "limits": asdict(limits)}
@@ -427,7 +444,7 @@ def create_app(pipeline, limits: ServeLimits | None = None) -> FastAPI:
         record = finished.record
         return {"id": record.id, "answer": answer_json(finished.content),
                 "messages": [{"role": m.role, "content": answer_json(m.content)} for m in record.messages],
-                "meta": record.meta}
+                "meta": {**record.meta, "model": model_name}}
 
     @app.post("/api/generate/stream", summary="Generate one answer as server-sent events",
               response_class=StreamingResponse,
@@ -481,6 +498,7 @@ def create_app(pipeline, limits: ServeLimits | None = None) -> FastAPI:
     from duetgen.serve.openai_api import mount_openai_api  # imports this module: imported here, not at the top
 
     mount_openai_api(app, service, limits)  # /v1, OpenAI-compatible; its error rewriting wraps the body cap
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts or LOOPBACK_HOSTS))  # outermost
     return app
 
 
@@ -489,9 +507,14 @@ class _Error:
     detail: str
 
 
-def serve(pipeline, host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None) -> None:
-    """Run the server until interrupted (``duetgen serve``)."""
+def serve(pipeline, host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None,
+          allowed_hosts: list[str] | None = None) -> None:
+    """Run the server until interrupted (``duetgen serve``).
+
+    The Host header must name ``host`` (or a loopback name when bound to loopback) or one of
+    ``allowed_hosts`` (``["*"]``: any; for a server behind a proxy that checks it).
+    """
     import uvicorn
 
-    uvicorn.run(create_app(pipeline, limits), host=host, port=port, log_level="info",
-                timeout_keep_alive=5, limit_concurrency=64)
+    app = create_app(pipeline, limits, allowed_hosts=hosts_to_answer(host, allowed_hosts or ()))
+    uvicorn.Server(uvicorn_config(app, host, port)).run()
