@@ -6,8 +6,8 @@ where an LLM asked for "more questions" often returns rewordings of ones it alre
 Design choices:
 - Texts are normalised (lowercase, punctuation dropped, whitespace collapsed) and cut into
   character 5-gram shingles: robust to word order tweaks and small rewordings, no tokenizer.
-- MinHash with ``num_perm`` universal hashes ``(a*x + b) mod (2^61 - 1)`` over 32-bit shingle
-  hashes (a, b < 2^32, so the product never overflows uint64), vectorised in numpy.
+- MinHash and the LSH index are the shared ``duetgen/data/minhash.py`` (the data engine's
+  cross-page dedup uses the same code): ``num_perm`` universal hashes over 32-bit shingle hashes.
 - LSH banding (bands x rows = num_perm) only proposes candidate pairs; the default 32 x 4 puts
   the LSH threshold near Jaccard 0.42, well below the 0.6 decision threshold, so recall is
   high. Candidates whose MinHash estimate is more than ``prefilter_margin`` under the threshold
@@ -19,14 +19,13 @@ Design choices:
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
-_MERSENNE = np.uint64((1 << 61) - 1)
-_MASK32 = np.uint64((1 << 32) - 1)
+from duetgen.data.minhash import LSHIndex, MinHasher, string_hashes
+
 _PUNCT_RE = re.compile(r"[^\w\s]", re.UNICODE)
 _WS_RE = re.compile(r"\s+")
 
@@ -63,33 +62,20 @@ class NearDupIndex:
 
     def __init__(self, cfg: NearDupConfig | None = None):
         self.cfg = cfg or NearDupConfig()
-        if self.cfg.num_perm % self.cfg.bands:
-            raise ValueError(f"num_perm ({self.cfg.num_perm}) must be a multiple of bands ({self.cfg.bands})")
-        rng = np.random.default_rng(self.cfg.seed)
-        self._a = rng.integers(1, 1 << 32, size=self.cfg.num_perm, dtype=np.uint64)
-        self._b = rng.integers(0, 1 << 32, size=self.cfg.num_perm, dtype=np.uint64)
-        self._rows = self.cfg.num_perm // self.cfg.bands
-        self._buckets: list[dict[bytes, list[int]]] = [{} for _ in range(self.cfg.bands)]
+        self._lsh = LSHIndex(self.cfg.num_perm, self.cfg.bands)  # raises unless bands divides num_perm
+        self._hasher = MinHasher(self.cfg.num_perm, self.cfg.seed)
         self._shingles: list[set[str]] = []
-        self._sigs = np.empty((1024, self.cfg.num_perm), dtype=np.uint64)  # (capacity, P), grown by doubling
 
     def signature(self, sh: set[str]) -> np.ndarray:
-        x = np.fromiter((int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "little") for s in sh),
-                        dtype=np.uint64, count=len(sh))  # (S,)
-        hv = (x[:, None] * self._a[None, :] + self._b[None, :]) % _MERSENNE  # (S, P)
-        return (hv & _MASK32).min(axis=0)  # (P,)
+        return self._hasher.signature(string_hashes(sh))  # (P,)
 
     def query(self, text: str) -> tuple[int | None, set[str], np.ndarray]:
         sh = shingles(text, self.cfg.shingle_k)
         sig = self.signature(sh)
-        candidates: set[int] = set()
-        for band in range(self.cfg.bands):
-            key = sig[band * self._rows : (band + 1) * self._rows].tobytes()
-            candidates.update(self._buckets[band].get(key, ()))
-        if not candidates:
+        cand = self._lsh.candidates(sig)  # (C,)
+        if not len(cand):
             return None, sh, sig
-        cand = np.fromiter(sorted(candidates), dtype=np.int64, count=len(candidates))  # (C,)
-        estimate = (self._sigs[cand] == sig[None, :]).mean(axis=1)  # (C,) MinHash Jaccard estimates
+        estimate = self._lsh.estimates(cand, sig)  # (C,) MinHash Jaccard estimates
         for c in cand[estimate >= self.cfg.threshold - self.cfg.prefilter_margin].tolist():
             if jaccard(sh, self._shingles[c]) >= self.cfg.threshold:
                 return c, sh, sig
@@ -100,14 +86,8 @@ class NearDupIndex:
         dup, sh, sig = self.query(text)
         if dup is not None:
             return dup
-        idx = len(self._shingles)
         self._shingles.append(sh)
-        if idx == len(self._sigs):
-            self._sigs = np.concatenate([self._sigs, np.empty_like(self._sigs)])
-        self._sigs[idx] = sig
-        for band in range(self.cfg.bands):
-            key = sig[band * self._rows : (band + 1) * self._rows].tobytes()
-            self._buckets[band].setdefault(key, []).append(idx)
+        self._lsh.add(sig)
         return None
 
     def __len__(self) -> int:
