@@ -120,7 +120,7 @@ def data_toyworld(
 
 @data_app.command("engine")
 def data_engine(
-    input: Path = typer.Option(..., "--input", help="Pages: a .jsonl file of {url, html[, id, source]} per line, or a directory of .html files."),
+    input: Path = typer.Option(..., "--input", help="Pages: a .jsonl file of {url, html[, id, source]} per line, a directory of .html files, or WARC files ('crawl/*.warc.gz', quoted)."),
     out: Path = typer.Option(..., "--out", help="Dataset directory to write; rerun the same command to resume a killed run."),
     llm: Optional[str] = typer.Option(None, "--llm", help="OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1); without it: rules and templates only."),
     model: Optional[str] = typer.Option(None, "--model", help="Model id as the endpoint names it (a multimodal model: it captions images)."),
@@ -130,6 +130,9 @@ def data_engine(
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the API key (never written to disk)."),
     llm_concurrency: int = typer.Option(16, "--llm-concurrency", min=1, help="LLM requests in flight per worker."),
     allow_network: Optional[list[str]] = typer.Option(None, "--allow-network", help="CIDR whose images may be fetched although not public (repeatable), e.g. 127.0.0.0/8 for a local mirror."),
+    languages: str = typer.Option("en", "--languages", help="Comma-separated ISO 639-1 codes of the pages to keep (lingua), or 'any'."),
+    dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="Remove cross-page near-duplicates (MinHash + LSH, keeps the lowest id)."),
+    dedup_threshold: float = typer.Option(0.8, "--dedup-threshold", min=0.0, max=1.0, help="Estimated Jaccard of word 5-grams at or above which two pages are duplicates."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
     """Turn how-to web pages into clean interleaved conversations (paper 3.1), with a funnel report."""
@@ -138,6 +141,8 @@ def data_engine(
 
     from duetgen.data.engine import EngineConfig, EngineError, LocalExecutor, run_engine
     from duetgen.data.engine.fetch import FetchConfig
+    from duetgen.data.engine.language import LanguageConfig, check_languages
+    from duetgen.data.engine.neardup import NearDupPageConfig
     from duetgen.data.record import RecordError
 
     if (llm is None) != (model is None):
@@ -149,7 +154,14 @@ def data_engine(
             ipaddress.ip_network(n, strict=False)
         except ValueError:
             fail(f"--allow-network {n!r} is not a CIDR network")
+    codes = tuple(c.strip().lower() for c in languages.split(",") if c.strip())
+    try:
+        check_languages(codes)
+    except ValueError as e:
+        fail(str(e))
     cfg = EngineConfig(fetch=FetchConfig(allow_networks=tuple(allow_network or ())), shard_pages=shard_pages,
+                       language=LanguageConfig(languages=codes),
+                       neardup=NearDupPageConfig(enabled=dedup, threshold=dedup_threshold),
                        llm_url=llm, llm_model=model, llm_api_key=os.environ.get(api_key_env),
                        llm_concurrency=llm_concurrency)
     try:
@@ -470,10 +482,12 @@ def eval_generate(
     benchmark: str = typer.Option(..., "--benchmark", help="Benchmark name (see `duetgen eval benchmarks`) or a benchmark JSON file."),
     model: Path = typer.Option(..., "--model", help="DuetGen model directory (DuetGen.save_pretrained / a training checkpoint)."),
     out: Path = typer.Option(..., "--out", help="Prediction folder to write (a dataset, plus generation.json); give it to `eval run --pred`. Rerun to resume."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Judged benchmarks: the inputs, a dataset directory or InterleavedBench's interleaved_bench.json."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Image root for an InterleavedBench JSON (default: its folder)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="The inputs: a dataset directory, InterleavedBench's interleaved_bench.json, ImgEdit's basic_edit.json, a GEdit-Bench Parquet/datasets copy, or GenEval's evaluation_metadata.jsonl."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image root for an InterleavedBench JSON or ImgEdit's basic_edit.json (default: its folder)."),
     truth: Optional[Path] = typer.Option(None, "--truth", help="shapeworld: the ground-truth dataset; only its user turns are shown to the model."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Answer only the first N items (a later run without it continues)."),
+    samples: int = typer.Option(1, "--samples", min=1, help="geneval: images per prompt (GenEval's protocol uses 4)."),
+    language: Optional[str] = typer.Option(None, "--language", help="gedit: instruction_language of the rows to answer (default en; 'all')."),
     seed: int = typer.Option(0, "--seed", help="Base seed; each item's seed is derived from it and the item id."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampler steps per image (default: the model's)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance scale w (1 = none; default: the model's)."),
@@ -488,34 +502,45 @@ def eval_generate(
 ):
     """Answer a benchmark's inputs with a DuetGen checkpoint (then judge them with `duetgen eval run --pred OUT`)."""
     from duetgen.data.record import RecordError
-    from duetgen.eval.adapters import AdapterError, DuetGenModel, benchmark_inputs, generate_benchmark
+    from duetgen.eval.adapters import (SINGLE_IMAGE_FORMATS, AdapterError, DuetGenModel, benchmark_inputs,
+                                       generate_benchmark)
     from duetgen.eval.benchmarks import BenchmarkError, load_benchmark
     from duetgen.models.duetgen import ModelDirectoryError
 
     try:  # the cheap checks first: a wrong flag fails before the model loads
-        benchmark_inputs(load_benchmark(benchmark), prompts, truth, images)
+        bench = load_benchmark(benchmark)
+        benchmark_inputs(bench, prompts, truth, images)
     except (AdapterError, BenchmarkError) as e:
         fail(str(e))
+    if samples != 1 and bench.prompts_format != "geneval_metadata":
+        fail(f"--samples is for geneval; {bench.name!r} has one answer per item")
+    if bench.prompts_format == "geneval_metadata" and samples == 1:
+        samples = 4  # GenEval's protocol: four images per prompt
+    structure = "one_image" if bench.prompts_format in SINGLE_IMAGE_FORMATS else "free"
     settings = dict(seed=seed, num_steps=steps, guidance_scale=guidance, temperature=temperature, top_p=top_p,
                     max_new_tokens=max_new_tokens, max_images=max_images, image_size=_parse_image_size(image_size))
     try:
-        dg = DuetGenModel.from_pretrained(model, name=name, device=device, **settings)
+        dg = DuetGenModel.from_pretrained(model, name=name, device=device, structure=structure, **settings)
     except (ModelDirectoryError, OSError) as e:
         fail(f"--model {str(model)!r}: {e}")
     except ValueError as e:  # a setting out of range
         fail(str(e))
     try:
         n = generate_benchmark(dg, benchmark, out, prompts=prompts, truth=truth, images=images, limit=limit,
-                               progress=progress)
+                               progress=progress, samples=samples, language=language)
     except (AdapterError, BenchmarkError, RecordError, ValueError, OSError) as e:
         fail(str(e))
+    if bench.prompts_format == "geneval_metadata":
+        typer.echo(f"generated {n} image(s) with {dg.name} in GenEval's layout under {out}; score them with GenEval's "
+                   f"evaluate_images.py, then `duetgen eval run --benchmark geneval --pred results.jsonl`")
+        return
     typer.echo(f"generated {n} answer(s) with {dg.name}; wrote {out} (settings in {out / 'generation.json'})")
 
 
 @eval_app.command("run")
 def eval_run(
     benchmark: str = typer.Option(..., "--benchmark", help="Benchmark name (see `duetgen eval benchmarks`) or a benchmark JSON file."),
-    pred: Path = typer.Option(..., "--pred", help="The model's outputs: a dataset directory, or a CoMM results folder (<id>/results.json)."),
+    pred: Path = typer.Option(..., "--pred", help="The model's outputs: a dataset directory, a CoMM results folder (<data_id>_taskN/results.json), an ImgEdit or GEdit-Bench edited-images folder, or GenEval's results.jsonl."),
     out: Path = typer.Option(..., "--out", help="Run directory. Rerun the same command to resume: finished judge calls come from the score cache."),
     judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible endpoint of the judge, e.g. http://127.0.0.1:8000/v1 (a local vLLM) or a hosted API."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Judge model id as the endpoint names it."),
@@ -523,6 +548,8 @@ def eval_run(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Benchmark inputs: a dataset directory, or InterleavedBench's interleaved_bench.json. Defines the item list (missing predictions are counted)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image root for an InterleavedBench JSON (default: its folder)."),
     truth: Optional[Path] = typer.Option(None, "--truth", help="shapeworld only: the ground-truth dataset."),
+    task: Optional[str] = typer.Option(None, "--task", help="comm: the task judged (default task4, the paper's Table 2; task3 also judged)."),
+    language: Optional[str] = typer.Option(None, "--language", help="gedit: instruction_language of the rows judged (default en; 'all')."),
     name: Optional[str] = typer.Option(None, "--name", help="The model's name in reports (default: the --pred folder name)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Score cache file to use (default: <out>/score_cache.sqlite); share one between runs."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the judge API key (never recorded)."),
@@ -548,7 +575,7 @@ def eval_run(
             timeout_s=timeout_s, max_retries=max_retries)
         cfg = RunConfig(benchmark=benchmark, pred=str(pred), out=str(out), prompts=None if prompts is None else str(prompts),
                         images=None if images is None else str(images), truth=None if truth is None else str(truth),
-                        name=name, cache=None if cache is None else str(cache))
+                        name=name, cache=None if cache is None else str(cache), task=task, language=language)
         summary = run_benchmark(cfg, judge, api_key=os.environ.get(api_key_env), progress=progress)
     except (HarnessError, BenchmarkError, TemplateError, RecordError, ValueError, OSError) as e:
         fail(str(e))
@@ -565,7 +592,7 @@ def _print_summary(summary: dict) -> None:
     for col in ("mean", "95% CI", "n", "not scored"):
         table.add_column(col, justify="right")
     for m, row in summary["metrics"].items():
-        bad = ", ".join(f"{s} {n}" for s, n in row["states"].items() if s != "ok" and n)
+        bad = ", ".join(f"{s} {n}" for s, n in row["states"].items() if s not in ("ok", "not_applicable") and n)
         ci = "-" if row["ci95"] is None else f"[{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}]"
         table.add_row(m, "-" if row["mean"] is None else f"{row['mean']:.3f}", ci, str(row["n"]), bad or "-")
     Console().print(table)

@@ -62,7 +62,7 @@ def test_only_ok_values_enter_the_mean_and_every_other_state_is_counted():
     s = summarize(results, ["A", "B"], n_boot=200)
     assert s["metrics"]["A"]["mean"] == pytest.approx(3.0) and s["metrics"]["A"]["n"] == 3
     assert s["metrics"]["A"]["states"] == {"ok": 3, "api_error": 1, "refusal": 0, "unparsable": 1, "no_image": 0,
-                                           "missing": 0, "undefined": 0}
+                                           "missing": 0, "undefined": 0, "not_applicable": 0, "bad_image": 0}
     assert s["metrics"]["B"]["mean"] == pytest.approx(1.5) and s["metrics"]["B"]["n"] == 2
     assert s["metrics"]["B"]["states"]["refusal"] == 1 and s["metrics"]["B"]["states"]["no_image"] == 1
     assert s["categories"]["a"]["metrics"]["A"]["mean"] == pytest.approx(4.0)

@@ -85,6 +85,8 @@ def _ib(tmp_path, samples):
 @pytest.mark.parametrize("sample,match", [
     ({"id": "a", "task_name": "t", "conversations": [{"from": "human", "value": "x <image>"}], "image": []},
      "1 <image> token"),
+    ({"id": "a", "task_name": "t", "conversations": [{"from": "human", "value": "x <image> <image>"}], "image": ["i.png"]},
+     r"2 <image> token\(s\) in the human turn but 1 image"),
     ({"id": "a", "task_name": "t", "conversations": [{"from": "human", "value": "x <image>"}], "image": ["../up.png"]},
      "leaves the dataset root"),
     ({"id": "a", "task_name": "t", "conversations": [{"from": "human", "value": "x <image>"}], "image": ["/etc/x.png"]},
@@ -98,10 +100,13 @@ def test_malformed_interleavedbench_samples_are_refused_by_name(tmp_path, sample
         read_interleavedbench(_ib(tmp_path, [sample]))
 
 
-def test_interleavedbench_duplicate_ids_and_non_list_are_refused(tmp_path):
+def test_interleavedbench_repeated_ids_are_keyed_by_index_and_non_list_is_refused(tmp_path):
     s = {"id": "a", "task_name": "t", "conversations": [{"from": "human", "value": "x"}]}
-    with pytest.raises(ReaderError, match="duplicate id"):
-        read_interleavedbench(_ib(tmp_path, [s, s]))
+    u = dict(s, id="b")
+    recs, _ = read_interleavedbench(_ib(tmp_path, [s, u, s]))  # the real file repeats ids: the file still reads
+    assert [r.id for r in recs] == ["a#0", "b", "a#2"]
+    assert [r.meta["interleavedbench_id"] for r in recs] == ["a", "b", "a"]
+    assert [r.meta["interleavedbench_index"] for r in recs] == [0, 1, 2]
     with pytest.raises(ReaderError, match="JSON list"):
         read_interleavedbench(_ib(tmp_path, {"data": [s]}))
     (tmp_path / "bad.json").write_text("[{")
@@ -116,10 +121,11 @@ def test_comm_results_layout_becomes_records():
     q, cont = recs
     assert q.meta["category"] == "task4" and cont.meta["category"] == "task3"
     assert q.image_parts("user") == [] and len(q.image_parts("assistant")) == 3
-    assert [p.path for p in cont.image_parts("user")] == ["howto_0002_task3/input_1.jpg", "howto_0002_task3/input_2.jpg"]
+    assert [p.path for p in cont.image_parts("user")] == ["howto_0002_task3/origin/input_1.jpg",
+                                                           "howto_0002_task3/origin/input_2.jpg"]
     assert [p.path for p in cont.image_parts("assistant")] == ["howto_0002_task3/predict_3.jpg",
                                                                 "howto_0002_task3/predict_4.jpg"]
-    assert q.meta["gt_images"][0] == "howto_0001_task4/output_gt_1.jpg"
+    assert q.meta["gt_images"][0] == "howto_0001_task4/origin/output_gt_1.jpg"
     first = q.messages[1].content
     assert isinstance(first[0], TextPart) and first[0].text.startswith("(1) Step1: Water")
     assert images.open_image(q.image_parts("assistant")[0].path, q.id).size == (32, 32)

@@ -11,7 +11,12 @@ Three ways in:
    prompts and write its answers (resumable: ids already in ``out`` are skipped).
 3. ``generate_benchmark(DuetGenModel.from_pretrained(dir), "shapeworld", out, truth=...)``
    (``duetgen eval generate``): a DuetGen checkpoint on a benchmark's inputs, through
-   ``run_model``, with its settings recorded in ``out/generation.json``.
+   ``run_model``, with its settings recorded in ``out/generation.json``. GenEval is written in
+   GenEval's own output layout instead (``generate_geneval``), for its own scorer.
+
+Single-image benchmarks (GenEval, ImgEdit, GEdit-Bench) do not rely on the free-running model to
+draw exactly one image: DuetGen's answer is forced to ``<BOV>`` first and end of turn after the
+image (``DuetGenModel(structure="one_image")``), every other choice being the model's own.
 
 Design choices:
 - A narrow model interface (lm-evaluation-harness style): the model gets the request messages
@@ -49,7 +54,8 @@ from typing import Iterable, Protocol, runtime_checkable
 from duetgen.data.record import (Dataset, DatasetWriter, ImagePart, Message, Part, Record, RecordError, TextPart,
                                  atomic_write_bytes)
 from duetgen.eval.benchmarks.readers import (ImageFolder, ImageSource, ReaderError, is_comm_results_dir,
-                                             read_comm_results, read_interleavedbench, read_records)
+                                             read_comm_results, read_gedit, read_geneval_metadata, read_imgedit,
+                                             read_interleavedbench, read_records)
 
 MAX_JSONL_BYTES = 1024 * 1024 * 1024  # one record file of a plain folder; records are streamed line by line
 GENERATION_FILE = "generation.json"  # in a prediction folder written by generate_benchmark
@@ -140,20 +146,27 @@ def import_outputs(src: str | os.PathLike, out: str | os.PathLike, name: str | N
 
 
 # ----------------------------------------------------------------------------- running a model
-def read_prompts(prompts: str | os.PathLike, images: str | os.PathLike | None = None) -> tuple[list[Record], ImageSource]:
-    """Benchmark prompts from a dataset directory or an InterleavedBench JSON file."""
+def read_prompts(prompts: str | os.PathLike, images: str | os.PathLike | None = None, prompts_format: str = "records",
+                 language: str | None = None) -> tuple[list[Record], ImageSource]:
+    """Benchmark prompts: a dataset directory, an InterleavedBench JSON file, ImgEdit's
+    basic_edit.json (``prompts_format="imgedit_json"``) or a GEdit-Bench copy (``"gedit_dataset"``)."""
     p = Path(prompts)
+    if prompts_format == "imgedit_json":
+        return read_imgedit(p, images)
+    if prompts_format == "gedit_dataset":
+        return read_gedit(p, language or "en")
     if p.is_file() and p.suffix == ".json":
         return read_interleavedbench(p, images)
     return read_records(p)
 
 
 def run_model(model: Model, prompts: str | os.PathLike, out: str | os.PathLike, *, images: str | os.PathLike | None = None,
-              limit: int | None = None, shard_size: int = 50, progress: bool = True) -> int:
+              limit: int | None = None, shard_size: int = 50, progress: bool = True, prompts_format: str = "records",
+              language: str | None = None) -> int:
     """Run ``model`` on every prompt not yet answered in ``out``; return how many were generated."""
     if not isinstance(model, Model):
         raise TypeError(f"{type(model).__name__} does not implement the Model protocol (name, generate)")
-    records, source = read_prompts(prompts, images)
+    records, source = read_prompts(prompts, images, prompts_format, language)
     if limit is not None:
         records = records[:limit]
     done = {r.id for r in Dataset(out)} if (Path(out) / "manifest.json").is_file() else set()
@@ -219,8 +232,12 @@ class DuetGenModel:
     >>> generate_benchmark(model, "shapeworld", "preds/sw", truth="shapeworld-test/")
     """
 
-    def __init__(self, pipe, config=None, name: str | None = None, path: str | os.PathLike | None = None):
+    def __init__(self, pipe, config=None, name: str | None = None, path: str | os.PathLike | None = None,
+                 structure: str = "free"):
+        if structure not in ("free", "one_image"):
+            raise ValueError(f"structure must be 'free' or 'one_image', got {structure!r}")
         self.pipe = pipe  # a duetgen.infer.pipeline.DuetGenPipeline
+        self.structure = structure  # "one_image": <BOV> first, end of turn after the image (editing, text-to-image)
         self.config = pipe.config(config, {})  # a checked GenerationConfig; its seed is the run's base seed
         self.name = name or Path(path or pipe.model_id).name
         self.path = None if path is None else Path(path)
@@ -228,18 +245,38 @@ class DuetGenModel:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, name: str | None = None, device: str = "cpu",
-                        dtype=None, **settings) -> "DuetGenModel":
+                        dtype=None, structure: str = "free", **settings) -> "DuetGenModel":
         """Load a DuetGen directory; ``settings`` are GenerationConfig fields (``num_steps=10, seed=3``).
         A bad directory raises ``ModelDirectoryError`` naming it; a bad setting, ``ValueError``."""
         from duetgen.infer.pipeline import DuetGenPipeline
 
         pipe = DuetGenPipeline.from_pretrained(path, device=device, dtype=dtype)
-        return cls(pipe, pipe.config(None, settings), name=name or Path(path).resolve().name, path=path)
+        return cls(pipe, pipe.config(None, settings), name=name or Path(path).resolve().name, path=path,
+                   structure=structure)
 
     def generate(self, request: list[Message], item_id: str | None = None) -> Record:
         """The pipeline's output record for ``request``; seeded by ``item_id`` (the base seed without one)."""
         seed = self.config.seed if item_id is None else item_seed(self.config.seed, item_id)
-        return self.pipe(request, dataclasses.replace(self.config, seed=seed), record_id=item_id)
+        config = dataclasses.replace(self.config, seed=seed)
+        if self.structure == "free":
+            return self.pipe(request, config, record_id=item_id)
+        messages = self.pipe.messages(request, ())
+        finished = self.pipe.engine.run(messages, config, logits_processor=self._one_image())
+        return self.pipe.record(messages, finished, config, item_id)
+
+    def _one_image(self):
+        """logits_processor: <BOV> as the first token, end of turn as the first after the image."""
+        import torch
+
+        from duetgen.models.mllm import TokenIds
+
+        ids = TokenIds.from_tokenizer(self.pipe.model.tokenizer)
+
+        def processor(generated, logits):
+            out = torch.full_like(logits, float("-inf"))
+            out[ids.im_end if ids.bov in generated else ids.bov] = 0.0
+            return out
+        return processor
 
     def settings(self) -> dict:
         """What fixes the answers: the model's identity and every generation setting, resolved
@@ -256,6 +293,7 @@ class DuetGenModel:
             "guidance_scale": m.guidance_scale if c.guidance_scale is None else c.guidance_scale,
             "image_size": list(c.image_size or m.image_size),
         }
+        generation["structure"] = self.structure
         return {"model": {"fingerprint": self._fingerprint, "preset": m.preset}, "generation": generation}
 
 
@@ -280,6 +318,8 @@ def benchmark_inputs(bench, prompts, truth, images) -> tuple[str, str]:
                            "the predictions (CoMM's results.json); run CoMM's pipeline and `duetgen eval import`")
     if prompts is None:
         raise AdapterError(f"benchmark {bench.name!r}: give --prompts (its inputs)")
+    if bench.prompts_format == "geneval_metadata" and images is not None:
+        raise AdapterError(f"benchmark {bench.name!r} has text-only prompts; drop --images")
     return str(prompts), "--prompts"
 
 
@@ -323,17 +363,81 @@ def _open_generation_file(out: Path, bound: dict) -> dict:
     return {"format": GENERATION_FORMAT, "format_version": 1, "created": _now(), **bound, "invocations": []}
 
 
+SINGLE_IMAGE_FORMATS = ("imgedit_json", "gedit_dataset", "geneval_metadata")  # benchmarks of one image per answer
+
+
+def generate_geneval(model: Model, metadata: str | os.PathLike, out: str | os.PathLike, *, samples: int = 4,
+                     limit: int | None = None, progress: bool = True) -> int:
+    """GenEval's own output layout, which its ``evaluate_images.py`` scores unchanged:
+    ``out/<5-digit prompt index>/metadata.jsonl`` (the prompt's JSON object) and
+    ``out/<index>/samples/<5-digit sample>.png``; sample j of prompt i is seeded from the id
+    ``"<index>/<j>"``. Resume: a prompt folder with all its samples is skipped (files are written
+    atomically, metadata last). Returns the images generated."""
+    from duetgen.progress import progress_bar
+
+    if samples < 1:
+        raise AdapterError(f"--samples must be >= 1, got {samples}")
+    if getattr(model, "structure", "one_image") != "one_image":
+        raise AdapterError("geneval takes one image per answer: give a model with structure='one_image'")
+    prompts = read_geneval_metadata(metadata)[:limit]
+    out = Path(out)
+    todo = [(i, j) for i in range(len(prompts)) for j in range(samples)
+            if not (out / f"{i:05d}" / "samples" / f"{j:05d}.png").is_file()]
+    n = 0
+    with progress_bar(progress, len(todo), f"generating GenEval images with {model.name}") as advance:
+        for i, j in todo:
+            folder = out / f"{i:05d}"
+            answer = model.generate([Message("user", [TextPart(prompts[i]["prompt"])])], item_id=f"{i:05d}/{j}")
+            parts = split_answer(answer)
+            image = next((p for p in parts if isinstance(p, ImagePart)), None)
+            if image is None:
+                raise AdapterError(f"{model.name} drew no image for GenEval prompt {i} ({prompts[i]['prompt']!r})")
+            import io
+
+            buf = io.BytesIO()
+            (image.image if hasattr(image.image, "save") else _decode(image.image)).save(buf, format="PNG")
+            atomic_write_bytes(folder / "samples" / f"{j:05d}.png", buf.getvalue())
+            atomic_write_bytes(folder / "metadata.jsonl", json.dumps(prompts[i]).encode())
+            n += 1
+            advance()
+    return n
+
+
+def _decode(data):
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def split_answer(answer) -> list:
+    from duetgen.eval.harness import split_record
+
+    return split_record(answer)[1] if isinstance(answer, Record) else answer
+
+
 def generate_benchmark(model: Model, benchmark: str, out: str | os.PathLike, *, prompts: str | os.PathLike | None = None,
                        truth: str | os.PathLike | None = None, images: str | os.PathLike | None = None,
-                       limit: int | None = None, shard_size: int = 50, progress: bool = True) -> int:
+                       limit: int | None = None, shard_size: int = 50, progress: bool = True, samples: int = 1,
+                       language: str | None = None) -> int:
     """Answer a benchmark's inputs with ``model`` into the prediction folder ``out`` (for ``eval run
     --pred``); rerun to resume. Returns how many answers this call generated."""
     from duetgen.eval.benchmarks import load_benchmark
 
     bench = load_benchmark(benchmark)
     source, flag = benchmark_inputs(bench, prompts, truth, images)
-    records, _ = read_prompts(source, images)
+    if bench.prompts_format == "geneval_metadata":
+        return generate_geneval(model, source, out, samples=samples, limit=limit, progress=progress)
+    if samples != 1:
+        raise AdapterError(f"--samples is for geneval (images per prompt); {bench.name!r} has one answer per item")
+    if language is not None and bench.prompts_format != "gedit_dataset":
+        raise AdapterError(f"--language is for gedit; {bench.name!r} has no language subsets")
+    records, _ = read_prompts(source, images, bench.prompts_format, language)
     _check_items(bench, records[:limit], f"{flag} {source}")
+    if bench.prompts_format in SINGLE_IMAGE_FORMATS and getattr(model, "structure", "one_image") != "one_image":
+        raise AdapterError(f"benchmark {bench.name!r} takes one edited image per item: give a model with "
+                           "structure='one_image' (duetgen eval generate does)")
 
     out = Path(out)
     settings = model.settings() if callable(getattr(model, "settings", None)) else {"model": {}, "generation": {}}
@@ -346,7 +450,8 @@ def generate_benchmark(model: Model, benchmark: str, out: str | os.PathLike, *, 
     run["invocations"].append(invocation)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / GENERATION_FILE, (json.dumps(run, indent=1) + "\n").encode())
-    n = run_model(model, source, out, images=images, limit=limit, shard_size=shard_size, progress=progress)
+    n = run_model(model, source, out, images=images, limit=limit, shard_size=shard_size, progress=progress,
+                  prompts_format=bench.prompts_format, language=language)
     invocation.update(finished=_now(), generated=n)
     atomic_write_bytes(out / GENERATION_FILE, (json.dumps(run, indent=1) + "\n").encode())
     return n

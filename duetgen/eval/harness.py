@@ -28,6 +28,12 @@ Design choices:
   define the items and coverage is reported as unchecked.
 - ``kind: "exact"`` benchmarks (ShapeWorld) go through the same run directory, scored by the
   program in ``toyworld_judge`` with its own rules (a missing prediction scores 0 there).
+  ``kind: "external"`` benchmarks (GenEval) read the scores the benchmark's own program wrote
+  (``--pred results.jsonl``): one item per prompt, its value the fraction of its images correct.
+- CoMM keeps its tasks apart: a run judges one task (``--task``, task 4 by default, the paper's
+  Table 2); the other tasks' folders are counted in the coverage, not judged.
+- An item whose image file is missing or unreadable is ``bad_image`` with the reason in its line;
+  the rest of the run goes on.
 """
 
 from __future__ import annotations
@@ -36,15 +42,17 @@ import asyncio
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from duetgen.data.record import Dataset, Message, Record, RecordError, TextPart, atomic_write_bytes
+from duetgen.data.record import Dataset, ImageError, Message, Record, RecordError, TextPart, atomic_write_bytes
 from duetgen.eval.benchmarks import Benchmark, load_benchmark
-from duetgen.eval.benchmarks.readers import read_interleavedbench, read_predictions, read_records
-from duetgen.eval.judge import Judge, JudgeConfig, Sample, load_template, sequence_parts
+from duetgen.eval.benchmarks.readers import (read_edit_predictions, read_gedit, read_geneval_results, read_imgedit,
+                                             read_interleavedbench, read_predictions, read_records)
+from duetgen.eval.judge import Judge, JudgeConfig, Sample, load_template, preprocess_image, sequence_parts
 from duetgen.eval.metrics import N_BOOT, SEED, summarize
 from duetgen.progress import progress_bar
 
@@ -66,6 +74,8 @@ class RunConfig:
     truth: str | None = None  # exact benchmarks (ShapeWorld): the ground-truth dataset
     name: str | None = None  # the model's name in reports (default: the pred folder's name)
     cache: str | None = None  # score cache file (default: <out>/score_cache.sqlite); share it between runs
+    task: str | None = None  # CoMM: the task judged (default: the benchmark file's, task4)
+    language: str | None = None  # GEdit-Bench: instruction_language of the rows judged (default "en"; "all")
     n_boot: int = N_BOOT  # bootstrap resamples for the 95% intervals
     seed: int = SEED  # bootstrap seed
 
@@ -76,6 +86,8 @@ class Item:
     category: str
     sample: Sample | None  # the request and the model's answer; None when the prediction is missing
     truth: Record | None = None  # exact benchmarks: the ground-truth record
+    error: str | None = None  # why the item cannot be judged (a missing or unreadable image): bad_image
+    external: dict | None = None  # external benchmarks: the scorer's results for this item
 
 
 # ----------------------------------------------------------------------------- building items
@@ -100,9 +112,55 @@ def _category(rec: Record) -> str:
     return c if isinstance(c, str) and c else "all"
 
 
+def _check_images(items: list[Item]) -> None:
+    """Mark items whose image files are missing (the rest of the run goes on)."""
+    for it in items:
+        s = it.sample
+        if s is None:
+            continue
+        try:
+            for p in s.input_image_parts:
+                s.input_images.image_path(p.path, it.id)
+            for p in s.output_image_parts:
+                s.output_images.image_path(p.path, it.id)
+        except ImageError as e:
+            it.error = str(e)
+
+
+def _read_prompts(bench: Benchmark, cfg: RunConfig):
+    if bench.prompts_format == "interleavedbench_json" and Path(cfg.prompts).is_file():
+        return read_interleavedbench(cfg.prompts, cfg.images)
+    if bench.prompts_format == "imgedit_json":
+        return read_imgedit(cfg.prompts, cfg.images)
+    if bench.prompts_format == "gedit_dataset":
+        return read_gedit(cfg.prompts, cfg.language or "en")
+    return read_records(cfg.prompts)
+
+
 def build_items(bench: Benchmark, cfg: RunConfig) -> tuple[list[Item], dict]:
     """The benchmark's items with their samples, and coverage info for the summary."""
-    preds, pred_images, pred_format = read_predictions(cfg.pred)
+    if bench.kind == "external":
+        return _build_external_items(bench, cfg)
+    if cfg.language is not None and bench.prompts_format != "gedit_dataset":
+        raise HarnessError(f"--language is for GEdit-Bench; {bench.name!r} has no language subsets")
+    task = bench.task(cfg.task)
+    edit_layout = {"imgedit_json": "imgedit", "gedit_dataset": "gedit"}.get(bench.prompts_format)
+    if edit_layout is not None:
+        if cfg.prompts is None:
+            raise HarnessError(f"benchmark {bench.name!r}: give --prompts (its edits: "
+                               f"{'basic_edit.json' if edit_layout == 'imgedit' else 'the GEdit-Bench dataset copy'})")
+        prompts, prompt_images = _read_prompts(bench, cfg)
+        preds, pred_images, pred_format = read_edit_predictions(cfg.pred, prompts, edit_layout)
+    else:
+        preds, pred_images, pred_format = read_predictions(cfg.pred)
+    other_tasks: dict[str, int] = {}
+    if task is not None:  # CoMM: only the judged task's sample folders
+        for r in preds:
+            if r.meta.get("category") != task:
+                other_tasks[r.meta.get("category")] = other_tasks.get(r.meta.get("category"), 0) + 1
+        preds = [r for r in preds if r.meta.get("category") == task]
+        if not preds:
+            raise HarnessError(f"{cfg.pred}: no {task} sample folder (<data_id>_{task}/); found {other_tasks}")
     by_id: dict[str, Record] = {}
     for r in preds:
         if r.id in by_id:
@@ -114,16 +172,16 @@ def build_items(bench: Benchmark, cfg: RunConfig) -> tuple[list[Item], dict]:
     if cfg.truth is not None:
         raise HarnessError(f"--truth is for exact benchmarks; {bench.name!r} is judged (use --prompts)")
 
-    prompts, prompt_images = None, None
-    if cfg.prompts is not None:
+    if edit_layout is not None:
+        pass
+    elif cfg.prompts is not None:
         if bench.prompts_format == "none":
             raise HarnessError(f"benchmark {bench.name!r} takes its inputs from the predictions; drop --prompts")
-        if bench.prompts_format == "interleavedbench_json" and Path(cfg.prompts).is_file():
-            prompts, prompt_images = read_interleavedbench(cfg.prompts, cfg.images)
-        else:
-            prompts, prompt_images = read_records(cfg.prompts)
+        prompts, prompt_images = _read_prompts(bench, cfg)
     elif cfg.images is not None:
         raise HarnessError("--images is the image root of --prompts; give --prompts too")
+    else:
+        prompts, prompt_images = None, None
 
     items: list[Item] = []
     if prompts is None:
@@ -156,10 +214,29 @@ def build_items(bench: Benchmark, cfg: RunConfig) -> tuple[list[Item], dict]:
             raise HarnessError(f"item {it.id!r}: benchmark {bench.name!r} requires an input image, the request has none")
         if bench.input_images == "forbidden" and n:
             raise HarnessError(f"item {it.id!r}: benchmark {bench.name!r} has text-only inputs, the request has {n} image(s)")
+    _check_images(items)
     coverage = {"pred_format": pred_format, "prompts_given": prompts is not None,
                 "expected_items": bench.expected_items, "items": len(items),
-                "missing": sum(it.sample is None for it in items)}
+                "missing": sum(it.sample is None for it in items),
+                "bad_image": sum(it.error is not None for it in items)}
+    if task is not None:
+        coverage.update(task=task, other_tasks_not_judged=dict(sorted(other_tasks.items())))
+    if bench.prompts_format == "gedit_dataset":
+        coverage["language"] = cfg.language or "en"
     return items, coverage
+
+
+def _build_external_items(bench: Benchmark, cfg: RunConfig) -> tuple[list[Item], dict]:
+    """GenEval: one item per prompt folder of the scorer's results.jsonl (``--pred``)."""
+    for flag, v in (("--prompts", cfg.prompts), ("--images", cfg.images), ("--truth", cfg.truth),
+                    ("--task", cfg.task), ("--language", cfg.language)):
+        if v is not None:
+            raise HarnessError(f"benchmark {bench.name!r} reads the scores its own program wrote (--pred results.jsonl); "
+                               f"drop {flag}")
+    groups = read_geneval_results(cfg.pred)
+    items = [Item(g["id"], g["category"], None, external=g) for g in groups]
+    return items, {"pred_format": "geneval_results", "prompts_given": False, "expected_items": bench.expected_items,
+                   "items": len(items), "missing": 0, "images": sum(len(g["correct"]) for g in groups)}
 
 
 def _build_exact_items(bench: Benchmark, cfg: RunConfig, by_id: dict, pred_images) -> tuple[list[Item], dict]:
@@ -194,8 +271,14 @@ def item_hash(item: Item) -> str:
         for p in parts:
             if isinstance(p, TextPart):
                 out.append(["t", p.text])
+            elif hasattr(source, "stat_key"):  # images inside a table (GEdit-Bench): their bytes' hash
+                out.append(["i", p.path, *source.stat_key(p.path, item.id)])
             else:
-                st = source.image_path(p.path, item.id).stat()
+                try:
+                    st = source.image_path(p.path, item.id).stat()
+                except ImageError:  # bad_image: judged as that state, hashed by its path alone
+                    out.append(["i", p.path, None])
+                    continue
                 out.append(["i", p.path, st.st_size, st.st_mtime_ns])
         return out
 
@@ -206,17 +289,64 @@ def item_hash(item: Item) -> str:
         blob["output"] = parts_json(s.output, s.output_images)
     if item.truth is not None:
         blob["truth"] = item.truth.to_json()
+    if item.external is not None:
+        blob["external"] = item.external
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- judging one item
+def _edit_fields(c, s: Sample, view: str) -> dict:
+    """What an edit view shows: the instruction (the request's text), the source image (the
+    request's first image) and the edited image (the answer's first image), optionally resized to
+    the source's size first (GEdit-Bench does so before VIEScore)."""
+    key = ("edited", c.resize_edited_to_source)
+    if key not in s._bytes:
+        edited = s.output_images.open_image(s.output_image_parts[0].path, record_id=s.id)
+        if c.resize_edited_to_source:
+            from PIL import Image
+
+            source = s.input_images.open_image(s.input_image_parts[0].path, record_id=s.id)
+            if edited.size != source.size:
+                edited = edited.resize(source.size, Image.Resampling.BICUBIC)
+        s._bytes[key] = preprocess_image(edited)
+    if view == "edited_image":
+        return {"edited": s._bytes[key]}
+    instruction = "\n".join(p.text for m in s.input if m.role == "user" for p in m.content if isinstance(p, TextPart))
+    return {"instruction": instruction, "source": s.image_bytes("input", 0), "edited": s._bytes[key]}
+
+
+def _cap_by_first(unit: dict, fields: list[str]) -> dict:
+    """The benchmark's rule that later criteria may not exceed the first (ImgEdit): a sample that
+    breaks it did not answer as asked, so the unit is unparsable (never clipped into a score)."""
+    if unit["state"] != "ok":
+        return unit
+    for smp in unit["samples"]:
+        first = smp["scores"][fields[0]]
+        over = [f for f in fields[1:] if smp["scores"][f] > first]
+        if over:
+            unit.update(state="unparsable", scores=None,
+                        error=f"{over[0]} ({smp['scores'][over[0]]}) above {fields[0]} ({first}): the benchmark's "
+                              "criteria may not exceed the first")
+            return unit
+    return unit
+
+
 async def judge_item(bench: Benchmark, item: Item, judge: Judge) -> dict:
     """Every call of the benchmark on one item, then its metric values (see metric_values)."""
     s = item.sample
     n_in, n_out = len(s.input_image_parts), len(s.output_image_parts)
 
     async def run_call(c):
-        t = load_template(c.template)
+        try:
+            t = load_template(c.template_for(item.category))
+        except KeyError:
+            raise HarnessError(f"item {item.id!r}: category {item.category!r} has no template in call {c.id!r} "
+                               f"(it has {sorted(c.templates)})") from None
+        if c.view in ("edit", "edited_image"):
+            if n_out == 0 or (c.view == "edit" and n_in == 0):
+                return []
+            unit = await judge.score(t, _edit_fields(c, s, c.view))
+            return [_cap_by_first(unit, c.cap_by_first) if c.cap_by_first else unit]
         if c.view == "sequence":
             return [await judge.score(t, {"sequence": sequence_parts(s, "all"), "num_output_images": n_out})]
         if c.view == "image":
@@ -236,24 +366,48 @@ async def judge_item(bench: Benchmark, item: Item, judge: Judge) -> dict:
 
     outs = await asyncio.gather(*(run_call(c) for c in bench.calls))
     calls = {c.id: o for c, o in zip(bench.calls, outs)}
-    return {"id": item.id, "category": item.category, "calls": calls, "metrics": metric_values(bench, calls)}
+    return {"id": item.id, "category": item.category, "calls": calls,
+            "metrics": metric_values(bench, calls, item.category)}
 
 
-def _units_value(units: list[dict], field: str) -> dict:
+def _reduce(values: list[float], how: str) -> float:
+    if how == "min":
+        return min(values)
+    if how == "geomean":  # GEdit-Bench: O = sqrt(SC x PQ)
+        return math.prod(values) ** (1 / len(values))
+    return sum(values) / len(values)
+
+
+def _units_value(units: list[dict], m) -> dict:
     if not units:
         return {"state": "no_image", "value": None}
     failed = [u for u in units if u["state"] != "ok"]
     if failed:
         return {"state": failed[0]["state"], "value": None}
-    return {"state": "ok", "value": sum(u["scores"][field] for u in units) / len(units)}
+    if m.fields is not None:  # several fields of one unit (VIEScore's min, ImgEdit's mean of three)
+        values = [_reduce([u["scores"][f] for f in m.fields], m.reduce) for u in units]
+    else:
+        values = [u["scores"][m.field] for u in units]
+    return {"state": "ok", "value": sum(values) / len(values)}
 
 
-def metric_values(bench: Benchmark, calls: dict) -> dict:
+def _applies(m, category: str) -> bool:
+    if m.skip_categories is not None and category in m.skip_categories:
+        return False
+    return m.only_categories is None or category in m.only_categories
+
+
+def metric_values(bench: Benchmark, calls: dict, category: str) -> dict:
     """Per-item metric values. Sequence metrics: the unit's score. Image-level metrics: the mean over
-    the answer's images (``no_image`` when it has none). Any failed unit makes the metric that state."""
+    the answer's images (``no_image`` when it has none). Any failed unit makes the metric that state.
+    A metric the benchmark does not score on this category is ``not_applicable``. ``mean_of``
+    metrics are summary-level (the mean of their components' means) and absent here."""
     out: dict[str, dict] = {}
     for m in bench.metrics:
-        if m.mean_of is not None:
+        if m.mean_of is not None or m.of is not None:
+            continue
+        if not _applies(m, category):
+            out[m.name] = {"state": "not_applicable", "value": None}
             continue
         c = bench.call(m.call)
         units = calls[c.id]
@@ -262,19 +416,42 @@ def metric_values(bench: Benchmark, calls: dict) -> dict:
                 out[m.name] = {"state": units["predict"]["state"], "value": None}
                 continue
             units = units["pairs"]
-        out[m.name] = _units_value(units, m.field)
+        out[m.name] = _units_value(units, m)
+    return _derived_values(bench, out, category)
+
+
+def _derived_values(bench: Benchmark, out: dict, category: str) -> dict:
+    """The ``of`` metrics (per-item reductions of metrics before them), then the lines' order."""
     for m in bench.metrics:
-        if m.mean_of is not None:
-            parts = [out[x] for x in m.mean_of]
-            bad = [p for p in parts if p["state"] != "ok"]
-            out[m.name] = ({"state": bad[0]["state"], "value": None} if bad
-                           else {"state": "ok", "value": sum(p["value"] for p in parts) / len(parts)})
-    return {m.name: out[m.name] for m in bench.metrics}
+        if m.of is None:
+            continue
+        if not _applies(m, category):
+            out[m.name] = {"state": "not_applicable", "value": None}
+            continue
+        parts = [out[x] for x in m.of]
+        bad = [p for p in parts if p["state"] != "ok"]
+        out[m.name] = ({"state": bad[0]["state"], "value": None} if bad
+                       else {"state": "ok", "value": _reduce([p["value"] for p in parts], m.reduce)})
+    return {name: out[name] for name in bench.item_metric_names()}
 
 
-def missing_line(bench: Benchmark, item: Item) -> dict:
-    return {"id": item.id, "category": item.category, "calls": {},
-            "metrics": {m: {"state": "missing", "value": None} for m in bench.metric_names()}}
+def missing_line(bench: Benchmark, item: Item, state: str = "missing") -> dict:
+    line = {"id": item.id, "category": item.category, "calls": {},
+            "metrics": {m.name: {"state": state if _applies(m, item.category) else "not_applicable", "value": None}
+                        for m in bench.metrics if m.mean_of is None}}
+    if state == "bad_image":
+        line["error"] = item.error
+    return line
+
+
+def external_line(bench: Benchmark, item: Item) -> dict:
+    """GenEval: every metric of the item's category is the fraction of its images judged correct."""
+    g = item.external
+    value = sum(g["correct"]) / len(g["correct"])
+    metrics = {m.name: ({"state": "ok", "value": value} if _applies(m, item.category)
+                        else {"state": "not_applicable", "value": None}) for m in bench.metrics if m.mean_of is None}
+    return {"id": item.id, "category": item.category, "calls": {}, "prompt": g["prompt"],
+            "correct": g["correct"], "metrics": metrics}
 
 
 def exact_line(bench: Benchmark, item: Item) -> dict:
@@ -300,14 +477,18 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _settings(bench: Benchmark, judge_config: JudgeConfig | None) -> dict:
+def _settings(bench: Benchmark, judge_config: JudgeConfig | None, cfg: RunConfig) -> dict:
     templates = {}
     for c in bench.calls:
-        for name in filter(None, (c.template, c.predict_template)):
+        for name in c.all_templates():
             t = load_template(name)
             templates[name] = {"version_key": t.version_key, "sha256": t.content_hash}
-    return {"benchmark": {"name": bench.name, "version": bench.version, "sha256": bench.sha256},
-            "templates": templates, "judge": None if judge_config is None else judge_config.settings()}
+    b = {"name": bench.name, "version": bench.version, "sha256": bench.sha256}
+    if bench.tasks is not None:  # CoMM: a run directory holds one task
+        b["task"] = bench.task(cfg.task)
+    if bench.prompts_format == "gedit_dataset":
+        b["language"] = cfg.language or "en"
+    return {"benchmark": b, "templates": templates, "judge": None if judge_config is None else judge_config.settings()}
 
 
 def _check_or_create_run(out: Path, settings: dict, cfg: RunConfig) -> dict:
@@ -330,7 +511,8 @@ def _check_or_create_run(out: Path, settings: dict, cfg: RunConfig) -> dict:
             "inputs": {"pred": str(Path(cfg.pred).resolve()),
                        "prompts": None if cfg.prompts is None else str(Path(cfg.prompts).resolve()),
                        "images": None if cfg.images is None else str(Path(cfg.images).resolve()),
-                       "truth": None if cfg.truth is None else str(Path(cfg.truth).resolve())},
+                       "truth": None if cfg.truth is None else str(Path(cfg.truth).resolve()),
+                       "task": cfg.task, "language": cfg.language},
             "bootstrap": {"n_boot": cfg.n_boot, "seed": cfg.seed}, "invocations": []}
 
 
@@ -366,12 +548,13 @@ def run_benchmark(cfg: RunConfig, judge_config: JudgeConfig | None = None, api_k
     bench = load_benchmark(cfg.benchmark)
     if bench.kind == "judge" and judge_config is None:
         raise HarnessError(f"benchmark {bench.name!r} is judged by an MLLM: give --judge-url and --judge-model")
-    if bench.kind == "exact" and judge_config is not None:
-        raise HarnessError(f"benchmark {bench.name!r} is scored exactly by a program; drop --judge-url/--judge-model")
+    if bench.kind in ("exact", "external") and judge_config is not None:
+        raise HarnessError(f"benchmark {bench.name!r} is scored {'exactly ' if bench.kind == 'exact' else ''}by a program; "
+                           "drop --judge-url/--judge-model")
     items, coverage = build_items(bench, cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    run = _check_or_create_run(out, _settings(bench, judge_config), cfg)
+    run = _check_or_create_run(out, _settings(bench, judge_config, cfg), cfg)
     atomic_write_bytes(out / RUN_FILE, (json.dumps(run, indent=1) + "\n").encode())
 
     # 1. keep finished items whose content is unchanged and that have no api_error
@@ -396,9 +579,9 @@ def run_benchmark(cfg: RunConfig, judge_config: JudgeConfig | None = None, api_k
             os.fsync(f.fileno())
 
         with progress_bar(progress, len(todo), f"judging {bench.title}") as advance:
-            if bench.kind == "exact":
+            if bench.kind in ("exact", "external"):
                 for it in todo:
-                    write(exact_line(bench, it))
+                    write(exact_line(bench, it) if bench.kind == "exact" else external_line(bench, it))
                     advance()
             else:
                 cache_path = Path(cfg.cache) if cfg.cache else out / CACHE_FILE
@@ -424,8 +607,16 @@ async def _judge_all(bench, todo, judge_config, cache_path, api_key, write, adva
 
     async def one(it: Item) -> None:
         async with gate:
-            line = missing_line(bench, it) if it.sample is None else await judge_item(bench, it, judge)
-            if it.sample is not None:
+            if it.sample is None:
+                line = missing_line(bench, it)
+            elif it.error is not None:
+                line = missing_line(bench, it, "bad_image")
+            else:
+                try:
+                    line = await judge_item(bench, it, judge)
+                except ImageError as e:  # an image that exists but does not decode: this item only
+                    it.error = str(e)
+                    line = missing_line(bench, it, "bad_image")
                 it.sample._bytes.clear()  # the decoded images are not needed any more
         write(line)
         advance()
@@ -441,12 +632,15 @@ async def _judge_all(bench, todo, judge_config, cache_path, api_key, write, adva
 
 
 def build_summary(bench: Benchmark, run: dict, results: list[dict], coverage: dict, n_boot: int, seed: int) -> dict:
-    s = summarize(results, bench.metric_names(), n_boot=n_boot, seed=seed)
+    s = summarize(results, bench.metric_names(), n_boot=n_boot, seed=seed, mean_of=bench.mean_of(),
+                  over_categories=bench.over_categories())
     s["name"] = run["name"]
     s["benchmark"] = {"name": bench.name, "version": bench.version, "title": bench.title, "sha256": bench.sha256,
                       "source": bench.source, "metrics": [{"name": m.name, "description": m.description}
                                                           for m in bench.metrics]}
     s["settings"] = run["settings"]
     s["coverage"] = dict(coverage, missing=sum(1 for r in results if r.get("missing")
-                                               or all(v["state"] == "missing" for v in r["metrics"].values())))
+                                               or all(v["state"] in ("missing", "not_applicable")
+                                                      for v in r["metrics"].values())
+                                               and any(v["state"] == "missing" for v in r["metrics"].values())))
     return s

@@ -64,6 +64,8 @@ VIEW_FIELDS = {
     "image": {"sequence", "target"},
     "hidden": {"sequence", "num_hidden", "first_hidden", "last_hidden"},
     "pair": {"description", "image"},
+    "edit": {"instruction", "source", "edited"},  # ImgEdit, GEdit-Bench SC: before and after an edit
+    "edited_image": {"edited"},  # GEdit-Bench PQ: the edited image alone
 }
 
 # A reply in prose that declines. Only replies that are not JSON are tested (a JSON reply that

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from duetgen.data.record import Message, Record, RecordError, atomic_write_bytes
 from duetgen.data.view import esc, page_html, render_record_html
-from duetgen.eval.benchmarks import Benchmark, load_benchmark
+from duetgen.eval.benchmarks import Benchmark, BenchmarkError, load_benchmark
 from duetgen.eval.harness import (RESULTS_FILE, RUN_FILE, HarnessError, RunConfig, build_items, build_summary,
                                   read_results)
 from duetgen.eval.judge import load_template, score_range
@@ -81,12 +81,14 @@ def load_run(run_dir: str | os.PathLike) -> dict:
 
 def metric_scale(bench: Benchmark, name: str) -> tuple[float, float]:
     m = next(x for x in bench.metrics if x.name == name)
-    if bench.kind == "exact":
+    if bench.kind in ("exact", "external"):
         return 0.0, 1.0
-    if m.mean_of is not None:
-        scales = [metric_scale(bench, x) for x in m.mean_of]
+    if m.mean_of is not None or m.of is not None:
+        scales = [metric_scale(bench, x) for x in (m.mean_of or m.of)]
         return min(s[0] for s in scales), max(s[1] for s in scales)
-    return score_range(load_template(bench.call(m.call).template), m.field)
+    t = load_template(bench.call(m.call).template)
+    scales = [score_range(t, f) for f in (m.fields or [m.field])]
+    return min(s[0] for s in scales), max(s[1] for s in scales)
 
 
 # ----------------------------------------------------------------------------- pieces of the page
@@ -108,7 +110,7 @@ def metric_table(runs: list[dict], metrics: list[str], pick=lambda s: s["metrics
 
 def state_table(runs: list[dict], metrics: list[str]) -> str:
     """Per run and metric: how many items were not scored, and why."""
-    states = [*JUDGE_FAILURES, "no_image", "missing", "undefined"]
+    states = [*JUDGE_FAILURES, "no_image", "missing", "undefined", "bad_image", "not_applicable"]
     head = "".join(f"<th>{esc(m)}</th>" for m in metrics)
     rows = []
     for r in runs:
@@ -172,6 +174,8 @@ def _scores_line(line: dict | None) -> str:
         return '<div class="scores bad">not judged yet</div>'
     bits = []
     for name, v in line["metrics"].items():
+        if v["state"] == "not_applicable":
+            continue
         bits.append(f"{esc(name)} {v['value']:.2f}" if v["state"] == "ok" else
                     f'<span class="bad">{esc(name)} {esc(v["state"])}</span>')
     return f'<div class="scores">{" · ".join(bits)}</div>'
@@ -179,14 +183,18 @@ def _scores_line(line: dict | None) -> str:
 
 def gallery(runs: list[dict], limit: int) -> str:
     """Items side by side: the input, then each run's output with its scores (first ``limit`` items)."""
+    if runs[0]["bench"].kind == "external":
+        return ('<p class="note">No gallery: the images were scored by the benchmark\'s own program; '
+                'they are in the folder its results.jsonl names.</p>')
     items_per_run = []
     for r in runs:
         inp = r["run"]["inputs"]
         cfg = RunConfig(benchmark=r["bench"].path, pred=inp["pred"], out=str(r["dir"]), prompts=inp["prompts"],
-                        images=inp["images"], truth=inp.get("truth"))
+                        images=inp["images"], truth=inp.get("truth"), task=inp.get("task"),
+                        language=inp.get("language"))
         try:
             items, _ = build_items(r["bench"], cfg)
-        except (RecordError, HarnessError, OSError) as e:
+        except (RecordError, HarnessError, BenchmarkError, OSError) as e:
             return f'<p class="note">Gallery not shown: the inputs of run {esc(r["run"]["name"])} cannot be read ({esc(e)}).</p>'
         items_per_run.append({it.id: it for it in items})
     ids = [i for i in items_per_run[0] if all(i in m for m in items_per_run)][:limit]
@@ -244,6 +252,12 @@ def write_report(run_dirs: list[str | os.PathLike], out: str | os.PathLike, gall
                 f'{N_BOOT} resamples, seed {SEED}) and n. Judge failures, missing predictions and answers without '
                 'images are never scored; they are counted below.</p>')
     body.append(metric_table(runs, metrics))
+    derived = [m for m in bench.metrics if m.mean_of is not None or m.aggregate == "mean_over_categories"]
+    if derived:
+        body.append('<p class="note">' + "; ".join(
+            f"{esc(m.name)}: the mean of " + (f"the means of {esc(', '.join(m.mean_of))}" if m.mean_of is not None
+                                              else "the per-category means") for m in derived) +
+            " (as the benchmark defines it; interval: the same statistic bootstrapped).</p>")
     png = base64.b64encode(bar_chart_png(runs, bench)).decode("ascii")
     body.append(f'<img alt="bar chart of the metric means with 95% intervals" src="data:image/png;base64,{png}">')
     body.append('<h2 class="section">Items not scored</h2>')

@@ -18,6 +18,21 @@ Design choices:
 - The file's sha256 is recorded with every run: editing a benchmark without bumping its version
   is still visible, and a resumed run refuses a changed benchmark.
 - ``kind: "exact"`` benchmarks (ShapeWorld) have no judge calls: a program scores them.
+  ``kind: "external"`` benchmarks (GenEval) are scored by the benchmark's own program, run beside
+  this project; the harness reads its per-image results and aggregates them.
+- Editing benchmarks (ImgEdit, GEdit-Bench) use the ``edit`` view (the instruction, the source
+  image and the edited image) and ``edited_image`` (the edited image alone). A call may take its
+  template per category (ImgEdit: one prompt per edit type, same score fields).
+- A metric is one score field, or the ``min`` / ``mean`` of several fields of one call (VIEScore's
+  SC and PQ, ImgEdit's score), or a per-item ``min`` / ``mean`` / ``geomean`` of other metrics
+  (GEdit's O = sqrt(SC x PQ)). ``skip_categories`` / ``only_categories`` leave a metric unscored
+  (``not_applicable``) on some categories (InterleavedBench does not score text on its editing and
+  subject-driven tasks). ``mean_of`` is the mean of the component metrics' means (InterleavedBench's
+  Avg.); ``aggregate: "mean_over_categories"`` makes a metric's overall value the mean of its
+  per-category means (GenEval's and ImgEdit's Overall, GEdit's averages over task groups).
+- ``tasks`` (CoMM): the benchmark's tasks kept apart; a run judges one (``--task``, the file's
+  default when not given), and a task whose judge prompts the file does not have is refused with
+  the reason written in the file.
 - Loading checks every reference (templates, score fields, metric names) and names the file on error.
 """
 
@@ -30,9 +45,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BENCHMARK_DIR = Path(__file__).parent
-VIEWS = ("sequence", "image", "hidden_pair")
+VIEWS = ("sequence", "image", "hidden_pair", "edit", "edited_image")
 INPUT_IMAGE_RULES = ("required", "forbidden", "any")
-PROMPT_FORMATS = ("records", "interleavedbench_json", "none", "truth_records")
+PROMPT_FORMATS = ("records", "interleavedbench_json", "none", "truth_records", "imgedit_json", "gedit_dataset",
+                  "geneval_metadata")
+KINDS = ("judge", "exact", "external")
+FIELD_REDUCE = ("min", "mean")
+OF_REDUCE = ("min", "mean", "geomean")
 _NAME_RE = re.compile(r"^[a-z0-9_]+$")
 
 
@@ -46,6 +65,20 @@ class CallSpec:
     view: str  # what the judge sees: one of VIEWS
     template: str  # the scoring template (duetgen/eval/templates/<name>.json)
     predict_template: str | None = None  # hidden_pair only: the text-only prediction template
+    templates: dict[str, str] | None = None  # category -> template, when the prompt depends on the category
+    resize_edited_to_source: bool = False  # edit views: the edited image resized to the source's size first
+    cap_by_first: list[str] | None = None  # score fields in order; a reply scoring a later one above the first is unparsable
+
+    def template_for(self, category: str) -> str:
+        if self.templates is None:
+            return self.template
+        if category not in self.templates:
+            raise KeyError(category)
+        return self.templates[category]
+
+    def all_templates(self) -> list[str]:
+        names = [self.template] + list((self.templates or {}).values()) + [self.predict_template]
+        return list(dict.fromkeys(n for n in names if n))
 
 
 @dataclass
@@ -53,8 +86,14 @@ class MetricSpec:
     name: str  # as printed in the paper's tables ("T-Com", "IRS", ...)
     call: str | None = None  # the call whose score field this is
     field: str | None = None  # the score field in the template's JSON schema
-    mean_of: list[str] | None = None  # or: the per-sample mean of these metrics
+    mean_of: list[str] | None = None  # or: the mean of these metrics' means (summary level, not per item)
     description: str = ""
+    fields: list[str] | None = None  # or: several score fields of the call, reduced per unit
+    reduce: str | None = None  # fields: "min" | "mean"; of: "min" | "mean" | "geomean"
+    of: list[str] | None = None  # or: a per-item reduction of other metrics
+    skip_categories: list[str] | None = None  # not scored on these categories (state not_applicable)
+    only_categories: list[str] | None = None  # scored only on these categories
+    aggregate: str = "mean"  # "mean" over items | "mean_over_categories" (mean of the category means)
 
 
 @dataclass
@@ -70,6 +109,7 @@ class Benchmark:
     prompts_format: str  # what --prompts reads
     calls: list[CallSpec] = field(default_factory=list)
     metrics: list[MetricSpec] = field(default_factory=list)
+    tasks: dict | None = None  # {"default": "task4", "judged": [...], "refused": {task: reason}} (CoMM)
     sha256: str = ""  # of the benchmark file's bytes
     path: str = ""
 
@@ -85,6 +125,31 @@ class Benchmark:
 
     def metric_names(self) -> list[str]:
         return [m.name for m in self.metrics]
+
+    def mean_of(self) -> dict[str, list[str]]:
+        """Summary-level metrics: name -> components (absent from the per-item lines)."""
+        return {m.name: list(m.mean_of) for m in self.metrics if m.mean_of is not None}
+
+    def over_categories(self) -> frozenset:
+        return frozenset(m.name for m in self.metrics if m.aggregate == "mean_over_categories")
+
+    def item_metric_names(self) -> list[str]:
+        return [m.name for m in self.metrics if m.mean_of is None]
+
+    def task(self, task: str | None) -> str | None:
+        """The task a run judges (CoMM): ``task`` or the default; a refused or unknown one raises."""
+        if self.tasks is None:
+            if task is not None:
+                raise BenchmarkError(f"benchmark {self.name!r} has no tasks; drop --task")
+            return None
+        task = task or self.tasks["default"]
+        if task in self.tasks.get("refused", {}):
+            raise BenchmarkError(f"benchmark {self.name!r}: {task} is not judged here: {self.tasks['refused'][task]} "
+                                 f"(judged: {', '.join(self.tasks['judged'])})")
+        if task not in self.tasks["judged"]:
+            raise BenchmarkError(f"benchmark {self.name!r}: unknown task {task!r} "
+                                 f"(judged: {', '.join(self.tasks['judged'])}; refused: {', '.join(self.tasks.get('refused', {}))})")
+        return task
 
 
 def list_benchmarks() -> list[str]:
@@ -118,42 +183,70 @@ def _from_dict(d: object, where: str) -> Benchmark:
     if not isinstance(d, dict):
         raise BenchmarkError(f"benchmark file {where}: must be a JSON object")
     allowed = {"name", "version", "title", "description", "source", "kind", "expected_items", "input_images",
-               "prompts_format", "calls", "metrics"}
+               "prompts_format", "calls", "metrics", "tasks", "paper"}
     unknown = set(d) - allowed
     if unknown:
         raise BenchmarkError(f"benchmark file {where}: unknown key(s) {sorted(unknown)}")
     for k in ("name", "version", "title", "kind", "input_images", "prompts_format", "metrics"):
         if k not in d:
             raise BenchmarkError(f"benchmark file {where}: missing {k!r}")
-    if d["kind"] not in ("judge", "exact"):
-        raise BenchmarkError(f"benchmark file {where}: kind must be 'judge' or 'exact', got {d['kind']!r}")
+    if d["kind"] not in KINDS:
+        raise BenchmarkError(f"benchmark file {where}: kind must be one of {KINDS}, got {d['kind']!r}")
     if d["input_images"] not in INPUT_IMAGE_RULES:
         raise BenchmarkError(f"benchmark file {where}: input_images must be one of {INPUT_IMAGE_RULES}")
     if d["prompts_format"] not in PROMPT_FORMATS:
         raise BenchmarkError(f"benchmark file {where}: prompts_format must be one of {PROMPT_FORMATS}")
     calls = []
     for i, c in enumerate(d.get("calls") or []):
-        if not isinstance(c, dict) or set(c) - {"id", "view", "template", "predict_template"}:
-            raise BenchmarkError(f"benchmark file {where}: calls[{i}] must be an object with id, view, template")
+        call_keys = {"id", "view", "template", "predict_template", "templates", "resize_edited_to_source", "cap_by_first"}
+        if not isinstance(c, dict) or set(c) - call_keys or "template" not in c:
+            raise BenchmarkError(f"benchmark file {where}: calls[{i}] must be an object with id, view, template "
+                                 f"(optional: {sorted(call_keys - {'id', 'view', 'template'})})")
         if c.get("view") not in VIEWS:
             raise BenchmarkError(f"benchmark file {where}: calls[{i}].view must be one of {VIEWS}, got {c.get('view')!r}")
         if (c["view"] == "hidden_pair") != bool(c.get("predict_template")):
             raise BenchmarkError(f"benchmark file {where}: calls[{i}]: predict_template is required for "
                                  "view 'hidden_pair' and only allowed there")
-        calls.append(CallSpec(c["id"], c["view"], c["template"], c.get("predict_template")))
+        if c.get("templates") is not None and not (isinstance(c["templates"], dict) and c["templates"]
+                                                  and all(isinstance(v, str) for v in c["templates"].values())):
+            raise BenchmarkError(f"benchmark file {where}: calls[{i}].templates must map categories to template names")
+        calls.append(CallSpec(c["id"], c["view"], c["template"], c.get("predict_template"), c.get("templates"),
+                              bool(c.get("resize_edited_to_source", False)), c.get("cap_by_first")))
     metrics = []
     for i, m in enumerate(d["metrics"]):
         if not isinstance(m, dict) or "name" not in m:
             raise BenchmarkError(f"benchmark file {where}: metrics[{i}] must be an object with a name")
-        if set(m) - {"name", "call", "field", "mean_of", "description"}:
-            raise BenchmarkError(f"benchmark file {where}: metrics[{i}]: unknown key(s) "
-                                 f"{sorted(set(m) - {'name', 'call', 'field', 'mean_of', 'description'})}")
-        metrics.append(MetricSpec(m["name"], m.get("call"), m.get("field"), m.get("mean_of"), m.get("description", "")))
+        metric_keys = {"name", "call", "field", "mean_of", "description", "fields", "reduce", "of", "skip_categories",
+                       "only_categories", "aggregate"}
+        if set(m) - metric_keys:
+            raise BenchmarkError(f"benchmark file {where}: metrics[{i}]: unknown key(s) {sorted(set(m) - metric_keys)}")
+        spec = MetricSpec(m["name"], m.get("call"), m.get("field"), m.get("mean_of"), m.get("description", ""),
+                          m.get("fields"), m.get("reduce"), m.get("of"), m.get("skip_categories"),
+                          m.get("only_categories"), m.get("aggregate", "mean"))
+        kinds = [k for k in ("field", "fields", "of", "mean_of") if m.get(k) is not None]
+        if len(kinds) > 1:
+            raise BenchmarkError(f"benchmark file {where}: metric {spec.name!r}: give one of field, fields, of, mean_of "
+                                 f"(got {kinds})")
+        if spec.fields is not None and spec.reduce not in FIELD_REDUCE:
+            raise BenchmarkError(f"benchmark file {where}: metric {spec.name!r}: fields need reduce in {FIELD_REDUCE}")
+        if spec.of is not None and spec.reduce not in OF_REDUCE:
+            raise BenchmarkError(f"benchmark file {where}: metric {spec.name!r}: of needs reduce in {OF_REDUCE}")
+        if spec.aggregate not in ("mean", "mean_over_categories"):
+            raise BenchmarkError(f"benchmark file {where}: metric {spec.name!r}: aggregate must be 'mean' or "
+                                 "'mean_over_categories'")
+        metrics.append(spec)
     if d["kind"] == "judge" and not calls:
         raise BenchmarkError(f"benchmark file {where}: a judge benchmark needs at least one call")
+    tasks = d.get("tasks")
+    if tasks is not None:
+        if not (isinstance(tasks, dict) and isinstance(tasks.get("judged"), list) and tasks.get("default") in tasks["judged"]
+                and isinstance(tasks.get("refused", {}), dict)):
+            raise BenchmarkError(f"benchmark file {where}: tasks must be {{default, judged: [...], refused: {{task: reason}}}} "
+                                 "with the default among the judged")
     return Benchmark(name=d["name"], version=str(d["version"]), title=d["title"], description=d.get("description", ""),
                      source=d.get("source", ""), kind=d["kind"], expected_items=d.get("expected_items"),
-                     input_images=d["input_images"], prompts_format=d["prompts_format"], calls=calls, metrics=metrics)
+                     input_images=d["input_images"], prompts_format=d["prompts_format"], calls=calls, metrics=metrics,
+                     tasks=tasks)
 
 
 def _check_references(b: Benchmark) -> None:
@@ -169,17 +262,27 @@ def _check_references(b: Benchmark) -> None:
         raise BenchmarkError(f"{where}: duplicate metric names {names}")
     for c in b.calls:  # each view fills exactly the fields its templates ask for
         pairs = ([(c.predict_template, "hidden"), (c.template, "pair")] if c.view == "hidden_pair"
-                 else [(c.template, c.view)])
+                 else [(t, c.view) for t in c.all_templates()])
+        fields_of = {tuple(score_fields(load_template(t))) for t, _ in pairs if c.view != "hidden_pair"}
+        if len(fields_of) > 1:
+            raise BenchmarkError(f"{where}: call {c.id!r}: its templates yield different score fields {sorted(fields_of)}")
+        if c.cap_by_first is not None and not set(c.cap_by_first) <= set(score_fields(load_template(c.template))):
+            raise BenchmarkError(f"{where}: call {c.id!r}: cap_by_first names fields the template does not score")
         for name, view in pairs:
             t = load_template(name)
             if t.fields() != VIEW_FIELDS[view]:
                 raise BenchmarkError(f"{where}: call {c.id!r}: template {name!r} uses fields {sorted(t.fields())}, "
                                      f"but view {view!r} fills {sorted(VIEW_FIELDS[view])}")
     for m in b.metrics:
-        if m.mean_of is not None:
-            bad = [x for x in m.mean_of if x not in names or x == m.name]
-            if bad or not m.mean_of:
-                raise BenchmarkError(f"{where}: metric {m.name!r}: mean_of names unknown metric(s) {bad}")
+        if m.mean_of is not None or m.of is not None:
+            key, parts = ("mean_of", m.mean_of) if m.mean_of is not None else ("of", m.of)
+            earlier = names[:names.index(m.name)]
+            bad = [x for x in parts if x not in earlier or x in b.mean_of()]
+            if bad or not parts:
+                raise BenchmarkError(f"{where}: metric {m.name!r}: {key} must name per-item metrics defined before it; "
+                                     f"bad: {bad}")
+            continue
+        if b.kind == "external":  # a column of the external scorer's results; read by its reader
             continue
         if b.kind == "exact":  # scored by a program (toyworld_judge); the field is its metric key
             from duetgen.eval.toyworld_judge import METRICS
@@ -191,6 +294,7 @@ def _check_references(b: Benchmark) -> None:
         if m.call not in ids:
             raise BenchmarkError(f"{where}: metric {m.name!r}: unknown call {m.call!r} (calls: {ids})")
         t = load_template(b.call(m.call).template)
-        if m.field not in score_fields(t):
-            raise BenchmarkError(f"{where}: metric {m.name!r}: {t.name!r} has no score field {m.field!r} "
-                                 f"(it has {sorted(score_fields(t))})")
+        for f in (m.fields or [m.field]):
+            if f not in score_fields(t):
+                raise BenchmarkError(f"{where}: metric {m.name!r}: {t.name!r} has no score field {f!r} "
+                                     f"(it has {sorted(score_fields(t))})")

@@ -1,15 +1,24 @@
 """Readers that turn benchmark inputs and model outputs into records (DESIGN section 3).
 
-Three on-disk forms are read:
+On-disk forms read here:
 
 - a DuetGen dataset directory (``manifest.json`` + shards + images): prompts or predictions;
 - InterleavedBench's LLaVA-style JSON (``interleaved_bench.json``): a list of
   ``{"id", "task_name", "conversations": [{"from": "human", "value": "... <image> ..."},
   {"from": "gpt", "value": ...}], "image": [paths], "goal"?, "category"?, "dataset_id"?}``;
-  the ``k``-th ``<image>`` token, counted over the human turn and then the gpt turn, is ``image[k]``;
-- CoMM's prediction layout: ``<root>/<data_id>/results.json`` with ``model_input``,
-  ``model_output`` (``<IMAGE>`` marks each image), ``input_image_list``, ``output_gt_image_list``
-  and ``prediction_image_list`` (file names inside the sample folder).
+  the ``k``-th ``<image>`` token of the human turn is ``image[k]``; the images after those are the
+  ground truth, placed at the gpt turn's ``<image>`` tokens when it has as many, else kept as a list;
+- CoMM's prediction layout (HKUST-LongGroup/CoMM ``eval/eval_metric.py``): one folder per sample,
+  ``<root>/<data_id>_taskN/results.json`` with ``model_input``, ``model_output`` (``<IMAGE>`` marks
+  each image), ``input_image_list`` and ``output_gt_image_list`` (files under ``<sample>/origin/``)
+  and ``prediction_image_list`` (files directly in ``<sample>/``);
+- ImgEdit Basic's ``basic_edit.json`` (``{key: {"id": image path, "prompt", "edit_type"}}``, images
+  under the original-images root) and its predictions, ``<key>.png`` in one folder;
+- GEdit-Bench (``stepfun-ai/GEdit-Bench``) from a local Parquet or ``datasets.save_to_disk`` copy
+  (``task_type``, ``key``, ``instruction``, ``instruction_language``, ``input_image``), and its
+  predictions in the official layout ``<root>/fullset/<task_type>/<language>/<key>.png``;
+- GenEval's ``evaluation_metadata.jsonl`` (one prompt per line) and the ``results.jsonl`` its
+  ``evaluate_images.py`` writes (one line per image: ``filename``, ``tag``, ``correct``, ...).
 
 Design choices:
 - Everything read here is untrusted. JSON files are size-capped before parsing, image paths go
@@ -47,7 +56,9 @@ MAX_JSON_BYTES = 64 * 1024 * 1024  # InterleavedBench's file is ~1 MB; a CoMM re
 MAX_IMAGES_PER_SAMPLE = 64
 INTERLEAVEDBENCH_IMAGE_TOKEN = "<image>"
 COMM_IMAGE_TOKEN = "<IMAGE>"
-_COMM_TASK_RE = re.compile(r"task\d+")
+_COMM_SAMPLE_RE = re.compile(r"^(?P<data_id>.+)_(?P<task>task\d+)$")
+COMM_LAYOUT = ("<root>/<data_id>_taskN/results.json, input and ground-truth images in <root>/<data_id>_taskN/origin/, "
+               "predicted images in <root>/<data_id>_taskN/")
 
 
 class ReaderError(RecordError):
@@ -136,7 +147,13 @@ def read_interleavedbench(json_path: str | os.PathLike, images_root: str | os.Pa
     if not isinstance(data, list):
         raise ReaderError(f"{path}: expected a JSON list of samples, got {type(data).__name__}")
     images = ImageFolder(images_root if images_root is not None else path.parent)
-    records, seen = [], set()
+    # Repeated ids occur in the real file: such a sample is keyed "<id>#<index>" (its position in
+    # the list), the original id kept in meta; unique ids stay the key.
+    id_counts: dict[str, int] = {}
+    for s in data:
+        if isinstance(s, dict) and isinstance(s.get("id"), (str, int)) and not isinstance(s.get("id"), bool):
+            id_counts[str(s["id"])] = id_counts.get(str(s["id"]), 0) + 1
+    records = []
     for i, s in enumerate(data):
         where = f"{path}: sample [{i}]"
         if not isinstance(s, dict):
@@ -144,11 +161,8 @@ def read_interleavedbench(json_path: str | os.PathLike, images_root: str | os.Pa
         sid = s.get("id")
         if not isinstance(sid, (str, int)) or isinstance(sid, bool) or str(sid) == "":
             raise ReaderError(f"{where}: 'id' must be a non-empty string or integer, got {sid!r}")
-        rid = str(sid)
-        where = f"{path}: sample {rid!r}"
-        if rid in seen:
-            raise ReaderError(f"{where}: duplicate id")
-        seen.add(rid)
+        rid = str(sid) if id_counts[str(sid)] == 1 else f"{sid}#{i}"
+        where = f"{path}: sample [{i}] {str(sid)!r}"
         task = s.get("task_name")
         if not isinstance(task, str) or not task:
             raise ReaderError(f"{where}: 'task_name' must be a non-empty string")
@@ -175,19 +189,21 @@ def read_interleavedbench(json_path: str | os.PathLike, images_root: str | os.Pa
         if "human" not in turns:
             raise ReaderError(f"{where}: no 'human' turn")
         n_in = turns["human"].count(INTERLEAVEDBENCH_IMAGE_TOKEN)
-        n_ref = turns.get("gpt", "").count(INTERLEAVEDBENCH_IMAGE_TOKEN)
-        if n_in + n_ref != len(img_list):
-            raise ReaderError(f"{where}: {n_in} <image> token(s) in the human turn and {n_ref} in the gpt turn, "
-                              f"but {len(img_list)} image path(s)")
+        if n_in > len(img_list):
+            raise ReaderError(f"{where}: {n_in} <image> token(s) in the human turn but {len(img_list)} image path(s)")
         user = _interleave(turns["human"], INTERLEAVEDBENCH_IMAGE_TOKEN, img_list[:n_in], where + " human turn")
         if not user:
             raise ReaderError(f"{where}: the human turn is empty")
-        meta: dict[str, Any] = {"category": task, "task_name": task, "benchmark": "interleavedbench"}
+        meta: dict[str, Any] = {"category": task, "task_name": task, "benchmark": "interleavedbench",
+                                "interleavedbench_id": sid, "interleavedbench_index": i}
         for k in ("goal", "category", "dataset_id"):
             if k in s:
                 meta["interleavedbench_" + k] = s[k]
-        if "gpt" in turns:
-            meta["reference"] = {"text": turns["gpt"], "images": img_list[n_in:]}
+        if "gpt" in turns or img_list[n_in:]:
+            # ground-truth images: placed at the gpt turn's <image> tokens only when the counts agree
+            gpt = turns.get("gpt", "")
+            placed = gpt.count(INTERLEAVEDBENCH_IMAGE_TOKEN) == len(img_list) - n_in
+            meta["reference"] = {"text": gpt, "images": img_list[n_in:], "images_at_tokens": placed}
         records.append(Record(id=rid, messages=[Message("user", user)], source="interleavedbench", meta=meta))
     return records, images
 
@@ -202,19 +218,26 @@ def read_comm_results(root: str | os.PathLike) -> tuple[list[Record], ImageFolde
     """CoMM's per-sample prediction folders as records: user turn = ``model_input`` with its input
     images, assistant turn = ``model_output`` with ``prediction_image_list`` in its ``<IMAGE>`` slots.
 
-    The record id is the sample folder's name; ``meta["category"]`` is the CoMM task (``task1`` ..
-    ``task4``) when the folder name carries it; ground-truth image paths go to ``meta["gt_images"]``.
+    The layout is CoMM's own (``COMM_LAYOUT``): every sub-folder is ``<data_id>_taskN`` with a
+    ``results.json``; input and ground-truth images live in its ``origin/`` folder, predictions
+    directly in it. The record id is the folder name, ``meta["category"]`` its task (``task1`` ..
+    ``task4``); ground-truth image paths go to ``meta["gt_images"]``. All tasks are read; the
+    harness keeps the one a run judges. A folder outside this layout is an error naming it.
     """
     root = Path(root)
     if not root.is_dir():
-        raise ReaderError(f"{root}: not a directory")
-    folders = sorted(p.parent for p in root.glob("*/results.json"))
+        raise ReaderError(f"{root}: not a directory (CoMM layout: {COMM_LAYOUT})")
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
     if not folders:
-        raise ReaderError(f"{root}: no <sample>/results.json found (CoMM prediction layout)")
+        raise ReaderError(f"{root}: no sample folder found (CoMM layout: {COMM_LAYOUT})")
     records = []
     for d in folders:
         rid = d.name
         path = d / "results.json"
+        m = _COMM_SAMPLE_RE.match(rid)
+        if m is None or not path.is_file():
+            why = "its name does not end in _taskN" if m is None else "it has no results.json"
+            raise ReaderError(f"{d}: not a CoMM sample folder ({why}); expected layout: {COMM_LAYOUT}")
         s = _read_json(path)
         if not isinstance(s, dict):
             raise ReaderError(f"{path}: must be a JSON object")
@@ -222,17 +245,18 @@ def read_comm_results(root: str | os.PathLike) -> tuple[list[Record], ImageFolde
             if not isinstance(s.get(k), str):
                 raise ReaderError(f"{path}: {k!r} must be a string")
         lists = {}
-        for k in ("input_image_list", "output_gt_image_list", "prediction_image_list"):
+        for k, folder in (("input_image_list", "origin/"), ("output_gt_image_list", "origin/"),
+                          ("prediction_image_list", "")):
             v = s.get(k, [])
             if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
                 raise ReaderError(f"{path}: {k!r} must be a list of file names")
             if len(v) > MAX_IMAGES_PER_SAMPLE:
                 raise ReaderError(f"{path}: {k!r} has {len(v)} images, over the cap of {MAX_IMAGES_PER_SAMPLE}")
             try:
-                lists[k] = [check_image_path(f"{rid}/{x}", rid) for x in v]
+                lists[k] = [check_image_path(f"{rid}/{folder}{x}", rid) for x in v]
             except RecordError as e:
                 raise ReaderError(f"{path}: {k}: {e}") from None
-        # Task 1-2 style inputs carry no <IMAGE> token while listing none; task 3 lists its context images.
+        # Task 1 and 3 inputs carry their context images (<IMAGE> tokens); tasks 2 and 4 have none.
         user = _interleave(s["model_input"], COMM_IMAGE_TOKEN, lists["input_image_list"], f"{path}: model_input")
         output = _interleave(s["model_output"], COMM_IMAGE_TOKEN, lists["prediction_image_list"],
                              f"{path}: model_output")
@@ -240,11 +264,247 @@ def read_comm_results(root: str | os.PathLike) -> tuple[list[Record], ImageFolde
             raise ReaderError(f"{path}: 'model_input' is empty")
         if not output:
             raise ReaderError(f"{path}: 'model_output' is empty and lists no prediction image")
-        m = _COMM_TASK_RE.search(rid)
-        meta = {"category": m.group(0) if m else "all", "benchmark": "comm", "gt_images": lists["output_gt_image_list"]}
+        meta = {"category": m.group("task"), "benchmark": "comm", "comm_data_id": m.group("data_id"),
+                "gt_images": lists["output_gt_image_list"]}
         records.append(Record(id=rid, messages=[Message("user", user), Message("assistant", output)],
                               source="comm", meta=meta))
     return records, ImageFolder(root)
+
+
+# ----------------------------------------------------------------------------- ImgEdit
+IMGEDIT_LAYOUT = "basic_edit.json = {key: {id: <image path under --images>, prompt, edit_type}}; predictions <pred>/<key>.png"
+
+
+def read_imgedit(json_path: str | os.PathLike, images_root: str | os.PathLike | None = None
+                 ) -> tuple[list[Record], ImageFolder]:
+    """ImgEdit Basic's ``basic_edit.json`` as prompt records: user = [source image, edit prompt],
+    id = the key, ``meta["category"]`` = ``edit_type``. Image paths (``id``) are relative to
+    ``images_root`` (ImgEdit's original-images root; default: the JSON file's folder)."""
+    path = Path(json_path)
+    data = _read_json(path)
+    if not isinstance(data, dict) or not data:
+        raise ReaderError(f"{path}: expected a JSON object of edits ({IMGEDIT_LAYOUT})")
+    records = []
+    for key, item in data.items():
+        where = f"{path}: edit {key!r}"
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) and item.get(k) for k in
+                                                 ("id", "prompt", "edit_type")):
+            raise ReaderError(f"{where}: needs string fields id, prompt, edit_type ({IMGEDIT_LAYOUT})")
+        try:
+            image = check_image_path(item["id"], key)
+        except RecordError as e:
+            raise ReaderError(f"{where}: {e}") from None
+        records.append(Record(id=str(key), source="imgedit",
+                              messages=[Message("user", [ImagePart(image), TextPart(item["prompt"])])],
+                              meta={"category": item["edit_type"], "benchmark": "imgedit"}))
+    return records, ImageFolder(images_root if images_root is not None else path.parent)
+
+
+def read_edit_predictions(pred: str | os.PathLike, prompts: list[Record], layout: str
+                          ) -> tuple[list[Record], ImageSource, str]:
+    """An editing benchmark's predictions: a DuetGen dataset (from ``eval generate``), or the
+    benchmark's own layout of edited images (``layout``: "imgedit" ``<key>.png``; "gedit"
+    ``fullset/<task_type>/<language>/<key>.png``). In the own layout, a prompt without its file
+    has no prediction (``missing``), so every record here has its edited image."""
+    pred = Path(pred)
+    if (pred / "manifest.json").is_file():
+        recs, ds = read_records(pred)
+        return recs, ds, "records"
+    if not pred.is_dir():
+        raise ReaderError(f"{pred}: not a directory")
+    out = []
+    for p in prompts:
+        rel = f"{p.id}.png" if layout == "imgedit" else f"fullset/{p.id}.png"
+        if (pred / rel).is_file():
+            out.append(Record(id=p.id, source=layout, meta=dict(p.meta),
+                              messages=[*p.messages, Message("assistant", [ImagePart(rel)])]))
+    if not out:
+        expected = IMGEDIT_LAYOUT if layout == "imgedit" else GEDIT_LAYOUT
+        first = f"{prompts[0].id}.png" if layout == "imgedit" else f"fullset/{prompts[0].id}.png" if prompts else "?"
+        raise ReaderError(f"{pred}: no edited image of any benchmark item (first expected: {pred / first}); "
+                          f"expected layout: {expected}")
+    return out, ImageFolder(pred), f"{layout}_images"
+
+
+# ----------------------------------------------------------------------------- GEdit-Bench
+GEDIT_LAYOUT = ("a Parquet file or folder of the stepfun-ai/GEdit-Bench dataset (columns task_type, key, instruction, "
+                "instruction_language, input_image), or a datasets.save_to_disk folder; predictions "
+                "<pred>/fullset/<task_type>/<instruction_language>/<key>.png")
+GEDIT_COLUMNS = ("task_type", "key", "instruction", "instruction_language")
+
+
+class TableImages:
+    """Images stored in a column of Arrow tables (a local ``datasets`` / Parquet copy), read one
+    table batch at a time. A path is ``<record id>/input_image``; the pixel cap applies as for files."""
+
+    def __init__(self, root: Path, rows: dict[str, tuple[int, int]], loaders: list, column: str,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.root = root
+        self._rows = rows  # record id -> (loader index, row)
+        self._loaders = loaders  # index -> callable returning that batch's image column
+        self._column = column
+        self._cached: tuple[int, Any] | None = None
+        self.max_pixels = max_pixels
+
+    def _bytes(self, path: str, record_id: str) -> bytes:
+        rid, _, col = path.rpartition("/")
+        if col != self._column or rid not in self._rows:
+            raise ImageError(f"record {record_id!r}: image {path!r} is not in {str(self.root)!r}")
+        li, row = self._rows[rid]
+        if self._cached is None or self._cached[0] != li:
+            self._cached = (li, self._loaders[li]())
+        cell = self._cached[1][row].as_py()
+        data = cell.get("bytes") if isinstance(cell, dict) else cell
+        if not isinstance(data, bytes) or not data:
+            raise ImageError(f"record {record_id!r}: image {path!r} has no bytes in {str(self.root)!r}")
+        return data
+
+    def image_path(self, path: str, record_id: str = "?") -> Path:
+        self._bytes(path, record_id)  # existence
+        return self.root / path  # a name for hashes and messages, not a file
+
+    def stat_key(self, path: str, record_id: str = "?") -> list:
+        import hashlib
+
+        return [hashlib.sha256(self._bytes(path, record_id)).hexdigest()]
+
+    def open_image(self, path: str, record_id: str = "?"):
+        import io
+        import tempfile
+
+        data = self._bytes(path, record_id)
+        with tempfile.NamedTemporaryFile(suffix=".img") as f:  # open_rgb_image checks format and cap on a file
+            f.write(data)
+            f.flush()
+            return open_rgb_image(Path(f.name), f"record {record_id!r}: image {path!r}", self.max_pixels)
+
+
+def _gedit_tables(root: Path) -> list[tuple[str, Any, Any]]:
+    """(name, table without images, loader of the image column) per Parquet row group / Arrow file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = [root] if root.is_file() else sorted(root.rglob("*.parquet")) or sorted(root.rglob("*.arrow"))
+    if not files:
+        raise ReaderError(f"{root}: no *.parquet or *.arrow file; expected {GEDIT_LAYOUT}")
+    out = []
+    for f in files:
+        if f.suffix == ".parquet":
+            try:
+                pf = pq.ParquetFile(f)
+            except Exception as e:  # pyarrow raises several types for a bad file
+                raise ReaderError(f"{f}: not a readable Parquet file ({e})") from None
+            missing = [c for c in (*GEDIT_COLUMNS, "input_image") if c not in pf.schema_arrow.names]
+            if missing:
+                raise ReaderError(f"{f}: missing column(s) {missing}; expected {GEDIT_LAYOUT}")
+            for rg in range(pf.num_row_groups):
+                out.append((f"{f}#{rg}", pf.read_row_group(rg, columns=list(GEDIT_COLUMNS)),
+                            lambda pf=pf, rg=rg: pf.read_row_group(rg, columns=["input_image"]).column("input_image")))
+        else:
+            try:
+                table = pa.ipc.open_stream(pa.memory_map(str(f))).read_all()  # memory-mapped: images stay on disk
+            except Exception as e:
+                raise ReaderError(f"{f}: not a readable Arrow stream file ({e})") from None
+            missing = [c for c in (*GEDIT_COLUMNS, "input_image") if c not in table.column_names]
+            if missing:
+                raise ReaderError(f"{f}: missing column(s) {missing}; expected {GEDIT_LAYOUT}")
+            out.append((str(f), table.select(list(GEDIT_COLUMNS)), lambda t=table: t.column("input_image")))
+    return out
+
+
+def read_gedit(root: str | os.PathLike, language: str = "en") -> tuple[list[Record], TableImages]:
+    """GEdit-Bench's rows as prompt records (user = [input image, instruction]); only rows whose
+    ``instruction_language`` is ``language`` ("all": every row). id = ``<task_type>/<language>/<key>``
+    (the official prediction layout's path), ``meta["category"]`` = ``task_type``."""
+    root = Path(root)
+    if not root.exists():
+        raise ReaderError(f"{root}: does not exist; expected {GEDIT_LAYOUT}")
+    rows: dict[str, tuple[int, int]] = {}
+    loaders, records, languages = [], [], set()
+    for li, (name, table, loader) in enumerate(_gedit_tables(root)):
+        loaders.append(loader)
+        for row, r in enumerate(table.to_pylist()):
+            if not all(isinstance(r[c], str) and r[c] for c in GEDIT_COLUMNS):
+                raise ReaderError(f"{name}: row {row}: {list(GEDIT_COLUMNS)} must be non-empty strings")
+            languages.add(r["instruction_language"])
+            if language != "all" and r["instruction_language"] != language:
+                continue
+            rid = f"{r['task_type']}/{r['instruction_language']}/{r['key']}"
+            for part in rid.split("/"):
+                if part in ("", ".", "..") or "\\" in part:
+                    raise ReaderError(f"{name}: row {row}: id {rid!r} is not a safe relative path")
+            if rid in rows:
+                raise ReaderError(f"{name}: row {row}: {rid!r} appears twice")
+            rows[rid] = (li, row)
+            records.append(Record(id=rid, source="gedit", meta={"category": r["task_type"], "benchmark": "gedit",
+                                                                "instruction_language": r["instruction_language"]},
+                                  messages=[Message("user", [ImagePart(f"{rid}/input_image"),
+                                                             TextPart(r["instruction"])])]))
+    if not records:
+        raise ReaderError(f"{root}: no row with instruction_language {language!r} (found: {sorted(languages)})")
+    return records, TableImages(root, rows, loaders, "input_image")
+
+
+# ----------------------------------------------------------------------------- GenEval
+GENEVAL_LAYOUT = ("<out>/<5-digit prompt index>/metadata.jsonl (the prompt's JSON line) and "
+                  "<out>/<index>/samples/<5-digit sample>.png; scores: evaluate_images.py's results.jsonl")
+
+
+def read_geneval_metadata(path: str | os.PathLike) -> list[dict]:
+    """GenEval's ``evaluation_metadata.jsonl``: one JSON object per line, each with ``tag`` and ``prompt``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReaderError(f"{path}: not a file (GenEval's evaluation_metadata.jsonl)")
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ReaderError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        if not isinstance(d, dict) or not isinstance(d.get("prompt"), str) or not isinstance(d.get("tag"), str):
+            raise ReaderError(f"{path}:{lineno}: each line needs string 'tag' and 'prompt'")
+        out.append(d)
+    if not out:
+        raise ReaderError(f"{path}: no prompt")
+    return out
+
+
+def read_geneval_results(path: str | os.PathLike) -> list[dict]:
+    """GenEval's ``results.jsonl`` grouped per prompt: ``[{"id": <prompt folder>, "category": tag,
+    "prompt", "correct": [bool per image], "files": [...]}]`` in folder order. The prompt folder is
+    the image's ``<index>/samples/<n>.png`` parent; a line of another shape is an error naming it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.jsonl"
+    if not path.is_file():
+        raise ReaderError(f"{path}: not found (GenEval's evaluate_images.py writes results.jsonl; layout: {GENEVAL_LAYOUT})")
+    groups: dict[str, dict] = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ReaderError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        if not (isinstance(d, dict) and isinstance(d.get("filename"), str) and isinstance(d.get("tag"), str)
+                and isinstance(d.get("correct"), bool)):
+            raise ReaderError(f"{path}:{lineno}: needs filename (string), tag (string), correct (bool)")
+        parts = Path(d["filename"]).parts
+        if len(parts) < 3 or parts[-2] != "samples" or not parts[-3].isdigit():
+            raise ReaderError(f"{path}:{lineno}: filename {d['filename']!r} is not <index>/samples/<n>.png "
+                              f"(layout: {GENEVAL_LAYOUT})")
+        g = groups.setdefault(parts[-3], {"id": parts[-3], "category": d["tag"], "prompt": d.get("prompt"),
+                                          "correct": [], "files": []})
+        if g["category"] != d["tag"]:
+            raise ReaderError(f"{path}:{lineno}: prompt folder {parts[-3]} has images of two tags "
+                              f"({g['category']!r}, {d['tag']!r})")
+        g["correct"].append(d["correct"])
+        g["files"].append(d["filename"])
+    if not groups:
+        raise ReaderError(f"{path}: no result line")
+    return [groups[k] for k in sorted(groups)]
 
 
 # ----------------------------------------------------------------------------- predictions
