@@ -75,6 +75,33 @@ def test_condition_states_are_the_prefix_states_computed_once_per_record(setup):
     assert torch.equal(fresh.prefix(key, rendered, first), a_first) and fresh.nbytes == 0
 
 
+def test_condition_cache_on_disk_is_shared_and_bound_to_its_mllm(setup, tmp_path):
+    """A second run on the same MLLM reads the states the first wrote (no MLLM forward, the same values);
+    a cache folder made for other MLLM weights is refused."""
+    import shutil
+
+    root, mllm_dir = setup
+    cfg = dataclasses.replace(tiny_stage2(), data=[str(root / "train")])
+    mllm, tokenizer, processor, *_ = _models(mllm_dir, cfg)
+    item = [it for it in stage1.load_records(cfg.data, include_kinds=["how-to"])][0]
+    rendered = stage1.render(item, tokenizer, processor)
+    key, last = (str(item[0].root), item[1].id), rendered.bov_positions[-1]
+    cache = tmp_path / "states"
+    first = stage2.ConditionStates(mllm, cache_dir=cache, mllm_dir=mllm_dir).prefix(key, rendered, last)
+    calls = []
+    original = mllm.model.forward
+    mllm.model.forward = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    second = stage2.ConditionStates(mllm, cache_dir=cache, mllm_dir=mllm_dir).prefix(key, rendered, last)
+    mllm.model.forward = original
+    assert calls == [] and torch.equal(first, second)
+    other = tmp_path / "other-mllm"
+    shutil.copytree(mllm_dir, other)
+    weights = next(p for p in other.iterdir() if p.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes()[:-1] + b" ")
+    with pytest.raises(ValueError, match="another MLLM"):
+        stage2.ConditionStates(mllm, cache_dir=cache, mllm_dir=other)
+
+
 def test_text_condition_is_the_states_before_bov_or_the_negative_prefix(setup):
     """The packed MLLM pass gives, per sample, exactly the all-layer states of the whole record cut at its <BOV>."""
     root, mllm_dir = setup
@@ -185,6 +212,29 @@ def test_tiny_run_exports_a_model_that_loads_and_evaluates(setup, tmp_path):
     assert (tmp_path / "eval" / "pred.html").is_file()
 
 
+def test_image_size_trains_and_draws_at_that_size_resizing_the_dataset_as_the_engine_does(setup, tmp_path):
+    """`Stage2Config.image_size` below the dataset's (64 px ShapeWorld canvases): every image is resized with
+    `DuetGen.fit_image` (the engine's rule for input canvases), packs count the smaller frames' tokens, and the
+    exported model draws at that size by default."""
+    from PIL import Image
+
+    from duetgen.models.duetgen import DuetGen
+
+    root, mllm_dir = setup
+    cfg = dataclasses.replace(tiny_stage2(), data=[str(root / "train")], image_size=[24, 24], steps=2,
+                              warmup_steps=1, sample_every=2, eval_every=2, save_every=2)
+    out = stage2.train(cfg, mllm_dir, tmp_path / "run", progress=False)
+    model = DuetGen.from_pretrained(out, expect="tiny")
+    assert tuple(model.config.image_size) == (24, 24)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    tokens_per_frame = (24 // model.pixel_multiple) ** 2  # 9, against 16 at the tiny default of 32 px
+    assert all(r["pack_tokens"] % tokens_per_frame == 0 for r in rows if "pack_tokens" in r)
+    drawn = sorted((tmp_path / "run" / "samples").rglob("*-01-03.png"))  # the EMA samples (truth is part 01)
+    assert drawn and {Image.open(p).size for p in drawn} == {(24, 24)}
+    canvas = Image.new("RGB", (64, 64), "white")
+    assert model.fit_image(canvas).size == (24, 24) and model.fit_image(model.fit_image(canvas)).size == (24, 24)
+
+
 def test_changed_loss_weight_weighs_the_changed_latents_and_zero_output_copies_are_cheap_only_without_it(setup):
     """`changed_loss_weight`: a weighted mean where the target differs from the reference canvas. A DiT
     whose output is zero copies the previous canvas (x0 relative); its loss must rise with the weight,
@@ -276,3 +326,16 @@ def test_init_from_without_a_step_marker_starts_the_marker_at_zero_and_refuses_o
     del state["dit.bias"]
     with pytest.raises(ValueError, match="dit.bias"):
         stage2.load_generator_state(marked, state, "broken-model")
+
+
+def test_changed_region_with_dilation_covers_the_neighbourhood_in_every_channel():
+    """`changed_loss_dilation`: the weighted region is every latent position within r of a changed one, all
+    channels (paint outside a piece's outline costs as much as paint missing inside it); 0: changed values only."""
+    reference = torch.zeros(3, 6, 6)
+    target = reference.clone()
+    target[1, 2, 3] = 1.0  # one latent value changes
+    exact = stage2.changed_region(target, reference, 0)
+    assert exact.sum() == 1 and exact[1, 2, 3] == 1
+    grown = stage2.changed_region(target, reference, 1)
+    assert grown.shape == target.shape and grown.sum() == 3 * 9
+    assert torch.equal(grown[0], grown[2]) and grown[0, 1:4, 2:5].all() and grown[0, 0].sum() == 0

@@ -343,10 +343,7 @@ class InterleavedEngine:
 
     def condition_latent(self, image: Image.Image) -> Tensor:
         """An earlier image -> its clean conditioning latent (C, h, w), resized to a size the DiT can take."""
-        height, width = self.model.generation_size(image.height, image.width)
-        if (width, height) != image.size:
-            image = image.resize((width, height), Image.BICUBIC)
-        return self.model.encode_images([image])[0]
+        return self.model.encode_images([self.model.fit_image(image)])[0]
 
     @torch.no_grad()
     def draw(self, context, bov_position: int, system_length: int, cond_latents: list[Tensor],

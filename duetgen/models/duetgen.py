@@ -364,6 +364,12 @@ class DuetGen(nn.Module):
         max_pixels = self.config.image_size[0] * self.config.image_size[1]
         return smart_resize(height, width, factor=m, min_pixels=m * m, max_pixels=max_pixels)
 
+    def fit_image(self, image: Image.Image) -> Image.Image:
+        """``image`` at its `generation_size` (bicubic; unchanged when it already fits): how the engine takes
+        an earlier image as a conditioning frame and how stage 2 takes a dataset's images."""
+        height, width = self.generation_size(image.height, image.width)
+        return image if (width, height) == image.size else image.resize((width, height), Image.BICUBIC)
+
     @torch.no_grad()
     def encode_images(self, images: Sequence[Image.Image]) -> list[Tensor]:
         """PIL images -> normalised latents, each (C, H / f, W / f) float32 on the model's device.

@@ -66,6 +66,7 @@ class Stage2Config:
     include_kinds: list[str] | None = None  # meta.kind values kept (None: every record with an assistant image)
     val_records: int = 64  # last records of `data` held out for the validation loss and samples
     preset: str = "toy"  # duetgen.models.presets name: the DiT architecture (random init), the autoencoder and the saved settings
+    image_size: list[int] | None = None  # [height, width] the DiT draws at (DuetGenConfig.image_size; None: the preset's); dataset images are resized as the engine resizes inputs (DuetGen.fit_image)
     latent_token_budget: int = 768  # DiT patch tokens per pack (conditioning frames + targets); 16 per ShapeWorld canvas
     packs_per_rank: int = 1  # packs per optimiser step on each rank (gradient accumulation); the loss is the mean over the step's targets on all ranks (see Stage1Config)
     parameterisation: str = "x0"  # "x0" | "velocity" | "cosmos"; x0 is what trained on ShapeWorld (calibration note, point 1)
@@ -74,8 +75,10 @@ class Stage2Config:
     time_shift: float = 1.0
     x0_min_t: float = 0.05  # x0 loss: velocity divisor clamped at t >= this (calibration note point 1)
     changed_loss_weight: float = 0.0  # extra loss weight on latent values where the target differs from the reference canvas (previous image, or white); 0 = plain MSE
+    changed_loss_dilation: int = 0  # > 0: the extra weight covers every latent position within this many latent pixels of a changed one, all channels (the changed region, symmetric: paint outside a piece's outline costs as much as paint missing inside it); 0: only the changed values
     recency_tokens: int = 0  # > 0: the connector's learned step marker over the last K tokens before <BOV> (models/connector.py)
     keep_mllm_states: bool = True  # keep each record's frozen-MLLM states after its first forward (stage2.ConditionStates; ~150 KB per ShapeWorld record)
+    condition_cache: str | None = None  # a folder: the kept MLLM states also go to disk (stage2.ConditionCache), shared by runs on the same MLLM; None: memory only
     drop_final_text_prob: float = 0.1  # the final text chunk removed (guidance negative, paper section 4)
     use_condition_frames: bool = True  # False: the ablation with text condition only (no earlier images as frames)
     init_from: str | None = None  # a DuetGen directory whose connector + DiT start this run (else random); the MLLM may differ

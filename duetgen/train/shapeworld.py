@@ -76,11 +76,13 @@ def stage1_phase(name: str, cfg_fn, data: list[str], init: str | None, **overrid
 def stage2_phase(name: str, cfg_fn, data: list[str], mllm_from: str, init_from: str | None = None,
                  **overrides) -> Phase:
     """A stage-2 run OUT/<name> on OUT/<mllm_from>/mllm; its connector + DiT start from OUT/<init_from>/model
-    (an earlier stage-2 phase of the recipe) or at random."""
+    (an earlier stage-2 phase of the recipe) or at random. The frozen MLLM's states are kept on disk in
+    OUT/<mllm_from>/condition-states, so the second phase skips the MLLM forwards the first one made."""
     from duetgen.train import stage2
 
     def run(out: Path, resume: bool, progress: bool) -> None:
-        cfg = dataclasses.replace(cfg_fn(), data=[str(out / "data" / d) for d in data], **overrides)
+        cfg = dataclasses.replace(cfg_fn(), data=[str(out / "data" / d) for d in data],
+                                  condition_cache=str(out / mllm_from / "condition-states"), **overrides)
         if init_from is not None:
             cfg = dataclasses.replace(cfg, init_from=str(out / init_from / "model"))
         stage2.train(cfg, out / mllm_from / "mllm", out / name, resume_run=resume and (out / name).exists(),

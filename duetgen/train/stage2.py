@@ -65,7 +65,7 @@ from PIL import Image
 from torch import nn
 
 from duetgen.data.packing import PackedSampler
-from duetgen.data.record import Dataset, ImagePart, Message, Record, TextPart
+from duetgen.data.record import Dataset, ImagePart, Message, Record, TextPart, atomic_write_bytes
 from duetgen.models.video_dit import init_learnable_positions
 from duetgen.diffusion.flow_matching import FlowMatchingConfig, dit_sample_inputs, flow_matching_loss, sample_time
 from duetgen.models.mllm import RenderedSequence, all_layer_states, layer_states, negative_prefix_length
@@ -118,7 +118,8 @@ def build_duetgen(cfg: Stage2Config, mllm, tokenizer, processor, dit_device: str
     init_learnable_positions(transformer)  # diffusers makes them zeros
     from duetgen.diffusion.sampling import SamplerConfig
 
-    settings = replace(preset.settings, parameterisation=cfg.parameterisation,
+    settings = replace(preset.settings, image_size=cfg.image_size or preset.settings.image_size,
+                       parameterisation=cfg.parameterisation,
                        x0_relative_to_previous=cfg.x0_relative_to_previous,
                        use_condition_frames=cfg.use_condition_frames, guidance_scale=cfg.guidance_scale,
                        guidance_scale_without_frames=cfg.guidance_scale_without_frames,
@@ -140,25 +141,85 @@ class ConditionStates:
     conditions. ``keep=False`` computes every time (same values).
     """
 
-    def __init__(self, mllm, keep: bool = True):
+    def __init__(self, mllm, keep: bool = True, cache_dir: str | os.PathLike | None = None,
+                 mllm_dir: str | os.PathLike | None = None):
         self.mllm = mllm
         self.keep = keep
         self.store: dict[tuple[str, str], torch.Tensor] = {}
+        self.disk = None if cache_dir is None else ConditionCache(cache_dir, mllm_dir)
 
     @torch.no_grad()
     def prefix(self, key: tuple[str, str], rendered: RenderedSequence, length: int) -> torch.Tensor:
         """(length, n_layers * D) states of ``rendered``'s first ``length`` tokens; ``key`` names the record."""
         full = self.store.get(key)
+        if (full is None or len(full) < length) and self.disk is not None:
+            full = self.disk.get(key)
         if full is None or len(full) < length:
             end = max([length, *rendered.bov_positions])
             full = all_layer_states(self.mllm, rendered.prefix(end)).to(torch.float16)  # (L, C)
-            if self.keep:
-                self.store[key] = full
+            if self.disk is not None:
+                self.disk.put(key, full)
+        if self.keep:
+            self.store[key] = full
         return full[:length].float()
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.store.values())
+
+
+class ConditionCache:
+    """`ConditionStates` on disk, shared by runs on the same frozen MLLM (the recipe's two stage-2 phases,
+    ablations): one safetensors file per record, written atomically, so a second run skips the MLLM
+    forwards of its first epoch (measured in docs/training.md, "Stage-2 speed").
+
+    The folder is bound to one MLLM: ``fingerprint.json`` holds the SHA-256 of the MLLM directory's
+    files; a folder made for other weights is refused, never silently mixed.
+    """
+
+    def __init__(self, root: str | os.PathLike, mllm_dir: str | os.PathLike | None):
+        if mllm_dir is None:
+            raise ValueError("a condition cache needs the MLLM directory it belongs to (mllm_dir)")
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        mine = mllm_fingerprint(mllm_dir)
+        stamp = self.root / "fingerprint.json"
+        if stamp.is_file():
+            theirs = json.loads(stamp.read_text())
+            if theirs != mine:
+                raise ValueError(f"condition cache {self.root} holds states of another MLLM than {mllm_dir} "
+                                 f"(its weights differ); use a new cache folder or delete this one")
+        else:
+            atomic_write_bytes(stamp, json.dumps(mine, indent=1).encode("utf-8"))
+
+    def _path(self, key: tuple[str, str]) -> Path:
+        import hashlib
+
+        return self.root / (hashlib.sha256("\0".join(key).encode("utf-8")).hexdigest()[:32] + ".safetensors")
+
+    def get(self, key: tuple[str, str]) -> torch.Tensor | None:
+        from safetensors import safe_open
+
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        with safe_open(path, framework="pt") as f:
+            if f.metadata().get("key") != "\0".join(key):
+                raise ValueError(f"condition cache file {path} belongs to another record ({f.metadata().get('key')!r})")
+            return f.get_tensor("states")
+
+    def put(self, key: tuple[str, str], states: torch.Tensor) -> None:
+        from safetensors.torch import save
+
+        atomic_write_bytes(self._path(key), save({"states": states.contiguous()}, metadata={"key": "\0".join(key)}))
+
+
+def mllm_fingerprint(mllm_dir: str | os.PathLike) -> dict[str, str]:
+    """{file name: SHA-256} of every file directly in an MLLM directory (weights, config, tokenizer)."""
+    import hashlib
+
+    root = Path(mllm_dir)
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.iterdir()) if p.is_file()}
 
 
 @torch.no_grad()
@@ -172,6 +233,21 @@ def mllm_states(mllm, seqs: list[RenderedSequence]) -> list[torch.Tensor]:
 
 
 CHANGED_TOLERANCE = 0.05  # latent units; pixel-shuffle latents are pixels in [-1, 1], so ~6 colour levels
+
+
+def changed_region(target: torch.Tensor, reference: torch.Tensor, dilation: int = 0) -> torch.Tensor:
+    """0/1 mask, shaped like ``target`` (C, h, w), of what a step changes against its reference canvas.
+
+    ``dilation`` 0: the latent values that differ. ``dilation`` r > 0: every channel of every latent
+    position within r latent pixels (a square neighbourhood) of a position where any channel differs,
+    so the mask covers a changed piece's whole neighbourhood, inside and outside its outline alike.
+    """
+    changed = (target - reference).abs() > CHANGED_TOLERANCE  # (C, h, w)
+    if dilation <= 0:
+        return changed.to(target.dtype)
+    where = changed.any(0, keepdim=True).to(target.dtype)[None]  # (1, 1, h, w)
+    grown = torch.nn.functional.max_pool2d(where, 2 * dilation + 1, stride=1, padding=dilation)[0]  # (1, h, w)
+    return grown.expand_as(target).to(target.dtype)
 
 
 def white_latent(vae, height: int, width: int) -> torch.Tensor:
@@ -269,19 +345,25 @@ def pack_loss(batch: list[dict], condition: ConditionStates, connector, dit, vae
             raw = raw + base
         weight = None
         if cfg.changed_loss_weight > 0:  # what the step changes is a few % of the canvas: weigh it up
-            weight = 1 + cfg.changed_loss_weight * ((x0[i] - base).abs() > CHANGED_TOLERANCE).to(x0[i].dtype)
+            weight = 1 + cfg.changed_loss_weight * changed_region(x0[i], base, cfg.changed_loss_dilation)
         losses.append(flow_matching_loss(raw, x0[i], noise[i], t[i], cfg.parameterisation, fm.x0_min_t, weight))
     return torch.stack(losses).mean()
 
 
-def make_batch(indices, items, targets, tokenizer, processor, drop_prob: float, generator=None) -> list[dict]:
-    """Render each record and load its images up to the target; draw whether its final text chunk is dropped."""
+def make_batch(indices, items, targets, tokenizer, processor, drop_prob: float, generator=None,
+               fit_image=None) -> list[dict]:
+    """Render each record and load its images up to the target; draw whether its final text chunk is dropped.
+
+    ``fit_image``: resizes each image to the size the DiT draws at (`DuetGen.fit_image`; None: as stored).
+    """
     batch = []
     for i in indices:
         ds, rec = items[i]
         k = targets[i]
         parts = [p for m in rec.messages for p in m.content if isinstance(p, ImagePart)][: k + 1]
         images = [ds.open_image(p.path, rec.id) for p in parts]
+        if fit_image is not None:
+            images = [fit_image(im) for im in images]
         drop = bool(torch.rand((), generator=generator) < drop_prob)
         batch.append({"rendered": render(items[i], tokenizer, processor), "target": k, "images": images,
                       "drop": drop, "id": rec.id, "key": (str(ds.root), rec.id)})
@@ -385,7 +467,7 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     mllm, tokenizer, processor = load_mllm(mllm_dir)
-    condition = ConditionStates(mllm, keep=cfg.keep_mllm_states)
+    condition = ConditionStates(mllm, keep=cfg.keep_mllm_states, cache_dir=cfg.condition_cache, mllm_dir=mllm_dir)
     if env.distributed:
         model = build_sharded_duetgen(cfg, mllm, tokenizer, processor, env,
                                       init_from=cfg.init_from if found is None else None)
@@ -408,7 +490,8 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
     if len(items) <= cfg.val_records:
         raise ValueError(f"{cfg.data}: {len(items)} records with assistant images, not more than val_records={cfg.val_records}")
     items, val_items = items[: -cfg.val_records], items[-cfg.val_records:]
-    image_tokens = [[(w // multiple) * (h // multiple) for w, h in image_sizes(ds, rec)] for ds, rec in items]
+    drawn_sizes = [[model.generation_size(h, w) for w, h in image_sizes(ds, rec)] for ds, rec in items]  # (h, w) as drawn
+    image_tokens = [[(w // multiple) * (h // multiple) for h, w in sizes] for sizes in drawn_sizes]
 
     def lengths(epoch: int) -> list[int]:
         """DiT tokens of each record this epoch: its target frame, plus every earlier image as a frame."""
@@ -450,7 +533,7 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
             step_packs = [next(packs) for _ in range(cfg.packs_per_rank)]
             generators = [None if global_draws else pack_generator(cfg.seed, p) for p in step_packs]
             batches = [make_batch(p.items, items, targets_of(p.epoch), tokenizer, processor, cfg.drop_final_text_prob,
-                                  generator=g) for p, g in zip(step_packs, generators)]
+                                  generator=g, fit_image=model.fit_image) for p, g in zip(step_packs, generators)]
             for b in (b for batch in batches for b in batch):
                 for im in b["images"]:
                     check_size(im, multiple, f"record {b['id']!r}")
@@ -481,7 +564,8 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
             # once in a while: validation loss (fixed times and noise) and exactness of EMA samples
             # (every rank: sharded forwards are collectives; rank 0 writes)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                val = validation_loss(val_items, condition, connector, dit, vae, cfg, fm, tokenizer, processor, device)
+                val = validation_loss(val_items, condition, connector, dit, vae, cfg, fm, tokenizer, processor, device,
+                                      fit_image=model.fit_image)
                 log.log_scalars(step, "val", loss=val)
                 if not progress and env.is_main:
                     print(f"step {step}: val loss {val:.4f}", flush=True)
@@ -518,7 +602,7 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
 
 @torch.no_grad()
 def validation_loss(val_items, condition: ConditionStates, connector, dit, vae, cfg, fm, tokenizer, processor,
-                    device) -> float:
+                    device, fit_image=None) -> float:
     """Loss on the held-out records at fixed targets, times, noise and no text drop (comparable across steps)."""
     generator = torch.Generator().manual_seed(1234)
     targets = [image_slots(rec)[1][-1] for _, rec in val_items]  # the last answer image: the most context
@@ -527,7 +611,7 @@ def validation_loss(val_items, condition: ConditionStates, connector, dit, vae, 
     was = dit.training
     dit.eval(), connector.eval()
     for chunk in chunks:
-        batch = make_batch(chunk, val_items, targets, tokenizer, processor, drop_prob=0.0)
+        batch = make_batch(chunk, val_items, targets, tokenizer, processor, drop_prob=0.0, fit_image=fit_image)
         total += pack_loss(batch, condition, connector, dit, vae, cfg, fm, device, generator=generator).item() * len(chunk)
     dit.train(was), connector.train(was)
     return total / len(val_items)
