@@ -396,6 +396,7 @@ def generate_geneval(model: Model, metadata: str | os.PathLike, out: str | os.Pa
 
             buf = io.BytesIO()
             (image.image if hasattr(image.image, "save") else _decode(image.image)).save(buf, format="PNG")
+            (folder / "samples").mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(folder / "samples" / f"{j:05d}.png", buf.getvalue())
             atomic_write_bytes(folder / "metadata.jsonl", json.dumps(prompts[i]).encode())
             n += 1
