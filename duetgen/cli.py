@@ -120,7 +120,7 @@ def data_toyworld(
 
 @data_app.command("engine")
 def data_engine(
-    input: Path = typer.Option(..., "--input", help="Pages: a .jsonl file of {url, html[, id, source]} per line, or a directory of .html files."),
+    input: Path = typer.Option(..., "--input", help="Pages: a .jsonl file of {url, html[, id, source]} per line, a directory of .html files, or WARC files ('crawl/*.warc.gz', quoted)."),
     out: Path = typer.Option(..., "--out", help="Dataset directory to write; rerun the same command to resume a killed run."),
     llm: Optional[str] = typer.Option(None, "--llm", help="OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1); without it: rules and templates only."),
     model: Optional[str] = typer.Option(None, "--model", help="Model id as the endpoint names it (a multimodal model: it captions images)."),
@@ -130,6 +130,9 @@ def data_engine(
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the API key (never written to disk)."),
     llm_concurrency: int = typer.Option(16, "--llm-concurrency", min=1, help="LLM requests in flight per worker."),
     allow_network: Optional[list[str]] = typer.Option(None, "--allow-network", help="CIDR whose images may be fetched although not public (repeatable), e.g. 127.0.0.0/8 for a local mirror."),
+    languages: str = typer.Option("en", "--languages", help="Comma-separated ISO 639-1 codes of the pages to keep (lingua), or 'any'."),
+    dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="Remove cross-page near-duplicates (MinHash + LSH, keeps the lowest id)."),
+    dedup_threshold: float = typer.Option(0.8, "--dedup-threshold", min=0.0, max=1.0, help="Estimated Jaccard of word 5-grams at or above which two pages are duplicates."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
     """Turn how-to web pages into clean interleaved conversations (paper 3.1), with a funnel report."""
@@ -138,6 +141,8 @@ def data_engine(
 
     from duetgen.data.engine import EngineConfig, EngineError, LocalExecutor, run_engine
     from duetgen.data.engine.fetch import FetchConfig
+    from duetgen.data.engine.language import LanguageConfig, check_languages
+    from duetgen.data.engine.neardup import NearDupPageConfig
     from duetgen.data.record import RecordError
 
     if (llm is None) != (model is None):
@@ -149,7 +154,14 @@ def data_engine(
             ipaddress.ip_network(n, strict=False)
         except ValueError:
             fail(f"--allow-network {n!r} is not a CIDR network")
+    codes = tuple(c.strip().lower() for c in languages.split(",") if c.strip())
+    try:
+        check_languages(codes)
+    except ValueError as e:
+        fail(str(e))
     cfg = EngineConfig(fetch=FetchConfig(allow_networks=tuple(allow_network or ())), shard_pages=shard_pages,
+                       language=LanguageConfig(languages=codes),
+                       neardup=NearDupPageConfig(enabled=dedup, threshold=dedup_threshold),
                        llm_url=llm, llm_model=model, llm_api_key=os.environ.get(api_key_env),
                        llm_concurrency=llm_concurrency)
     try:

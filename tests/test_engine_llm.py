@@ -56,8 +56,9 @@ def test_llm_mode_builds_dialogues_with_captions_and_rewrites(site, llm, tmp_pat
     cache = tmp_path / "cache.sqlite"
     funnel = run_engine(inp, out, config(llm, llm_cache=str(cache)), progress=False)
     names = [s["name"] for s in funnel["stages"]]
-    assert names == ["extract", "page_filter", "fetch_images", "image_rules", "caption_images", "dedup_images",
-                     "require_images", "clean_text", "rewrite_text", "reorder", "dialogue", "write"]
+    assert names == ["extract", "page_filter", "language", "dedup_pages", "fetch_images", "image_rules",
+                     "caption_images", "dedup_images", "require_images", "clean_text", "rewrite_text", "reorder",
+                     "dialogue", "write"]
     recs = {r.meta["title"]: r for r in Dataset(out)}
     assert sorted(recs) == ["How to Bathe a Cat", "Repot a Houseplant"]
 

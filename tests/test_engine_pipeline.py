@@ -18,6 +18,7 @@ from howto_site import PAGES_DIR, Site, photo  # noqa: E402
 from duetgen.data.engine import EngineConfig, EngineError, LocalExecutor, run_engine  # noqa: E402
 from duetgen.data.engine import runner as runner_mod  # noqa: E402
 from duetgen.data.engine.fetch import FetchConfig  # noqa: E402
+from duetgen.data.engine.neardup import NearDupPageConfig  # noqa: E402
 from duetgen.data.record import Dataset, ImagePart, TextPart  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,8 +102,8 @@ def test_rules_only_run_builds_clean_records_and_a_funnel(site, tmp_path):
 
     # --- funnel: counts chain from stage to stage, every drop has its reason
     names = [s["name"] for s in funnel["stages"]]
-    assert names == ["extract", "page_filter", "fetch_images", "image_rules", "dedup_images", "require_images",
-                     "clean_text", "reorder", "dialogue", "write"]
+    assert names == ["extract", "page_filter", "language", "dedup_pages", "fetch_images", "image_rules",
+                     "dedup_images", "require_images", "clean_text", "reorder", "dialogue", "write"]
     for a, b in zip(funnel["stages"], funnel["stages"][1:]):
         assert a["pages_out"] == b["pages_in"], (a["name"], b["name"])
         assert a["images_out"] == b["images_in"], (a["name"], b["name"])
@@ -138,7 +139,8 @@ def test_duplicate_url_is_written_once(site, tmp_path):
     inp.write_text("\n".join([line, line, line]) + "\n")
     funnel = run_engine(inp, tmp_path / "ds", config(shard_pages=2), progress=False)
     assert len(Dataset(tmp_path / "ds")) == 1
-    assert stage(funnel, "write")["page_drops"] == {"duplicate_id": 2}
+    assert stage(funnel, "dedup_pages")["page_drops"] == {"duplicate_id": 2}  # decided before any image is fetched
+    assert stage(funnel, "fetch_images")["pages_in"] == 1
 
 
 def test_directory_input_with_legacy_encoding_and_base_href(site, tmp_path):
@@ -234,19 +236,22 @@ def test_crash_between_commit_and_marker_neither_loses_nor_duplicates(site, tmp_
 
     def crash_on_second_marker(src, dst):
         if str(dst).endswith("done/shard-00001.json"):
-            raise KeyboardInterrupt("simulated kill right after the dataset commit of shard 1")
+            raise KeyboardInterrupt("simulated kill right after shard 1's worker put its shard file in place")
         return real_replace(src, dst)
 
     monkeypatch.setattr(runner_mod.os, "replace", crash_on_second_marker)
     with pytest.raises(KeyboardInterrupt):
         run_engine(inp, out, config(), progress=False)
     monkeypatch.setattr(runner_mod.os, "replace", real_replace)
-    assert (out / "_engine" / "pending" / "shard-00001.json").exists()
-    n_before = len(Dataset(out))
+    assert (out / "shards" / "part-00001.jsonl").exists()  # written by the worker, never listed
+    assert not (out / "_engine" / "done" / "shard-00001.json").exists()
+    listed = [s["path"] for s in json.loads((out / "manifest.json").read_text())["shards"]]
+    assert "shards/part-00001.jsonl" not in listed
     funnel = run_engine(inp, out, config(), progress=False)
     ids = [r.id for r in Dataset(out)]
-    assert len(ids) == len(set(ids)) == 3 and n_before >= 1
+    assert len(ids) == len(set(ids)) == 3
     assert stage(funnel, "extract")["pages_in"] == 5  # shard 1's counters were kept, not recounted or lost
+    assert funnel["summary"]["shards_run_now"] == 2  # shard 1 again (its marker was missing), and shard 2
 
 
 def test_two_workers_write_the_same_records_as_one(site, tmp_path):
@@ -259,7 +264,7 @@ def test_two_workers_write_the_same_records_as_one(site, tmp_path):
 
 
 def _clean_run_ids(inp: Path, out: Path) -> list:
-    run_engine(inp, out, config(shard_pages=1), progress=False)
+    run_engine(inp, out, config(shard_pages=1, neardup=NearDupPageConfig(enabled=False)), progress=False)
     return [r.to_json() for r in Dataset(out)]
 
 
@@ -276,7 +281,8 @@ def test_sigkill_mid_run_then_restart_loses_and_duplicates_nothing(tmp_path):
 
         out = tmp_path / "killed"
         cmd = [str(REPO / ".venv" / "bin" / "duetgen"), "data", "engine", "--input", str(inp), "--out", str(out),
-               "--shard-pages", "1", "--allow-network", "127.0.0.0/8", "--no-progress"]
+               "--shard-pages", "1", "--allow-network", "127.0.0.0/8", "--no-progress",
+               "--no-dedup"]  # the 20 pages are 10 copies of 2: all of them must come through
         kills = 0
         for wait_for in (3, 9):  # kill twice, at different points
             proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -456,6 +456,36 @@ def _manifest_bytes(m: dict[str, Any]) -> bytes:
     return (json.dumps(m, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+def store_image(root: Path, image: Any, record_id: str = "?",
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, Path | None]:
+    """Store a PIL image (as PNG) or encoded bytes (verified) under ``root/images/``, content
+    addressed (tmp + rename). Returns (``images/xx/<sha256>.<ext>``, the path when newly written,
+    to be fsync'ed before a shard naming it is committed; None when the same bytes were there)."""
+    where = f"record {record_id!r}: image"
+    if _is_pil(image):
+        w, h = image.size
+        if w * h > max_pixels:
+            raise ImageError(f"{where} is {w}x{h} = {w * h:,} pixels, over the cap of {max_pixels:,}")
+        data, ext = encode_png(image), "png"
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        im = inspect_image(io.BytesIO(data), f"{where} bytes", max_pixels)
+        ext = IMAGE_FORMATS[im.format]
+    else:
+        raise ImageError(f"{where} must be a PIL image or encoded bytes, got {type(image).__name__}")
+    digest = hashlib.sha256(data).hexdigest()
+    rel = f"{IMAGE_DIR}/{digest[:2]}/{digest}.{ext}"
+    path = root / rel
+    if path.exists():  # the same bytes are stored once
+        return rel, None
+    path.parent.mkdir(exist_ok=True)
+    # a per-process tmp name: parallel writers (ShardFileWriter) may store the same image at once
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return rel, path
+
+
 # --------------------------------------------------------------------------------- writer
 class DatasetWriter:
     """Write records into a dataset directory, one atomic shard at a time.
@@ -534,27 +564,9 @@ class DatasetWriter:
     # ----------------------------------------------------------------------------- images
     def add_image(self, image: Any, record_id: str = "?") -> str:
         """Store a PIL image (as PNG) or encoded bytes (verified); return ``images/xx/<sha256>.<ext>``."""
-        where = f"record {record_id!r}: image"
-        if _is_pil(image):
-            w, h = image.size
-            if w * h > self.max_pixels:
-                raise ImageError(f"{where} is {w}x{h} = {w * h:,} pixels, over the cap of {self.max_pixels:,}")
-            data, ext = encode_png(image), "png"
-        elif isinstance(image, (bytes, bytearray, memoryview)):
-            data = bytes(image)
-            im = inspect_image(io.BytesIO(data), f"{where} bytes", self.max_pixels)
-            ext = IMAGE_FORMATS[im.format]
-        else:
-            raise ImageError(f"{where} must be a PIL image or encoded bytes, got {type(image).__name__}")
-        digest = hashlib.sha256(data).hexdigest()
-        rel = f"{IMAGE_DIR}/{digest[:2]}/{digest}.{ext}"
-        path = self.root / rel
-        if not path.exists():  # content addressed: the same bytes are stored once
-            path.parent.mkdir(exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-            self._pending_images.append(path)
+        rel, new = store_image(self.root, image, record_id, self.max_pixels)
+        if new is not None:
+            self._pending_images.append(new)
         return rel
 
     def _check_stored_path(self, rel: str, record_id: str) -> None:
@@ -646,6 +658,75 @@ class DatasetWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------------- parallel writers
+class ShardFileWriter:
+    """One shard written by one of many parallel writers (the data engine's workers), no manifest.
+
+    Same validation and the same atomic protocol as ``DatasetWriter`` (images stored content
+    addressed and fsync'ed, the shard as tmp + fsync + rename to ``shards/part-NNNNN.jsonl``), but
+    no lock and no manifest: a single committer lists finished shards with ``write_manifest``. A
+    shard file the manifest does not list does not exist for readers, so a writer killed after the
+    rename (before its committer listed it) leaves nothing visible, and a rerun replaces the file.
+    """
+
+    def __init__(self, root: str | os.PathLike, index: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.root, self.index = Path(root), index
+        self.max_pixels = max_pixels
+        self._new_images: list[Path] = []
+        (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        (self.root / IMAGE_DIR).mkdir(exist_ok=True)
+        self.rel = shard_name(index)
+        self._tmp = self.root / SHARD_DIR / f".part-{index:05d}.jsonl.tmp"
+        self._file = open(self._tmp, "w", encoding="utf-8")
+        self._ids: set[str] = set()
+
+    def write(self, rec: Record) -> None:
+        validate(rec)
+        if rec.id in self._ids:
+            raise RecordError(f"record {rec.id!r}: duplicate id in shard {self.rel}")
+        for m in rec.messages:
+            for p in m.content:
+                if isinstance(p, ImagePart) and not isinstance(p.image, str):
+                    p.image, new = store_image(self.root, p.image, rec.id, self.max_pixels)
+                    if new is not None:
+                        self._new_images.append(new)
+        self._file.write(rec.to_jsonl_line() + "\n")
+        self._ids.add(rec.id)
+
+    def commit(self) -> int:
+        """Make the shard durable and put it in place; returns its record count (0: no file at all)."""
+        f = self._file
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        if not self._ids:
+            self._tmp.unlink()
+            return 0
+        for p in self._new_images:  # images first: a shard must not outlive its images
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for d in {p.parent for p in self._new_images}:
+            fsync_dir(d)
+        os.replace(self._tmp, self.root / self.rel)
+        fsync_dir(self.root / SHARD_DIR)
+        return len(self._ids)
+
+
+def write_manifest(root: str | os.PathLike, shards: list[tuple[str, int]], name: str | None = None) -> None:
+    """(Re)write the manifest to list exactly ``shards`` ((path, num_records), in order), atomically."""
+    root = Path(root)
+    old = _read_manifest(root) if (root / MANIFEST).exists() else None
+    now = _now()
+    m = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "name": old["name"] if old else name,
+         "created": old["created"] if old else now, "updated": now,
+         "num_records": sum(n for _, n in shards), "shards": [{"path": p, "num_records": n} for p, n in shards]}
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(root / MANIFEST, _manifest_bytes(m))
 
 
 # --------------------------------------------------------------------------------- reader

@@ -39,6 +39,7 @@ class ImageItem:
     hints: str = ""  # class/id/filename words used by the icon/logo/ad rules
     url: str | None = None  # absolute URL after resolution against the page's base URL
     file: str | None = None  # or, for a saved page, the image file's path relative to the input folder
+    warc: str | None = None  # or, for a WARC input, "file.warc.gz@offset" of the crawl's image response
     data: bytes | None = None  # fetched, verified encoded bytes
     image: Any = None  # decoded RGB PIL image
     phash: int | None = None
@@ -67,6 +68,7 @@ class Doc:
     # files read from ``local_root / dirname(local_page)``, never from outside ``local_root``.
     local_root: str | None = None  # the input folder
     local_page: str | None = None  # the page's path relative to it
+    pos: int = 0  # position in its shard's reading order (runner.py: pass 2 finds pass 1's pages by it)
 
     @property
     def images(self) -> list[ImageItem]:
@@ -121,6 +123,7 @@ class StageStats:
     image_drops: Counter = field(default_factory=Counter)
     text_drops: Counter = field(default_factory=Counter)  # text blocks removed (clean-up stage)
     llm: Counter = field(default_factory=Counter)  # requests, cached, prompt_tokens, completion_tokens, errors
+    counts: Counter = field(default_factory=Counter)  # what a stage saw, e.g. "language:en" (not drops)
     examples: dict[str, list[dict]] = field(default_factory=dict)  # "page:reason" / "image:reason" -> examples
 
     def drop_page(self, doc: Doc, reason: str, detail: str = "") -> None:
@@ -145,13 +148,14 @@ class StageStats:
         return {"name": self.name, "pages_in": self.pages_in, "pages_out": self.pages_out,
                 "images_in": self.images_in, "images_out": self.images_out,
                 "page_drops": dict(self.page_drops), "image_drops": dict(self.image_drops),
-                "text_drops": dict(self.text_drops), "llm": dict(self.llm), "examples": self.examples}
+                "text_drops": dict(self.text_drops), "llm": dict(self.llm), "counts": dict(self.counts),
+                "examples": self.examples}
 
     @classmethod
     def from_json(cls, d: dict) -> "StageStats":
         return cls(d["name"], d["pages_in"], d["pages_out"], d["images_in"], d["images_out"],
                    Counter(d["page_drops"]), Counter(d["image_drops"]), Counter(d["text_drops"]), Counter(d["llm"]),
-                   {k: list(v) for k, v in d["examples"].items()})
+                   Counter(d.get("counts", {})), {k: list(v) for k, v in d["examples"].items()})
 
     def merge(self, other: "StageStats") -> None:
         self.pages_in += other.pages_in
@@ -162,6 +166,7 @@ class StageStats:
         self.image_drops.update(other.image_drops)
         self.text_drops.update(other.text_drops)
         self.llm.update(other.llm)
+        self.counts.update(other.counts)
         for k, v in other.examples.items():
             lst = self.examples.setdefault(k, [])
             lst.extend(v[: MAX_EXAMPLES_PER_REASON - len(lst)])

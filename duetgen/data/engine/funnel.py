@@ -54,6 +54,8 @@ def render_html(data: dict) -> str:
         for kind in ("page_drops", "image_drops", "text_drops"):
             for reason, n in sorted(s[kind].items(), key=lambda kv: -kv[1]):
                 drops.append(f"<li>{_e(kind.split('_')[0])}: <code>{_e(reason)}</code> &times; {n}</li>")
+        for key, n in sorted((s.get("counts") or {}).items(), key=lambda kv: -kv[1]):
+            drops.append(f"<li>seen: <code>{_e(key)}</code> &times; {n}</li>")
         llm = s.get("llm") or {}
         llm_cell = (f"{llm.get('requests', 0)} calls, {llm.get('cached', 0)} cached, "
                     f"{llm.get('prompt_tokens', 0)}+{llm.get('completion_tokens', 0)} tokens, "

@@ -8,48 +8,62 @@ Input (chosen to carry each page's own URL, which relative image links need):
   paths and symlinks leaving it are dropped as ``outside_input``). A page with a ``<base href>``
   names where its images live: they are fetched over http(s) like a JSONL page's. Absolute
   ``http(s)`` image URLs are always fetched.
+- or WARC files (``crawl/*.warc.gz``, a glob or one file; warc.py): HTML responses are the pages,
+  the crawl's image responses are indexed by URI and read before anything is fetched.
 
 Design choices (the datatrove recipe):
-- The input is cut into shards of ``shard_pages`` pages (JSONL: byte offsets found in one scan),
+- The input is cut into shards of ``shard_pages`` pages (JSONL: byte offsets found in one scan;
+  WARC: byte ranges of records found by one scan per file, which also builds the image index),
   planned once and saved in ``OUT/_engine/plan.json`` with the input's size/mtime fingerprint and
   the config; a restart with a different input or config is refused instead of mixing outputs.
-- A worker runs every stage over one shard and returns its records and funnel counters. Only the
-  driver writes the dataset: one ``DatasetWriter`` session per shard, so each input shard becomes
-  exactly one committed dataset shard (atomic: tmp + fsync + rename, then the manifest).
-- Exactly once across kills: (1) counters -> ``_engine/pending/shard-N.json``, (2) commit the
-  dataset shard (each record carries ``meta.engine.shard = N``), (3) rename to ``_engine/done/``.
-  On restart a shard is skipped if done; if its records are already in the manifest (killed
-  between 2 and 3) its pending file is promoted; otherwise it runs again from scratch. A shard that
-  was half written is never visible (the manifest did not list it), so nothing is lost or doubled.
-- Shards are committed in input order (a bounded window of shards runs ahead), so a local run and
-  a Ray run of the same input write the same records in the same order.
+- Two passes over the shards. Pass 1 (``sketch_shard``): extract, page filter, language filter and
+  a MinHash signature per surviving page -> ``_engine/sketch/shard-N.npz``. Then the driver
+  decides cross-page duplicates once over all signatures (neardup.py) -> ``_engine/dedup.json``.
+  Pass 2 (``build_shard``): only the kept pages go through images, text and dialogue.
+- Workers write their own output: a pass-2 task writes its shard's records and images straight
+  into the dataset (``ShardFileWriter``: images, then the shard file, each tmp + fsync + rename),
+  then its completion marker ``_engine/done/shard-N.json`` (counters), and returns only counts.
+  The driver lists the shards with markers in the manifest, in input order. Its memory does not
+  grow with the records (benchmarks/data_engine.py measures it); on Ray every node must see OUT
+  (and the input) at the same path: shared storage.
+- Exactly once across kills: a shard is done iff its marker exists; the manifest is rebuilt from
+  the markers at every start; a shard file without a marker is not listed (readers never see it)
+  and is replaced when the shard reruns. Sketches and the dedup decision are files written
+  atomically too, so a restart continues where the kill left off and decides the same way.
 - Record ids: the input's ``id``, else ``web-`` + sha256(url)[:16]; a repeated id (the same URL
-  twice in the input) is dropped by the driver as ``duplicate_id``.
+  twice in the input) keeps its first occurrence (``duplicate_id`` in ``dedup_pages``).
 """
 
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
+import io
 import json
 import multiprocessing
 import os
 import re
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
+
 from duetgen.data.engine.document import Doc, StageStats
 from duetgen.data.engine.extract import ExtractConfig
 from duetgen.data.engine.fetch import FetchConfig
-from duetgen.data.engine.funnel import merge_stats, write_report
+from duetgen.data.engine.funnel import write_report
 from duetgen.data.engine.images import ImageRuleConfig
-from duetgen.data.engine.stages import PageFilterConfig, build_stages, run_stages
-from duetgen.data.record import MANIFEST, Dataset, DatasetWriter, atomic_write_bytes
+from duetgen.data.engine.language import LanguageConfig, page_text
+from duetgen.data.engine.neardup import NearDupPageConfig, PageSketcher, Sketch, decide
+from duetgen.data.engine.stages import Extract, PageFilterConfig, build_stages, page_stages, run_stages
+from duetgen.data.engine.warc import WarcImageIndex, is_warc, iter_warc
+from duetgen.data.record import MANIFEST, ShardFileWriter, atomic_write_bytes, shard_name, write_manifest
 
 ENGINE_DIR = "_engine"
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
@@ -63,13 +77,14 @@ class EngineError(ValueError):
 class EngineConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     pages: PageFilterConfig = field(default_factory=PageFilterConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    neardup: NearDupPageConfig = field(default_factory=NearDupPageConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     images: ImageRuleConfig = field(default_factory=ImageRuleConfig)
     dedup_max_distance: int = 8  # pHash bits; measured: re-encoded / slightly cropped photos land at 0-6
     fetch_threads: int = 8  # concurrent image downloads per worker (I/O bound)
-    # Pages per shard: the unit of work, of restart and of one dataset shard. A finished shard's
-    # records (image bytes included) travel to the driver in memory: ~50 pages x 10 images x 200 KB
-    # = 100 MB, times (workers + 2) shards in flight.
+    # Pages per shard: the unit of work, of restart and of one dataset shard. A worker holds one
+    # page (an LLM stage: one batch of pages) at a time and writes records as they come.
     shard_pages: int = 50
     source: str = "web"  # Record.source when the input line gives none
     llm_url: str | None = None  # OpenAI-compatible base URL; None = rules and templates only
@@ -80,12 +95,13 @@ class EngineConfig:
     llm_timeout_s: float = 120.0  # per request
     llm_batch_pages: int = 16  # pages whose LLM requests are sent together
     llm_cache: str | None = None  # SQLite cache path; default OUT/_engine/llm_cache.sqlite
+    warc_index: str | None = None  # set by run_engine for WARC input: OUT/_engine/warc_images.sqlite
 
     def fingerprint(self) -> dict:
         """What must not change between a killed run and its restart (no secrets, no paths)."""
         d = asdict(self)
-        d.pop("llm_api_key")
-        d.pop("llm_cache")
+        for k in ("llm_api_key", "llm_cache", "warc_index"):
+            d.pop(k)
         return d
 
 
@@ -93,15 +109,38 @@ class EngineConfig:
 @dataclass
 class ShardSpec:
     index: int
-    kind: str  # "jsonl" | "html_dir"
-    path: str  # the JSONL file or the directory
-    start: int = 0  # jsonl: byte offset of the first line; html_dir: unused
+    kind: str  # "jsonl" | "html_dir" | "warc"
+    path: str  # the JSONL file, the directory or the WARC file
+    start: int = 0  # jsonl: byte offset of the first line; warc: of the first record; html_dir: unused
     first_line: int = 0  # jsonl: 1-based number of the first line
     num_pages: int = 0
     files: list[str] = field(default_factory=list)  # html_dir: paths relative to the directory
+    end: int | None = None  # warc: the records starting in [start, end) (None: to the end of the file)
+
+
+def warc_files(input_path: str | Path) -> list[Path] | None:
+    """The WARC files named by ``input_path`` (a glob or one .warc / .warc.gz file), None if it names no WARC."""
+    s = str(input_path)
+    if any(c in s for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(s))
+        if not files:
+            raise EngineError(f"input {s!r} matches no file")
+        bad = [str(p) for p in files if not (is_warc(p) and p.is_file())]
+        if bad:
+            raise EngineError(f"input {s!r}: {bad[0]!r} is not a .warc / .warc.gz file")
+        return files
+    if is_warc(s):
+        if not Path(s).is_file():
+            raise EngineError(f"input {s!r} does not exist")
+        return [Path(s)]
+    return None
 
 
 def _input_fingerprint(path: Path) -> dict:
+    warcs = warc_files(path)
+    if warcs is not None:
+        return {"warc": [{"path": str(p.resolve()), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
+                         for p in warcs]}
     if path.is_file():
         st = path.stat()
         return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -153,6 +192,55 @@ def plan_shards(input_path: str | Path, shard_pages: int) -> list[ShardSpec]:
     return shards
 
 
+def scan_warc_file(task: tuple[str, int, int]) -> dict:
+    """One WARC file's shard boundaries, image responses and record counts (runs in a worker)."""
+    path, shard_pages, page_cap = task
+    groups: list[list[int]] = []  # [start offset, pages]
+    images: list[tuple[str, str, int]] = []
+    counts: Counter = Counter()
+    for item in iter_warc(path, page_cap=page_cap, read_pages=False):
+        counts["records"] += 1
+        if item.kind == "image":
+            counts["image_responses"] += 1
+            if item.uri:
+                images.append((item.uri, path, item.offset))
+            continue
+        if item.kind == "skip":
+            counts[f"skipped_{item.reason}"] += 1
+            continue
+        counts[{"page": "html_pages", "too_large": "too_large_pages", "corrupt": "corrupt_regions"}[item.kind]] += 1
+        # a corrupt region belongs with the record it is charged to: never a group start
+        if item.kind != "corrupt" and (not groups or groups[-1][1] >= shard_pages):
+            groups.append([0 if not groups else item.offset, 0])
+        if not groups:  # a corrupt region before any page
+            groups.append([0, 0])
+        groups[-1][1] += 1
+    return {"path": path, "groups": groups, "images": images, "counts": dict(counts)}
+
+
+def plan_warc(files: list[Path], shard_pages: int, page_cap: int, work: Path, executor) -> tuple[list[ShardSpec], dict]:
+    """Shards of every WARC file (byte ranges) and the image index, from one scan per file."""
+    index_path = work / "warc_images.sqlite"
+    tmp = work / "warc_images.sqlite.tmp"
+    tmp.unlink(missing_ok=True)
+    index = WarcImageIndex(tmp, writable=True)
+    shards: list[ShardSpec] = []
+    totals: Counter = Counter()
+    for res in executor.map_ordered(scan_warc_file, [(str(p), shard_pages, page_cap) for p in files]):
+        index.add_many(res["images"])
+        totals.update(res["counts"])
+        groups = res["groups"]
+        for i, (start, n) in enumerate(groups):
+            end = groups[i + 1][0] if i + 1 < len(groups) else None
+            shards.append(ShardSpec(len(shards), "warc", res["path"], start=start, end=end, num_pages=n))
+    index.close()
+    os.replace(tmp, index_path)
+    if not shards:
+        raise EngineError(f"input {', '.join(str(p) for p in files[:3])}: no HTML responses in the WARC file(s) "
+                          f"(records: {dict(totals)})")
+    return shards, {"files": len(files), **dict(sorted(totals.items()))}
+
+
 def _lines(f) -> Iterator[tuple[int, int, bool]]:
     """(byte offset, 1-based line number, has non-space content) of every line, in 1 MiB reads."""
     offset, line_no, start, nonempty, in_line = 0, 0, 0, False, False
@@ -191,6 +279,9 @@ def _doc_id(given: Any, url: str | None, fallback: str) -> str:
 def read_shard(spec: ShardSpec, cfg: EngineConfig) -> Iterator[Doc]:
     """The shard's pages as Docs; an unreadable entry becomes a Doc the extract stage drops with its reason."""
     cap = cfg.extract.max_html_bytes * 2 + 65536  # JSON escaping can double the size; above that: too large
+    if spec.kind == "warc":
+        yield from _read_warc_shard(spec, cfg)
+        return
     if spec.kind == "html_dir":
         root = Path(spec.path)
         for rel in spec.files:
@@ -241,11 +332,76 @@ def read_shard(spec: ShardSpec, cfg: EngineConfig) -> Iterator[Doc]:
             yield d
 
 
+def _read_warc_shard(spec: ShardSpec, cfg: EngineConfig) -> Iterator[Doc]:
+    """The HTML responses (and corrupt regions, too-large pages, as Docs to drop) of one byte range."""
+    name = Path(spec.path).name
+    for item in iter_warc(spec.path, spec.start, spec.end, cfg.extract.max_html_bytes):
+        if item.kind in ("skip", "image"):
+            continue
+        where = f"{name}@{item.offset}"
+        d = Doc(id=_doc_id(None, item.uri, where), url=item.uri, source=cfg.source,
+                meta={"engine": {"shard": spec.index, "input": where}})
+        if item.kind == "corrupt":
+            d.url = None
+            d.meta["input_drop"] = ("corrupt_warc_record", f"{where}: {item.reason}")
+        elif item.kind == "too_large":
+            d.meta["input_drop"] = ("page_too_large", f"{where}: {item.reason}")
+        else:
+            d.meta["warc"] = {"record_id": item.record_id, "date": item.date}
+            data = item.data
+            if item.charset and not data.startswith((b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")):
+                d.html = data.decode(item.charset, errors="replace")  # WHATWG: HTTP charset before <meta>
+                d.meta["encoding"] = item.charset
+            else:
+                d.html = data  # the extractor decodes: BOM, <meta charset>, UTF-8, windows-1252
+        yield d
+
+
+def _numbered(docs: Iterator[Doc]) -> Iterator[Doc]:
+    """Tag each Doc with its position in the shard's reading order (the same in both passes)."""
+    for i, d in enumerate(docs):
+        d.pos = i
+        yield d
+
+
 # ----------------------------------------------------------------------------- one shard (in a worker)
-def process_shard(task: tuple[ShardSpec, EngineConfig]) -> dict:
-    """Run every stage over one shard. Returns {index, records, stats, wall_s}; picklable."""
-    spec, cfg = task
+def _name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def sketch_shard(task: tuple[ShardSpec, EngineConfig, str]) -> dict:
+    """Pass 1 over one shard: page stages + a MinHash per surviving page -> ``_engine/sketch/shard-N.npz``."""
+    spec, cfg, work = task
     t0 = time.perf_counter()
+    docs, stats = run_stages(page_stages(cfg), _numbered(read_shard(spec, cfg)))
+    sketch = PageSketcher(cfg.neardup)
+    pos, sigs, info = [], [], []
+    for d in docs:
+        pos.append(d.pos)
+        sigs.append(sketch(page_text(d)))
+        info.append({"id": d.id, "url": d.url, "title": d.title[:200], "images": len(d.images),
+                     "language": d.meta.get("language")})
+    meta = json.dumps({"index": spec.index, "pages": info, "stats": [s.to_json() for s in stats],
+                       "wall_s": time.perf_counter() - t0}).encode()
+    buf = io.BytesIO()
+    np.savez(buf, pos=np.asarray(pos, dtype=np.int64),
+             sig=np.stack(sigs) if sigs else np.zeros((0, cfg.neardup.num_perm), dtype=np.uint32),
+             meta=np.frombuffer(meta, dtype=np.uint8))
+    atomic_write_bytes(Path(work) / "sketch" / f"{_name(spec.index)}.npz", buf.getvalue())
+    return {"index": spec.index, "pages": len(pos)}
+
+
+def _load_sketch(work: Path, index: int, with_sigs: bool = False) -> tuple[dict, np.ndarray, np.ndarray | None]:
+    with np.load(work / "sketch" / f"{_name(index)}.npz", allow_pickle=False) as z:
+        meta = json.loads(z["meta"].tobytes())
+        return meta, z["pos"], (z["sig"] if with_sigs else None)
+
+
+def build_shard(task: tuple[ShardSpec, EngineConfig, dict, str]) -> dict:
+    """Pass 2 over one shard: the kept pages -> records written into OUT by this worker, then the marker."""
+    spec, cfg, keep, out = task  # keep: {position in the shard: meta.language} of the pages to build
+    t0 = time.perf_counter()
+    out = Path(out)
     client = None
     if cfg.llm_url:
         from duetgen.llm import LLMClient
@@ -253,14 +409,38 @@ def process_shard(task: tuple[ShardSpec, EngineConfig]) -> dict:
         client = LLMClient(cfg.llm_url, cfg.llm_model or "default", api_key=cfg.llm_api_key,
                            max_concurrency=cfg.llm_concurrency, max_retries=cfg.llm_max_retries,
                            timeout_s=cfg.llm_timeout_s, cache_path=cfg.llm_cache)
+
+    def kept_pages():
+        if not keep:  # every page of the shard was dropped in pass 1: nothing to read again
+            return
+        last = max(keep)
+        for d in _numbered(read_shard(spec, cfg)):
+            if d.pos > last:
+                return
+            if d.pos in keep:
+                d.meta["language"] = keep[d.pos]
+                yield d
+
+    write = StageStats("write")
     try:
-        docs, stats = run_stages(build_stages(cfg, client), read_shard(spec, cfg))
-        records = [d.record for d in docs]
+        # pass 1 extracted these pages already; extraction is deterministic, so it is not counted again
+        extracted = Extract(cfg.extract)(kept_pages(), StageStats("extract_again"))
+        docs, stats = run_stages(build_stages(cfg, client, cfg.warc_index), extracted)
+        writer = ShardFileWriter(out, spec.index)
+        for d in docs:
+            write.pages_in += 1
+            write.images_in += len(d.record.image_parts())
+            writer.write(d.record)
+            write.pages_out += 1
+            write.images_out += len(d.record.image_parts())
+        n = writer.commit()
     finally:
         if client is not None:
             client.close()
-    return {"index": spec.index, "records": records, "stats": [s.to_json() for s in stats],
-            "wall_s": time.perf_counter() - t0}
+    wall = time.perf_counter() - t0
+    marker = {"index": spec.index, "records": n, "wall_s": wall, "stats": [s.to_json() for s in stats] + [write.to_json()]}
+    atomic_write_bytes(out / ENGINE_DIR / "done" / f"{_name(spec.index)}.json", json.dumps(marker).encode())
+    return {"index": spec.index, "records": n, "wall_s": wall}
 
 
 # ----------------------------------------------------------------------------- executors
@@ -333,18 +513,7 @@ class RayExecutor:
 
 
 # ----------------------------------------------------------------------------- driver
-def _committed(out: Path) -> tuple[set[int], set[str]]:
-    """(engine shard indices already in the dataset, record ids already in it)."""
-    if not (out / MANIFEST).exists():
-        return set(), set()
-    shards, ids = set(), set()
-    for rec in Dataset(out):
-        ids.add(rec.id)
-        shards.add(rec.meta["engine"]["shard"])
-    return shards, ids
-
-
-def _check_plan(work: Path, input_path: Path, cfg: EngineConfig) -> list[ShardSpec]:
+def _check_plan(work: Path, input_path: Path, cfg: EngineConfig, executor) -> tuple[list[ShardSpec], dict]:
     plan_path = work / "plan.json"
     fp = {"input": _input_fingerprint(input_path), "config": cfg.fingerprint()}
     if plan_path.exists():
@@ -354,10 +523,16 @@ def _check_plan(work: Path, input_path: Path, cfg: EngineConfig) -> list[ShardSp
                 f"output {str(work.parent)!r} belongs to a run with a different input or config; "
                 "use a new --out (or delete it) to start over"
             )
-        return [ShardSpec(**s) for s in plan["shards"]]
-    shards = plan_shards(input_path, cfg.shard_pages)
-    atomic_write_bytes(plan_path, json.dumps({"fingerprint": fp, "shards": [asdict(s) for s in shards]}).encode())
-    return shards
+        return [ShardSpec(**s) for s in plan["shards"]], plan.get("warc") or {}
+    warcs = warc_files(input_path)
+    warc: dict = {}
+    if warcs is not None:
+        shards, warc = plan_warc(warcs, cfg.shard_pages, cfg.extract.max_html_bytes, work, executor)
+    else:
+        shards = plan_shards(input_path, cfg.shard_pages)
+    atomic_write_bytes(plan_path, json.dumps({"fingerprint": fp, "shards": [asdict(s) for s in shards],
+                                              "warc": warc}).encode())
+    return shards, warc
 
 
 def run_engine(input_path: str | Path, out: str | Path, cfg: EngineConfig, executor=None,
@@ -368,7 +543,7 @@ def run_engine(input_path: str | Path, out: str | Path, cfg: EngineConfig, execu
     if (out / MANIFEST).exists() and not (out / ENGINE_DIR / "plan.json").exists():
         raise EngineError(f"output {str(out)!r} already holds a dataset not written by this engine")
     work = out / ENGINE_DIR
-    for sub in ("pending", "done"):
+    for sub in ("sketch", "done"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     lock = open(work / "run.lock", "a")
     try:
@@ -377,66 +552,112 @@ def run_engine(input_path: str | Path, out: str | Path, cfg: EngineConfig, execu
         lock.close()
         raise EngineError(f"another engine run is using {str(out)!r}") from None
     try:
-        shards = _check_plan(work, input_path, cfg)
+        executor = executor or LocalExecutor(1)
+        shards, warc = _check_plan(work, input_path, cfg, executor)
         if cfg.llm_url and cfg.llm_cache is None:
             cfg.llm_cache = str(work / "llm_cache.sqlite")
-        committed_shards, ids = _committed(out)
-        todo = []
-        for s in shards:
-            done, pending = work / "done" / f"shard-{s.index:05d}.json", work / "pending" / f"shard-{s.index:05d}.json"
-            if done.exists():
-                continue
-            if s.index in committed_shards:  # killed after the commit, before the marker
-                os.replace(pending, done)
-                continue
-            todo.append(s)
-        executor = executor or LocalExecutor(1)
-        _run_todo(executor, todo, cfg, out, work, ids, len(shards), progress)
-        per_shard = [json.loads((work / "done" / f"shard-{s.index:05d}.json").read_text()) for s in shards]
-        stages = merge_stats([p["stats"] for p in per_shard])
+        if warc:
+            cfg.warc_index = str(work / "warc_images.sqlite")
+        by_index = {s.index: s for s in shards}
+        # pass 1: sketches
+        todo = [s for s in shards if not (work / "sketch" / f"{_name(s.index)}.npz").exists()]
+        for _ in _run(executor, sketch_shard, ((s, cfg, str(work)) for s in todo), len(shards), len(todo), "pages",
+                      progress):
+            pass  # each task wrote its sketch file; results are counts only
+        # the cross-page decision, once
+        keep = _decide(work, shards, cfg)
+        # pass 2: the kept pages, each shard written by its worker
+        done = {s.index for s in shards if (work / "done" / f"{_name(s.index)}.json").exists()}
+        listed = _publish(out, work, shards, done)
+        todo2 = [s for s in shards if s.index not in done]
+        tasks = ((s, cfg, keep(s.index), str(out)) for s in todo2)
+        last = time.monotonic()
+        for result in _run(executor, build_shard, tasks, len(shards), len(todo2), "records", progress):
+            if result["records"]:
+                listed.append((shard_name(result["index"]), result["records"]))
+            if time.monotonic() - last > 2.0:  # the manifest follows the markers, a few times a minute
+                write_manifest(out, listed)
+                last = time.monotonic()
+        write_manifest(out, listed)
+        stages = _merge_funnel(work, [by_index[i] for i in sorted(by_index)])
         summary = {"input": str(input_path), "output": str(out), "shards": len(shards),
-                   "pages_in": sum(s.num_pages for s in shards),
-                   "records_out": len(Dataset(out)) if (out / MANIFEST).exists() else 0,
+                   "pages_in": sum(s.num_pages for s in shards), "records_out": sum(n for _, n in listed),
+                   **({"warc": warc} if warc else {}),
                    "llm_model": cfg.llm_model if cfg.llm_url else None,
-                   "wall_s_this_run": round(time.perf_counter() - t0, 2), "shards_run_now": len(todo)}
+                   "wall_s_this_run": round(time.perf_counter() - t0, 2),
+                   "shards_run_now": len(todo2)}
         return write_report(out, stages, summary)
     finally:
         lock.close()
 
 
-def _run_todo(executor, todo, cfg, out, work, ids, total, progress):
+def _run(executor, fn, tasks, total: int, n_todo: int, what: str, progress: bool) -> Iterator[dict]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("data engine"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
+    label = {"pages": "pass 1 (pages, dedup)", "records": "pass 2 (images, records)"}[what]
+    bar = Progress(TextColumn(f"data engine {label}"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
                    TimeRemainingColumn(), disable=not progress, transient=True)
     with bar:
-        task = bar.add_task("shards", total=total, completed=total - len(todo))
-        for result in executor.map_ordered(process_shard, [(s, cfg) for s in todo]):
-            _commit_shard(result, out, work, ids)
+        task = bar.add_task("shards", total=total, completed=total - n_todo)
+        for result in executor.map_ordered(fn, tasks):
             bar.advance(task)
+            yield result
 
 
-def _commit_shard(result: dict, out: Path, work: Path, ids: set[str]) -> None:
-    index = result["index"]
-    write_stats = StageStats("write")
-    keep = []
-    for rec in result["records"]:
-        write_stats.pages_in += 1
-        write_stats.images_in += len(rec.image_parts())
-        if rec.id in ids:
-            write_stats.page_drops["duplicate_id"] += 1
-            write_stats._example("page:duplicate_id", {"doc": rec.id, "url": rec.meta.get("url"), "detail": "id already written"})
-            continue
-        ids.add(rec.id)
-        keep.append(rec)
-        write_stats.pages_out += 1
-        write_stats.images_out += len(rec.image_parts())
-    marker = {"index": index, "records": len(keep), "wall_s": result["wall_s"],
-              "stats": result["stats"] + [write_stats.to_json()]}
-    name = f"shard-{index:05d}.json"
-    atomic_write_bytes(work / "pending" / name, json.dumps(marker).encode())  # (1)
-    if keep:
-        with DatasetWriter(out, shard_size=len(keep) + 1, append=True) as w:  # (2) one dataset shard
-            for rec in keep:
-                w.write(rec)
-    os.replace(work / "pending" / name, work / "done" / name)  # (3)
+def _decide(work: Path, shards: list[ShardSpec], cfg: EngineConfig) -> Callable[[int], dict]:
+    """Decide duplicates over every sketch once (``dedup.json``); returns shard index -> its pass-2 keep map."""
+    path = work / "dedup.json"
+    if not path.exists():
+        sketches = []
+        for s in shards:
+            meta, pos, sig = _load_sketch(work, s.index, with_sigs=True)
+            for p, page, row in zip(pos.tolist(), meta["pages"], sig):
+                sketches.append(Sketch(s.index, p, page["id"], page["url"], page["title"], page["images"], row))
+        drops, stats = decide(sketches, cfg.neardup)
+        del sketches
+        by_shard: dict[str, list] = {}
+        for (shard, p), reason in sorted(drops.items()):
+            by_shard.setdefault(str(shard), []).append([p, reason])
+        atomic_write_bytes(path, json.dumps({"drops": by_shard, "stats": stats.to_json()}).encode())
+    drops = json.loads(path.read_text())["drops"]
+
+    def keep(index: int) -> dict:
+        meta, pos, _ = _load_sketch(work, index)
+        dropped = {p for p, _ in drops.get(str(index), [])}
+        return {p: page["language"] for p, page in zip(pos.tolist(), meta["pages"]) if p not in dropped}
+
+    return keep
+
+
+def _publish(out: Path, work: Path, shards: list[ShardSpec], done: set[int]) -> list[tuple[str, int]]:
+    """Rebuild the manifest from the completion markers (what a kill may have left unlisted); returns it."""
+    listed = []
+    for s in shards:
+        if s.index in done:
+            n = json.loads((work / "done" / f"{_name(s.index)}.json").read_text())["records"]
+            if n:
+                listed.append((shard_name(s.index), n))
+    write_manifest(out, listed)
+    return listed
+
+
+def _merge_funnel(work: Path, shards: list[ShardSpec]) -> list[StageStats]:
+    """pass-1 stages (sketches) + dedup_pages + pass-2 stages (markers), summed shard by shard."""
+    total: dict[str, StageStats] = {}
+    order: list[str] = []
+
+    def add(d: dict) -> None:
+        st = StageStats.from_json(d)
+        if st.name not in total:
+            total[st.name] = StageStats(st.name)
+            order.append(st.name)
+        total[st.name].merge(st)
+
+    for s in shards:
+        for d in _load_sketch(work, s.index)[0]["stats"]:
+            add(d)
+    add(json.loads((work / "dedup.json").read_text())["stats"])
+    for s in shards:
+        for d in json.loads((work / "done" / f"{_name(s.index)}.json").read_text())["stats"]:
+            add(d)
+    return [total[n] for n in order]

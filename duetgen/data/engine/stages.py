@@ -1,7 +1,8 @@
 """The data engine's stages (paper section 3.1, Fig. 2), each a generator over page documents.
 
-    extract -> page_filter -> fetch_images -> image_rules -> [caption_images] -> dedup_images
-            -> require_images -> clean_text -> [rewrite_text] -> reorder -> dialogue
+    extract -> page_filter -> language -> (dedup_pages, across shards: runner.py)
+            -> fetch_images -> image_rules -> [caption_images] -> dedup_images
+            -> require_images -> clean_text -> [rewrite_text] -> reorder -> dialogue -> write
 
 Stages in brackets need an LLM; ``reorder`` and ``dialogue`` use it when one is configured and
 rules / a template when not.
@@ -32,7 +33,9 @@ from urllib.parse import urljoin, urlsplit
 from duetgen.data.engine.document import Doc, ImageItem, StageStats, TextItem, counted
 from duetgen.data.engine.extract import ExtractConfig, ExtractError, extract
 from duetgen.data.engine.fetch import FetchConfig, FetchError, ImageFetcher
+from duetgen.data.engine.fetch import ALLOWED_CONTENT_TYPES
 from duetgen.data.engine.images import ImageRuleConfig, hamming, image_rule, phash
+from duetgen.data.engine.language import LanguageFilter
 from duetgen.data.engine.text import clean_block, numbers_in, strip_step_prefix, title_to_question
 from duetgen.data.record import ImagePart, Message, Record, TextPart
 
@@ -131,14 +134,37 @@ class PageFilter:
 
 # ----------------------------------------------------------------------------- 3. fetch images
 class FetchImages:
+    """Download a page's images (SSRF rules: fetch.py); a WARC input's images come from its own
+    crawl first (``warc_index``: image responses by URI), and only the missing ones are fetched."""
+
     name = "fetch_images"
 
-    def __init__(self, cfg: FetchConfig, threads: int = 8):
+    def __init__(self, cfg: FetchConfig, threads: int = 8, warc_index: str | None = None):
         self.fetcher = ImageFetcher(cfg)
         self.threads = threads
+        self.index = None
+        if warc_index is not None:
+            from duetgen.data.engine.warc import WarcImageIndex
+
+            self.index = WarcImageIndex(warc_index)
+
+    def _from_warc(self, url: str):
+        """(bytes, image, "file@offset") of the crawl's response for ``url``, None if it has none."""
+        from duetgen.data.engine.warc import read_warc_image
+
+        hit = self.index.lookup(url)
+        if hit is None:
+            return None
+        path, offset = hit
+        mime, data = read_warc_image(path, offset, self.fetcher.cfg.max_bytes)
+        if mime not in ALLOWED_CONTENT_TYPES:
+            raise FetchError("bad_content_type", f"Content-Type {mime!r} in the WARC is not a raster image")
+        return (*self.fetcher._decode(data, None, url), f"{Path(path).name}@{offset}")
 
     def _fetch(self, url: str):
         try:
+            if self.index is not None and (got := self._from_warc(url)) is not None:
+                return got
             return self.fetcher.fetch(url)
         except FetchError as e:
             return e
@@ -187,7 +213,12 @@ class FetchImages:
                         if isinstance(got, FetchError):
                             stats.drop_image(d, x, got.reason, got.detail)
                             continue
-                        x.data, x.image = got
+                        x.data, x.image = got[:2]
+                        if len(got) == 3:
+                            x.warc = got[2]
+                            stats.counts["image_from_warc"] += 1
+                        else:
+                            stats.counts["image_fetched"] += 1
                     kept.append(x)
                 d.items = kept
                 yield d
@@ -456,7 +487,8 @@ class BuildDialogue:
     def _meta(self, d: Doc, mode: str) -> dict:
         return {"url": d.url, "title": d.title, **{k: v for k, v in d.meta.items() if k != "engine"},
                 "engine": {**d.meta.get("engine", {}), "dialogue": mode, "model": self.model},
-                "images": [{"url": x.url, **({"file": x.file} if x.file else {}), "caption": x.caption,
+                "images": [{"url": x.url, **({"file": x.file} if x.file else {}),
+                            **({"warc": x.warc} if x.warc else {}), "caption": x.caption,
                             "category": x.category} for x in d.images]}
 
     def template_record(self, d: Doc) -> Record | str:
@@ -537,10 +569,14 @@ class BuildDialogue:
 
 
 # ----------------------------------------------------------------------------- the pipeline
-def build_stages(cfg, client=None) -> list:
-    """The stage list for an EngineConfig (see runner.py); LLM stages only with a client."""
-    stages = [Extract(cfg.extract), PageFilter(cfg.pages), FetchImages(cfg.fetch, cfg.fetch_threads),
-              ImageRules(cfg.images)]
+def page_stages(cfg) -> list:
+    """Pass 1 (runner.py): what decides from the page alone whether it goes on."""
+    return [Extract(cfg.extract), PageFilter(cfg.pages), LanguageFilter(cfg.language)]
+
+
+def build_stages(cfg, client=None, warc_index: str | None = None) -> list:
+    """Pass 2 (runner.py): images, text and dialogue for the pages that passed pass 1 and dedup."""
+    stages = [FetchImages(cfg.fetch, cfg.fetch_threads, warc_index), ImageRules(cfg.images)]
     if client is not None:
         stages.append(CaptionImages(client, cfg.llm_batch_pages))
     stages += [DedupConsecutive(cfg.dedup_max_distance), RequireImages(cfg.pages.min_images), CleanText()]

@@ -1,0 +1,198 @@
+"""WARC input: HTML responses as pages, image responses as an index the image stage reads from.
+
+    for item in iter_warc("crawl/CC-MAIN-...warc.gz", start, end, page_cap=5_000_000):
+        item.kind  # "page" | "too_large" | "image" | "corrupt" | "skip"
+
+Design choices:
+- Parsing is ``warcio`` (the WARC library datatrove and pywb read Common Crawl with). Only
+  ``response`` records with an HTTP 200 and a Content-Type of ``text/html`` /
+  ``application/xhtml+xml`` are pages; the page URL is ``WARC-Target-URI``; the HTTP charset
+  (``Content-Type: ...; charset=``) decodes the body when it names a known codec (WHATWG order:
+  a BOM still wins, then HTTP, then ``<meta charset>``, which the extractor reads).
+- Image responses (HTTP 200, ``image/*``) are not read: their (file, offset) goes into an index by
+  URI (SQLite, ``WarcImageIndex``), so the image stage takes a page's pictures from the same crawl
+  and only fetches (under the usual SSRF rules) what the crawl does not hold.
+- Caps before reading: a page record whose WARC ``Content-Length`` exceeds the page cap (plus 64 KiB
+  of HTTP headers) is ``too_large`` and its body is never read (warcio skips it in 16 KiB reads);
+  a body is read with ``read(cap + 1)``, so a gzip/br Content-Encoding cannot inflate past the cap.
+- Corrupt input is skipped and counted, never fatal: when warcio cannot parse the next record (a
+  truncated gzip member, a junk header), the reader yields one ``corrupt`` item and resyncs at the
+  next gzip member (``1f 8b 08``; ``WARC/1.`` in an uncompressed file) after the failed record.
+  Failures in a row without a good record between them are one corrupt region.
+- Byte-range shards: ``iter_warc(path, start, end)`` yields the items whose record *starts* in
+  ``[start, end)``. Shard boundaries are offsets of records a full scan found good, and the scan
+  and the readers run this same code, so every record (and every corrupt region, owned by the
+  record before it) belongs to exactly one shard: kill-and-resume stays exactly-once.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+HTML_TYPES = {"text/html", "application/xhtml+xml"}
+HTTP_HEADER_SLACK = 65536  # a record's Content-Length covers the HTTP headers too
+_GZIP_MAGIC = b"\x1f\x8b\x08"
+_WARC_MAGIC = b"WARC/1."
+
+
+@dataclass
+class WarcItem:
+    offset: int  # byte offset of the record (of the last good record before a corrupt region)
+    kind: str  # "page" | "too_large" | "image" | "corrupt" | "skip"
+    uri: str | None = None
+    mime: str | None = None
+    charset: str | None = None  # the HTTP charset, when it names a known codec
+    data: bytes | None = None  # page body (kind "page" only)
+    reason: str = ""  # why a record was skipped (kind "skip"), or what was corrupt
+    record_id: str | None = None  # WARC-Record-ID
+    date: str | None = None  # WARC-Date
+
+
+def is_warc(path: str | Path) -> bool:
+    return str(path).endswith((".warc", ".warc.gz"))
+
+
+def _http_charset(content_type: str) -> str | None:
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset":
+            try:
+                return codecs.lookup(value.strip().strip("\"'")).name
+            except LookupError:
+                return None
+    return None
+
+
+def _classify(rec, offset: int, page_cap: int, read_pages: bool) -> WarcItem:
+    """One record -> WarcItem; reads the body of a page only (capped). May raise on corrupt input."""
+    kind = rec.rec_type
+    uri = rec.rec_headers.get_header("WARC-Target-URI")
+    base = dict(offset=offset, uri=uri, record_id=rec.rec_headers.get_header("WARC-Record-ID"),
+                date=rec.rec_headers.get_header("WARC-Date"))
+    if kind != "response":
+        return WarcItem(kind="skip", reason=f"warc_{kind}", **base)  # request, metadata, warcinfo, revisit
+    if rec.http_headers is None:
+        return WarcItem(kind="skip", reason="not_http", **base)
+    content_type = rec.http_headers.get_header("Content-Type") or ""
+    mime = content_type.split(";")[0].strip().lower()
+    status = rec.http_headers.get_statuscode()
+    if status != "200":
+        return WarcItem(kind="skip", reason="http_status", mime=mime, **base)
+    if mime.startswith("image/"):
+        return WarcItem(kind="image", mime=mime, **base)
+    if mime not in HTML_TYPES:
+        return WarcItem(kind="skip", reason="not_html", mime=mime, **base)
+    length = int(rec.rec_headers.get_header("Content-Length") or 0)
+    if length > page_cap + HTTP_HEADER_SLACK:  # decided from the header: the body is never read
+        return WarcItem(kind="too_large", mime=mime, reason=f"record of {length:,} bytes > cap {page_cap:,}", **base)
+    body = rec.content_stream().read(page_cap + 1)  # de-chunked, Content-Encoding decoded, capped
+    if len(body) > page_cap:
+        return WarcItem(kind="too_large", mime=mime, reason=f"body over the cap of {page_cap:,} bytes", **base)
+    return WarcItem(kind="page", mime=mime, charset=_http_charset(content_type),
+                    data=body if read_pages else None, **base)
+
+
+def _find(f, magic: bytes, start: int, size: int) -> int | None:
+    """Offset of the next ``magic`` at or after ``start`` (read in 1 MiB windows), or None."""
+    pos = start
+    while pos < size:
+        f.seek(pos)
+        chunk = f.read((1 << 20) + len(magic))
+        i = chunk.find(magic)
+        if i >= 0:
+            return pos + i
+        pos += 1 << 20
+    return None
+
+
+def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap: int = 5_000_000,
+              read_pages: bool = True) -> Iterator[WarcItem]:
+    """The items of the records starting in ``[start, end)`` of one WARC file (see the module docstring)."""
+    from warcio.archiveiterator import ArchiveIterator
+
+    magic = _GZIP_MAGIC if str(path).endswith(".gz") else _WARC_MAGIC
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        end = size if end is None else min(end, size)
+        pos, in_bad = start, False
+        while pos < end:
+            f.seek(pos)
+            cur = pos  # the record being read (a failure is charged to it)
+            try:
+                it = ArchiveIterator(f, check_digests=False)
+                for rec in it:
+                    cur = it.get_record_offset()  # absolute: warcio starts counting at fh.tell()
+                    if cur >= end:
+                        return
+                    item = _classify(rec, cur, page_cap, read_pages)
+                    in_bad = False
+                    yield item
+                return
+            except Exception as e:  # warcio raises many kinds on junk; all mean "corrupt"
+                if not in_bad:
+                    yield WarcItem(offset=cur, kind="corrupt", reason=f"{type(e).__name__}: {str(e)[:200]}")
+                in_bad = True
+                nxt = _find(f, magic, cur + 1, size)
+                if nxt is None:
+                    return
+                pos = nxt
+
+
+def read_warc_image(path: str | Path, offset: int, max_bytes: int) -> tuple[str, bytes]:
+    """(mime, body) of the image response at ``offset``. Raises FetchError (too_large / corrupt_warc_record)."""
+    from warcio.archiveiterator import ArchiveIterator
+
+    from duetgen.data.engine.fetch import FetchError
+
+    where = f"{Path(path).name}@{offset}"
+    with open(path, "rb") as f:
+        f.seek(offset)
+        try:
+            rec = next(iter(ArchiveIterator(f, check_digests=False)))
+            length = int(rec.rec_headers.get_header("Content-Length") or 0)
+            if length > max_bytes + HTTP_HEADER_SLACK:
+                raise FetchError("too_large", f"{where}: record of {length:,} bytes > cap {max_bytes:,}")
+            mime = (rec.http_headers.get_header("Content-Type") or "").split(";")[0].strip().lower()
+            data = rec.content_stream().read(max_bytes + 1)
+        except FetchError:
+            raise
+        except Exception as e:
+            raise FetchError("corrupt_warc_record", f"{where}: {type(e).__name__}: {str(e)[:200]}") from None
+    if len(data) > max_bytes:
+        raise FetchError("too_large", f"{where}: body over the cap of {max_bytes:,} bytes")
+    return mime, data
+
+
+class WarcImageIndex:
+    """URI -> (WARC file, offset) of the image responses of a WARC set, in SQLite (workers open it read-only)."""
+
+    def __init__(self, path: str | Path, writable: bool = False):
+        self.path = str(path)
+        if writable:
+            self.db = sqlite3.connect(self.path)
+            self.db.execute("CREATE TABLE IF NOT EXISTS images (uri TEXT PRIMARY KEY, file TEXT, offset INTEGER)")
+        else:
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        self._lock = threading.Lock()  # the image stage looks up from its download threads
+
+    def add_many(self, rows: list[tuple[str, str, int]]) -> None:
+        """(uri, file, offset) rows; the first response for a URI wins (crawl order)."""
+        self.db.executemany("INSERT OR IGNORE INTO images VALUES (?, ?, ?)", rows)
+        self.db.commit()
+
+    def lookup(self, uri: str) -> tuple[str, int] | None:
+        with self._lock:
+            row = self.db.execute("SELECT file, offset FROM images WHERE uri = ?", (uri.split("#", 1)[0],)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()
