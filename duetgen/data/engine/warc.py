@@ -18,7 +18,9 @@ Design choices:
 - Corrupt input is skipped and counted, never fatal: when warcio cannot parse the next record (a
   truncated gzip member, a junk header), the reader yields one ``corrupt`` item and resyncs at the
   next gzip member (``1f 8b 08``; ``WARC/1.`` in an uncompressed file) after the failed record.
-  Failures in a row without a good record between them are one corrupt region.
+  Failures in a row without a good record between them are one corrupt region. warcio ends
+  quietly at a member cut short at the end of a file; bytes left over after its last record are
+  counted as one corrupt region too.
 - Byte-range shards: ``iter_warc(path, start, end)`` yields the items whose record *starts* in
   ``[start, end)``. Shard boundaries are offsets of records a full scan found good, and the scan
   and the readers run this same code, so every record (and every corrupt region, owned by the
@@ -127,12 +129,15 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
             try:
                 it = ArchiveIterator(f, check_digests=False)
                 for rec in it:
-                    cur = it.get_record_offset()  # absolute: warcio starts counting at fh.tell()
+                    cur = it.offset  # absolute (warcio counts from fh.tell()); get_record_offset() would consume the body
                     if cur >= end:
                         return
                     item = _classify(rec, cur, page_cap, read_pages)
                     in_bad = False
                     yield item
+                if it.offset < size and not in_bad:  # warcio stops quietly at a member cut short at the end
+                    yield WarcItem(offset=cur, kind="corrupt",
+                                   reason=f"{size - it.offset:,} bytes at the end of the file are no complete record")
                 return
             except Exception as e:  # warcio raises many kinds on junk; all mean "corrupt"
                 if not in_bad:

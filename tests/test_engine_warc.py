@@ -1,0 +1,215 @@
+"""Data engine on WARC files the test writes with warcio: pages, the crawl's own images, bad members,
+language and cross-page near-duplicates, byte-range shards and exactly-once resume."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.warcwriter import WARCWriter
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "engine"))
+from howto_site import IMAGES, PAGES_DIR, Site, photo  # noqa: E402
+
+from duetgen.data.engine import EngineConfig, LocalExecutor, run_engine  # noqa: E402
+from duetgen.data.engine import runner as runner_mod  # noqa: E402
+from duetgen.data.engine.extract import ExtractConfig  # noqa: E402
+from duetgen.data.engine.fetch import FetchConfig  # noqa: E402
+from duetgen.data.engine.neardup import NearDupPageConfig, PageSketcher, Sketch, decide  # noqa: E402
+from duetgen.data.engine.warc import iter_warc  # noqa: E402
+from duetgen.data.record import Dataset  # noqa: E402
+
+
+def member(uri: str, ctype: str | None, body: bytes, rtype: str = "response", status: str = "200 OK") -> bytes:
+    """One WARC record as its own gzip member, written by warcio."""
+    buf = io.BytesIO()
+    w = WARCWriter(buf, gzip=True)
+    if rtype == "request":
+        hh = StatusAndHeaders(f"GET {uri} HTTP/1.1", [("Host", "x")], is_http_request=True)
+        rec = w.create_warc_record(uri, "request", payload=io.BytesIO(b""), http_headers=hh)
+    else:
+        headers = [("Content-Type", ctype)] if ctype else []
+        hh = StatusAndHeaders(status, headers, protocol="HTTP/1.1")
+        rec = w.create_warc_record(uri, rtype, payload=io.BytesIO(body), http_headers=hh)
+    w.write_record(rec)
+    return buf.getvalue()
+
+
+def web_id(url: str) -> str:
+    return "web-" + hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def german_page() -> str:
+    steps = "".join(f"<li><p>Schritt {i}: Nehmen Sie den Topf vorsichtig vom Herd und lassen Sie ihn gut abkühlen, "
+                    f"bevor Sie weitermachen.</p><img src='/img/step{i}.jpg'></li>" for i in (1, 2, 3))
+    return f"<html><head><title>Wie man kocht</title></head><body><article><h1>Wie man kocht</h1><ol>{steps}</ol></article></body></html>"
+
+
+def digits_page() -> str:
+    rows = "".join(f"<li><p>{i * 7919} {i * 104729} {i * 1299709} {i * 15485863} {i * 32452843} ...</p>"
+                   f"<img src='/img/step{i}.jpg'></li>" for i in range(1, 6))
+    return f"<html><head><title>12345</title></head><body><article><ol>{rows}</ol></article></body></html>"
+
+
+def write_crawl(tmp: Path, site: Site) -> dict:
+    """Two WARC files; returns the URLs the assertions need."""
+    (tmp / "crawl").mkdir()
+    u = {n: site.page_url(n) for n in ("bathe-a-cat.html", "repot-a-plant.html", "creme-brulee-cp1252.html")}
+    u["copy"] = site.page_url("repot-a-plant-copy.html")
+    u["german"] = site.page_url("kochen.html")
+    u["digits"] = site.page_url("numbers.html")
+    u["huge"] = site.page_url("huge.html")
+    u["truncated"] = site.page_url("truncated.html")
+    # the crèmee brûlée page in Mac Roman, declared only by HTTP (its <meta charset> removed)
+    creme = (PAGES_DIR / "creme-brulee-cp1252.html").read_bytes().decode("cp1252")
+    creme = re.sub(r"<meta[^>]*charset[^>]*>", "", creme, flags=re.I).encode("mac_roman")
+    repot = (PAGES_DIR / "repot-a-plant.html").read_text()
+    a = b"".join([
+        member("urn:warcinfo", None, b"", rtype="request"),
+        member(u["bathe-a-cat.html"], "text/html; charset=utf-8", (PAGES_DIR / "bathe-a-cat.html").read_bytes()),
+        member(site.url + "/app.js", "application/javascript", b"var x = 1;"),  # not HTML: skipped, counted
+        member(u["creme-brulee-cp1252.html"], "text/html; charset=macintosh", creme),
+        member(u["truncated"], "text/html", (PAGES_DIR / "bathe-a-cat.html").read_bytes())[:300],  # cut mid-member
+        member(u["repot-a-plant.html"], "text/html", repot.encode()),
+        member(u["german"], "text/html; charset=utf-8", german_page().encode()),
+    ])
+    images = [member(f"{site.url}/img/{name}", ctype, make()) for name, (ctype, make) in IMAGES.items()
+              if name not in ("step12.jpg", "bomb.png")]  # step12 is fetched from the site instead
+    b = b"".join([
+        *images,
+        member(u["digits"], "text/html", digits_page().encode()),
+        member(u["huge"], "text/html", b"<html><body><p>" + b"a" * 400_000 + b"</p></body></html>"),
+        member(u["copy"], "text/html", repot.replace("Repot", "Repot, again,", 1).encode()),
+        member(site.url + "/moved.html", "text/html", b"<p>moved</p>", status="301 Moved Permanently"),
+    ])
+    (tmp / "crawl" / "a.warc.gz").write_bytes(a)
+    (tmp / "crawl" / "b.warc.gz").write_bytes(b)
+    return u
+
+
+def config(**kw) -> EngineConfig:
+    kw.setdefault("shard_pages", 2)
+    return EngineConfig(fetch=FetchConfig(allow_networks=("127.0.0.0/8",), timeout_s=2.0),
+                        extract=ExtractConfig(max_html_bytes=200_000), **kw)
+
+
+def stage(funnel: dict, name: str) -> dict:
+    return next(s for s in funnel["stages"] if s["name"] == name)
+
+
+def all_drops(funnel: dict) -> dict:
+    out: dict = {}
+    for s in funnel["stages"]:
+        for k, v in s["page_drops"].items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def test_warc_crawl_to_records_with_the_crawls_own_images(tmp_path):
+    with Site() as site:
+        u = write_crawl(tmp_path, site)
+        out = tmp_path / "ds"
+        funnel = run_engine(str(tmp_path / "crawl" / "*.warc.gz"), out, config(), progress=False)
+
+    recs = {r.meta["url"]: r for r in Dataset(out)}
+    ds = Dataset(out)
+    # the near-duplicate pair keeps its lowest id, whichever file or shard it came from
+    repot_kept = min([u["repot-a-plant.html"], u["copy"]], key=web_id)
+    assert sorted(recs) == sorted([u["bathe-a-cat.html"], u["creme-brulee-cp1252.html"], repot_kept])
+
+    cat = recs[u["bathe-a-cat.html"]]
+    assert [ds.read_image_bytes(p.path) for p in cat.image_parts()] == [photo(i) for i in (1, 2, 3, 4, 5, 6)]
+    assert all(im["warc"].startswith("b.warc.gz@") for im in cat.meta["images"])  # from the crawl, not fetched
+    assert cat.meta["language"]["code"] == "en" and cat.meta["language"]["confidence"] > 0.5
+    assert cat.meta["warc"]["record_id"].startswith("<urn:uuid:")
+
+    creme = recs[u["creme-brulee-cp1252.html"]]  # Mac Roman, named only by the HTTP header
+    assert creme.meta["title"] == "How to Make Crème Brûlée" and creme.meta["encoding"] == "mac-roman"
+
+    drops = all_drops(funnel)
+    assert drops["corrupt_warc_record"] == 1  # the truncated gzip member: skipped, counted, not fatal
+    assert drops["page_too_large"] == 1  # the 400 KB page under a 200 KB cap
+    tl = stage(funnel, "extract")["examples"]["page:page_too_large"][0]["detail"]
+    assert "record of" in tl  # decided from the WARC header, before reading the body
+    assert drops["language_not_wanted"] == 1 and drops["language_undetected"] == 1
+    assert drops["near_duplicate_page"] == 1
+    ex = stage(funnel, "dedup_pages")["examples"]["page:near_duplicate_page"][0]
+    assert ex["doc"] == web_id(max([u["repot-a-plant.html"], u["copy"]], key=web_id)) and "estimated Jaccard" in ex["detail"]
+    lang = stage(funnel, "language")["counts"]
+    assert lang["language:de"] == 1 and lang["language:undetected"] == 1 and lang["language:en"] >= 4
+    fetch = stage(funnel, "fetch_images")["counts"]
+    assert fetch["image_from_warc"] >= 6 and fetch["image_fetched"] >= 1  # step12.jpg is not in the crawl
+
+    warc = funnel["summary"]["warc"]
+    assert warc["files"] == 2 and warc["corrupt_regions"] == 1 and warc["too_large_pages"] == 1
+    assert warc["skipped_not_html"] == 1 and warc["skipped_http_status"] == 1 and warc["skipped_warc_request"] == 1
+    assert warc["image_responses"] == len(IMAGES) - 2
+    for a, b in zip(funnel["stages"], funnel["stages"][1:]):  # the counts chain through both passes
+        assert (a["pages_out"], a["images_out"]) == (b["pages_in"], b["images_in"]), (a["name"], b["name"])
+    assert funnel["summary"]["pages_in"] == stage(funnel, "extract")["pages_in"] == 8
+
+
+def test_byte_range_shards_hold_every_record_once(tmp_path):
+    members = [member(f"https://x.example/p{i}", "text/html", b"<p>page %d</p>" % i * 40) for i in range(7)]
+    members[3] = members[3][: len(members[3]) // 2]  # truncated member mid-file
+    members.append(members[5][:50])  # and one cut at the end of the file
+    path = tmp_path / "c.warc.gz"
+    path.write_bytes(b"".join(members))
+    whole = [(x.offset, x.kind, x.uri) for x in iter_warc(path)]
+    assert [k for _, k, _ in whole].count("corrupt") == 2 and [k for _, k, _ in whole].count("page") == 6
+    res = runner_mod.scan_warc_file((str(path), 2, 1_000_000))
+    starts = [g[0] for g in res["groups"]]
+    parts = []
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else None
+        parts += [(x.offset, x.kind, x.uri) for x in iter_warc(path, start, end)]
+    assert parts == whole  # each record and each corrupt region in exactly one shard
+
+
+def test_warc_run_killed_before_a_marker_resumes_exactly_once(tmp_path, monkeypatch):
+    with Site() as site:
+        write_crawl(tmp_path, site)
+        inp = str(tmp_path / "crawl" / "*.warc.gz")
+        run_engine(inp, tmp_path / "clean", config(shard_pages=1), LocalExecutor(1), progress=False)
+        expected = [r.to_json() for r in Dataset(tmp_path / "clean")]
+        real_replace = os.replace
+
+        def crash(src, dst):
+            if str(dst).endswith("done/shard-00002.json"):
+                raise KeyboardInterrupt("simulated kill after shard 2's worker wrote its shard")
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(runner_mod.os, "replace", crash)
+        with pytest.raises(KeyboardInterrupt):
+            run_engine(inp, tmp_path / "killed", config(shard_pages=1), progress=False)
+        monkeypatch.setattr(runner_mod.os, "replace", real_replace)
+        funnel = run_engine(inp, tmp_path / "killed", config(shard_pages=1), progress=False)
+    assert [r.to_json() for r in Dataset(tmp_path / "killed")] == expected and len(expected) == 3
+    assert funnel["summary"]["pages_in"] == stage(funnel, "extract")["pages_in"] == 8
+
+
+def test_page_dedup_is_deterministic_and_keeps_the_lowest_id():
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(3000)]
+    base = [" ".join(rng.choice(words) for _ in range(200)) for _ in range(6)]
+    texts = base + [t.replace(t.split()[7], "changed", 1) for t in base[:3]]  # 3 near copies
+    sk = PageSketcher(NearDupPageConfig())
+    sketches = [Sketch(shard=i % 3, pos=i, id=f"id-{(i * 7) % 10:02d}", url=None, title="", images=1,
+                       sig=sk(t)) for i, t in enumerate(texts)]
+    drops, stats = decide(sketches, NearDupPageConfig())
+    again, _ = decide(list(reversed(sketches)), NearDupPageConfig())
+    assert drops == again and len(drops) == 3 and stats.page_drops == {"near_duplicate_page": 3}
+    for i in range(3):  # of each pair, the higher id is the one dropped
+        a, b = sketches[i], sketches[6 + i]
+        loser = max((a, b), key=lambda s: s.id)
+        assert (loser.shard, loser.pos) in drops
+    assert np.array_equal(sk(texts[0]), PageSketcher(NearDupPageConfig())(texts[0]))  # stable across instances
