@@ -1,4 +1,4 @@
-"""Data engine throughput (issue 6).
+"""Data engine throughput (issues 6, 18).
 
 1. Non-LLM stages, one core: pages/s of extract -> page filter -> fetch -> image rules -> dedup ->
    clean-up -> reorder -> template dialogue over how-to fixture pages whose images come from a
@@ -8,12 +8,23 @@
    server with 200 ms injected latency, at client concurrency 1, 8 and 32, printed as the ratio
    to the ideal rate concurrency / latency (the target is >= 0.8 up to 32).
 
+3. WARC (issue 18): a WARC of N distinct how-to pages whose images are in the same WARC, through
+   ``duetgen data engine`` on one core and on two workers (pages/s, whole run), the driver's peak
+   RSS at each size of ``--rss-pages`` (two workers: the driver only plans, decides duplicates and
+   lists shards), and in the same run the same WARC through datatrove's WarcReader + Trafilatura
+   (the reference text pipeline; installed for the benchmark only: ``pip install datatrove
+   trafilatura``) as the baseline ratio, whole engine and pass 1 alone (text only, like the reference).
+4. Near-dup signatures (issue 18): our MinHash (duetgen/data/minhash.py) vs datasketch's on the
+   same pages' word 5-grams, and the LSH decisions compared.
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/data_engine.py [--pages 60] [--latency 0.2]
+        [--warc-pages 200] [--rss-pages 200,2000] [--only warc]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import multiprocessing as mp
 import os
@@ -54,7 +65,7 @@ def bench_rules(n_pages: int) -> None:
     from duetgen.data.engine import EngineConfig
     from duetgen.data.engine.fetch import FetchConfig
     from duetgen.data.engine.runner import ShardSpec, read_shard
-    from duetgen.data.engine.stages import build_stages, run_stages
+    from duetgen.data.engine.stages import build_stages, page_stages, run_stages
 
     q = mp.get_context("spawn").Queue()
     proc = mp.get_context("spawn").Process(target=_serve_site, args=(q,), daemon=True)
@@ -71,7 +82,7 @@ def bench_rules(n_pages: int) -> None:
                     f.write(json.dumps({"url": f"{url}/pages/{name}?copy={i}", "html": html}) + "\n")
             cfg = EngineConfig(fetch=FetchConfig(allow_networks=("127.0.0.0/8",)), shard_pages=n_pages)
             spec = ShardSpec(0, "jsonl", str(inp), 0, 1, n_pages)
-            stages = build_stages(cfg)
+            stages = page_stages(cfg) + build_stages(cfg)
             # time spent inside each stage's own code: wrap every stage generator
             spent = {s.name: 0.0 for s in stages}
 
@@ -99,7 +110,7 @@ def bench_rules(n_pages: int) -> None:
         names_in_order = [s.name for s in stages]
         own = {n: spent[n] - (spent[names_in_order[i - 1]] if i else 0.0) for i, n in enumerate(names_in_order)}
         print(f"non-LLM stages, 1 core: {n_pages} pages in {wall:.2f} s = {n_pages / wall:.1f} pages/s "
-              f"({out} records, {stats[2].images_in} images fetched)")
+              f"({out} records, {next(x for x in stats if x.name == 'fetch_images').images_in} images fetched)")
         for n in names_in_order:
             print(f"  {n:15s} {own[n]:6.2f} s  {100 * own[n] / wall:5.1f} %")
     finally:
@@ -150,11 +161,175 @@ def bench_llm(latency: float, concurrencies=(1, 8, 32)) -> None:
         proc.kill()
 
 
+# ----------------------------------------------------------------------------- 3. WARC
+def write_bench_warc(path: Path, n_pages: int, seed: int = 0) -> None:
+    """n distinct English how-to pages (the bathe-a-cat fixture with its own title and paragraph)
+    and, once, every image they reference, all in one gzipped WARC."""
+    import random
+
+    from howto_site import IMAGES, PAGES_DIR
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    rng = random.Random(seed)
+    words = ("water soap towel cat claws brush tub rinse gently warm treat calm fur dry ears eyes paws patience "
+             "minutes before after slowly carefully hold support back legs head face shampoo bowl cup").split()
+    html = (PAGES_DIR / "bathe-a-cat.html").read_text()
+    host = "https://howto.example"
+    with open(path, "wb") as f:
+        w = WARCWriter(f, gzip=True)
+
+        def put(uri, ctype, body):
+            hh = StatusAndHeaders("200 OK", [("Content-Type", ctype)], protocol="HTTP/1.1")
+            w.write_record(w.create_warc_record(uri, "response", payload=io.BytesIO(body), http_headers=hh))
+
+        for name, (ctype, make) in IMAGES.items():
+            put(f"{host}/img/{name}", ctype, make())
+        for i in range(n_pages):
+            # 1,000 words in a random order: their 5-grams are the page's own, so no two pages are
+            # near-duplicates; after the steps, so the language check reads the fixture's English first
+            para = " ".join(rng.choice(words) for _ in range(1000)) + "."
+            page = html.replace("How to Bathe a Cat", f"How to Bathe a Cat, Variant {i}").replace(
+                "</article>", f"<p>{para}</p></article>", 1)
+            put(f"{host}/pages/bathe-{i}.html", "text/html; charset=utf-8", page.encode())
+
+
+_RUN_ONE = """
+import json, resource, sys, time
+from duetgen.data.engine import EngineConfig, LocalExecutor, run_engine
+t0 = time.perf_counter()
+f = run_engine(sys.argv[1], sys.argv[2], EngineConfig(), LocalExecutor(int(sys.argv[3])), progress=False)
+print(json.dumps({"wall": time.perf_counter() - t0, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "records": f["summary"]["records_out"], "pages": f["summary"]["pages_in"],
+                  "pass1_s": None}))
+"""
+
+
+def run_engine_subprocess(warc: Path, out: Path, workers: int, cores: list[int]) -> dict:
+    """One `run_engine` in a fresh process pinned to ``cores``; its own (driver) peak RSS."""
+    import subprocess
+
+    cmd = [sys.executable, "-c", _RUN_ONE, str(warc), str(out), str(workers)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["taskset", "-c", ",".join(map(str, cores)), *cmd], capture_output=True, text=True, env=env,
+                          cwd=REPO)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_pass1(warc: Path, n_pages: int) -> float:
+    """Pages/s of pass 1 alone (read, extract, page filter, language, MinHash), in this process."""
+    from duetgen.data.engine import EngineConfig
+    from duetgen.data.engine.runner import plan_warc, sketch_shard, LocalExecutor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "sketch").mkdir()
+        cfg = EngineConfig(shard_pages=n_pages + 1)
+        shards, _ = plan_warc([warc], cfg.shard_pages, cfg.extract.max_html_bytes, work, LocalExecutor(1))
+        from duetgen.data.engine.language import detect
+        detect("warm up the language models once, as every worker does", 0.5)
+        t0 = time.perf_counter()
+        n = sum(sketch_shard((s, cfg, str(work)))["pages"] for s in shards)
+        wall = time.perf_counter() - t0
+    assert n == n_pages, n
+    return n_pages / wall
+
+
+def bench_reference(warc: Path, n_pages: int) -> float | None:
+    """Pages/s of datatrove's WarcReader + Trafilatura over the same WARC (None if not installed)."""
+    try:
+        from datatrove.pipeline.extractors import Trafilatura
+        from datatrove.pipeline.readers import WarcReader
+    except ImportError as e:
+        print(f"reference pipeline not installed ({e}); pip install datatrove trafilatura")
+        return None
+    reader = WarcReader(str(warc.parent), glob_pattern=warc.name)
+    extractor = Trafilatura(favour_precision=True)
+    t0 = time.perf_counter()
+    n = sum(1 for _ in extractor.run(reader.run(rank=0, world_size=1), rank=0, world_size=1))
+    wall = time.perf_counter() - t0
+    print(f"  reference: datatrove WarcReader + Trafilatura: {n} documents in {wall:.2f} s")
+    return n_pages / wall
+
+
+def bench_warc(n_pages: int, rss_pages: list[int]) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        warc = tmp / "crawl" / "bench.warc.gz"
+        warc.parent.mkdir()
+        write_bench_warc(warc, n_pages)
+        print(f"WARC: {n_pages} pages, {warc.stat().st_size / 1e6:.1f} MB gzipped, images in the same WARC")
+        one = run_engine_subprocess(warc, tmp / "one", 1, cores[:1])
+        print(f"  duetgen engine, 1 worker on 1 core: {one['wall']:.1f} s = {n_pages / one['wall']:.2f} pages/s "
+              f"({one['records']} records), peak RSS {one['rss_mb']:.0f} MB")
+        two = run_engine_subprocess(warc, tmp / "two", 2, cores[:2])
+        print(f"  duetgen engine, 2 workers on {len(cores[:2])} cores: {two['wall']:.1f} s = {n_pages / two['wall']:.2f} pages/s "
+              f"({two['records']} records), driver peak RSS {two['rss_mb']:.0f} MB")
+        p1 = bench_pass1(warc, n_pages)
+        print(f"  duetgen pass 1 alone (text only: read, extract, page filter, language, MinHash), 1 core: {p1:.1f} pages/s")
+        ref = bench_reference(warc, n_pages)
+        if ref:
+            print(f"  reference {ref:.1f} pages/s on 1 core; ratio duetgen/reference: whole engine "
+                  f"{n_pages / one['wall'] / ref:.2f} (it also reads, checks, dedups and stores ~6 images a page), "
+                  f"pass 1 alone {p1 / ref:.2f}")
+    for n in rss_pages:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            warc = tmp / "crawl" / "bench.warc.gz"
+            warc.parent.mkdir()
+            write_bench_warc(warc, n)
+            r = run_engine_subprocess(warc, tmp / "out", 2, cores[:2])
+            print(f"  driver peak RSS, 2 workers, {n} pages: {r['rss_mb']:.0f} MB ({r['records']} records, {r['wall']:.0f} s)")
+
+
+# ----------------------------------------------------------------------------- 4. near-dup signatures
+def bench_minhash(n_pages: int = 2000) -> None:
+    import random
+
+    import numpy as np
+
+    from duetgen.data.engine.neardup import NearDupPageConfig, PageSketcher
+
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(5000)]
+    texts = [" ".join(rng.choice(vocab) for _ in range(400)) for _ in range(n_pages)]
+    sk = PageSketcher(NearDupPageConfig())
+    t0 = time.perf_counter()
+    ours = [sk(t) for t in texts]
+    t_ours = time.perf_counter() - t0
+    try:
+        from datasketch import MinHash
+    except ImportError:
+        print("datasketch not installed; pip install datasketch")
+        return
+    t0 = time.perf_counter()
+    for t in texts:
+        w = t.lower().split()
+        m = MinHash(num_perm=128)
+        m.update_batch([" ".join(w[i:i + 5]).encode() for i in range(len(w) - 4)])
+    t_ds = time.perf_counter() - t0
+    assert all(len(s) == 128 for s in ours) and np.all(np.stack(ours) < 2**32)
+    print(f"near-dup signatures, {n_pages} pages of 400 words, word 5-grams, 128 permutations: "
+          f"ours {t_ours:.2f} s, datasketch {t_ds:.2f} s (datasketch/ours {t_ds / t_ours:.1f}x)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pages", type=int, default=60)
     ap.add_argument("--latency", type=float, default=0.2)
+    ap.add_argument("--warc-pages", type=int, default=200)
+    ap.add_argument("--rss-pages", default="200,2000")
+    ap.add_argument("--only", choices=["rules", "llm", "warc", "minhash"], default=None)
     args = ap.parse_args()
+    if args.only == "warc":
+        bench_warc(args.warc_pages, [int(x) for x in args.rss_pages.split(",") if x])
+        return
+    if args.only == "minhash":
+        bench_minhash()
+        return
     cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     if cores:
         os.sched_setaffinity(0, {min(cores)})  # "on one core"
