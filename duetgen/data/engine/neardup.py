@@ -1,6 +1,11 @@
 """Cross-page near-duplicate removal: MinHash + LSH over the pages' cleaned text, across all shards.
 
 Design choices:
+- MinHash and LSH are ``datasketch`` (``MinHash``, ``MinHashLSH``; the synthetic query pool uses the
+  same library): measured faster than our own numpy MinHash on the same pages (docs/decisions.md,
+  "Near-duplicate MinHash/LSH is datasketch"). Its default scheme (affine32 over SHA-1 shingle
+  hashes) is stable across processes and machines, so a signature computed in a worker means the
+  same thing in the driver; one permutation table per sketcher is reused for every page.
 - Two passes (runner.py): workers sketch every page that passed extraction, the page filter and
   the language filter (a MinHash signature of its cleaned text, ``language.page_text``); the driver
   then decides once over all signatures, and only the kept pages go on to the image and LLM stages,
@@ -10,22 +15,26 @@ Design choices:
   the 0.8 decision threshold on the MinHash estimate (the shingles stay in the workers, so the
   estimate decides; its standard deviation at 0.8 is 0.035).
 - Deterministic, whatever the sharding or the number of workers: pages are visited in order of
-  record id (then input position), and a page is dropped when it is near a page kept before it, so
-  each cluster keeps its lowest id. A repeated id (the same URL twice) keeps its first occurrence
-  (``duplicate_id``).
+  record id (then input position), and a page is dropped when it is near a page kept before it
+  (the earliest kept such page is named), so each cluster keeps its lowest id. A repeated id (the
+  same URL twice) keeps its first occurrence (``duplicate_id``).
 - Memory in the driver: ~0.6 KB per sketched page while deciding (the signatures as uint32, ids),
-  plus the index of kept pages (1 KB signature + 16 band keys each). Linear in the input: a crawl
+  plus the LSH of kept pages (16 band keys each) and their signatures. Linear in the input: a crawl
   of tens of millions of pages needs datatrove-style bucket files sorted on disk instead (not done).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
+from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 from duetgen.data.engine.document import StageStats
-from duetgen.data.minhash import LSHIndex, MinHasher, word_shingle_hashes
+
+_WORD_RE = re.compile(r"\w+", re.UNICODE)
+SCHEME = "affine32"  # datasketch's default since 2.0; hash values are uint32
 
 
 @dataclass
@@ -38,19 +47,23 @@ class NearDupPageConfig:
     seed: int = 0
 
 
+def word_shingles(text: str, k: int = 5) -> set[str]:
+    """The distinct word ``k``-grams of ``text`` (lowercased ``\\w+`` words); a shorter text is one shingle."""
+    words = _WORD_RE.findall(text.lower())
+    return {" ".join(words[i:i + k]) for i in range(max(1, len(words) - k + 1))}
+
+
 class PageSketcher:
-    """Signatures of page texts, in a worker (word hashes cached across the shard's pages)."""
+    """Signatures of page texts, in a worker."""
 
     def __init__(self, cfg: NearDupPageConfig):
         self.cfg = cfg
-        self.hasher = MinHasher(cfg.num_perm, cfg.seed)
-        self.cache: dict[str, int] = {}
+        self._permutations = MinHash(cfg.num_perm, seed=cfg.seed, scheme=SCHEME).permutations  # drawn once
 
     def __call__(self, text: str) -> np.ndarray:
-        if len(self.cache) > 1_000_000:  # bound the cache on a long shard
-            self.cache.clear()
-        h = word_shingle_hashes(text, self.cfg.shingle_words, self.cache)
-        return self.hasher.signature(h).astype(np.uint32)  # (P,)
+        m = MinHash(self.cfg.num_perm, seed=self.cfg.seed, permutations=self._permutations, scheme=SCHEME)
+        m.update_batch([s.encode() for s in word_shingles(text, self.cfg.shingle_words)])
+        return m.hashvalues  # (P,) uint32
 
 
 @dataclass
@@ -70,8 +83,8 @@ def decide(sketches: list[Sketch], cfg: NearDupPageConfig) -> tuple[dict[tuple[i
     """({(shard, pos) of every dropped page: reason}, the ``dedup_pages`` funnel stage)."""
     stats = StageStats("dedup_pages")
     drops: dict[tuple[int, int], str] = {}
-    index = LSHIndex(cfg.num_perm, cfg.bands)
-    kept: list[Sketch] = []  # LSH index position -> sketch
+    lsh = MinHashLSH(num_perm=cfg.num_perm, params=(cfg.bands, cfg.num_perm // cfg.bands))
+    kept: list[tuple[Sketch, LeanMinHash]] = []  # LSH key -> (sketch, its MinHash)
     first_of_id: dict[str, Sketch] = {}
     for s in sorted(sketches, key=lambda s: (s.id, s.shard, s.pos)):
         stats.pages_in += 1
@@ -84,20 +97,21 @@ def decide(sketches: list[Sketch], cfg: NearDupPageConfig) -> tuple[dict[tuple[i
             continue
         first_of_id[s.id] = s
         if cfg.enabled:
-            sig = s.sig.astype(np.uint64)
-            cand = index.candidates(sig)
-            if len(cand):
-                est = index.estimates(cand, sig)
-                hit = np.flatnonzero(est >= cfg.threshold)
-                if len(hit):
-                    k = kept[int(cand[hit[0]])]
-                    drops[(s.shard, s.pos)] = "near_duplicate_page"
-                    stats.page_drops["near_duplicate_page"] += 1
-                    stats._example("page:near_duplicate_page",
-                                   {**ex, "detail": f"near {k.id} ({k.url}): estimated Jaccard {est[hit[0]]:.2f}"})
-                    continue
-            index.add(sig)
-            kept.append(s)
+            m = LeanMinHash(seed=cfg.seed, hashvalues=s.sig, scheme=SCHEME)
+            near = None
+            for key in sorted(lsh.query(m)):  # LSH keys are kept-order positions: the earliest kept page first
+                est = m.jaccard(kept[key][1])
+                if est >= cfg.threshold:
+                    near = (kept[key][0], est)
+                    break
+            if near is not None:
+                drops[(s.shard, s.pos)] = "near_duplicate_page"
+                stats.page_drops["near_duplicate_page"] += 1
+                stats._example("page:near_duplicate_page",
+                               {**ex, "detail": f"near {near[0].id} ({near[0].url}): estimated Jaccard {near[1]:.2f}"})
+                continue
+            lsh.insert(len(kept), m, check_duplication=False)
+            kept.append((s, m))
         stats.pages_out += 1
         stats.images_out += s.images
     return drops, stats

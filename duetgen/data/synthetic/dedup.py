@@ -6,8 +6,9 @@ where an LLM asked for "more questions" often returns rewordings of ones it alre
 Design choices:
 - Texts are normalised (lowercase, punctuation dropped, whitespace collapsed) and cut into
   character 5-gram shingles: robust to word order tweaks and small rewordings, no tokenizer.
-- MinHash and the LSH index are the shared ``duetgen/data/minhash.py`` (the data engine's
-  cross-page dedup uses the same code): ``num_perm`` universal hashes over 32-bit shingle hashes.
+- MinHash and the LSH index are ``datasketch`` (``MinHash``, ``MinHashLSH``), the library the data
+  engine's cross-page dedup uses too (measured faster than our own: docs/decisions.md); one
+  permutation table per index, reused for every text.
 - LSH banding (bands x rows = num_perm) only proposes candidate pairs; the default 32 x 4 puts
   the LSH threshold near Jaccard 0.42, well below the 0.6 decision threshold, so recall is
   high. Candidates whose MinHash estimate is more than ``prefilter_margin`` under the threshold
@@ -22,9 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import numpy as np
-
-from duetgen.data.minhash import LSHIndex, MinHasher, string_hashes
+from datasketch import MinHash, MinHashLSH
 
 _PUNCT_RE = re.compile(r"[^\w\s]", re.UNICODE)
 _WS_RE = re.compile(r"\s+")
@@ -61,33 +60,37 @@ class NearDupIndex:
     """Incremental index: ``add(text)`` returns the index of an earlier near-duplicate or None."""
 
     def __init__(self, cfg: NearDupConfig | None = None):
-        self.cfg = cfg or NearDupConfig()
-        self._lsh = LSHIndex(self.cfg.num_perm, self.cfg.bands)  # raises unless bands divides num_perm
-        self._hasher = MinHasher(self.cfg.num_perm, self.cfg.seed)
+        self.cfg = cfg = cfg or NearDupConfig()
+        if cfg.num_perm % cfg.bands:
+            raise ValueError(f"num_perm ({cfg.num_perm}) must be a multiple of bands ({cfg.bands})")
+        self._lsh = MinHashLSH(num_perm=cfg.num_perm, params=(cfg.bands, cfg.num_perm // cfg.bands))
+        self._permutations = MinHash(cfg.num_perm, seed=cfg.seed, scheme="affine32").permutations  # drawn once
         self._shingles: list[set[str]] = []
+        self._minhashes: list[MinHash] = []
 
-    def signature(self, sh: set[str]) -> np.ndarray:
-        return self._hasher.signature(string_hashes(sh))  # (P,)
+    def signature(self, sh: set[str]) -> MinHash:
+        m = MinHash(self.cfg.num_perm, seed=self.cfg.seed, permutations=self._permutations, scheme="affine32")
+        m.update_batch([s.encode() for s in sh])
+        return m
 
-    def query(self, text: str) -> tuple[int | None, set[str], np.ndarray]:
+    def query(self, text: str) -> tuple[int | None, set[str], MinHash]:
         sh = shingles(text, self.cfg.shingle_k)
-        sig = self.signature(sh)
-        cand = self._lsh.candidates(sig)  # (C,)
-        if not len(cand):
-            return None, sh, sig
-        estimate = self._lsh.estimates(cand, sig)  # (C,) MinHash Jaccard estimates
-        for c in cand[estimate >= self.cfg.threshold - self.cfg.prefilter_margin].tolist():
+        m = self.signature(sh)
+        for c in sorted(self._lsh.query(m)):  # keys are positions among the kept texts: earliest first
+            if m.jaccard(self._minhashes[c]) < self.cfg.threshold - self.cfg.prefilter_margin:
+                continue  # the estimate is too far below the threshold to be worth the exact check
             if jaccard(sh, self._shingles[c]) >= self.cfg.threshold:
-                return c, sh, sig
-        return None, sh, sig
+                return c, sh, m
+        return None, sh, m
 
     def add(self, text: str) -> int | None:
         """Insert ``text`` unless it is a near-duplicate; return the earlier index it duplicates."""
-        dup, sh, sig = self.query(text)
+        dup, sh, m = self.query(text)
         if dup is not None:
             return dup
+        self._lsh.insert(len(self._shingles), m, check_duplication=False)
         self._shingles.append(sh)
-        self._lsh.add(sig)
+        self._minhashes.append(m)
         return None
 
     def __len__(self) -> int:
