@@ -222,20 +222,23 @@ def flow_matching_loss(
 
 # ----------------------------------------------------------------------------- what the DiT sees for one sample
 
-# Flow time of the clean conditioning frames (DESIGN section 5: "timestep ~0"). Cosmos-Predict2.5's
-# pipeline uses 1e-4 (`conditional_frame_timestep`); on the [0, 1] time axis the difference is negligible
-# and 0 states the meaning: these frames are data, not noise. Training and sampling both use this value.
+# Flow time of the clean conditioning frames (DESIGN section 5: "timestep ~0"). 0 states the meaning:
+# these frames are data, not noise; our training uses it (train/stage2.py) and so do our checkpoints.
+# Cosmos-Predict2.5 was trained and is sampled with 1e-4 (diffusers' `conditional_frame_timestep`), so
+# a pretrained Cosmos DiT is run with that value (DuetGenConfig.condition_frame_time, docs/model.md).
 CONDITION_FRAME_TIME = 0.0
+COSMOS_CONDITION_FRAME_TIME = 1e-4
 
 
 def dit_sample_inputs(
-    cond_frames: list[torch.Tensor], target: torch.Tensor, t: torch.Tensor | float
+    cond_frames: list[torch.Tensor], target: torch.Tensor, t: torch.Tensor | float,
+    condition_time: float = CONDITION_FRAME_TIME,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """One sample of the packed DiT call: (frames, per-frame times, condition mask).
 
     cond_frames: clean latents (C, h_i, w_i) of every earlier image, oldest first; target: the noisy
     latent x_t (C, h, w) at time t. Returns frames = [*cond_frames, target], times (n,) with
-    CONDITION_FRAME_TIME for the conditions and t for the target, mask (n,) True for the conditions.
+    `condition_time` for the conditions and t for the target, mask (n,) True for the conditions.
     """
     if target.ndim != 3:
         raise ValueError(f"the target latent must be (C, h, w); got shape {tuple(target.shape)}")
@@ -246,6 +249,6 @@ def dit_sample_inputs(
             )
     n_cond = len(cond_frames)
     t = torch.as_tensor(t, dtype=torch.float32, device=target.device).reshape(1)
-    times = torch.cat([torch.full((n_cond,), CONDITION_FRAME_TIME, device=target.device), t])  # (n,)
+    times = torch.cat([torch.full((n_cond,), float(condition_time), device=target.device), t])  # (n,)
     mask = torch.arange(n_cond + 1, device=target.device) < n_cond  # (n,) True = clean condition
     return [*cond_frames, target], times, mask

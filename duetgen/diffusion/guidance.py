@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from duetgen.diffusion.flow_matching import (
+    CONDITION_FRAME_TIME,
     Parameterisation,
     check_parameterisation,
     dit_sample_inputs,
@@ -75,6 +76,7 @@ def guided_denoiser(
     text_neg: torch.Tensor | None,
     guidance_scale: float,
     parameterisation: Parameterisation,
+    condition_time: float = CONDITION_FRAME_TIME,
 ) -> Denoiser:
     """Build `denoise(x_t (C, h, w), t) -> v_hat` for the samplers, for one image to draw.
 
@@ -86,6 +88,7 @@ def guided_denoiser(
     guidance_scale: w in v = v_neg + w * (v_pos - v_neg); w = 1 makes a single positive-only call.
     Cosmos' g (v = v_pos + g * (v_pos - v_neg)) is w - 1.
     Frames are cast to text_pos's dtype for the DiT; v_hat comes back in x_t's dtype.
+    condition_time: flow time of the conditioning frames (0 ours, 1e-4 for a pretrained Cosmos DiT).
     """
     check_parameterisation(parameterisation)
     if text_pos.ndim != 2 or text_pos.shape[0] < 1:
@@ -102,7 +105,7 @@ def guided_denoiser(
     cond = [frame.to(dtype) for frame in cond_frames]
 
     def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        frames, times, mask = dit_sample_inputs(cond, x_t.to(dtype), t)
+        frames, times, mask = dit_sample_inputs(cond, x_t.to(dtype), t, condition_time)
         if not guided:
             out = dit(frames=[frames], timesteps=[times], condition_mask=[mask], text=[text_pos])
             _, v_pos = to_x0_and_velocity(out[0][-1], x_t, t, parameterisation)
