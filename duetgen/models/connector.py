@@ -2,9 +2,15 @@
 
 The text condition of an image is the MLLM's per-layer hidden states before its `<BOV>`, each layer
 normalised per token and all layers concatenated on the channel axis (DESIGN section 4; paper
-section 4.1, "Condition input", following Wang et al.). That is exactly the input Cosmos-Predict2.5's
-`crossattn_proj` was trained on (Cosmos-Reason1 / Qwen2.5-VL-7B: 28 x 3584 = 100,352 channels), so
-the connector IS that projection, lifted out of the DiT.
+section 4.1, "Condition input", following Wang et al.). The connector IS Cosmos-Predict2.5's
+`crossattn_proj`, lifted out of the DiT: same recipe and same width (28 x 3584 = 100,352 channels for
+a Qwen2.5-VL-7B-architecture MLLM), so the pretrained projection can initialise it. It is not the
+condition that projection was trained on: Cosmos trained it on Cosmos-Reason1-7B (a Qwen2.5-VL-7B
+fine-tune) states of one caption in its own system-prompt framing, right-padded to 512 tokens without
+an attention mask, text only, with an all-zero unconditional embedding; we feed Qwen2.5-VL states of
+a multi-turn conversation cut before `<BOV>`, unpadded, with vision tokens. Stage 2 re-trains the
+connector for that. `duetgen.models.cosmos_predict` reproduces Cosmos' framing, to check an assembly
+of real weights (docs/model.md, "Real weights").
 
 Design choices:
 - Exactly `crossattn_proj` semantics: `Linear(in_channels, out_channels, bias=True)` then exact
@@ -12,7 +18,8 @@ Design choices:
   width (`text_embed_dim`). The per-layer normalisation and concatenation happen where the hidden
   states are read (the MLLM side), not here.
 - Initialisation (`Connector.from_dit_projection`): when the MLLM's n_layers x width equals the
-  DiT's pretrained `crossattn_proj_in_channels`, the pretrained weights are copied through an
+  DiT's pretrained `crossattn_proj_in_channels` (same width, not the same features: above), the
+  pretrained weights are copied through an
   explicit key map with shape checks (`load_dit_projection`, which raises on any mismatch). Otherwise
   the connector starts fresh with PyTorch's default `nn.Linear` init (Kaiming-uniform weight, bias
   uniform in +-1/sqrt(in_channels)): a pretrained projection from different features is no better a

@@ -76,6 +76,9 @@ CONNECTOR_FILE = "connector.safetensors"
 CONNECTOR_KEYS = ("proj.weight", "proj.bias")
 RECENCY_KEY = "recency.weight"  # optional: the connector's step marker (connector.py)
 VAE_CLASSES = ("AutoencoderKLWan", "PixelShuffleAE")  # vae/config.json `_class_name`
+FRAMINGS = ("duetgen", "cosmos")  # DuetGenConfig.framing
+# DuetGenConfig fields added after format 1 (issue 19): written only when they differ from these defaults
+LATER_FIELD_DEFAULTS = {"condition_frame_time": 0.0, "framing": "duetgen"}
 MAX_LISTED_DIFFERENCES = 6  # in a preset-mismatch error
 
 
@@ -104,6 +107,13 @@ class DuetGenConfig:
     max_images: int = 8  # images in one conversation (inputs + generated): every one is a DiT frame of the next image
     mllm_max_side: int | None = 480  # longer-side cap of images fed to the MLLM (paper section 4.1); None = no cap
     dit_attention: str = "split"  # PackedCosmosDiT attention: "split" (per-sample SDPA) or "mask" (one dense-mask call)
+    # Flow time of clean conditioning frames: 0 for our trained checkpoints (train/stage2.py), 1e-4 for a
+    # pretrained Cosmos-Predict2.5 DiT (its training and diffusers' `conditional_frame_timestep`)
+    condition_frame_time: float = 0.0
+    # How the DiT's text condition is framed (docs/model.md, "Real weights"): "duetgen" = the MLLM's states
+    # before <BOV> in the conversation; "cosmos" = Cosmos-Predict2.5's own framing of one caption
+    # (duetgen.models.cosmos_predict), the zero-shot sanity check of freshly assembled real weights
+    framing: str = "duetgen"
 
     def __post_init__(self):
         if isinstance(self.sampler, dict):
@@ -126,6 +136,10 @@ class DuetGenConfig:
             problems.append(f"guidance_scale_without_frames={self.guidance_scale_without_frames!r} must be > 0 or None")
         if self.dit_attention not in ATTENTION_MODES:
             problems.append(f"dit_attention={self.dit_attention!r} is not one of {ATTENTION_MODES}")
+        if not (isinstance(self.condition_frame_time, (int, float)) and 0 <= self.condition_frame_time < 1):
+            problems.append(f"condition_frame_time={self.condition_frame_time!r} must be a flow time in [0, 1)")
+        if self.framing not in FRAMINGS:
+            problems.append(f"framing={self.framing!r} is not one of {FRAMINGS}")
         if problems:
             raise ValueError("DuetGenConfig: " + "; ".join(problems))
 
@@ -136,8 +150,13 @@ class DuetGenConfig:
         return self.guidance_scale
 
     def to_dict(self) -> dict:
+        """The duetgen.json form. Fields added after format 1 was first written are left out at their
+        defaults, so a directory with default settings stays readable by the DuetGen that preceded them."""
         d = asdict(self)
         d["image_size"] = list(self.image_size)
+        for name, default in LATER_FIELD_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod
@@ -297,6 +316,9 @@ class DuetGen(nn.Module):
         tie_projection(dit, connector)
         self.dit = PackedCosmosDiT(dit, attention=config.dit_attention)
         self.vae = vae.requires_grad_(False)  # never trained: latents are data
+        # Where the weights came from (saved in duetgen.json when not empty): `from_parts` records the source
+        # directories and which MLLM the connector's pretrained projection was trained against
+        self.provenance: dict = {}
 
     # ------------------------------------------------------------------ facts
 
@@ -412,8 +434,9 @@ class DuetGen(nn.Module):
         """Draw one image's latent (C, h, w) with the configured sampler and guidance (one DiT call per step).
 
         Applies the settings that say how the network was trained: `use_condition_frames` (False: the
-        frames are not shown to the DiT) and `x0_relative_to_previous` (the output is added to the latest
-        conditioning latent, or to a white canvas's latent when there is none).
+        frames are not shown to the DiT), `condition_frame_time` (the frames' flow time) and
+        `x0_relative_to_previous` (the output is added to the latest conditioning latent, or to a white
+        canvas's latent when there is none).
         """
         if len(cond_frames) + 1 > self.config.max_images:
             raise ValueError(f"{len(cond_frames)} conditioning images + the new one exceed max_images="
@@ -436,7 +459,7 @@ class DuetGen(nn.Module):
 
         scale = self.config.guidance_for(bool(cond_frames)) if guidance_scale is None else guidance_scale
         denoise = guided_denoiser(dit, cond, text_pos, text_neg if scale != 1.0 else None, scale,
-                                  self.config.parameterisation)
+                                  self.config.parameterisation, condition_time=self.config.condition_frame_time)
         return sample(denoise, noise, sampler or self.config.sampler, callback)  # (C, h, w)
 
     # ------------------------------------------------------------------ save / load
@@ -467,6 +490,8 @@ class DuetGen(nn.Module):
                 (tmp / "vae").mkdir()
                 (tmp / "vae" / "config.json").write_text(json.dumps(vae_spec(self.vae), indent=2))
             settings = {"format_version": FORMAT_VERSION, "settings": self.config.to_dict()}
+            if self.provenance:
+                settings["provenance"] = self.provenance
             (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))  # last: marks the directory complete
             if target.exists():  # overwrite: move the old one aside, put the new one in place, drop the old one
                 old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -522,6 +547,7 @@ class DuetGen(nn.Module):
         else:
             vae = build_vae(parts.vae)
         model = cls(mllm, parts.tokenizer, parts.image_processor, connector, dit, vae, parts.settings)
+        model.provenance = parts.provenance
         return model.to(device)
 
     @classmethod
@@ -535,6 +561,9 @@ class DuetGen(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         vae_dtype: torch.dtype = torch.float32,
+        tokenizer_dir: str | os.PathLike | None = None,
+        processor_dir: str | os.PathLike | None = None,
+        connector_pretrained_against: str | None = None,
     ) -> "DuetGen":
         """Assemble from separately downloaded local weights (no hub access).
 
@@ -546,7 +575,12 @@ class DuetGen(nn.Module):
           (the parameter-free ShapeWorld autoencoder has no directory).
         The connector copies the DiT's pretrained crossattn_proj when its input width equals the MLLM's
         n_layers x width (28 x 3584 = 100,352 for these two), else starts fresh (connector.py).
-        settings: default: the real preset's settings, its name kept only if the architecture matches it.
+        settings: default: the real preset's settings with Cosmos' conditioning-frame time (the DiT is the
+          pretrained one), its name kept only if the architecture matches it.
+        tokenizer_dir / processor_dir: where the tokenizer / preprocessor_config.json are when not in mllm_dir
+          (a diffusers pipeline keeps the tokenizer in tokenizer/, beside text_encoder/).
+        connector_pretrained_against: the MLLM the DiT's crossattn_proj was trained on, recorded in
+          `provenance`; default: Cosmos-Reason1-7B for a Cosmos-Predict2.5-2B DiT, else "unknown".
         """
         from diffusers import CosmosTransformer3DModel
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
@@ -554,24 +588,37 @@ class DuetGen(nn.Module):
         from duetgen.models import presets
         from duetgen.models.mllm import add_bov
 
+        from duetgen.diffusion.flow_matching import COSMOS_CONDITION_FRAME_TIME
+        from duetgen.models.cosmos_predict import COSMOS_TEXT_ENCODER
+
         mllm_dir, dit_dir = Path(mllm_dir), Path(dit_dir)
+        tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else mllm_dir
+        processor_dir = Path(processor_dir) if processor_dir is not None else mllm_dir
         for what, directory in (("mllm_dir", mllm_dir), ("dit_dir", dit_dir)):
             if not (directory / "config.json").is_file():
                 hint = " (for a diffusers pipeline directory, pass its transformer/ folder)" if what == "dit_dir" else ""
                 raise ModelDirectoryError(f"{directory}: {what} has no config.json{hint}")
-        if not (mllm_dir / "preprocessor_config.json").is_file():
-            raise ModelDirectoryError(f"{mllm_dir}: mllm_dir has no preprocessor_config.json")
+        if not (processor_dir / "preprocessor_config.json").is_file():
+            what = "mllm_dir" if processor_dir == mllm_dir else "processor_dir"
+            raise ModelDirectoryError(f"{processor_dir}: {what} has no preprocessor_config.json")
 
         if settings is None:
-            settings = replace(presets.get_preset(presets.REAL_PRESET).settings)
-        tokenizer = AutoTokenizer.from_pretrained(mllm_dir, local_files_only=True)
+            settings = replace(presets.get_preset(presets.REAL_PRESET).settings,
+                               condition_frame_time=COSMOS_CONDITION_FRAME_TIME)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         mllm = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             mllm_dir, dtype=dtype or "auto", local_files_only=True, use_safetensors=True
         )
         add_bov(tokenizer, mllm)
-        image_processor = replace(ImageProcessor.from_pretrained(mllm_dir), max_side=settings.mllm_max_side)
+        image_processor = replace(ImageProcessor.from_pretrained(processor_dir), max_side=settings.mllm_max_side)
         dit = CosmosTransformer3DModel.from_pretrained(dit_dir, torch_dtype=dtype, local_files_only=True,
                                                        use_safetensors=True)
+        pretrained_projection = bool(dit.config.use_crossattn_projection
+                                     and dit.config.crossattn_proj_in_channels == mllm_condition_channels(mllm.config))
+        if pretrained_projection and connector_pretrained_against is None:
+            real_dit = presets.cosmos_predict2_5_2b_config()
+            is_cosmos = all(_plain(dict(dit.config).get(k)) == _plain(v) for k, v in real_dit.items())
+            connector_pretrained_against = COSMOS_TEXT_ENCODER if is_cosmos else "unknown"
         connector = Connector.from_dit_projection(dit, mllm_condition_channels(mllm.config))
         if isinstance(vae_dir, PixelShuffleConfig):
             autoencoder = PixelShuffleAE(vae_dir)
@@ -585,6 +632,13 @@ class DuetGen(nn.Module):
                                    vae=vae_spec(autoencoder))
             if preset_differences(parts, model.config.preset):
                 model.config = replace(model.config, preset="custom")
+        model.provenance = {
+            "assembled_from": {"mllm": str(mllm_dir), "tokenizer": str(tokenizer_dir),
+                               "processor": str(processor_dir), "dit": str(dit_dir),
+                               "vae": "PixelShuffleAE" if isinstance(vae_dir, PixelShuffleConfig) else str(vae_dir)},
+            "connector_init": "the DiT's pretrained crossattn_proj" if pretrained_projection else "fresh",
+            "connector_pretrained_against": connector_pretrained_against if pretrained_projection else None,
+        }
         return model.to(device)
 
 
@@ -603,6 +657,7 @@ class DirectoryParts:
     connector_shape: tuple[int, int]  # (out, in)
     vae: dict  # vae/config.json
     connector_recency_tokens: int = 0  # rows of connector recency.weight minus one (0: no marker)
+    provenance: dict = field(default_factory=dict)  # duetgen.json "provenance" (DuetGen.provenance); {} if none
 
 
 def read_directory(root: Path) -> DirectoryParts:
@@ -635,6 +690,9 @@ def read_directory(root: Path) -> DirectoryParts:
         settings = DuetGenConfig.from_dict(saved["settings"])
     except (ValueError, TypeError) as e:
         fail(f"{SETTINGS_FILE}: {e}")
+    provenance = saved.get("provenance", {})
+    if not isinstance(provenance, dict):
+        fail(f"{SETTINGS_FILE}: provenance must be a JSON object; got {type(provenance).__name__}")
 
     # mllm/
     mllm_config = Qwen2_5_VLConfig.from_pretrained(root / "mllm", local_files_only=True)
@@ -686,7 +744,7 @@ def read_directory(root: Path) -> DirectoryParts:
     if problems:
         fail("; ".join(problems))
     return DirectoryParts(settings, mllm_config, tokenizer, image_processor, dit_config, weight, vae,
-                          connector_recency_tokens=0 if recency is None else recency[0] - 1)
+                          connector_recency_tokens=0 if recency is None else recency[0] - 1, provenance=provenance)
 
 
 def _cosmos_defaults() -> dict:

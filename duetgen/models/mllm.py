@@ -30,11 +30,13 @@ Design choices:
   decoder layers"): ``outputs.hidden_states[1:]`` — one entry per decoder layer, the embedding
   output ``hidden_states[0]`` excluded — each normalised per token as ``(h - mean) / (std + 1e-8)``
   over channels (unbiased std, no affine), concatenated on channels: n_layers * D
-  (28 * 3584 = 100,352 for Qwen2.5-VL-7B). This is, operation for operation, what diffusers'
-  ``Cosmos2_5_PredictBasePipeline._get_prompt_embeds`` feeds ``crossattn_proj``, so the pretrained
-  projection can initialise the connector. Measured on transformers 5.23: ``hidden_states[-1]`` is
+  (28 * 3584 = 100,352 for Qwen2.5-VL-7B). The recipe is, operation for operation, the one diffusers'
+  ``Cosmos2_5_PredictBasePipeline._get_prompt_embeds`` applies before ``crossattn_proj``, so the
+  pretrained projection can initialise the connector; the input is not the same: Cosmos encodes one
+  caption with Cosmos-Reason1-7B in its own framing, padded to 512 tokens without a mask
+  (``duetgen.models.cosmos_predict``), we encode the conversation before ``<BOV>``. Measured on transformers 5.23: ``hidden_states[-1]`` is
   the last layer AFTER the final RMSNorm (``capture_outputs`` ties it to ``last_hidden_state``),
-  the other entries are raw layer outputs; we keep that, because it is what Cosmos was fed.
+  the other entries are raw layer outputs; we keep that, because Cosmos' recipe does the same.
 - The condition for the image whose ``<BOV>`` sits at position ``b`` is the states of tokens
   ``[0, b)``. The model is causal, so one forward over the whole sequence gives every image's
   condition (and the guidance negative) by slicing; ``condition_hidden_states`` runs the prefix
