@@ -745,9 +745,11 @@ def model_init(
 @model_app.command("assemble")
 def model_assemble(
     out: Path = typer.Argument(..., help="Model directory to write."),
-    mllm: Path = typer.Option(..., "--mllm", help="Local Qwen2.5-VL directory (e.g. Qwen2.5-VL-7B-Instruct)."),
-    dit: Path = typer.Option(..., "--dit", help="Local diffusers CosmosTransformer3DModel directory (a pipeline's transformer/)."),
-    vae: Path = typer.Option(..., "--vae", help="Local diffusers AutoencoderKLWan directory (a pipeline's vae/)."),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Local diffusers Cosmos-Predict2.5 pipeline directory (text_encoder/, tokenizer/, transformer/, vae/, scheduler/), instead of --mllm/--dit/--vae."),
+    processor: Optional[Path] = typer.Option(None, "--processor", help="With --pipeline: a directory holding the text encoder's preprocessor_config.json when the snapshot has none."),
+    mllm: Optional[Path] = typer.Option(None, "--mllm", help="Local Qwen2.5-VL directory (e.g. Qwen2.5-VL-7B-Instruct)."),
+    dit: Optional[Path] = typer.Option(None, "--dit", help="Local diffusers CosmosTransformer3DModel directory (a pipeline's transformer/)."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="Local diffusers AutoencoderKLWan directory (a pipeline's vae/)."),
     bf16: bool = typer.Option(True, "--bf16/--fp32", help="Store MLLM, connector and DiT in bfloat16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory."),
 ):
@@ -756,12 +758,58 @@ def model_assemble(
 
     from duetgen.models.duetgen import DuetGen, ModelDirectoryError
 
+    separate = {"--mllm": mllm, "--dit": dit, "--vae": vae}
+    if pipeline is not None and any(v is not None for v in separate.values()):
+        fail("give either --pipeline or --mllm/--dit/--vae, not both")
+    if pipeline is None and any(v is None for v in separate.values()):
+        fail(f"missing {', '.join(k for k, v in separate.items() if v is None)} (or give --pipeline DIR)")
+    if processor is not None and pipeline is None:
+        fail("--processor goes with --pipeline")
+    dtype = torch.bfloat16 if bf16 else torch.float32
     try:
-        model = DuetGen.from_parts(mllm, dit, vae, dtype=torch.bfloat16 if bf16 else torch.float32)
+        if pipeline is not None:
+            from duetgen.models.cosmos_predict import assemble_from_pipeline
+
+            model = assemble_from_pipeline(pipeline, processor_dir=processor, dtype=dtype)
+        else:
+            model = DuetGen.from_parts(mllm, dit, vae, dtype=dtype)
         path = model.save_pretrained(out, overwrite=overwrite)
     except (ModelDirectoryError, ValueError, OSError) as e:
         fail(str(e))
-    typer.echo(f"wrote {path} (preset {model.config.preset!r}, parameters {model.num_parameters()})")
+    typer.echo(f"wrote {path} (preset {model.config.preset!r}, parameters {model.num_parameters()}, connector "
+               f"pretrained against {model.provenance.get('connector_pretrained_against')})")
+
+
+@model_app.command("info")
+def model_info(
+    path: Path = typer.Argument(..., help="DuetGen model directory."),
+):
+    """Print a model directory's parts, settings and provenance (from its configs; no weights are read)."""
+    from dataclasses import asdict
+
+    from duetgen.models.duetgen import ModelDirectoryError, read_directory
+
+    try:
+        parts = read_directory(path)
+    except (ModelDirectoryError, ValueError, OSError) as e:
+        fail(str(e))
+    text, dit, provenance = parts.mllm_config.text_config, parts.dit_config, parts.provenance
+    marker = f", step marker over {parts.connector_recency_tokens} tokens" if parts.connector_recency_tokens else ""
+    lines = [
+        f"{path}",
+        f"  preset: {parts.settings.preset}",
+        f"  mllm: {text.num_hidden_layers} layers x {text.hidden_size}, {text.vocab_size} embedding rows, "
+        f"tokenizer of {len(parts.tokenizer)} tokens",
+        f"  connector: {parts.connector_shape[1]} -> {parts.connector_shape[0]}{marker}",
+        f"  connector pretrained against: {provenance.get('connector_pretrained_against', 'not recorded')}",
+        f"  dit: {dit['num_layers']} layers x {dit['num_attention_heads'] * dit['attention_head_dim']}, "
+        f"{dit['out_channels']} latent channels, patch {list(dit['patch_size'])}",
+        f"  vae: {parts.vae['_class_name']}",
+    ]
+    lines += [f"  {name}: {value}" for name, value in asdict(parts.settings).items() if name != "preset"]
+    lines += [f"  provenance {name}: {value}" for name, value in provenance.items()
+              if name != "connector_pretrained_against"]
+    typer.echo("\n".join(lines))
 
 
 @model_app.command("check")
@@ -829,6 +877,7 @@ def generate(
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Sampled tokens (text and <BOV>)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", min=0, help="Generated images at most."),
     image_size: Optional[str] = typer.Option(None, "--image-size", help="HEIGHTxWIDTH of generated images (default: the model's)."),
+    framing: Optional[str] = typer.Option(None, "--framing", help="duetgen (the conversation) or cosmos (the prompt as a Cosmos-Predict2.5 caption: one image, no text; the sanity check of real weights); default: the model's."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier output in --out."),
     quiet: bool = typer.Option(False, "--quiet", help="No live view; print only the output paths."),
@@ -837,12 +886,14 @@ def generate(
     from duetgen.infer.render import print_live, save_output
 
     size = _parse_image_size(image_size)
+    if framing is not None and framing not in ("duetgen", "cosmos"):
+        fail(f"--framing {framing!r}: expected duetgen or cosmos")
     out_has_files = out.exists() and (not out.is_dir() or any(out.iterdir()))
     if out_has_files and not (overwrite and (out / "manifest.json").is_file()):
         fail(f"--out {str(out)!r} exists and is not an earlier output to --overwrite; choose a new folder")
     pipe = _load_pipeline(model, device)
     settings = dict(seed=seed, num_steps=steps, guidance_scale=guidance, temperature=temperature, top_p=top_p,
-                    max_new_tokens=max_new_tokens, max_images=max_images, image_size=size)
+                    max_new_tokens=max_new_tokens, max_images=max_images, image_size=size, framing=framing)
     try:
         events = pipe.stream(prompt, images=list(image or []), **settings)
         finished = print_live(events) if not quiet else [e for e in events][-1]

@@ -92,6 +92,9 @@ class GenerationConfig:
     guidance_scale: float | None = None  # w in v = v_neg + w (v_pos - v_neg); 1 = no guidance (one branch per step)
     solver: str | None = None  # "euler" | "unipc" (duetgen.diffusion.sampling)
     image_size: tuple[int, int] | None = None  # (height, width) of generated images in pixels
+    # "duetgen" | "cosmos": how the DiT's text condition is framed (DuetGenConfig.framing; None = the model's).
+    # "cosmos": no text is written; one image is drawn from the prompt as a Cosmos-Predict2.5 caption
+    framing: str | None = None
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
@@ -111,6 +114,8 @@ class GenerationConfig:
         if self.image_size is not None:
             if len(self.image_size) != 2 or min(self.image_size) < 1:
                 raise ValueError(f"image_size must be (height, width) in pixels; got {self.image_size}")
+        if self.framing is not None and self.framing not in ("duetgen", "cosmos"):
+            raise ValueError(f"framing must be 'duetgen' or 'cosmos'; got {self.framing!r}")
 
     def sampler(self, default: SamplerConfig) -> SamplerConfig:
         overrides = {k: v for k, v in (("num_steps", self.num_steps), ("solver", self.solver)) if v is not None}
@@ -423,6 +428,11 @@ class InterleavedEngine:
         t_start = time.perf_counter()
         size = self.image_size(config)
         m = self.model
+        if (config.framing or m.config.framing) == "cosmos":
+            if image_source is not None or logits_processor is not None or context != "kv_cache":
+                raise ValueError("the Cosmos framing writes no text: image_source, logits_processor and context "
+                                 "do not apply")
+            return self.run_cosmos(messages, config, size, send, t_start)
 
         # 1. Render the prompt; earlier images become conditioning latents (encoded once)
         rendered = render_prompt(messages, m.tokenizer, m.image_processor, self.load_image)
@@ -508,6 +518,36 @@ class InterleavedEngine:
         }
         self.last_context = ctx  # for tests and benchmarks: positions, ids
         finished = Finished(reason, content, stats)
+        send(finished)
+        return finished
+
+
+    def run_cosmos(self, messages: Sequence[Message], config: GenerationConfig, size: tuple[int, int],
+                   send: Callable[[Event], None], t_start: float) -> Finished:
+        """The Cosmos framing (duetgen.models.cosmos_predict): one user message is a caption (and at most
+        one image, the conditioning frame); one image is drawn, no text is written. A fresh assembly of
+        real weights reproduces Cosmos-Predict2.5 this way (docs/model.md, "Real weights")."""
+        from duetgen.models.cosmos_predict import draw_cosmos
+
+        if len(messages) != 1 or messages[0].role != "user":
+            raise ValueError(f"the Cosmos framing takes one user message (a caption and at most one image); got "
+                             f"{len(messages)} message(s) with roles {[msg.role for msg in messages]}")
+        images = [self.load_image(p) for p in messages[0].content if isinstance(p, ImagePart)]
+        if len(images) > 1:
+            raise ValueError(f"the Cosmos framing takes at most one image (Cosmos' Image2World); got {len(images)}")
+        caption = "".join(p.text for p in messages[0].content if isinstance(p, TextPart))
+        send(ImageStarted(0, *size))
+        generator = torch.Generator().manual_seed(config.seed + NOISE_SEED_STRIDE)  # image 0's, as in run
+        latent = draw_cosmos(self.model, caption, images[0] if images else None, size=size, generator=generator,
+                             sampler=config.sampler(self.model.config.sampler), guidance_scale=config.guidance_scale,
+                             callback=lambda i, n, t, x: send(DenoisingStep(0, i + 1, n)))
+        picture = self.model.decode_latents([latent])[0]
+        seconds = time.perf_counter() - t_start
+        send(ImageDone(0, picture, round(seconds, 4)))
+        stats = {"finish_reason": "max_images", "new_tokens": 0, "images": 1, "context_tokens": 0,
+                 "time_to_first_token_s": 0.0, "mllm_s": 0.0, "dit_s": round(seconds, 4),
+                 "total_s": round(time.perf_counter() - t_start, 4), "framing": "cosmos"}
+        finished = Finished("max_images", [ImagePart(picture)], stats)
         send(finished)
         return finished
 
