@@ -69,6 +69,9 @@ class Doc:
     local_root: str | None = None  # the input folder
     local_page: str | None = None  # the page's path relative to it
     pos: int = 0  # position in its shard's reading order (runner.py: pass 2 finds pass 1's pages by it)
+    # Pass 1: the cleaned body text the language and near-dup checks read (language.page_text), set once
+    # by the language filter; cleaning it again for the MinHash cost 3 ms a page (benchmarks/data_engine.py).
+    clean_text: str | None = None
 
     @property
     def images(self) -> list[ImageItem]:

@@ -14,9 +14,9 @@ Design choices:
 - QR codes: OpenCV's ``QRCodeDetectorAruco`` on a copy whose longer side is at most 640 px. A
   detection counts only if the code also decodes: on 100 synthetic step photos (tests'
   howto_site.photo) the classic ``QRCodeDetector.detect`` alone fired on 7, detect + decode on 0;
-  a QR code on a web page is made to be read. Measured per 480x360 photo, one thread: classic
-  8.8 ms, Aruco 7.2 ms, and Aruco also finds a 120 px code pasted into a 640x480 photo, which the
-  classic one misses.
+  a QR code on a web page is made to be read (decoded at the corners the detector found). Measured
+  per 480x360 photo, one thread: classic 8.8 ms, Aruco 7.2 ms, and Aruco also finds a 120 px code
+  pasted into a 640x480 photo, which the classic one misses.
 - Perceptual hash: 64-bit DCT hash (pHash: 32x32 grey, top-left 8x8 DCT block against its median);
   an image within ``max_distance`` bits of the previous kept image of the page is a duplicate.
 """
@@ -67,7 +67,9 @@ def has_qr_code(img) -> bool:
     found, points = _QR.detect(grey)
     if not found:
         return False
-    text, _, _ = _QR.detectAndDecode(grey)  # a finder-pattern look-alike does not decode
+    # A finder-pattern look-alike does not decode. Decoding at the corners just found, not
+    # detectAndDecode (which detects again): same answers on the fixtures, 11 against 29 ms.
+    text, _ = _QR.decode(grey, points)
     return bool(text)
 
 

@@ -59,7 +59,7 @@ from duetgen.data.engine.extract import ExtractConfig
 from duetgen.data.engine.fetch import FetchConfig
 from duetgen.data.engine.funnel import write_report
 from duetgen.data.engine.images import ImageRuleConfig
-from duetgen.data.engine.language import LanguageConfig, page_text
+from duetgen.data.engine.language import LanguageConfig
 from duetgen.data.engine.neardup import NearDupPageConfig, PageSketcher, Sketch, decide
 from duetgen.data.engine.stages import Extract, PageFilterConfig, build_stages, page_stages, run_stages
 from duetgen.data.engine.warc import WarcImageIndex, is_warc, iter_warc
@@ -378,7 +378,7 @@ def sketch_shard(task: tuple[ShardSpec, EngineConfig, str]) -> dict:
     pos, sigs, info = [], [], []
     for d in docs:
         pos.append(d.pos)
-        sigs.append(sketch(page_text(d)))
+        sigs.append(sketch(d.clean_text))  # set by the language filter
         info.append({"id": d.id, "url": d.url, "title": d.title[:200], "images": len(d.images),
                      "language": d.meta.get("language")})
     meta = json.dumps({"index": spec.index, "pages": info, "stats": [s.to_json() for s in stats],
