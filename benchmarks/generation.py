@@ -11,13 +11,14 @@ One run, same model, same weights, same answer:
    against two DiT calls per step. Prints both times, the ratio and the max difference of the latents.
 
 Model: the shipped ShapeWorld checkpoint when it exists (or --model DIR), else the `toy` preset with
-random weights. Random weights never write <BOV>, and a trained model may not write 4: the answer's
+random weights; `--preset toy` builds the preset with random weights even when the checkpoint exists. Random weights never write <BOV>, and a trained model may not write 4: the answer's
 structure is forced through the engine's documented logits_processor hook (<BOV> after every
 --tokens-per-step text tokens, 4 times, then end of turn); every other token is the model's own
 greedy choice, identical in both loops.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/generation.py
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/generation.py --quick      # fewer repeats
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/generation.py --quick --preset toy   # random weights
 
 GPU check (issue 5; needs a CUDA device): the real-dimension preset (Qwen2.5-VL-7B + Cosmos-Predict2.5-2B
 + Wan2.1 VAE) with random bf16 weights, one 4-image answer at 768x768 with 30 steps; prints time to
@@ -78,6 +79,10 @@ def continuation_prompt() -> list[Message]:
 
 
 def load_model(args) -> tuple[DuetGen, str]:
+    if args.preset is not None:
+        if args.model is not None:
+            raise SystemExit("give --model DIR or --preset NAME, not both")
+        return presets.build(args.preset, device=args.device).eval(), f"{args.preset} preset, random weights"
     if args.model or (DEFAULT_MODEL_DIR / "duetgen.json").is_file():
         path = args.model or DEFAULT_MODEL_DIR
         return DuetGen.from_pretrained(path, device=args.device).eval(), str(path)
@@ -241,6 +246,8 @@ def gpu_check(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="DuetGen directory (default: the shipped checkpoint, else the toy preset)")
+    parser.add_argument("--preset", default=None, help="build this preset with random weights instead of loading a "
+                        "checkpoint (toy: the path used when no checkpoint is shipped)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda for --gpu-check, else cpu)")
     parser.add_argument("--tokens-per-step", type=int, default=16, help="text tokens before each <BOV> (a ShapeWorld step line is ~12-16)")
     parser.add_argument("--steps", type=int, default=10, help="sampler steps of the guided draw (toy default)")
