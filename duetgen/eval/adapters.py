@@ -112,7 +112,9 @@ def _with_loaded_images(rec: Record, images: ImageSource) -> Record:
             if isinstance(p, ImagePart):
                 src = images.image_path(p.path, rec.id)  # containment + existence
                 images.open_image(p.path, rec.id)  # format and pixel cap, before the bytes are trusted
-                parts.append(ImagePart(src.read_bytes()))
+                # images stored in a table (GEdit-Bench's Parquet) have no file: the source reads them
+                data = images.read_bytes(p.path, rec.id) if hasattr(images, "read_bytes") else src.read_bytes()
+                parts.append(ImagePart(data))
             else:
                 parts.append(TextPart(p.text))
         messages.append(Message(m.role, parts))

@@ -13,7 +13,8 @@ On-disk forms read here:
   each image), ``input_image_list`` and ``output_gt_image_list`` (files under ``<sample>/origin/``)
   and ``prediction_image_list`` (files directly in ``<sample>/``);
 - ImgEdit Basic's ``basic_edit.json`` (``{key: {"id": image path, "prompt", "edit_type"}}``, images
-  under the original-images root) and its predictions, ``<key>.png`` in one folder;
+  under the original-images root) and its predictions, ``<key>.png`` in one folder; the user's copy
+  of its judge prompts (``prompts.json``: ``{edit_type: prompt with <edit_prompt>}``);
 - GEdit-Bench (``stepfun-ai/GEdit-Bench``) from a local Parquet or ``datasets.save_to_disk`` copy
   (``task_type``, ``key``, ``instruction``, ``instruction_language``, ``input_image``), and its
   predictions in the official layout ``<root>/fullset/<task_type>/<language>/<key>.png``;
@@ -300,6 +301,54 @@ def read_imgedit(json_path: str | os.PathLike, images_root: str | os.PathLike | 
     return records, ImageFolder(images_root if images_root is not None else path.parent)
 
 
+IMGEDIT_EDIT_TYPES = ("add", "remove", "replace", "adjust", "style", "action", "extract", "background", "compose")
+IMGEDIT_PROMPT_PLACEHOLDER = "<edit_prompt>"
+IMGEDIT_PROMPTS_LAYOUT = ("ImgEdit's judge prompt file (basic_bench.py --prompts_json) = {edit_type: prompt text with "
+                          f"{IMGEDIT_PROMPT_PLACEHOLDER} where the instruction goes}}, one entry for each of "
+                          f"{', '.join(IMGEDIT_EDIT_TYPES)}")
+
+
+def read_imgedit_judge_prompts(path: str | os.PathLike) -> dict:
+    """The user's copy of ImgEdit's official judge prompts (``prompts.json``) as one judge template
+    per edit type: ``{edit_type: PromptTemplate}``.
+
+    basic_bench.py sends one user message: ``prompts[edit_type]`` with ``<edit_prompt>`` replaced by
+    the instruction, then the source and the edited image; the templates do the same (no system
+    turn, no reply schema: the reply is prose, read by ``judge.LineScores``). A file in another
+    layout is an error naming the layout and the first key that breaks it; so is a prompt without
+    the placeholder (the judge would never see the instruction) and one holding ``{name}``, which
+    our template syntax would take for a field."""
+    from duetgen.llm.templates import PromptTemplate
+
+    path = Path(path)
+    data = _read_json(path)
+    if not isinstance(data, dict) or not data:
+        raise ReaderError(f"{path}: expected a JSON object of prompts, got {type(data).__name__}; "
+                          f"layout: {IMGEDIT_PROMPTS_LAYOUT}")
+    templates = {}
+    for key, text in data.items():
+        where = f"{path}: key {key!r}"
+        if key not in IMGEDIT_EDIT_TYPES:
+            raise ReaderError(f"{where} is not an ImgEdit Basic edit type; layout: {IMGEDIT_PROMPTS_LAYOUT}")
+        if not isinstance(text, str) or IMGEDIT_PROMPT_PLACEHOLDER not in text:
+            raise ReaderError(f"{where}: must be a prompt string containing {IMGEDIT_PROMPT_PLACEHOLDER}; "
+                              f"layout: {IMGEDIT_PROMPTS_LAYOUT}")
+        t = PromptTemplate.from_dict({
+            "name": f"imgedit_official_{key}", "version": "user-file",
+            "description": f"ImgEdit Basic's official judge prompt for '{key}', from the user's prompts.json",
+            "user": [{"type": "text", "text": text.replace(IMGEDIT_PROMPT_PLACEHOLDER, "{instruction}")},
+                     {"type": "image", "field": "source"}, {"type": "image", "field": "edited"}]}, where=where)
+        if t.fields() != {"instruction", "source", "edited"}:
+            extra = sorted(t.fields() - {"instruction", "source", "edited"})
+            raise ReaderError(f"{where}: holds {{{extra[0]}}}, which our templates would read as a field; "
+                              f"layout: {IMGEDIT_PROMPTS_LAYOUT}")
+        templates[key] = t
+    missing = [t for t in IMGEDIT_EDIT_TYPES if t not in data]
+    if missing:
+        raise ReaderError(f"{path}: no prompt for edit type {missing[0]!r}; layout: {IMGEDIT_PROMPTS_LAYOUT}")
+    return templates
+
+
 def read_edit_predictions(pred: str | os.PathLike, prompts: list[Record], layout: str
                           ) -> tuple[list[Record], ImageSource, str]:
     """An editing benchmark's predictions: a DuetGen dataset (from ``eval generate``), or the
@@ -362,6 +411,10 @@ class TableImages:
     def image_path(self, path: str, record_id: str = "?") -> Path:
         self._bytes(path, record_id)  # existence
         return self.root / path  # a name for hashes and messages, not a file
+
+    def read_bytes(self, path: str, record_id: str = "?") -> bytes:
+        """The stored image file's bytes (what a file source gives with ``image_path(...).read_bytes()``)."""
+        return self._bytes(path, record_id)
 
     def stat_key(self, path: str, record_id: str = "?") -> list:
         import hashlib
