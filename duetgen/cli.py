@@ -546,10 +546,11 @@ def eval_run(
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Judge model id as the endpoint names it."),
     k: int = typer.Option(1, "--k", min=1, help="Judge samples per scored unit (seeds 0..k-1); each score is their median."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Benchmark inputs: a dataset directory, or InterleavedBench's interleaved_bench.json. Defines the item list (missing predictions are counted)."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Image root for an InterleavedBench JSON (default: its folder)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image root for an InterleavedBench JSON or ImgEdit's basic_edit.json (default: its folder); geneval: the folder `eval generate` wrote, for the report's gallery."),
     truth: Optional[Path] = typer.Option(None, "--truth", help="shapeworld only: the ground-truth dataset."),
     task: Optional[str] = typer.Option(None, "--task", help="comm: the task judged (default task4, the paper's Table 2; task3 also judged)."),
     language: Optional[str] = typer.Option(None, "--language", help="gedit: instruction_language of the rows judged (default en; 'all')."),
+    judge_prompts: Optional[Path] = typer.Option(None, "--judge-prompts", help="imgedit: your copy of ImgEdit's official judge prompts (prompts.json, {edit_type: prompt with <edit_prompt>}) instead of the project's templates."),
     name: Optional[str] = typer.Option(None, "--name", help="The model's name in reports (default: the --pred folder name)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Score cache file to use (default: <out>/score_cache.sqlite); share one between runs."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the judge API key (never recorded)."),
@@ -575,7 +576,8 @@ def eval_run(
             timeout_s=timeout_s, max_retries=max_retries)
         cfg = RunConfig(benchmark=benchmark, pred=str(pred), out=str(out), prompts=None if prompts is None else str(prompts),
                         images=None if images is None else str(images), truth=None if truth is None else str(truth),
-                        name=name, cache=None if cache is None else str(cache), task=task, language=language)
+                        name=name, cache=None if cache is None else str(cache), task=task, language=language,
+                        judge_prompts=None if judge_prompts is None else str(judge_prompts))
         summary = run_benchmark(cfg, judge, api_key=os.environ.get(api_key_env), progress=progress)
     except (HarnessError, BenchmarkError, TemplateError, RecordError, ValueError, OSError) as e:
         fail(str(e))

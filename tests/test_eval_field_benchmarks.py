@@ -1,6 +1,8 @@
 """Benchmarks in the layouts the field runs them (issue 16): CoMM's sample folders with origin/,
-InterleavedBench's rules, GenEval's output layout and results.jsonl, ImgEdit Basic and GEdit-Bench.
-Every fixture is built here from the benchmarks' real field names; the judge is the loopback server."""
+InterleavedBench's rules, GenEval's output layout and results.jsonl, ImgEdit Basic (with our templates
+and with the user's copy of its own prompts.json) and GEdit-Bench, and the HTML report of the three new
+ones. Every fixture is built here from the benchmarks' real field names with placeholder text; the judge
+is the loopback server (a prose-replying one for ImgEdit's own prompts)."""
 
 import json
 import sys
@@ -274,3 +276,224 @@ def test_gedit_reads_a_parquet_copy_english_by_default_and_scores_viescore(serve
     assert s["metrics"]["G_O"]["mean"] == pytest.approx(np.mean(groups)) and s["coverage"]["language"] == "en"
     html, _ = write_report([tmp_path / "run"], tmp_path / "report.html")
     assert html.read_text().count("data:image/jpeg") >= 4  # source and edited image side by side in the gallery
+
+
+# ----------------------------------------------------------------------------- ImgEdit's official prompts
+def official_prompts(path: Path, **override) -> Path:
+    """The user's copy of ImgEdit's prompts.json in its real layout ({edit_type: prompt with <edit_prompt>}),
+    placeholder text instead of the benchmark's."""
+    types = ("replace", "add", "adjust", "remove", "style", "action", "extract", "background", "compose")
+    data = {t: f"\nPLACEHOLDER rater prompt for {t} edits: three scores, one 'Name: N' line each.\n"
+               "editing instruction is : <edit_prompt>.\n\nBelow are the images before and after editing:\n"
+            for t in types}
+    data.update(override)
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+class ProseJudge:
+    """An OpenAI-compatible judge that answers in ImgEdit's reply format (prose, one 'Name: N' line per score).
+    'CAPBREAK' in the instruction: the second score above the first; 'TWOLINES': only two score lines."""
+
+    def __init__(self):
+        self.log = []
+
+    def __enter__(self):
+        from duetgen.llm.testing import LocalHandler, serve_in_thread
+
+        judge = self
+
+        class Handler(LocalHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+                judge.log.append(body)
+                text = body["messages"][0]["content"][0]["text"]
+                scores = [2, 4, 1] if "CAPBREAK" in text else [4, 3, 3][:2 if "TWOLINES" in text else 3]
+                names = ["Prompt Compliance", "Visual Naturalness", "Physical & Detail Coherence"]
+                reply = "Brief reasoning: placeholder reasoning.\n" + "\n".join(f"{n}: {v}" for n, v in zip(names, scores))
+                self.send_json(200, {"id": "j", "object": "chat.completion", "model": body["model"],
+                                     "choices": [{"index": 0, "finish_reason": "stop",
+                                                  "message": {"role": "assistant", "content": reply}}],
+                                     "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+
+        self.httpd = serve_in_thread(Handler, "prose-judge")
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        return self
+
+    def __exit__(self, *exc):
+        from duetgen.llm.testing import stop_server
+
+        stop_server(self.httpd)
+
+
+def imgedit_fixture(root: Path) -> None:
+    edits = {"1082": {"id": "animal/000000001.jpg", "prompt": "Placeholder adjust edit.", "edit_type": "adjust"},
+             "673": {"id": "style/000000002.jpg", "prompt": "Placeholder style edit CAPBREAK.", "edit_type": "style"},
+             "12": {"id": "animal/000000003.jpg", "prompt": "Placeholder add edit TWOLINES.", "edit_type": "add"},
+             "13": {"id": "animal/000000004.jpg", "prompt": "Placeholder remove edit.", "edit_type": "remove"}}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "basic_edit.json").write_text(json.dumps(edits))
+    for key, e in edits.items():
+        img(root / "original_images" / e["id"])
+        img(root / "edited" / f"{key}.png", (10, 200, 10))
+
+
+def test_imgedit_with_the_users_official_prompt_file_sends_it_as_basic_bench_does_and_reads_prose(tmp_path):
+    from typer.testing import CliRunner
+
+    from duetgen.cli import app
+
+    imgedit_fixture(tmp_path)
+    prompts = official_prompts(tmp_path / "prompts.json")
+    args = ["eval", "run", "--benchmark", "imgedit", "--pred", str(tmp_path / "edited"), "--prompts",
+            str(tmp_path / "basic_edit.json"), "--images", str(tmp_path / "original_images"), "--judge-model", "j",
+            "--max-retries", "0", "--no-progress"]
+    with ProseJudge() as judge_server:
+        r = CliRunner().invoke(app, [*args, "--judge-url", judge_server.url, "--out", str(tmp_path / "run"),
+                                     "--judge-prompts", str(prompts)])
+        assert r.exit_code == 0, r.output
+        # basic_bench.py's request: one user message, the prompt with the instruction in place, then both images
+        sent = {b["messages"][0]["content"][0]["text"].split("instruction is : ")[1].split(".")[0]: b
+                for b in judge_server.log}
+        assert sorted(sent) == ["Placeholder add edit TWOLINES", "Placeholder adjust edit",
+                                "Placeholder remove edit", "Placeholder style edit CAPBREAK"]
+        for b in judge_server.log:
+            assert [m["role"] for m in b["messages"]] == ["user"] and "response_format" not in b
+            assert [p["type"] for p in b["messages"][0]["content"]] == ["text", "image_url", "image_url"]
+            assert "<edit_prompt>" not in b["messages"][0]["content"][0]["text"]
+        assert "PLACEHOLDER rater prompt for adjust" in sent["Placeholder adjust edit"]["messages"][0]["content"][0]["text"]
+        # the same run directory with the project's templates is another run
+        again = CliRunner().invoke(app, [*args, "--judge-url", judge_server.url, "--out", str(tmp_path / "run")])
+        assert again.exit_code == 2 and "different templates settings" in again.output
+    res = lines(tmp_path / "run")
+    assert res["1082"]["metrics"]["Score"] == {"state": "ok", "value": pytest.approx(10 / 3)}
+    assert res["1082"]["calls"]["edit"][0]["justification"] == "placeholder reasoning."
+    assert res["1082"]["calls"]["edit"][0]["judge"]["template"].startswith("imgedit_official_adjust@user-file:")
+    cap, two = res["673"]["calls"]["edit"][0], res["12"]["calls"]["edit"][0]
+    assert cap["state"] == "unparsable" and "may not exceed the first" in cap["error"]
+    assert two["state"] == "unparsable" and "2 'Name: N' score line(s) in the reply, expected 3" in two["samples"][0]["error"]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    src = run["settings"]["prompt_source"]
+    assert src["source"] == "official prompt file" and src["path"] == str(prompts.resolve())
+    assert src["reply"] == {"rule": "line_scores", "fields": ["criterion_1", "criterion_2", "criterion_3"], "range": [1, 5]}
+    assert sorted(run["settings"]["templates"]) == [f"imgedit_official_{t}" for t in sorted(
+        ("replace", "add", "adjust", "remove", "style", "action", "extract", "background", "compose"))]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["settings"]["prompt_source"]["sha256"] == src["sha256"]
+    # request states: the two-line reply did not parse; the cap breach parsed and is refused per unit
+    assert summary["judge_requests"]["unparsable"] == 1 and summary["judge_requests"]["ok"] == 3
+    html, _ = write_report([tmp_path / "run"], tmp_path / "report.html")
+    assert "judge prompts: the benchmark&#x27;s official prompt file" in html.read_text()
+
+
+@pytest.mark.parametrize("content, message", [
+    ([], r"expected a JSON object of prompts, got list; layout: ImgEdit's judge prompt file"),
+    ({"stylize": "x <edit_prompt>"}, r"key 'stylize' is not an ImgEdit Basic edit type; layout: ImgEdit's judge prompt"),
+    ({"add": "no placeholder here"}, r"key 'add': must be a prompt string containing <edit_prompt>; layout"),
+    ({"add": ["a list <edit_prompt>"]}, r"key 'add': must be a prompt string containing <edit_prompt>"),
+    ({"remove": "uses {braces} <edit_prompt>"}, r"key 'remove': holds \{braces\}, which our templates would read"),
+    ({"compose": None}, r"key 'compose': must be a prompt string"),
+])
+def test_an_official_prompt_file_in_another_layout_is_refused_naming_the_layout_and_the_key(content, message, tmp_path):
+    from duetgen.eval.benchmarks.readers import read_imgedit_judge_prompts
+
+    path = tmp_path / "prompts.json"
+    if isinstance(content, dict):
+        official_prompts(path, **content)
+    else:
+        path.write_text(json.dumps(content))
+    with pytest.raises(ReaderError, match=message):
+        read_imgedit_judge_prompts(path)
+
+
+def test_an_official_prompt_file_missing_an_edit_type_or_given_to_another_benchmark_is_refused(tmp_path):
+    from duetgen.eval.benchmarks.readers import read_imgedit_judge_prompts
+    from duetgen.eval.harness import HarnessError
+
+    path = official_prompts(tmp_path / "prompts.json")
+    data = json.loads(path.read_text())
+    del data["extract"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ReaderError, match=r"no prompt for edit type 'extract'; layout"):
+        read_imgedit_judge_prompts(path)
+    gedit_parquet(tmp_path / "g" / "data.parquet")
+    with pytest.raises(HarnessError, match="--judge-prompts reads ImgEdit's official prompt file"):
+        run_benchmark(RunConfig("gedit", str(tmp_path / "m"), str(tmp_path / "run"), prompts=str(tmp_path / "g"),
+                                judge_prompts=str(path)), JudgeConfig("http://127.0.0.1:9/v1", "j"), progress=False)
+
+
+# ----------------------------------------------------------------------------- the HTML report of the three
+def gallery_rows(html: str) -> list[list[tuple[str, list[tuple]]]]:
+    """Each gallery row as its cells: (heading, [mean RGB of every embedded image])."""
+    import base64
+    import io
+    import re
+
+    rows = []
+    for row in html.split('<div class="gallery-row"')[1:]:
+        cells = []
+        for cell in re.split(r"<div><h4>", row)[1:]:
+            head = cell.split("</h4>")[0]
+            colours = []
+            for b64 in re.findall(r"data:image/jpeg;base64,([A-Za-z0-9+/=]+)", cell):
+                with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
+                    colours.append(tuple(round(c) for c in np.asarray(im.convert("RGB"), dtype=float).mean((0, 1))))
+            cells.append((head, colours))
+        rows.append(cells)
+    return rows
+
+
+def close(colour, target, tol=12) -> bool:
+    return all(abs(a - b) <= tol for a, b in zip(colour, target))
+
+
+def test_report_of_each_new_benchmark_has_intervals_and_a_side_by_side_gallery(server, tmp_path):
+    red, green = (200, 30, 30), (10, 200, 10)
+    # ImgEdit: the source (red) left, the edited image (green) right, per edit
+    imgedit_fixture(tmp_path / "imgedit")
+    run_benchmark(RunConfig("imgedit", str(tmp_path / "imgedit" / "edited"), str(tmp_path / "r-imgedit"),
+                            prompts=str(tmp_path / "imgedit" / "basic_edit.json"),
+                            images=str(tmp_path / "imgedit" / "original_images")), judge(server), progress=False)
+    # GEdit-Bench: sources (grey) come out of the Parquet table, edits (blue) from the official layout
+    gedit_parquet(tmp_path / "gedit" / "data.parquet")
+    for rid in ("background_change/en/k1", "subject-add/en/k2", "color_alter/en/k3"):
+        img(tmp_path / "method" / "fullset" / f"{rid}.png", (0, 0, 250))
+    run_benchmark(RunConfig("gedit", str(tmp_path / "method"), str(tmp_path / "r-gedit"),
+                            prompts=str(tmp_path / "gedit")), judge(server), progress=False)
+    for run, name, n_items, source, edited in (("r-imgedit", "edited", 4, red, green),
+                                               ("r-gedit", "method", 3, (120, 120, 120), (0, 0, 250))):
+        html = write_report([tmp_path / run], tmp_path / f"{run}.html")[0].read_text()
+        s = json.loads((tmp_path / run / "summary.json").read_text())
+        scored = [m for m, row in s["metrics"].items() if row["n"]]
+        for m in scored:  # every scored metric with its mean, interval and n in the table
+            lo, hi = s["metrics"][m]["ci95"]
+            assert f'{s["metrics"][m]["mean"]:.2f}<span class="ci">[{lo:.2f}, {hi:.2f}] n={s["metrics"][m]["n"]}' in html
+        rows = gallery_rows(html)
+        assert len(rows) == n_items
+        for cells in rows:
+            assert [c[0] for c in cells] == ["input", name]  # input, then the run's output, side by side
+            (_, src), (_, out) = cells
+            assert len(src) == 1 and close(src[0], source) and len(out) == 1 and close(out[0], edited)
+
+    # GenEval: with --images (the generation folder), the prompt beside its images; without, a note
+    meta = [{"tag": "single_object", "include": [{"class": "placeholder", "count": 1}], "prompt": "placeholder prompt one"},
+            {"tag": "colors", "include": [{"class": "placeholder", "count": 1}], "prompt": "placeholder prompt two"}]
+    (tmp_path / "evaluation_metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
+    generate_geneval(OneImageModel(), tmp_path / "evaluation_metadata.jsonl", tmp_path / "gen", samples=2, progress=False)
+    rows = [{"filename": f"gen/{i:05d}/samples/{j:05d}.png", "tag": m["tag"], "prompt": m["prompt"], "correct": j == 0}
+            for i, m in enumerate(meta) for j in range(2)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_benchmark(RunConfig("geneval", str(tmp_path / "results.jsonl"), str(tmp_path / "r-geneval"),
+                            images=str(tmp_path / "gen")), progress=False)
+    html = write_report([tmp_path / "r-geneval"], tmp_path / "geneval.html")[0].read_text()
+    assert '0.50<span class="ci">[0.50, 0.50] n=2' in html  # Overall: the mean of the two tasks' 0.5
+    g = gallery_rows(html)
+    assert len(g) == 2 and all(len(cells[1][1]) == 2 for cells in g)  # both samples of each prompt
+    assert "placeholder prompt one" in html and "placeholder prompt two" in html
+    run_benchmark(RunConfig("geneval", str(tmp_path / "results.jsonl"), str(tmp_path / "r-noimages")), progress=False)
+    assert "No gallery" in write_report([tmp_path / "r-noimages"], tmp_path / "n.html")[0].read_text()
+    from duetgen.eval.harness import HarnessError
+
+    with pytest.raises(HarnessError, match=r"00000/metadata.jsonl not found; expected GenEval's layout <out>/<5-digit"):
+        run_benchmark(RunConfig("geneval", str(tmp_path / "results.jsonl"), str(tmp_path / "r-bad"),
+                                images=str(tmp_path / "imgedit")), progress=False)

@@ -34,6 +34,10 @@ Design choices:
   Table 2); the other tasks' folders are counted in the coverage, not judged.
 - An item whose image file is missing or unreadable is ``bad_image`` with the reason in its line;
   the rest of the run goes on.
+- ImgEdit is judged with the project's templates, or with the benchmark's own prompts when the
+  user gives their copy (``--judge-prompts prompts.json``): those ask for prose ``Name: N`` lines,
+  read with ImgEdit's rule (``LineScores``). Which source was used is in ``run.json`` and the
+  summary (``settings.prompt_source``); the templates' hashes bind the run directory to it.
 """
 
 from __future__ import annotations
@@ -48,12 +52,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from duetgen.data.record import Dataset, ImageError, Message, Record, RecordError, TextPart, atomic_write_bytes
+from duetgen.data.record import (Dataset, ImageError, ImagePart, Message, Record, RecordError, TextPart,
+                                 atomic_write_bytes)
 from duetgen.eval.benchmarks import Benchmark, load_benchmark
-from duetgen.eval.benchmarks.readers import (read_edit_predictions, read_gedit, read_geneval_results, read_imgedit,
+from duetgen.eval.benchmarks.readers import (GENEVAL_LAYOUT, ImageFolder, read_edit_predictions, read_gedit,
+                                             read_geneval_results, read_imgedit, read_imgedit_judge_prompts,
                                              read_interleavedbench, read_predictions, read_records)
-from duetgen.eval.judge import Judge, JudgeConfig, Sample, load_template, preprocess_image, sequence_parts
+from duetgen.eval.judge import (Judge, JudgeConfig, LineScores, Sample, load_template, preprocess_image, score_fields,
+                                score_range, sequence_parts)
 from duetgen.eval.metrics import N_BOOT, SEED, summarize
+from duetgen.llm.templates import PromptTemplate
 from duetgen.progress import progress_bar
 
 RUN_FORMAT = "duetgen-eval-run"
@@ -76,6 +84,7 @@ class RunConfig:
     cache: str | None = None  # score cache file (default: <out>/score_cache.sqlite); share it between runs
     task: str | None = None  # CoMM: the task judged (default: the benchmark file's, task4)
     language: str | None = None  # GEdit-Bench: instruction_language of the rows judged (default "en"; "all")
+    judge_prompts: str | None = None  # ImgEdit: the user's copy of its official prompts.json (else our templates)
     n_boot: int = N_BOOT  # bootstrap resamples for the 95% intervals
     seed: int = SEED  # bootstrap seed
 
@@ -88,6 +97,39 @@ class Item:
     truth: Record | None = None  # exact benchmarks: the ground-truth record
     error: str | None = None  # why the item cannot be judged (a missing or unreadable image): bad_image
     external: dict | None = None  # external benchmarks: the scorer's results for this item
+
+
+@dataclass
+class JudgePrompts:
+    """A benchmark's own judge prompts, read from the user's copy of its prompt file (ImgEdit)."""
+
+    path: str  # the file, resolved
+    sha256: str  # of its bytes
+    templates: dict[str, PromptTemplate]  # category (edit type) -> template
+    reply: LineScores  # how their prose replies become the call's score fields
+
+    def settings(self) -> dict:
+        return {"source": "official prompt file", "path": self.path, "sha256": self.sha256, "reply": self.reply.settings()}
+
+
+PROJECT_PROMPTS = {"source": "project templates"}  # settings.prompt_source of every other run
+
+
+def read_judge_prompts(bench: Benchmark, cfg: RunConfig) -> JudgePrompts | None:
+    """``cfg.judge_prompts`` as templates for the benchmark's edit call (ImgEdit only). Their replies
+    fill the same score fields, in the same range, as the project's template for that call."""
+    if cfg.judge_prompts is None:
+        return None
+    if bench.prompts_format != "imgedit_json":
+        raise HarnessError(f"--judge-prompts reads ImgEdit's official prompt file (prompts.json); {bench.name!r} "
+                           "is judged with the project's templates")
+    templates = read_imgedit_judge_prompts(cfg.judge_prompts)
+    own = load_template(bench.calls[0].template)
+    names = score_fields(own)
+    lo, hi = score_range(own, names[0])
+    path = Path(cfg.judge_prompts).resolve()
+    return JudgePrompts(str(path), hashlib.sha256(path.read_bytes()).hexdigest(), templates,
+                        LineScores(tuple(names), int(lo), int(hi)))
 
 
 # ----------------------------------------------------------------------------- building items
@@ -227,14 +269,26 @@ def build_items(bench: Benchmark, cfg: RunConfig) -> tuple[list[Item], dict]:
 
 
 def _build_external_items(bench: Benchmark, cfg: RunConfig) -> tuple[list[Item], dict]:
-    """GenEval: one item per prompt folder of the scorer's results.jsonl (``--pred``)."""
-    for flag, v in (("--prompts", cfg.prompts), ("--images", cfg.images), ("--truth", cfg.truth),
-                    ("--task", cfg.task), ("--language", cfg.language)):
+    """GenEval: one item per prompt folder of the scorer's results.jsonl (``--pred``). With
+    ``--images OUT`` (the folder ``eval generate`` wrote, GenEval's layout) each item also carries
+    its prompt and images, for the report's gallery; the scores never depend on them."""
+    for flag, v in (("--prompts", cfg.prompts), ("--truth", cfg.truth), ("--task", cfg.task),
+                    ("--language", cfg.language)):
         if v is not None:
             raise HarnessError(f"benchmark {bench.name!r} reads the scores its own program wrote (--pred results.jsonl); "
                                f"drop {flag}")
     groups = read_geneval_results(cfg.pred)
     items = [Item(g["id"], g["category"], None, external=g) for g in groups]
+    if cfg.images is not None:
+        folder = ImageFolder(cfg.images)
+        first = Path(cfg.images) / groups[0]["id"] / "metadata.jsonl"
+        if not first.is_file():
+            raise HarnessError(f"--images {cfg.images}: {first} not found; expected GenEval's layout {GENEVAL_LAYOUT}")
+        for it, g in zip(items, groups):
+            prompt = g["prompt"] if isinstance(g["prompt"], str) else g["category"]
+            it.sample = Sample(g["id"], g["category"], [Message("user", [TextPart(prompt)])],
+                               [ImagePart(f"{g['id']}/samples/{Path(f).name}") for f in g["files"]], folder, folder)
+        _check_images(items)
     return items, {"pred_format": "geneval_results", "prompts_given": False, "expected_items": bench.expected_items,
                    "items": len(items), "missing": 0, "images": sum(len(g["correct"]) for g in groups)}
 
@@ -331,21 +385,23 @@ def _cap_by_first(unit: dict, fields: list[str]) -> dict:
     return unit
 
 
-async def judge_item(bench: Benchmark, item: Item, judge: Judge) -> dict:
-    """Every call of the benchmark on one item, then its metric values (see metric_values)."""
+async def judge_item(bench: Benchmark, item: Item, judge: Judge, prompts: JudgePrompts | None = None) -> dict:
+    """Every call of the benchmark on one item, then its metric values (see metric_values).
+    ``prompts``: the benchmark's own prompts (ImgEdit's file) in place of the project's templates."""
     s = item.sample
     n_in, n_out = len(s.input_image_parts), len(s.output_image_parts)
 
     async def run_call(c):
         try:
-            t = load_template(c.template_for(item.category))
+            t = prompts.templates[item.category] if prompts is not None else load_template(c.template_for(item.category))
         except KeyError:
+            known = sorted(prompts.templates if prompts is not None else c.templates)
             raise HarnessError(f"item {item.id!r}: category {item.category!r} has no template in call {c.id!r} "
-                               f"(it has {sorted(c.templates)})") from None
+                               f"(it has {known})") from None
         if c.view in ("edit", "edited_image"):
             if n_out == 0 or (c.view == "edit" and n_in == 0):
                 return []
-            unit = await judge.score(t, _edit_fields(c, s, c.view))
+            unit = await judge.score(t, _edit_fields(c, s, c.view), reply=None if prompts is None else prompts.reply)
             return [_cap_by_first(unit, c.cap_by_first) if c.cap_by_first else unit]
         if c.view == "sequence":
             return [await judge.score(t, {"sequence": sequence_parts(s, "all"), "num_output_images": n_out})]
@@ -477,18 +533,20 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _settings(bench: Benchmark, judge_config: JudgeConfig | None, cfg: RunConfig) -> dict:
+def _settings(bench: Benchmark, judge_config: JudgeConfig | None, cfg: RunConfig,
+              prompts: JudgePrompts | None = None) -> dict:
     templates = {}
-    for c in bench.calls:
-        for name in c.all_templates():
-            t = load_template(name)
-            templates[name] = {"version_key": t.version_key, "sha256": t.content_hash}
+    used = ([t for t in prompts.templates.values()] if prompts is not None
+            else [load_template(name) for c in bench.calls for name in c.all_templates()])
+    for t in used:
+        templates[t.name] = {"version_key": t.version_key, "sha256": t.content_hash}
     b = {"name": bench.name, "version": bench.version, "sha256": bench.sha256}
     if bench.tasks is not None:  # CoMM: a run directory holds one task
         b["task"] = bench.task(cfg.task)
     if bench.prompts_format == "gedit_dataset":
         b["language"] = cfg.language or "en"
-    return {"benchmark": b, "templates": templates, "judge": None if judge_config is None else judge_config.settings()}
+    return {"benchmark": b, "templates": templates, "judge": None if judge_config is None else judge_config.settings(),
+            "prompt_source": PROJECT_PROMPTS if prompts is None else prompts.settings()}
 
 
 def _check_or_create_run(out: Path, settings: dict, cfg: RunConfig) -> dict:
@@ -512,7 +570,8 @@ def _check_or_create_run(out: Path, settings: dict, cfg: RunConfig) -> dict:
                        "prompts": None if cfg.prompts is None else str(Path(cfg.prompts).resolve()),
                        "images": None if cfg.images is None else str(Path(cfg.images).resolve()),
                        "truth": None if cfg.truth is None else str(Path(cfg.truth).resolve()),
-                       "task": cfg.task, "language": cfg.language},
+                       "task": cfg.task, "language": cfg.language,
+                       "judge_prompts": None if cfg.judge_prompts is None else str(Path(cfg.judge_prompts).resolve())},
             "bootstrap": {"n_boot": cfg.n_boot, "seed": cfg.seed}, "invocations": []}
 
 
@@ -551,10 +610,11 @@ def run_benchmark(cfg: RunConfig, judge_config: JudgeConfig | None = None, api_k
     if bench.kind in ("exact", "external") and judge_config is not None:
         raise HarnessError(f"benchmark {bench.name!r} is scored {'exactly ' if bench.kind == 'exact' else ''}by a program; "
                            "drop --judge-url/--judge-model")
+    prompts = read_judge_prompts(bench, cfg)
     items, coverage = build_items(bench, cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    run = _check_or_create_run(out, _settings(bench, judge_config, cfg), cfg)
+    run = _check_or_create_run(out, _settings(bench, judge_config, cfg, prompts), cfg)
     atomic_write_bytes(out / RUN_FILE, (json.dumps(run, indent=1) + "\n").encode())
 
     # 1. keep finished items whose content is unchanged and that have no api_error
@@ -585,7 +645,7 @@ def run_benchmark(cfg: RunConfig, judge_config: JudgeConfig | None = None, api_k
                     advance()
             else:
                 cache_path = Path(cfg.cache) if cfg.cache else out / CACHE_FILE
-                stats = asyncio.run(_judge_all(bench, todo, judge_config, cache_path, api_key, write, advance))
+                stats = asyncio.run(_judge_all(bench, todo, judge_config, cache_path, api_key, write, advance, prompts))
     finally:
         f.close()
 
@@ -600,7 +660,7 @@ def run_benchmark(cfg: RunConfig, judge_config: JudgeConfig | None = None, api_k
     return summary
 
 
-async def _judge_all(bench, todo, judge_config, cache_path, api_key, write, advance) -> dict:
+async def _judge_all(bench, todo, judge_config, cache_path, api_key, write, advance, prompts=None) -> dict:
     judge = Judge(judge_config, cache_path=cache_path, api_key=api_key)
     # Items in flight are bounded (their decoded images live in memory); the client bounds requests.
     gate = asyncio.Semaphore(max(2, 2 * judge_config.max_concurrency))
@@ -613,7 +673,7 @@ async def _judge_all(bench, todo, judge_config, cache_path, api_key, write, adva
                 line = missing_line(bench, it, "bad_image")
             else:
                 try:
-                    line = await judge_item(bench, it, judge)
+                    line = await judge_item(bench, it, judge, prompts)
                 except ImageError as e:  # an image that exists but does not decode: this item only
                     it.error = str(e)
                     line = missing_line(bench, it, "bad_image")

@@ -9,7 +9,9 @@
 Design choices:
 - Prompts are versioned data (``duetgen/eval/templates/*.json``, the ``duetgen.llm`` template
   format); each reply must match the template's strict JSON schema (integer scores with their
-  range). The template's name, version and content sha256 go with every score.
+  range). The one exception is a benchmark's own prompt file that asks for prose (ImgEdit's
+  ``Name: N`` lines): such a template has no schema and its replies are read by ``LineScores``.
+  The template's name, version and content sha256 go with every score.
 - Temperature 0. ``k`` samples per judged unit with seeds 0..k-1 (so they are distinct requests
   for the endpoint and for the caches); each score is the median of the k. Temperature 0 is not
   deterministic on hosted APIs, and the median of a few samples damps that noise.
@@ -249,7 +251,52 @@ def classify(res: ChatResult) -> dict:
         text = res.text or ""
         state = "refusal" if _REFUSAL_RE.match(text) else "unparsable"
         return {"state": state, "error": res.error, "text": text[:MAX_FAILED_TEXT]}
+    if res.data is None:  # no reply schema: the reply is prose, parsed by the caller (LineScores)
+        return {"state": "ok", "data": None, "text": res.text}
     return {"state": "ok", "data": res.data}
+
+
+@dataclass(frozen=True)
+class LineScores:
+    """How a prose reply with one ``Name: N`` line per score becomes scores: the rule of ImgEdit's
+    step1_get_avgscore.py (a line split at ``": "`` whose second half is digits is a score), for
+    the official prompts, which ask for such lines instead of JSON. ``fields`` name the scores in
+    reply order. A reply with another number of score lines, or a score outside
+    [minimum, maximum], is ``unparsable``: the official script would average whatever it found."""
+
+    fields: tuple[str, ...]
+    minimum: int
+    maximum: int
+
+    def parse(self, text: str) -> tuple[dict | None, str | None]:
+        """(scores with the reasoning line as ``justification``, None) or (None, why not)."""
+        scores, justification = [], None
+        for line in text.splitlines():
+            parts = line.strip().split(": ")
+            if len(parts) == 2 and parts[1].isdigit():
+                scores.append((parts[0], int(parts[1])))
+            elif len(parts) >= 2 and justification is None and "reasoning" in parts[0].lower():
+                justification = ": ".join(parts[1:])
+        if len(scores) != len(self.fields):
+            return None, (f"{len(scores)} 'Name: N' score line(s) in the reply, expected {len(self.fields)}")
+        bad = [(n, v) for n, v in scores if not self.minimum <= v <= self.maximum]
+        if bad:
+            return None, f"score {bad[0][0]!r} = {bad[0][1]} outside [{self.minimum}, {self.maximum}]"
+        return {**{f: v for f, (_, v) in zip(self.fields, scores)}, "justification": justification}, None
+
+    def settings(self) -> dict:
+        return {"rule": "line_scores", "fields": list(self.fields), "range": [self.minimum, self.maximum]}
+
+
+def _parse_prose(sample: dict, reply: LineScores) -> dict:
+    if sample["state"] != "ok":
+        return sample
+    if sample.get("text") is None:
+        raise RuntimeError("LineScores reads prose replies; the template has a reply schema")
+    data, err = reply.parse(sample["text"])
+    if err is not None:
+        return {"state": "unparsable", "error": err, "text": sample["text"][:MAX_FAILED_TEXT]}
+    return {"state": "ok", "data": data}
 
 
 class Judge:
@@ -300,10 +347,17 @@ class Judge:
             self.cache.put(key, out, t.version_key)
         return out
 
-    async def score(self, t: PromptTemplate, fields: dict) -> dict:
-        """One judged unit: k samples, the median of each score; ok only if every sample is ok."""
+    async def score(self, t: PromptTemplate, fields: dict, reply: LineScores | None = None) -> dict:
+        """One judged unit: k samples, the median of each score; ok only if every sample is ok.
+        ``reply``: how a template without a reply schema is read (the cache holds the raw reply)."""
         samples = await asyncio.gather(*(self.ask(t, fields, seed) for seed in range(self.config.k)))
-        names = score_fields(t)
+        if reply is not None:
+            parsed = [_parse_prose(s, reply) for s in samples]
+            for raw, p in zip(samples, parsed):  # request states count what the reply turned out to be
+                self.stats[raw["state"]] -= 1
+                self.stats[p["state"]] += 1
+            samples = parsed
+        names = list(reply.fields) if reply is not None else score_fields(t)
         unit: dict[str, Any] = {"state": "ok", "scores": None}
         failed = [s for s in samples if s["state"] != "ok"]
         if failed:

@@ -183,9 +183,10 @@ def _scores_line(line: dict | None) -> str:
 
 def gallery(runs: list[dict], limit: int) -> str:
     """Items side by side: the input, then each run's output with its scores (first ``limit`` items)."""
-    if runs[0]["bench"].kind == "external":
-        return ('<p class="note">No gallery: the images were scored by the benchmark\'s own program; '
-                'they are in the folder its results.jsonl names.</p>')
+    if runs[0]["bench"].kind == "external" and runs[0]["run"]["inputs"].get("images") is None:
+        return ('<p class="note">No gallery: the images were scored by the benchmark\'s own program, and the run '
+                'was not told where they are (give <code>--images OUT</code>, the folder <code>eval generate</code> '
+                'wrote, to <code>eval run</code>).</p>')
     items_per_run = []
     for r in runs:
         inp = r["run"]["inputs"]
@@ -215,17 +216,27 @@ def gallery(runs: list[dict], limit: int) -> str:
             if it.sample is None:
                 cells.append(f'<div>{head}<p class="note">missing prediction</p></div>')
                 continue
+            if it.error is not None:
+                cells.append(f'<div>{head}<p class="note bad">{esc(it.error)}</p></div>')
+                continue
             ans = Record(id=i, messages=[Message("assistant", it.sample.output or [])], source=r["run"]["name"])
             cells.append(f"<div>{head}{render_record_html(ans, _thumb_src(it.sample.output_images, i))}</div>")
         out.append(f'<div class="gallery-row" style="{cols}">{"".join(cells)}</div>')
     return "\n".join(out) or '<p class="note">No item is present in every run.</p>'
 
 
+def _prompt_source(r: dict) -> str:
+    src = r["run"]["settings"].get("prompt_source") or {"source": "project templates"}
+    if src["source"] == "official prompt file":
+        return f"the benchmark's official prompt file {src['path']} (sha256 {src['sha256'][:16]}...), replies read by line"
+    return "the project's templates (duetgen/eval/templates)"
+
+
 def provenance_block(r: dict) -> str:
     s = r["run"]["settings"]
     inv = r["run"].get("invocations", [])
     info = {"judge": s["judge"] if s["judge"] is not None else "exact program (no MLLM judge)",
-            "templates": s["templates"], "benchmark": s["benchmark"], "inputs": r["run"]["inputs"],
+            "prompt_source": s.get("prompt_source"), "templates": s["templates"], "benchmark": s["benchmark"], "inputs": r["run"]["inputs"],
             "invocations": inv}
     return (f"<details><summary>{esc(r['run']['name'])}: judge and run settings</summary>"
             f'<pre class="prov">{esc(json.dumps(info, indent=1))}</pre></details>')
@@ -273,6 +284,9 @@ def write_report(run_dirs: list[str | os.PathLike], out: str | os.PathLike, gall
             note += " (no benchmark prompts were given: coverage unchecked)"
         body.append(f'<p class="note">{esc(r["run"]["name"])}: {esc(note)}; missing predictions: {cov["missing"]}.</p>')
     body.append('<h2 class="section">Judge</h2>')
+    if bench.kind == "judge":
+        body.append("".join(f'<p class="note">{esc(r["run"]["name"])}: judge prompts: {esc(_prompt_source(r))}</p>'
+                            for r in runs))
     body.extend(provenance_block(r) for r in runs)
     cats = sorted({c for r in runs for c in r["summary"]["categories"]})
     if len(cats) > 1:
