@@ -124,3 +124,46 @@ def test_server_with_max_batch_answers_concurrent_requests_as_alone(model):
         return [[p.get("text") for p in r.json()["answer"]] for r in replies]
 
     assert answers(ServeLimits(max_batch=3, queue_size=0)) == answers(ServeLimits(max_batch=1, queue_size=2))
+
+
+# ----------------------------------------------------------------------------- the model's settings (issue 19)
+
+
+def test_condition_frame_time_is_honoured_as_alone(model, monkeypatch):
+    """The DiT sees the conditioning frames at the model's condition_frame_time, batched as alone."""
+    messages, config = prompt(0), GenerationConfig(seed=0, num_steps=2, max_new_tokens=40)
+    monkeypatch.setattr(model.config, "condition_frame_time", 0.25)
+    forward, seen = model.dit.forward, []
+
+    def recording_forward(*args, **kwargs):  # the flow times of every sample's frames in every DiT call
+        seen.extend(t.tolist() for t in kwargs["timesteps"])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.dit, "forward", recording_forward)
+    alone = answer(InterleavedEngine(model).run(messages, config))
+    alone_times, seen[:] = list(seen), []
+    (finished,), (error,) = run_concurrently(BatchedEngine(model, max_batch=2), [(messages, config)])
+    assert error is None
+    batched = answer(finished)
+    assert alone[2] and batched[:2] == alone[:2] and len(batched[2]) == len(alone[2])
+    for a, b in zip(alone[2], batched[2]):
+        assert np.abs(a - b).max() <= 2  # the same draw (float reduction order only)
+    assert seen == alone_times  # the same frames at the same times
+    assert all(times[:-1] == [0.25] * (len(times) - 1) and len(times) > 1 for times in seen)  # frames, then target
+
+
+def test_cosmos_framing_is_refused_by_model_and_by_request(model, monkeypatch):
+    from duetgen.infer.pipeline import DuetGenPipeline
+    from duetgen.serve.server import ServeLimits, create_app
+
+    engine = BatchedEngine(model, max_batch=2)
+    with pytest.raises(ValueError, match="batches the 'duetgen' framing only; got framing='cosmos'"):
+        engine.run(prompt(0), GenerationConfig(framing="cosmos"))
+    assert engine.scheduler._members == {}  # the refused answer never joined
+
+    monkeypatch.setattr(model.config, "framing", "cosmos")
+    with pytest.raises(ValueError, match="this model's framing is 'cosmos'.*--batch 1"):
+        BatchedEngine(model, max_batch=2)
+    with pytest.raises(ValueError, match="this model's framing is 'cosmos'"):  # `duetgen serve --batch 2` at startup
+        create_app(DuetGenPipeline(model, model_id="tiny-cosmos"), ServeLimits(max_batch=2))
+    create_app(DuetGenPipeline(model, model_id="tiny-cosmos"), ServeLimits(max_batch=1))  # one at a time: served

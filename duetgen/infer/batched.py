@@ -27,6 +27,11 @@ How it works:
 - Each answer keeps its own KV cache as per-layer (1, H, L, Dh) tensors; a batched step pads
   them into one ``DynamicCache`` and slices the rows back (a copy per step, small next to the
   forward at serving batch sizes; a persistent padded cache is the next optimisation).
+- The model's settings apply as in ``InterleavedEngine``: conditioning frames are shown to the DiT at
+  the model's ``condition_frame_time``. Only the ``duetgen`` framing is batched: a model or a request
+  with ``framing="cosmos"`` (one caption -> one image, no text; duetgen.models.cosmos_predict) is refused
+  with a ValueError, at construction (so `duetgen serve --batch N` stops at startup) or in ``run``;
+  ``InterleavedEngine`` (`--batch 1`, `duetgen generate`) runs it.
 """
 
 from __future__ import annotations
@@ -243,7 +248,8 @@ def packed_dit_step(dit, calls: list[dict]) -> list[list]:
 def sample_latent(scheduler: BatchScheduler, model, cond_frames: list[Tensor], text_pos: Tensor,
                   text_neg: Tensor | None, size: tuple[int, int], generator: torch.Generator, sampler,
                   guidance_scale: float, callback) -> Tensor:
-    """``DuetGen.sample_latent`` with its DiT calls going through the scheduler (same noise, guidance and sampler)."""
+    """``DuetGen.sample_latent`` with its DiT calls going through the scheduler (same noise, guidance, sampler and
+    conditioning-frame time)."""
     if len(cond_frames) + 1 > model.config.max_images:
         raise ValueError(f"{len(cond_frames)} conditioning images + the new one exceed max_images={model.config.max_images}")
     height, width = size
@@ -261,7 +267,7 @@ def sample_latent(scheduler: BatchScheduler, model, cond_frames: list[Tensor], t
         return [[s[-1] + base] if base is not None else s for s in out]
 
     denoise = guided_denoiser(dit, cond, text_pos, text_neg if guidance_scale != 1.0 else None, guidance_scale,
-                              model.config.parameterisation)
+                              model.config.parameterisation, condition_time=model.config.condition_frame_time)
     return sample(denoise, noise, sampler, callback)  # (C, h, w)
 
 
@@ -270,6 +276,10 @@ class BatchedEngine(InterleavedEngine):
     """``InterleavedEngine`` whose concurrent answers (one per calling thread) share batched model steps."""
 
     def __init__(self, model, max_batch: int = 4):
+        if model.config.framing != "duetgen":
+            raise ValueError(f"BatchedEngine batches the 'duetgen' framing only; this model's framing is "
+                             f"{model.config.framing!r} (duetgen.json settings.framing): serve it one request at a "
+                             f"time (duetgen serve --batch 1) or use duetgen generate")
         super().__init__(model)
         self.scheduler = BatchScheduler(model, max_batch)
         self.context_name = f"batched-{id(self):x}"
@@ -280,6 +290,9 @@ class BatchedEngine(InterleavedEngine):
         return self.scheduler.max_batch
 
     def run(self, messages, config: GenerationConfig | None = None, *, context: str | None = None, **kwargs):
+        if config is not None and config.framing == "cosmos":  # refused before the answer joins: nothing waits
+            raise ValueError("BatchedEngine batches the 'duetgen' framing only; got framing='cosmos': run it with "
+                             "InterleavedEngine (duetgen generate --framing cosmos)")
         try:
             return super().run(messages, config, context=context or self.context_name, **kwargs)
         finally:
