@@ -25,6 +25,19 @@ GPU check (issue 5; needs a CUDA device): the real-dimension preset (Qwen2.5-VL-
 first token, per-image latency and peak memory:
 
     .venv/bin/python benchmarks/generation.py --gpu-check [--gpu-check-preset tiny --device cpu to dry-run]
+
+Zero-shot step of the GPU check (issue 19; runs after the measurement above, skipped with a printed line
+when no real weights are given): real weights from `--real-weights DIR` or `$DUETGEN_REAL_WEIGHTS`, either
+an assembled DuetGen directory (`duetgen model assemble`, has duetgen.json) or a diffusers
+Cosmos-Predict2.5 pipeline directory (has model_index.json; assembled in memory, checked against the real
+preset; `--real-processor DIR` or `$DUETGEN_REAL_PROCESSOR` when the snapshot has no
+preprocessor_config.json). One 768x768 text-to-image sample with the Cosmos framing (as
+`duetgen generate --framing cosmos`), the model's sampler steps and guidance unless given; writes
+zero_shot_cosmos.png and zero_shot_cosmos.json (prompt, seed, steps, guidance, wall time, peak GPU memory,
+the model's provenance) to `--zero-shot-out DIR`, default `$OUT`:
+
+    DUETGEN_REAL_WEIGHTS=/data/duetgen-real .venv/bin/python benchmarks/generation.py --gpu-check \
+        --gpu-check-sections zero_shot --zero-shot-out /tmp/zero_shot            # the step alone
 """
 
 from __future__ import annotations
@@ -32,9 +45,14 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
+import json
+import os
 import random
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -240,6 +258,97 @@ def gpu_check(args) -> None:
               f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved")
 
 
+# ----------------------------------------------------------------------------- GPU check: zero-shot step
+
+ZERO_SHOT_PROMPT = "A red apple on a wooden table by a window, soft morning light, photograph."
+ZERO_SHOT_NAME = "zero_shot_cosmos"  # <out>/zero_shot_cosmos.png and .json
+
+
+def load_real_weights(path: Path, processor: Path | None, device: str, dtype: torch.dtype) -> tuple[DuetGen, str]:
+    """An assembled DuetGen directory, or a Cosmos-Predict2.5 pipeline directory assembled in memory."""
+    from duetgen.models.cosmos_predict import assemble_from_pipeline
+
+    if (path / "duetgen.json").is_file():
+        return DuetGen.from_pretrained(path, device=device, dtype=dtype), "duetgen directory"
+    if (path / "model_index.json").is_file():
+        # settings: the real preset's with Cosmos' conditioning-frame time, as `duetgen model assemble --pipeline`
+        return assemble_from_pipeline(path, processor_dir=processor, device=device, dtype=dtype), "pipeline directory"
+    fail(f"--real-weights {path}: neither duetgen.json (an assembled DuetGen directory) nor model_index.json "
+         "(a Cosmos-Predict2.5 pipeline directory) is there")
+
+
+def zero_shot_check(args) -> None:
+    """Issue 19: one text-to-image sample with the Cosmos framing from real weights, saved under --zero-shot-out.
+
+    The real DiT, connector (its pretrained crossattn_proj) and text encoder, framed as Cosmos-Predict2.5
+    was trained, should draw the caption recognisably: the sanity check of a fresh assembly on a GPU
+    (docs/model.md, "Real weights"). Looking at the image is the check; the JSON says how it was made.
+    """
+    from duetgen.models.duetgen import ModelDirectoryError
+
+    if not args.real_weights:
+        print("zero-shot step: skipped (no real weights: set DUETGEN_REAL_WEIGHTS or pass --real-weights DIR)")
+        return
+    weights = Path(args.real_weights)
+    if not weights.is_dir():
+        fail(f"--real-weights {weights}: not a directory")
+    if not args.zero_shot_out:
+        fail("zero-shot step: no output directory (pass --zero-shot-out DIR or set $OUT)")
+    out = Path(args.zero_shot_out)
+    cuda = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32  # the autoencoder stays float32 either way
+
+    # 1. Load (or assemble) the real weights; every config check runs before a weight is read
+    t0 = time.perf_counter()
+    try:
+        model, source = load_real_weights(weights, Path(args.real_processor) if args.real_processor else None,
+                                          args.device, dtype)
+    except ModelDirectoryError as e:  # PipelineDirectoryError too: names the file and the field
+        fail(f"zero-shot step: {e}")
+    model.eval()
+    load_s = time.perf_counter() - t0
+    print(f"zero-shot step: loaded {weights} ({source}) in {load_s:.1f} s")
+
+    # 2. One caption, one image, the Cosmos framing: what `duetgen generate --framing cosmos` runs
+    size = tuple(args.zero_shot_size)
+    config = GenerationConfig(seed=args.zero_shot_seed, num_steps=args.zero_shot_steps,
+                              guidance_scale=args.zero_shot_guidance, image_size=size, framing="cosmos")
+    steps = config.sampler(model.config.sampler).num_steps
+    guidance = model.config.guidance_for(False) if config.guidance_scale is None else config.guidance_scale
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    finished = InterleavedEngine(model).run([Message("user", [TextPart(args.zero_shot_prompt)])], config)
+    if cuda:
+        torch.cuda.synchronize()
+    wall_s = time.perf_counter() - t0
+    (picture,) = [p.image for p in finished.content if isinstance(p, ImagePart)]
+
+    # 3. The image and what made it, under the output directory
+    result = {
+        "prompt": args.zero_shot_prompt, "seed": args.zero_shot_seed, "steps": steps, "guidance_scale": guidance,
+        "cosmos_guidance": guidance - 1,  # Cosmos' g (v = v_pos + g (v_pos - v_neg)) is our w - 1
+        "solver": model.config.sampler.solver, "image_size": list(size), "framing": "cosmos",
+        "wall_s": round(wall_s, 3), "load_s": round(load_s, 2),
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "device": torch.cuda.get_device_name() if cuda else args.device, "dtype": str(dtype).removeprefix("torch."),
+        "weights": str(weights), "source": source, "condition_frame_time": model.config.condition_frame_time,
+        "provenance": model.provenance, "image": f"{ZERO_SHOT_NAME}.png", "torch": torch.__version__,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    picture.save(out / f"{ZERO_SHOT_NAME}.png")
+    (out / f"{ZERO_SHOT_NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"zero-shot step: {size[0]}x{size[1]}, {steps} steps, w = {guidance}, {wall_s:.2f} s"
+          + (f", peak {result['peak_gpu_memory_gib']} GiB" if cuda else "")
+          + f"; wrote {out / ZERO_SHOT_NAME}.png and .json")
+
+
+def fail(message: str):
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -258,7 +367,27 @@ def main() -> None:
     parser.add_argument("--gpu-check-preset", default=presets.REAL_PRESET)
     parser.add_argument("--gpu-steps", type=int, default=30)
     parser.add_argument("--gpu-image-size", type=int, nargs=2, default=None, metavar=("H", "W"))
+    parser.add_argument("--gpu-check-sections", default="generation,zero_shot",
+                        help="parts of --gpu-check to run: generation (random weights), zero_shot (real weights)")
+    zero_shot = parser.add_argument_group("zero-shot step of --gpu-check (issue 19)")
+    zero_shot.add_argument("--real-weights", default=os.environ.get("DUETGEN_REAL_WEIGHTS"),
+                           help="assembled DuetGen directory or Cosmos-Predict2.5 pipeline directory "
+                                "(default: $DUETGEN_REAL_WEIGHTS; neither: the step is skipped)")
+    zero_shot.add_argument("--real-processor", default=os.environ.get("DUETGEN_REAL_PROCESSOR"),
+                           help="folder with preprocessor_config.json for a pipeline directory without one "
+                                "(default: $DUETGEN_REAL_PROCESSOR)")
+    zero_shot.add_argument("--zero-shot-out", default=os.environ.get("OUT"),
+                           help="where the image and its JSON go (default: $OUT)")
+    zero_shot.add_argument("--zero-shot-prompt", default=ZERO_SHOT_PROMPT)
+    zero_shot.add_argument("--zero-shot-seed", type=int, default=0)
+    zero_shot.add_argument("--zero-shot-steps", type=int, default=None, help="default: the model's sampler steps")
+    zero_shot.add_argument("--zero-shot-guidance", type=float, default=None,
+                           help="our w (Cosmos' g + 1); default: the model's")
+    zero_shot.add_argument("--zero-shot-size", type=int, nargs=2, default=(768, 768), metavar=("H", "W"))
     args = parser.parse_args()
+    sections = args.gpu_check_sections.split(",")
+    if not set(sections) <= {"generation", "zero_shot"}:
+        parser.error(f"--gpu-check-sections {args.gpu_check_sections!r}: expected generation and/or zero_shot")
     if args.quick:
         args.repeats = 2
     if args.device is None:
@@ -266,7 +395,13 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())  # honour OMP_NUM_THREADS
     if args.gpu_check:
         with torch.no_grad():
-            gpu_check(args)
+            if "generation" in sections:
+                gpu_check(args)
+                gc.collect()  # the random-weight model goes before the real one comes
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+            if "zero_shot" in sections:
+                zero_shot_check(args)
         return
 
     model, name = load_model(args)

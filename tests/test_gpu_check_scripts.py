@@ -1,9 +1,10 @@
 """The prepared GPU checks still run: each one smoke-run in its CPU tiny mode, so none rots before a GPU comes.
 
 benchmarks/gpu_check_train.py (issue 4), benchmarks/gpu_check_model.py (issue 3) and
-benchmarks/generation.py --gpu-check (issue 5) are run in-process (runpy, as `python script.py ...`), so
-transformers / diffusers are imported once for the whole file. The model-FLOP counter that gives
-gpu_check_train its MFU is checked against hand-computed counts.
+benchmarks/generation.py --gpu-check (issue 5, with its zero-shot step of issue 19) are run in-process
+(runpy, as `python script.py ...`), so transformers / diffusers are imported once for the whole file. The
+model-FLOP counter that gives gpu_check_train its MFU is checked against hand-computed counts. The zero-shot
+step reads real weights from a path: here a tiny model saved as an assembled directory stands in for them.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import importlib.util
 import json
 import runpy
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 import torch.nn.functional as F
 from torch import nn
 
@@ -168,8 +172,73 @@ def test_gpu_check_model_smoke_on_cpu_tiny(tmp_path, monkeypatch, capsys):
 
 
 def test_generation_gpu_check_smoke_on_cpu_tiny(monkeypatch, capsys):
+    monkeypatch.delenv("DUETGEN_REAL_WEIGHTS", raising=False)
     argv = ["--gpu-check", "--gpu-check-preset", "tiny", "--device", "cpu", "--gpu-steps", "2"]
     assert run_script("generation", argv, monkeypatch) == 0
     printed = capsys.readouterr().out
     assert "time to first token:" in printed and "per-image latency" in printed
     assert "images of 32x32, 2 steps" in printed
+    # no real weights anywhere: the zero-shot step says so and writes nothing
+    assert "zero-shot step: skipped (no real weights: set DUETGEN_REAL_WEIGHTS or pass --real-weights DIR)" in printed
+
+
+# ----------------------------------------------------------------------------- the zero-shot step (issue 19)
+
+
+@pytest.fixture(scope="module")
+def tiny_assembled(tmp_path_factory):
+    """A tiny model saved as `duetgen model assemble` saves one: Cosmos' conditioning-frame time, provenance."""
+    from duetgen.diffusion.flow_matching import COSMOS_CONDITION_FRAME_TIME
+    from duetgen.models import presets
+
+    preset = presets.tiny()
+    torch.manual_seed(0)
+    model = presets.build(replace(preset, settings=replace(preset.settings,
+                                                           condition_frame_time=COSMOS_CONDITION_FRAME_TIME)))
+    model.provenance = {"connector_init": "the DiT's pretrained crossattn_proj", "connector_pretrained_against": "unknown"}
+    return model.save_pretrained(tmp_path_factory.mktemp("real") / "duetgen-tiny")
+
+
+ZERO_SHOT_ARGS = ["--gpu-check", "--gpu-check-sections", "zero_shot", "--device", "cpu", "--zero-shot-size", "32",
+                  "32", "--zero-shot-steps", "2", "--zero-shot-prompt", "A red square."]
+
+
+def test_zero_shot_step_writes_the_image_and_its_settings(tiny_assembled, tmp_path, monkeypatch, capsys):
+    from duetgen.models.cosmos_predict import draw_cosmos
+    from duetgen.models.duetgen import DuetGen
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("DUETGEN_REAL_WEIGHTS", str(tiny_assembled))  # the path from the environment
+    monkeypatch.setenv("OUT", str(out))  # as on the device machine
+    assert run_script("generation", ZERO_SHOT_ARGS, monkeypatch) == 0
+    assert "wrote" in capsys.readouterr().out
+    result = json.loads((out / "zero_shot_cosmos.json").read_text())
+    assert {k: result[k] for k in ("prompt", "seed", "steps", "guidance_scale", "image_size", "framing")} == {
+        "prompt": "A red square.", "seed": 0, "steps": 2, "guidance_scale": 2.0, "image_size": [32, 32],
+        "framing": "cosmos"}  # steps given, guidance the model's
+    assert result["wall_s"] > 0 and result["peak_gpu_memory_gib"] is None  # no GPU here
+    assert result["source"] == "duetgen directory" and result["condition_frame_time"] == 1e-4
+    assert result["provenance"]["connector_pretrained_against"] == "unknown"
+    image = Image.open(out / "zero_shot_cosmos.png")
+    assert image.size == (32, 32)
+    # the image is the Cosmos framing's draw: what `duetgen generate --framing cosmos` gives for seed 0
+    model = DuetGen.from_pretrained(tiny_assembled).eval()
+    latent = draw_cosmos(model, "A red square.", size=(32, 32), generator=torch.Generator().manual_seed(1000),
+                         sampler=replace(model.config.sampler, num_steps=2))  # image 0's noise seed for seed 0
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(model.decode_latents([latent])[0]))
+
+
+def test_zero_shot_step_refuses_what_it_cannot_load(tiny_assembled, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OUT", raising=False)
+    # weights but nowhere to write
+    assert run_script("generation", ZERO_SHOT_ARGS + ["--real-weights", str(tiny_assembled)], monkeypatch) == 2
+    assert "no output directory (pass --zero-shot-out DIR or set $OUT)" in capsys.readouterr().err
+    # a directory that is neither layout
+    argv = ZERO_SHOT_ARGS + ["--real-weights", str(tmp_path), "--zero-shot-out", str(tmp_path / "out")]
+    assert run_script("generation", argv, monkeypatch) == 2
+    assert "neither duetgen.json" in capsys.readouterr().err
+    # a pipeline directory is checked from its configs before any weight is read; errors name file and field
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "CosmosTextToImagePipeline"}))
+    assert run_script("generation", argv, monkeypatch) == 2
+    assert "model_index.json _class_name is 'CosmosTextToImagePipeline'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
