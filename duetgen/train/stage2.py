@@ -123,7 +123,8 @@ def build_duetgen(cfg: Stage2Config, mllm, tokenizer, processor, dit_device: str
                        x0_relative_to_previous=cfg.x0_relative_to_previous,
                        use_condition_frames=cfg.use_condition_frames, guidance_scale=cfg.guidance_scale,
                        guidance_scale_without_frames=cfg.guidance_scale_without_frames,
-                       sampler=SamplerConfig(solver="euler", num_steps=cfg.sample_steps))  # what the samples measured
+                       sampler=SamplerConfig(solver="euler", num_steps=cfg.sample_steps,
+                                             shift=cfg.sample_shift))  # what the samples measured
     model = DuetGen(mllm, tokenizer, processor, connector, transformer, build_vae(preset.vae), settings)
     return model.freeze_mllm()
 
