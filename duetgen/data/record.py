@@ -299,6 +299,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_files(paths) -> None:
+    """Make written files and their directory entries durable (images before the shard that names them)."""
+    paths = list(paths)
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for d in {p.parent for p in paths}:
+        fsync_dir(d)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``path`` so that readers see the old content or the new, never a half file."""
     path = Path(path)
@@ -616,14 +629,7 @@ class DatasetWriter:
         f.flush()
         os.fsync(f.fileno())
         f.close()
-        for p in self._pending_images:  # images first: a committed shard must not outlive its images
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        for d in {p.parent for p in self._pending_images}:
-            fsync_dir(d)
+        fsync_files(self._pending_images)  # images first: a committed shard must not outlive its images
         self._pending_images.clear()
         rel = shard_name(index)
         os.replace(self._tmp_path(index), self.root / rel)
@@ -704,14 +710,7 @@ class ShardFileWriter:
         if not self._ids:
             self._tmp.unlink()
             return 0
-        for p in self._new_images:  # images first: a shard must not outlive its images
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        for d in {p.parent for p in self._new_images}:
-            fsync_dir(d)
+        fsync_files(self._new_images)  # images first: a shard must not outlive its images
         os.replace(self._tmp, self.root / self.rel)
         fsync_dir(self.root / SHARD_DIR)
         return len(self._ids)

@@ -503,19 +503,24 @@ GENEVAL_LAYOUT = ("<out>/<5-digit prompt index>/metadata.jsonl (the prompt's JSO
                   "<out>/<index>/samples/<5-digit sample>.png; scores: evaluate_images.py's results.jsonl")
 
 
+def _json_lines(path: Path):
+    """(line number, parsed value) of each non-blank line of a JSONL file; a malformed line is an error naming it."""
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ReaderError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+
+
 def read_geneval_metadata(path: str | os.PathLike) -> list[dict]:
     """GenEval's ``evaluation_metadata.jsonl``: one JSON object per line, each with ``tag`` and ``prompt``."""
     path = Path(path)
     if not path.is_file():
         raise ReaderError(f"{path}: not a file (GenEval's evaluation_metadata.jsonl)")
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ReaderError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+    for lineno, d in _json_lines(path):
         if not isinstance(d, dict) or not isinstance(d.get("prompt"), str) or not isinstance(d.get("tag"), str):
             raise ReaderError(f"{path}:{lineno}: each line needs string 'tag' and 'prompt'")
         out.append(d)
@@ -534,13 +539,7 @@ def read_geneval_results(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise ReaderError(f"{path}: not found (GenEval's evaluate_images.py writes results.jsonl; layout: {GENEVAL_LAYOUT})")
     groups: dict[str, dict] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ReaderError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+    for lineno, d in _json_lines(path):
         if not (isinstance(d, dict) and isinstance(d.get("filename"), str) and isinstance(d.get("tag"), str)
                 and isinstance(d.get("correct"), bool)):
             raise ReaderError(f"{path}:{lineno}: needs filename (string), tag (string), correct (bool)")
