@@ -938,7 +938,7 @@ def train_export_step(
 def train_shapeworld(
     out: Path = typer.Option(..., "--out", help="Run directory: data/, the stage runs, eval-test/, model/ and phases.json (wall time per phase)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run: finished phases are skipped, the interrupted one resumes from its checkpoint."),
-    recipe: str = typer.Option("shapeworld", "--recipe", help="shapeworld (the shipped checkpoint's recipe, about 80 min on 2 CPU cores) or tiny (seconds; tests)."),
+    recipe: str = typer.Option("shapeworld", "--recipe", help="shapeworld (the shipped checkpoint's recipe, about 90 min on 2 CPU cores) or tiny (seconds; tests)."),
     quiet: bool = typer.Option(False, "--quiet", help="JSON lines instead of progress bars (for a log file)."),
 ):
     """Reproduce the ShapeWorld checkpoint from nothing: data, stage 1 (three phases), stage 2, eval on test, export to OUT/model.
