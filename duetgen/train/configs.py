@@ -167,7 +167,6 @@ def toy_stage2_draw() -> Stage2Config:
                                eval_every=500, sample_shift=3.0)
 
 
-
 def toy_stage2() -> Stage2Config:
     """ShapeWorld stage 2, phase 2 of 2 (`duetgen train shapeworld`): from phase 1's connector + DiT
     (`--config toy-draw` -> runs/shapeworld/stage2-draw), the whole mix (the extra text-to-image and

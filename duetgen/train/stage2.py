@@ -139,7 +139,8 @@ class ConditionStates:
     about two thirds of a stage-2 step, and one forward per record is faster than the packed one
     (no dense block-diagonal mask). Kept in fp16 (about 150 KB per ShapeWorld record); the value is
     rounded to fp16 on the first computation too, so a resumed run (empty store) sees bit-identical
-    conditions. ``keep=False`` computes every time (same values).
+    conditions. ``keep=False`` computes every time (same values); ``cache_dir`` also keeps them on disk
+    for other runs on the same MLLM (`ConditionCache`).
     """
 
     def __init__(self, mllm, keep: bool = True, cache_dir: str | os.PathLike | None = None,
@@ -193,26 +194,28 @@ class ConditionCache:
         else:
             atomic_write_bytes(stamp, json.dumps(mine, indent=1).encode("utf-8"))
 
-    def _path(self, key: tuple[str, str]) -> Path:
+    def _path(self, name: str) -> Path:
         import hashlib
 
-        return self.root / (hashlib.sha256("\0".join(key).encode("utf-8")).hexdigest()[:32] + ".safetensors")
+        return self.root / (hashlib.sha256(name.encode("utf-8")).hexdigest()[:32] + ".safetensors")
 
     def get(self, key: tuple[str, str]) -> torch.Tensor | None:
         from safetensors import safe_open
 
-        path = self._path(key)
+        name = "\0".join(key)
+        path = self._path(name)
         if not path.is_file():
             return None
         with safe_open(path, framework="pt") as f:
-            if f.metadata().get("key") != "\0".join(key):
+            if f.metadata().get("key") != name:
                 raise ValueError(f"condition cache file {path} belongs to another record ({f.metadata().get('key')!r})")
             return f.get_tensor("states")
 
     def put(self, key: tuple[str, str], states: torch.Tensor) -> None:
         from safetensors.torch import save
 
-        atomic_write_bytes(self._path(key), save({"states": states.contiguous()}, metadata={"key": "\0".join(key)}))
+        name = "\0".join(key)
+        atomic_write_bytes(self._path(name), save({"states": states.contiguous()}, metadata={"key": name}))
 
 
 def mllm_fingerprint(mllm_dir: str | os.PathLike) -> dict[str, str]:
@@ -491,8 +494,11 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
     if len(items) <= cfg.val_records:
         raise ValueError(f"{cfg.data}: {len(items)} records with assistant images, not more than val_records={cfg.val_records}")
     items, val_items = items[: -cfg.val_records], items[-cfg.val_records:]
-    drawn_sizes = [[model.generation_size(h, w) for w, h in image_sizes(ds, rec)] for ds, rec in items]  # (h, w) as drawn
-    image_tokens = [[(w // multiple) * (h // multiple) for h, w in sizes] for sizes in drawn_sizes]
+    def drawn_tokens(width: int, height: int) -> int:  # DiT tokens of an image at the size it is drawn at
+        h, w = model.generation_size(height, width)
+        return (h // multiple) * (w // multiple)
+
+    image_tokens = [[drawn_tokens(w, h) for w, h in image_sizes(ds, rec)] for ds, rec in items]
 
     def lengths(epoch: int) -> list[int]:
         """DiT tokens of each record this epoch: its target frame, plus every earlier image as a frame."""
