@@ -58,6 +58,7 @@ import torch
 
 from duetgen.data import toyworld
 from duetgen.data.record import ImagePart, Message, TextPart
+from duetgen.diffusion.draw import draw_latent, network_x0, previous_canvas, white_canvas_latent
 from duetgen.diffusion.flow_matching import dit_sample_inputs, to_x0_and_velocity
 from duetgen.diffusion.sampling import sample
 from duetgen.infer.engine import GenerationConfig, InterleavedEngine
@@ -139,19 +140,18 @@ def kv_cache_vs_reprefill(model, args) -> dict:
 def two_call_denoiser(model, cond_frames, text_pos, text_neg, scale, size):
     """The baseline: the positive and the negative branch as two separate DiT calls per step.
 
-    Everything else as `DuetGen.sample_latent` does it (target frames only, the condition-frame and
-    relative-x0 settings the model was trained with), so only the batching differs.
+    Everything else as `duetgen.diffusion.draw.draw_latent` does it (target frames only, the condition-frame
+    and relative-x0 settings the model was trained with), so only the batching differs.
     """
     config = model.config
     cond = [f.to(text_pos.dtype) for f in cond_frames] if config.use_condition_frames else []
-    base = None
+    previous = None
     if config.x0_relative_to_previous:
-        white = torch.ones(1, 3, *size, device=model.device)
-        base = cond[-1] if cond else model.vae.encode(white)[0]
+        previous = previous_canvas(cond, lambda: white_canvas_latent(model.vae, *size, model.device))
 
     def raw(frames, times, mask, text):
         out = model.dit(frames=[frames], timesteps=[times], condition_mask=[mask], text=[text], targets_only=True)
-        return out[0][-1] + base if base is not None else out[0][-1]
+        return network_x0(out[0][-1], previous)
 
     def denoise(x_t, t):
         frames, times, mask = dit_sample_inputs(cond, x_t.to(text_pos.dtype), t)
@@ -184,8 +184,8 @@ def batched_vs_two_calls(model, part1, args) -> dict:
         return torch.randn(model.dit.latent_channels, h // f, w // f, generator=torch.Generator().manual_seed(0)).to(model.device)
 
     def batched():
-        return model.sample_latent(cond, text_pos, text_neg, size=(h, w), generator=torch.Generator().manual_seed(0),
-                                   sampler=sampler, guidance_scale=scale)
+        return draw_latent(model, cond, text_pos, text_neg, size=(h, w), generator=torch.Generator().manual_seed(0),
+                           sampler=sampler, guidance_scale=scale)
 
     def two_calls():
         denoise = two_call_denoiser(model, cond, text_pos, text_neg, scale, (h, w))
@@ -313,8 +313,8 @@ def zero_shot_check(args) -> None:
     size = tuple(args.zero_shot_size)
     config = GenerationConfig(seed=args.zero_shot_seed, num_steps=args.zero_shot_steps,
                               guidance_scale=args.zero_shot_guidance, image_size=size, framing="cosmos")
-    steps = config.sampler(model.config.sampler).num_steps
-    guidance = model.config.guidance_for(False) if config.guidance_scale is None else config.guidance_scale
+    settings = config.resolve(model.config, model.pixel_multiple)
+    steps, guidance = settings.sampler.num_steps, settings.guidance_for(False)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -329,7 +329,7 @@ def zero_shot_check(args) -> None:
     result = {
         "prompt": args.zero_shot_prompt, "seed": args.zero_shot_seed, "steps": steps, "guidance_scale": guidance,
         "cosmos_guidance": guidance - 1,  # Cosmos' g (v = v_pos + g (v_pos - v_neg)) is our w - 1
-        "solver": model.config.sampler.solver, "image_size": list(size), "framing": "cosmos",
+        "solver": settings.sampler.solver, "image_size": list(size), "framing": "cosmos",
         "wall_s": round(wall_s, 3), "load_s": round(load_s, 2),
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "device": torch.cuda.get_device_name() if cuda else args.device, "dtype": str(dtype).removeprefix("torch."),

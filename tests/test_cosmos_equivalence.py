@@ -29,15 +29,15 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from duetgen.diffusion.flow_matching import COSMOS_CONDITION_FRAME_TIME
-from duetgen.diffusion.sampling import SamplerConfig
+from duetgen.diffusion.schedules import SamplerConfig
 from duetgen.models.cosmos_predict import (
     COSMOS_MAX_TOKENS,
     COSMOS_SYSTEM_PROMPT,
     PipelineDirectoryError,
     assemble_from_pipeline,
     cosmos_prompt_ids,
-    draw_cosmos,
 )
+from duetgen.infer.engine import GenerationConfig, draw_cosmos
 from duetgen.models.duetgen import DuetGen, DuetGenConfig
 from duetgen.models.mllm import tiny_image_processor, tiny_qwen2_5_vl_config
 from duetgen.models.presets import tiny
@@ -150,11 +150,16 @@ def test_prompt_ids_are_the_chat_template_padded_right(stock, ours):
     assert ids.shape == (COSMOS_MAX_TOKENS,) and ids[-1] == ours.tokenizer.pad_token_id
 
 
+def defaults(model):
+    """The model's own drawing settings (what `duetgen generate` runs with no overrides)."""
+    return GenerationConfig().resolve(model.config, model.pixel_multiple)
+
+
 def test_text_to_image_final_latents_match_diffusers(stock, ours):
     theirs = stock(prompt=CAPTION, height=SIZE, width=SIZE, num_frames=1, num_inference_steps=STEPS,
                    guidance_scale=COSMOS_G, generator=torch.Generator().manual_seed(11), output_type="latent",
                    negative_prompt_embeds=zero_negative(stock)).frames  # (1, C, 1, h, w)
-    latent = draw_cosmos(ours, CAPTION, generator=torch.Generator().manual_seed(11))  # (C, h, w)
+    latent = draw_cosmos(ours, CAPTION, None, defaults(ours), generator=torch.Generator().manual_seed(11))  # (C, h, w)
     difference = (latent - theirs[0, :, 0]).abs().max().item()
     assert theirs.abs().mean() > 0.1  # a real drawing, not zeros
     print(f"max |ours - diffusers| = {difference:.3g}")
@@ -169,14 +174,14 @@ def test_one_conditioning_image_final_latents_match_diffusers(stock, ours):
     theirs = stock(video=clip[None, :, None], prompt=CAPTION, height=SIZE, width=SIZE, num_frames=5,
                    num_latent_conditional_frames=1, num_inference_steps=STEPS, guidance_scale=COSMOS_G,
                    latents=latents, output_type="latent", negative_prompt_embeds=zero_negative(stock)).frames
-    latent = draw_cosmos(ours, CAPTION, image, generator=torch.Generator().manual_seed(5))
+    latent = draw_cosmos(ours, CAPTION, image, defaults(ours), generator=torch.Generator().manual_seed(5))
     difference = (latent - theirs[0, :, 1]).abs().max().item()
     print(f"max |ours - diffusers| = {difference:.3g}")
     assert difference < TOLERANCE, difference
     # the conditioning frame's time matters: at 0 (our checkpoints' value) the result moves
     ours.config = replace(ours.config, condition_frame_time=0.0)
     try:
-        moved = draw_cosmos(ours, CAPTION, image, generator=torch.Generator().manual_seed(5))
+        moved = draw_cosmos(ours, CAPTION, image, defaults(ours), generator=torch.Generator().manual_seed(5))
     finally:
         ours.config = replace(ours.config, condition_frame_time=COSMOS_CONDITION_FRAME_TIME)
     assert (moved - latent).abs().max() > 0
@@ -191,7 +196,7 @@ def test_generate_with_cosmos_framing_draws_one_image(ours):
     assert answer.role == "assistant" and len(answer.content) == 1
     assert answer.content[0].image.size == (SIZE, SIZE)
     assert record.meta["generation"]["framing"] == "cosmos"
-    expected = draw_cosmos(ours, CAPTION, generator=torch.Generator().manual_seed(2 + 1000))
+    expected = draw_cosmos(ours, CAPTION, None, defaults(ours), generator=torch.Generator().manual_seed(2 + 1000))
     assert np.array_equal(np.asarray(answer.content[0].image), np.asarray(ours.decode_latents([expected])[0]))
     with pytest.raises(ValueError, match="at most one image"):
         pipe(CAPTION, images=[canvas(), canvas()], framing="cosmos")

@@ -1,4 +1,6 @@
-"""DuetGen composition: save/load round trips, plain-library loading, clear errors, text condition, VAE, sampling."""
+"""DuetGen composition: save/load round trips, plain-library loading, clear errors, text condition, VAE.
+
+Drawing an image is tests/test_draw.py."""
 
 from __future__ import annotations
 
@@ -418,42 +420,6 @@ def test_encode_rejects_sizes_the_dit_cannot_patchify():
         model.encode_images([canvas([]), noise_image(64, 60, 0)])
     assert model.generation_size(64, 60) == (64, 64)
     assert model.generation_size(300, 200) == (64, 48)  # area capped at image_size (64x64), aspect kept
-
-
-def test_sample_latent():
-    model = build("tiny").eval()
-    rendered = render_record(record(), model.tokenizer, model.image_processor)
-    with torch.no_grad():
-        text = model.text_condition(rendered, rendered.bov_positions[1])
-        cond = model.encode_images([noise_image(24, 40, 1), noise_image(32, 32, 2)])
-    draw = lambda **kw: model.sample_latent(cond, text, text[:7], generator=torch.Generator().manual_seed(3), **kw)  # noqa: E731
-    a, b = draw(), draw()
-    assert a.shape == (12, 16, 16) and torch.equal(a, b)  # config.image_size 32x32 -> 16x16 latent, seeded
-    assert not torch.equal(a, draw(guidance_scale=1.0))
-    assert draw(size=(16, 24)).shape == (12, 8, 12)
-    assert model.decode_latents([a])[0].size == (32, 32)
-    with pytest.raises(ValueError, match="exceed max_images=4"):
-        model.sample_latent(cond * 2, text, None, guidance_scale=1.0)
-
-
-def test_sample_latent_applies_the_trained_output_settings():
-    """A DiT whose output is 0 predicts x0_hat = 0, or = the base when the output is relative to the previous
-    canvas; Euler ends at x0_hat exactly, so the sample IS the base the settings choose."""
-    model = build("toy").eval()
-    with torch.no_grad():
-        model.dit.proj_out.weight.zero_()  # raw output 0 everywhere (proj_out has no bias)
-    text = torch.randn(6, 128)
-    cond = model.encode_images([canvas([("circle", (220, 40, 40), (12, 12))])])
-    draw = lambda frames: model.sample_latent(frames, text, None, guidance_scale=1.0)  # noqa: E731
-    assert draw(cond).abs().max() == 0  # plain "x0"
-    model.config = replace(model.config, x0_relative_to_previous=True)
-    assert (draw(cond) - cond[0]).abs().max() < 1e-5  # "change nothing" = the previous canvas
-    white = torch.ones_like(cond[0])  # pixel shuffle of a white canvas in [-1, 1]
-    assert (draw([]) - white).abs().max() < 1e-5
-    model.config = replace(model.config, use_condition_frames=False)  # text-only ablation: frames never shown
-    assert (draw(cond) - white).abs().max() < 1e-5
-    with pytest.raises(ValueError, match="x0_relative_to_previous needs parameterisation='x0'"):
-        replace(model.config, parameterisation="velocity")
 
 
 # ----------------------------------------------------------------------------- building

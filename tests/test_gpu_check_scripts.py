@@ -204,7 +204,7 @@ ZERO_SHOT_ARGS = ["--gpu-check", "--gpu-check-sections", "zero_shot", "--device"
 
 
 def test_zero_shot_step_writes_the_image_and_its_settings(tiny_assembled, tmp_path, monkeypatch, capsys):
-    from duetgen.models.cosmos_predict import draw_cosmos
+    from duetgen.infer.engine import GenerationConfig, draw_cosmos
     from duetgen.models.duetgen import DuetGen
 
     out = tmp_path / "out"
@@ -223,8 +223,9 @@ def test_zero_shot_step_writes_the_image_and_its_settings(tiny_assembled, tmp_pa
     assert image.size == (32, 32)
     # the image is the Cosmos framing's draw: what `duetgen generate --framing cosmos` gives for seed 0
     model = DuetGen.from_pretrained(tiny_assembled).eval()
-    latent = draw_cosmos(model, "A red square.", size=(32, 32), generator=torch.Generator().manual_seed(1000),
-                         sampler=replace(model.config.sampler, num_steps=2))  # image 0's noise seed for seed 0
+    settings = GenerationConfig(num_steps=2, image_size=(32, 32)).resolve(model.config, model.pixel_multiple)
+    latent = draw_cosmos(model, "A red square.", None, settings,
+                         generator=torch.Generator().manual_seed(1000))  # image 0's noise seed for seed 0
     assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(model.decode_latents([latent])[0]))
 
 

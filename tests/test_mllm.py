@@ -16,6 +16,7 @@ from duetgen.models.mllm import (
     condition_hidden_states,
     layer_states,
     model_inputs,
+    final_text_chunk_start,
     negative_prefix_length,
     render_prompt,
     render_record,
@@ -366,3 +367,20 @@ def test_guidance_negative_and_prefix(ids, rendered, tok):
         rendered.prefix(step1_image.start + 3)
     p = rendered.prefix(second)
     assert len(p.images) == 2 and p.pixel_values.shape[0] == step1_image.patch_rows[1]
+
+
+def test_final_text_chunk_start():
+    VE = 99  # <|vision_end|>
+    # [sys 1 2] [user 3 <img 98 7 7 VE> 4 5] [assistant 6]  -> the chunk after the image: 4 5 6
+    ids = [1, 2, 3, 98, 7, 7, VE, 4, 5, 6]
+    assert final_text_chunk_start(ids, VE, system_length=2) == 7
+    # two images: the cut follows the last one
+    assert final_text_chunk_start([1, 98, VE, 2, 3, 98, VE, 4], VE, system_length=0) == 7
+    # no image: keep the system turn, or the first token when there is none (never empty)
+    assert final_text_chunk_start([1, 2, 3, 4], VE, system_length=0) == 1
+    assert final_text_chunk_start([1, 2, 3, 4], VE, system_length=3) == 3
+    assert final_text_chunk_start([1, 2], VE, system_length=5) == 2  # a <BOV> inside the system turn
+    # <BOV> right after an image: nothing to drop, negative == positive
+    assert final_text_chunk_start([1, 98, VE], VE, system_length=0) == 3
+    with pytest.raises(ValueError, match="no condition tokens"):
+        final_text_chunk_start([], VE, system_length=0)

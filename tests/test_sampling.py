@@ -16,15 +16,9 @@ from diffusers import UniPCMultistepScheduler
 from torch import nn
 
 from duetgen.diffusion.flow_matching import to_x0_and_velocity
-from duetgen.diffusion.guidance import final_text_chunk_start, guided_denoiser, negative_text
-from duetgen.diffusion.sampling import (
-    SamplerConfig,
-    euler_sample,
-    flow_time_schedule,
-    karras_time_schedule,
-    sample,
-    unipc_sample,
-)
+from duetgen.diffusion.guidance import guided_denoiser
+from duetgen.diffusion.sampling import euler_sample, sample, unipc_sample
+from duetgen.diffusion.schedules import SamplerConfig, flow_time_schedule, karras_time_schedule
 
 torch.set_num_threads(1)
 MU, S = 1.5, 0.3
@@ -189,7 +183,7 @@ def conditions(seed: int = 0):
 def test_guided_sampling_lands_on_the_extrapolated_point(parameterisation, scale):
     """Guidance on two point masses: v = v_neg + w (v_pos - v_neg) carries the noise to p_neg + w (p_pos - p_neg)."""
     cond_frames, text_pos = conditions()
-    text_neg = negative_text(text_pos, 4)
+    text_neg = text_pos[:4]
     dit = PointOracleDiT(parameterisation)
     denoise = guided_denoiser(dit, cond_frames, text_pos, text_neg, scale, parameterisation)
     x = sample(denoise, torch.randn(C, 4, 4), SamplerConfig(solver="euler", num_steps=6, shift=2.0))
@@ -203,7 +197,7 @@ def test_guided_sampling_lands_on_the_extrapolated_point(parameterisation, scale
 
 def test_batched_guidance_equals_two_separate_calls():
     cond_frames, text_pos = conditions(1)
-    text_neg = negative_text(text_pos, 3)
+    text_neg = text_pos[:3]
     dit = PointOracleDiT("velocity")
     x_t, t = torch.randn(C, 4, 4), torch.tensor(0.6)
     v = guided_denoiser(dit, cond_frames, text_pos, text_neg, 2.5, "velocity")(x_t, t)
@@ -216,7 +210,7 @@ def test_batched_guidance_equals_two_separate_calls():
 def test_negative_keeps_the_frames_and_drops_the_final_chunk():
     cond_frames, text_pos = conditions(2)
     dit = PointOracleDiT("x0")
-    denoise = guided_denoiser(dit, cond_frames, text_pos, negative_text(text_pos, 5), 2.0, "x0")
+    denoise = guided_denoiser(dit, cond_frames, text_pos, text_pos[:5], 2.0, "x0")
     x_t = torch.randn(C, 4, 4)
     denoise(x_t, torch.tensor(0.3))
     (call,) = dit.calls
@@ -238,30 +232,11 @@ def test_guided_denoiser_errors():
         guided_denoiser(PointOracleDiT("x0"), cond_frames, text_pos, torch.zeros(3, D + 1), 2.0, "x0")
     with pytest.raises(ValueError, match="unknown parameterisation"):
         guided_denoiser(PointOracleDiT("x0"), cond_frames, text_pos, None, 1.0, "eps")
-    with pytest.raises(ValueError, match="may not be empty"):
-        negative_text(text_pos, 0)
-
-
-def test_final_text_chunk_start():
-    VE = 99  # <|vision_end|>
-    # [sys 1 2] [user 3 <img 98 7 7 VE> 4 5] [assistant 6]  -> the chunk after the image: 4 5 6
-    ids = [1, 2, 3, 98, 7, 7, VE, 4, 5, 6]
-    assert final_text_chunk_start(ids, VE) == 7
-    # two images: the cut follows the last one
-    assert final_text_chunk_start([1, 98, VE, 2, 3, 98, VE, 4], VE) == 7
-    # no image: keep min_start tokens (e.g. the system turn)
-    assert final_text_chunk_start([1, 2, 3, 4], VE) == 1
-    assert final_text_chunk_start([1, 2, 3, 4], VE, min_start=3) == 3
-    # <BOV> right after an image: nothing to drop, negative == positive
-    assert final_text_chunk_start([1, 98, VE], VE) == 3
-    with pytest.raises(ValueError, match="min_start"):
-        final_text_chunk_start([1, 2], VE, min_start=0)
-
 
 def test_x0_guidance_in_velocity_space_equals_x0_space():
     """For 'x0' outputs, guiding the velocity equals guiding x0_hat (exact division at t > 0)."""
     cond_frames, text_pos = conditions(3)
-    text_neg = negative_text(text_pos, 2)
+    text_neg = text_pos[:2]
     dit = PointOracleDiT("x0")
     x_t, t = torch.randn(C, 4, 4), torch.tensor(0.02)  # below the training clamp of 0.05
     v = guided_denoiser(dit, cond_frames, text_pos, text_neg, 4.0, "x0")(x_t, t)
@@ -291,7 +266,7 @@ def test_real_dit_packed_guidance_equals_separate_calls(tiny_dit):
     g = torch.Generator().manual_seed(5)
     cond_frames = [torch.randn(c, 8, 8, generator=g), torch.randn(c, 4, 12, generator=g)]  # mixed sizes
     text_pos = torch.randn(11, d, generator=g)
-    text_neg = negative_text(text_pos, 4)
+    text_neg = text_pos[:4]
     x_t, t = torch.randn(c, 8, 8, generator=g), torch.tensor(0.7)
     for parameterisation in ["velocity", "x0", "cosmos"]:
         with torch.no_grad():
@@ -309,7 +284,7 @@ def test_real_dit_sampling_end_to_end(tiny_dit):
     text_pos = torch.randn(9, d, generator=g)
     steps = []
     for solver in ["euler", "unipc"]:
-        denoise = guided_denoiser(tiny_dit, cond_frames, text_pos, negative_text(text_pos, 3), 2.0, "velocity")
+        denoise = guided_denoiser(tiny_dit, cond_frames, text_pos, text_pos[:3], 2.0, "velocity")
         x = sample(denoise, torch.randn(c, 8, 12, generator=g), SamplerConfig(solver=solver, num_steps=4),
                    callback=lambda i, n, t, x: steps.append(i))
         assert x.shape == (c, 8, 12) and torch.isfinite(x).all()

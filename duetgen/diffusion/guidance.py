@@ -20,8 +20,6 @@ Design choices:
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import nn
 
@@ -33,40 +31,6 @@ from duetgen.diffusion.flow_matching import (
     to_x0_and_velocity,
 )
 from duetgen.diffusion.sampling import Denoiser
-
-
-def final_text_chunk_start(token_ids: Sequence[int], vision_end_id: int, min_start: int = 1) -> int:
-    """Where the final text chunk starts in the tokens before a `<BOV>`: the negative keeps [:start].
-
-    token_ids: the tokens whose hidden states form the text condition (everything before the `<BOV>`).
-    The context reads T_1, I_1, T_2, I_2, ..., T_N (paper section 4); the final text chunk T_N is every
-    token after the last image's `<|vision_end|>` (`vision_end_id`). So:
-      - with an image in the context: start = 1 + index of the last `<|vision_end|>`; the negative keeps
-        every earlier image and the text around them, and drops only the text written since;
-      - with no image: start = min_start. The negative must not be empty (cross-attention over zero
-        tokens is undefined), so callers pass the length of the prefix that carries no instruction
-        (e.g. the system turn up to its `<|im_end|>`), or 1 to keep just the first template token.
-    A `<BOV>` right after an image gives start = len(token_ids): negative == positive, guidance is a no-op.
-    """
-    if min_start < 1:
-        raise ValueError(f"min_start must be >= 1 (the negative text must not be empty); got {min_start}")
-    if len(token_ids) < min_start:
-        raise ValueError(f"min_start={min_start} is beyond the {len(token_ids)} condition tokens")
-    ids = list(token_ids)
-    last = max((i for i, tok in enumerate(ids) if tok == vision_end_id), default=-1)
-    return max(last + 1, min_start)
-
-
-def negative_text(text_pos: torch.Tensor, final_chunk_start: int) -> torch.Tensor:
-    """The guidance negative: the positive text condition (L, D) without its final chunk, i.e. [:start]."""
-    if text_pos.ndim != 2:
-        raise ValueError(f"text condition must be (L, D); got shape {tuple(text_pos.shape)}")
-    if not 1 <= final_chunk_start <= text_pos.shape[0]:
-        raise ValueError(
-            f"final_chunk_start={final_chunk_start} must be in [1, {text_pos.shape[0]}] for a text of "
-            f"{text_pos.shape[0]} tokens (the negative may not be empty)"
-        )
-    return text_pos[:final_chunk_start]
 
 
 def guided_denoiser(
@@ -83,9 +47,10 @@ def guided_denoiser(
     dit: the packed DiT, called as dit(frames=, timesteps=, condition_mask=, text=) with per-sample lists
     and returning per-sample lists of per-frame outputs; the last frame is the target.
     cond_frames: clean latents (C, h_i, w_i) of every earlier image, oldest first (kept in BOTH branches).
-    text_pos: (L, D) text condition after the connector; text_neg: (L', D), normally
-    `negative_text(text_pos, final_text_chunk_start(...))`, or None for no guidance.
-    guidance_scale: w in v = v_neg + w * (v_pos - v_neg); w = 1 makes a single positive-only call.
+    text_pos: (L, D) text condition after the connector; text_neg: (L', D), normally its prefix without the
+    final text chunk (`duetgen.models.mllm.final_text_chunk_start`).
+    guidance_scale: w in v = v_neg + w * (v_pos - v_neg); w = 1 makes a single positive-only call and
+    ignores text_neg (may be None): the one place that decides "w = 1 means no negative".
     Cosmos' g (v = v_pos + g * (v_pos - v_neg)) is w - 1.
     Frames are cast to text_pos's dtype for the DiT; v_hat comes back in x_t's dtype.
     condition_time: flow time of the conditioning frames (0 ours, 1e-4 for a pretrained Cosmos DiT).

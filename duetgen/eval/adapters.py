@@ -285,18 +285,19 @@ class DuetGenModel:
         against the model's defaults (so "the model's steps" is recorded as a number)."""
         if self._fingerprint is None and self.path is not None:
             self._fingerprint = model_fingerprint(self.path)
-        c, m = self.config, self.pipe.model.config
+        c, model = self.config, self.pipe.model
+        resolved = c.resolve(model.config, model.pixel_multiple)  # what the engine runs with
         generation = {
             "seed": c.seed, "seed_rule": SEED_RULE,
             "temperature": c.temperature, "top_p": c.top_p, "max_new_tokens": c.max_new_tokens,
             # None: as many as the model's frame budget (inputs + generated) leaves after the prompt's images
-            "max_images": c.max_images, "model_max_images": m.max_images,
-            "sampler": dataclasses.asdict(c.sampler(m.sampler)),
-            "guidance_scale": m.guidance_scale if c.guidance_scale is None else c.guidance_scale,
-            "image_size": list(c.image_size or m.image_size),
+            "max_images": c.max_images, "model_max_images": model.config.max_images,
+            "sampler": dataclasses.asdict(resolved.sampler),
+            "guidance_scale": resolved.guidance_for(True),  # of images drawn with earlier images
+            "image_size": list(resolved.image_size),
         }
         generation["structure"] = self.structure
-        return {"model": {"fingerprint": self._fingerprint, "preset": m.preset}, "generation": generation}
+        return {"model": {"fingerprint": self._fingerprint, "preset": model.config.preset}, "generation": generation}
 
 
 def _now() -> str:

@@ -45,9 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from duetgen.diffusion.guidance import final_text_chunk_start, guided_denoiser
-from duetgen.diffusion.sampling import sample
-from duetgen.infer.engine import CONTEXTS, NOISE_SEED_STRIDE, GenerationConfig, InterleavedEngine
+from duetgen.diffusion.draw import draw_latent
+from duetgen.infer.engine import CONTEXTS, NOISE_SEED_STRIDE, GenerationConfig, InterleavedEngine, ResolvedGeneration
 from duetgen.models.mllm import layer_states, rope_position_ids
 
 
@@ -245,32 +244,6 @@ def packed_dit_step(dit, calls: list[dict]) -> list[list]:
     return results
 
 
-def sample_latent(scheduler: BatchScheduler, model, cond_frames: list[Tensor], text_pos: Tensor,
-                  text_neg: Tensor | None, size: tuple[int, int], generator: torch.Generator, sampler,
-                  guidance_scale: float, callback) -> Tensor:
-    """``DuetGen.sample_latent`` with its DiT calls going through the scheduler (same noise, guidance, sampler and
-    conditioning-frame time)."""
-    if len(cond_frames) + 1 > model.config.max_images:
-        raise ValueError(f"{len(cond_frames)} conditioning images + the new one exceed max_images={model.config.max_images}")
-    height, width = size
-    f = model.vae.spatial_factor
-    noise = torch.randn(model.dit.latent_channels, height // f, width // f, generator=generator,
-                        device=generator.device).to(model.device)  # (C, h, w)
-    cond = [c.to(model.device) for c in cond_frames] if model.config.use_condition_frames else []
-    base = None
-    if model.config.x0_relative_to_previous:
-        white = torch.ones(1, 3, height, width, device=model.device)  # [-1, 1] pixels
-        base = cond[-1] if cond else model.vae.encode(white)[0].to(noise)  # (C, h, w)
-
-    def dit(**inputs):  # as DuetGen.sample_latent's, through the scheduler
-        out = scheduler.submit("dit", None, inputs)
-        return [[s[-1] + base] if base is not None else s for s in out]
-
-    denoise = guided_denoiser(dit, cond, text_pos, text_neg if guidance_scale != 1.0 else None, guidance_scale,
-                              model.config.parameterisation, condition_time=model.config.condition_frame_time)
-    return sample(denoise, noise, sampler, callback)  # (C, h, w)
-
-
 # ============================================================================ the engine
 class BatchedEngine(InterleavedEngine):
     """``InterleavedEngine`` whose concurrent answers (one per calling thread) share batched model steps."""
@@ -300,17 +273,15 @@ class BatchedEngine(InterleavedEngine):
 
     @torch.no_grad()
     def draw(self, context, bov_position: int, system_length: int, cond_latents: list[Tensor],
-             size: tuple[int, int], config: GenerationConfig, image_index: int, on_step) -> Tensor:
+             settings: ResolvedGeneration, image_index: int, on_step) -> Tensor:
         """As ``InterleavedEngine.draw``; the sampler's DiT calls are packed with the other answers'."""
         if not isinstance(context, BatchedContext):  # context="kv_cache" / "recompute": the engine's own path
-            return super().draw(context, bov_position, system_length, cond_latents, size, config, image_index, on_step)
-        model = self.model
-        text_pos = model.connect(context.states(bov_position))  # (b, D_cross)
-        negative_length = final_text_chunk_start(
-            context.input_ids[:bov_position], self.ids.vision_end, min_start=max(min(system_length, bov_position), 1))
-        text_neg = text_pos[:negative_length]
-        scale = model.config.guidance_for(bool(cond_latents)) if config.guidance_scale is None else config.guidance_scale
-        generator = torch.Generator().manual_seed(config.seed + NOISE_SEED_STRIDE * (image_index + 1))
-        return sample_latent(self.scheduler, model, cond_latents, text_pos, text_neg if scale != 1.0 else None,
-                             size, generator, config.sampler(model.config.sampler), scale,
-                             callback=lambda i, n, t, x: on_step(i + 1, n))
+            return super().draw(context, bov_position, system_length, cond_latents, settings, image_index, on_step)
+        text_pos, text_neg = self.condition(context, bov_position, system_length)
+        generator = torch.Generator().manual_seed(settings.config.seed + NOISE_SEED_STRIDE * (image_index + 1))
+        return draw_latent(
+            self.model, cond_latents, text_pos, text_neg, size=settings.image_size, generator=generator,
+            sampler=settings.sampler, guidance_scale=settings.guidance_for(bool(cond_latents)),
+            callback=lambda i, n, t, x: on_step(i + 1, n),
+            dit=lambda targets_only, **inputs: self.scheduler.submit("dit", None, inputs),  # packed: targets only
+        )

@@ -33,9 +33,11 @@ Design choices:
 - The vision tokens are written by the engine, never sampled: every special token except
   ``<BOV>``, ``<|im_end|>`` and ``<|endoftext|>`` is masked out of the logits (a sampled
   ``<|image_pad|>`` without pixels would be meaningless to the model).
-- The DiT side is the model's own ``DuetGen.sample_latent`` (sampler, parameterisation, guidance
-  as the model defines them), ``encode_images`` / ``decode_latents`` / ``generation_size``: the
-  engine adds only the text condition (kept states -> connector) and its negative slice.
+- Settings are resolved once per answer (``GenerationConfig.resolve``: the caller's overrides over the
+  checkpoint's defaults). The DiT side is ``duetgen.diffusion.draw.draw_latent`` (the one drawing of an
+  image: noise, frames, the x0 rule the network was trained with, guidance, sampler) with the model's
+  ``encode_images`` / ``decode_latents`` / ``generation_size``: the engine adds only the text condition
+  (kept states -> connector) and its negative slice.
 - A generated image is re-encoded from its uint8 pixels for later conditioning, not reused as the
   sampled float latent: the condition is then exactly what a later run on the saved record sees.
   An input image is resized with ``generation_size`` (aspect kept, at most ``image_size`` pixels).
@@ -68,10 +70,12 @@ from PIL import Image
 from torch import Tensor
 
 from duetgen.data.record import ImagePart, Message, RecordError, TextPart
-from duetgen.diffusion.guidance import final_text_chunk_start
-from duetgen.diffusion.sampling import SamplerConfig
+from duetgen.diffusion.draw import draw_latent
+from duetgen.diffusion.schedules import SOLVERS, SamplerConfig
+from duetgen.models.duetgen import FRAMINGS
 from duetgen.models.image_processor import to_rgb
-from duetgen.models.mllm import TokenIds, layer_states, render_prompt, rope_position_ids, vision_block
+from duetgen.models.mllm import (TokenIds, final_text_chunk_start, layer_states, render_prompt, rope_position_ids,
+                                 vision_block)
 
 FINISH_REASONS = ("end_of_turn", "max_tokens", "max_images")
 NOISE_SEED_STRIDE = 1000  # image k's noise generator is seeded with seed + STRIDE * (k + 1)
@@ -80,7 +84,8 @@ NOISE_SEED_STRIDE = 1000  # image k's noise generator is seeded with seed + STRI
 # ============================================================================ configs and events
 @dataclass
 class GenerationConfig:
-    """Sampling settings of one answer. ``None`` takes the model's default (its ``DuetGenConfig``)."""
+    """Sampling settings of one answer, checked when built. ``None`` takes the model's default
+    (its ``DuetGenConfig``): ``resolve`` fills them in once per answer."""
 
     max_new_tokens: int = 512  # sampled tokens (text + <BOV>); the engine-written vision tokens do not count
     max_images: int | None = None  # generated images; a <BOV> past the limit ends the answer ("max_images").
@@ -96,7 +101,7 @@ class GenerationConfig:
     # "cosmos": no text is written; one image is drawn from the prompt as a Cosmos-Predict2.5 caption
     framing: str | None = None
 
-    def check(self) -> None:
+    def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1; got {self.max_new_tokens}")
         if self.max_images is not None and self.max_images < 0:
@@ -109,17 +114,55 @@ class GenerationConfig:
             raise ValueError(f"num_steps must be >= 1; got {self.num_steps}")
         if self.guidance_scale is not None and not (self.guidance_scale > 0 and math.isfinite(self.guidance_scale)):
             raise ValueError(f"guidance_scale must be a finite number > 0; got {self.guidance_scale}")
-        if self.solver is not None and self.solver not in ("euler", "unipc"):
-            raise ValueError(f"solver must be 'euler' or 'unipc'; got {self.solver!r}")
+        if self.solver is not None and self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}; got {self.solver!r}")
         if self.image_size is not None:
             if len(self.image_size) != 2 or min(self.image_size) < 1:
                 raise ValueError(f"image_size must be (height, width) in pixels; got {self.image_size}")
-        if self.framing is not None and self.framing not in ("duetgen", "cosmos"):
-            raise ValueError(f"framing must be 'duetgen' or 'cosmos'; got {self.framing!r}")
+        if self.framing is not None and self.framing not in FRAMINGS:
+            raise ValueError(f"framing must be one of {FRAMINGS}; got {self.framing!r}")
 
-    def sampler(self, default: SamplerConfig) -> SamplerConfig:
+    def resolve(self, model_config, pixel_multiple: int) -> "ResolvedGeneration":
+        """The settings one answer runs with: every ``None`` replaced by the model's default, once.
+
+        model_config: the model's ``DuetGenConfig`` (its sampler, guidance, image size and framing are the
+        checkpoint's defaults); pixel_multiple: ``DuetGen.pixel_multiple`` (image sides must be multiples).
+        """
+        height, width = self.image_size or model_config.image_size
+        if height % pixel_multiple or width % pixel_multiple:
+            raise ValueError(f"image_size {height}x{width}: height and width must be multiples of {pixel_multiple} "
+                             f"(autoencoder factor x DiT patch)")
         overrides = {k: v for k, v in (("num_steps", self.num_steps), ("solver", self.solver)) if v is not None}
-        return dataclasses.replace(default, **overrides)
+        if self.guidance_scale is not None:  # the caller's w holds for every image
+            with_frames = without_frames = self.guidance_scale
+        else:
+            with_frames = model_config.guidance_scale
+            without_frames = model_config.guidance_scale_without_frames
+            if without_frames is None:  # the checkpoint sets no separate w for images without earlier ones
+                without_frames = model_config.guidance_scale
+        return ResolvedGeneration(
+            config=self,
+            sampler=dataclasses.replace(model_config.sampler, **overrides),
+            guidance_with_frames=with_frames,
+            guidance_without_frames=without_frames,
+            image_size=(height, width),
+            framing=self.framing or model_config.framing,
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedGeneration:
+    """``GenerationConfig`` with the model's defaults filled in (``GenerationConfig.resolve``)."""
+
+    config: GenerationConfig  # as given: token limits, temperature, top_p, seed, max_images
+    sampler: SamplerConfig  # the model's sampler with the caller's num_steps / solver
+    guidance_with_frames: float  # w of an image drawn with earlier images
+    guidance_without_frames: float  # w of an image with none (DuetGenConfig.guidance_scale_without_frames)
+    image_size: tuple[int, int]  # (height, width) of generated images
+    framing: str  # "duetgen" | "cosmos"
+
+    def guidance_for(self, has_frames: bool) -> float:
+        return self.guidance_with_frames if has_frames else self.guidance_without_frames
 
 
 @dataclass
@@ -338,33 +381,27 @@ class InterleavedEngine:
             return to_rgb(part.image)
         raise RecordError(f"image {part.image!r} is not an in-memory PIL image; the caller loads images")
 
-    def image_size(self, config: GenerationConfig) -> tuple[int, int]:
-        h, w = config.image_size or self.model.config.image_size
-        k = self.model.pixel_multiple
-        if h % k or w % k:
-            raise ValueError(f"image_size {h}x{w}: height and width must be multiples of {k} "
-                             f"(autoencoder factor x DiT patch)")
-        return h, w
-
     def condition_latent(self, image: Image.Image) -> Tensor:
         """An earlier image -> its clean conditioning latent (C, h, w), resized to a size the DiT can take."""
         return self.model.encode_images([self.model.fit_image(image)])[0]
 
+    def condition(self, context, bov_position: int, system_length: int) -> tuple[Tensor, Tensor]:
+        """(text_pos (b, D_cross), text_neg): the kept states of every token before the <BOV> through the
+        connector, and its guidance negative, a prefix slice (causal MLLM, paper section 4)."""
+        text_pos = self.model.connect(context.states(bov_position))  # (b, D_cross)
+        negative_length = final_text_chunk_start(context.input_ids[:bov_position], self.ids.vision_end,
+                                                 system_length)
+        return text_pos, text_pos[:negative_length]
+
     @torch.no_grad()
     def draw(self, context, bov_position: int, system_length: int, cond_latents: list[Tensor],
-             size: tuple[int, int], config: GenerationConfig, image_index: int,
-             on_step: Callable[[int, int], None]) -> Tensor:
+             settings: "ResolvedGeneration", image_index: int, on_step: Callable[[int, int], None]) -> Tensor:
         """Sample the latent of the image whose <BOV> is at ``bov_position`` -> (C, h, w)."""
-        model = self.model
-        text_pos = model.connect(context.states(bov_position))  # (b, D_cross): every token before <BOV>
-        negative_length = final_text_chunk_start(
-            context.input_ids[:bov_position], self.ids.vision_end, min_start=max(min(system_length, bov_position), 1))
-        text_neg = text_pos[:negative_length]  # causal MLLM: the negative is a prefix slice (paper section 4)
-        scale = model.config.guidance_for(bool(cond_latents)) if config.guidance_scale is None else config.guidance_scale
-        generator = torch.Generator().manual_seed(config.seed + NOISE_SEED_STRIDE * (image_index + 1))
-        return model.sample_latent(
-            cond_latents, text_pos, text_neg if scale != 1.0 else None, size=size, generator=generator,
-            sampler=config.sampler(model.config.sampler), guidance_scale=scale,
+        text_pos, text_neg = self.condition(context, bov_position, system_length)
+        generator = torch.Generator().manual_seed(settings.config.seed + NOISE_SEED_STRIDE * (image_index + 1))
+        return draw_latent(
+            self.model, cond_latents, text_pos, text_neg, size=settings.image_size, generator=generator,
+            sampler=settings.sampler, guidance_scale=settings.guidance_for(bool(cond_latents)),
             callback=lambda i, n, t, x: on_step(i + 1, n),
         )  # (C, h, w); positive and negative in one packed DiT call per step
 
@@ -415,8 +452,8 @@ class InterleavedEngine:
         samples put the truth's images there: an MLLM alone cannot draw); ``None`` from it ends the
         answer ("max_images"). With it, the DiT and the autoencoder are never called.
         """
-        config = config or GenerationConfig()
-        config.check()
+        settings = (config or GenerationConfig()).resolve(self.model.config, self.model.pixel_multiple)
+        config = settings.config
         if context not in CONTEXTS:
             raise ValueError(f"context must be one of {sorted(CONTEXTS)}; got {context!r}")
 
@@ -426,13 +463,13 @@ class InterleavedEngine:
             emit(event)
 
         t_start = time.perf_counter()
-        size = self.image_size(config)
+        size = settings.image_size
         m = self.model
-        if (config.framing or m.config.framing) == "cosmos":
+        if settings.framing == "cosmos":
             if image_source is not None or logits_processor is not None or context != "kv_cache":
                 raise ValueError("the Cosmos framing writes no text: image_source, logits_processor and context "
                                  "do not apply")
-            return self.run_cosmos(messages, config, size, send, t_start)
+            return self.run_cosmos(messages, settings, send, t_start)
 
         # 1. Render the prompt; earlier images become conditioning latents (encoded once)
         rendered = render_prompt(messages, m.tokenizer, m.image_processor, self.load_image)
@@ -489,7 +526,7 @@ class InterleavedEngine:
             if supplied is not None:
                 picture = to_rgb(supplied)
             else:
-                latent = self.draw(ctx, len(ctx), rendered.system_length, cond_latents, size, config, n_images,
+                latent = self.draw(ctx, len(ctx), rendered.system_length, cond_latents, settings, n_images,
                                    on_step=lambda s, n, k=n_images: send(DenoisingStep(k, s, n)))
                 picture = m.decode_latents([latent])[0]  # RGB PIL
                 cond_latents.append(m.encode_images([picture])[0])  # the uint8 picture, as a saved record gives it
@@ -522,13 +559,11 @@ class InterleavedEngine:
         return finished
 
 
-    def run_cosmos(self, messages: Sequence[Message], config: GenerationConfig, size: tuple[int, int],
-                   send: Callable[[Event], None], t_start: float) -> Finished:
+    def run_cosmos(self, messages: Sequence[Message], settings: ResolvedGeneration, send: Callable[[Event], None],
+                   t_start: float) -> Finished:
         """The Cosmos framing (duetgen.models.cosmos_predict): one user message is a caption (and at most
         one image, the conditioning frame); one image is drawn, no text is written. A fresh assembly of
         real weights reproduces Cosmos-Predict2.5 this way (docs/model.md, "Real weights")."""
-        from duetgen.models.cosmos_predict import draw_cosmos
-
         if len(messages) != 1 or messages[0].role != "user":
             raise ValueError(f"the Cosmos framing takes one user message (a caption and at most one image); got "
                              f"{len(messages)} message(s) with roles {[msg.role for msg in messages]}")
@@ -536,10 +571,9 @@ class InterleavedEngine:
         if len(images) > 1:
             raise ValueError(f"the Cosmos framing takes at most one image (Cosmos' Image2World); got {len(images)}")
         caption = "".join(p.text for p in messages[0].content if isinstance(p, TextPart))
-        send(ImageStarted(0, *size))
-        generator = torch.Generator().manual_seed(config.seed + NOISE_SEED_STRIDE)  # image 0's, as in run
-        latent = draw_cosmos(self.model, caption, images[0] if images else None, size=size, generator=generator,
-                             sampler=config.sampler(self.model.config.sampler), guidance_scale=config.guidance_scale,
+        send(ImageStarted(0, *settings.image_size))
+        generator = torch.Generator().manual_seed(settings.config.seed + NOISE_SEED_STRIDE)  # image 0's, as in run
+        latent = draw_cosmos(self.model, caption, images[0] if images else None, settings, generator=generator,
                              callback=lambda i, n, t, x: send(DenoisingStep(0, i + 1, n)))
         picture = self.model.decode_latents([latent])[0]
         seconds = time.perf_counter() - t_start
@@ -550,6 +584,29 @@ class InterleavedEngine:
         finished = Finished("max_images", [ImagePart(picture)], stats)
         send(finished)
         return finished
+
+
+@torch.no_grad()
+def draw_cosmos(model, caption: str, image: Image.Image | None, settings: ResolvedGeneration,
+                generator: torch.Generator | None = None, callback=None) -> Tensor:
+    """One image's latent (C, h, w) drawn from ``caption`` with the Cosmos framing (duetgen.models.cosmos_predict).
+
+    ``image``: an earlier image, the one clean conditioning frame (Image2World), resized to the output size
+    (bilinear) as the Cosmos pipeline resizes its input; the DiT sees it at `condition_frame_time`.
+    """
+    from duetgen.models.cosmos_predict import cosmos_condition
+
+    if not caption.strip():
+        raise ValueError("the Cosmos framing needs a caption (the prompt text); got an empty one")
+    height, width = settings.image_size
+    cond = []
+    if image is not None:
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.BILINEAR)
+        cond = model.encode_images([image])  # [(C, h, w)]
+    text_pos, text_neg = cosmos_condition(model, caption)
+    return draw_latent(model, cond, text_pos, text_neg, size=(height, width), generator=generator,
+                       sampler=settings.sampler, guidance_scale=settings.guidance_for(bool(cond)), callback=callback)
 
 
 class Cancelled(Exception):

@@ -124,9 +124,7 @@ class DuetGenPipeline:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"unknown generation setting(s) {unknown}; known: {sorted(known)}")
-        config = dataclasses.replace(config, **overrides)
-        config.check()
-        return config
+        return dataclasses.replace(config, **overrides) if overrides else config  # a new config checks itself
 
     # ------------------------------------------------------------------ generation
     def stream(self, prompt: PromptLike, config: GenerationConfig | None = None, *, images: Sequence = (),

@@ -45,7 +45,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import Tensor
 
 from duetgen.models.duetgen import ModelDirectoryError, _plain
@@ -107,35 +106,6 @@ def cosmos_condition(model, caption: str) -> tuple[Tensor, Tensor]:
     both through the connector (as the stock DiT runs its crossattn_proj on zeros)."""
     states = cosmos_text_states(model.mllm, cosmos_prompt_ids(model.tokenizer, caption))  # (512, n_layers * D)
     return model.connect(states), model.connect(torch.zeros_like(states))
-
-
-@torch.no_grad()
-def draw_cosmos(
-    model,
-    caption: str,
-    image: Image.Image | None = None,  # an earlier image: the one clean conditioning frame (Image2World)
-    size: tuple[int, int] | None = None,  # (height, width) in pixels; default model.config.image_size
-    generator: torch.Generator | None = None,
-    sampler=None,  # SamplerConfig; default model.config.sampler
-    guidance_scale: float | None = None,  # our w = Cosmos' g + 1; default model.config.guidance_for(...)
-    callback=None,
-) -> Tensor:
-    """One image's latent (C, h, w) drawn from `caption` with the Cosmos framing (module docstring).
-
-    The conditioning image is resized to the output size (bilinear), as the Cosmos pipeline resizes
-    its input to (height, width); the DiT sees it at flow time `model.config.condition_frame_time`.
-    """
-    if not caption.strip():
-        raise ValueError("the Cosmos framing needs a caption (the prompt text); got an empty one")
-    height, width = size or model.config.image_size
-    cond = []
-    if image is not None:
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.BILINEAR)
-        cond = model.encode_images([image])  # [(C, h, w)]
-    text_pos, text_neg = cosmos_condition(model, caption)
-    return model.sample_latent(cond, text_pos, text_neg, size=(height, width), generator=generator,
-                               sampler=sampler, guidance_scale=guidance_scale, callback=callback)
 
 
 # ----------------------------------------------------------------------------- the pipeline directory

@@ -46,7 +46,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -54,8 +54,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from duetgen.diffusion.flow_matching import PARAMETERISATIONS, Parameterisation
-from duetgen.diffusion.guidance import guided_denoiser
-from duetgen.diffusion.sampling import SamplerConfig, sample
+from duetgen.diffusion.schedules import SamplerConfig
 from duetgen.models.connector import Connector
 from duetgen.models.image_processor import ImageProcessor, smart_resize, to_rgb
 from duetgen.models.mllm import check_compatible, condition_hidden_states
@@ -91,14 +90,20 @@ class ModelDirectoryError(ValueError):
 
 @dataclass
 class DuetGenConfig:
-    """Settings saved in duetgen.json. The architecture itself lives in each part's own config file."""
+    """Settings saved in duetgen.json. The architecture itself lives in each part's own config file.
+
+    Two kinds: how the network was trained (parameterisation, the x0 rule, conditioning frames and their
+    flow time, framing), which every drawing must apply (duetgen.diffusion.draw), and the checkpoint's
+    drawing defaults (sampler, guidance, image size), which `duetgen.infer.engine.GenerationConfig.resolve`
+    fills in where a request leaves them open. The model itself reads neither: it only runs forwards.
+    """
 
     preset: str = "custom"  # the preset the architecture came from (presets.py); "custom" when assembled freely
     parameterisation: Parameterisation = "cosmos"  # what the DiT's raw output means (duetgen.diffusion.flow_matching)
     # "x0" only: x0_hat = raw + the latest conditioning latent (a white canvas's when none); train/stage2.py
     x0_relative_to_previous: bool = False
     use_condition_frames: bool = True  # False: the text-only ablation, the DiT never sees earlier images
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # default solver / steps / schedule for drawing
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # default solver / steps / schedule (a default)
     guidance_scale: float = 1.0  # w in v_neg + w (v_pos - v_neg); 1 = no guidance; Cosmos' g = w - 1
     # w for an image with no earlier image in the conversation (text-to-image, a how-to's first step): its
     # negative is the system turn alone, a true unconditional; None = guidance_scale (docs/training.md)
@@ -142,12 +147,6 @@ class DuetGenConfig:
             problems.append(f"framing={self.framing!r} is not one of {FRAMINGS}")
         if problems:
             raise ValueError("DuetGenConfig: " + "; ".join(problems))
-
-    def guidance_for(self, has_frames: bool) -> float:
-        """The default guidance scale of an image drawn with (or without) earlier images."""
-        if not has_frames and self.guidance_scale_without_frames is not None:
-            return self.guidance_scale_without_frames
-        return self.guidance_scale
 
     def to_dict(self) -> dict:
         """The duetgen.json form. Fields added after format 1 was first written are left out at their
@@ -416,51 +415,6 @@ class DuetGen(nn.Module):
         """Latents (C, h, w) -> RGB PIL images of (h f, w f) pixels."""
         images = self.vae.decode_list([z.to(self.device) for z in latents])  # per image (3, H, W) in [-1, 1]
         return [Image.fromarray(unit_to_uint8(x[None])[0].permute(1, 2, 0).cpu().numpy()) for x in images]
-
-    # ------------------------------------------------------------------ drawing one image
-
-    @torch.no_grad()
-    def sample_latent(
-        self,
-        cond_frames: list[Tensor],  # clean latents (C, h_i, w_i) of every earlier image, oldest first
-        text_pos: Tensor,  # (L, D_cross) from text_condition / connect
-        text_neg: Tensor | None,  # (L', D_cross) guidance negative; None when guidance_scale is 1
-        size: tuple[int, int] | None = None,  # (height, width) in pixels; default config.image_size
-        generator: torch.Generator | None = None,
-        sampler: SamplerConfig | None = None,  # default config.sampler
-        guidance_scale: float | None = None,  # default config.guidance_scale
-        callback: Callable | None = None,  # callback(step, num_steps, t, x) after each sampler step
-    ) -> Tensor:
-        """Draw one image's latent (C, h, w) with the configured sampler and guidance (one DiT call per step).
-
-        Applies the settings that say how the network was trained: `use_condition_frames` (False: the
-        frames are not shown to the DiT), `condition_frame_time` (the frames' flow time) and
-        `x0_relative_to_previous` (the output is added to the latest conditioning latent, or to a white
-        canvas's latent when there is none).
-        """
-        if len(cond_frames) + 1 > self.config.max_images:
-            raise ValueError(f"{len(cond_frames)} conditioning images + the new one exceed max_images="
-                             f"{self.config.max_images}")
-        height, width = size or self.config.image_size
-        if height % self.pixel_multiple or width % self.pixel_multiple:
-            raise ValueError(f"size {height}x{width} is not a multiple of {self.pixel_multiple}; use generation_size")
-        f = self.vae.spatial_factor
-        noise = torch.randn(self.dit.latent_channels, height // f, width // f, generator=generator,
-                            device=self.device if generator is None else generator.device).to(self.device)  # (C, h, w)
-        cond = [c.to(self.device) for c in cond_frames] if self.config.use_condition_frames else []
-        base = None
-        if self.config.x0_relative_to_previous:
-            white = torch.ones(1, 3, height, width, device=self.device)  # [-1, 1] pixels
-            base = cond[-1] if cond else self.vae.encode(white)[0].to(noise)  # (C, h, w)
-
-        def dit(**inputs):  # the network's raw output as the parameterisation reads it; target frames only
-            out = self.dit(**inputs, targets_only=True)
-            return [[sample[-1] + base] if base is not None else sample for sample in out]
-
-        scale = self.config.guidance_for(bool(cond_frames)) if guidance_scale is None else guidance_scale
-        denoise = guided_denoiser(dit, cond, text_pos, text_neg if scale != 1.0 else None, scale,
-                                  self.config.parameterisation, condition_time=self.config.condition_frame_time)
-        return sample(denoise, noise, sampler or self.config.sampler, callback)  # (C, h, w)
 
     # ------------------------------------------------------------------ save / load
 

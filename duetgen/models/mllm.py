@@ -469,22 +469,29 @@ def _render(messages, tokenizer, image_processor, load_image, record_id, *, open
     )
 
 
-def negative_prefix_length(rendered: RenderedSequence, bov_position: int) -> int:
-    """Length of the guidance-negative condition for the ``<BOV>`` at ``bov_position``.
+def final_text_chunk_start(token_ids: Sequence[int], vision_end_id: int, system_length: int) -> int:
+    """Length of the guidance negative of a ``<BOV>`` whose condition is ``token_ids`` (every token before it).
 
-    Paper section 4: the negative keeps the visual conditions and removes the final text chunk.
-    The final chunk is everything after the last image before the ``<BOV>``, so the negative is the
-    prefix up to and including that image's ``<|vision_end|>``. With no earlier image it is the
-    leading system turn (the analogue of Cosmos encoding an empty prompt in its chat frame), or the
-    first token when there is none: never empty, cross-attention over zero tokens is undefined.
-    Same value as ``duetgen.diffusion.guidance.final_text_chunk_start(input_ids[:bov_position],
-    vision_end_id, min_start=max(system_length, 1))``.
+    Paper section 4: the negative keeps the visual conditions and removes the final text chunk. The
+    context reads T_1, I_1, T_2, I_2, ..., T_N; the final chunk T_N is every token after the last image's
+    ``<|vision_end|>`` (``vision_end_id``), so the negative is the prefix up to and including it. With no
+    earlier image it is the leading system turn (``system_length`` tokens, the analogue of Cosmos encoding
+    an empty prompt in its chat frame), or the first token when there is none: never empty, since
+    cross-attention over zero tokens is undefined. A ``<BOV>`` right after an image gives
+    ``len(token_ids)``: negative == positive, guidance is a no-op. The one rule for the engine and stage 2.
     """
+    ids = list(token_ids)
+    if not ids:
+        raise ValueError("a <BOV> at position 0 has no condition tokens (the negative may not be empty)")
+    last = max((i for i, token in enumerate(ids) if token == vision_end_id), default=-1)
+    return max(last + 1, min(system_length, len(ids)), 1)
+
+
+def negative_prefix_length(rendered: RenderedSequence, bov_position: int) -> int:
+    """`final_text_chunk_start` of the ``<BOV>`` at ``bov_position`` of a rendered record (stage 2)."""
     _check_bov(rendered, bov_position)
-    before = [s for s in rendered.images if s.end < bov_position]
-    if before:
-        return before[-1].end + 1
-    return max(rendered.system_length, 1)
+    vision_end_id = int(rendered.input_ids[rendered.images[0].end]) if rendered.images else -1
+    return final_text_chunk_start(rendered.input_ids[:bov_position].tolist(), vision_end_id, rendered.system_length)
 
 
 def _check_bov(rendered: RenderedSequence, bov_position: int) -> None:

@@ -43,7 +43,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from duetgen.diffusion.sampling import SamplerConfig
+from duetgen.diffusion.schedules import SamplerConfig
 from duetgen.models.connector import Connector
 from duetgen.models.duetgen import DuetGen, DuetGenConfig, build_vae, mllm_condition_channels
 from duetgen.models.image_processor import ImageProcessor

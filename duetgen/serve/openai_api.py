@@ -391,15 +391,13 @@ def generation_config(req: ChatCompletionRequest, limits: ServeLimits, model) ->
         if size[0] * size[1] > limits.max_output_pixels:
             raise APIError(400, f"image_size={list(size)} is over the cap of {limits.max_output_pixels:,} pixels", "image_size")
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-    config = GenerationConfig(max_new_tokens=max_new, max_images=req.max_images,
-                              temperature=0.0 if req.temperature is None else req.temperature,
-                              top_p=1.0 if req.top_p is None else req.top_p, seed=seed, num_steps=req.steps,
-                              guidance_scale=req.guidance, image_size=size)
-    try:
-        config.check()
+    try:  # checked here, once (GenerationConfig checks itself when built)
+        return GenerationConfig(max_new_tokens=max_new, max_images=req.max_images,
+                                temperature=0.0 if req.temperature is None else req.temperature,
+                                top_p=1.0 if req.top_p is None else req.top_p, seed=seed, num_steps=req.steps,
+                                guidance_scale=req.guidance, image_size=size)
     except ValueError as e:
         raise APIError(400, str(e)) from None
-    return config
 
 
 # ============================================================================ events -> markdown

@@ -216,14 +216,12 @@ def request_config(req: GenerateRequest, limits: ServeLimits, model) -> Generati
             raise BadRequest(f"image_size={list(size)} is over the cap of {limits.max_output_pixels:,} pixels")
         if max(size) > limits.max_output_side:
             raise BadRequest(f"image_size={list(size)}: each side must be at most {limits.max_output_side}")
-    config = GenerationConfig(max_new_tokens=req.max_new_tokens, max_images=req.max_images,
-                              temperature=req.temperature, top_p=req.top_p, seed=req.seed, num_steps=req.num_steps,
-                              guidance_scale=req.guidance_scale, image_size=size)
-    try:
-        config.check()
+    try:  # checked here, once: the engine resolves the model's defaults but does not check again
+        return GenerationConfig(max_new_tokens=req.max_new_tokens, max_images=req.max_images,
+                                temperature=req.temperature, top_p=req.top_p, seed=req.seed, num_steps=req.num_steps,
+                                guidance_scale=req.guidance_scale, image_size=size)
     except ValueError as e:
         raise BadRequest(str(e)) from None
-    return config
 
 
 # ============================================================================ one model, one generation at a time

@@ -30,7 +30,7 @@ Design choices:
   learns slowest (edits kept untouched objects only 44% of the time after 20 minutes); a real
   Cosmos DiT gets copying from video pretraining and trains with the plain parameterisation
   (set it False). It is part of the diffusion process, outside the network, and is stored in
-  `duetgen.json` so every sampler applies it.
+  `duetgen.json`; the loss target here and every drawing (`duetgen.diffusion.draw`) apply the one rule.
 - EMA (fp32 shadow, `duetgen.train.optim.EMA`) over connector + DiT: the samples, the exported
   model and the shipped checkpoint use the EMA weights.
 - Resume state in the checkpoint: connector + DiT weights (the frozen MLLM comes from --stage1),
@@ -67,6 +67,7 @@ from torch import nn
 from duetgen.data.packing import PackedSampler
 from duetgen.data.record import Dataset, ImagePart, Message, Record, TextPart, atomic_write_bytes
 from duetgen.models.video_dit import init_learnable_positions
+from duetgen.diffusion.draw import network_x0, previous_canvas, white_canvas_latent
 from duetgen.diffusion.flow_matching import FlowMatchingConfig, dit_sample_inputs, flow_matching_loss, sample_time
 from duetgen.models.mllm import RenderedSequence, all_layer_states, layer_states, negative_prefix_length
 from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
@@ -116,7 +117,7 @@ def build_duetgen(cfg: Stage2Config, mllm, tokenizer, processor, dit_device: str
         transformer = CosmosTransformer3DModel(**{**preset.dit, "crossattn_proj_in_channels": in_channels})
         connector = Connector.from_dit_projection(transformer, in_channels, recency_tokens=cfg.recency_tokens)
     init_learnable_positions(transformer)  # diffusers makes them zeros
-    from duetgen.diffusion.sampling import SamplerConfig
+    from duetgen.diffusion.schedules import SamplerConfig
 
     settings = replace(preset.settings, image_size=cfg.image_size or preset.settings.image_size,
                        parameterisation=cfg.parameterisation,
@@ -254,11 +255,6 @@ def changed_region(target: torch.Tensor, reference: torch.Tensor, dilation: int 
     return grown.expand_as(target).to(target.dtype)
 
 
-def white_latent(vae, height: int, width: int) -> torch.Tensor:
-    """The latent of a white canvas (C, h, w): the "previous image" of a first drawing."""
-    return vae.encode(torch.ones(1, 3, height, width))[0]
-
-
 def image_latents(vae, images: list[Image.Image], device) -> list[torch.Tensor]:
     """PIL images -> latents (C, h, w), each encoded on its own (sizes may differ)."""
     from duetgen.models.vae import uint8_to_unit
@@ -338,18 +334,17 @@ def pack_loss(batch: list[dict], condition: ConditionStates, connector, dit, vae
         frames.append(f), times.append(tt), masks.append(m)
     out = dit(frames=frames, timesteps=times, condition_mask=masks, text=text, targets_only=True)
 
-    # 4. loss on the targets (x0 relative to the previous canvas when configured)
+    # 4. loss on the targets (x0 relative to the previous canvas when configured: the drawing's own rule)
     losses = []
     for i in range(len(batch)):
-        raw = out[i][0]  # (C, h, w)
-        base = None  # the reference canvas: the latest conditioning frame, or white (a VAE encode: only when used)
+        previous = None  # the latest conditioning frame, or white (a VAE encode: only when used)
         if cfg.x0_relative_to_previous or cfg.changed_loss_weight > 0:
-            base = conds[i][-1] if conds[i] else white_latent(vae, *batch[i]["images"][-1].size[::-1]).to(device)
-        if cfg.x0_relative_to_previous:
-            raw = raw + base
+            height, width = batch[i]["images"][-1].size[::-1]
+            previous = previous_canvas(conds[i], lambda: white_canvas_latent(vae, height, width, "cpu").to(device))
+        raw = network_x0(out[i][0], previous if cfg.x0_relative_to_previous else None)  # (C, h, w)
         weight = None
         if cfg.changed_loss_weight > 0:  # what the step changes is a few % of the canvas: weigh it up
-            weight = 1 + cfg.changed_loss_weight * changed_region(x0[i], base, cfg.changed_loss_dilation)
+            weight = 1 + cfg.changed_loss_weight * changed_region(x0[i], previous, cfg.changed_loss_dilation)
         losses.append(flow_matching_loss(raw, x0[i], noise[i], t[i], cfg.parameterisation, fm.x0_min_t, weight))
     return torch.stack(losses).mean()
 

@@ -20,6 +20,7 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="ShapeWorld dataset with text-to-image records")
     args = ap.parse_args()
     from duetgen.data.record import Dataset
+    from duetgen.diffusion.draw import white_canvas_latent
     from duetgen.diffusion.flow_matching import dit_sample_inputs
     from duetgen.models.duetgen import DuetGen
     from duetgen.train import stage2
@@ -31,7 +32,7 @@ def main() -> None:
     prefixes = [b["rendered"].prefix(next(s.bov_position for s in b["rendered"].images if s.index == 0)) for b in batch]
     with torch.no_grad():
         text = [model.connector(s) for s in stage2.mllm_states(model.mllm, prefixes)]
-        white = stage2.white_latent(model.vae, *model.config.image_size)
+        white = white_canvas_latent(model.vae, *model.config.image_size, "cpu")
         noise = torch.randn(white.shape, generator=torch.Generator().manual_seed(0))
         for t in (0.95, 0.7, 0.4):
             frames, times, mask = dit_sample_inputs([], t * noise + (1 - t) * white, t)

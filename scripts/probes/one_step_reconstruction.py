@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=13)
     args = ap.parse_args()
     from duetgen.data.record import Dataset, ImagePart
+    from duetgen.diffusion.draw import white_canvas_latent
     from duetgen.diffusion.flow_matching import dit_sample_inputs
     from duetgen.eval.toyworld_judge import Task, read_canvas
     from duetgen.models.duetgen import DuetGen
@@ -43,7 +44,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         text = [model.connector(s) for s in stage2.mllm_states(model.mllm, prefixes)]
-        white = stage2.white_latent(model.vae, *model.config.image_size)
+        white = white_canvas_latent(model.vae, *model.config.image_size, "cpu")
         for t in (0.1, 0.2, 0.3, 0.5, 0.7, 0.9):
             exact = clean = 0
             err = 0.0

@@ -6,7 +6,7 @@ Not in the engine: it replaces the sampler for this process only (docs/training.
 """
 import sys, torch
 import duetgen.models.duetgen as D
-from duetgen.diffusion.sampling import make_schedule
+from duetgen.diffusion.schedules import make_schedule
 model_dir, out, eta = sys.argv[1], sys.argv[2], float(sys.argv[3])
 truth = sys.argv[4] if len(sys.argv) > 4 else "runs/swr/data/val"
 torch.set_num_threads(1)
