@@ -254,7 +254,7 @@ def bench_warc_stages(warc: Path, n_pages: int) -> dict:
     from duetgen.data.engine.neardup import PageSketcher
     from duetgen.data.engine.runner import LocalExecutor, _numbered, plan_warc, read_shard
     from duetgen.data.engine.stages import Extract, build_stages, page_stages, run_stages
-    from duetgen.data.record import ShardFileWriter
+    from duetgen.data.dataset import ShardFileWriter
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -272,7 +272,7 @@ def data_dish_prompts(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many requests."),
 ):
     """Turn dish photos into "how do I cook this?" synthesis requests with the photo as user image."""
-    from duetgen.data.record import ImageError
+    from duetgen.data.images import ImageError
     from duetgen.data.synthetic.dishes import dish_requests
     from duetgen.data.synthetic.expand import write_queries
     from duetgen.data.synthetic.runlog import RunReport
@@ -419,7 +419,8 @@ def data_mix(
     import json
 
     from duetgen.data.mixing import build_mixture, parse_mix_config
-    from duetgen.data.record import DatasetError, RecordError
+    from duetgen.data.dataset import DatasetError
+    from duetgen.data.record import RecordError
 
     if (config is None) == (not dataset):
         fail("give either --config or one or more --dataset NAME=PATH:WEIGHT")

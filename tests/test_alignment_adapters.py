@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from duetgen.data.alignment.adapters import adapt
-from duetgen.data.record import Dataset, RecordError
+from duetgen.data.dataset import Dataset
+from duetgen.data.record import RecordError
 
 FIX = Path(__file__).parent / "fixtures" / "alignment"
 

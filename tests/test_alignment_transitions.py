@@ -19,7 +19,7 @@ from PIL import Image
 
 from duetgen.data.alignment.transitions import (TransitionConfig, build_transitions, detect_scenes, find_videos,
                                                 plan_windows, window_problem)
-from duetgen.data.record import Dataset
+from duetgen.data.dataset import Dataset
 from duetgen.data.synthetic.runlog import RunReport
 from duetgen.llm.client import LLMClient
 from duetgen.llm.testing import FakeOpenAIServer

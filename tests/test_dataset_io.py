@@ -18,17 +18,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from duetgen.data.record import (
-    Dataset,
-    DatasetError,
-    DatasetWriter,
-    ImageError,
-    ImagePart,
-    Message,
-    Record,
-    RecordError,
-    TextPart,
-)
+from duetgen.data.dataset import Dataset, DatasetError, DatasetWriter
+from duetgen.data.images import ImageError
+from duetgen.data.record import ImagePart, Message, Record, RecordError, TextPart
 
 REPO = Path(__file__).resolve().parents[1]
 STORED_RE = re.compile(r"^images/([0-9a-f]{2})/([0-9a-f]{64})\.(png|jpg|webp|gif)$")
@@ -170,7 +162,8 @@ CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from PIL import Image
-    from duetgen.data.record import DatasetWriter, Record, Message, TextPart, ImagePart
+    from duetgen.data.dataset import DatasetWriter
+    from duetgen.data.record import ImagePart, Message, Record, TextPart
     root, signal_file = Path(sys.argv[1]), Path(sys.argv[2])
     with DatasetWriter(root, shard_size=10) as w:
         for i in range(1000):

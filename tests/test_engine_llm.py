@@ -15,7 +15,8 @@ from howto_site import PAGES_DIR, Site, photo  # noqa: E402
 
 from duetgen.data.engine import EngineConfig, run_engine  # noqa: E402
 from duetgen.data.engine.fetch import FetchConfig  # noqa: E402
-from duetgen.data.record import Dataset, ImagePart, TextPart  # noqa: E402
+from duetgen.data.dataset import Dataset  # noqa: E402
+from duetgen.data.record import ImagePart, TextPart  # noqa: E402
 from duetgen.llm.testing import FakeOpenAIServer  # noqa: E402
 
 PAGES = ("bathe-a-cat.html", "repot-a-plant.html", "text-only.html")

@@ -19,7 +19,8 @@ from duetgen.data.engine import EngineConfig, EngineError, LocalExecutor, run_en
 from duetgen.data.engine import runner as runner_mod  # noqa: E402
 from duetgen.data.engine.fetch import FetchConfig  # noqa: E402
 from duetgen.data.engine.neardup import NearDupPageConfig  # noqa: E402
-from duetgen.data.record import Dataset, ImagePart, TextPart  # noqa: E402
+from duetgen.data.dataset import Dataset  # noqa: E402
+from duetgen.data.record import ImagePart, TextPart  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LOOPBACK = ("127.0.0.0/8",)

@@ -15,7 +15,7 @@ from howto_site import PAGES_DIR, Site  # noqa: E402
 
 from duetgen.data.engine import EngineConfig, LocalExecutor, RayExecutor, run_engine  # noqa: E402
 from duetgen.data.engine.fetch import FetchConfig  # noqa: E402
-from duetgen.data.record import Dataset  # noqa: E402
+from duetgen.data.dataset import Dataset  # noqa: E402
 
 
 def test_ray_executor_writes_the_same_records_as_local(tmp_path):

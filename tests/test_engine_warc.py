@@ -26,7 +26,7 @@ from duetgen.data.engine.extract import ExtractConfig  # noqa: E402
 from duetgen.data.engine.fetch import FetchConfig  # noqa: E402
 from duetgen.data.engine.neardup import NearDupPageConfig, PageSketcher, Sketch, decide  # noqa: E402
 from duetgen.data.engine.warc import iter_warc  # noqa: E402
-from duetgen.data.record import Dataset  # noqa: E402
+from duetgen.data.dataset import Dataset  # noqa: E402
 
 
 def member(uri: str, ctype: str | None, body: bytes, rtype: str = "response", status: str = "200 OK") -> bytes:

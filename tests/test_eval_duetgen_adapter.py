@@ -22,7 +22,8 @@ from eval_judge_server import JudgeServer  # noqa: E402
 
 from duetgen.cli import app  # noqa: E402
 from duetgen.data import toyworld  # noqa: E402
-from duetgen.data.record import Dataset, DatasetWriter, ImagePart, Message, Record, TextPart  # noqa: E402
+from duetgen.data.dataset import Dataset, DatasetWriter  # noqa: E402
+from duetgen.data.record import ImagePart, Message, Record, TextPart  # noqa: E402
 from duetgen.eval import toyworld_judge  # noqa: E402
 from duetgen.eval.adapters import (AdapterError, DuetGenModel, generate_benchmark, item_seed,  # noqa: E402
                                    model_fingerprint)

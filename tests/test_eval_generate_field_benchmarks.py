@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_eval_field_benchmarks import gedit_parquet, img  # noqa: E402
 
 from duetgen.cli import app  # noqa: E402
-from duetgen.data.record import Dataset  # noqa: E402
+from duetgen.data.dataset import Dataset  # noqa: E402
 
 torch.set_num_threads(1)
 runner = CliRunner()

@@ -20,7 +20,8 @@ from eval_fakes import answer_parts, prompt_record, write_predictions, write_pro
 from eval_judge_server import JudgeServer, expected_score, request_images, request_text  # noqa: E402
 
 from duetgen.cli import app  # noqa: E402
-from duetgen.data.record import Dataset, DatasetWriter, ImagePart, Message, Record, TextPart  # noqa: E402
+from duetgen.data.dataset import Dataset, DatasetWriter  # noqa: E402
+from duetgen.data.record import ImagePart, Message, Record, TextPart  # noqa: E402
 from duetgen.eval.adapters import import_outputs, run_model  # noqa: E402
 from duetgen.eval.harness import HarnessError, RunConfig, read_results, run_benchmark  # noqa: E402
 from duetgen.eval.judge import JudgeConfig, load_template  # noqa: E402

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from duetgen.data.record import ImageError, ImagePart, RecordError, TextPart
+from duetgen.data.images import ImageError
+from duetgen.data.record import ImagePart, RecordError, TextPart
 from duetgen.eval.benchmarks import BenchmarkError, list_benchmarks, load_benchmark
 from duetgen.eval.benchmarks.readers import (ReaderError, read_comm_results, read_interleavedbench,
                                              read_predictions)

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from generation_model import trained_tiny_dir, training_prompt
 from duetgen.cli import app
-from duetgen.data.record import Dataset, ImagePart
+from duetgen.data.dataset import Dataset
+from duetgen.data.record import ImagePart
 from duetgen.infer.pipeline import DEFAULT_MODEL_DIR
 
 torch.set_num_threads(1)

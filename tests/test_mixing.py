@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from duetgen.cli import app
 from duetgen.data.mixing import Mixture, allocate, build_mixture, draw, parse_mix_config
-from duetgen.data.record import DatasetError, DatasetWriter, Message, Record, TextPart
+from duetgen.data.dataset import DatasetError, DatasetWriter
+from duetgen.data.record import Message, Record, TextPart
 
 
 def make_ds(root, name, n, shard_size=3):

@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from duetgen.data.parquet import SCHEMA, export_parquet, import_parquet
-from duetgen.data.record import Dataset, DatasetError, DatasetWriter, ImageError, ImagePart, Message, Record, RecordError, TextPart
+from duetgen.data.dataset import Dataset, DatasetError, DatasetWriter
+from duetgen.data.images import ImageError
+from duetgen.data.record import ImagePart, Message, Record, RecordError, TextPart
 
 
 def png(color, size=(10, 8)):

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from generation_model import trained_tiny_dir, trained_tiny_model, training_prompt
-from duetgen.data.record import Dataset, ImagePart, Message, Record, TextPart
+from duetgen.data.dataset import Dataset
+from duetgen.data.record import ImagePart, Message, Record, TextPart
 from duetgen.infer.engine import DenoisingStep, Finished, GenerationConfig, ImageDone, ImageStarted, TextDelta
 from duetgen.infer.pipeline import DuetGenPipeline
 from duetgen.infer.render import save_output

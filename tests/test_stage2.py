@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from duetgen.data.record import Dataset, ImagePart, Message, TextPart
+from duetgen.data.dataset import Dataset
+from duetgen.data.record import ImagePart, Message, TextPart
 from duetgen.data.toyworld import generate
 from duetgen.diffusion.flow_matching import FlowMatchingConfig
 from duetgen.models.mllm import all_layer_states, negative_prefix_length

@@ -17,7 +17,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from duetgen.cli import app
-from duetgen.data.record import Dataset, ImagePart
+from duetgen.data.dataset import Dataset
+from duetgen.data.record import ImagePart
 from duetgen.data.synthetic.dishes import dish_requests, title_from_name
 from duetgen.data.synthetic.image_api import GeminiImageClient, OpenAIImageClient
 from duetgen.data.synthetic.quality import QualityConfig, build_record

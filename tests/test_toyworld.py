@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from duetgen.data import toyworld as tw
-from duetgen.data.record import Dataset, ImagePart, TextPart
+from duetgen.data.dataset import Dataset
+from duetgen.data.record import ImagePart, TextPart
 from duetgen.data.toyworld import Operation, Piece, Scene, Task, WorldError
 
 

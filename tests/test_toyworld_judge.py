@@ -12,7 +12,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from duetgen.data import toyworld as tw
-from duetgen.data.record import Dataset, DatasetWriter, ImagePart, Message, Record, RecordError, TextPart
+from duetgen.data.dataset import Dataset, DatasetWriter
+from duetgen.data.record import ImagePart, Message, Record, RecordError, TextPart
 from duetgen.data.toyworld import Piece, Scene, Task
 from duetgen.eval import toyworld_judge as judge
 

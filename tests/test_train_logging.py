@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from duetgen.data.record import DatasetWriter, ImagePart, Message, Record, TextPart
+from duetgen.data.dataset import DatasetWriter
+from duetgen.data.record import ImagePart, Message, Record, TextPart
 from duetgen.train.logging import MetricsLogger, read_metrics, write_samples_html
 
 
@@ -63,7 +64,7 @@ def test_samples_page_writes_in_memory_images_links_dataset_images_and_escapes_t
     with DatasetWriter(tmp_path / "ds") as w:
         stored = w.add_image(Image.new("RGB", (8, 8), (40, 90, 220)))
         w.write(Record(id="r0", messages=[Message("user", [TextPart("hi"), ImagePart(stored)])]))
-    from duetgen.data.record import Dataset
+    from duetgen.data.dataset import Dataset
 
     rec = Record(id="gen-<1>", source="step-100", messages=[
         Message("user", [TextPart("Draw <b>a red square</b>"), ImagePart(stored)]),

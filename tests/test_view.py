@@ -12,7 +12,8 @@ from urllib.parse import unquote
 import pytest
 from PIL import Image
 
-from duetgen.data.record import Dataset, DatasetWriter, ImagePart, Message, Record, TextPart
+from duetgen.data.dataset import Dataset, DatasetWriter
+from duetgen.data.record import ImagePart, Message, Record, TextPart
 from duetgen.data.view import page_html, render_dataset_html, render_record_html
 
 EVIL = '<script>alert("x")</script><img src=x onerror="alert(1)">'

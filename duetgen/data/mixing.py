@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from duetgen.data.record import Dataset, DatasetError, Record, atomic_write_bytes
+from duetgen.data.dataset import Dataset, DatasetError, atomic_write_bytes
+from duetgen.data.record import Record
 
 MIX_FORMAT = "duetgen-mixture"
 MIX_VERSION = 1

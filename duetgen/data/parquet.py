@@ -37,15 +37,9 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.progress import track
 
-from duetgen.data.record import (
-    DEFAULT_MAX_PIXELS,
-    Dataset,
-    DatasetError,
-    DatasetWriter,
-    Record,
-    RecordError,
-    TextPart,
-)
+from duetgen.data.dataset import Dataset, DatasetError, DatasetWriter
+from duetgen.data.images import DEFAULT_MAX_PIXELS
+from duetgen.data.record import Record, RecordError, TextPart
 
 IMAGE_STRUCT = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
 SCHEMA = pa.schema(

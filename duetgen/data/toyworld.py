@@ -589,7 +589,7 @@ def generate(out_dir: str | Path, n: int, seed: int = 0, split: str = "train",
     ``kinds`` restricts the kinds (default: all six); ``mix`` weights them (default DEFAULT_MIX,
     renormalised over ``kinds``). The same arguments give the same records and image bytes.
     """
-    from duetgen.data.record import DatasetWriter
+    from duetgen.data.dataset import DatasetWriter
     from duetgen.progress import progress_bar
 
     if not isinstance(n, int) or n < 0:

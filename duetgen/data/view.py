@@ -33,7 +33,8 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import track
 
-from duetgen.data.record import Dataset, ImagePart, Record, RecordError, atomic_write_bytes
+from duetgen.data.dataset import Dataset, atomic_write_bytes
+from duetgen.data.record import ImagePart, Record, RecordError
 
 CSS = """
 :root { --bg:#f4f5f7; --card:#fff; --ink:#1d2330; --muted:#667085; --line:#e3e6ec;

@@ -51,8 +51,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Protocol, runtime_checkable
 
-from duetgen.data.record import (Dataset, DatasetWriter, ImagePart, Message, Part, Record, RecordError, TextPart,
-                                 atomic_write_bytes)
+from duetgen.data.dataset import Dataset, DatasetWriter, atomic_write_bytes
+from duetgen.data.record import ImagePart, Message, Part, Record, RecordError, TextPart
 from duetgen.eval.benchmarks.readers import (ImageFolder, ImageSource, ReaderError, is_comm_results_dir,
                                              read_comm_results, read_gedit, read_geneval_metadata, read_imgedit,
                                              read_interleavedbench, read_records)

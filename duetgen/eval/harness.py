@@ -52,8 +52,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from duetgen.data.record import (Dataset, ImageError, ImagePart, Message, Record, RecordError, TextPart,
-                                 atomic_write_bytes)
+from duetgen.data.dataset import Dataset, atomic_write_bytes
+from duetgen.data.images import ImageError
+from duetgen.data.record import ImagePart, Message, Record, RecordError, TextPart
 from duetgen.eval.benchmarks import Benchmark, load_benchmark
 from duetgen.eval.benchmarks.readers import (GENEVAL_LAYOUT, ImageFolder, read_edit_predictions, read_gedit,
                                              read_geneval_results, read_imgedit, read_imgedit_judge_prompts,

@@ -26,7 +26,8 @@ import math
 import os
 from pathlib import Path
 
-from duetgen.data.record import Message, Record, RecordError, atomic_write_bytes
+from duetgen.data.dataset import atomic_write_bytes
+from duetgen.data.record import Message, Record, RecordError
 from duetgen.data.view import esc, page_html, render_record_html
 from duetgen.eval.benchmarks import Benchmark, BenchmarkError, load_benchmark
 from duetgen.eval.harness import (RESULTS_FILE, RUN_FILE, HarnessError, RunConfig, build_items, build_summary,

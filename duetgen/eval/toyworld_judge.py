@@ -178,7 +178,7 @@ def _to_world_pixels(image: Any) -> np.ndarray:
     if not isinstance(image, Image.Image):
         raise WorldError(f"a canvas must be a PIL image or an array, got {type(image).__name__}")
     if image.mode != "RGB":
-        from duetgen.data.record import to_rgb
+        from duetgen.data.images import to_rgb
 
         image = to_rgb(image)
     if image.size != (CANVAS_SIZE, CANVAS_SIZE):
@@ -421,7 +421,8 @@ def _find_description(text: str) -> Scene:
 # =============================================================================================
 def evaluate(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
     """Score every truth record; returns {"summary": {kind: {metric: mean, n, missing}}, "records": [...], ...}."""
-    from duetgen.data.record import Dataset, ImagePart, RecordError, TextPart
+    from duetgen.data.dataset import Dataset
+    from duetgen.data.record import ImagePart, RecordError, TextPart
     from duetgen.progress import progress_bar
 
     truth_ds, pred_ds = Dataset(truth_dir), Dataset(pred_dir)
@@ -500,6 +501,6 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def write_report(report: dict[str, Any], path: str | os.PathLike) -> None:
-    from duetgen.data.record import atomic_write_bytes
+    from duetgen.data.dataset import atomic_write_bytes
 
     atomic_write_bytes(Path(path), (json.dumps(report, indent=1) + "\n").encode("utf-8"))

@@ -69,11 +69,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from duetgen.data.images import to_rgb
 from duetgen.data.record import ImagePart, Message, RecordError, TextPart
 from duetgen.diffusion.draw import draw_latent
 from duetgen.diffusion.schedules import SOLVERS, SamplerConfig
 from duetgen.models.duetgen import FRAMINGS
-from duetgen.models.image_processor import to_rgb
 from duetgen.models.mllm import (TokenIds, final_text_chunk_start, layer_states, render_prompt, rope_position_ids,
                                  vision_block)
 

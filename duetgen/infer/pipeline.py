@@ -32,16 +32,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from duetgen.data.record import (
-    DEFAULT_MAX_PIXELS,
-    ImagePart,
-    Message,
-    Record,
-    RecordError,
-    TextPart,
-    inspect_image,
-    validate,
-)
+from duetgen.data.images import DEFAULT_MAX_PIXELS, inspect_image
+from duetgen.data.record import ImagePart, Message, Record, RecordError, TextPart, validate
 from duetgen.infer.engine import Event, Finished, GenerationConfig, InterleavedEngine
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / "shapeworld-toy"  # shipped ShapeWorld model
@@ -179,7 +171,7 @@ def shapeworld_demo(pipe: DuetGenPipeline, out_dir: str | os.PathLike, seed: int
     import shutil
 
     from duetgen.data import toyworld
-    from duetgen.data.record import DatasetWriter
+    from duetgen.data.dataset import DatasetWriter
     from duetgen.data.view import render_dataset_html
 
     out = Path(out_dir)

@@ -22,7 +22,8 @@ import shutil
 from pathlib import Path
 from urllib.parse import quote
 
-from duetgen.data.record import Dataset, DatasetWriter, ImagePart, Record, TextPart, atomic_write_bytes
+from duetgen.data.dataset import Dataset, DatasetWriter, atomic_write_bytes
+from duetgen.data.record import ImagePart, Record, TextPart
 from duetgen.data.view import dataset_image_src, page_html, render_record_html
 
 HTML_NAME = "answer.html"

@@ -53,10 +53,11 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from duetgen.data.images import to_rgb
 from duetgen.diffusion.flow_matching import PARAMETERISATIONS, Parameterisation
 from duetgen.diffusion.schedules import SamplerConfig
 from duetgen.models.connector import Connector
-from duetgen.models.image_processor import ImageProcessor, smart_resize, to_rgb
+from duetgen.models.image_processor import ImageProcessor, smart_resize
 from duetgen.models.mllm import check_compatible, condition_hidden_states
 from duetgen.models.tokenizer import BOV
 from duetgen.models.vae import (

@@ -18,7 +18,8 @@ Design choices:
 - Patchify: (C, H, W) -> (gh*gw, C*temporal_patch*patch*patch) with patches ordered merge-block
   by merge-block (so the vision merger's 2x2 groups are contiguous), the still image repeated
   ``temporal_patch_size`` times along time (grid_t = 1).
-- Transparent images are composited on white before dropping alpha (transformers' convert_to_rgb).
+- Transparent images are composited on white before dropping alpha (transformers' convert_to_rgb:
+  `duetgen.data.images.to_rgb`, the project's one RGB rule).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from duetgen.data.record import atomic_write_bytes
+from duetgen.data.images import to_rgb
+
+from duetgen.data.dataset import atomic_write_bytes
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -202,12 +205,3 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy; transparency is composited onto white (as transformers' convert_to_rgb)."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")

@@ -69,7 +69,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from duetgen.data.record import ImagePart, Message, RecordError, TextPart, encode_png, inspect_image, to_rgb
+from duetgen.data.images import encode_png, inspect_image, to_rgb
+from duetgen.data.record import ImagePart, Message, RecordError, TextPart
 from duetgen.infer.engine import Cancelled, Finished, GenerationConfig, ImageDone, TextDelta
 from duetgen.serve.server import BadRequest, QueueFull, ServeLimits, decode_image
 

@@ -16,7 +16,7 @@ Design choices:
   stops at its next event) and answers 504 (JSON) or an ``error`` event (stream).
 - Everything that arrives is untrusted: the body is capped while it is read (413, also for bodies
   without Content-Length), images are base64 PNG/JPEG/WEBP/GIF checked for format and pixel count
-  before decoding (``duetgen.data.record.inspect_image``), the prompt length, image count and every
+  before decoding (``duetgen.data.images.inspect_image``), the prompt length, image count and every
   setting have caps. A bad request is a 4xx whose ``detail`` names the field and the problem; the
   server keeps serving. Images never come as paths or URLs: the server reads no file and fetches
   nothing on a client's behalf.
@@ -47,7 +47,8 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from duetgen.data.record import ImagePart, Message, RecordError, TextPart, encode_png, inspect_image, to_rgb
+from duetgen.data.images import encode_png, inspect_image, to_rgb
+from duetgen.data.record import ImagePart, Message, RecordError, TextPart
 from duetgen.infer.engine import Cancelled, DenoisingStep, Finished, GenerationConfig, ImageDone, ImageStarted, TextDelta
 from duetgen.serve.guards import LOOPBACK_HOSTS, hosts_to_answer, uvicorn_config, validation_error
 

@@ -73,7 +73,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from duetgen.data.record import atomic_write_bytes, fsync_dir
+from duetgen.data.dataset import atomic_write_bytes, fsync_dir
 
 FORMAT = "duetgen-checkpoint/1"
 STEP_DIR_RE = re.compile(r"^step-(\d{7,})$")

@@ -37,8 +37,9 @@ from urllib.parse import quote
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from duetgen.data.record import (Dataset, ImagePart, Message, Record, RecordError, atomic_write_bytes, encode_png,
-                                 inspect_image)
+from duetgen.data.dataset import Dataset, atomic_write_bytes
+from duetgen.data.images import encode_png, inspect_image
+from duetgen.data.record import ImagePart, Message, Record, RecordError
 
 
 def _scalar(name: str, value: Any) -> float:

@@ -196,6 +196,6 @@ def run_recipe(out: str | os.PathLike, recipe: str = "shapeworld", resume: bool 
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from duetgen.data.record import atomic_write_bytes
+    from duetgen.data.dataset import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode("utf-8"))

@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from duetgen.data.packing import PackedSampler, block_diagonal_mask, concat_packed
-from duetgen.data.record import Dataset, Record
+from duetgen.data.dataset import Dataset
+from duetgen.data.record import Record
 from duetgen.models.mllm import IGNORE_INDEX, RenderedSequence, render_record, rope_position_ids
 from duetgen.models.packed_attention import use_packed_attention, uses_packed_attention
 from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
@@ -404,7 +405,8 @@ def write_samples(model, tokenizer, processor, val_items, out_dir: Path | None, 
 
     ``out_dir=None``: decode without writing (the other ranks of a sharded model run the same forwards).
     """
-    from duetgen.data.record import DatasetWriter, Message
+    from duetgen.data.dataset import DatasetWriter
+    from duetgen.data.record import Message
     from duetgen.data.view import render_dataset_html
     from duetgen.train.toy_eval import greedy_answer_with_truth_images, truth_prompt
 

@@ -65,7 +65,8 @@ from PIL import Image
 from torch import nn
 
 from duetgen.data.packing import PackedSampler
-from duetgen.data.record import Dataset, ImagePart, Message, Record, TextPart, atomic_write_bytes
+from duetgen.data.dataset import Dataset, atomic_write_bytes
+from duetgen.data.record import ImagePart, Message, Record, TextPart
 from duetgen.models.video_dit import init_learnable_positions
 from duetgen.diffusion.draw import network_x0, previous_canvas, white_canvas_latent
 from duetgen.diffusion.flow_matching import FlowMatchingConfig, dit_sample_inputs, flow_matching_loss, sample_time

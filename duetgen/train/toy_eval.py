@@ -119,7 +119,7 @@ def evaluate_toy(model_dir: str | os.PathLike, truth_dir: str | os.PathLike, out
     """
     import shutil
 
-    from duetgen.data.record import Dataset, DatasetWriter
+    from duetgen.data.dataset import Dataset, DatasetWriter
     from duetgen.data.view import render_dataset_html
     from duetgen.eval import toyworld_judge
     from duetgen.infer.pipeline import DuetGenPipeline

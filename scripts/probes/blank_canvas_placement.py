@@ -17,7 +17,7 @@ import numpy as np
 
 
 def main() -> None:
-    from duetgen.data.record import Dataset
+    from duetgen.data.dataset import Dataset
     from duetgen.eval.toyworld_judge import read_canvas
 
     pred, truth = Dataset(sys.argv[1]), Dataset(sys.argv[2])

@@ -5,7 +5,8 @@
 Prints, per resampling filter, images / read back as the same scene / read cleanly (docs/decisions.md, 48 px).
 """
 from PIL import Image
-from duetgen.data.record import Dataset, ImagePart
+from duetgen.data.dataset import Dataset
+from duetgen.data.record import ImagePart
 from duetgen.eval.toyworld_judge import read_canvas
 import sys
 ds = Dataset(sys.argv[1])

@@ -19,7 +19,7 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="a DuetGen directory")
     ap.add_argument("--data", required=True, help="ShapeWorld dataset with text-to-image records")
     args = ap.parse_args()
-    from duetgen.data.record import Dataset
+    from duetgen.data.dataset import Dataset
     from duetgen.diffusion.draw import white_canvas_latent
     from duetgen.diffusion.flow_matching import dit_sample_inputs
     from duetgen.models.duetgen import DuetGen

@@ -6,7 +6,8 @@ Counts, per task kind, pieces with the wrong shape (e.g. circle->square), the wr
 split by whether the step touched the cell or kept it (docs/training.md, "What session 5 measured").
 """
 import sys, collections
-from duetgen.data.record import Dataset, ImagePart
+from duetgen.data.dataset import Dataset
+from duetgen.data.record import ImagePart
 from duetgen.eval.toyworld_judge import Task, read_canvas, align_images
 pred_dir, truth_dir = sys.argv[1], sys.argv[2]
 truth_ds, pred_ds = Dataset(truth_dir), Dataset(pred_dir)

@@ -22,7 +22,8 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="ShapeWorld dataset with text-to-image records")
     ap.add_argument("--n", type=int, default=13)
     args = ap.parse_args()
-    from duetgen.data.record import Dataset, ImagePart
+    from duetgen.data.dataset import Dataset
+    from duetgen.data.record import ImagePart
     from duetgen.diffusion.draw import white_canvas_latent
     from duetgen.diffusion.flow_matching import dit_sample_inputs
     from duetgen.eval.toyworld_judge import Task, read_canvas

@@ -29,7 +29,7 @@ def main() -> None:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    from duetgen.data.record import Dataset
+    from duetgen.data.dataset import Dataset
     from duetgen.models import mllm as M
     from duetgen.models.image_processor import ImageProcessor
     from duetgen.train import stage1

@@ -27,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    from duetgen.data.record import Dataset
+    from duetgen.data.dataset import Dataset
     from duetgen.models import mllm as M
     from duetgen.models.image_processor import ImageProcessor
     from duetgen.train import stage1

@@ -51,8 +51,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from duetgen.data.record import (DEFAULT_MAX_PIXELS, DatasetWriter, ImageError, ImagePart, Message, Record,
-                                 RecordError, TextPart, inspect_image)
+from duetgen.data.dataset import DatasetWriter
+from duetgen.data.images import DEFAULT_MAX_PIXELS, ImageError, inspect_image
+from duetgen.data.record import ImagePart, Message, Record, RecordError, TextPart
 from duetgen.data.synthetic.runlog import RunReport, committed_records
 
 MAX_IMAGE_BYTES = 64 << 20

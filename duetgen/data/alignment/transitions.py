@@ -44,7 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from duetgen.data.record import DatasetWriter, ImagePart, Message, Record, RecordError, TextPart
+from duetgen.data.dataset import DatasetWriter
+from duetgen.data.record import ImagePart, Message, Record, RecordError, TextPart
 from duetgen.data.synthetic.runlog import ProgressLog, RunReport, committed_records
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"

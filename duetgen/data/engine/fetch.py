@@ -286,7 +286,7 @@ class ImageFetcher:
     def _decode(self, data: bytes, headers, url: str):
         from PIL import Image
 
-        from duetgen.data.record import to_rgb
+        from duetgen.data.images import to_rgb
 
         try:
             with warnings.catch_warnings():  # our own pixel cap is checked just below

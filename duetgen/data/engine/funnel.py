@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from duetgen.data.engine.document import StageStats
-from duetgen.data.record import atomic_write_bytes
+from duetgen.data.dataset import atomic_write_bytes
 
 
 def merge_stats(per_shard: list[list[dict]]) -> list[StageStats]:

@@ -63,7 +63,7 @@ from duetgen.data.engine.language import LanguageConfig
 from duetgen.data.engine.neardup import NearDupPageConfig, PageSketcher, Sketch, decide
 from duetgen.data.engine.stages import Extract, PageFilterConfig, build_stages, page_stages, run_stages
 from duetgen.data.engine.warc import WarcImageIndex, is_warc, iter_warc
-from duetgen.data.record import MANIFEST, ShardFileWriter, atomic_write_bytes, shard_name, write_manifest
+from duetgen.data.dataset import MANIFEST, ShardFileWriter, atomic_write_bytes, shard_name, write_manifest
 
 ENGINE_DIR = "_engine"
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")

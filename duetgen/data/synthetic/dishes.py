@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from duetgen.data.record import DEFAULT_MAX_PIXELS, ImageError, inspect_image
+from duetgen.data.images import DEFAULT_MAX_PIXELS, ImageError, inspect_image
 from duetgen.data.synthetic.runlog import RunReport
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from duetgen.data.record import atomic_write_bytes
+from duetgen.data.dataset import atomic_write_bytes
 from duetgen.data.synthetic.dedup import NearDupConfig, NearDupIndex
 from duetgen.data.synthetic.runlog import RunReport
 from duetgen.data.synthetic.taxonomy import Subcategory, Taxonomy

@@ -28,7 +28,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from duetgen.data.record import DEFAULT_MAX_PIXELS, ImageError, ImagePart, Message, Record, TextPart, inspect_image
+from duetgen.data.images import DEFAULT_MAX_PIXELS, ImageError, inspect_image
+from duetgen.data.record import ImagePart, Message, Record, TextPart
 from duetgen.data.synthetic.image_api import GenerationResult
 
 _REFUSAL_RE = re.compile(

@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-from duetgen.data.record import MANIFEST, Dataset, DatasetError, atomic_write_bytes
+from duetgen.data.dataset import MANIFEST, Dataset, DatasetError, atomic_write_bytes
 
 
 class RunReport:

@@ -30,7 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from duetgen.data.record import DEFAULT_MAX_PIXELS, DatasetWriter, ImageError, RecordError, inspect_image
+from duetgen.data.dataset import DatasetWriter
+from duetgen.data.images import DEFAULT_MAX_PIXELS, ImageError, inspect_image
+from duetgen.data.record import RecordError
 from duetgen.data.synthetic.quality import QualityConfig, build_record
 from duetgen.data.synthetic.runlog import ProgressLog, RunReport, committed_records
 

@@ -39,19 +39,9 @@ import re
 from pathlib import Path
 from typing import Any, Protocol
 
-from duetgen.data.record import (
-    DEFAULT_MAX_PIXELS,
-    Dataset,
-    ImageError,
-    ImagePart,
-    Message,
-    Record,
-    RecordError,
-    TextPart,
-    check_image_path,
-    open_rgb_image,
-    resolve_inside,
-)
+from duetgen.data.dataset import Dataset, resolve_inside
+from duetgen.data.images import DEFAULT_MAX_PIXELS, ImageError, open_rgb_image
+from duetgen.data.record import ImagePart, Message, Record, RecordError, TextPart, check_image_path
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # InterleavedBench's file is ~1 MB; a CoMM results.json is < 10 kB
 MAX_IMAGES_PER_SAMPLE = 64

@@ -1,0 +1,518 @@
+"""Dataset IO: a directory of JSONL shards plus content-addressed images (DESIGN section 3).
+
+    with DatasetWriter("data/toy", name="toy") as writer:   # append=True continues an existing one
+        writer.write(record)                                  # image parts: PIL images, bytes or paths
+    for record in Dataset("data/toy"):                        # streamed shard by shard, validated
+        image = Dataset("data/toy").open_image(part.path, record.id)
+
+Layout:
+  root/manifest.json                     format version, shard list with record counts, total
+  root/shards/part-NNNNN.jsonl           one validated record per line
+  root/images/<2 hex>/<sha256>.<ext>     the image bytes; the same bytes are stored once
+
+Design choices:
+- The manifest is the source of truth. A shard exists for a reader only once the manifest lists
+  it; both are written as tmp file + fsync + os.replace, shard first, so a writer killed at any
+  moment leaves the previous consistent state (tmp files are ignored and cleaned on append).
+- Images are written (tmp + os.replace) as records arrive and fsync'ed just before the shard
+  that references them is committed: a committed shard never points at an image that a power
+  loss could still take away.
+- Readers stream shard by shard and validate every record; images are opened lazily, only
+  after the path is proven to resolve inside the root and the header size is under a pixel cap
+  (the header is read before any pixel is decoded).
+- One error family: DatasetError (files, manifest) and ImageError (one record's image) are both
+  RecordError, so ``except RecordError`` catches every kind of bad input.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+from duetgen.data.images import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, IMAGE_FORMATS, ImageError, encode_png,
+                                 inspect_image, open_rgb_image)
+from duetgen.data.record import ImagePart, Record, RecordError, check_image_path, is_pil_image, validate
+
+
+FORMAT_NAME = "duetgen-interleaved"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_DIR = "shards"
+IMAGE_DIR = "images"
+_SHARD_RE = re.compile(r"^shards/part-(\d{5})\.jsonl$")
+
+
+class DatasetError(RecordError):
+    """A dataset directory, manifest or shard is invalid. The message names the file (and line)."""
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARD_DIR}/part-{index:05d}.jsonl"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (POSIX: the directory entry lives in the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_files(paths) -> None:
+    """Make written files and their directory entries durable (images before the shard that names them)."""
+    paths = list(paths)
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for d in {p.parent for p in paths}:
+        fsync_dir(d)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` so that readers see the old content or the new, never a half file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def resolve_inside(root: Path, rel: str, record_id: str) -> Path:
+    """Absolute path of dataset-relative ``rel``, proven (after resolving symlinks) to lie in ``root``."""
+    check_image_path(rel, record_id)
+    root_resolved = root.resolve()
+    target = (root_resolved / rel).resolve()
+    if not target.is_relative_to(root_resolved):
+        raise ImageError(f"record {record_id!r}: image path {rel!r} resolves outside the dataset root {str(root)!r}")
+    return target
+
+
+# --------------------------------------------------------------------------------- manifest
+def dataset_file(root: Path, rel: str) -> Path:
+    """``root / rel`` (the manifest or a shard), refused if it resolves outside the root (a symlink out)."""
+    path = root / rel
+    root_resolved = root.resolve()
+    if not path.resolve().is_relative_to(root_resolved):
+        raise DatasetError(f"{path}: resolves outside the dataset root {str(root)!r} "
+                           f"(to {str(path.resolve())!r}); a dataset's files must lie inside it")
+    return path
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise DatasetError(f"{str(root)!r} is not a dataset directory (no such directory)")
+    if not path.is_file():
+        raise DatasetError(f"{str(root)!r} is not a dataset directory: no {MANIFEST}")
+    dataset_file(root, MANIFEST)
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(m, dict):
+        raise DatasetError(f"{path}: manifest must be a JSON object")
+    if m.get("format") != FORMAT_NAME:
+        raise DatasetError(f"{path}: 'format' is {m.get('format')!r}, expected {FORMAT_NAME!r}")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(f"{path}: unsupported format_version {m.get('format_version')!r} "
+                           f"(this reader knows {FORMAT_VERSION})")
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        raise DatasetError(f"{path}: 'shards' must be a list")
+    seen = set()
+    for i, s in enumerate(shards):
+        if not isinstance(s, dict) or not isinstance(s.get("path"), str) or not _SHARD_RE.match(s["path"]):
+            raise DatasetError(f"{path}: shards[{i}] must be "
+                               f"{{'path': 'shards/part-NNNNN.jsonl', 'num_records': int}}, got {s!r}")
+        n = s.get("num_records")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise DatasetError(f"{path}: shards[{i}].num_records must be a non-negative integer, got {n!r}")
+        if s["path"] in seen:
+            raise DatasetError(f"{path}: shard {s['path']!r} listed twice")
+        seen.add(s["path"])
+    total = m.get("num_records")
+    if total != sum(s["num_records"] for s in shards):
+        raise DatasetError(f"{path}: num_records {total!r} does not equal the sum over shards")
+    return m
+
+
+def _manifest_bytes(m: dict[str, Any]) -> bytes:
+    return (json.dumps(m, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def store_image(root: Path, image: Any, record_id: str = "?",
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, Path | None]:
+    """Store a PIL image (as PNG) or encoded bytes (verified) under ``root/images/``, content
+    addressed (tmp + rename). Returns (``images/xx/<sha256>.<ext>``, the path when newly written,
+    to be fsync'ed before a shard naming it is committed; None when the same bytes were there)."""
+    where = f"record {record_id!r}: image"
+    if is_pil_image(image):
+        w, h = image.size
+        if w * h > max_pixels:
+            raise ImageError(f"{where} is {w}x{h} = {w * h:,} pixels, over the cap of {max_pixels:,}")
+        data, ext = encode_png(image), "png"
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        im = inspect_image(io.BytesIO(data), f"{where} bytes", max_pixels)
+        ext = IMAGE_FORMATS[im.format]
+    else:
+        raise ImageError(f"{where} must be a PIL image or encoded bytes, got {type(image).__name__}")
+    digest = hashlib.sha256(data).hexdigest()
+    rel = f"{IMAGE_DIR}/{digest[:2]}/{digest}.{ext}"
+    path = root / rel
+    if path.exists():  # the same bytes are stored once
+        return rel, None
+    path.parent.mkdir(exist_ok=True)
+    # a per-process tmp name: parallel writers (ShardFileWriter) may store the same image at once
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return rel, path
+
+
+# --------------------------------------------------------------------------------- writer
+class DatasetWriter:
+    """Write records into a dataset directory, one atomic shard at a time.
+
+    >>> with DatasetWriter("out/ds", shard_size=1000) as w:
+    ...     w.write(Record(id="r0", messages=[Message("user", [TextPart("hi"), ImagePart(pil_image)])]))
+
+    ``write`` stores in-memory images (PIL -> PNG, bytes verified as PNG/JPEG/WEBP/GIF) under
+    ``images/`` and replaces them in the record by their relative path (the record is modified).
+    Leaving the ``with`` block commits the open shard, also when the block raised: every record
+    written so far was validated, so it is kept. ``append=True`` continues an existing dataset
+    (or starts one); otherwise the root must not hold a dataset yet.
+    """
+
+    def __init__(self, root: str | os.PathLike, shard_size: int = 1000, append: bool = False,
+                 name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+        if not isinstance(shard_size, int) or shard_size < 1:
+            raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
+        self.root = Path(root)
+        self.shard_size = shard_size
+        self.max_pixels = max_pixels
+        if self.root.exists() and not self.root.is_dir():
+            raise DatasetError(f"{str(self.root)!r} exists and is not a directory")
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / SHARD_DIR).mkdir(exist_ok=True)
+        (self.root / IMAGE_DIR).mkdir(exist_ok=True)
+        # One writer at a time: a second one would reuse shard numbers. flock dies with the process.
+        self._lock_file = open(self.root / ".writer.lock", "a")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise DatasetError(f"{str(self.root)!r}: another DatasetWriter is writing to this dataset") from None
+
+        try:
+            if (self.root / MANIFEST).exists():
+                if not append:
+                    raise DatasetError(f"{str(self.root)!r} already holds a dataset; pass append=True to add to it")
+                self.manifest = _read_manifest(self.root)
+                self._name_changed = name is not None and name != self.manifest.get("name")
+                if self._name_changed:
+                    self.manifest["name"] = name
+                self._clean_uncommitted()
+            else:
+                if any((self.root / SHARD_DIR).glob("part-*.jsonl")):
+                    raise DatasetError(f"{str(self.root)!r} has shards but no {MANIFEST}; "
+                                       "refusing to guess what is committed")
+                self._name_changed = False
+                now = _now()
+                self.manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "name": name,
+                                 "created": now, "updated": now, "num_records": 0, "shards": []}
+                atomic_write_bytes(self.root / MANIFEST, _manifest_bytes(self.manifest))
+        except BaseException:
+            self._lock_file.close()
+            raise
+        used = [int(_SHARD_RE.match(s["path"]).group(1)) for s in self.manifest["shards"]]
+        self._next_shard = max(used, default=-1) + 1
+        self._ids: set[str] = set()  # ids written in this session (duplicates refused)
+        self._shard_file = None  # open tmp file of the current shard
+        self._shard_count = 0
+        self._pending_images: list[Path] = []  # stored since the last commit, fsync'ed at commit
+        self._closed = False
+
+    def _clean_uncommitted(self) -> None:
+        """Remove what a killed writer left: tmp files and shards the manifest does not list."""
+        listed = {s["path"] for s in self.manifest["shards"]}
+        for p in (self.root / SHARD_DIR).iterdir():
+            rel = f"{SHARD_DIR}/{p.name}"
+            if p.name.startswith(".part-") and p.name.endswith(".tmp"):
+                p.unlink()
+            elif _SHARD_RE.match(rel) and rel not in listed:
+                p.unlink()  # renamed into place but the manifest commit never happened
+        for p in (self.root / IMAGE_DIR).glob("*/.*.tmp"):
+            p.unlink()
+
+    # ----------------------------------------------------------------------------- images
+    def add_image(self, image: Any, record_id: str = "?") -> str:
+        """Store a PIL image (as PNG) or encoded bytes (verified); return ``images/xx/<sha256>.<ext>``."""
+        rel, new = store_image(self.root, image, record_id, self.max_pixels)
+        if new is not None:
+            self._pending_images.append(new)
+        return rel
+
+    def _check_stored_path(self, rel: str, record_id: str) -> None:
+        path = resolve_inside(self.root, rel, record_id)
+        where = f"record {record_id!r}: image {rel!r}"
+        if not path.is_file():
+            raise ImageError(f"{where} not found in the dataset root {str(self.root)!r}")
+        with open(path, "rb") as f:
+            inspect_image(f, where, self.max_pixels, decode=False)
+
+    # ----------------------------------------------------------------------------- records
+    def write(self, rec: Record) -> None:
+        """Validate ``rec``, store its in-memory images, append it to the current shard."""
+        if self._closed:
+            raise RuntimeError("DatasetWriter is closed")
+        if not isinstance(rec, Record):
+            raise RecordError(f"DatasetWriter.write expects a Record, got {type(rec).__name__}")
+        validate(rec)
+        if rec.id in self._ids:
+            raise RecordError(f"record {rec.id!r}: duplicate id (already written by this writer)")
+        for m in rec.messages:
+            for p in m.content:
+                if isinstance(p, ImagePart):
+                    if isinstance(p.image, str):
+                        self._check_stored_path(p.image, rec.id)
+                    else:
+                        p.image = self.add_image(p.image, rec.id)
+        line = rec.to_jsonl_line()  # validates again, now with every image a stored path
+        if self._shard_file is None:
+            self._open_shard()
+        self._shard_file.write(line + "\n")
+        self._ids.add(rec.id)
+        self._shard_count += 1
+        if self._shard_count >= self.shard_size:
+            self._commit_shard()
+
+    def _tmp_path(self, index: int) -> Path:
+        return self.root / SHARD_DIR / f".part-{index:05d}.jsonl.tmp"
+
+    def _open_shard(self) -> None:
+        self._shard_file = open(self._tmp_path(self._next_shard), "w", encoding="utf-8")
+        self._shard_count = 0
+
+    def _commit_shard(self) -> None:
+        """tmp shard -> fsync -> rename, then the manifest listing it (also tmp + rename)."""
+        f, index = self._shard_file, self._next_shard
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        fsync_files(self._pending_images)  # images first: a committed shard must not outlive its images
+        self._pending_images.clear()
+        rel = shard_name(index)
+        os.replace(self._tmp_path(index), self.root / rel)
+        fsync_dir(self.root / SHARD_DIR)
+        self.manifest["shards"].append({"path": rel, "num_records": self._shard_count})
+        self.manifest["num_records"] += self._shard_count
+        self.manifest["updated"] = _now()
+        atomic_write_bytes(self.root / MANIFEST, _manifest_bytes(self.manifest))
+        self._name_changed = False
+        self._shard_file, self._shard_count, self._next_shard = None, 0, index + 1
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if self._shard_file is not None:  # opened by the first write of a shard, so never empty
+                self._commit_shard()
+            if self._name_changed:  # a rename on append with no new shard still reaches the manifest
+                self.manifest["updated"] = _now()
+                atomic_write_bytes(self.root / MANIFEST, _manifest_bytes(self.manifest))
+        finally:
+            self._closed = True
+            self._lock_file.close()
+
+    @property
+    def num_records(self) -> int:
+        """Records committed so far (all sessions)."""
+        return self.manifest["num_records"]
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------- parallel writers
+class ShardFileWriter:
+    """One shard written by one of many parallel writers (the data engine's workers), no manifest.
+
+    Same validation and the same atomic protocol as ``DatasetWriter`` (images stored content
+    addressed and fsync'ed, the shard as tmp + fsync + rename to ``shards/part-NNNNN.jsonl``), but
+    no lock and no manifest: a single committer lists finished shards with ``write_manifest``. A
+    shard file the manifest does not list does not exist for readers, so a writer killed after the
+    rename (before its committer listed it) leaves nothing visible, and a rerun replaces the file.
+    """
+
+    def __init__(self, root: str | os.PathLike, index: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.root, self.index = Path(root), index
+        self.max_pixels = max_pixels
+        self._new_images: list[Path] = []
+        (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        (self.root / IMAGE_DIR).mkdir(exist_ok=True)
+        self.rel = shard_name(index)
+        self._tmp = self.root / SHARD_DIR / f".part-{index:05d}.jsonl.tmp"
+        self._file = open(self._tmp, "w", encoding="utf-8")
+        self._ids: set[str] = set()
+
+    def write(self, rec: Record) -> None:
+        validate(rec)
+        if rec.id in self._ids:
+            raise RecordError(f"record {rec.id!r}: duplicate id in shard {self.rel}")
+        for m in rec.messages:
+            for p in m.content:
+                if isinstance(p, ImagePart) and not isinstance(p.image, str):
+                    p.image, new = store_image(self.root, p.image, rec.id, self.max_pixels)
+                    if new is not None:
+                        self._new_images.append(new)
+        self._file.write(rec.to_jsonl_line() + "\n")
+        self._ids.add(rec.id)
+
+    def commit(self) -> int:
+        """Make the shard durable and put it in place; returns its record count (0: no file at all)."""
+        f = self._file
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        if not self._ids:
+            self._tmp.unlink()
+            return 0
+        fsync_files(self._new_images)  # images first: a shard must not outlive its images
+        os.replace(self._tmp, self.root / self.rel)
+        fsync_dir(self.root / SHARD_DIR)
+        return len(self._ids)
+
+
+def write_manifest(root: str | os.PathLike, shards: list[tuple[str, int]], name: str | None = None) -> None:
+    """(Re)write the manifest to list exactly ``shards`` ((path, num_records), in order), atomically."""
+    root = Path(root)
+    old = _read_manifest(root) if (root / MANIFEST).exists() else None
+    now = _now()
+    m = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "name": old["name"] if old else name,
+         "created": old["created"] if old else now, "updated": now,
+         "num_records": sum(n for _, n in shards), "shards": [{"path": p, "num_records": n} for p, n in shards]}
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(root / MANIFEST, _manifest_bytes(m))
+
+
+# --------------------------------------------------------------------------------- reader
+class Dataset:
+    """A read-only dataset directory. Iterating streams validated records, shard by shard.
+
+    >>> ds = Dataset("out/ds")
+    >>> for rec in ds:
+    ...     for part in rec.image_parts("assistant"):
+    ...         im = ds.open_image(part.path, record_id=rec.id)   # RGB, fully loaded
+    """
+
+    def __init__(self, root: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
+        self.root = Path(root)
+        self.max_pixels = max_pixels
+        self.max_image_bytes = max_image_bytes
+        self.manifest = _read_manifest(self.root)
+
+    @property
+    def name(self) -> str | None:
+        return self.manifest.get("name")
+
+    @property
+    def shards(self) -> list[str]:
+        """Relative paths of the committed shards, in order."""
+        return [s["path"] for s in self.manifest["shards"]]
+
+    def __len__(self) -> int:
+        return self.manifest["num_records"]
+
+    def __iter__(self) -> Iterator[Record]:
+        for i in range(len(self.manifest["shards"])):
+            yield from self.iter_shard(i)
+
+    def iter_shard(self, index: int) -> Iterator[Record]:
+        """Records of one shard (shards are the unit of parallel work, as in datatrove)."""
+        entry = self.manifest["shards"][index]
+        path = dataset_file(self.root, entry["path"])
+        n = 0
+        try:
+            f = open(path, encoding="utf-8")
+        except OSError as e:
+            raise DatasetError(f"{path}: shard listed in the manifest cannot be opened ({e.strerror})") from None
+        with f:
+            lineno = 0
+            while True:
+                try:
+                    line = f.readline()
+                except UnicodeDecodeError as e:
+                    raise DatasetError(f"{path}:{lineno + 1}: not valid UTF-8 ({e.reason})") from None
+                if not line:
+                    break
+                lineno += 1
+                if not line.strip():
+                    raise DatasetError(f"{path}:{lineno}: empty line")
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                try:
+                    rec = Record.from_json(d)
+                except RecordError as e:
+                    raise RecordError(f"{path}:{lineno}: {e}") from None
+                n += 1
+                yield rec
+        if n != entry["num_records"]:
+            raise DatasetError(f"{path}: holds {n} records but the manifest says {entry['num_records']}")
+
+    def image_path(self, path: str, record_id: str = "?") -> Path:
+        """Absolute path of a record's image, refused if it leaves the root (also via symlinks) or is missing."""
+        p = resolve_inside(self.root, path, record_id)
+        if not p.is_file():
+            raise ImageError(f"record {record_id!r}: image {path!r} not found in the dataset root {str(self.root)!r}")
+        return p
+
+    def read_image_bytes(self, path: str, record_id: str = "?", decode: bool = False) -> bytes:
+        """The stored bytes, after the same containment and size checks as ``open_image``.
+
+        The header is always checked; ``decode=True`` decodes every pixel too, so a truncated or
+        corrupt file fails here (naming the record and path) instead of in whoever reads the bytes next.
+        """
+        p = self.image_path(path, record_id)
+        where = f"record {record_id!r}: image {path!r}"
+        size = p.stat().st_size
+        if size > self.max_image_bytes:  # checked before reading: the whole file goes to memory
+            raise ImageError(f"{where}: file is {size:,} bytes, over the cap of {self.max_image_bytes:,}")
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise ImageError(f"{where}: cannot be read ({e.strerror})") from None
+        inspect_image(io.BytesIO(data), where, self.max_pixels, decode=decode)
+        return data
+
+    def open_image(self, path: str, record_id: str = "?"):
+        """Open a record's image as a fully loaded RGB PIL image (pixel cap checked on the header first)."""
+        return open_rgb_image(self.image_path(path, record_id), f"record {record_id!r}: image {path!r}",
+                              self.max_pixels)
+
+    def __repr__(self) -> str:
+        return f"Dataset({str(self.root)!r}, records={len(self)}, shards={len(self.shards)})"
