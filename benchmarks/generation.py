@@ -56,7 +56,6 @@ from pathlib import Path
 
 import torch
 
-from duetgen.data import toyworld
 from duetgen.data.record import ImagePart, Message, TextPart
 from duetgen.diffusion.draw import draw_latent, network_x0, previous_canvas, white_canvas_latent
 from duetgen.diffusion.flow_matching import dit_sample_inputs, to_x0_and_velocity
@@ -67,6 +66,7 @@ from duetgen.models import presets
 from duetgen.models.duetgen import DuetGen
 from duetgen.models.mllm import TokenIds
 from duetgen.models.tokenizer import OFFLINE_TOKEN_IDS
+from duetgen.shapeworld import world
 
 N_IMAGES = 4
 
@@ -93,8 +93,8 @@ def force_structure(ids: TokenIds, n_images: int, tokens_per_step: int, stop_ids
 
 
 def continuation_prompt() -> list[Message]:
-    task = toyworld.sample_task("continuation", random.Random(0))
-    return [Message("user", [ImagePart(toyworld.render(task.initial)), TextPart(task.prompt())])]
+    task = world.sample_task("continuation", random.Random(0))
+    return [Message("user", [ImagePart(world.render(task.initial)), TextPart(task.prompt())])]
 
 
 def load_model(args) -> tuple[DuetGen, str]:

@@ -38,10 +38,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/live_server.py
 from live_server import live_server  # noqa: E402
 
-from duetgen.data import toyworld  # noqa: E402
 from duetgen.infer.pipeline import DEFAULT_MODEL_DIR, DuetGenPipeline  # noqa: E402
 from duetgen.serve.openai_api import served_model_name  # noqa: E402
 from duetgen.serve.server import ServeLimits, create_app  # noqa: E402
+from duetgen.shapeworld import world  # noqa: E402
 
 KINDS = ("how-to", "continuation", "text-to-image", "editing", "understanding")
 
@@ -50,11 +50,11 @@ def shapeworld_requests(n: int, model: str, seed: int = 0) -> list[dict]:
     """``n`` chat-completion bodies: test-split ShapeWorld prompts, kinds in turn, a canvas as a data: URL where the kind has one."""
     bodies = []
     for i in range(n):
-        task = toyworld.sample_task(KINDS[i % len(KINDS)], random.Random(seed * 1000 + i), split="test")
+        task = world.sample_task(KINDS[i % len(KINDS)], random.Random(seed * 1000 + i), split="test")
         content = [{"type": "text", "text": task.prompt()}]
         if task.has_canvas:
             buf = io.BytesIO()
-            toyworld.render(task.initial).save(buf, format="PNG")
+            world.render(task.initial).save(buf, format="PNG")
             url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
             content.insert(0, {"type": "image_url", "image_url": {"url": url}})
         bodies.append({"model": model, "seed": i, "messages": [{"role": "user", "content": content}]})

@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from duetgen.data.toyworld import generate
+    from duetgen.shapeworld.world import generate
     from duetgen.train import stage2
     from duetgen.train.stage1 import load_records, render
 

@@ -97,20 +97,20 @@ def data_toyworld(
     shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Records per shard."),
 ):
     """Generate ShapeWorld records (the procedural toy world of DESIGN section 9) into a dataset."""
-    from duetgen.data import toyworld
     from duetgen.data.record import RecordError
+    from duetgen.shapeworld import world
 
     kind_list = None if kinds is None else [k.strip() for k in kinds.split(",") if k.strip()]
-    if split not in toyworld.SPLITS:
-        fail(f"--split {split!r}: expected one of {', '.join(toyworld.SPLITS)}")
+    if split not in world.SPLITS:
+        fail(f"--split {split!r}: expected one of {', '.join(world.SPLITS)}")
     for k in kind_list or []:
-        if k not in toyworld.KINDS:
-            fail(f"--kinds: unknown kind {k!r} (expected some of {', '.join(toyworld.KINDS)})")
+        if k not in world.KINDS:
+            fail(f"--kinds: unknown kind {k!r} (expected some of {', '.join(world.KINDS)})")
     if kind_list is not None and not kind_list:
         fail("--kinds is empty")
     try:
-        counts = toyworld.generate(out, n, seed=seed, split=split, kinds=kind_list, shard_size=shard_size)
-    except (toyworld.WorldError, RecordError, OSError) as e:
+        counts = world.generate(out, n, seed=seed, split=split, kinds=kind_list, shard_size=shard_size)
+    except (world.WorldError, RecordError, OSError) as e:
         fail(f"cannot write ShapeWorld to {str(out)!r}: {e}")
     typer.echo(f"wrote {n} {split} records to {out}: " + ", ".join(f"{k} {c}" for k, c in counts.items()))
 
@@ -418,8 +418,8 @@ def data_mix(
     """Mix datasets by weight into a deterministic stage-2 training manifest."""
     import json
 
-    from duetgen.data.mixing import build_mixture, parse_mix_config
     from duetgen.data.dataset import DatasetError
+    from duetgen.data.mixing import build_mixture, parse_mix_config
     from duetgen.data.record import RecordError
 
     if (config is None) == (not dataset):
@@ -462,17 +462,17 @@ def eval_toyworld(
 ):
     """Score predictions with the exact ShapeWorld judge: T-Com, I-Com, I-Co, IT-Co, I-Q, U-Acc per task kind."""
     from duetgen.data.record import RecordError
-    from duetgen.data.toyworld import WorldError
-    from duetgen.eval import toyworld_judge
+    from duetgen.shapeworld import judge
+    from duetgen.shapeworld.world import WorldError
 
     try:
-        report = toyworld_judge.evaluate(pred, truth)
+        report = judge.evaluate(pred, truth)
     except (WorldError, RecordError, OSError) as e:
         fail(f"cannot judge {str(pred)!r} against {str(truth)!r}: {e}")
-    toyworld_judge.print_report(report)
+    judge.print_report(report)
     if out is not None:
         try:
-            toyworld_judge.write_report(report, out)
+            judge.write_report(report, out)
         except OSError as e:
             fail(f"cannot write --out {str(out)!r}: {e}")
         typer.echo(f"wrote {out}")
@@ -967,14 +967,14 @@ def train_eval_toy(
     seed: int = typer.Option(0, "--seed", help="Seed of every answer (as `duetgen generate --seed`)."),
 ):
     """Answer ShapeWorld prompts through the engine of `duetgen generate` (greedy text, the DiT on <BOV>) and score them with the exact judge."""
-    from duetgen.eval import toyworld_judge
-    from duetgen.train.toy_eval import evaluate_toy
+    from duetgen.shapeworld import judge
+    from duetgen.shapeworld.evaluate import evaluate_toy
 
     if not (model / "duetgen.json").is_file():
         fail(f"--model {str(model)!r}: not a DuetGen model directory (no duetgen.json)")
     if not (truth / "manifest.json").is_file():
         fail(f"--truth {str(truth)!r}: not a dataset directory (no manifest.json)")
-    from duetgen.data.toyworld import KINDS
+    from duetgen.shapeworld.world import KINDS
 
     kind_list = None if kinds is None else [k.strip() for k in kinds.split(",") if k.strip()]
     unknown = [k for k in kind_list or [] if k not in KINDS]
@@ -982,7 +982,7 @@ def train_eval_toy(
         fail(f"--kinds: unknown task kind(s) {unknown}; expected some of {list(KINDS)}")
     report = evaluate_toy(model, truth, out, limit=limit, kinds=kind_list, num_steps=steps, guidance_scale=guidance,
                           seed=seed)
-    toyworld_judge.print_report(report)
+    judge.print_report(report)
     typer.echo(f"answered {report['run']['records']} prompts in {report['run']['seconds']:.0f} s; wrote {out / 'report.json'}")
 
 
@@ -1034,26 +1034,26 @@ def demo(
     """
     import shutil
 
-    from duetgen.data import toyworld
     from duetgen.data.view import render_dataset_html
-    from duetgen.eval import toyworld_judge
-    from duetgen.infer.pipeline import DEFAULT_MODEL_DIR, DuetGenPipeline, shapeworld_demo
+    from duetgen.infer.pipeline import DEFAULT_MODEL_DIR, DuetGenPipeline
+    from duetgen.shapeworld import judge, world
+    from duetgen.shapeworld.evaluate import shapeworld_demo
 
     data_dir = out / "shapeworld-test"
     if data_dir.exists():
         shutil.rmtree(data_dir)  # the demo owns this folder; a rerun starts clean
     out.mkdir(parents=True, exist_ok=True)
     typer.secho(f"[1/4] generating {n} ShapeWorld test records (seed {seed})", bold=True)
-    counts = toyworld.generate(data_dir, n, seed=seed, split="test")
+    counts = world.generate(data_dir, n, seed=seed, split="test")
     typer.echo("      " + ", ".join(f"{k} {c}" for k, c in counts.items()))
 
     typer.secho("[2/4] rendering the HTML view", bold=True)
     pages = render_dataset_html(data_dir, out / "shapeworld-test.html")
 
     typer.secho("[3/4] exact judge on the ground truth (a sanity check: all 1.0)", bold=True)
-    report = toyworld_judge.evaluate(data_dir, data_dir)
-    toyworld_judge.print_report(report)
-    toyworld_judge.write_report(report, out / "judge-ground-truth.json")
+    report = judge.evaluate(data_dir, data_dir)
+    judge.print_report(report)
+    judge.write_report(report, out / "judge-ground-truth.json")
 
     generated = None
     if (DEFAULT_MODEL_DIR / "duetgen.json").is_file():

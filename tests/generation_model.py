@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from duetgen.data import toyworld
 from duetgen.models import presets
 from duetgen.models.mllm import model_inputs, render_record
+from duetgen.shapeworld import world
 
 PROMPT_SEEDS = (0, 1, 2)
 
@@ -32,7 +32,7 @@ def training_records():
     for seed in PROMPT_SEEDS:
         rng = random.Random(seed)
         while True:
-            task = toyworld.sample_task("continuation", rng)
+            task = world.sample_task("continuation", rng)
             if len(task.operations) == 2:
                 break
         records.append(task.record(f"fit-{seed}"))

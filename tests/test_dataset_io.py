@@ -450,9 +450,9 @@ def _duetgen(*args: str) -> subprocess.CompletedProcess:
 
 def test_shard_or_manifest_symlinked_out_of_the_root_is_refused_by_every_reader(tmp_path):
     """Issue 15 item 4: export-parquet, data view and eval toyworld read a shard that was a symlink out."""
-    from duetgen.data import toyworld
+    from duetgen.shapeworld import world
 
-    toyworld.generate(tmp_path / "truth", 2, split="test", progress=False)
+    world.generate(tmp_path / "truth", 2, split="test", progress=False)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     for name in ("shard-out", "manifest-out"):

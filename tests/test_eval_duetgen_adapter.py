@@ -21,10 +21,10 @@ from eval_fakes import write_prompts  # noqa: E402
 from eval_judge_server import JudgeServer  # noqa: E402
 
 from duetgen.cli import app  # noqa: E402
-from duetgen.data import toyworld  # noqa: E402
 from duetgen.data.dataset import Dataset, DatasetWriter  # noqa: E402
 from duetgen.data.record import ImagePart, Message, Record, TextPart  # noqa: E402
-from duetgen.eval import toyworld_judge  # noqa: E402
+from duetgen.shapeworld import world  # noqa: E402
+from duetgen.shapeworld import judge  # noqa: E402
 from duetgen.eval.adapters import (AdapterError, DuetGenModel, generate_benchmark, item_seed,  # noqa: E402
                                    model_fingerprint)
 
@@ -37,7 +37,7 @@ FAST = ["--steps", "2", "--max-new-tokens", "150"]  # the tiny model's answers e
 def truth(tmp_path_factory):
     """Four ShapeWorld test-split continuation items (a canvas in, step text and pictures out)."""
     root = tmp_path_factory.mktemp("sw") / "truth"
-    toyworld.generate(root, 4, seed=3, split="test", kinds=["continuation"], progress=False)
+    world.generate(root, 4, seed=3, split="test", kinds=["continuation"], progress=False)
     return root
 
 
@@ -108,9 +108,9 @@ def test_checkpoint_to_judged_shapeworld_run_in_two_commands_and_a_rerun_generat
     assert judged.exit_code == 0, judged.output
     lines = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
     assert [x["id"] for x in lines] == list(truth_recs) and not any(x["missing"] for x in lines)
-    exact = {r["id"]: r for r in toyworld_judge.evaluate(cli_pred, truth, progress=False)["records"]}
+    exact = {r["id"]: r for r in judge.evaluate(cli_pred, truth, progress=False)["records"]}
     for line in lines:
-        for label, key in ((lab, k) for k, lab in toyworld_judge.METRIC_LABELS.items()):
+        for label, key in ((lab, k) for k, lab in judge.METRIC_LABELS.items()):
             v = line["metrics"][label]
             assert v["value"] == (None if exact[line["id"]][key] is None else pytest.approx(exact[line["id"]][key]))
     icom = {x["id"]: x["metrics"]["I-Com"]["value"] for x in lines}

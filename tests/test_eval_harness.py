@@ -325,7 +325,7 @@ class ShapeWorldSolver:
         self.n = 0
 
     def generate(self, request):
-        from duetgen.data.toyworld import parse_prompt
+        from duetgen.shapeworld.judge import parse_prompt
 
         self.n += 1
         user = request[-1]
@@ -338,16 +338,15 @@ class ShapeWorldSolver:
 
 
 def test_shapeworld_benchmark_equals_the_exact_judge(tmp_path):
-    from duetgen.data import toyworld
-    from duetgen.eval import toyworld_judge
+    from duetgen.shapeworld import judge, world
 
-    toyworld.generate(tmp_path / "truth", 12, seed=3, split="test", kinds=["how-to", "continuation", "understanding",
+    world.generate(tmp_path / "truth", 12, seed=3, split="test", kinds=["how-to", "continuation", "understanding",
                                                                            "text-to-image"], progress=False)
     run_model(ShapeWorldSolver(), tmp_path / "truth", tmp_path / "pred", limit=10, progress=False)  # 2 missing
     s = run_benchmark(RunConfig("shapeworld", str(tmp_path / "pred"), str(tmp_path / "run"), truth=str(tmp_path / "truth")),
                       progress=False)
-    exact = toyworld_judge.evaluate(tmp_path / "pred", tmp_path / "truth", progress=False)["summary"]["all"]
-    labels = toyworld_judge.METRIC_LABELS
+    exact = judge.evaluate(tmp_path / "pred", tmp_path / "truth", progress=False)["summary"]["all"]
+    labels = judge.METRIC_LABELS
     for key, label in labels.items():
         if exact[key] is None:
             assert s["metrics"][label]["n"] == 0

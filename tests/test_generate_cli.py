@@ -100,7 +100,8 @@ def test_without_model_says_no_default_checkpoint_yet(tmp_path):
 
 
 def test_shapeworld_demo_answers_three_kinds(tmp_path):
-    from duetgen.infer.pipeline import DEMO_KINDS, DuetGenPipeline, shapeworld_demo
+    from duetgen.infer.pipeline import DuetGenPipeline
+    from duetgen.shapeworld.evaluate import DEMO_KINDS, shapeworld_demo
 
     html = shapeworld_demo(DuetGenPipeline.from_pretrained(trained_tiny_dir()), tmp_path, num_steps=1, max_new_tokens=60)
     records = list(Dataset(tmp_path / "generated"))

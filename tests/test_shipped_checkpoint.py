@@ -15,7 +15,7 @@ import pytest
 from duetgen.data.record import TextPart
 from duetgen.eval.adapters import model_fingerprint
 from duetgen.infer.pipeline import DEFAULT_MODEL_DIR, DuetGenPipeline
-from duetgen.data.toyworld import Piece, Scene, render
+from duetgen.shapeworld.world import Piece, Scene, render
 
 FINGERPRINT = 'e09e1fbf0f0f544363301412f8fd53c79fd8b2c9a24c82b94f20c06af28d8be9'
 HOWTO = "How do I arrange a red circle at the top left, a blue square in the center and a green triangle at the bottom?"

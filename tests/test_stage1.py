@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from duetgen.data.toyworld import generate
 from duetgen.models.mllm import IGNORE_INDEX, model_inputs
+from duetgen.shapeworld.world import generate
 from duetgen.train.configs import stage1_config, tiny_stage1
 from duetgen.train.stage1 import build_mllm, load_records, next_token_loss, pack_inputs, render, train
 

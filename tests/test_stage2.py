@@ -12,12 +12,13 @@ from PIL import Image
 
 from duetgen.data.dataset import Dataset
 from duetgen.data.record import ImagePart, Message, TextPart
-from duetgen.data.toyworld import generate
 from duetgen.diffusion.flow_matching import FlowMatchingConfig
+from duetgen.infer.teacher_forcing import draw_teacher_forced
 from duetgen.models.mllm import all_layer_states, negative_prefix_length
+from duetgen.shapeworld.evaluate import evaluate_toy
+from duetgen.shapeworld.world import generate
 from duetgen.train import stage1, stage2
 from duetgen.train.configs import tiny_stage1, tiny_stage2
-from duetgen.train.toy_eval import draw_teacher_forced, evaluate_toy
 
 
 @pytest.fixture(scope="module")

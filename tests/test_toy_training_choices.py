@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from duetgen.data.toyworld import POSITIONS, Piece, Scene, render
 from duetgen.diffusion.flow_matching import dit_sample_inputs, flow_matching_loss
 from duetgen.models.mllm import TOY_MLLM_SIDE, toy_image_processor, tiny_qwen2_5_vl_config
+from duetgen.shapeworld.world import POSITIONS, Piece, Scene, render
 from duetgen.train.optim import make_adamw, make_scheduler
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from duetgen.data.toyworld import generate
+from duetgen.shapeworld.world import generate
 from duetgen.train import stage1, stage2
 from duetgen.train.configs import tiny_stage1, tiny_stage2
 from duetgen.train.logging import read_metrics

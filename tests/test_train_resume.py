@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from duetgen.data.toyworld import generate
+from duetgen.shapeworld.world import generate
 
 STEPS = 12
 

@@ -27,7 +27,7 @@ Design choices:
   ``missing``, a prediction outside the benchmark is an error. Without prompts the predictions
   define the items and coverage is reported as unchecked.
 - ``kind: "exact"`` benchmarks (ShapeWorld) go through the same run directory, scored by the
-  program in ``toyworld_judge`` with its own rules (a missing prediction scores 0 there).
+  program its benchmark file names (``scorer``: ShapeWorld's judge) with its own rules (a missing prediction scores 0 there).
   ``kind: "external"`` benchmarks (GenEval) read the scores the benchmark's own program wrote
   (``--pred results.jsonl``): one item per prompt, its value the fraction of its images correct.
 - CoMM keeps its tasks apart: a run judges one task (``--task``, task 4 by default, the paper's
@@ -55,7 +55,7 @@ from typing import Any
 from duetgen.data.dataset import Dataset, atomic_write_bytes
 from duetgen.data.images import ImageError
 from duetgen.data.record import ImagePart, Message, Record, RecordError, TextPart
-from duetgen.eval.benchmarks import Benchmark, load_benchmark
+from duetgen.eval.benchmarks import Benchmark, exact_scorer, load_benchmark
 from duetgen.eval.benchmarks.readers import (GENEVAL_LAYOUT, ImageFolder, read_edit_predictions, read_gedit,
                                              read_geneval_results, read_imgedit, read_imgedit_judge_prompts,
                                              read_interleavedbench, read_predictions, read_records)
@@ -299,12 +299,11 @@ def _build_exact_items(bench: Benchmark, cfg: RunConfig, by_id: dict, pred_image
         raise HarnessError(f"benchmark {bench.name!r} is scored against ground truth: give --truth DIR")
     if cfg.prompts is not None or cfg.images is not None:
         raise HarnessError(f"benchmark {bench.name!r} reads its inputs from --truth; drop --prompts/--images")
-    from duetgen.data.toyworld import Task
-
+    scorer = exact_scorer(bench)
     truth_ds = Dataset(cfg.truth)
     items = []
     for t in truth_ds:
-        kind = Task.from_meta(t.meta, t.id).kind
+        kind = scorer.truth_category(t)
         request, _ = split_record(t)
         sample = None
         if t.id in by_id:
@@ -512,15 +511,12 @@ def external_line(bench: Benchmark, item: Item) -> dict:
 
 
 def exact_line(bench: Benchmark, item: Item) -> dict:
-    """ShapeWorld: the exact judge's scores of one item (its own rule: a missing prediction scores 0)."""
-    from duetgen.data.toyworld import Task
-    from duetgen.eval.toyworld_judge import score_record
-
-    truth = Task.from_meta(item.truth.meta, item.id)
-    texts = [p.text for m in item.truth.messages if m.role == "assistant" for p in m.content if isinstance(p, TextPart)]
+    """An exact benchmark (ShapeWorld): its scorer's scores of one item (its own rule: a missing prediction
+    scores 0)."""
     s = item.sample
-    scores = score_record(truth, texts, None if s is None else s.output,
-                          lambda i: s.output_images.open_image(s.output_image_parts[i].path, record_id=item.id))
+    scores = exact_scorer(bench).score_item(
+        item.truth, None if s is None else s.output,
+        lambda i: s.output_images.open_image(s.output_image_parts[i].path, record_id=item.id))
     metrics = {}
     for m in bench.metrics:
         v = scores[m.field]

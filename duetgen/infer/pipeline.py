@@ -157,32 +157,3 @@ class DuetGenPipeline:
         record = Record(id=record_id, messages=messages, source=SOURCE, meta=meta)
         validate(record)
         return record
-
-
-# ============================================================================ the ShapeWorld demo
-DEMO_KINDS = ("how-to", "continuation", "editing")  # issue 5: what `make demo` ends with
-
-
-def shapeworld_demo(pipe: DuetGenPipeline, out_dir: str | os.PathLike, seed: int = 0, **settings) -> Path:
-    """Answer one test-split ShapeWorld prompt of each kind in ``DEMO_KINDS`` (a canvas goes with
-    continuation and editing), store the answers as one dataset under ``out_dir`` and render it as
-    HTML; returns the HTML path. ``settings`` are generation overrides (``num_steps=10``, ...)."""
-    import random
-    import shutil
-
-    from duetgen.data import toyworld
-    from duetgen.data.dataset import DatasetWriter
-    from duetgen.data.view import render_dataset_html
-
-    out = Path(out_dir)
-    data_dir = out / "generated"
-    if data_dir.exists():
-        shutil.rmtree(data_dir)  # the demo owns this folder; a rerun starts clean
-    with DatasetWriter(data_dir, name="duetgen demo answers") as writer:
-        for i, kind in enumerate(DEMO_KINDS):
-            task = toyworld.sample_task(kind, random.Random(seed * 100 + i), split="test")
-            images = [toyworld.render(task.initial)] if task.has_canvas else []
-            record = pipe(task.prompt(), images=images, record_id=f"demo-{kind}", seed=seed, **settings)
-            record.meta["task"] = {"kind": kind, "scenes": [s.to_json() for s in task.scenes()]}
-            writer.write(record)
-    return render_dataset_html(data_dir, out / "generated.html", progress=False)[0]

@@ -132,7 +132,7 @@ def toy_stage1_read_first() -> Stage1Config:
     """ShapeWorld stage 1, phase 1 of 3: a fresh toy MLLM learns to read canvases first, on the
     understanding records only (400 steps; colour words read right 28/28 on val, docs/training.md).
     A language model trained on the copy tasks first never learned to read colours (same doc)."""
-    from duetgen.data.toyworld import KINDS
+    from duetgen.shapeworld.world import KINDS
 
     return dataclasses.replace(toy_stage1_mixed_scratch(), name="toy-read-first", data=["runs/shapeworld/data/train"],
                                exclude_kinds=[k for k in KINDS if k != "understanding"], steps=400,

@@ -47,7 +47,7 @@ class Phase:
 
 def data_phase(name: str, n: int, seed: int, split: str, kinds: list[str] | None = None) -> Phase:
     """A ShapeWorld dataset OUT/data/<name>, generated into a temporary folder and renamed when complete."""
-    from duetgen.data.toyworld import generate
+    from duetgen.shapeworld.world import generate
 
     def run(out: Path, resume: bool, progress: bool) -> None:
         final, tmp = out / "data" / name, out / "data" / f".tmp-{name}"
@@ -92,7 +92,7 @@ def stage2_phase(name: str, cfg_fn, data: list[str], mllm_from: str, init_from: 
 
 
 def eval_phase(model_from: str, truth: str, name: str, **settings) -> Phase:
-    from duetgen.train.toy_eval import evaluate_toy
+    from duetgen.shapeworld.evaluate import evaluate_toy
 
     def run(out: Path, resume: bool, progress: bool) -> None:
         evaluate_toy(out / model_from / "model", out / "data" / truth, out / name, progress=progress, **settings)

@@ -49,8 +49,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from duetgen.data.packing import PackedSampler, block_diagonal_mask, concat_packed
 from duetgen.data.dataset import Dataset
+from duetgen.data.packing import PackedSampler, block_diagonal_mask, concat_packed
 from duetgen.data.record import Record
 from duetgen.models.mllm import IGNORE_INDEX, RenderedSequence, render_record, rope_position_ids
 from duetgen.models.packed_attention import use_packed_attention, uses_packed_attention
@@ -408,7 +408,7 @@ def write_samples(model, tokenizer, processor, val_items, out_dir: Path | None, 
     from duetgen.data.dataset import DatasetWriter
     from duetgen.data.record import Message
     from duetgen.data.view import render_dataset_html
-    from duetgen.train.toy_eval import greedy_answer_with_truth_images, truth_prompt
+    from duetgen.infer.teacher_forcing import greedy_answer_with_truth_images, truth_prompt
 
     was_training = model.training
     model.eval()

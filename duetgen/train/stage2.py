@@ -64,13 +64,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from duetgen.data.packing import PackedSampler
 from duetgen.data.dataset import Dataset, atomic_write_bytes
+from duetgen.data.packing import PackedSampler
 from duetgen.data.record import ImagePart, Message, Record, TextPart
-from duetgen.models.video_dit import init_learnable_positions
 from duetgen.diffusion.draw import network_x0, previous_canvas, white_canvas_latent
 from duetgen.diffusion.flow_matching import FlowMatchingConfig, dit_sample_inputs, flow_matching_loss, sample_time
 from duetgen.models.mllm import RenderedSequence, all_layer_states, layer_states, negative_prefix_length
+from duetgen.models.video_dit import init_learnable_positions
 from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
 from duetgen.train.configs import Stage2Config
 from duetgen.train.logging import MetricsLogger
@@ -623,13 +623,13 @@ def validation_loss(val_items, condition: ConditionStates, connector, dit, vae, 
 @torch.no_grad()
 def write_samples(page: Path | None, val_items, model, trainable, ema, cfg: Stage2Config, step: int) -> float:
     """Draw the last answer image of a few held-out records with the EMA weights through the engine of
-    `duetgen generate` (truth context, `<BOV>` forced: `toy_eval.draw_teacher_forced`), write truth and
+    `duetgen generate` (truth context, `<BOV>` forced: `duetgen.infer.teacher_forcing.draw_teacher_forced`), write truth and
     sample side by side as HTML; return the fraction read back exactly equal."""
-    from duetgen.eval.toyworld_judge import read_canvas
     from duetgen.infer.engine import GenerationConfig
     from duetgen.infer.pipeline import DuetGenPipeline
+    from duetgen.infer.teacher_forcing import draw_teacher_forced, teacher_forced_context
+    from duetgen.shapeworld.judge import read_canvas
     from duetgen.train.logging import write_samples_html
-    from duetgen.train.toy_eval import draw_teacher_forced, teacher_forced_context
 
     backup = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
     ema.copy_to(trainable)

@@ -18,7 +18,7 @@ import numpy as np
 
 def main() -> None:
     from duetgen.data.dataset import Dataset
-    from duetgen.eval.toyworld_judge import read_canvas
+    from duetgen.shapeworld.judge import read_canvas
 
     pred, truth = Dataset(sys.argv[1]), Dataset(sys.argv[2])
     answers = {r.id: r for r in pred}

@@ -7,7 +7,7 @@ Prints, per resampling filter, images / read back as the same scene / read clean
 from PIL import Image
 from duetgen.data.dataset import Dataset
 from duetgen.data.record import ImagePart
-from duetgen.eval.toyworld_judge import read_canvas
+from duetgen.shapeworld.judge import read_canvas
 import sys
 ds = Dataset(sys.argv[1])
 for filt in ("BOX", "BICUBIC", "LANCZOS", "BILINEAR"):

@@ -8,7 +8,7 @@ split by whether the step touched the cell or kept it (docs/training.md, "What s
 import sys, collections
 from duetgen.data.dataset import Dataset
 from duetgen.data.record import ImagePart
-from duetgen.eval.toyworld_judge import Task, read_canvas, align_images
+from duetgen.shapeworld.judge import Task, read_canvas, align_images
 pred_dir, truth_dir = sys.argv[1], sys.argv[2]
 truth_ds, pred_ds = Dataset(truth_dir), Dataset(pred_dir)
 preds = {r.id: [p for m in r.messages if m.role=="assistant" for p in m.content] for r in pred_ds}

@@ -26,7 +26,7 @@ def main() -> None:
     from duetgen.data.record import ImagePart
     from duetgen.diffusion.draw import white_canvas_latent
     from duetgen.diffusion.flow_matching import dit_sample_inputs
-    from duetgen.eval.toyworld_judge import Task, read_canvas
+    from duetgen.shapeworld.judge import Task, read_canvas
     from duetgen.models.duetgen import DuetGen
     from duetgen.train import stage2
 

@@ -24,5 +24,5 @@ def stochastic(denoise, noise, config, callback=None):
         x = (1 - s) * x0 + s * mixed
     return x
 D.sample = stochastic
-from duetgen.train.toy_eval import evaluate_toy
+from duetgen.shapeworld.evaluate import evaluate_toy
 r = evaluate_toy(model_dir, truth, out, progress=False)

@@ -24,7 +24,7 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from duetgen.data.toyworld import COLOURS, POSITIONS, SHAPES, Piece, Scene, WorldError, render
+    from duetgen.shapeworld.world import COLOURS, POSITIONS, SHAPES, Piece, Scene, WorldError, render
     from duetgen.models.image_processor import ImageProcessor
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.mllm).eval()

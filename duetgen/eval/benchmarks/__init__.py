@@ -17,7 +17,10 @@ Design choices:
   resamples answers, not correlated images of one answer.
 - The file's sha256 is recorded with every run: editing a benchmark without bumping its version
   is still visible, and a resumed run refuses a changed benchmark.
-- ``kind: "exact"`` benchmarks (ShapeWorld) have no judge calls: a program scores them.
+- ``kind: "exact"`` benchmarks (ShapeWorld) have no judge calls: a program scores them, the module
+  the file names as ``scorer`` (``exact_scorer``: ``METRICS``, ``truth_category(truth)``,
+  ``score_item(truth, output, open_output_image)``). That name is the only place the evaluation package
+  learns of a world with exact answers: eval imports no ShapeWorld code.
   ``kind: "external"`` benchmarks (GenEval) are scored by the benchmark's own program, run beside
   this project; the harness reads its per-image results and aggregates them.
 - Editing benchmarks (ImgEdit, GEdit-Bench) use the ``edit`` view (the instruction, the source
@@ -39,10 +42,12 @@ Design choices:
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 BENCHMARK_DIR = Path(__file__).parent
 VIEWS = ("sequence", "image", "hidden_pair", "edit", "edited_image")
@@ -110,6 +115,7 @@ class Benchmark:
     calls: list[CallSpec] = field(default_factory=list)
     metrics: list[MetricSpec] = field(default_factory=list)
     tasks: dict | None = None  # {"default": "task4", "judged": [...], "refused": {task: reason}} (CoMM)
+    scorer: str | None = None  # "exact" only: the module that scores an item (e.g. "duetgen.shapeworld.judge")
     sha256: str = ""  # of the benchmark file's bytes
     path: str = ""
 
@@ -183,7 +189,7 @@ def _from_dict(d: object, where: str) -> Benchmark:
     if not isinstance(d, dict):
         raise BenchmarkError(f"benchmark file {where}: must be a JSON object")
     allowed = {"name", "version", "title", "description", "source", "kind", "expected_items", "input_images",
-               "prompts_format", "calls", "metrics", "tasks", "paper"}
+               "prompts_format", "calls", "metrics", "tasks", "paper", "scorer"}
     unknown = set(d) - allowed
     if unknown:
         raise BenchmarkError(f"benchmark file {where}: unknown key(s) {sorted(unknown)}")
@@ -235,6 +241,9 @@ def _from_dict(d: object, where: str) -> Benchmark:
             raise BenchmarkError(f"benchmark file {where}: metric {spec.name!r}: aggregate must be 'mean' or "
                                  "'mean_over_categories'")
         metrics.append(spec)
+    if (d["kind"] == "exact") != isinstance(d.get("scorer"), str):
+        raise BenchmarkError(f"benchmark file {where}: an exact benchmark names its scorer module (\"scorer\"), "
+                             "and only an exact one")
     if d["kind"] == "judge" and not calls:
         raise BenchmarkError(f"benchmark file {where}: a judge benchmark needs at least one call")
     tasks = d.get("tasks")
@@ -246,7 +255,23 @@ def _from_dict(d: object, where: str) -> Benchmark:
     return Benchmark(name=d["name"], version=str(d["version"]), title=d["title"], description=d.get("description", ""),
                      source=d.get("source", ""), kind=d["kind"], expected_items=d.get("expected_items"),
                      input_images=d["input_images"], prompts_format=d["prompts_format"], calls=calls, metrics=metrics,
-                     tasks=tasks)
+                     tasks=tasks, scorer=d.get("scorer"))
+
+
+SCORER_FUNCTIONS = ("truth_category", "score_item")
+
+
+def exact_scorer(bench: Benchmark) -> ModuleType:
+    """The module that scores an exact benchmark's items (its ``scorer``), checked to have ``METRICS`` and
+    ``SCORER_FUNCTIONS``."""
+    try:
+        module = importlib.import_module(bench.scorer)
+    except ImportError as e:
+        raise BenchmarkError(f"benchmark file {bench.path}: scorer {bench.scorer!r} cannot be imported ({e})") from None
+    missing = [name for name in ("METRICS", *SCORER_FUNCTIONS) if not hasattr(module, name)]
+    if missing:
+        raise BenchmarkError(f"benchmark file {bench.path}: scorer {bench.scorer!r} has no {', '.join(missing)}")
+    return module
 
 
 def _check_references(b: Benchmark) -> None:
@@ -284,12 +309,11 @@ def _check_references(b: Benchmark) -> None:
             continue
         if b.kind == "external":  # a column of the external scorer's results; read by its reader
             continue
-        if b.kind == "exact":  # scored by a program (toyworld_judge); the field is its metric key
-            from duetgen.eval.toyworld_judge import METRICS
-
-            if m.field not in METRICS:
-                raise BenchmarkError(f"{where}: metric {m.name!r}: the exact judge has no metric {m.field!r} "
-                                     f"(it has {list(METRICS)})")
+        if b.kind == "exact":  # scored by a program (the scorer module); the field is its metric key
+            metrics = exact_scorer(b).METRICS
+            if m.field not in metrics:
+                raise BenchmarkError(f"{where}: metric {m.name!r}: the scorer {b.scorer!r} has no metric {m.field!r} "
+                                     f"(it has {list(metrics)})")
             continue
         if m.call not in ids:
             raise BenchmarkError(f"{where}: metric {m.name!r}: unknown call {m.call!r} (calls: {ids})")

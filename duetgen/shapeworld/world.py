@@ -7,8 +7,9 @@ and never two pieces sharing both colour and shape.
 
 Design choices:
 - A ``Task`` (kind, initial scene, operations) is the one ground truth. Its prompt, its answer,
-  its record and its scene trajectory are all derived from it, and ``parse_prompt`` turns a prompt
-  (plus the canvas) back into the same ``Task``, so generator and parser are tested against each other.
+  its record and its scene trajectory are all derived from it, and the judge's ``parse_prompt``
+  (duetgen.shapeworld.judge) turns a prompt (plus the canvas) back into the same ``Task``, so generator
+  and parser are tested against each other.
 - Fixed wordings this module chooses where the spec is silent (docs/shapeworld.md lists them):
   closing sentence ``Your canvas is done.``; text-to-image answer ``Here is a <colour> <shape> <place>.``;
   editing answers ``Here is your canvas with a yellow circle added at the top right.`` /
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -621,122 +621,3 @@ def generate(out_dir: str | Path, n: int, seed: int = 0, split: str = "train",
             counts[kind] += 1
             advance()
     return counts
-
-
-# =============================================================================================
-# Parsing ShapeWorld text back into pieces, operations and tasks
-# =============================================================================================
-_COLOUR = "|".join(COLOURS)
-_SHAPE = "|".join(SHAPES)
-_POSITION = "|".join(sorted(POSITIONS, key=len, reverse=True))  # longest first: "top left" before "top"
-_PHRASE_TO_POSITION = {v: k for k, v in PLACE_PHRASES.items()}
-_PLACE = "|".join(sorted(PLACE_PHRASES.values(), key=len, reverse=True))
-_PIECE_RE = re.compile(rf"an? ({_COLOUR}) ({_SHAPE}) ({_PLACE})")
-_CLAUSE_RES = {
-    "place": re.compile(rf"add an? ({_COLOUR}) ({_SHAPE}) ({_PLACE})"),
-    "remove": re.compile(rf"remove the ({_COLOUR}) ({_SHAPE})"),
-    "move": re.compile(rf"move the ({_COLOUR}) ({_SHAPE}) to the ({_POSITION})"),
-    "recolour": re.compile(rf"make the ({_COLOUR}) ({_SHAPE}) ({_COLOUR})"),
-}
-_SENTENCE_RES = {
-    "place": re.compile(rf"Place the ({_COLOUR}) ({_SHAPE}) ({_PLACE})\."),
-    "remove": re.compile(rf"Remove the ({_COLOUR}) ({_SHAPE})\."),
-    "move": re.compile(rf"Move the ({_COLOUR}) ({_SHAPE}) to the ({_POSITION})\."),
-    "recolour": re.compile(rf"Make the ({_COLOUR}) ({_SHAPE}) ({_COLOUR})\."),
-}
-
-
-def _operation_from_match(op: str, m: re.Match) -> Operation:
-    if op == "place":
-        return Operation("place", m[1], m[2], _PHRASE_TO_POSITION[m[3]])
-    if op == "remove":
-        return Operation("remove", m[1], m[2])
-    if op == "move":
-        return Operation("move", m[1], m[2], m[3])
-    return Operation("recolour", m[1], m[2], new_colour=m[3])
-
-
-def parse_piece_phrase(text: str) -> Piece:
-    """``a red circle at the top left`` -> Piece."""
-    m = _PIECE_RE.fullmatch(text.strip())
-    if not m:
-        raise WorldError(f"not a ShapeWorld piece phrase: {text!r}")
-    return Piece(m[1], m[2], _PHRASE_TO_POSITION[m[3]])
-
-
-def _split_list(text: str) -> list[str]:
-    """Inverse of join_phrases (no vocabulary word contains ``,`` or `` and ``)."""
-    head, sep, last = text.rpartition(" and ")
-    return (head.split(", ") + [last]) if sep else [text]
-
-
-def parse_clause(text: str) -> Operation:
-    """``add a yellow circle at the top right`` / ``remove the red circle`` / ... -> Operation."""
-    for op, rx in _CLAUSE_RES.items():
-        m = rx.fullmatch(text.strip())
-        if m:
-            return _operation_from_match(op, m)
-    raise WorldError(f"not a ShapeWorld operation clause: {text!r}")
-
-
-def parse_sentence(text: str) -> Operation:
-    """A step sentence (``Move the red circle to the center.``) -> Operation."""
-    for op, rx in _SENTENCE_RES.items():
-        m = rx.fullmatch(text.strip())
-        if m:
-            return _operation_from_match(op, m)
-    raise WorldError(f"not a ShapeWorld step sentence: {text!r}")
-
-
-def parse_description(text: str) -> Scene:
-    """An understanding answer (``The canvas has a red circle at the top left and ...``) -> Scene."""
-    text = " ".join(text.split())
-    if text == EMPTY_DESCRIPTION:
-        return Scene()
-    m = re.fullmatch(r"The canvas has (.+)\.", text)
-    if not m:
-        raise WorldError(f"not a ShapeWorld canvas description: {text!r}")
-    return Scene(tuple(parse_piece_phrase(s) for s in _split_list(m[1])))
-
-
-def parse_prompt(text: str, canvas: Any = None, kind: str | None = None) -> Task:
-    """A ShapeWorld user prompt (and its canvas: a Scene or an image) -> the Task it asks.
-
-    A canvas image is read with the exact judge. Editing prompts for remove / move / recolour are
-    word for word the step sentences that transition records use, so without ``kind`` a step
-    sentence with a canvas parses as editing, except ``Place ...`` (never an editing prompt),
-    which parses as a transition. ``kind`` checks the prompt against the kind you expect.
-    """
-    if kind is not None and kind not in KINDS:
-        raise WorldError(f"unknown task kind {kind!r} (expected one of {list(KINDS)})")
-    text = " ".join(text.split())
-
-    def initial() -> Scene:
-        if canvas is None:
-            raise WorldError(f"prompt {text!r} refers to a canvas, but none was given")
-        if isinstance(canvas, Scene):
-            return canvas
-        from duetgen.eval.toyworld_judge import read_scene
-
-        return read_scene(canvas)
-
-    task = None
-    if text == UNDERSTANDING_QUESTION:
-        task = Task("understanding", initial())
-    elif m := re.fullmatch(r"How do I arrange (.+)\?", text):
-        pieces = [parse_piece_phrase(s) for s in _split_list(m[1])]
-        task = Task("how-to", Scene(), tuple(Operation("place", p.colour, p.shape, p.position) for p in pieces))
-    elif m := re.fullmatch(rf"{re.escape(CANVAS_PREFIX)} How do I (.+)\?", text):
-        task = Task("continuation", initial(), tuple(parse_clause(c) for c in m[1].split(", then ")))
-    elif m := re.fullmatch(r"Draw (.+)\.", text):
-        p = parse_piece_phrase(m[1])
-        task = Task("text-to-image", Scene(), (Operation("place", p.colour, p.shape, p.position),))
-    elif kind == "transition" or (kind is None and text.startswith("Place ")):
-        task = Task("transition", initial(), (parse_sentence(text),))
-    elif text[:1].isupper() and text.endswith("."):
-        task = Task("editing", initial(), (parse_clause(text[0].lower() + text[1:-1]),))
-    if task is None:
-        raise WorldError(f"not a ShapeWorld prompt: {text!r}")
-    if kind is not None and task.kind != kind:
-        raise WorldError(f"prompt {text!r} is a {task.kind} prompt, not {kind}")
-    return task

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from duetgen.data import toyworld as tw
 from duetgen.data.dataset import Dataset
 from duetgen.data.record import ImagePart, TextPart
-from duetgen.data.toyworld import Operation, Piece, Scene, Task, WorldError
+from duetgen.shapeworld import judge
+from duetgen.shapeworld import world as tw
+from duetgen.shapeworld.world import Operation, Piece, Scene, Task, WorldError
 
 
 def P(colour, shape, position):
@@ -185,33 +186,33 @@ def test_parse_prompt_recovers_every_sampled_task_from_text_and_canvas_image():
         kind = tw.KINDS[i % len(tw.KINDS)]
         task = tw.sample_task(kind, rng, tw.SPLITS[i % 3])
         canvas = tw.render(task.initial, size=96) if task.has_canvas else None  # read back by the judge
-        assert tw.parse_prompt(task.prompt(), canvas, kind=kind) == task
-        guessed = tw.parse_prompt(task.prompt(), canvas)
+        assert judge.parse_prompt(task.prompt(), canvas, kind=kind) == task
+        guessed = judge.parse_prompt(task.prompt(), canvas)
         if kind == "transition" and task.operations[0].op != "place":
             assert guessed.kind == "editing"  # documented: the same words as an editing prompt
         else:
             assert guessed == task
         for text in task.answer_texts():
             if text.startswith("Step "):
-                assert tw.parse_sentence(text.split(": ", 1)[1]) in task.operations
+                assert judge.parse_sentence(text.split(": ", 1)[1]) in task.operations
         if kind == "understanding":
-            assert tw.parse_description(task.answer_texts()[0]) == task.initial
+            assert judge.parse_description(task.answer_texts()[0]) == task.initial
 
 
 def test_parse_accepts_an_and_rejects_nonsense():
-    assert tw.parse_piece_phrase("an orange circle on the left") == P("orange", "circle", "left")
-    task = tw.parse_prompt("How do I arrange a red circle at the top and an orange square in the center?")
+    assert judge.parse_piece_phrase("an orange circle on the left") == P("orange", "circle", "left")
+    task = judge.parse_prompt("How do I arrange a red circle at the top and an orange square in the center?")
     assert [op.name for op in task.operations] == ["red circle", "orange square"]
     with pytest.raises(WorldError, match="not a ShapeWorld prompt"):
-        tw.parse_prompt("How do I bathe a cat")
+        judge.parse_prompt("How do I bathe a cat")
     with pytest.raises(WorldError, match="piece phrase"):
-        tw.parse_prompt("Draw a pink circle at the top.")
+        judge.parse_prompt("Draw a pink circle at the top.")
     with pytest.raises(WorldError, match="none was given"):
-        tw.parse_prompt("What is on my canvas?")
+        judge.parse_prompt("What is on my canvas?")
     with pytest.raises(WorldError, match="not a how-to prompt|is a text-to-image prompt"):
-        tw.parse_prompt("Draw a red circle at the top.", kind="how-to")
+        judge.parse_prompt("Draw a red circle at the top.", kind="how-to")
     with pytest.raises(WorldError, match="no red circle"):  # the canvas decides validity
-        tw.parse_prompt("Remove the red circle.", Scene((P("blue", "circle", "top"),)))
+        judge.parse_prompt("Remove the red circle.", Scene((P("blue", "circle", "top"),)))
 
 
 # ----------------------------------------------------------------------------- sampling and splits
@@ -249,7 +250,7 @@ def test_scene_split_is_a_fixed_partition_close_to_80_10_10():
 
 def _scenes_of(ds: Dataset, read_images: bool) -> set[str]:
     """Every non-empty scene a dataset shows: from meta, and (optionally) read back from the images."""
-    from duetgen.eval.toyworld_judge import read_scene
+    from duetgen.shapeworld.judge import read_scene
 
     keys = set()
     for rec in ds:

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from duetgen.data import toyworld as tw
 from duetgen.data.dataset import Dataset, DatasetWriter
 from duetgen.data.record import ImagePart, Message, Record, RecordError, TextPart
-from duetgen.data.toyworld import Piece, Scene, Task
-from duetgen.eval import toyworld_judge as judge
+from duetgen.shapeworld import world as tw
+from duetgen.shapeworld import judge
+from duetgen.shapeworld.world import Piece, Scene, Task
 
 
 def noisy(im: Image.Image, seed: int = 0, sigma: float = 10.0) -> Image.Image:

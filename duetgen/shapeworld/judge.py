@@ -1,4 +1,7 @@
-"""The exact ShapeWorld judge: read canvases back into pieces and score interleaved answers.
+"""The exact ShapeWorld judge: read text and canvases back into tasks and pieces, and score interleaved answers.
+
+Reading text: ``parse_prompt`` (a user prompt and its canvas -> the Task it asks), ``parse_sentence``,
+``parse_clause``, ``parse_description``: the inverses of the world's wordings (duetgen.shapeworld.world).
 
 Reading a canvas (DESIGN 9): nearest palette colour per pixel, connected components per colour,
 centroid to the nearest grid cell, shape from how the component fills its bounding box.
@@ -46,8 +49,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from duetgen.data.toyworld import (CANVAS_SIZE, CELL_CENTRES, COLOURS, HALF_SIZE, KINDS, POSITIONS, SHAPES,
-                                   Piece, Scene, Task, WorldError, parse_description, render)
+from duetgen.shapeworld.world import (CANVAS_PREFIX, CANVAS_SIZE, CELL_CENTRES, COLOURS, EMPTY_DESCRIPTION, HALF_SIZE,
+                                      KINDS, PLACE_PHRASES, POSITIONS, SHAPES, UNDERSTANDING_QUESTION, Operation, Piece,
+                                      Scene, Task, WorldError, render)
 
 POINT_TOL = 45.0  # max RGB distance to a palette colour / white for a "pure" pixel (noise sigma 10 -> ~17 typical)
 BLEND_TOL = 40.0  # max distance from the white->colour segment for an edge-blend pixel
@@ -60,6 +64,123 @@ METRICS = ("t_com", "i_com", "i_co", "it_co", "i_q", "u_acc")
 METRIC_LABELS = {"t_com": "T-Com", "i_com": "I-Com", "i_co": "I-Co", "it_co": "IT-Co", "i_q": "I-Q",
                  "u_acc": "U-Acc"}
 _STEP_RE = re.compile(r"Step (\d+):")
+
+
+# =============================================================================================
+# Parsing ShapeWorld text back into pieces, operations and tasks
+# =============================================================================================
+_COLOUR = "|".join(COLOURS)
+_SHAPE = "|".join(SHAPES)
+_POSITION = "|".join(sorted(POSITIONS, key=len, reverse=True))  # longest first: "top left" before "top"
+_PHRASE_TO_POSITION = {v: k for k, v in PLACE_PHRASES.items()}
+_PLACE = "|".join(sorted(PLACE_PHRASES.values(), key=len, reverse=True))
+_PIECE_RE = re.compile(rf"an? ({_COLOUR}) ({_SHAPE}) ({_PLACE})")
+_CLAUSE_RES = {
+    "place": re.compile(rf"add an? ({_COLOUR}) ({_SHAPE}) ({_PLACE})"),
+    "remove": re.compile(rf"remove the ({_COLOUR}) ({_SHAPE})"),
+    "move": re.compile(rf"move the ({_COLOUR}) ({_SHAPE}) to the ({_POSITION})"),
+    "recolour": re.compile(rf"make the ({_COLOUR}) ({_SHAPE}) ({_COLOUR})"),
+}
+_SENTENCE_RES = {
+    "place": re.compile(rf"Place the ({_COLOUR}) ({_SHAPE}) ({_PLACE})\."),
+    "remove": re.compile(rf"Remove the ({_COLOUR}) ({_SHAPE})\."),
+    "move": re.compile(rf"Move the ({_COLOUR}) ({_SHAPE}) to the ({_POSITION})\."),
+    "recolour": re.compile(rf"Make the ({_COLOUR}) ({_SHAPE}) ({_COLOUR})\."),
+}
+
+
+def _operation_from_match(op: str, m: re.Match) -> Operation:
+    if op == "place":
+        return Operation("place", m[1], m[2], _PHRASE_TO_POSITION[m[3]])
+    if op == "remove":
+        return Operation("remove", m[1], m[2])
+    if op == "move":
+        return Operation("move", m[1], m[2], m[3])
+    return Operation("recolour", m[1], m[2], new_colour=m[3])
+
+
+def parse_piece_phrase(text: str) -> Piece:
+    """``a red circle at the top left`` -> Piece."""
+    m = _PIECE_RE.fullmatch(text.strip())
+    if not m:
+        raise WorldError(f"not a ShapeWorld piece phrase: {text!r}")
+    return Piece(m[1], m[2], _PHRASE_TO_POSITION[m[3]])
+
+
+def _split_list(text: str) -> list[str]:
+    """Inverse of join_phrases (no vocabulary word contains ``,`` or `` and ``)."""
+    head, sep, last = text.rpartition(" and ")
+    return (head.split(", ") + [last]) if sep else [text]
+
+
+def parse_clause(text: str) -> Operation:
+    """``add a yellow circle at the top right`` / ``remove the red circle`` / ... -> Operation."""
+    for op, rx in _CLAUSE_RES.items():
+        m = rx.fullmatch(text.strip())
+        if m:
+            return _operation_from_match(op, m)
+    raise WorldError(f"not a ShapeWorld operation clause: {text!r}")
+
+
+def parse_sentence(text: str) -> Operation:
+    """A step sentence (``Move the red circle to the center.``) -> Operation."""
+    for op, rx in _SENTENCE_RES.items():
+        m = rx.fullmatch(text.strip())
+        if m:
+            return _operation_from_match(op, m)
+    raise WorldError(f"not a ShapeWorld step sentence: {text!r}")
+
+
+def parse_description(text: str) -> Scene:
+    """An understanding answer (``The canvas has a red circle at the top left and ...``) -> Scene."""
+    text = " ".join(text.split())
+    if text == EMPTY_DESCRIPTION:
+        return Scene()
+    m = re.fullmatch(r"The canvas has (.+)\.", text)
+    if not m:
+        raise WorldError(f"not a ShapeWorld canvas description: {text!r}")
+    return Scene(tuple(parse_piece_phrase(s) for s in _split_list(m[1])))
+
+
+def parse_prompt(text: str, canvas: Any = None, kind: str | None = None) -> Task:
+    """A ShapeWorld user prompt (and its canvas: a Scene or an image) -> the Task it asks.
+
+    A canvas image is read with `read_scene`. Editing prompts for remove / move / recolour are
+    word for word the step sentences that transition records use, so without ``kind`` a step
+    sentence with a canvas parses as editing, except ``Place ...`` (never an editing prompt),
+    which parses as a transition. ``kind`` checks the prompt against the kind you expect.
+    """
+    if kind is not None and kind not in KINDS:
+        raise WorldError(f"unknown task kind {kind!r} (expected one of {list(KINDS)})")
+    text = " ".join(text.split())
+
+    def initial() -> Scene:
+        if canvas is None:
+            raise WorldError(f"prompt {text!r} refers to a canvas, but none was given")
+        if isinstance(canvas, Scene):
+            return canvas
+        return read_scene(canvas)
+
+    task = None
+    if text == UNDERSTANDING_QUESTION:
+        task = Task("understanding", initial())
+    elif m := re.fullmatch(r"How do I arrange (.+)\?", text):
+        pieces = [parse_piece_phrase(s) for s in _split_list(m[1])]
+        task = Task("how-to", Scene(), tuple(Operation("place", p.colour, p.shape, p.position) for p in pieces))
+    elif m := re.fullmatch(rf"{re.escape(CANVAS_PREFIX)} How do I (.+)\?", text):
+        task = Task("continuation", initial(), tuple(parse_clause(c) for c in m[1].split(", then ")))
+    elif m := re.fullmatch(r"Draw (.+)\.", text):
+        p = parse_piece_phrase(m[1])
+        task = Task("text-to-image", Scene(), (Operation("place", p.colour, p.shape, p.position),))
+    elif kind == "transition" or (kind is None and text.startswith("Place ")):
+        task = Task("transition", initial(), (parse_sentence(text),))
+    elif text[:1].isupper() and text.endswith("."):
+        task = Task("editing", initial(), (parse_clause(text[0].lower() + text[1:-1]),))
+    if task is None:
+        raise WorldError(f"not a ShapeWorld prompt: {text!r}")
+    if kind is not None and task.kind != kind:
+        raise WorldError(f"prompt {text!r} is a {task.kind} prompt, not {kind}")
+    return task
 
 
 # =============================================================================================
@@ -405,6 +526,23 @@ def score_record(truth: Task, truth_texts: list[str], pred_parts: list | None,
     out["it_co"] = sum(it_co) / len(it_co)
     out["i_co"] = sum(i_co) / len(i_co)
     return out
+
+
+# ----------------------------------------------------------------------------- the scorer of the eval harness
+# duetgen/eval/benchmarks/shapeworld.json names this module as its "scorer": the harness calls these two.
+
+
+def truth_category(truth) -> str:
+    """The task kind of a ground-truth record (its category in reports)."""
+    return Task.from_meta(truth.meta, truth.id).kind
+
+
+def score_item(truth, output: list | None, open_output_image: Callable[[int], Any]) -> dict[str, Any]:
+    """`score_record` of one prediction (its assistant parts; None: missing) against a ground-truth record."""
+    from duetgen.data.record import TextPart
+
+    texts = [p.text for m in truth.messages if m.role == "assistant" for p in m.content if isinstance(p, TextPart)]
+    return score_record(Task.from_meta(truth.meta, truth.id), texts, output, open_output_image)
 
 
 def _find_description(text: str) -> Scene:
