@@ -62,7 +62,7 @@ from duetgen.diffusion.flow_matching import dit_sample_inputs, to_x0_and_velocit
 from duetgen.diffusion.sampling import sample
 from duetgen.infer.engine import GenerationConfig, InterleavedEngine
 from duetgen.infer.pipeline import DEFAULT_MODEL_DIR
-from duetgen.models import presets
+from duetgen.models import builder, presets
 from duetgen.models.duetgen import DuetGen
 from duetgen.models.mllm import TokenIds
 from duetgen.models.tokenizer import OFFLINE_TOKEN_IDS
@@ -101,11 +101,11 @@ def load_model(args) -> tuple[DuetGen, str]:
     if args.preset is not None:
         if args.model is not None:
             raise SystemExit("give --model DIR or --preset NAME, not both")
-        return presets.build(args.preset, device=args.device).eval(), f"{args.preset} preset, random weights"
+        return builder.build(args.preset, device=args.device).eval(), f"{args.preset} preset, random weights"
     if args.model or (DEFAULT_MODEL_DIR / "duetgen.json").is_file():
         path = args.model or DEFAULT_MODEL_DIR
         return DuetGen.from_pretrained(path, device=args.device).eval(), str(path)
-    return presets.build("toy", device=args.device).eval(), "toy preset, random weights"
+    return builder.build("toy", device=args.device).eval(), "toy preset, random weights"
 
 
 # ----------------------------------------------------------------------------- 1. KV cache vs re-prefill
@@ -231,7 +231,7 @@ def gpu_check(args) -> None:
         preset = dataclasses.replace(preset, mllm=mllm, tokenizer="shapeworld", tokenizer_vocab_size=512)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     t0 = time.perf_counter()
-    model = presets.build(preset, device=args.device, dtype=dtype).eval()
+    model = builder.build(preset, device=args.device, dtype=dtype).eval()
     model.vae.to(torch.float32)
     print(f"built {preset.name} with random {dtype} weights on {args.device} in {time.perf_counter() - t0:.1f} s: "
           f"{model.num_parameters()}")
@@ -266,7 +266,7 @@ ZERO_SHOT_NAME = "zero_shot_cosmos"  # <out>/zero_shot_cosmos.png and .json
 
 def load_real_weights(path: Path, processor: Path | None, device: str, dtype: torch.dtype) -> tuple[DuetGen, str]:
     """An assembled DuetGen directory, or a Cosmos-Predict2.5 pipeline directory assembled in memory."""
-    from duetgen.models.cosmos_predict import assemble_from_pipeline
+    from duetgen.models.builder import assemble_from_pipeline
 
     if (path / "duetgen.json").is_file():
         return DuetGen.from_pretrained(path, device=device, dtype=dtype), "duetgen directory"

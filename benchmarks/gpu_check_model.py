@@ -4,7 +4,7 @@
     python benchmarks/gpu_check_model.py --allow-cpu --preset tiny --out /tmp/smoke.json       # CPU smoke run
 
 1. Build `qwen2.5-vl-7b+cosmos-predict2.5-2b` on the meta device, allocate it on the GPU and initialise it
-   there (`presets.build`: float32 init, then bf16). Nothing is downloaded; the weights are random, which
+   there (`builder.build`: float32 init, then bf16). Nothing is downloaded; the weights are random, which
    changes neither the time nor the memory of a step.
 2. One packed DiT training step (stage 2): a 768x768 target (paper section 5) with 3 clean 768x768
    conditioning frames: Wan2.1 f = 8 -> 96x96 latents -> patch 2 -> 48x48 = 2,304 tokens per frame,
@@ -157,7 +157,7 @@ def main() -> int:
         return 2
 
     from duetgen.models.mllm import layer_states
-    from duetgen.models.presets import build
+    from duetgen.models.builder import build
 
     clock = Clock(device)
     result = {"preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

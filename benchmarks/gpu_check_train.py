@@ -8,7 +8,7 @@ One process, one JSON object (stdout and `--out`); docs/perf.md says how to read
 0. matmul: the reference rate, `--matmul-size`^3 bf16 matmuls (8192 on a GPU) timed with CUDA events, median
    over `--matmul-repeats` batches of 5. MFU = model FLOPs / step time / this rate (not the datasheet peak).
 1. build: `qwen2.5-vl-7b+cosmos-predict2.5-2b` built on meta, allocated and randomly initialised on the GPU
-   in bf16 (`presets.build`). Nothing is downloaded; random weights change neither time nor memory.
+   in bf16 (`builder.build`). Nothing is downloaded; random weights change neither time nor memory.
 2. vae: the Wan2.1 encode of the 4 stage-2 images (768x768), timed on its own (it is not in the step below).
 3. stage2: one stage-2 step as `duetgen/train/stage2.py` runs it on CUDA: the trained parts (connector + DiT)
    in float32 master weights under bf16 autocast, the frozen MLLM in bf16. The MLLM (no grad) runs one packed
@@ -466,7 +466,8 @@ def check_stage2(model, args, device, autocast, reference) -> dict:
 
 def check_stage1(model, args, device, autocast, reference, mode: str) -> dict:
     from duetgen.train.optim import clip_grad_norm, make_adamw
-    from duetgen.train.stage1 import next_token_loss, pack_inputs
+    from duetgen.train.common import pack_inputs
+    from duetgen.train.stage1 import next_token_loss
 
     mllm = model.mllm
     h, w = model.config.image_size
@@ -605,7 +606,7 @@ def main(argv=None) -> int:
         print(json.dumps(result, indent=2))
         return 1 if result["failed"] else 0
 
-    from duetgen.models.presets import build
+    from duetgen.models.builder import build
 
     holder = {}
 

@@ -34,9 +34,10 @@ def main() -> None:
 
     from duetgen.shapeworld.world import generate
     from duetgen.train import stage2
-    from duetgen.train.stage1 import load_records, render
+    from duetgen.models.builder import load_mllm
+    from duetgen.train.common import load_records, render
 
-    mllm, tokenizer, processor = stage2.load_mllm(Path(args.model) / "mllm")
+    mllm, tokenizer, processor = load_mllm(Path(args.model) / "mllm")
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp) / "d", args.packs * args.pack_size, seed=0, split="train", progress=False,
                  kinds=["how-to", "continuation", "text-to-image", "editing"])

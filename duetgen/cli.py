@@ -734,7 +734,8 @@ def model_init(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory."),
 ):
     """Write a randomly initialised DuetGen directory of an offline preset (a starting point, or for trying the tools)."""
-    from duetgen.models.presets import build, get_preset
+    from duetgen.models.builder import build
+    from duetgen.models.presets import get_preset
 
     try:
         if get_preset(preset).tokenizer is None:
@@ -759,7 +760,8 @@ def model_assemble(
     """Assemble a DuetGen directory from local real weights: adds <BOV>, initialises the connector from the DiT."""
     import torch
 
-    from duetgen.models.duetgen import DuetGen, ModelDirectoryError
+    from duetgen.models.builder import assemble, assemble_from_pipeline
+    from duetgen.models.duetgen import ModelDirectoryError
 
     separate = {"--mllm": mllm, "--dit": dit, "--vae": vae}
     if pipeline is not None and any(v is not None for v in separate.values()):
@@ -771,11 +773,9 @@ def model_assemble(
     dtype = torch.bfloat16 if bf16 else torch.float32
     try:
         if pipeline is not None:
-            from duetgen.models.cosmos_predict import assemble_from_pipeline
-
             model = assemble_from_pipeline(pipeline, processor_dir=processor, dtype=dtype)
         else:
-            model = DuetGen.from_parts(mllm, dit, vae, dtype=dtype)
+            model = assemble(mllm, dit, vae, dtype=dtype)
         path = model.save_pretrained(out, overwrite=overwrite)
     except (ModelDirectoryError, ValueError, OSError) as e:
         fail(str(e))
@@ -822,10 +822,11 @@ def model_check(
 ):
     """Check a model directory from its configs and safetensors headers (no weights are read)."""
     from duetgen.models.duetgen import ModelDirectoryError, preset_differences, read_directory
+    from duetgen.models.presets import get_preset
 
     try:
         parts = read_directory(path)
-        differences = preset_differences(parts, expect) if expect else []
+        differences = preset_differences(parts, get_preset(expect)) if expect else []
     except (ModelDirectoryError, ValueError, OSError) as e:
         fail(str(e))
     if differences:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from duetgen.models import presets
+from duetgen.models import builder
 from duetgen.models.mllm import model_inputs, render_record
 from duetgen.shapeworld import world
 
@@ -42,7 +42,7 @@ def training_records():
 @functools.lru_cache(maxsize=None)  # one fit per test process, shared by every test file that asks
 def trained_tiny_model(steps: int = 120, lr: float = 1e-2, seed: int = 0):
     """The ``tiny`` preset with its MLLM overfitted on ``training_records()`` (a few seconds on one CPU thread)."""
-    model = presets.build("tiny", seed=seed)
+    model = builder.build("tiny", seed=seed)
     records = training_records()
     rendered = [render_record(r, model.tokenizer, model.image_processor) for r in records]
     optimizer = torch.optim.AdamW(model.mllm.parameters(), lr=lr, weight_decay=0.0)

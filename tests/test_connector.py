@@ -108,7 +108,7 @@ def test_recency_marker_is_saved_with_the_connector_and_loaded_back(tmp_path):
     from dataclasses import replace
 
     from duetgen.models.duetgen import DuetGen
-    from duetgen.models.presets import build
+    from duetgen.models.builder import build
 
     model = build("tiny")
     marked = Connector(model.connector.in_channels, model.connector.out_channels, recency_tokens=4)

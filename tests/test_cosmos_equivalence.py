@@ -34,10 +34,10 @@ from duetgen.models.cosmos_predict import (
     COSMOS_MAX_TOKENS,
     COSMOS_SYSTEM_PROMPT,
     PipelineDirectoryError,
-    assemble_from_pipeline,
     cosmos_prompt_ids,
 )
 from duetgen.infer.engine import GenerationConfig, draw_cosmos
+from duetgen.models.builder import assemble_from_pipeline
 from duetgen.models.duetgen import DuetGen, DuetGenConfig
 from duetgen.models.mllm import tiny_image_processor, tiny_qwen2_5_vl_config
 from duetgen.models.presets import tiny
@@ -226,7 +226,7 @@ def test_assembled_model_records_its_sources_and_round_trips(pipeline_dir, ours,
 
 
 def test_default_settings_write_duetgen_json_as_before(tmp_path):
-    from duetgen.models.presets import build
+    from duetgen.models.builder import build
 
     path = build("tiny").save_pretrained(tmp_path / "tiny")
     saved = json.loads((path / "duetgen.json").read_text())

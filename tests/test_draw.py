@@ -14,7 +14,7 @@ from duetgen.diffusion.draw import draw_latent, network_x0, previous_canvas
 from duetgen.diffusion.schedules import SamplerConfig
 from duetgen.infer.engine import GenerationConfig
 from duetgen.models.mllm import render_record
-from duetgen.models.presets import build
+from duetgen.models.builder import build
 
 torch.set_num_threads(1)
 

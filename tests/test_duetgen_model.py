@@ -17,7 +17,8 @@ from duetgen.data.record import ImagePart, Message, Record, TextPart
 from duetgen.models.duetgen import CONNECTOR_FILE, DuetGen, DuetGenConfig, ModelDirectoryError
 from duetgen.models.image_processor import ImageProcessor
 from duetgen.models.mllm import all_layer_states, condition_hidden_states, layer_states, model_inputs, render_record
-from duetgen.models.presets import build, get_preset, materialize, tiny
+from duetgen.models.builder import assemble, build, load, materialize
+from duetgen.models.presets import get_preset, tiny
 from duetgen.models.tokenizer import BOV, build_tokenizer, tiny_corpus
 from duetgen.models.vae import PixelShuffleConfig
 from duetgen.models.video_dit import install_padding_mask_resize_shim
@@ -92,7 +93,7 @@ def outputs(model, rendered):
 
 
 def test_round_trip_gives_identical_outputs(tiny_model, saved_tiny):
-    loaded = DuetGen.from_pretrained(saved_tiny, expect="tiny").eval()
+    loaded = load(saved_tiny, expect="tiny").eval()
     rendered = render_record(record(), tiny_model.tokenizer, tiny_model.image_processor)
     assert len(rendered.bov_positions) == 2
     assert render_record(record(), loaded.tokenizer, loaded.image_processor).input_ids.equal(rendered.input_ids)
@@ -141,7 +142,7 @@ def test_wan_vae_round_trip_and_plain_diffusers(tmp_path):
     path = model.save_pretrained(tmp_path / "tiny-wan")
     assert json.loads((path / "vae" / "config.json").read_text())["_class_name"] == "AutoencoderKLWan"
     plain = AutoencoderKLWan.from_pretrained(path / "vae").eval()
-    loaded = DuetGen.from_pretrained(path, expect="tiny-wan")
+    loaded = load(path, expect="tiny-wan")
     images = [noise_image(32, 32, 5), noise_image(16, 24, 6)]
     ours, theirs = model.encode_images(images), loaded.encode_images(images)
     assert [tuple(z.shape) for z in ours] == [(4, 16, 16), (4, 8, 12)]
@@ -187,12 +188,12 @@ def test_connector_and_dit_projection_are_one_module(tmp_path):
 
 def test_loading_a_toy_directory_as_tiny_names_the_difference(saved_toy):
     with pytest.raises(ModelDirectoryError) as error:
-        DuetGen.from_pretrained(saved_toy, expect="tiny")
+        load(saved_toy, expect="tiny")
     message = str(error.value)
     assert message.startswith(str(saved_toy))
     assert "preset 'toy'" in message and "preset 'tiny'" in message
     assert "mllm text_config.hidden_size is 256, expected 64" in message
-    assert DuetGen.from_pretrained(saved_toy, expect="toy").config.preset == "toy"  # and it loads as itself
+    assert load(saved_toy, expect="toy").config.preset == "toy"  # and it loads as itself
 
 
 def copy_model(src, dst):
@@ -325,7 +326,7 @@ def test_from_parts_adds_bov_and_copies_the_matching_projection(local_parts):
     from diffusers import CosmosTransformer3DModel
 
     settings = replace(get_preset("tiny-wan").settings)
-    model = DuetGen.from_parts(local_parts / "qwen", local_parts / "cosmos" / "transformer", local_parts / "cosmos" / "vae",
+    model = assemble(local_parts / "qwen", local_parts / "cosmos" / "transformer", local_parts / "cosmos" / "vae",
                                settings=settings)
     assert BOV in model.tokenizer.get_vocab()
     assert model.tokenizer.convert_tokens_to_ids(BOV) < model.mllm.get_input_embeddings().weight.shape[0]  # spare row
@@ -339,7 +340,7 @@ def test_from_parts_adds_bov_and_copies_the_matching_projection(local_parts):
 def test_from_parts_fresh_connector_when_widths_differ(local_parts):
     from diffusers import CosmosTransformer3DModel
 
-    model = DuetGen.from_parts(local_parts / "qwen", local_parts / "other-dit", local_parts / "cosmos" / "vae")
+    model = assemble(local_parts / "qwen", local_parts / "other-dit", local_parts / "cosmos" / "vae")
     assert model.connector.proj.weight.shape == (32, 128)  # MLLM 2 x 64 -> DiT cross-attention 32
     assert CosmosTransformer3DModel.from_pretrained(local_parts / "other-dit").crossattn_proj[0].weight.shape == (32, 96)
     assert model.transformer.config.crossattn_proj_in_channels == 128  # the DiT now takes this MLLM's features
@@ -348,15 +349,15 @@ def test_from_parts_fresh_connector_when_widths_differ(local_parts):
 
 
 def test_from_parts_with_the_pixel_shuffle_autoencoder(local_parts, tmp_path):
-    model = DuetGen.from_parts(local_parts / "qwen", local_parts / "pixel-dit", PixelShuffleConfig(factor=2),
+    model = assemble(local_parts / "qwen", local_parts / "pixel-dit", PixelShuffleConfig(factor=2),
                                settings=replace(tiny().settings))
     assert model.config.preset == "tiny" and model.vae.latent_channels == 12
-    assert DuetGen.from_pretrained(model.save_pretrained(tmp_path / "m"), expect="tiny").config.preset == "tiny"
+    assert load(model.save_pretrained(tmp_path / "m"), expect="tiny").config.preset == "tiny"
 
 
 def test_from_parts_names_a_missing_config(local_parts):
     with pytest.raises(ModelDirectoryError, match="dit_dir has no config.json .*pass its transformer/ folder"):
-        DuetGen.from_parts(local_parts / "qwen", local_parts / "cosmos", local_parts / "cosmos" / "vae")
+        assemble(local_parts / "qwen", local_parts / "cosmos", local_parts / "cosmos" / "vae")
 
 
 # ----------------------------------------------------------------------------- text condition

@@ -24,7 +24,7 @@ from duetgen.infer.engine import (
     TextDelta,
     sample_token,
 )
-from duetgen.models import presets
+from duetgen.models import builder, presets
 from duetgen.models.duetgen import DuetGen
 from duetgen.models.mllm import TokenIds, rope_position_ids
 
@@ -35,7 +35,7 @@ def tiny_model(**settings) -> DuetGen:
     """The ``tiny`` preset (random weights of the real classes: 32x32 images, 12 latent channels, patch 2)."""
     preset = presets.tiny()
     preset = dataclasses.replace(preset, settings=dataclasses.replace(preset.settings, **settings))
-    return presets.build(preset).eval()
+    return builder.build(preset).eval()
 
 
 @pytest.fixture(scope="module")

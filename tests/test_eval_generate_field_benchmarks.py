@@ -26,9 +26,9 @@ FAST = ["--steps", "1", "--image-size", "16x16", "--no-progress"]
 @pytest.fixture(scope="module")
 def random_model(tmp_path_factory) -> Path:
     """The ``tiny`` preset with random weights, saved with DuetGen.save_pretrained."""
-    from duetgen.models import presets
+    from duetgen.models import builder
 
-    return presets.build("tiny", seed=0).eval().save_pretrained(tmp_path_factory.mktemp("model") / "tiny-random")
+    return builder.build("tiny", seed=0).eval().save_pretrained(tmp_path_factory.mktemp("model") / "tiny-random")
 
 
 def generate(random_model, benchmark: str, out: Path, *args: str):

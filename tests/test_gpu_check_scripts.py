@@ -101,7 +101,7 @@ def tiny_train_args(out: Path) -> list[str]:
 
 
 def test_gpu_check_train_smoke_on_cpu_tiny(tmp_path, monkeypatch, capsys):
-    from duetgen.models import presets
+    from duetgen.models import builder, presets
 
     out = tmp_path / "train.json"
     assert run_script("gpu_check_train", tiny_train_args(out), monkeypatch) == 0
@@ -189,11 +189,11 @@ def test_generation_gpu_check_smoke_on_cpu_tiny(monkeypatch, capsys):
 def tiny_assembled(tmp_path_factory):
     """A tiny model saved as `duetgen model assemble` saves one: Cosmos' conditioning-frame time, provenance."""
     from duetgen.diffusion.flow_matching import COSMOS_CONDITION_FRAME_TIME
-    from duetgen.models import presets
+    from duetgen.models import builder, presets
 
     preset = presets.tiny()
     torch.manual_seed(0)
-    model = presets.build(replace(preset, settings=replace(preset.settings,
+    model = builder.build(replace(preset, settings=replace(preset.settings,
                                                            condition_frame_time=COSMOS_CONDITION_FRAME_TIME)))
     model.provenance = {"connector_init": "the DiT's pretrained crossattn_proj", "connector_pretrained_against": "unknown"}
     return model.save_pretrained(tmp_path_factory.mktemp("real") / "duetgen-tiny")

@@ -22,7 +22,7 @@ from live_server import live_server
 from duetgen.data.record import ImagePart, Message, TextPart
 from duetgen.infer.engine import InterleavedEngine
 from duetgen.infer.pipeline import DuetGenPipeline
-from duetgen.models import presets
+from duetgen.models import builder
 from duetgen.models.mllm import render_prompt
 from duetgen.serve.openai_api import ImageStore, Translator
 from duetgen.serve.server import ServeLimits, create_app
@@ -209,7 +209,7 @@ def test_body_cap_and_broken_json_in_openai_shape(server):
 
 def test_queue_full_429_cancel_and_timeout(user_turn):
     # a random tiny MLLM (seed 1) writes text until max_tokens: long enough to see the queue full
-    slow_pipe = DuetGenPipeline(presets.build("tiny", seed=1), model_id="tiny-random")
+    slow_pipe = DuetGenPipeline(builder.build("tiny", seed=1), model_id="tiny-random")
     slow = {"model": "tiny-random", "messages": [{"role": "user", "content": "Draw a red circle."}], "max_tokens": 3000, "seed": 0}
     with live_server(create_app(slow_pipe, ServeLimits(queue_size=0, max_new_tokens=3000))) as url:
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)

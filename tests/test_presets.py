@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from duetgen.models.mllm import render_record
-from duetgen.models.presets import PRESETS, REAL_PRESET, build, get_preset, toy
+from duetgen.models.builder import build
+from duetgen.models.presets import PRESETS, REAL_PRESET, get_preset, toy
 from duetgen.models.video_dit import toy_cosmos_config
 
 torch.set_num_threads(1)
@@ -32,7 +33,7 @@ def test_real_preset_on_meta():
     assert sum(p.numel() for p in model.generator_parameters()) == COSMOS_PREDICT2_5_2B_PARAMETERS
     assert model.pixel_multiple == 16  # Wan2.1 f = 8 x patch 2: a 768x768 image is 48x48 = 2,304 tokens per frame
     assert model.transformer.crossattn_proj[0] is model.connector.proj
-    assert model.tokenizer is None  # the real tokenizer comes with the weights (DuetGen.from_parts)
+    assert model.tokenizer is None  # the real tokenizer comes with the weights (builder.assemble)
     with pytest.raises(ValueError, match="has no tokenizer"):
         model.save_pretrained("/nonexistent/never-written")
 

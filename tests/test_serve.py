@@ -17,7 +17,7 @@ from PIL import Image
 from generation_model import trained_tiny_model, training_prompt
 from live_server import live_server
 from duetgen.infer.pipeline import DuetGenPipeline
-from duetgen.models import presets
+from duetgen.models import builder
 from duetgen.serve.server import ServeLimits, create_app
 
 torch.set_num_threads(1)
@@ -162,7 +162,7 @@ def test_body_cap_and_broken_json(server):
 def test_queue_full_429_and_cancel_on_disconnect(request_body):
     # this random tiny MLLM (seed 1) writes text until max_new_tokens without <BOV> or end of turn: 3000
     # tokens take seconds, long enough to see the queue full and a client that leaves freeing the model
-    slow_pipe = DuetGenPipeline(presets.build("tiny", seed=1), model_id="tiny-random")
+    slow_pipe = DuetGenPipeline(builder.build("tiny", seed=1), model_id="tiny-random")
     slow = {"prompt": "Draw a red circle.", "max_new_tokens": 3000}
     with live_server(create_app(slow_pipe, ServeLimits(queue_size=0, max_new_tokens=3000))) as url:
         started = time.monotonic()

@@ -13,7 +13,7 @@ import torch
 
 from live_server import live_server
 from duetgen.infer.pipeline import DuetGenPipeline
-from duetgen.models import presets
+from duetgen.models import builder
 from duetgen.serve.guards import uvicorn_config
 from duetgen.serve.server import ServeLimits, create_app
 
@@ -23,7 +23,7 @@ MODEL_DIR = "/srv/secret/checkpoints/shapeworld-toy"  # what `duetgen serve --mo
 
 @pytest.fixture(scope="module")
 def pipe():
-    return DuetGenPipeline(presets.build("tiny", seed=0), model_id=MODEL_DIR)
+    return DuetGenPipeline(builder.build("tiny", seed=0), model_id=MODEL_DIR)
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from duetgen.models.builder import stage1_mllm
 from duetgen.models.mllm import IGNORE_INDEX, model_inputs
 from duetgen.shapeworld.world import generate
+from duetgen.train.common import load_records, pack_inputs, render
 from duetgen.train.configs import stage1_config, tiny_stage1
-from duetgen.train.stage1 import build_mllm, load_records, next_token_loss, pack_inputs, render, train
+from duetgen.train.stage1 import next_token_loss, train
+
+
+def starting_mllm(cfg, run_dir):
+    """The MLLM, tokenizer and processor stage 1 starts from (a run directory's tokenizer/)."""
+    return stage1_mllm(cfg.mllm, cfg.vocab_size, run_dir / "tokenizer")
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +32,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     torch.manual_seed(0)
-    model, tokenizer, processor = build_mllm(tiny_stage1(), tmp_path_factory.mktemp("tok"))
+    model, tokenizer, processor = starting_mllm(tiny_stage1(), tmp_path_factory.mktemp("tok"))
     return model.eval(), tokenizer, processor
 
 
@@ -50,9 +57,9 @@ def test_packed_attention_per_sample_equals_the_dense_mask_and_separate_forwards
 
     _, tokenizer, processor = tiny
     torch.manual_seed(0)
-    masked, _, _ = build_mllm(tiny_stage1(), tmp_path / "a")
+    masked, _, _ = starting_mllm(tiny_stage1(), tmp_path / "a")
     torch.manual_seed(0)
-    split, _, _ = build_mllm(tiny_stage1(), tmp_path / "b")
+    split, _, _ = starting_mllm(tiny_stage1(), tmp_path / "b")
     use_packed_attention(split)
     assert uses_packed_attention(split) and not uses_packed_attention(masked)
     items = load_records([str(data)], exclude_kinds=["transition"])[:4]
@@ -158,7 +165,7 @@ def test_lora_trains_only_adapters_and_embeddings_and_keeps_base_weights(data, t
 
     torch.manual_seed(0)
     cfg = tiny_lora_stage1()
-    model, tokenizer, processor = build_mllm(cfg, tmp_path / "tok")
+    model, tokenizer, processor = starting_mllm(cfg, tmp_path / "tok")
     lora = add_lora(model, cfg.lora_rank, cfg.lora_alpha, train_embeddings=True)
     embeddings = {"model.language_model.embed_tokens.weight", "lm_head.weight"}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -186,7 +193,7 @@ def test_lora_trains_only_adapters_and_embeddings_and_keeps_base_weights(data, t
     del lora
 
     torch.manual_seed(0)
-    frozen, *_ = build_mllm(cfg, tmp_path / "tok")
+    frozen, *_ = starting_mllm(cfg, tmp_path / "tok")
     add_lora(frozen, cfg.lora_rank, cfg.lora_alpha, train_embeddings=False)
     assert all(".lora_" in n for n, p in frozen.named_parameters() if p.requires_grad)
 
@@ -219,7 +226,7 @@ def test_tiny_lora_run_resumes_and_exports_a_merged_plain_model(data, tmp_path):
     assert type(model) is Qwen2_5_VLForConditionalGeneration
     # the merge changed the language model's weights (B moved away from zero) but not the frozen ViT
     torch.manual_seed(cfg.seed)
-    init, *_ = build_mllm(cfg, tmp_path / "whole")
+    init, *_ = starting_mllm(cfg, tmp_path / "whole")
     init_state, merged_state = init.state_dict(), model.state_dict()
     q = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(merged_state[q], init_state[q])

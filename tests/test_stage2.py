@@ -14,10 +14,12 @@ from duetgen.data.dataset import Dataset
 from duetgen.data.record import ImagePart, Message, TextPart
 from duetgen.diffusion.flow_matching import FlowMatchingConfig
 from duetgen.infer.teacher_forcing import draw_teacher_forced
+from duetgen.models.builder import load, load_mllm
 from duetgen.models.mllm import all_layer_states, negative_prefix_length
 from duetgen.shapeworld.evaluate import evaluate_toy
 from duetgen.shapeworld.world import generate
 from duetgen.train import stage1, stage2
+from duetgen.train.common import load_records, render
 from duetgen.train.configs import tiny_stage1, tiny_stage2
 
 
@@ -33,7 +35,7 @@ def setup(tmp_path_factory):
 
 def _models(mllm_dir, cfg):
     torch.manual_seed(0)
-    mllm, tokenizer, processor = stage2.load_mllm(mllm_dir)
+    mllm, tokenizer, processor = load_mllm(mllm_dir)
     model = stage2.build_duetgen(cfg, mllm, tokenizer, processor)
     return mllm, tokenizer, processor, model.vae, model, model.connector, model.dit
 
@@ -42,7 +44,7 @@ def test_mllm_frozen_only_connector_and_dit_get_gradients(setup):
     root, mllm_dir = setup
     cfg = dataclasses.replace(tiny_stage2(), data=[str(root / "train")])
     mllm, tokenizer, processor, vae, _, connector, dit = _models(mllm_dir, cfg)
-    items = [it for it in stage1.load_records(cfg.data) if stage2.image_slots(it[1])[1]][:3]
+    items = [it for it in load_records(cfg.data) if stage2.image_slots(it[1])[1]][:3]
     targets = stage2.draw_targets(items, seed=0, epoch=0)
     batch = stage2.make_batch(range(3), items, targets, tokenizer, processor, drop_prob=0.5)
     loss = stage2.pack_loss(batch, stage2.ConditionStates(mllm), connector, dit, vae, cfg, FlowMatchingConfig(parameterisation="x0"), "cpu")
@@ -59,8 +61,8 @@ def test_condition_states_are_the_prefix_states_computed_once_per_record(setup):
     root, mllm_dir = setup
     cfg = dataclasses.replace(tiny_stage2(), data=[str(root / "train")])
     mllm, tokenizer, processor, *_ = _models(mllm_dir, cfg)
-    item = [it for it in stage1.load_records(cfg.data, include_kinds=["how-to"])][0]
-    rendered = stage1.render(item, tokenizer, processor)
+    item = [it for it in load_records(cfg.data, include_kinds=["how-to"])][0]
+    rendered = render(item, tokenizer, processor)
     first, last = rendered.bov_positions[0], rendered.bov_positions[-1]
     calls = []
     original = mllm.model.forward
@@ -85,8 +87,8 @@ def test_condition_cache_on_disk_is_shared_and_bound_to_its_mllm(setup, tmp_path
     root, mllm_dir = setup
     cfg = dataclasses.replace(tiny_stage2(), data=[str(root / "train")])
     mllm, tokenizer, processor, *_ = _models(mllm_dir, cfg)
-    item = [it for it in stage1.load_records(cfg.data, include_kinds=["how-to"])][0]
-    rendered = stage1.render(item, tokenizer, processor)
+    item = [it for it in load_records(cfg.data, include_kinds=["how-to"])][0]
+    rendered = render(item, tokenizer, processor)
     key, last = (str(item[0].root), item[1].id), rendered.bov_positions[-1]
     cache = tmp_path / "states"
     first = stage2.ConditionStates(mllm, cache_dir=cache, mllm_dir=mllm_dir).prefix(key, rendered, last)
@@ -109,8 +111,8 @@ def test_text_condition_is_the_states_before_bov_or_the_negative_prefix(setup):
     root, mllm_dir = setup
     cfg = dataclasses.replace(tiny_stage2(), data=[str(root / "train")])
     mllm, tokenizer, processor, *_ = _models(mllm_dir, cfg)
-    items = [it for it in stage1.load_records(cfg.data, include_kinds=["continuation"])][:2]
-    rendered = [stage1.render(it, tokenizer, processor) for it in items]
+    items = [it for it in load_records(cfg.data, include_kinds=["continuation"])][:2]
+    rendered = [render(it, tokenizer, processor) for it in items]
     bovs = [r.bov_positions[-1] for r in rendered]
     prefixes = [rendered[0].prefix(bovs[0]), rendered[1].prefix(negative_prefix_length(rendered[1], bovs[1]))]
     packed = stage2.mllm_states(mllm, prefixes)
@@ -125,7 +127,7 @@ def test_text_condition_is_the_states_before_bov_or_the_negative_prefix(setup):
 
 def test_targets_are_assistant_images_drawn_per_epoch_and_deterministic(setup):
     root, _ = setup
-    items = [it for it in stage1.load_records([str(root / "train")]) if stage2.image_slots(it[1])[1]]
+    items = [it for it in load_records([str(root / "train")]) if stage2.image_slots(it[1])[1]]
     a, b = stage2.draw_targets(items, 0, 0), stage2.draw_targets(items, 0, 0)
     assert a == b
     assert a != stage2.draw_targets(items, 0, 1)  # a new draw each epoch
@@ -145,7 +147,7 @@ def test_x0_relative_to_previous_makes_a_zero_output_copy_the_previous_canvas(se
     with torch.no_grad():
         dit.proj_out.weight.zero_()
         dit.proj_out.bias.zero_() if dit.proj_out.bias is not None else None
-    items = [it for it in stage1.load_records([str(root / "train")], include_kinds=["editing"])][:1]
+    items = [it for it in load_records([str(root / "train")], include_kinds=["editing"])][:1]
     (ds, rec), = items
     canvas = ds.open_image(rec.messages[0].content[0].path, rec.id)
     from duetgen.infer.engine import GenerationConfig
@@ -177,7 +179,7 @@ def test_text_only_ablation_packs_one_frame_per_sample(setup):
         return original(frames, **kw)
 
     dit.forward = spy
-    items = [it for it in stage1.load_records(cfg.data, include_kinds=["continuation"])][:2]
+    items = [it for it in load_records(cfg.data, include_kinds=["continuation"])][:2]
     batch = stage2.make_batch(range(2), items, stage2.draw_targets(items, 0, 0), tokenizer, processor, 0.0)
     stage2.pack_loss(batch, stage2.ConditionStates(mllm), connector, dit, vae, cfg, FlowMatchingConfig(parameterisation="x0"), "cpu")
     assert calls == [[1, 1]]
@@ -200,7 +202,7 @@ def test_tiny_run_exports_a_model_that_loads_and_evaluates(setup, tmp_path):
 
     from duetgen.models.duetgen import DuetGen
 
-    model = DuetGen.from_pretrained(out, expect="tiny")
+    model = load(out, expect="tiny")
     assert (model.config.parameterisation, model.config.x0_relative_to_previous, model.config.use_condition_frames) \
         == ("x0", True, True)
     stock = CosmosTransformer3DModel.from_pretrained(out / "dit")  # plain diffusers, connector inside crossattn_proj
@@ -226,7 +228,7 @@ def test_image_size_trains_and_draws_at_that_size_resizing_the_dataset_as_the_en
     cfg = dataclasses.replace(tiny_stage2(), data=[str(root / "train")], image_size=[24, 24], steps=2,
                               warmup_steps=1, sample_every=2, eval_every=2, save_every=2)
     out = stage2.train(cfg, mllm_dir, tmp_path / "run", progress=False)
-    model = DuetGen.from_pretrained(out, expect="tiny")
+    model = load(out, expect="tiny")
     assert tuple(model.config.image_size) == (24, 24)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     tokens_per_frame = (24 // model.pixel_multiple) ** 2  # 9, against 16 at the tiny default of 32 px
@@ -249,7 +251,7 @@ def test_changed_loss_weight_weighs_the_changed_latents_and_zero_output_copies_a
         dit.transformer.proj_out.weight.zero_()  # output 0 = "change nothing"
         if dit.transformer.proj_out.bias is not None:
             dit.transformer.proj_out.bias.zero_()
-    items = [it for it in stage1.load_records(base.data, include_kinds=["editing"]) if stage2.image_slots(it[1])[1]][:3]
+    items = [it for it in load_records(base.data, include_kinds=["editing"]) if stage2.image_slots(it[1])[1]][:3]
     batch = stage2.make_batch(range(len(items)), items, [1] * len(items), tokenizer, processor, drop_prob=0.0)
     losses = []
     for w in (0.0, 4.0, 16.0):

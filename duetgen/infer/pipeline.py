@@ -58,12 +58,13 @@ class DuetGenPipeline:
     def from_pretrained(cls, path: str | os.PathLike, *, device: str = "cpu", dtype=None,
                         expect: str | None = None, **kwargs) -> "DuetGenPipeline":
         """Load a DuetGen directory (``DuetGen.save_pretrained``). Errors name the directory and the problem."""
-        from duetgen.models.duetgen import DuetGen, ModelDirectoryError
+        from duetgen.models.builder import load
+        from duetgen.models.duetgen import ModelDirectoryError
 
         root = Path(path)
         if not root.exists():
             raise ModelDirectoryError(f"{root}: no such model directory")
-        model = DuetGen.from_pretrained(root, device=device, dtype=dtype, expect=expect)
+        model = load(root, device=device, dtype=dtype, expect=expect)
         return cls(model, model_id=str(root), **kwargs)
 
     # ------------------------------------------------------------------ input

@@ -19,7 +19,7 @@ connector) only means what it was trained to mean under that framing:
 
 `DuetGenConfig.framing = "cosmos"` (or `duetgen generate --framing cosmos`) draws one image from one
 caption (and at most one earlier image as a conditioning frame) exactly this way: with the weights of a
-Cosmos-Predict2.5 pipeline directory assembled by `assemble_from_pipeline`, our model then reproduces
+Cosmos-Predict2.5 pipeline directory assembled by `duetgen.models.builder.assemble_from_pipeline`, our model then reproduces
 the stock diffusers pipeline (tests/test_cosmos_equivalence.py: final latents within 1e-4), which tells
 a user that the assembly is right before any GPU-day is spent.
 
@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -221,35 +221,6 @@ def read_pipeline_directory(root: str | os.PathLike, processor_dir: str | os.Pat
                              root / "vae", scheduler, model_index)
 
 
-def assemble_from_pipeline(
-    root: str | os.PathLike,
-    *,
-    processor_dir: str | os.PathLike | None = None,
-    expect=None,  # default: the real preset (presets.REAL_PRESET); a ModelPreset for tiny test parts
-    settings=None,  # DuetGenConfig; default: the real preset's, with Cosmos' conditioning-frame time
-    dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
-    vae_dtype: torch.dtype = torch.float32,
-):
-    """A `DuetGen` from a diffusers Cosmos-Predict2.5 pipeline directory: its text encoder as the MLLM
-    (`<BOV>` added), its DiT with `crossattn_proj` as the connector, its Wan VAE. Configs are checked
-    first (`read_pipeline_directory`); `provenance` records the directory and the connector's MLLM."""
-    from duetgen.diffusion.flow_matching import COSMOS_CONDITION_FRAME_TIME
-    from duetgen.models import presets
-    from duetgen.models.duetgen import DuetGen
-
-    if expect is None:
-        expect = presets.REAL_PRESET
-    parts = read_pipeline_directory(root, processor_dir, expect=expect)
-    if settings is None:
-        settings = replace(presets.get_preset(presets.REAL_PRESET).settings,
-                           condition_frame_time=COSMOS_CONDITION_FRAME_TIME)
-    model = DuetGen.from_parts(parts.text_encoder, parts.transformer, parts.vae, settings=settings, device=device,
-                               dtype=dtype, vae_dtype=vae_dtype, tokenizer_dir=parts.tokenizer,
-                               processor_dir=parts.processor)
-    model.provenance["pipeline"] = {"directory": str(parts.root), "class": PIPELINE_CLASS,
-                                    "diffusers_version": parts.model_index.get("_diffusers_version")}
-    return model
 
 
 def _read_json(path: Path, root: Path) -> dict:

@@ -29,7 +29,7 @@ Design choices:
 - Loading checks the directory from its JSON and safetensors headers before any weight is read:
   missing parts, a format version, parts that do not fit each other (connector vs the MLLM's
   n_layers x width and the DiT's cross-attention width, tokenizer vs embedding rows, `<BOV>`, VAE
-  latent channels vs the DiT), and, with `expect=`, the architecture of a named preset. Every error
+  latent channels vs the DiT), and, with `expect=`, the architecture of a preset. Every error
   names the directory and the problem (`ModelDirectoryError`).
 - The MLLM is frozen in stage 2 (paper section 4.2); `text_condition` then runs it under
   `torch.no_grad()` (no activations kept) and gradients start at the connector. The VAE is always
@@ -284,7 +284,8 @@ def _vae_latent_shape(spec: dict) -> tuple[int, int]:
 
 
 class DuetGen(nn.Module):
-    """The composed model. Build with `presets.build`, `DuetGen.from_pretrained` or `DuetGen.from_parts`.
+    """The composed model. Build with `duetgen.models.builder` (`build`, `load`, `assemble`) or load with
+    `DuetGen.from_pretrained`.
 
     Parts: `mllm` (transformers Qwen2_5_VLForConditionalGeneration), `tokenizer`, `image_processor`,
     `connector`, `dit` (PackedCosmosDiT; the stock diffusers model is `dit.transformer`), `vae`
@@ -316,7 +317,7 @@ class DuetGen(nn.Module):
         tie_projection(dit, connector)
         self.dit = PackedCosmosDiT(dit, attention=config.dit_attention)
         self.vae = vae.requires_grad_(False)  # never trained: latents are data
-        # Where the weights came from (saved in duetgen.json when not empty): `from_parts` records the source
+        # Where the weights came from (saved in duetgen.json when not empty): `builder.assemble` records the source
         # directories and which MLLM the connector's pretrained projection was trained against
         self.provenance: dict = {}
 
@@ -426,7 +427,7 @@ class DuetGen(nn.Module):
         target = Path(path)
         if self.tokenizer is None:
             raise ValueError(f"{target}: this model has no tokenizer (a random build of a preset whose tokenizer "
-                             f"comes with real weights); assemble it with DuetGen.from_parts to save it")
+                             f"comes with real weights); assemble it with duetgen.models.builder.assemble to save it")
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -465,7 +466,7 @@ class DuetGen(nn.Module):
         cls,
         path: str | os.PathLike,
         *,
-        expect: str | None = None,  # a preset name (or presets.ModelPreset) the directory must match
+        expect=None,  # a presets.ModelPreset the directory must match (by name: duetgen.models.builder.load)
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,  # MLLM, connector and DiT; None = the MLLM's saved dtype for all three
         vae_dtype: torch.dtype = torch.float32,
@@ -480,7 +481,7 @@ class DuetGen(nn.Module):
         if expect is not None:
             differences = preset_differences(parts, expect)
             if differences:
-                name = expect if isinstance(expect, str) else expect.name
+                name = expect.name
                 listed = "; ".join(differences[:MAX_LISTED_DIFFERENCES])
                 extra = len(differences) - MAX_LISTED_DIFFERENCES
                 more = f" (and {extra} more)" if extra > 0 else ""
@@ -505,96 +506,6 @@ class DuetGen(nn.Module):
         model.provenance = parts.provenance
         return model.to(device)
 
-    @classmethod
-    def from_parts(
-        cls,
-        mllm_dir: str | os.PathLike,
-        dit_dir: str | os.PathLike,
-        vae_dir: str | os.PathLike | PixelShuffleConfig,
-        *,
-        settings: DuetGenConfig | None = None,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None,
-        vae_dtype: torch.dtype = torch.float32,
-        tokenizer_dir: str | os.PathLike | None = None,
-        processor_dir: str | os.PathLike | None = None,
-        connector_pretrained_against: str | None = None,
-    ) -> "DuetGen":
-        """Assemble from separately downloaded local weights (no hub access).
-
-        mllm_dir: a Qwen2.5-VL directory (config.json, safetensors, tokenizer, preprocessor_config.json),
-          e.g. Qwen2.5-VL-7B-Instruct. `<BOV>` is added (`add_bov`: a spare embedding row when there is one).
-        dit_dir: a diffusers CosmosTransformer3DModel directory, e.g. the `transformer/` folder of
-          Cosmos-Predict2.5-2B converted to diffusers.
-        vae_dir: a diffusers AutoencoderKLWan directory (e.g. that pipeline's `vae/`), or a PixelShuffleConfig
-          (the parameter-free ShapeWorld autoencoder has no directory).
-        The connector copies the DiT's pretrained crossattn_proj when its input width equals the MLLM's
-        n_layers x width (28 x 3584 = 100,352 for these two), else starts fresh (connector.py).
-        settings: default: the real preset's settings with Cosmos' conditioning-frame time (the DiT is the
-          pretrained one), its name kept only if the architecture matches it.
-        tokenizer_dir / processor_dir: where the tokenizer / preprocessor_config.json are when not in mllm_dir
-          (a diffusers pipeline keeps the tokenizer in tokenizer/, beside text_encoder/).
-        connector_pretrained_against: the MLLM the DiT's crossattn_proj was trained on, recorded in
-          `provenance`; default: Cosmos-Reason1-7B for a Cosmos-Predict2.5-2B DiT, else "unknown".
-        """
-        from diffusers import CosmosTransformer3DModel
-        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-
-        from duetgen.models import presets
-        from duetgen.models.mllm import add_bov
-
-        from duetgen.diffusion.flow_matching import COSMOS_CONDITION_FRAME_TIME
-        from duetgen.models.cosmos_predict import COSMOS_TEXT_ENCODER
-
-        mllm_dir, dit_dir = Path(mllm_dir), Path(dit_dir)
-        tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else mllm_dir
-        processor_dir = Path(processor_dir) if processor_dir is not None else mllm_dir
-        for what, directory in (("mllm_dir", mllm_dir), ("dit_dir", dit_dir)):
-            if not (directory / "config.json").is_file():
-                hint = " (for a diffusers pipeline directory, pass its transformer/ folder)" if what == "dit_dir" else ""
-                raise ModelDirectoryError(f"{directory}: {what} has no config.json{hint}")
-        if not (processor_dir / "preprocessor_config.json").is_file():
-            what = "mllm_dir" if processor_dir == mllm_dir else "processor_dir"
-            raise ModelDirectoryError(f"{processor_dir}: {what} has no preprocessor_config.json")
-
-        if settings is None:
-            settings = replace(presets.get_preset(presets.REAL_PRESET).settings,
-                               condition_frame_time=COSMOS_CONDITION_FRAME_TIME)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-        mllm = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            mllm_dir, dtype=dtype or "auto", local_files_only=True, use_safetensors=True
-        )
-        add_bov(tokenizer, mllm)
-        image_processor = replace(ImageProcessor.from_pretrained(processor_dir), max_side=settings.mllm_max_side)
-        dit = CosmosTransformer3DModel.from_pretrained(dit_dir, torch_dtype=dtype, local_files_only=True,
-                                                       use_safetensors=True)
-        pretrained_projection = bool(dit.config.use_crossattn_projection
-                                     and dit.config.crossattn_proj_in_channels == mllm_condition_channels(mllm.config))
-        if pretrained_projection and connector_pretrained_against is None:
-            real_dit = presets.cosmos_predict2_5_2b_config()
-            is_cosmos = all(_plain(dict(dit.config).get(k)) == _plain(v) for k, v in real_dit.items())
-            connector_pretrained_against = COSMOS_TEXT_ENCODER if is_cosmos else "unknown"
-        connector = Connector.from_dit_projection(dit, mllm_condition_channels(mllm.config))
-        if isinstance(vae_dir, PixelShuffleConfig):
-            autoencoder = PixelShuffleAE(vae_dir)
-        else:
-            autoencoder = WanImageVAE.from_pretrained(vae_dir, torch_dtype=vae_dtype)
-        model = cls(mllm, tokenizer, image_processor, connector, dit, autoencoder, settings)
-        if model.config.preset != "custom":
-            parts = DirectoryParts(settings=settings, mllm_config=mllm.config, tokenizer=tokenizer,
-                                   image_processor=image_processor, dit_config=dict(dit.config),
-                                   connector_shape=(connector.out_channels, connector.in_channels),
-                                   vae=vae_spec(autoencoder))
-            if preset_differences(parts, model.config.preset):
-                model.config = replace(model.config, preset="custom")
-        model.provenance = {
-            "assembled_from": {"mllm": str(mllm_dir), "tokenizer": str(tokenizer_dir),
-                               "processor": str(processor_dir), "dit": str(dit_dir),
-                               "vae": "PixelShuffleAE" if isinstance(vae_dir, PixelShuffleConfig) else str(vae_dir)},
-            "connector_init": "the DiT's pretrained crossattn_proj" if pretrained_projection else "fresh",
-            "connector_pretrained_against": connector_pretrained_against if pretrained_projection else None,
-        }
-        return model.to(device)
 
 
 # ----------------------------------------------------------------------------- reading a directory
@@ -733,10 +644,8 @@ MLLM_ARCHITECTURE_FIELDS = {
 
 
 def preset_differences(parts: DirectoryParts, preset) -> list[str]:
-    """How the declared architecture differs from a preset's (MLLM shape, every DiT and VAE field)."""
-    from duetgen.models import presets
-
-    preset = presets.get_preset(preset) if isinstance(preset, str) else preset
+    """How the declared architecture differs from a preset's (a presets.ModelPreset: MLLM shape, every DiT
+    and VAE field)."""
     differences = []
     for sub, names in MLLM_ARCHITECTURE_FIELDS.items():
         saved, expected = getattr(parts.mllm_config, sub), getattr(preset.mllm, sub)

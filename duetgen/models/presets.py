@@ -1,9 +1,9 @@
-"""Model presets: plain functions returning a full `ModelPreset`; `build` turns one into a `DuetGen`.
+"""Model presets: plain functions returning a full `ModelPreset`; `duetgen.models.builder.build` turns one into a `DuetGen`.
 
 A run is a function that changes a few fields of a copy (torchtitan style):
 
     preset = replace(toy(), dit=toy_cosmos_config(crossattn_in_channels=1024, num_layers=6))
-    model = build(preset)
+    model = builder.build(preset)
 
 | preset | MLLM | DiT | autoencoder | use |
 |---|---|---|---|---|
@@ -26,26 +26,16 @@ Design choices:
   at 48x48, white-centred (`toy_image_processor`: 9 tokens, one per cell, empty cells zero), and the
   DiT has learnable absolute positions (rope alone cannot tell tokens of a blank canvas apart).
 - The offline presets train their tokenizer at build time (milliseconds) and size the embedding to
-  it; the real preset's tokenizer comes with the weights (`DuetGen.from_parts`), so `build` of it
+  it; the real preset's tokenizer comes with the weights (`builder.assemble`), so `build` of it
   has `tokenizer=None` and cannot be saved.
-- `build` always constructs on the `meta` device first, then (unless asked for `meta`) allocates on
-  the target device and initialises every parameter and buffer (`materialize`): the path FSDP needs
-  for the real model, exercised by the tiny tests. Every tensor is poisoned with NaN before
-  initialisation and checked after, so a parameter no initialiser covers is an error, not garbage.
 """
 
 from __future__ import annotations
 
-import copy
-import tempfile
 from dataclasses import dataclass, replace
 
-import torch
-from torch import nn
-
 from duetgen.diffusion.schedules import SamplerConfig
-from duetgen.models.connector import Connector
-from duetgen.models.duetgen import DuetGen, DuetGenConfig, build_vae, mllm_condition_channels
+from duetgen.models.duetgen import DuetGenConfig, mllm_condition_channels
 from duetgen.models.image_processor import ImageProcessor
 from duetgen.models.mllm import (
     TOY_MLLM_SIDE,
@@ -54,12 +44,10 @@ from duetgen.models.mllm import (
     toy_image_processor,
     toy_qwen2_5_vl_config,
 )
-from duetgen.models.tokenizer import build_tokenizer, shapeworld_corpus, tiny_corpus
 from duetgen.models.vae import tiny_wan_vae_config
-from duetgen.models.video_dit import init_learnable_positions, tiny_cosmos_config, toy_cosmos_config
+from duetgen.models.video_dit import tiny_cosmos_config, toy_cosmos_config
 
 REAL_PRESET = "qwen2.5-vl-7b+cosmos-predict2.5-2b"
-OFFLINE_CORPORA = {"tiny": tiny_corpus, "shapeworld": shapeworld_corpus}
 
 
 @dataclass
@@ -251,95 +239,3 @@ def wan2_1_vae_config() -> dict:
         "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                         3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160],
     }
-
-
-# ----------------------------------------------------------------------------- build
-
-
-def build(
-    preset: str | ModelPreset,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    seed: int = 0,
-) -> DuetGen:
-    """A randomly initialised DuetGen of this preset.
-
-    device "meta": nothing is allocated (parameter counts, FSDP planning). Otherwise the model is built
-    on meta, allocated on `device` and initialised there (`materialize`). `dtype` (default float32)
-    applies to the parameters of the MLLM, connector and DiT; buffers (rotary frequencies) and the VAE
-    stay float32, as `DuetGen.from_pretrained` loads them. The global RNG is left untouched; `seed`
-    fixes the weights.
-    """
-    from diffusers import CosmosTransformer3DModel
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    preset = get_preset(preset) if isinstance(preset, str) else preset
-    device = torch.device(device)
-    tokenizer = None
-    mllm_config = copy.deepcopy(preset.mllm)
-    if preset.tokenizer is not None:
-        if preset.tokenizer not in OFFLINE_CORPORA:
-            raise ValueError(f"preset {preset.name!r}: unknown offline tokenizer corpus {preset.tokenizer!r}; "
-                             f"known: {sorted(OFFLINE_CORPORA)}")
-        with tempfile.TemporaryDirectory() as tmp:
-            tokenizer = build_tokenizer(tmp, OFFLINE_CORPORA[preset.tokenizer](), preset.tokenizer_vocab_size)
-        mllm_config.text_config.vocab_size = len(tokenizer)
-    image_processor = replace(preset.image_processor, max_side=preset.settings.mllm_max_side)
-
-    with torch.device("meta"):
-        mllm = Qwen2_5_VLForConditionalGeneration(mllm_config)
-        dit = CosmosTransformer3DModel(**preset.dit)
-        connector = Connector(mllm_condition_channels(mllm_config), dit.config.text_embed_dim)
-
-    if dtype is not None:  # parameters only: rotary inv_freq buffers stay float32, as transformers loads them
-        for module in (mllm, dit, connector):
-            for parameter in module.parameters():
-                parameter.data = parameter.data.to(dtype)
-
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        if device.type != "meta":
-            materialize(mllm, device, hf_init=True)
-            materialize(dit, device)
-            materialize(connector, device)
-            if dit.config.use_crossattn_projection and dit.config.crossattn_proj_in_channels == connector.in_channels:
-                connector.load_dit_projection(dit)  # as from_parts does with a pretrained DiT
-        with torch.device(device):  # small and frozen: built directly where it runs, in float32
-            vae = build_vae(preset.vae)
-
-    return DuetGen(mllm, tokenizer, image_processor, connector, dit, vae, copy.deepcopy(preset.settings))
-
-
-@torch.no_grad()
-def materialize(module: nn.Module, device: torch.device, hf_init: bool = False) -> None:
-    """Allocate a meta-built module on `device` and initialise every floating parameter and buffer.
-
-    hf_init: a transformers PreTrainedModel, initialised by its own `initialize_weights` (Linear /
-    Embedding normal(0, initializer_range), norms 1, rotary inv_freq recomputed). Otherwise every
-    submodule's `reset_parameters` runs (PyTorch defaults, which is how diffusers' Cosmos modules are
-    initialised at construction) and diffusers' RMSNorm weights are set to 1. Tensors are NaN before
-    initialisation; any left NaN raises, naming it.
-    """
-    from diffusers.models.normalization import RMSNorm
-
-    module.to_empty(device=device)
-    tensors = dict(module.named_parameters())
-    tensors.update(module.named_buffers())
-    for tensor in tensors.values():
-        if tensor.is_floating_point():
-            tensor.fill_(float("nan"))
-    if hf_init:
-        module.initialize_weights()
-    else:
-        for sub in module.modules():
-            if hasattr(sub, "reset_parameters"):
-                sub.reset_parameters()
-            elif isinstance(sub, RMSNorm) and sub.weight is not None:
-                sub.weight.fill_(1.0)
-                if getattr(sub, "bias", None) is not None:
-                    sub.bias.zero_()
-    init_learnable_positions(module)  # a DiT with absolute positions (no reset_parameters of its own)
-    uninitialised = [name for name, t in tensors.items() if t.is_floating_point() and bool(t.isnan().any())]
-    if uninitialised:
-        raise RuntimeError(f"materialize({type(module).__name__}): no initialiser covers {uninitialised[:8]}"
-                           + (f" and {len(uninitialised) - 8} more" if len(uninitialised) > 8 else ""))

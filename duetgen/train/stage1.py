@@ -40,7 +40,6 @@ Design choices:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import asdict
@@ -49,12 +48,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from duetgen.data.dataset import Dataset
-from duetgen.data.packing import PackedSampler, block_diagonal_mask, concat_packed
+from duetgen.data.packing import PackedSampler
 from duetgen.data.record import Record
-from duetgen.models.mllm import IGNORE_INDEX, RenderedSequence, render_record, rope_position_ids
-from duetgen.models.packed_attention import use_packed_attention, uses_packed_attention
+from duetgen.models.builder import stage1_mllm, text_only
+from duetgen.models.mllm import IGNORE_INDEX, RenderedSequence
+from duetgen.models.packed_attention import use_packed_attention
 from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
+from duetgen.train.common import extend_schedule, load_records, pack_inputs, render
 from duetgen.train.configs import Stage1Config
 from duetgen.train.logging import MetricsLogger
 from duetgen.train.optim import clip_grad_norm, make_adamw, make_scheduler
@@ -64,97 +64,6 @@ from duetgen.train.parallel import (DistEnv, all_reduce_sum, apply_fsdp, backwar
 
 
 # ----------------------------------------------------------------------------- model and data helpers
-
-
-def build_mllm(cfg: Stage1Config, run_dir: Path, meta: bool = False):
-    """(model, tokenizer, image_processor) at initialisation: a random toy/tiny Qwen2.5-VL, or a local model.
-
-    ``meta``: the same architecture on the meta device, without weights (distributed runs load rank 0's);
-    a toy/tiny tokenizer must then already be in ``run_dir/tokenizer``.
-    """
-    from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-
-    from duetgen.models import mllm as M
-    from duetgen.models.image_processor import ImageProcessor
-    from duetgen.models.tokenizer import build_tokenizer, shapeworld_corpus, tiny_corpus
-
-    if cfg.mllm in ("toy", "tiny"):
-        tok_dir = run_dir / "tokenizer"
-        if (tok_dir / "tokenizer.json").is_file():  # a resumed run keeps its ids
-            tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-        else:
-            corpus = shapeworld_corpus() if cfg.mllm == "toy" else list(tiny_corpus()) + list(shapeworld_corpus())
-            tokenizer = build_tokenizer(tok_dir, corpus, vocab_size=cfg.vocab_size)
-        make_config = M.toy_qwen2_5_vl_config if cfg.mllm == "toy" else M.tiny_qwen2_5_vl_config
-        processor = M.toy_image_processor() if cfg.mllm == "toy" else M.tiny_image_processor()
-        with torch.device("meta") if meta else contextlib.nullcontext():
-            model = Qwen2_5_VLForConditionalGeneration(make_config(len(tokenizer)))
-        return model, tokenizer, processor
-    path = Path(cfg.mllm)
-    if not path.is_dir():
-        raise FileNotFoundError(f"stage-1 config {cfg.name!r}: mllm={cfg.mllm!r} is not 'toy', 'tiny' or a local model "
-                                "directory (a config that continues an earlier phase needs that phase's run first: "
-                                "docs/training.md, 'ShapeWorld runs')")
-    if meta:  # _from_config takes the checkpoint's dtype, as from_pretrained does
-        with torch.device("meta"):
-            model = Qwen2_5_VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(path, local_files_only=True))
-    else:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, local_files_only=True, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    M.add_bov(tokenizer, model)  # on meta: the same resize (the <BOV> rows come with rank 0's weights)
-    return model, tokenizer, ImageProcessor.from_pretrained(path)
-
-
-def load_records(dirs: list[str], include_kinds: list[str] | None = None,
-                 exclude_kinds: list[str] = ()) -> list[tuple[Dataset, Record]]:
-    """Every record of the datasets (in order) whose ``meta.kind`` passes the filters, with its dataset."""
-    out = []
-    for d in dirs:
-        ds = Dataset(d)
-        for rec in ds:
-            kind = (rec.meta or {}).get("kind")
-            if kind in exclude_kinds or (include_kinds is not None and kind not in include_kinds):
-                continue
-            out.append((ds, rec))
-    if not out:
-        raise ValueError(f"no records left in {dirs} after filtering kinds (include {include_kinds}, exclude {exclude_kinds})")
-    return out
-
-
-def render(item: tuple[Dataset, Record], tokenizer, processor, max_tokens: int | None = None) -> RenderedSequence:
-    """A stored record -> token ids + stage-1 labels + pixels (images read through the dataset: root enforced)."""
-    ds, rec = item
-    return render_record(rec, tokenizer, processor, load_image=lambda part: ds.open_image(part.path, rec.id),
-                         max_tokens=max_tokens)
-
-
-def pack_inputs(model, seqs: list[RenderedSequence]) -> dict[str, torch.Tensor]:
-    """Packed model kwargs for several rendered conversations (batch of one, no attention across them)."""
-    device = model.device
-    packed = concat_packed([{"input_ids": s.input_ids, "labels": s.labels} for s in seqs], label_key="labels",
-                           ignore_index=IGNORE_INDEX)  # labels[first token of each sample] = ignore
-    position_ids = torch.cat([rope_position_ids(model, s.input_ids.to(device), _to(s.image_grid_thw, device))
-                              for s in seqs], dim=1)  # (3, T): mrope restarts in every sample
-    inputs = {
-        "input_ids": packed["input_ids"][None].to(device),  # (1, T)
-        "position_ids": position_ids[:, None],  # (3, 1, T)
-        "labels": packed["labels"].to(device),  # (T,), shifted in next_token_loss
-    }
-    if uses_packed_attention(model):  # per-sample causal SDPA (models/packed_attention.py): boundaries, no mask
-        cu = packed["cu_seqlens"].to(device=device, dtype=torch.int32)
-        longest = int((cu[1:] - cu[:-1]).max())
-        inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
-    else:
-        inputs["attention_mask"] = block_diagonal_mask(packed["cu_seqlens"])[None, None].to(device)  # (1, 1, T, T) bool
-    images = [s for s in seqs if s.pixel_values is not None]
-    if images:
-        inputs["pixel_values"] = torch.cat([s.pixel_values for s in images]).to(device)  # (N_patches, C*T*P*P)
-        inputs["image_grid_thw"] = torch.cat([s.image_grid_thw for s in images]).to(device)  # (n_images, 3)
-    return inputs
-
-
-def _to(x, device):
-    return None if x is None else x.to(device)
 
 
 def next_token_loss(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -227,12 +136,12 @@ def build_sharded_mllm(cfg: Stage1Config, run_dir: Path, env: DistEnv):
     """
     init = {}
     if env.is_main:
-        reference, _, _ = build_mllm(cfg, run_dir)
+        reference, _, _ = stage1_mllm(cfg.mllm, cfg.vocab_size, run_dir / "tokenizer", where=f"stage-1 config {cfg.name!r}")
         adapt(reference, cfg)
         init = reference.state_dict()
         del reference
     barrier(env)  # tokenizer/ is written before the other ranks read it
-    model, tokenizer, processor = build_mllm(cfg, run_dir, meta=True)
+    model, tokenizer, processor = stage1_mllm(cfg.mllm, cfg.vocab_size, run_dir / "tokenizer", meta=True, where=f"stage-1 config {cfg.name!r}")
     lora = adapt(model, cfg)
     blocks = [*model.model.language_model.layers, *model.model.visual.blocks]
     apply_fsdp(model, blocks, env, sum_gradients=True)  # summed: the loss is already a global-token mean
@@ -268,7 +177,7 @@ def _train(cfg: Stage1Config, run_dir, env: DistEnv, resume_run: bool, progress:
     if env.distributed:
         model, tokenizer, processor, lora = build_sharded_mllm(cfg, run_dir, env)
     else:
-        model, tokenizer, processor = build_mllm(cfg, run_dir)
+        model, tokenizer, processor = stage1_mllm(cfg.mllm, cfg.vocab_size, run_dir / "tokenizer", where=f"stage-1 config {cfg.name!r}")
         model.to(device).train()
         lora = adapt(model, cfg)
     use_packed_attention(model)  # per-sample causal SDPA, no dense mask (models/packed_attention.py; not saved)
@@ -357,7 +266,7 @@ def _train(cfg: Stage1Config, run_dir, env: DistEnv, resume_run: bool, progress:
     if env.distributed:
         full = gather_full_state_dict(model, env)
         if env.is_main:
-            model, _, _ = build_mllm(cfg, run_dir, meta=True)
+            model, _, _ = stage1_mllm(cfg.mllm, cfg.vocab_size, run_dir / "tokenizer", meta=True, where=f"stage-1 config {cfg.name!r}")
             lora = adapt(model, cfg)
             load_full_state_dict(model, full, DistEnv(), init_buffers=init_buffers_from_config).eval()
         del full
@@ -406,13 +315,13 @@ def write_samples(model, tokenizer, processor, val_items, out_dir: Path | None, 
     ``out_dir=None``: decode without writing (the other ranks of a sharded model run the same forwards).
     """
     from duetgen.data.dataset import DatasetWriter
-    from duetgen.data.record import Message
     from duetgen.data.view import render_dataset_html
+    from duetgen.infer.pipeline import DuetGenPipeline
     from duetgen.infer.teacher_forcing import greedy_answer_with_truth_images, truth_prompt
 
     was_training = model.training
     model.eval()
-    pipe = text_only_pipeline(model, tokenizer, processor)
+    pipe = DuetGenPipeline(text_only(model, tokenizer, processor), model_id=f"stage 1 {model.config.name_or_path}")
     records = []
     for ds, rec in val_items:
         truth_images = [ds.open_image(p.path, rec.id) for p in rec.image_parts("assistant")]
@@ -430,39 +339,6 @@ def write_samples(model, tokenizer, processor, val_items, out_dir: Path | None, 
         for record in records:
             writer.write(record)
     render_dataset_html(out_dir, out_dir / "index.html", progress=False)
-
-
-def text_only_pipeline(mllm, tokenizer, processor):
-    """`DuetGenPipeline` around a stage-1 MLLM for its samples: the engine of `duetgen generate`, with a DiT
-    built on the `meta` device (no storage, never called: the samples supply the truth's images through
-    the engine's `image_source`); the tiny preset's DiT and autoencoder do, whatever the MLLM."""
-    from dataclasses import replace
-
-    from diffusers import CosmosTransformer3DModel
-
-    from duetgen.infer.pipeline import DuetGenPipeline
-    from duetgen.models import presets
-    from duetgen.models.connector import Connector
-    from duetgen.models.duetgen import DuetGen, build_vae, mllm_condition_channels
-
-    name = mllm.config.name_or_path
-    preset = presets.get_preset("tiny")
-    channels = mllm_condition_channels(mllm.config)
-    with torch.device("meta"):
-        dit = CosmosTransformer3DModel(**{**preset.dit, "crossattn_proj_in_channels": channels})
-        connector = Connector(channels, dit.config.text_embed_dim)
-        vae = build_vae(preset.vae)
-    settings = replace(preset.settings, mllm_max_side=processor.max_side, image_size=(64, 64), max_images=16)
-    return DuetGenPipeline(DuetGen(mllm, tokenizer, processor, connector, dit, vae, settings), model_id=f"stage 1 {name}")
-
-
-def extend_schedule(scheduler, total_steps: int) -> None:
-    """A resumed run whose config asks for another number of steps (``--resume --steps N``) continues on
-    the cosine of the new length from where it is: the checkpoint stored the old length with the schedule."""
-    schedule = scheduler.lr_lambdas[0]
-    if schedule.total_steps != total_steps:
-        print(f"schedule: {schedule.total_steps} -> {total_steps} total steps (resumed with another --steps)", flush=True)
-        schedule.total_steps = total_steps
 
 
 def _track(items, label, progress):

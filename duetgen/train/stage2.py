@@ -52,7 +52,6 @@ Design choices:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -69,57 +68,29 @@ from duetgen.data.packing import PackedSampler
 from duetgen.data.record import ImagePart, Message, Record, TextPart
 from duetgen.diffusion.draw import network_x0, previous_canvas, white_canvas_latent
 from duetgen.diffusion.flow_matching import FlowMatchingConfig, dit_sample_inputs, flow_matching_loss, sample_time
+from duetgen.models.builder import around_mllm, load_mllm
 from duetgen.models.mllm import RenderedSequence, all_layer_states, layer_states, negative_prefix_length
-from duetgen.models.video_dit import init_learnable_positions
 from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
+from duetgen.train.common import extend_schedule, load_records, pack_inputs, render
 from duetgen.train.configs import Stage2Config
 from duetgen.train.logging import MetricsLogger
 from duetgen.train.optim import EMA, clip_grad_norm, make_adamw, make_scheduler
 from duetgen.train.parallel import (DistEnv, all_reduce_sum, apply_fsdp, backward_pack_shares, barrier, broadcast_module,
                                     destroy_distributed, gather_full_state_dict, init_distributed,
                                     load_full_state_dict)
-from duetgen.train.stage1 import extend_schedule, load_records, pack_inputs, render
 
 # ----------------------------------------------------------------------------- model helpers
 
 
-def load_mllm(mllm_dir: str | os.PathLike):
-    """(model, tokenizer, image_processor) of a stage-1 output directory, frozen in eval mode."""
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-
-    from duetgen.models.image_processor import ImageProcessor
-    from duetgen.models.mllm import check_compatible
-
-    mllm_dir = Path(mllm_dir)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(mllm_dir, local_files_only=True, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(mllm_dir, local_files_only=True)
-    check_compatible(model.config, tokenizer)
-    model.requires_grad_(False).eval()
-    return model, tokenizer, ImageProcessor.from_pretrained(mllm_dir)
-
-
 def build_duetgen(cfg: Stage2Config, mllm, tokenizer, processor, dit_device: str | torch.device | None = None):
-    """A `DuetGen` around the stage-1 MLLM: a random DiT + fresh connector of the preset, its autoencoder,
-    and settings that record how this stage trains (what every sampler must apply).
-
-    ``dit_device="meta"``: DiT and connector without storage (distributed runs load rank 0's weights).
-    """
+    """The stage-2 `DuetGen` around the stage-1 MLLM (`builder.around_mllm`), with settings that record how
+    this stage trains (what every drawing must apply) and the sampler its samples measured."""
     from dataclasses import replace
 
-    from diffusers import CosmosTransformer3DModel
-
+    from duetgen.diffusion.schedules import SamplerConfig
     from duetgen.models import presets
-    from duetgen.models.connector import Connector
-    from duetgen.models.duetgen import DuetGen, build_vae, mllm_condition_channels
 
     preset = presets.get_preset(cfg.preset)
-    in_channels = mllm_condition_channels(mllm.config)  # n_layers x width of the stage-1 MLLM
-    with torch.device(dit_device) if dit_device is not None else contextlib.nullcontext():
-        transformer = CosmosTransformer3DModel(**{**preset.dit, "crossattn_proj_in_channels": in_channels})
-        connector = Connector.from_dit_projection(transformer, in_channels, recency_tokens=cfg.recency_tokens)
-    init_learnable_positions(transformer)  # diffusers makes them zeros
-    from duetgen.diffusion.schedules import SamplerConfig
-
     settings = replace(preset.settings, image_size=cfg.image_size or preset.settings.image_size,
                        parameterisation=cfg.parameterisation,
                        x0_relative_to_previous=cfg.x0_relative_to_previous,
@@ -127,8 +98,7 @@ def build_duetgen(cfg: Stage2Config, mllm, tokenizer, processor, dit_device: str
                        guidance_scale_without_frames=cfg.guidance_scale_without_frames,
                        sampler=SamplerConfig(solver="euler", num_steps=cfg.sample_steps,
                                              shift=cfg.sample_shift))  # what the samples measured
-    model = DuetGen(mllm, tokenizer, processor, connector, transformer, build_vae(preset.vae), settings)
-    return model.freeze_mllm()
+    return around_mllm(cfg.preset, mllm, tokenizer, processor, settings, cfg.recency_tokens, dit_device)
 
 
 class ConditionStates:

@@ -30,7 +30,7 @@ def main() -> None:
     from duetgen.data.dataset import Dataset
     from duetgen.models import mllm as M
     from duetgen.models.image_processor import ImageProcessor
-    from duetgen.train import stage1
+    from duetgen.train import common as stage1  # render, pack_inputs (shared by both stages)
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.mllm).eval()
     tok, proc = AutoTokenizer.from_pretrained(args.mllm), ImageProcessor.from_pretrained(args.mllm)

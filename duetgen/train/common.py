@@ -1,0 +1,73 @@
+"""What both training stages share: reading the datasets, rendering a stored record, packing rendered
+records into one model call, resuming on a schedule of another length.
+
+The stage scripts stay one flat file each (nanoGPT's train.py); what they would otherwise copy from each
+other lives here, and nothing here knows which stage calls it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from duetgen.data.dataset import Dataset
+from duetgen.data.packing import block_diagonal_mask, concat_packed
+from duetgen.data.record import Record
+from duetgen.models.mllm import IGNORE_INDEX, RenderedSequence, render_record, rope_position_ids
+from duetgen.models.packed_attention import uses_packed_attention
+
+
+def load_records(dirs: list[str], include_kinds: list[str] | None = None,
+                 exclude_kinds: list[str] = ()) -> list[tuple[Dataset, Record]]:
+    """Every record of the datasets (in order) whose ``meta.kind`` passes the filters, with its dataset."""
+    out = []
+    for d in dirs:
+        ds = Dataset(d)
+        for rec in ds:
+            kind = (rec.meta or {}).get("kind")
+            if kind in exclude_kinds or (include_kinds is not None and kind not in include_kinds):
+                continue
+            out.append((ds, rec))
+    if not out:
+        raise ValueError(f"no records left in {dirs} after filtering kinds (include {include_kinds}, exclude {exclude_kinds})")
+    return out
+
+
+def render(item: tuple[Dataset, Record], tokenizer, processor, max_tokens: int | None = None) -> RenderedSequence:
+    """A stored record -> token ids + stage-1 labels + pixels (images read through the dataset: root enforced)."""
+    ds, rec = item
+    return render_record(rec, tokenizer, processor, load_image=lambda part: ds.open_image(part.path, rec.id),
+                         max_tokens=max_tokens)
+
+
+def pack_inputs(model, seqs: list[RenderedSequence]) -> dict[str, torch.Tensor]:
+    """Packed model kwargs for several rendered conversations (batch of one, no attention across them)."""
+    device = model.device
+    packed = concat_packed([{"input_ids": s.input_ids, "labels": s.labels} for s in seqs], label_key="labels",
+                           ignore_index=IGNORE_INDEX)  # labels[first token of each sample] = ignore
+    position_ids = torch.cat([rope_position_ids(model, s.input_ids.to(device), (None if s.image_grid_thw is None else s.image_grid_thw.to(device)))
+                              for s in seqs], dim=1)  # (3, T): mrope restarts in every sample
+    inputs = {
+        "input_ids": packed["input_ids"][None].to(device),  # (1, T)
+        "position_ids": position_ids[:, None],  # (3, 1, T)
+        "labels": packed["labels"].to(device),  # (T,), shifted in next_token_loss
+    }
+    if uses_packed_attention(model):  # per-sample causal SDPA (models/packed_attention.py): boundaries, no mask
+        cu = packed["cu_seqlens"].to(device=device, dtype=torch.int32)
+        longest = int((cu[1:] - cu[:-1]).max())
+        inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    else:
+        inputs["attention_mask"] = block_diagonal_mask(packed["cu_seqlens"])[None, None].to(device)  # (1, 1, T, T) bool
+    images = [s for s in seqs if s.pixel_values is not None]
+    if images:
+        inputs["pixel_values"] = torch.cat([s.pixel_values for s in images]).to(device)  # (N_patches, C*T*P*P)
+        inputs["image_grid_thw"] = torch.cat([s.image_grid_thw for s in images]).to(device)  # (n_images, 3)
+    return inputs
+
+
+def extend_schedule(scheduler, total_steps: int) -> None:
+    """A resumed run whose config asks for another number of steps (``--resume --steps N``) continues on
+    the cosine of the new length from where it is: the checkpoint stored the old length with the schedule."""
+    schedule = scheduler.lr_lambdas[0]
+    if schedule.total_steps != total_steps:
+        print(f"schedule: {schedule.total_steps} -> {total_steps} total steps (resumed with another --steps)", flush=True)
+        schedule.total_steps = total_steps
