@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "eval"))
 from eval_judge_server import JudgeServer  # noqa: E402
 
 from duetgen.data.record import ImagePart, Record, TextPart  # noqa: E402
-from duetgen.eval.adapters import generate_geneval  # noqa: E402
+from duetgen.eval.adapters import Answer, Model, generate_geneval  # noqa: E402
 from duetgen.eval.benchmarks import BenchmarkError  # noqa: E402
 from duetgen.eval.benchmarks.readers import ReaderError, read_gedit, read_interleavedbench  # noqa: E402
 from duetgen.eval.harness import RunConfig, run_benchmark  # noqa: E402
@@ -116,13 +116,13 @@ def test_interleavedbench_skips_text_aspects_on_editing_and_avg_is_the_mean_of_a
     assert [r.id for r in recs] == ["s1#0", "s1#1"]
     assert recs[1].meta["reference"] == {"text": "Once...", "images": ["gt_1.png", "gt_2.png"], "images_at_tokens": False}
 
-    from duetgen.eval.adapters import run_model
+    from duetgen.eval.adapters import Answer, Model, run_model
 
-    class Painter:
+    class Painter(Model):
         name = "painter"
 
-        def generate(self, request):
-            return [TextPart("Here it is."), ImagePart(Image.new("RGB", (20, 20), (9, 90, 9)))]
+        def generate(self, request, item_id):
+            return Answer([TextPart("Here it is."), ImagePart(Image.new("RGB", (20, 20), (9, 90, 9)))])
 
     run_model(Painter(), tmp_path / "bench" / "interleaved_bench.json", tmp_path / "pred", progress=False)
     s = run_benchmark(RunConfig("interleavedbench", str(tmp_path / "pred"), str(tmp_path / "run"),
@@ -146,13 +146,13 @@ def test_mean_of_means_and_mean_over_categories_with_their_intervals():
 
 
 # ----------------------------------------------------------------------------- GenEval
-class OneImageModel:
+class OneImageModel(Model):
     name = "one-image"
     structure = "one_image"
 
-    def generate(self, request, item_id=None):
+    def generate(self, request, item_id):
         colour = tuple(int(c) for c in np.frombuffer(item_id.encode().ljust(3, b"x")[-3:], dtype=np.uint8))
-        return [ImagePart(Image.new("RGB", (16, 16), colour))]
+        return Answer([ImagePart(Image.new("RGB", (16, 16), colour))])
 
 
 def test_geneval_writes_its_own_layout_and_reads_its_scorers_results(tmp_path):

@@ -22,7 +22,7 @@ from eval_judge_server import JudgeServer, expected_score, request_images, reque
 from duetgen.cli import app  # noqa: E402
 from duetgen.data.dataset import Dataset, DatasetWriter  # noqa: E402
 from duetgen.data.record import ImagePart, Message, Record, TextPart  # noqa: E402
-from duetgen.eval.adapters import import_outputs, run_model  # noqa: E402
+from duetgen.eval.adapters import Answer, Model, import_outputs, run_model  # noqa: E402
 from duetgen.eval.harness import HarnessError, RunConfig, read_results, run_benchmark  # noqa: E402
 from duetgen.eval.judge import JudgeConfig, load_template  # noqa: E402
 from duetgen.eval.report import write_report  # noqa: E402
@@ -278,7 +278,7 @@ def _reply_of(body):
     return json.dumps(answer(body))
 
 
-class Illustrator:
+class Illustrator(Model):
     """A tiny deterministic Model: one sentence and one picture per request."""
 
     name = "illustrator"
@@ -286,13 +286,13 @@ class Illustrator:
     def __init__(self):
         self.calls = 0
 
-    def generate(self, request):
+    def generate(self, request, item_id):
         self.calls += 1
         text = request[-1].text
         shown = [p.image for m in request for p in m.content if isinstance(p, ImagePart)]
         assert all(isinstance(im, Image.Image) and im.mode == "RGB" for im in shown)
         colour = tuple(hashlib.sha256(text.encode()).digest()[:3])
-        return [TextPart(f"Here is my answer to: {text[:40]}"), ImagePart(Image.new("RGB", (40, 40), colour))]
+        return Answer([TextPart(f"Here is my answer to: {text[:40]}"), ImagePart(Image.new("RGB", (40, 40), colour))])
 
 
 def test_interleavedbench_with_its_json_prompts_and_a_model_run_through_the_adapter(server, tmp_path):
@@ -315,7 +315,7 @@ def test_interleavedbench_with_its_json_prompts_and_a_model_run_through_the_adap
 
 
 # ----------------------------------------------------------------------------- ShapeWorld through the harness
-class ShapeWorldSolver:
+class ShapeWorldSolver(Model):
     """A rule-based Model for ShapeWorld: parses the prompt, reads the canvas, draws the answer.
     Every third answer drops its last image, so the scores are not all perfect."""
 
@@ -324,7 +324,7 @@ class ShapeWorldSolver:
     def __init__(self):
         self.n = 0
 
-    def generate(self, request):
+    def generate(self, request, item_id):
         from duetgen.shapeworld.judge import parse_prompt
 
         self.n += 1
@@ -334,7 +334,7 @@ class ShapeWorldSolver:
         if self.n % 3 == 0 and any(isinstance(p, ImagePart) for p in parts):
             last = max(i for i, p in enumerate(parts) if isinstance(p, ImagePart))
             parts = parts[:last] + parts[last + 1:]
-        return parts
+        return Answer(parts)
 
 
 def test_shapeworld_benchmark_equals_the_exact_judge(tmp_path):

@@ -19,11 +19,12 @@ draw exactly one image: DuetGen's answer is forced to ``<BOV>`` first and end of
 image (``DuetGenModel(structure="one_image")``), every other choice being the model's own.
 
 Design choices:
-- A narrow model interface (lm-evaluation-harness style): the model gets the request messages
-  with input images as PIL RGB images and returns the answer's parts (text, and images as PIL or
-  encoded bytes). It never sees benchmark files or paths. Two optional extensions: a ``generate``
-  that takes an ``item_id`` keyword gets the item's id (DuetGen seeds each item from it), and one
-  that returns a ``Record`` (what ``DuetGenPipeline`` gives) has its meta kept as provenance.
+- A narrow, fixed model interface (lm-evaluation-harness's ``LM``): subclass ``Model`` and write
+  ``generate(request, item_id) -> Answer``. The model gets the request messages with input images as
+  PIL RGB images and the item's id (DuetGen seeds each item from it; others may ignore it), and returns
+  the answer's parts (text, and images as PIL or encoded bytes) with the meta that says how it was made.
+  It never sees benchmark files or paths. ``structure``, ``path`` and ``settings()`` have defaults; the
+  runner asks nothing else of a model and never inspects its signature.
 - Outputs carry the request (with its input images) plus the answer, so an output dataset is a
   self-contained record of what was asked and answered; ``meta`` keeps the prompt's meta
   (category, ...) and adds the model's name.
@@ -45,11 +46,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import hashlib
-import inspect
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Iterable
 
 from duetgen.data.dataset import Dataset, DatasetWriter, atomic_write_bytes
 from duetgen.data.record import ImagePart, Message, Part, Record, RecordError, TextPart
@@ -67,20 +68,31 @@ class AdapterError(ValueError):
     """Bad inputs or settings for generating on a benchmark. The message names the input."""
 
 
-@runtime_checkable
-class Model(Protocol):
-    """What a model needs to implement to be run on a benchmark."""
+@dataclass
+class Answer:
+    """One answer of a ``Model``: the assistant's interleaved parts, in order (image parts hold PIL images or
+    encoded PNG/JPEG/WebP bytes), and how they were made (stored under the output's ``meta["generator"]``)."""
 
-    name: str  # shown in reports and stored in every output record's meta
+    parts: list[Part]
+    meta: dict = field(default_factory=dict)
 
-    def generate(self, request: list[Message]) -> list[Part]:
-        """The assistant's interleaved answer to ``request`` (input images are PIL RGB images);
-        image parts of the answer hold PIL images or encoded PNG/JPEG/WebP bytes.
 
-        Optional: accept an ``item_id`` keyword (``run_model`` then passes the benchmark item's id),
-        and return a ``Record`` instead of parts (the answer is every assistant part after its last
-        user turn; its meta is stored under the output's ``meta["generator"]``)."""
-        ...
+class Model:
+    """What runs on a benchmark. Subclass it, set ``name`` and write ``generate``."""
+
+    name: str = "model"  # shown in reports and stored in every output record's meta
+    # "free": the model answers as it likes; "one_image": it draws exactly one image per answer (GenEval,
+    # ImgEdit and GEdit-Bench refuse a free one)
+    structure: str = "free"
+    path: str | os.PathLike | None = None  # the model's directory, recorded in generation.json (None: none)
+
+    def generate(self, request: list[Message], item_id: str) -> Answer:
+        """The answer to ``request`` (input images are PIL RGB images); ``item_id`` is the benchmark item's id."""
+        raise NotImplementedError(f"{type(self).__name__}.generate")
+
+    def settings(self) -> dict:
+        """What fixes the answers, bound to a prediction folder: {"model": {...}, "generation": {...}}."""
+        return {"model": {}, "generation": {}}
 
 
 # ----------------------------------------------------------------------------- importing outputs
@@ -167,7 +179,7 @@ def run_model(model: Model, prompts: str | os.PathLike, out: str | os.PathLike, 
               language: str | None = None) -> int:
     """Run ``model`` on every prompt not yet answered in ``out``; return how many were generated."""
     if not isinstance(model, Model):
-        raise TypeError(f"{type(model).__name__} does not implement the Model protocol (name, generate)")
+        raise TypeError(f"{type(model).__name__} is not a duetgen.eval.adapters.Model (subclass it: name, generate)")
     records, source = read_prompts(prompts, images, prompts_format, language)
     if limit is not None:
         records = records[:limit]
@@ -176,10 +188,6 @@ def run_model(model: Model, prompts: str | os.PathLike, out: str | os.PathLike, 
     from duetgen.eval.harness import split_record
     from duetgen.progress import progress_bar
 
-    try:  # the optional item_id keyword of the protocol
-        takes_id = "item_id" in inspect.signature(model.generate).parameters
-    except (TypeError, ValueError):  # a callable without an inspectable signature
-        takes_id = False
     n = 0
     with DatasetWriter(out, shard_size=shard_size, append=True, name=model.name) as w, \
             progress_bar(progress, len(todo), f"generating with {model.name}") as advance:
@@ -187,22 +195,22 @@ def run_model(model: Model, prompts: str | os.PathLike, out: str | os.PathLike, 
             request, _ = split_record(rec)  # a prompt with a reference answer: only the request goes in
             shown = [Message(m.role, [ImagePart(source.open_image(p.path, rec.id)) if isinstance(p, ImagePart)
                                       else TextPart(p.text) for p in m.content]) for m in request]
-            answer = model.generate(shown, item_id=rec.id) if takes_id else model.generate(shown)
-            generator = None
-            if isinstance(answer, Record):  # e.g. DuetGenPipeline's output: keep how it was made
-                generator = answer.meta
-                answer = split_record(answer)[1]
-            if not isinstance(answer, list) or not all(isinstance(p, (TextPart, ImagePart)) for p in answer):
-                raise TypeError(f"{model.name}.generate must return a list of TextPart / ImagePart, or a Record "
-                                f"(item {rec.id!r})")
+            answer = _checked(model.generate(shown, rec.id), model, rec.id)
             stored = _with_loaded_images(Record(rec.id, request, rec.source, rec.meta), source)
-            meta = dict(rec.meta, model=model.name, **({} if generator is None else {"generator": generator}))
+            meta = dict(rec.meta, model=model.name, **({"generator": answer.meta} if answer.meta else {}))
             out_rec = Record(id=rec.id, source=model.name, meta=meta,
-                             messages=stored.messages + [Message("assistant", answer)])
+                             messages=stored.messages + [Message("assistant", answer.parts)])
             w.write(out_rec)
             n += 1
             advance()
     return n
+
+
+def _checked(answer, model: Model, item_id: str) -> Answer:
+    if not (isinstance(answer, Answer) and isinstance(answer.parts, list)
+            and all(isinstance(p, (TextPart, ImagePart)) for p in answer.parts)):
+        raise TypeError(f"{model.name}.generate must return an Answer of TextPart / ImagePart parts (item {item_id!r})")
+    return answer
 
 
 # ----------------------------------------------------------------------------- a DuetGen checkpoint
@@ -227,7 +235,7 @@ def model_fingerprint(root: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-class DuetGenModel:
+class DuetGenModel(Model):
     """A DuetGen checkpoint as a ``Model``: one loaded pipeline, fixed settings, one seed per item.
 
     >>> model = DuetGenModel.from_pretrained("checkpoints/shapeworld-toy", num_steps=10)
@@ -256,15 +264,18 @@ class DuetGenModel:
         return cls(pipe, pipe.config(None, settings), name=name or Path(path).resolve().name, path=path,
                    structure=structure)
 
-    def generate(self, request: list[Message], item_id: str | None = None) -> Record:
-        """The pipeline's output record for ``request``; seeded by ``item_id`` (the base seed without one)."""
-        seed = self.config.seed if item_id is None else item_seed(self.config.seed, item_id)
-        config = dataclasses.replace(self.config, seed=seed)
+    def generate(self, request: list[Message], item_id: str) -> Answer:
+        """The pipeline's answer to ``request``, seeded by ``item_id``; its meta says how it was made."""
+        from duetgen.eval.harness import split_record
+
+        config = dataclasses.replace(self.config, seed=item_seed(self.config.seed, item_id))
         if self.structure == "free":
-            return self.pipe(request, config, record_id=item_id)
-        messages = self.pipe.messages(request, ())
-        finished = self.pipe.engine.run(messages, config, logits_processor=self._one_image())
-        return self.pipe.record(messages, finished, config, item_id)
+            record = self.pipe(request, config, record_id=item_id)
+        else:
+            messages = self.pipe.messages(request, ())
+            finished = self.pipe.engine.run(messages, config, logits_processor=self._one_image())
+            record = self.pipe.record(messages, finished, config, item_id)
+        return Answer(split_record(record)[1], record.meta)
 
     def _one_image(self):
         """logits_processor: <BOV> as the first token, end of turn as the first after the image."""
@@ -380,7 +391,7 @@ def generate_geneval(model: Model, metadata: str | os.PathLike, out: str | os.Pa
 
     if samples < 1:
         raise AdapterError(f"--samples must be >= 1, got {samples}")
-    if getattr(model, "structure", "one_image") != "one_image":
+    if model.structure != "one_image":
         raise AdapterError("geneval takes one image per answer: give a model with structure='one_image'")
     prompts = read_geneval_metadata(metadata)[:limit]
     out = Path(out)
@@ -390,9 +401,10 @@ def generate_geneval(model: Model, metadata: str | os.PathLike, out: str | os.Pa
     with progress_bar(progress, len(todo), f"generating GenEval images with {model.name}") as advance:
         for i, j in todo:
             folder = out / f"{i:05d}"
-            answer = model.generate([Message("user", [TextPart(prompts[i]["prompt"])])], item_id=f"{i:05d}/{j}")
-            parts = split_answer(answer)
-            image = next((p for p in parts if isinstance(p, ImagePart)), None)
+            item_id = f"{i:05d}/{j}"
+            answer = _checked(model.generate([Message("user", [TextPart(prompts[i]["prompt"])])], item_id), model,
+                              item_id)
+            image = next((p for p in answer.parts if isinstance(p, ImagePart)), None)
             if image is None:
                 raise AdapterError(f"{model.name} drew no image for GenEval prompt {i} ({prompts[i]['prompt']!r})")
             import io
@@ -415,12 +427,6 @@ def _decode(data):
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-def split_answer(answer) -> list:
-    from duetgen.eval.harness import split_record
-
-    return split_record(answer)[1] if isinstance(answer, Record) else answer
-
-
 def generate_benchmark(model: Model, benchmark: str, out: str | os.PathLike, *, prompts: str | os.PathLike | None = None,
                        truth: str | os.PathLike | None = None, images: str | os.PathLike | None = None,
                        limit: int | None = None, shard_size: int = 50, progress: bool = True, samples: int = 1,
@@ -439,18 +445,18 @@ def generate_benchmark(model: Model, benchmark: str, out: str | os.PathLike, *, 
         raise AdapterError(f"--language is for gedit; {bench.name!r} has no language subsets")
     records, _ = read_prompts(source, images, bench.prompts_format, language)
     _check_items(bench, records[:limit], f"{flag} {source}")
-    if bench.prompts_format in SINGLE_IMAGE_FORMATS and getattr(model, "structure", "one_image") != "one_image":
+    if bench.prompts_format in SINGLE_IMAGE_FORMATS and model.structure != "one_image":
         raise AdapterError(f"benchmark {bench.name!r} takes one edited image per item: give a model with "
                            "structure='one_image' (duetgen eval generate does)")
 
     out = Path(out)
-    settings = model.settings() if callable(getattr(model, "settings", None)) else {"model": {}, "generation": {}}
+    settings = model.settings()
     bound = {"benchmark": {"name": bench.name, "version": bench.version},
              "model": settings["model"], "generation": settings["generation"]}
     run = _open_generation_file(out, bound)
     run["name"] = model.name
     invocation = {"started": _now(), "inputs": str(Path(source).resolve()), "limit": limit,
-                  "model_path": None if getattr(model, "path", None) is None else str(Path(model.path).resolve())}
+                  "model_path": None if model.path is None else str(Path(model.path).resolve())}
     run["invocations"].append(invocation)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / GENERATION_FILE, (json.dumps(run, indent=1) + "\n").encode())
