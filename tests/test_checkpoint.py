@@ -83,6 +83,7 @@ def make_all(seed=0):
 # --- the headline guarantee -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_loss_curve(tmp_path):
     steps = ["--steps", "24", "--save-every", "5"]
     clean = tmp_path / "clean"

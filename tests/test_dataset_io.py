@@ -176,6 +176,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_shard_leaves_only_complete_shards(tmp_path):
     root, signal_file = tmp_path / "ds", tmp_path / "signal"
     env = dict(os.environ, PYTHONPATH=str(REPO))

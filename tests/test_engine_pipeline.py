@@ -269,6 +269,7 @@ def _clean_run_ids(inp: Path, out: Path) -> list:
     return [r.to_json() for r in Dataset(out)]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_restart_loses_and_duplicates_nothing(tmp_path):
     with Site(slow_s=0.5, image_latency_s=0.03) as site:
         lines = []
@@ -330,6 +331,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 def test_pool_workers_die_with_a_sigkilled_driver(tmp_path):
     """Issue 15 item 3: after SIGKILL of `duetgen data engine --workers 2` its workers lived on under PID 1."""
     with Site(slow_s=0.5, image_latency_s=0.2) as site:

@@ -18,6 +18,7 @@ from duetgen.data.engine.fetch import FetchConfig  # noqa: E402
 from duetgen.data.dataset import Dataset  # noqa: E402
 
 
+@pytest.mark.slow
 def test_ray_executor_writes_the_same_records_as_local(tmp_path):
     with Site() as site:
         inp = tmp_path / "pages.jsonl"

@@ -158,6 +158,7 @@ def test_changed_prediction_is_judged_again_and_only_it(server, tmp_path):
 
 
 # ----------------------------------------------------------------------------- resume after a real kill
+@pytest.mark.slow
 def test_resume_after_sigkill_sends_no_duplicate_requests_and_ends_identical(tmp_path):
     srv = JudgeServer(latency_s=0.08).start()
     try:

@@ -59,6 +59,7 @@ def run_ranks(world_size: int, extra: list[str]) -> list[str]:
     return outs
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_one_process_on_the_same_global_batch_including_a_resume(tmp_path):
     single = tmp_path / "single"
     tiny_train.main([*ARGS, "--run-dir", str(single)])  # in this process: one interpreter start fewer

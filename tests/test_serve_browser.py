@@ -20,8 +20,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOT = Path(__file__).resolve().parents[1] / "out" / "test-serve-browser" / "chat.png"
 
-pytestmark = pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
-                                reason="needs Debian chromium and chromedriver at /usr/bin (apt-get install chromium chromium-driver)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
+                                reason="needs Debian chromium and chromedriver at /usr/bin (apt-get install chromium chromium-driver)")]
 torch.set_num_threads(1)
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 from test_train_resume import _env, _kill_after_first_checkpoint
 
@@ -21,6 +22,7 @@ def _weights(out: Path) -> dict:
         load_file(out / "model" / "connector.safetensors")
 
 
+@pytest.mark.slow
 def test_recipe_runs_every_phase_refuses_a_used_dir_and_resumes_a_killed_run_to_the_same_weights(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(_cmd(full), env=_env(), check=True, capture_output=True)

@@ -82,6 +82,7 @@ def single_stage1(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_stage1_two_ranks_through_the_cli_match_one_process(single_stage1):
     root = single_stage1
     out = _torchrun("-m", "duetgen.cli", "train", "stage1", "--config", "tiny", "--data", str(root / "train"),
@@ -115,6 +116,7 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_stage2_two_ranks_with_a_sharded_resume_match_one_process(single_stage1, tmp_path):
     root = single_stage1
     mllm = root / "s1-one" / "mllm"
@@ -143,6 +145,7 @@ INIT_FROM_DRIVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_stage2_init_from_on_two_ranks_matches_one_process(single_stage1, tmp_path):
     """`init_from` under torchrun: rank 0 reads the trained connector + DiT and shards them out."""
     root = single_stage1

@@ -70,6 +70,7 @@ def _check_same_curve(cmd_fresh, cmd_resume, full_dir: Path, killed_dir: Path) -
     assert resumed == full  # bitwise equal: same data, same draws, same optimiser state
 
 
+@pytest.mark.slow
 def test_stage1_sigkill_and_resume_gives_the_same_loss_curve(data, tmp_path):
     def fresh(d):
         return _cli("stage1", "--data", str(data), "--out", str(d))
@@ -77,6 +78,7 @@ def test_stage1_sigkill_and_resume_gives_the_same_loss_curve(data, tmp_path):
     _check_same_curve(fresh, lambda d: fresh(d) + ["--resume"], tmp_path / "full", tmp_path / "killed")
 
 
+@pytest.mark.slow
 def test_stage2_sigkill_and_resume_gives_the_same_loss_curve(data, tmp_path):
     subprocess.run(_cli("stage1", "--data", str(data), "--out", str(tmp_path / "s1")), env=_env(), check=True,
                    capture_output=True)
