@@ -992,26 +992,50 @@ def serve(
     model: Optional[Path] = typer.Option(None, "--model", help="DuetGen model directory (default: the shipped ShapeWorld checkpoint)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; 127.0.0.1 keeps the server local."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
-    queue_size: int = typer.Option(4, "--queue-size", min=0, help="Requests that may wait while one generates; more get 429."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default cpu; with --ray: cuda, one GPU per replica, when the cluster has GPUs)"),
+    queue_size: int = typer.Option(4, "--queue-size", min=0, help="Requests that may wait while one generates; more get 429 (--ray: waiting at each Ray Serve proxy for any replica)."),
     batch: int = typer.Option(1, "--batch", min=1, help="Requests generated together, batched through one model (duetgen.infer.batched); 1 = one at a time."),
     timeout: float = typer.Option(300.0, "--timeout", min=1.0, help="Seconds a request may wait + generate."),
     max_upload_mb: float = typer.Option(16.0, "--max-upload-mb", min=0.1, help="Request body cap (JSON with base64 images)."),
     max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels", min=1, help="Pixel cap of one uploaded image."),
     max_prompt_chars: int = typer.Option(4000, "--max-prompt-chars", min=1, help="Text cap of one request."),
     allowed_host: Optional[list[str]] = typer.Option(None, "--allowed-host", help="Host header value to answer besides the bound host (repeatable; '*' = any, e.g. behind a proxy). Others get 400: DNS rebinding."),
+    on_ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve, one model per replica (docs/serving.md); a local Ray instance unless --ray-address."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --ray: 'auto' joins this machine's Ray cluster, ray://HEAD:10001 a remote one (typer has no option with an optional value, so not --ray ADDRESS)."),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="With --ray: model replicas (one model, and one GPU where there are GPUs, each)."),
 ):
     """Serve a chat page and an HTTP API (JSON + server-sent events, OpenAPI at /openapi.json); one generation at a time."""
+    from duetgen.serve.guards import hosts_to_answer
     from duetgen.serve.server import ServeLimits
     from duetgen.serve.server import serve as run_server
 
-    pipe = _load_pipeline(model, device)
+    if (replicas > 1 or ray_address is not None) and not on_ray:
+        fail("--replicas and --ray-address need --ray (one process serves one model; see docs/serving.md)")
     limits = ServeLimits(max_body_bytes=int(max_upload_mb * (1 << 20)), max_image_pixels=max_image_pixels,
                          max_prompt_chars=max_prompt_chars, queue_size=queue_size, request_timeout_s=timeout,
                          max_batch=batch)
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.secho(f"warning: binding {host}: the server has no authentication; it answers only requests whose Host "
                     f"header names {host} (add --allowed-host NAME for the names clients use)", fg=typer.colors.YELLOW, err=True)
+    if on_ray:
+        from duetgen.infer.pipeline import DEFAULT_MODEL_DIR
+
+        model_dir = (model or DEFAULT_MODEL_DIR).resolve()  # replicas load it by path, on every node
+        if not (model_dir / "duetgen.json").is_file():
+            fail(f"--model {str(model_dir)!r}: not a DuetGen model directory (no duetgen.json)")
+        import ray
+
+        from duetgen.serve.ray_serve import serve_on_ray
+
+        ray.init(address=ray_address)  # None: a new local instance
+        if device is None:
+            device = "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+        typer.secho(f"Ray Serve: {replicas} replica(s) on {device}; chat page: http://{host}:{port}/   "
+                    f"API: http://{host}:{port}/openapi.json", err=True)
+        serve_on_ray(str(model_dir), replicas, host=host, port=port, device=device, limits=limits,
+                     allowed_hosts=hosts_to_answer(host, allowed_host or ()))
+        return
+    pipe = _load_pipeline(model, device or "cpu")
     typer.secho(f"chat page: http://{host}:{port}/   API: http://{host}:{port}/openapi.json", err=True)
     run_server(pipe, host=host, port=port, limits=limits, allowed_hosts=allowed_host)
 

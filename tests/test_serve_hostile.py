@@ -90,6 +90,11 @@ def test_host_header_must_name_this_server(server, pipe):
     for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", ""):
         r = httpx.get(f"{server}/api/health", headers={"Host": host})
         assert r.status_code == 400 and "host" in r.text.lower(), (host, r.status_code)
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions")):  # /v1: OpenAI's error shape
+            r = httpx.request(method, f"{server}{path}", headers={"Host": host}, json={})
+            assert r.status_code == 400 and r.headers["content-type"] == "application/json", (host, path, r.text)
+            error = r.json()["error"]
+            assert error["type"] == "invalid_request_error" and "host" in error["message"].lower(), (host, path, error)
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
         assert httpx.get(f"{server}/api/health", headers={"Host": host}).status_code == 200
     app = create_app(pipe, allowed_hosts=["demo.example"])

@@ -140,10 +140,11 @@ def _from_detail(status: int, detail) -> tuple[int, dict]:
 
 
 class OpenAIErrors:
-    """ASGI middleware: a JSON error (4xx/5xx ``{"detail": ...}``) on a ``/v1`` path is rewritten in OpenAI's shape.
+    """ASGI middleware: an error (4xx/5xx, ``{"detail": ...}`` or plain text) on a ``/v1`` path is rewritten in OpenAI's shape.
 
-    Catches what the /v1 handlers do not answer themselves: the body cap's 413, schema errors, 404
-    and 405 of unknown routes. Bodies already in OpenAI's shape and successful responses pass as they are.
+    Catches what the /v1 handlers do not answer themselves: the Host check's 400 (plain text from
+    starlette), the body cap's 413, schema errors, 404 and 405 of unknown routes, a 500 of the
+    framework. Bodies already in OpenAI's shape and successful responses pass as they are.
     """
 
     def __init__(self, app):
@@ -157,8 +158,8 @@ class OpenAIErrors:
 
         async def rewrite(message):
             if message["type"] == "http.response.start":
-                headers = dict(message.get("headers") or [])
-                if message["status"] >= 400 and headers.get(b"content-type", b"").startswith(b"application/json"):
+                content_type = dict(message.get("headers") or []).get(b"content-type", b"")
+                if message["status"] >= 400 and content_type.startswith((b"application/json", b"text/plain")):
                     held["start"] = message  # hold the start until the whole (small) body is here
                     return
                 return await send(message)
@@ -176,7 +177,12 @@ class OpenAIErrors:
             if isinstance(data, dict) and "detail" in data and "error" not in data:
                 status, data = _from_detail(status, data["detail"])
                 body = json.dumps(data, ensure_ascii=False).encode()
-            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            elif data is None:  # plain text, e.g. starlette's "Invalid host header"
+                text = body.decode("utf-8", errors="replace").strip() or f"HTTP {status}"
+                body = json.dumps(error_body(status, text), ensure_ascii=False).encode()
+            headers = [(k, v) for k, v in start.get("headers", [])
+                       if k.lower() not in (b"content-length", b"content-type")]
+            headers.append((b"content-type", b"application/json"))
             headers.append((b"content-length", str(len(body)).encode()))
             await send({**start, "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
@@ -441,10 +447,14 @@ def served_model_name(model_id: str) -> str:
     return Path(model_id).name or model_id
 
 
-def mount_openai_api(app, service, limits: ServeLimits) -> None:
-    """Add ``/v1`` to a ``duetgen serve`` app; call it after the app's own middleware (errors are rewritten outside it)."""
+def mount_openai_api(app, service, limits: ServeLimits, store=None) -> None:
+    """Add ``/v1`` to a ``duetgen serve`` app; call it after the app's own middleware (errors are rewritten outside it).
+
+    ``store``: the generated images' store (``put(png) -> sha``, ``get(sha) -> png | None``); default
+    an ``ImageStore`` of ``limits``. Its calls may block (a shared store is remote): they run off the event loop.
+    """
     pipeline = service.pipeline
-    store = ImageStore(limits.image_store_bytes, limits.image_ttl_s)
+    store = store if store is not None else ImageStore(limits.image_store_bytes, limits.image_ttl_s)
     translator = Translator(limits, store)
     name = served_model_name(pipeline.model_id)
     created = int(time.time())
@@ -475,7 +485,7 @@ def mount_openai_api(app, service, limits: ServeLimits) -> None:
                 response_class=Response, responses={200: {"content": {"image/png": {}}}, 404: {"description": "unknown or expired"}})
     async def get_image(filename: str):
         match = IMAGE_PATH.match(f"/v1/images/{filename}")
-        png = store.get(match["sha"]) if match else None
+        png = await run_in_threadpool(store.get, match["sha"]) if match else None
         if png is None:
             return error_response(APIError(404, f"no image {filename!r} here (images are kept "
                                                 f"{limits.image_ttl_s:g} s and {limits.image_store_bytes:,} bytes in all)",
@@ -491,7 +501,6 @@ def mount_openai_api(app, service, limits: ServeLimits) -> None:
             messages = pipeline.messages(messages)  # the pipeline's own checks, as on /api
         except (ValueError, RecordError) as e:
             raise APIError(400, str(e), "messages") from None
-        service_admit()
         return messages, config
 
     def service_admit() -> None:
@@ -513,8 +522,9 @@ def mount_openai_api(app, service, limits: ServeLimits) -> None:
                             429: {"description": "queue full"}, 503: {"description": "waited too long"},
                             504: {"description": "generation timed out"}})
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        try:
-            messages, config = prepare(req, request)
+        try:  # off the event loop: decoding input images, and the image store may be remote
+            messages, config = await run_in_threadpool(prepare, req, request)
+            service_admit()  # here, not in the thread: no await between admission and the release below
         except APIError as e:
             return error_response(e)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"

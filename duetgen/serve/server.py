@@ -360,11 +360,14 @@ class BodyLimit:
 
 
 # ============================================================================ the app
-def create_app(pipeline, limits: ServeLimits | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
+def create_app(pipeline, limits: ServeLimits | None = None, allowed_hosts: list[str] | None = None,
+               image_store=None) -> FastAPI:
     """The ASGI app over one ``DuetGenPipeline`` (run it with uvicorn; ``duetgen serve`` does).
 
     ``allowed_hosts``: the ``Host`` header values answered (``guards.hosts_to_answer``); default the
     loopback names, ``["*"]`` for any. Any other Host gets 400 (DNS rebinding onto a local server).
+    ``image_store``: where /v1 keeps generated images (default: an ``openai_api.ImageStore`` in this
+    process; Ray Serve replicas share one, ``ray_serve.RemoteImageStore``).
     """
     limits = limits or ServeLimits()
     model_name = Path(pipeline.model_id).name or pipeline.model_id  # never the server's absolute path
@@ -494,10 +497,10 @@ def create_app(pipeline, limits: ServeLimits | None = None, allowed_hosts: list[
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts or LOOPBACK_HOSTS))  # before the body
     from duetgen.serve.openai_api import mount_openai_api  # imports this module: imported here, not at the top
 
-    mount_openai_api(app, service, limits)  # /v1, OpenAI-compatible; its error rewriting wraps the body cap
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts or LOOPBACK_HOSTS))  # outermost
+    mount_openai_api(app, service, limits, image_store)  # /v1; its error rewriting (outermost) wraps the Host check and body cap
     return app
 
 
