@@ -322,7 +322,7 @@ def local_parts(tmp_path_factory):
     return root
 
 
-def test_from_parts_adds_bov_and_copies_the_matching_projection(local_parts):
+def test_assemble_adds_bov_and_copies_the_matching_projection(local_parts):
     from diffusers import CosmosTransformer3DModel
 
     settings = replace(get_preset("tiny-wan").settings)
@@ -337,7 +337,7 @@ def test_from_parts_adds_bov_and_copies_the_matching_projection(local_parts):
     assert model.text_condition(rendered, rendered.bov_positions[0]).shape == (rendered.bov_positions[0], 32)
 
 
-def test_from_parts_fresh_connector_when_widths_differ(local_parts):
+def test_assemble_fresh_connector_when_widths_differ(local_parts):
     from diffusers import CosmosTransformer3DModel
 
     model = assemble(local_parts / "qwen", local_parts / "other-dit", local_parts / "cosmos" / "vae")
@@ -348,14 +348,14 @@ def test_from_parts_fresh_connector_when_widths_differ(local_parts):
     assert model.config.preset == "custom" and model.config.image_size == (768, 768)
 
 
-def test_from_parts_with_the_pixel_shuffle_autoencoder(local_parts, tmp_path):
+def test_assemble_with_the_pixel_shuffle_autoencoder(local_parts, tmp_path):
     model = assemble(local_parts / "qwen", local_parts / "pixel-dit", PixelShuffleConfig(factor=2),
                                settings=replace(tiny().settings))
     assert model.config.preset == "tiny" and model.vae.latent_channels == 12
     assert load(model.save_pretrained(tmp_path / "m"), expect="tiny").config.preset == "tiny"
 
 
-def test_from_parts_names_a_missing_config(local_parts):
+def test_assemble_names_a_missing_config(local_parts):
     with pytest.raises(ModelDirectoryError, match="dit_dir has no config.json .*pass its transformer/ folder"):
         assemble(local_parts / "qwen", local_parts / "cosmos", local_parts / "cosmos" / "vae")
 

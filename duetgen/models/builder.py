@@ -114,7 +114,7 @@ def build(
             materialize(dit, device)
             materialize(connector, device)
             if dit.config.use_crossattn_projection and dit.config.crossattn_proj_in_channels == connector.in_channels:
-                connector.load_dit_projection(dit)  # as from_parts does with a pretrained DiT
+                connector.load_dit_projection(dit)  # as assemble does with a pretrained DiT
         with torch.device(device):  # small and frozen: built directly where it runs, in float32
             vae = build_vae(preset.vae)
 
