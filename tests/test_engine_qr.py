@@ -161,6 +161,8 @@ def test_no_code_found_where_there_is_none():
 
 def test_image_rule_drops_a_code_as_qr_code_and_keeps_the_photos():
     cfg = ImageRuleConfig()
-    assert image_rule(with_codes()[1][1], "poster.jpg", cfg)[0] == "qr_code"
-    assert image_rule(photo(5, 480, 360), "step5.jpg", cfg) is None
-    assert image_rule(qr(URLS[0], 5), "get-app.png", ImageRuleConfig(qr=False)) is None
+    cases = [(with_codes()[1][1], "poster.jpg", cfg, "qr_code"), (photo(5, 480, 360), "step5.jpg", cfg, None),
+             (qr(URLS[0], 5), "get-app.png", ImageRuleConfig(qr=False), None)]
+    for img, hints, rule_cfg, reason in cases:
+        verdict = image_rule(img, img.convert("L"), hints, rule_cfg)
+        assert (verdict and verdict[0]) == reason

@@ -42,6 +42,7 @@ class ImageItem:
     warc: str | None = None  # or, for a WARC input, "file.warc.gz@offset" of the crawl's image response
     data: bytes | None = None  # fetched, verified encoded bytes
     image: Any = None  # decoded RGB PIL image
+    grey: Any = None  # its grey ("L") version, made once by the image rules (the pHash reads it too)
     phash: int | None = None
     caption: str | None = None  # from the MLLM, when configured
     category: str | None = None  # natural_photo | gui_screenshot | document_page | chart | other

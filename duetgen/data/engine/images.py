@@ -72,8 +72,9 @@ def has_qr_code(grey) -> bool:
                                        binarizer=zxingcpp.Binarizer.FixedThreshold))
 
 
-def image_rule(img, hints: str, cfg: ImageRuleConfig) -> tuple[str, str] | None:
-    """(reason, detail) if the image must go, else None. ``img`` is an RGB PIL image."""
+def image_rule(img, grey, hints: str, cfg: ImageRuleConfig) -> tuple[str, str] | None:
+    """(reason, detail) if the image must go, else None. ``img`` is an RGB PIL image, ``grey`` its
+    ``convert("L")``, made once by the caller (the pHash reads it too)."""
     w, h = img.size
     words = hint_words(hints)
     aspect = max(w / h, h / w)
@@ -90,7 +91,6 @@ def image_rule(img, hints: str, cfg: ImageRuleConfig) -> tuple[str, str] | None:
         return "too_small", f"{w}x{h}, shorter side < {cfg.min_side}"
     if aspect > cfg.max_aspect:
         return "extreme_aspect", f"{w}x{h}, aspect {aspect:.1f} > {cfg.max_aspect}"
-    grey = img.convert("L")  # once, for the uniformity test and the QR check
     thumb = np.asarray(grey.resize((64, 64)), dtype=np.float32)
     if thumb.std() < cfg.min_std:
         return "near_uniform", f"grey std {thumb.std():.1f} < {cfg.min_std}"
@@ -99,12 +99,15 @@ def image_rule(img, hints: str, cfg: ImageRuleConfig) -> tuple[str, str] | None:
     return None
 
 
-def phash(img) -> int:
-    """64-bit perceptual hash (DCT of a 32x32 grey thumbnail, 8x8 low frequencies vs their median)."""
+def phash(grey) -> int:
+    """64-bit perceptual hash of a grey ("L") PIL image (DCT of a 32x32 thumbnail, 8x8 low
+    frequencies vs their median)."""
     import cv2
     from PIL import Image
 
-    grey = np.asarray(img.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float32)
+    if grey.mode != "L":
+        raise ValueError(f"phash takes a grey (mode L) image, got mode {grey.mode}")
+    grey = np.asarray(grey.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float32)
     low = cv2.dct(grey)[:8, :8].flatten()
     bits = low > np.median(low[1:])  # the DC term is left out of the median: it is the mean brightness
     return int("".join("1" if b else "0" for b in bits), 2)

@@ -236,7 +236,8 @@ class ImageRules:
             kept = []
             for x in d.items:
                 if isinstance(x, ImageItem):
-                    verdict = image_rule(x.image, x.hints, self.cfg)
+                    x.grey = x.image.convert("L")  # once: the uniformity test, the QR check and the pHash read it
+                    verdict = image_rule(x.image, x.grey, x.hints, self.cfg)
                     if verdict is not None:
                         stats.drop_image(d, x, *verdict)
                         continue
@@ -315,7 +316,7 @@ class DedupConsecutive:
             kept, prev = [], None
             for x in d.items:
                 if isinstance(x, ImageItem):
-                    x.phash = phash(x.image)
+                    x.phash = phash(x.grey)
                     if prev is not None and (dist := hamming(prev, x.phash)) <= self.max_distance:
                         stats.drop_image(d, x, "near_duplicate", f"pHash distance {dist} <= {self.max_distance}")
                         continue
