@@ -202,12 +202,18 @@ def write_bench_warc(path: Path, n_pages: int, seed: int = 0) -> None:
             put(f"{host}/pages/bathe-{i}.html", "text/html; charset=utf-8", page.encode())
 
 
+# Peak RSS is the process's VmHWM (its own address space's high-water mark), not ru_maxrss: Linux
+# carries the high-water mark of the address space an exec replaces into ru_maxrss (fs/exec.c,
+# exec_mmap), so a driver started by fork + exec from this benchmark process, after the rounds had
+# loaded the language models here (~240 MB), reported this process's RSS: the "198 MB at 200 and
+# 2,000 pages" of the first measurement (docs/data-engine.md).
 _RUN_ONE = """
-import json, resource, sys, time
+import json, sys, time
 from duetgen.data.engine import EngineConfig, LocalExecutor, run_engine
 t0 = time.perf_counter()
 f = run_engine(sys.argv[1], sys.argv[2], EngineConfig(), LocalExecutor(int(sys.argv[3])), progress=False)
-print(json.dumps({"wall": time.perf_counter() - t0, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"wall": time.perf_counter() - t0, "rss_mb": hwm / 1024,
                   "records": f["summary"]["records_out"], "pages": f["summary"]["pages_in"],
                   "pass1_s": None}))
 """
