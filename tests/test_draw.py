@@ -13,7 +13,7 @@ from duetgen.data.record import ImagePart, Message, Record, TextPart
 from duetgen.diffusion.draw import draw_latent, network_x0, previous_canvas
 from duetgen.diffusion.schedules import SamplerConfig
 from duetgen.infer.engine import GenerationConfig
-from duetgen.models.mllm import render_record
+from duetgen.models.mllm import condition_hidden_states, render_record
 from duetgen.models.builder import build
 
 torch.set_num_threads(1)
@@ -42,7 +42,7 @@ def test_draw_latent_is_seeded_guided_and_sized():
     ])
     rendered = render_record(rec, model.tokenizer, model.image_processor)
     with torch.no_grad():
-        text = model.text_condition(rendered, rendered.bov_positions[1])
+        text = model.connect(condition_hidden_states(model.mllm, rendered, rendered.bov_positions[1]))
         cond = model.encode_images([noise_image(24, 40, 1), noise_image(32, 32, 2)])
     settings = defaults(model)
 

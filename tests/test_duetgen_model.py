@@ -83,7 +83,7 @@ def outputs(model, rendered):
     """MLLM logits, connector outputs (text condition) and packed DiT outputs of a model, no grad."""
     with torch.no_grad():
         logits = model.mllm(**model_inputs(model.mllm, rendered, with_labels=False)).logits
-        text = model.text_condition(rendered, rendered.bov_positions[1])
+        text = model.connect(condition_hidden_states(model.mllm, rendered, rendered.bov_positions[1]))
         frames, times, masks = dit_inputs(model)
         dit = model.dit(frames, times, masks, [text, text[:5]])
     return logits, text, [f for sample in dit for f in sample]
@@ -179,8 +179,8 @@ def test_connector_and_dit_projection_are_one_module(tmp_path):
     assert torch.equal(load_file(path / CONNECTOR_FILE)["proj.weight"], model.connector.proj.weight)
     groups = model.generator_parameters()
     assert len({id(p) for p in groups}) == len(groups)
-    assert {id(p) for p in groups}.isdisjoint(id(p) for p in model.mllm_parameters())
-    assert len(groups) + len(model.mllm_parameters()) == len(list(model.parameters()))
+    assert {id(p) for p in groups}.isdisjoint(id(p) for p in model.mllm.parameters())
+    assert len(groups) + len(list(model.mllm.parameters())) == len(list(model.parameters()))
 
 
 # ----------------------------------------------------------------------------- clear errors
@@ -334,7 +334,8 @@ def test_assemble_adds_bov_and_copies_the_matching_projection(local_parts):
     assert torch.equal(model.connector.proj.weight, pretrained.crossattn_proj[0].weight)
     assert model.config.preset == "tiny-wan"  # the architecture matches that preset, so the name is kept
     rendered = render_record(record(), model.tokenizer, model.image_processor)
-    assert model.text_condition(rendered, rendered.bov_positions[0]).shape == (rendered.bov_positions[0], 32)
+    text = model.connect(condition_hidden_states(model.mllm, rendered, rendered.bov_positions[0]))
+    assert text.shape == (rendered.bov_positions[0], 32)
 
 
 def test_assemble_fresh_connector_when_widths_differ(local_parts):
@@ -367,10 +368,10 @@ def test_text_condition_shape_and_gradients():
     model = build("tiny").freeze_mllm()
     rendered = render_record(record(), model.tokenizer, model.image_processor)
     bov = rendered.bov_positions[1]
-    grad_mode = []  # the frozen MLLM runs without autograd: no activations kept for a backward it never gets
-    model.mllm.model.language_model.register_forward_hook(lambda *_: grad_mode.append(torch.is_grad_enabled()))
-    text = model.text_condition(rendered, bov)
-    assert grad_mode == [False] and text.requires_grad
+    with torch.no_grad():  # the frozen MLLM, as stage 2 reads it
+        states = condition_hidden_states(model.mllm, rendered, bov)  # its own forward over the prefix only
+    text = model.connect(states)
+    assert text.requires_grad
     assert text.shape == (bov, model.transformer.config.text_embed_dim)
     with torch.no_grad():  # one forward of the whole sequence, sliced: the path training uses for many images
         sliced = model.connect(all_layer_states(model.mllm, rendered)[:bov])
@@ -381,13 +382,6 @@ def test_text_condition_shape_and_gradients():
     assert all(p.grad is None for p in model.dit.parameters())
 
 
-def test_text_condition_trains_the_mllm_when_it_is_not_frozen():
-    model = build("tiny")
-    rendered = render_record(record(), model.tokenizer, model.image_processor)
-    model.text_condition(rendered, rendered.bov_positions[0]).sum().backward()
-    assert model.mllm.get_input_embeddings().weight.grad is not None  # the gate in text_condition is real
-
-
 def test_guidance_negative_is_a_prefix_of_the_positive():
     from duetgen.models.mllm import negative_prefix_length
 
@@ -395,7 +389,7 @@ def test_guidance_negative_is_a_prefix_of_the_positive():
     rendered = render_record(record(), model.tokenizer, model.image_processor)
     bov = rendered.bov_positions[1]
     with torch.no_grad():
-        pos = model.text_condition(rendered, bov)
+        pos = model.connect(condition_hidden_states(model.mllm, rendered, bov))
         n = negative_prefix_length(rendered, bov)
         neg = model.connect(layer_states(model.mllm.model(**model_inputs(model.mllm, rendered.prefix(n), False),
                                                           output_hidden_states=True).hidden_states)[0])
@@ -462,7 +456,7 @@ def test_build_is_seeded_and_leaves_the_global_rng_alone():
 
 def test_dtype_casts_parameters_and_keeps_the_tie():
     model = build("tiny-wan", dtype=torch.bfloat16)
-    assert {p.dtype for p in model.mllm_parameters() + model.generator_parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in [*model.mllm.parameters(), *model.generator_parameters()]} == {torch.bfloat16}
     assert {b.dtype for b in model.mllm.buffers()} == {torch.float32}  # rotary inv_freq, as transformers keeps it
     assert {p.dtype for p in model.vae.parameters()} == {torch.float32}
     assert model.transformer.crossattn_proj[0].weight is model.connector.proj.weight

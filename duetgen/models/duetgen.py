@@ -9,7 +9,7 @@ single-device operations they share.
 Design choices:
 - `DuetGen` is an `nn.Module` without a `forward`: `.to()`, `.train()`, `.requires_grad_()` and
   `state_dict()` then cover every part at once, while each stage calls the parts it trains
-  (stage 1 `model.mllm`, stage 2 `model.text_condition` + `model.dit`). The tokenizer and the image
+  (stage 1 `model.mllm`, stage 2 `model.connect` + `model.dit`). The tokenizer and the image
   processor are plain attributes. Parallelism is applied from outside, per part (torchtitan).
 - Directory layout (`save_pretrained` / `from_pretrained`), every part readable by its own library:
       duetgen.json            format_version + DuetGenConfig (written last: the directory is complete)
@@ -31,8 +31,8 @@ Design choices:
   n_layers x width and the DiT's cross-attention width, tokenizer vs embedding rows, `<BOV>`, VAE
   latent channels vs the DiT), and, with `expect=`, the architecture of a preset. Every error
   names the directory and the problem (`ModelDirectoryError`).
-- The MLLM is frozen in stage 2 (paper section 4.2); `text_condition` then runs it under
-  `torch.no_grad()` (no activations kept) and gradients start at the connector. The VAE is always
+- The MLLM is frozen in stage 2 (paper section 4.2, `freeze_mllm`): stage 2 reads its states without
+  autograd (train/stage2.py, `ConditionStates`) and gradients start at `connect`. The VAE is always
   frozen: its latents are data.
 - Writes are atomic: the directory is written under a temporary name next to the target and renamed
   into place.
@@ -58,7 +58,7 @@ from duetgen.diffusion.flow_matching import PARAMETERISATIONS, Parameterisation
 from duetgen.diffusion.schedules import SamplerConfig
 from duetgen.models.connector import Connector
 from duetgen.models.image_processor import ImageProcessor, smart_resize
-from duetgen.models.mllm import check_compatible, condition_hidden_states
+from duetgen.models.mllm import check_compatible
 from duetgen.models.tokenizer import BOV
 from duetgen.models.vae import (
     ImageAutoencoder,
@@ -345,16 +345,12 @@ class DuetGen(nn.Module):
 
     # ------------------------------------------------------------------ parameter groups
 
-    def mllm_parameters(self) -> list[nn.Parameter]:
-        """What stage 1 trains (paper section 4.2)."""
-        return list(self.mllm.parameters())
-
     def generator_parameters(self) -> list[nn.Parameter]:
         """What stage 2 trains: connector + DiT (the stock crossattn_proj IS the connector: counted once)."""
         return list(self.connector.parameters()) + list(self.dit.parameters())
 
     def freeze_mllm(self) -> "DuetGen":
-        """Stage 2: the MLLM gets no gradient and runs without autograd in `text_condition`."""
+        """Stage 2: the MLLM gets no gradient (paper section 4.2)."""
         self.mllm.requires_grad_(False)
         self.mllm.eval()
         return self
@@ -364,19 +360,6 @@ class DuetGen(nn.Module):
     def connect(self, states: Tensor) -> Tensor:
         """All-layer MLLM states (..., n_layers * D) -> the DiT's text condition (..., D_cross)."""
         return self.connector(states.to(self.connector.proj.weight.dtype))
-
-    def text_condition(self, rendered, bov_position: int) -> Tensor:
-        """(bov_position, D_cross): the text condition of the image whose `<BOV>` is at `bov_position`.
-
-        The all-layer, per-layer-normalised states of every token before the `<BOV>` (DESIGN section 4),
-        through the connector. The guidance negative is a prefix of it:
-        `[:duetgen.models.mllm.negative_prefix_length(rendered, bov_position)]`. When no MLLM parameter
-        requires grad (stage 2) the MLLM runs under no_grad and gradients start at the connector.
-        """
-        mllm_trains = any(p.requires_grad for p in self.mllm.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and mllm_trains):
-            states = condition_hidden_states(self.mllm, rendered, bov_position)  # (L, n_layers * D)
-        return self.connect(states)  # (L, D_cross)
 
     # ------------------------------------------------------------------ images <-> latents
 
