@@ -29,6 +29,7 @@ class TextItem:
     kind: str = "paragraph"  # "heading" | "paragraph" | "step" (item of an ordered list) | "list"
     level: int = 0  # heading level 1-6; 0 otherwise
     group: int | None = None  # step container id (see module docstring)
+    cleaned: str | None = None  # clean_block(text), made once in pass 1 (language.page_text); clean_text reads it
 
 
 @dataclass

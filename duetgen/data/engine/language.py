@@ -33,8 +33,11 @@ class LanguageConfig:
 
 
 def page_text(d: Doc) -> str:
-    """The page's cleaned body text (what the language and near-duplicate checks read)."""
-    return "\n".join(t for t in (clean_block(x.text) for x in d.texts) if t)
+    """The page's cleaned body text (what the language and near-duplicate checks read); each text
+    item keeps its cleaned block (``TextItem.cleaned``) for pass 2's clean-up stage."""
+    for x in d.texts:
+        x.cleaned = clean_block(x.text)
+    return "\n".join(x.cleaned for x in d.texts if x.cleaned)
 
 
 def check_languages(codes: tuple[str, ...]) -> None:

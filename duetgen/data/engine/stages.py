@@ -349,7 +349,8 @@ class CleanText:
             kept = []
             for x in d.items:
                 if isinstance(x, TextItem):
-                    t = clean_block(x.text)
+                    # pass 1 cleaned every block already (language.page_text): 1.2 CPU ms a page not spent again
+                    t = x.cleaned if x.cleaned is not None else clean_block(x.text)
                     if not t:
                         stats.drop_text(d, x.text, "boilerplate_or_empty")
                         continue
