@@ -17,7 +17,7 @@ Design choices:
   60-120 pasted on a photo). Measured on tests/test_engine_qr.py's set (146 real QR codes written
   with segno: module sizes 1.2-30 px, rotated, perspective, blurred, noisy, JPEG'd, low-contrast,
   inverted, in photos up to 3000x2000; 117 images without one): it reads every code OpenCV's
-  ``QRCodeDetectorAruco`` (detect + decode on a 640 px copy, the rule before) read, 9 more, and
+  ``QRCodeDetectorAruco`` (detect + decode on a 640 px copy, the rule before) read, 11 more, and
   fires on none of the others; 1.5 ms per 480x360 photo against 7.5 ms (one core). A QR code on a
   web page is made to be read, so a finder-pattern look-alike that does not decode is no QR code.
 - Perceptual hash: 64-bit DCT hash (pHash: 32x32 grey, top-left 8x8 DCT block against its median);
