@@ -76,7 +76,27 @@ def test_batched_answers_equal_answers_alone(model):
         for a, b in zip(images, b_images):
             assert np.abs(a - b).max() <= 2  # uint8 pixels: float reduction order only
     assert engine.scheduler.max_rows == 4  # four answers did share MLLM steps
+    assert engine.scheduler.reused > 0  # decodes extended the last padded cache (and the tokens above did not change)
     assert engine.scheduler._members == {}  # every answer left
+
+
+def test_images_start_together_and_equal_alone(model):
+    """Image alignment: an image's first sampler step waits while other answers still write, so the three
+    answers' first images are drawn in the same packed DiT calls; the answers are still the ones alone."""
+    requests = [(prompt(i), GenerationConfig(seed=seed, num_steps=3, max_new_tokens=120))
+                for i, seed in ((0, 0), (1, 1), (0, 2))]  # prompt 2 draws nothing greedily
+    alone = [answer(InterleavedEngine(model).run(m, c)) for m, c in requests]
+    engine = BatchedEngine(model, max_batch=3, max_image_wait=100)
+    results, errors = run_concurrently(engine, requests)
+    assert errors == [None] * 3 and all(images for _, _, images in alone)
+    for (reason, text, images), finished in zip(alone, results):
+        b_reason, b_text, b_images = answer(finished)
+        assert (b_reason, b_text, len(b_images)) == (reason, text, len(images))
+        for a, b in zip(images, b_images):
+            assert np.abs(a - b).max() <= 2
+    assert engine.scheduler.held > 0 and engine.scheduler.max_images == 3
+    with pytest.raises(ValueError, match="max_image_wait must be >= 0"):
+        BatchedEngine(model, max_batch=2, max_image_wait=-1)
 
 
 def test_cancelled_and_failing_answers_leave_the_others_running(model):

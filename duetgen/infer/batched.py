@@ -1,7 +1,7 @@
 """Concurrent answers batched through one model: one MLLM forward decodes a token for every answer, one packed DiT call
 steps every image being drawn.
 
-    engine = BatchedEngine(model, max_batch=4)           # a drop-in InterleavedEngine
+    engine = BatchedEngine(model, max_batch=4)           # a drop-in InterleavedEngine (max_image_wait=8)
     pipe = DuetGenPipeline(model); pipe.engine = engine  # what `duetgen serve --batch 4` does
     # call engine.run / engine.stream from up to 4 threads at once (the server does, one per request)
 
@@ -13,20 +13,27 @@ How it works:
 - The scheduler runs a step when every joined answer is waiting on it (a barrier: an answer busy
   with its own CPU work, e.g. sampling a token or decoding a picture, is waited for, so which
   answers share a step depends only on who is joined, not on timing). A step runs, in order:
-  every single-token decode of an answer as one batched MLLM forward over their KV caches
+  the single-token decodes of two or more answers as one batched MLLM forward over their KV caches
   (left-padded to the longest, padding masked, explicit 3D rope positions per row); every other
-  MLLM call (a prefill, an image's vision block with its pixels) alone; every DiT call as one
-  packed DiT call (the DiT attends within each sample only, so packing requests is the same
-  computation as calling it per request).
+  MLLM call (a prefill, an image's vision block with its pixels, a lone decode) alone; every DiT
+  call as one packed DiT call (the DiT attends within each sample only, so packing requests is the
+  same computation as calling it per request). A lone answer runs its calls in its own thread.
+- Image alignment (``max_image_wait``, default 8 steps): the first sampler step of an image is
+  held back while other answers are still writing, so images of different answers start together
+  and all their sampler steps share packed DiT calls (on the shipped toy model one DiT call for 4
+  answers costs 2x one answer's, not 4x). Held at most ``max_image_wait`` steps (a few ms each),
+  so an answer's image is never delayed for long; a drawing already started is never held.
 - Answers join when their prefill arrives (at most ``max_batch`` at a time; a further one waits)
   and leave when their loop ends, for any reason (finished, cancelled, timed out, failed), so the
   others run on. An error in a step reaches only the answers in it.
 - Same seed, same answer: token sampling and image noise use the answer's own generators (the
   engine's), so a batched answer equals the answer alone in tokens; images and states agree within
   float tolerance (padding and packing change the reduction order, not the maths).
-- Each answer keeps its own KV cache as per-layer (1, H, L, Dh) tensors; a batched step pads
-  them into one ``DynamicCache`` and slices the rows back (a copy per step, small next to the
-  forward at serving batch sizes; a persistent padded cache is the next optimisation).
+- Each answer keeps its own KV cache as per-layer (1, H, L, Dh) tensors (its own ``DynamicCache``
+  between batched decodes). A batched decode pads them into one ``DynamicCache`` and slices the
+  rows back as views; while the same answers decode step after step (the common case) the next
+  step extends that padded cache instead of copying every answer's cache again
+  (``reusable_batch``); it is rebuilt when an answer joins, leaves, draws or takes an image block.
 - The model's settings apply as in ``InterleavedEngine``: conditioning frames are shown to the DiT at
   the model's ``condition_frame_time``. Only the ``duetgen`` framing is batched: a model or a request
   with ``framing="cosmos"`` (one caption -> one image, no text; duetgen.models.cosmos_predict) is refused
@@ -56,6 +63,8 @@ class _Job:
     kind: str  # "mllm" | "dit"
     context: "BatchedContext | None"
     inputs: tuple
+    first: bool = False  # dit: the first sampler step of an image (the only one that may be held back)
+    held: int = 0  # steps it was held back (image alignment)
     done: threading.Event = field(default_factory=threading.Event)
     result: object = None
     error: BaseException | None = None
@@ -64,16 +73,23 @@ class _Job:
 class BatchScheduler:
     """Collects the model calls of up to ``max_batch`` concurrent answers and runs them as batched steps."""
 
-    def __init__(self, model, max_batch: int):
+    def __init__(self, model, max_batch: int, max_image_wait: int = 0):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1; got {max_batch}")
-        self.model, self.max_batch = model, max_batch
+        if max_image_wait < 0:
+            raise ValueError(f"max_image_wait must be >= 0; got {max_image_wait}")
+        self.model, self.max_batch, self.max_image_wait = model, max_batch, max_image_wait
         self._cond = threading.Condition()
         self._members: dict[int, BatchedContext] = {}  # thread id -> its answer's context
         self._pending: list[_Job] = []
+        self._busy = False  # a step is running (in the scheduler's thread, or inline in a lone answer's)
         self._thread: threading.Thread | None = None
+        self._joined = 0  # answers joined so far: each context's serial number
         self.steps = 0  # batched steps run (for tests and benchmarks)
         self.max_rows = 0  # the most answers decoded in one MLLM forward
+        self.max_images = 0  # the most answers' images in one packed DiT call
+        self.held = 0  # image starts held back a step (image alignment)
+        self.reused = 0  # batched decodes that extended the last padded cache instead of copying every answer's
 
     def join(self, context: "BatchedContext") -> None:
         """The calling thread's answer joins (waits while ``max_batch`` answers run)."""
@@ -81,6 +97,8 @@ class BatchScheduler:
             while len(self._members) >= self.max_batch:
                 self._cond.wait()
             self._members[threading.get_ident()] = context
+            self._joined += 1
+            context.serial = self._joined
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="duetgen-batch", daemon=True)
                 self._thread.start()
@@ -91,12 +109,26 @@ class BatchScheduler:
             if self._members.pop(threading.get_ident(), None) is not None:
                 self._cond.notify_all()
 
-    def submit(self, kind: str, context, *inputs):
+    def submit(self, kind: str, context, *inputs, first: bool = False):
         """Block until the step that runs this call is over; its result, or its error raised here."""
-        job = _Job(kind, context, inputs)
+        job = _Job(kind, context, inputs, first=first)
         with self._cond:
-            self._pending.append(job)
-            self._cond.notify_all()
+            # a lone answer runs its call in its own thread, with no hand-off to the scheduler and back (the
+            # batched server answered one request at a time at 0.88-0.92x of the one-at-a-time server; with
+            # this, a lone decode as a plain forward and an answer's own cache between batches: 1.02x)
+            alone = not self._busy and not self._pending and list(self._members) == [threading.get_ident()]
+            if alone:
+                self._busy = True
+            else:
+                self._pending.append(job)
+                self._cond.notify_all()
+        if alone:
+            try:
+                self._step([job])  # nothing to hold: no other answer writes
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
         job.done.wait()
         if job.error is not None:
             raise job.error
@@ -106,25 +138,48 @@ class BatchScheduler:
         while True:
             with self._cond:
                 # a step when every joined answer waits on one (a leaving answer wakes this up)
-                while not self._pending or len(self._pending) < len(self._members):
+                while self._busy or not self._pending or len(self._pending) < len(self._members):
                     self._cond.wait()
                 jobs, self._pending = self._pending, []
-            self._step(jobs)
+                self._busy = True
+            held = self._step(jobs)
+            with self._cond:
+                self._pending[:0] = held  # still waiting: they count for the next step's barrier
+                self._busy = False
+                self._cond.notify_all()
 
-    def _step(self, jobs: list[_Job]) -> None:
+    def _step(self, jobs: list[_Job]) -> list[_Job]:
+        """Run one step of ``jobs``; the jobs held back for a later step."""
         self.steps += 1
-        decode = [j for j in jobs if j.kind == "mllm" and j.context.kv is not None
-                  and j.inputs[0].numel() == 1 and j.inputs[1] is None]
-        single = [j for j in jobs if j.kind == "mllm" and j not in decode]
+        decode = sorted((j for j in jobs if j.kind == "mllm" and j.context.kv is not None
+                         and j.inputs[0].numel() == 1 and j.inputs[1] is None),
+                        key=lambda j: j.context.serial)  # a fixed row order: the padded cache is reused
         dit = [j for j in jobs if j.kind == "dit"]
+        # Image alignment: an image's first sampler step waits (up to max_image_wait steps) while other
+        # answers are still writing, so that images start together and their steps share packed DiT calls
+        # (a DiT call of 4 answers costs 2x one answer's on the toy model, not 4x).
+        held = [j for j in dit if j.first and decode and j.held < self.max_image_wait]
+        if len(held) == len(dit) and len(jobs) > len(held):  # hold only if the step has other work to run
+            for job in held:
+                job.held += 1
+            self.held += len(held)
+            dit = []
+        else:
+            held = []
+        if len(decode) == 1:  # one row: the plain cached forward (no padding mask, nothing to copy)
+            decode = []
+        single = [j for j in jobs if j.kind == "mllm" and j not in decode]
         if decode:
-            self._run(decode, lambda: decode_step(self.model.mllm, [j.context for j in decode],
-                                                  [int(j.inputs[0]) for j in decode]))
+            contexts = [j.context for j in decode]
+            self.reused += reusable_batch(contexts) is not None
+            self._run(decode, lambda: decode_step(self.model.mllm, contexts, [int(j.inputs[0]) for j in decode]))
             self.max_rows = max(self.max_rows, len(decode))
         for job in single:
             self._run([job], lambda job=job: [job.context.forward(*job.inputs)])
         if dit:
             self._run(dit, lambda: packed_dit_step(self.model.dit, [j.inputs[0] for j in dit]))
+            self.max_images = max(self.max_images, len(dit))
+        return held
 
     @staticmethod
     def _run(jobs: list[_Job], call) -> None:
@@ -147,6 +202,9 @@ class BatchedContext:
     def __init__(self, scheduler: BatchScheduler, model):
         self.scheduler, self.model = scheduler, model
         self.kv: list[tuple[Tensor, Tensor]] | None = None  # per layer (keys, values), each (1, H, L, Dh)
+        self.batch: _PaddedBatch | None = None  # the padded cache whose row this kv is a view of (decode_step)
+        self.cache = None  # this answer's own DynamicCache while its kv is not a batch's row (forward)
+        self.serial = 0  # join order (the scheduler's): this answer's row order in a batched decode
         self.input_ids: list[int] = []
         self.next_position = 0  # rope position of the next token (all three axes)
         self._states: list[Tensor] = []  # (n, n_layers * D) per chunk, as produced
@@ -181,10 +239,13 @@ class BatchedContext:
         grid = image_grid_thw.to(device) if image_grid_thw is not None else None
         positions = rope_position_ids(self.model, ids, grid) + self.next_position  # (3, n)
         kwargs = {"pixel_values": pixel_values.to(device), "image_grid_thw": grid} if pixel_values is not None else {}
-        cache = DynamicCache(ddp_cache_data=self.kv, config=self.model.config)
+        if self.cache is None:  # first call, or the kv is a row of a batched decode: copied into a cache of its own
+            self.cache = DynamicCache(ddp_cache_data=self.kv, config=self.model.config)
+        cache = self.cache
         out = self.model(input_ids=ids[None], position_ids=positions[:, None], past_key_values=cache,
                          use_cache=True, output_hidden_states=True, logits_to_keep=1, **kwargs)
         self.kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self.batch = None
         self._record(input_ids.tolist(), layer_states(out.hidden_states)[0], int(positions.max()) + 1)
         return out.logits[0, -1]  # (V,)
 
@@ -194,21 +255,49 @@ class BatchedContext:
         self.next_position = next_position
 
 
+@dataclass
+class _PaddedBatch:
+    """The left-padded KV cache of the last batched decode: reused while the same answers decode in a row."""
+
+    contexts: list  # the rows, in order
+    pads: list[int]  # left padding of each row
+    cache: object  # transformers.DynamicCache, (B, H, longest, Dh) per layer
+
+
+def reusable_batch(contexts: list[BatchedContext]) -> _PaddedBatch | None:
+    """The last step's padded cache if exactly these answers, in this order, decoded in it and did nothing since."""
+    batch = contexts[0].batch
+    if batch is not None and batch.contexts == contexts and all(c.batch is batch for c in contexts):
+        return batch
+    return None
+
+
 @torch.no_grad()
 def decode_step(mllm, contexts: list[BatchedContext], tokens: list[int]) -> list[Tensor]:
-    """One token for each of B answers in one forward over their left-padded caches -> B logits (V,)."""
+    """One token for each of B answers in one forward over their left-padded caches -> B logits (V,).
+
+    The padded cache is built by copying each answer's cache (padded to the longest) only when the
+    rows changed since the last step (an answer joined, left, drew an image or took an image block);
+    while the same answers decode step after step, the last step's padded cache is extended in place.
+    """
     from transformers import DynamicCache
 
     device = mllm.device
-    lengths = [len(c) for c in contexts]
-    longest = max(lengths)
-    pads = [longest - n for n in lengths]
-    cache_data = []
-    for layer in range(len(contexts[0].kv)):
-        keys = torch.cat([F.pad(c.kv[layer][0], (0, 0, p, 0)) for c, p in zip(contexts, pads)])  # (B, H, longest, Dh)
-        values = torch.cat([F.pad(c.kv[layer][1], (0, 0, p, 0)) for c, p in zip(contexts, pads)])
-        cache_data.append((keys, values))
-    cache = DynamicCache(ddp_cache_data=cache_data, config=mllm.config)
+    batch = reusable_batch(contexts)
+    if batch is not None:
+        pads, cache = batch.pads, batch.cache  # each row's kv is still its view of this cache
+        longest = cache.get_seq_length()
+    else:
+        lengths = [len(c) for c in contexts]
+        longest = max(lengths)
+        pads = [longest - n for n in lengths]
+        cache_data = []
+        for layer in range(len(contexts[0].kv)):
+            keys = torch.cat([F.pad(c.kv[layer][0], (0, 0, p, 0)) for c, p in zip(contexts, pads)])  # (B, H, longest, Dh)
+            values = torch.cat([F.pad(c.kv[layer][1], (0, 0, p, 0)) for c, p in zip(contexts, pads)])
+            cache_data.append((keys, values))
+        cache = DynamicCache(ddp_cache_data=cache_data, config=mllm.config)
+        batch = _PaddedBatch(list(contexts), pads, cache)
     mask = torch.ones(len(contexts), longest + 1, dtype=torch.long, device=device)  # (B, longest + 1)
     for row, p in enumerate(pads):
         mask[row, :p] = 0  # the padding is never attended to
@@ -224,7 +313,8 @@ def decode_step(mllm, contexts: list[BatchedContext], tokens: list[int]) -> list
     )
     states = layer_states(out.hidden_states)  # (B, 1, n_layers * D)
     for row, (c, p) in enumerate(zip(contexts, pads)):
-        c.kv = [(layer.keys[row:row + 1, :, p:], layer.values[row:row + 1, :, p:]) for layer in cache.layers]
+        c.kv = [(layer.keys[row:row + 1, :, p:], layer.values[row:row + 1, :, p:]) for layer in cache.layers]  # views
+        c.batch, c.cache = batch, None
         c._record([tokens[row]], states[row], c.next_position + 1)
     return [out.logits[row, -1] for row in range(len(contexts))]
 
@@ -248,13 +338,13 @@ def packed_dit_step(dit, calls: list[dict]) -> list[list]:
 class BatchedEngine(InterleavedEngine):
     """``InterleavedEngine`` whose concurrent answers (one per calling thread) share batched model steps."""
 
-    def __init__(self, model, max_batch: int = 4):
+    def __init__(self, model, max_batch: int = 4, max_image_wait: int = 8):
         if model.config.framing != "duetgen":
             raise ValueError(f"BatchedEngine batches the 'duetgen' framing only; this model's framing is "
                              f"{model.config.framing!r} (duetgen.json settings.framing): serve it one request at a "
                              f"time (duetgen serve --batch 1) or use duetgen generate")
         super().__init__(model)
-        self.scheduler = BatchScheduler(model, max_batch)
+        self.scheduler = BatchScheduler(model, max_batch, max_image_wait)
         self.context_name = f"batched-{id(self):x}"
         CONTEXTS[self.context_name] = functools.partial(BatchedContext, self.scheduler)  # engine.run(context=...)
 
@@ -279,9 +369,15 @@ class BatchedEngine(InterleavedEngine):
             return super().draw(context, bov_position, system_length, cond_latents, settings, image_index, on_step)
         text_pos, text_neg = self.condition(context, bov_position, system_length)
         generator = torch.Generator().manual_seed(settings.config.seed + NOISE_SEED_STRIDE * (image_index + 1))
+        calls = 0
+
+        def dit(targets_only, **inputs):  # packed with the other answers' calls; targets only
+            nonlocal calls
+            calls += 1
+            return self.scheduler.submit("dit", None, inputs, first=calls == 1)
+
         return draw_latent(
             self.model, cond_latents, text_pos, text_neg, size=settings.image_size, generator=generator,
             sampler=settings.sampler, guidance_scale=settings.guidance_for(bool(cond_latents)),
-            callback=lambda i, n, t, x: on_step(i + 1, n),
-            dit=lambda targets_only, **inputs: self.scheduler.submit("dit", None, inputs),  # packed: targets only
+            callback=lambda i, n, t, x: on_step(i + 1, n), dit=dit,
         )
