@@ -28,6 +28,7 @@ Design choices:
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import replace
@@ -97,8 +98,8 @@ class DuetGenReplica:
         from duetgen.infer.pipeline import DuetGenPipeline
 
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"replica asked for device {device!r} but sees no GPU (CUDA_VISIBLE_DEVICES="
-                               f"{__import__('os').environ.get('CUDA_VISIBLE_DEVICES')!r})")
+            raise RuntimeError(f"replica asked for device {device!r} but sees no GPU "
+                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
         self.pipeline = DuetGenPipeline.from_pretrained(model_dir, device=device)
         self.limits, self.allowed_hosts, self.images = limits, allowed_hosts, images
 
