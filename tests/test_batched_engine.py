@@ -82,7 +82,8 @@ def test_batched_answers_equal_answers_alone(model):
 
 def test_images_start_together_and_equal_alone(model):
     """Image alignment: an image's first sampler step waits while other answers still write, so the three
-    answers' first images are drawn in the same packed DiT calls; the answers are still the ones alone."""
+    answers' first images are drawn in the same packed DiT calls and their image blocks enter the MLLM in
+    one batched forward; the answers are still the ones alone."""
     requests = [(prompt(i), GenerationConfig(seed=seed, num_steps=3, max_new_tokens=120))
                 for i, seed in ((0, 0), (1, 1), (0, 2))]  # prompt 2 draws nothing greedily
     alone = [answer(InterleavedEngine(model).run(m, c)) for m, c in requests]
@@ -95,6 +96,7 @@ def test_images_start_together_and_equal_alone(model):
         for a, b in zip(images, b_images):
             assert np.abs(a - b).max() <= 2
     assert engine.scheduler.held > 0 and engine.scheduler.max_images == 3
+    assert engine.scheduler.image_blocks >= 3  # the aligned images' blocks went through the MLLM in one forward
     with pytest.raises(ValueError, match="max_image_wait must be >= 0"):
         BatchedEngine(model, max_batch=2, max_image_wait=-1)
 

@@ -33,7 +33,9 @@ How it works:
   between batched decodes). A batched decode pads them into one ``DynamicCache`` and slices the
   rows back as views; while the same answers decode step after step (the common case) the next
   step extends that padded cache instead of copying every answer's cache again
-  (``reusable_batch``); it is rebuilt when an answer joins, leaves, draws or takes an image block.
+  (``reusable_batch``); it is rebuilt when the rows change or an answer runs a forward alone.
+- Image blocks (``<BOV>`` + vision block + pixels) of two or more answers with equal lengths go through
+  the MLLM in one forward too (``batched_append``); aligned images end in the same step, so they do.
 - The model's settings apply as in ``InterleavedEngine``: conditioning frames are shown to the DiT at
   the model's ``condition_frame_time``. Only the ``duetgen`` framing is batched: a model or a request
   with ``framing="cosmos"`` (one caption -> one image, no text; duetgen.models.cosmos_predict) is refused
@@ -90,6 +92,7 @@ class BatchScheduler:
         self.max_images = 0  # the most answers' images in one packed DiT call
         self.held = 0  # image starts held back a step (image alignment)
         self.reused = 0  # batched decodes that extended the last padded cache instead of copying every answer's
+        self.image_blocks = 0  # image blocks that went through the MLLM batched with another answer's
 
     def join(self, context: "BatchedContext") -> None:
         """The calling thread's answer joins (waits while ``max_batch`` answers run)."""
@@ -168,12 +171,24 @@ class BatchScheduler:
             held = []
         if len(decode) == 1:  # one row: the plain cached forward (no padding mask, nothing to copy)
             decode = []
-        single = [j for j in jobs if j.kind == "mllm" and j not in decode]
+        # image blocks (<BOV> + vision block + pixels) of equal length: one forward too (aligned images end together)
+        blocks: dict[int, list[_Job]] = {}
+        for j in jobs:
+            if j.kind == "mllm" and j.context.kv is not None and j.inputs[1] is not None:
+                blocks.setdefault(j.inputs[0].numel(), []).append(j)
+        blocks = {n: sorted(group, key=lambda j: j.context.serial) for n, group in blocks.items() if len(group) > 1}
+        batched = decode + [j for group in blocks.values() for j in group]
+        single = [j for j in jobs if j.kind == "mllm" and j not in batched]
         if decode:
             contexts = [j.context for j in decode]
             self.reused += reusable_batch(contexts) is not None
             self._run(decode, lambda: decode_step(self.model.mllm, contexts, [int(j.inputs[0]) for j in decode]))
             self.max_rows = max(self.max_rows, len(decode))
+        for group in blocks.values():
+            self._run(group, lambda group=group: batched_append(
+                self.model.mllm, [j.context for j in group], [j.inputs[0] for j in group],
+                [j.inputs[1] for j in group], [j.inputs[2] for j in group]))
+            self.image_blocks += len(group)
         for job in single:
             self._run([job], lambda job=job: [job.context.forward(*job.inputs)])
         if dit:
@@ -274,15 +289,27 @@ def reusable_batch(contexts: list[BatchedContext]) -> _PaddedBatch | None:
 
 @torch.no_grad()
 def decode_step(mllm, contexts: list[BatchedContext], tokens: list[int]) -> list[Tensor]:
-    """One token for each of B answers in one forward over their left-padded caches -> B logits (V,).
+    """One token for each of B answers in one forward over their left-padded caches -> B logits (V,)."""
+    return batched_append(mllm, contexts, [torch.tensor([t]) for t in tokens])
+
+
+@torch.no_grad()
+def batched_append(mllm, contexts: list[BatchedContext], chunks: list[Tensor], pixel_values: list[Tensor] | None = None,
+                   grids: list[Tensor] | None = None) -> list[Tensor]:
+    """B answers' chunks of equal length n (single tokens, or image blocks with their pixels and (1, 3) grids)
+    in one forward over their left-padded caches -> B logits (V,) after each chunk.
 
     The padded cache is built by copying each answer's cache (padded to the longest) only when the
-    rows changed since the last step (an answer joined, left, drew an image or took an image block);
-    while the same answers decode step after step, the last step's padded cache is extended in place.
+    rows changed since the last step (an answer joined, left, or ran a forward of its own); while the
+    same answers go on together (decoding, drawing, taking their image blocks), the last step's padded
+    cache is extended in place.
     """
     from transformers import DynamicCache
 
     device = mllm.device
+    n = len(chunks[0])
+    if any(len(chunk) != n for chunk in chunks):
+        raise ValueError(f"batched_append takes chunks of one length; got {[len(c) for c in chunks]}")
     batch = reusable_batch(contexts)
     if batch is not None:
         pads, cache = batch.pads, batch.cache  # each row's kv is still its view of this cache
@@ -290,7 +317,7 @@ def decode_step(mllm, contexts: list[BatchedContext], tokens: list[int]) -> list
     else:
         lengths = [len(c) for c in contexts]
         longest = max(lengths)
-        pads = [longest - n for n in lengths]
+        pads = [longest - length for length in lengths]
         cache_data = []
         for layer in range(len(contexts[0].kv)):
             keys = torch.cat([F.pad(c.kv[layer][0], (0, 0, p, 0)) for c, p in zip(contexts, pads)])  # (B, H, longest, Dh)
@@ -298,24 +325,34 @@ def decode_step(mllm, contexts: list[BatchedContext], tokens: list[int]) -> list
             cache_data.append((keys, values))
         cache = DynamicCache(ddp_cache_data=cache_data, config=mllm.config)
         batch = _PaddedBatch(list(contexts), pads, cache)
-    mask = torch.ones(len(contexts), longest + 1, dtype=torch.long, device=device)  # (B, longest + 1)
+    mask = torch.ones(len(contexts), longest + n, dtype=torch.long, device=device)  # (B, longest + n)
     for row, p in enumerate(pads):
         mask[row, :p] = 0  # the padding is never attended to
-    positions = torch.tensor([c.next_position for c in contexts], device=device)  # (B,)
+    ids = torch.stack(chunks).to(device)  # (B, n)
+    kwargs = {}
+    if pixel_values is None:  # text tokens advance all three rope axes by one
+        positions = torch.stack([torch.arange(n, device=device) + c.next_position for c in contexts])  # (B, n)
+        positions = positions[None].expand(3, -1, -1)  # (3, B, n)
+    else:
+        grid = torch.cat(grids).to(device)  # (B, 3)
+        positions = torch.stack([rope_position_ids(mllm, ids[row], grid[row:row + 1]) + c.next_position
+                                 for row, c in enumerate(contexts)], dim=1)  # (3, B, n)
+        kwargs = {"pixel_values": torch.cat(pixel_values).to(device), "image_grid_thw": grid}  # images in row order
     out = mllm(
-        input_ids=torch.tensor(tokens, device=device)[:, None],  # (B, 1)
-        position_ids=positions[None, :, None].expand(3, -1, 1),  # (3, B, 1): a text token advances all axes by one
+        input_ids=ids,  # (B, n)
+        position_ids=positions,  # (3, B, n)
         attention_mask=mask,
         past_key_values=cache,
         use_cache=True,
         output_hidden_states=True,
         logits_to_keep=1,
+        **kwargs,
     )
-    states = layer_states(out.hidden_states)  # (B, 1, n_layers * D)
+    states = layer_states(out.hidden_states)  # (B, n, n_layers * D)
     for row, (c, p) in enumerate(zip(contexts, pads)):
         c.kv = [(layer.keys[row:row + 1, :, p:], layer.values[row:row + 1, :, p:]) for layer in cache.layers]  # views
         c.batch, c.cache = batch, None
-        c._record([tokens[row]], states[row], c.next_position + 1)
+        c._record(chunks[row].tolist(), states[row], int(positions[:, row].max()) + 1)
     return [out.logits[row, -1] for row in range(len(contexts))]
 
 
