@@ -133,7 +133,8 @@ def test_server_with_max_batch_answers_concurrent_requests_as_alone(model):
 
     from live_server import live_server
     from duetgen.infer.pipeline import DuetGenPipeline
-    from duetgen.serve.server import ServeLimits, create_app
+    from duetgen.serve.common import ServeLimits
+    from duetgen.serve.server import create_app
 
     bodies = [{"prompt": training_prompt(i)[0], "seed": i, "num_steps": 2, "max_new_tokens": 80} for i in range(3)]
 
@@ -176,7 +177,8 @@ def test_condition_frame_time_is_honoured_as_alone(model, monkeypatch):
 
 def test_cosmos_framing_is_refused_by_model_and_by_request(model, monkeypatch):
     from duetgen.infer.pipeline import DuetGenPipeline
-    from duetgen.serve.server import ServeLimits, create_app
+    from duetgen.serve.common import ServeLimits
+    from duetgen.serve.server import create_app
 
     engine = BatchedEngine(model, max_batch=2)
     with pytest.raises(ValueError, match="batches the 'duetgen' framing only; got framing='cosmos'"):

@@ -24,8 +24,9 @@ from duetgen.infer.engine import InterleavedEngine
 from duetgen.infer.pipeline import DuetGenPipeline
 from duetgen.models import builder
 from duetgen.models.mllm import render_prompt
+from duetgen.serve.common import ServeLimits
 from duetgen.serve.openai_api import ImageStore, Translator
-from duetgen.serve.server import ServeLimits, create_app
+from duetgen.serve.server import create_app
 
 torch.set_num_threads(1)
 IMAGE_LINK = re.compile(r"\n\n!\[image (\d+)\]\(([^)]+)\)\n\n")

@@ -18,7 +18,8 @@ from generation_model import trained_tiny_model, training_prompt
 from live_server import live_server
 from duetgen.infer.pipeline import DuetGenPipeline
 from duetgen.models import builder
-from duetgen.serve.server import ServeLimits, create_app
+from duetgen.serve.common import ServeLimits
+from duetgen.serve.server import create_app
 
 torch.set_num_threads(1)
 

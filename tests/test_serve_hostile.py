@@ -15,7 +15,8 @@ from live_server import live_server
 from duetgen.infer.pipeline import DuetGenPipeline
 from duetgen.models import builder
 from duetgen.serve.guards import uvicorn_config
-from duetgen.serve.server import ServeLimits, create_app
+from duetgen.serve.common import ServeLimits
+from duetgen.serve.server import create_app
 
 torch.set_num_threads(1)
 MODEL_DIR = "/srv/secret/checkpoints/shapeworld-toy"  # what `duetgen serve --model /abs/path` records

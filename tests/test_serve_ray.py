@@ -23,8 +23,8 @@ from generation_model import trained_tiny_dir, training_prompt
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
+from duetgen.serve.common import ServeLimits  # noqa: E402
 from duetgen.serve.ray_serve import deploy, remove  # noqa: E402
-from duetgen.serve.server import ServeLimits  # noqa: E402
 
 torch.set_num_threads(1)  # the tiny model's fit in this process (2 threads on the 2 shared cores took minutes)
 pytestmark = pytest.mark.slow  # ~60 s on 2 shared cores: Ray, two replicas loading torch, answers of 100 sampler steps

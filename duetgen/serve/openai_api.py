@@ -26,9 +26,9 @@ Design choices:
   on ``/api``) or as this server's own ``/v1/images/`` URLs (same host as the request, looked up in
   the store). Nothing else: the server never fetches a URL for a client (no SSRF through the API).
 - One generation pipeline under both APIs: requests go through the same ``GenerationService`` as
-  ``/api`` (the bounded queue and 429, the model lock, the request timeout, cancellation when a
-  stream's client leaves) and the same ``ServeLimits`` (body, pixels, images, prompt characters,
-  messages, tokens, steps, output pixels).
+  ``/api`` (the bounded queue and 429, the model lock, the request timeout, the stream's worker
+  thread, cancellation when a stream's client leaves) and the same ``ServeLimits`` (body, pixels,
+  images, prompt characters, messages, tokens, steps, output pixels), both in ``duetgen.serve.common``.
 - Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx whose
   ``param`` names the field (``messages[0].content[1].image_url.url``). The ``OpenAIErrors``
   middleware rewrites the other errors that reach a ``/v1`` path (the body cap's 413, FastAPI's
@@ -49,7 +49,6 @@ Design choices:
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import io
@@ -65,14 +64,14 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from duetgen.data.images import encode_png, inspect_image, to_rgb
 from duetgen.data.record import ImagePart, Message, RecordError, TextPart
-from duetgen.infer.engine import Cancelled, Finished, GenerationConfig, ImageDone, TextDelta
-from duetgen.serve.server import BadRequest, QueueFull, ServeLimits, decode_image
+from duetgen.infer.engine import Finished, GenerationConfig, ImageDone, TextDelta
+from duetgen.serve.common import BadRequest, QueueFull, ServeLimits, decode_image
 
 IMAGE_PATH = re.compile(r"^/v1/images/(?P<sha>[0-9a-f]{64})\.png$")
 # an image link as this module writes it; the separators are part of the match (see module docstring)
@@ -530,8 +529,6 @@ def mount_openai_api(app, service, limits: ServeLimits, store=None) -> None:
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": completion_id, "created": int(time.time()), "model": name}
         answer = MarkdownAnswer(store, str(request.base_url), req.image_output, pipeline.model.image_processor)
-        deadline = time.monotonic() + limits.request_timeout_s
-        cancel = threading.Event()
 
         def extras(finished: Finished) -> dict:
             return {"finish_reason": finished.reason, "seed": config.seed, "images": answer.image_urls,
@@ -546,65 +543,39 @@ def mount_openai_api(app, service, limits: ServeLimits, store=None) -> None:
                     pieces.append(piece)
 
             try:
-                finished = await run_in_threadpool(service.run, messages, config, collect, cancel, deadline)
+                finished = await service.answer(messages, config, collect)
             except Exception as e:
                 return error_response(failure(e))
-            finally:
-                cancel.set()
-                service.release()
             return {**head, "object": "chat.completion",
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
                                  "logprobs": None, "finish_reason": FINISH_REASONS[finished.reason]}],
                     "usage": answer.usage(finished), "duetgen": extras(finished)}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
 
         def chunk(delta: dict, finish_reason: str | None = None, **more) -> str:
             data = {**head, "object": "chat.completion.chunk",
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **more}
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-        def on_event(event):  # worker thread: the PNG is encoded and stored here, off the event loop
+        def to_sse(event) -> list[str]:  # worker thread: the PNG is encoded and stored here, off the event loop
             piece = answer.piece(event)
             if piece:
-                loop.call_soon_threadsafe(queue.put_nowait, chunk({"content": piece}))
-            elif isinstance(event, Finished):
-                final = [chunk({}, FINISH_REASONS[event.reason], duetgen=extras(event))]
-                if include_usage:  # OpenAI's last chunk: no choices, the usage
-                    usage = {**head, "object": "chat.completion.chunk", "choices": [], "usage": answer.usage(event)}
-                    final.append(f"data: {json.dumps(usage)}\n\n")
-                for item in final:
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                return [chunk({"content": piece})]
+            if not isinstance(event, Finished):
+                return []
+            final = [chunk({}, FINISH_REASONS[event.reason], duetgen=extras(event))]
+            if include_usage:  # OpenAI's last chunk: no choices, the usage
+                usage = {**head, "object": "chat.completion.chunk", "choices": [], "usage": answer.usage(event)}
+                final.append(f"data: {json.dumps(usage)}\n\n")
+            return final
 
-        def work():
-            try:
-                service.run(messages, config, on_event, cancel, deadline)
-            except Cancelled:
-                pass
-            except Exception as e:  # reported in the stream; the server keeps serving
-                err = failure(e)
-                body = error_body(err.status, err.message, err.param, err.code)
-                loop.call_soon_threadsafe(queue.put_nowait, f"data: {json.dumps(body)}\n\n")
-            finally:
-                service.release()
-                loop.call_soon_threadsafe(queue.put_nowait, done)
+        def error_sse(e: Exception) -> str:  # reported in the stream; the server keeps serving
+            err = failure(e)
+            return f"data: {json.dumps(error_body(err.status, err.message, err.param, err.code))}\n\n"
 
-        threading.Thread(target=work, name="duetgen-v1-request", daemon=True).start()
-
-        async def events():
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while (item := await queue.get()) is not done:
-                    yield item
-                yield "data: [DONE]\n\n"
-            finally:
-                cancel.set()  # the client went away (or we finished): stop the generation
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return service.stream(messages, config, to_sse, error_sse, first=[chunk({"role": "assistant", "content": ""})],
+                              last=["data: [DONE]\n\n"])
 
     app.include_router(router)
     app.add_middleware(OpenAIErrors)

@@ -37,8 +37,9 @@ import ray
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
+from duetgen.serve.common import ServeLimits
 from duetgen.serve.openai_api import ImageStore
-from duetgen.serve.server import ServeLimits, create_app
+from duetgen.serve.server import create_app
 
 APP_NAME = "duetgen"
 RETRY_AFTER_S = 5  # as the single server's 429

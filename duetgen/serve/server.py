@@ -9,11 +9,12 @@
     /v1/...                    the OpenAI-compatible API (duetgen.serve.openai_api)
 
 Design choices:
-- One generation per model at a time (the engine keeps one KV cache and is not thread-safe); a
-  bounded queue admits at most ``queue_size`` more requests, the next ones get 429 with
+- ``ServeLimits.max_batch`` generations per model at a time (1 unless ``duetgen serve --batch N``);
+  a bounded queue admits at most ``queue_size`` more requests, the next ones get 429 with
   Retry-After at once instead of piling up. Waiting and generating together are bounded by
   ``request_timeout_s``: a waiting request gives up with 503, a running one is cancelled (the engine
-  stops at its next event) and answers 504 (JSON) or an ``error`` event (stream).
+  stops at its next event) and answers 504 (JSON) or an ``error`` event (stream). Admission, the
+  model lock and the stream's worker thread are ``duetgen.serve.common``'s, shared with ``/v1``.
 - Everything that arrives is untrusted: the body is capped while it is read (413, also for bodies
   without Content-Length), images are base64 PNG/JPEG/WEBP/GIF checked for format and pixel count
   before decoding (``duetgen.data.images.inspect_image``), the prompt length, image count and every
@@ -22,20 +23,15 @@ Design choices:
   nothing on a client's behalf.
 - Binds 127.0.0.1 by default. The page and its script are static files of this package; text from
   the model is inserted with ``textContent`` only, never as HTML.
-- Generation runs in a worker thread; events reach the async side through ``call_soon_threadsafe``.
-  A client that disconnects from the stream cancels its generation.
+- Generation runs in a worker thread (``GenerationService.answer`` / ``.stream``). A client that
+  disconnects from the stream cancels its generation.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import binascii
-import io
 import json
-import threading
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -44,37 +40,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from duetgen.data.images import encode_png, inspect_image, to_rgb
+from duetgen.data.images import encode_png
 from duetgen.data.record import ImagePart, Message, RecordError, TextPart
-from duetgen.infer.engine import Cancelled, DenoisingStep, Finished, GenerationConfig, ImageDone, ImageStarted, TextDelta
+from duetgen.infer.engine import DenoisingStep, Finished, GenerationConfig, ImageDone, ImageStarted, TextDelta
+from duetgen.serve.common import BadRequest, GenerationService, QueueFull, ServeLimits, decode_image
 from duetgen.serve.guards import LOOPBACK_HOSTS, hosts_to_answer, uvicorn_config, validation_error
+from duetgen.serve.openai_api import mount_openai_api
 
 STATIC_DIR = Path(__file__).parent / "static"
-
-
-# ============================================================================ limits
-@dataclass
-class ServeLimits:
-    """What one request may ask for. Defaults suit the ShapeWorld model on a CPU."""
-
-    max_body_bytes: int = 16 << 20  # a request body (JSON with base64 images) larger than this gets 413
-    max_image_bytes: int = 4 << 20  # one encoded image
-    max_image_pixels: int = 4096 * 4096  # one decoded image (checked from the header, before decoding)
-    max_images: int = 8  # images in one request (inputs and earlier answers together)
-    max_prompt_chars: int = 4000  # all text of the conversation together
-    max_messages: int = 32
-    max_new_tokens: int = 1024
-    max_steps: int = 100  # sampler steps per image
-    max_output_pixels: int = 1024 * 1024  # height x width of a generated image
-    max_output_side: int = 2048  # either side of a generated image ([16, 65536] passed the pixel cap and failed in the model)
-    queue_size: int = 4  # requests that may wait while one runs; more get 429
-    max_batch: int = 1  # answers generated together, batched through one model (duetgen.infer.batched); 1 = one at a time
-    request_timeout_s: float = 300.0  # waiting + generating; then 503 (still waiting) or 504 (cancelled)
-    image_store_bytes: int = 256 << 20  # /v1: generated images served by URL, oldest dropped first over this
-    image_ttl_s: float = 3600.0  # /v1: how long a generated image's URL stays valid
 
 
 # ============================================================================ API schema
@@ -120,37 +95,7 @@ class GenerateResponse(BaseModel):
     meta: dict
 
 
-class BadRequest(ValueError):
-    """Invalid input: answered with a 4xx whose detail is this message."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-
-# ============================================================================ images over HTTP
-def decode_image(data: str, where: str, limits: ServeLimits):
-    """base64 (or a data: URL) -> RGB PIL image, checked for size, format and pixels before decoding."""
-    if not isinstance(data, str) or not data:
-        raise BadRequest(f"{where}: expected a base64 image string")
-    if data.startswith("data:"):
-        header, _, data = data.partition(",")
-        if ";base64" not in header:
-            raise BadRequest(f"{where}: only base64 data: URLs are accepted")
-    if len(data) > limits.max_image_bytes * 4 // 3 + 4:
-        raise BadRequest(f"{where}: image is larger than {limits.max_image_bytes:,} bytes", status=413)
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadRequest(f"{where}: not valid base64") from None
-    try:
-        image = inspect_image(io.BytesIO(raw), where, max_pixels=limits.max_image_pixels)
-    except RecordError as e:
-        status = 413 if "over the cap" in str(e) else 400
-        raise BadRequest(str(e), status=status) from None
-    return to_rgb(image)
-
-
+# ============================================================================ request -> messages and settings
 def image_data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(encode_png(image)).decode("ascii")
 
@@ -225,64 +170,6 @@ def request_config(req: GenerateRequest, limits: ServeLimits, model) -> Generati
         raise BadRequest(str(e)) from None
 
 
-# ============================================================================ one model, one generation at a time
-class QueueFull(Exception):
-    pass
-
-
-class GenerationService:
-    """Admission (bounded queue), the model lock, timeouts and cancellation around one pipeline."""
-
-    def __init__(self, pipeline, limits: ServeLimits):
-        self.pipeline = pipeline
-        self.limits = limits
-        self.lock = threading.BoundedSemaphore(limits.max_batch)  # generations at once per model (1 unless batched)
-        self._admitted = 0  # running + waiting
-        self._running = 0
-        self._count_lock = threading.Lock()
-
-    def status(self) -> dict:
-        with self._count_lock:
-            return {"running": self._running, "waiting": self._admitted - self._running}
-
-    def admit(self) -> None:
-        with self._count_lock:
-            if self._admitted >= self.limits.max_batch + self.limits.queue_size:
-                raise QueueFull(f"the server is busy: {self.limits.max_batch} generation(s) running and "
-                                f"{self.limits.queue_size} waiting; retry later")
-            self._admitted += 1
-
-    def release(self) -> None:
-        with self._count_lock:
-            self._admitted -= 1
-
-    def run(self, messages, config, on_event, cancel: threading.Event, deadline: float) -> Finished:
-        """Blocking: wait for the model (until ``deadline``), generate, pass each event to ``on_event``."""
-        if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise TimeoutError("waited too long for the model (other requests were running)")
-        try:
-            with self._count_lock:
-                self._running += 1
-            finished = None
-            events = self.pipeline.stream(messages, config)
-            try:
-                for event in events:
-                    if cancel.is_set():
-                        raise Cancelled("the client went away")
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"generation took longer than {self.limits.request_timeout_s:g} s and was stopped")
-                    on_event(event)
-                    if isinstance(event, Finished):
-                        finished = event
-            finally:
-                events.close()  # cancels the engine at its next event if we stopped early
-            return finished
-        finally:
-            with self._count_lock:
-                self._running -= 1
-            self.lock.release()
-
-
 # ============================================================================ events on the wire
 def event_json(event) -> tuple[str, dict]:
     if isinstance(event, TextDelta):
@@ -312,6 +199,12 @@ def answer_json(content, with_images: bool = True) -> list[dict]:
 
 def sse(name: str, data: dict) -> str:
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def stream_error(e: Exception) -> str:
+    """A failure during a stream: an ``error`` event (timeouts and prompt problems as they are)."""
+    detail = str(e) if isinstance(e, (TimeoutError, RecordError)) else f"generation failed: {type(e).__name__}: {e}"
+    return sse("error", {"detail": detail})
 
 
 # ============================================================================ body size cap (ASGI)
@@ -380,7 +273,8 @@ def create_app(pipeline, limits: ServeLimits | None = None, allowed_hosts: list[
         title="DuetGen",
         version="1",
         description="Interleaved text-and-image generation: an MLLM writes, a video DiT draws (DuetGen). "
-                    "One generation at a time per model; see docs/serving.md for limits and events.",
+                    "One generation at a time per model unless the server batches (--batch N); see docs/serving.md "
+                    "for limits and events.",
         docs_url=None, redoc_url=None,  # their pages load scripts from a CDN; /openapi.json is the contract
     )
     app.state.service = service
@@ -429,10 +323,8 @@ def create_app(pipeline, limits: ServeLimits | None = None, allowed_hosts: list[
     async def generate(req: GenerateRequest):
         messages, config = prepare(req)
         service.admit()
-        deadline = time.monotonic() + limits.request_timeout_s
-        cancel = threading.Event()
         try:
-            finished = await run_in_threadpool(service.run, messages, config, lambda e: None, cancel, deadline)
+            finished = await service.answer(messages, config)
         except TimeoutError as e:
             status = 503 if "waited" in str(e) else 504
             return JSONResponse({"detail": str(e)}, status_code=status)
@@ -440,9 +332,6 @@ def create_app(pipeline, limits: ServeLimits | None = None, allowed_hosts: list[
             return JSONResponse({"detail": str(e)}, status_code=400)
         except Exception as e:  # a failure inside the model: reported, and the server keeps serving
             return JSONResponse({"detail": f"generation failed: {type(e).__name__}: {e}"}, status_code=500)
-        finally:
-            cancel.set()
-            service.release()
         record = finished.record
         return {"id": record.id, "answer": answer_json(finished.content),
                 "messages": [{"role": m.role, "content": answer_json(m.content)} for m in record.messages],
@@ -459,54 +348,12 @@ def create_app(pipeline, limits: ServeLimits | None = None, allowed_hosts: list[
     async def generate_stream(req: GenerateRequest, request: Request):
         messages, config = prepare(req)
         service.admit()  # 429 before the stream starts
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-        deadline = time.monotonic() + limits.request_timeout_s
-        done = object()
-
-        def work():
-            try:
-                service.run(messages, config, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e), cancel, deadline)
-            except Cancelled:
-                pass
-            except (TimeoutError, RecordError) as e:
-                loop.call_soon_threadsafe(queue.put_nowait, _Error(str(e)))
-            except Exception as e:  # reported to the client; the server keeps serving
-                loop.call_soon_threadsafe(queue.put_nowait, _Error(f"generation failed: {type(e).__name__}: {e}"))
-            finally:
-                service.release()
-                loop.call_soon_threadsafe(queue.put_nowait, done)
-
-        threading.Thread(target=work, name="duetgen-request", daemon=True).start()
-
-        async def events():
-            try:
-                while True:
-                    item = await queue.get()
-                    if item is done:
-                        return
-                    if isinstance(item, _Error):
-                        yield sse("error", {"detail": item.detail})
-                    else:
-                        yield sse(*event_json(item))
-            finally:
-                cancel.set()  # the client went away (or we finished): stop the generation
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return service.stream(messages, config, lambda event: [sse(*event_json(event))], stream_error)
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts or LOOPBACK_HOSTS))  # before the body
-    from duetgen.serve.openai_api import mount_openai_api  # imports this module: imported here, not at the top
-
     mount_openai_api(app, service, limits, image_store)  # /v1; its error rewriting (outermost) wraps the Host check and body cap
     return app
-
-
-@dataclass
-class _Error:
-    detail: str
 
 
 def serve(pipeline, host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None,
