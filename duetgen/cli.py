@@ -32,6 +32,66 @@ def fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+# ----------------------------------------------------------------------------- what several commands share
+
+# The nine flags of a generation, declared once: `generate` and `eval generate` take all nine, `train eval-toy` three.
+# parameter -> (default, flag, bounds, help); a command words the help its own way where it says more.
+_GENERATION_OPTIONS = {
+    "seed": (0, "--seed", {}, "Seed of token sampling and image noise."),
+    "steps": (None, "--steps", {"min": 1}, "Sampler steps per image (default: the model's)."),
+    "guidance": (None, "--guidance", {}, "Guidance scale w (1 = none; default: the model's)."),
+    "temperature": (0.0, "--temperature", {"min": 0.0}, "0 = greedy."),
+    "top_p": (1.0, "--top-p", {}, "Nucleus sampling mass in (0, 1]."),
+    "max_new_tokens": (512, "--max-new-tokens", {"min": 1}, "Sampled tokens (text and <BOV>)."),
+    "max_images": (None, "--max-images", {"min": 0}, "Generated images at most."),
+    "image_size": (None, "--image-size", {}, "HEIGHTxWIDTH of generated images (default: the model's)."),
+    "device": ("cpu", "--device", {}, "cpu, cuda, cuda:1 ..."),
+}
+
+
+def _generation_option(name: str, help: Optional[str] = None):
+    """The typer option of generation flag ``name`` (a key of ``_GENERATION_OPTIONS``), with ``help`` if given."""
+    default, flag, bounds, default_help = _GENERATION_OPTIONS[name]
+    return typer.Option(default, flag, **bounds, help=help or default_help)
+
+
+def _generation_settings(seed: int, steps: Optional[int], guidance: Optional[float], temperature: float, top_p: float,
+                         max_new_tokens: int, max_images: Optional[int], image_size: Optional[str]) -> dict:
+    """The generation flags (all but --device) as the pipeline's settings, named as in ``GenerationConfig``."""
+    return dict(seed=seed, num_steps=steps, guidance_scale=guidance, temperature=temperature, top_p=top_p,
+                max_new_tokens=max_new_tokens, max_images=max_images, image_size=_parse_image_size(image_size))
+
+
+def _parse_image_size(value: Optional[str]) -> Optional[tuple[int, int]]:
+    """``--image-size HxW`` (or one side, for a square) -> (height, width); None when the flag is not given."""
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in value.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        fail(f"--image-size {value!r}: expected HEIGHTxWIDTH or one side, e.g. 64x64 or 64")
+    return parts[0], parts[1]
+
+
+def _parse_kinds(kinds: Optional[str]) -> Optional[list[str]]:
+    """``--kinds a,b`` -> ShapeWorld task kinds, each checked; None when the flag is not given."""
+    if kinds is None:
+        return None
+    from duetgen.shapeworld.world import KINDS
+
+    kind_list = [k.strip() for k in kinds.split(",") if k.strip()]
+    if not kind_list:
+        fail("--kinds is empty")
+    unknown = [k for k in kind_list if k not in KINDS]
+    if unknown:
+        fail(f"--kinds: unknown task kind(s) {', '.join(map(repr, unknown))} (expected some of {', '.join(KINDS)})")
+    return kind_list
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -100,14 +160,9 @@ def data_toyworld(
     from duetgen.data.record import RecordError
     from duetgen.shapeworld import world
 
-    kind_list = None if kinds is None else [k.strip() for k in kinds.split(",") if k.strip()]
     if split not in world.SPLITS:
         fail(f"--split {split!r}: expected one of {', '.join(world.SPLITS)}")
-    for k in kind_list or []:
-        if k not in world.KINDS:
-            fail(f"--kinds: unknown kind {k!r} (expected some of {', '.join(world.KINDS)})")
-    if kind_list is not None and not kind_list:
-        fail("--kinds is empty")
+    kind_list = _parse_kinds(kinds)
     try:
         counts = world.generate(out, n, seed=seed, split=split, kinds=kind_list, shard_size=shard_size)
     except (world.WorldError, RecordError, OSError) as e:
@@ -489,15 +544,15 @@ def eval_generate(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Answer only the first N items (a later run without it continues)."),
     samples: int = typer.Option(1, "--samples", min=1, help="geneval: images per prompt (GenEval's protocol uses 4)."),
     language: Optional[str] = typer.Option(None, "--language", help="gedit: instruction_language of the rows to answer (default en; 'all')."),
-    seed: int = typer.Option(0, "--seed", help="Base seed; each item's seed is derived from it and the item id."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampler steps per image (default: the model's)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance scale w (1 = none; default: the model's)."),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass in (0, 1]."),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Sampled tokens (text and <BOV>) per answer."),
-    max_images: Optional[int] = typer.Option(None, "--max-images", min=0, help="Generated images per answer at most (default: the model's frame budget)."),
-    image_size: Optional[str] = typer.Option(None, "--image-size", help="HEIGHTxWIDTH of generated images (default: the model's)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
+    seed: int = _generation_option("seed", "Base seed; each item's seed is derived from it and the item id."),
+    steps: Optional[int] = _generation_option("steps"),
+    guidance: Optional[float] = _generation_option("guidance"),
+    temperature: float = _generation_option("temperature"),
+    top_p: float = _generation_option("top_p"),
+    max_new_tokens: int = _generation_option("max_new_tokens", "Sampled tokens (text and <BOV>) per answer."),
+    max_images: Optional[int] = _generation_option("max_images", "Generated images per answer at most (default: the model's frame budget)."),
+    image_size: Optional[str] = _generation_option("image_size"),
+    device: str = _generation_option("device"),
     name: Optional[str] = typer.Option(None, "--name", help="The model's name in the records and reports (default: the --model folder name)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
@@ -518,8 +573,7 @@ def eval_generate(
     if bench.prompts_format == "geneval_metadata" and samples == 1:
         samples = 4  # GenEval's protocol: four images per prompt
     structure = "one_image" if bench.prompts_format in SINGLE_IMAGE_FORMATS else "free"
-    settings = dict(seed=seed, num_steps=steps, guidance_scale=guidance, temperature=temperature, top_p=top_p,
-                    max_new_tokens=max_new_tokens, max_images=max_images, image_size=_parse_image_size(image_size))
+    settings = _generation_settings(seed, steps, guidance, temperature, top_p, max_new_tokens, max_images, image_size)
     try:
         dg = DuetGenModel.from_pretrained(model, name=name, device=device, structure=structure, **settings)
     except (ModelDirectoryError, OSError) as e:
@@ -838,20 +892,6 @@ def model_check(
 # ----------------------------------------------------------------------------- generate + serve (issue 5)
 
 
-def _parse_image_size(value: Optional[str]) -> Optional[tuple[int, int]]:
-    if value is None:
-        return None
-    try:
-        parts = [int(v) for v in value.lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) < 1:
-        fail(f"--image-size {value!r}: expected HEIGHTxWIDTH or one side, e.g. 64x64 or 64")
-    return parts[0], parts[1]
-
-
 def _load_pipeline(model: Optional[Path], device: str):
     from duetgen.infer.pipeline import DEFAULT_MODEL_DIR, DuetGenPipeline
     from duetgen.models.duetgen import ModelDirectoryError
@@ -873,33 +913,31 @@ def generate(
     image: Optional[list[Path]] = typer.Option(None, "--image", help="Input image (repeatable), shown to the model before the prompt text."),
     model: Optional[Path] = typer.Option(None, "--model", help="DuetGen model directory (default: the shipped ShapeWorld checkpoint)."),
     out: Path = typer.Option(..., "--out", help="Output folder: a one-record dataset, answer.html and answer.md."),
-    seed: int = typer.Option(0, "--seed", help="Seed of token sampling and image noise."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampler steps per image (default: the model's)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance scale w (1 = none; default: the model's)."),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass in (0, 1]."),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Sampled tokens (text and <BOV>)."),
-    max_images: Optional[int] = typer.Option(None, "--max-images", min=0, help="Generated images at most."),
-    image_size: Optional[str] = typer.Option(None, "--image-size", help="HEIGHTxWIDTH of generated images (default: the model's)."),
+    seed: int = _generation_option("seed"),
+    steps: Optional[int] = _generation_option("steps"),
+    guidance: Optional[float] = _generation_option("guidance"),
+    temperature: float = _generation_option("temperature"),
+    top_p: float = _generation_option("top_p"),
+    max_new_tokens: int = _generation_option("max_new_tokens"),
+    max_images: Optional[int] = _generation_option("max_images"),
+    image_size: Optional[str] = _generation_option("image_size"),
     framing: Optional[str] = typer.Option(None, "--framing", help="duetgen (the conversation) or cosmos (the prompt as a Cosmos-Predict2.5 caption: one image, no text; the sanity check of real weights); default: the model's."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
+    device: str = _generation_option("device"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier output in --out."),
     quiet: bool = typer.Option(False, "--quiet", help="No live view; print only the output paths."),
 ):
     """Generate an interleaved answer (text streams in, a progress bar per image) and save it with an HTML page."""
     from duetgen.infer.render import print_live, save_output
 
-    size = _parse_image_size(image_size)
+    settings = _generation_settings(seed, steps, guidance, temperature, top_p, max_new_tokens, max_images, image_size)
     if framing is not None and framing not in ("duetgen", "cosmos"):
         fail(f"--framing {framing!r}: expected duetgen or cosmos")
     out_has_files = out.exists() and (not out.is_dir() or any(out.iterdir()))
     if out_has_files and not (overwrite and (out / "manifest.json").is_file()):
         fail(f"--out {str(out)!r} exists and is not an earlier output to --overwrite; choose a new folder")
     pipe = _load_pipeline(model, device)
-    settings = dict(seed=seed, num_steps=steps, guidance_scale=guidance, temperature=temperature, top_p=top_p,
-                    max_new_tokens=max_new_tokens, max_images=max_images, image_size=size, framing=framing)
     try:
-        events = pipe.stream(prompt, images=list(image or []), **settings)
+        events = pipe.stream(prompt, images=list(image or []), **settings, framing=framing)
         finished = print_live(events) if not quiet else [e for e in events][-1]
     except ValueError as e:  # empty / over-long prompt, unreadable or oversize image, bad settings
         fail(str(e))
@@ -963,9 +1001,9 @@ def train_eval_toy(
     out: Path = typer.Option(..., "--out", help="Folder for pred/ (the answers), pred.html and report.json."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Answer only the first N records (scored on those)."),
     kinds: Optional[str] = typer.Option(None, "--kinds", help="Only these task kinds, comma-separated (e.g. editing,continuation)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampler steps per image (default: the model's, as `duetgen generate`)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance scale w (1 = none; default: the model's); the negative drops the final text chunk."),
-    seed: int = typer.Option(0, "--seed", help="Seed of every answer (as `duetgen generate --seed`)."),
+    steps: Optional[int] = _generation_option("steps", "Sampler steps per image (default: the model's, as `duetgen generate`)."),
+    guidance: Optional[float] = _generation_option("guidance", "Guidance scale w (1 = none; default: the model's); the negative drops the final text chunk."),
+    seed: int = _generation_option("seed", "Seed of every answer (as `duetgen generate --seed`)."),
 ):
     """Answer ShapeWorld prompts through the engine of `duetgen generate` (greedy text, the DiT on <BOV>) and score them with the exact judge."""
     from duetgen.shapeworld import judge
@@ -975,12 +1013,7 @@ def train_eval_toy(
         fail(f"--model {str(model)!r}: not a DuetGen model directory (no duetgen.json)")
     if not (truth / "manifest.json").is_file():
         fail(f"--truth {str(truth)!r}: not a dataset directory (no manifest.json)")
-    from duetgen.shapeworld.world import KINDS
-
-    kind_list = None if kinds is None else [k.strip() for k in kinds.split(",") if k.strip()]
-    unknown = [k for k in kind_list or [] if k not in KINDS]
-    if unknown:
-        fail(f"--kinds: unknown task kind(s) {unknown}; expected some of {list(KINDS)}")
+    kind_list = _parse_kinds(kinds)
     report = evaluate_toy(model, truth, out, limit=limit, kinds=kind_list, num_steps=steps, guidance_scale=guidance,
                           seed=seed)
     judge.print_report(report)
@@ -1004,9 +1037,13 @@ def serve(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --ray: 'auto' joins this machine's Ray cluster, ray://HEAD:10001 a remote one (typer has no option with an optional value, so not --ray ADDRESS)."),
     replicas: int = typer.Option(1, "--replicas", min=1, help="With --ray: model replicas (one model, and one GPU where there are GPUs, each)."),
 ):
-    """Serve a chat page and an HTTP API (JSON + server-sent events, OpenAPI at /openapi.json); one generation at a time."""
+    """Serve a chat page and an HTTP API (JSON + server-sent events, OpenAI-compatible /v1, OpenAPI at /openapi.json).
+
+    One generation at a time per model by default; --batch N generates up to N requests together through one model,
+    --ray --replicas K runs K models (replicas) behind Ray Serve.
+    """
+    from duetgen.serve.common import ServeLimits
     from duetgen.serve.guards import hosts_to_answer
-    from duetgen.serve.server import ServeLimits
     from duetgen.serve.server import serve as run_server
 
     if (replicas > 1 or ray_address is not None) and not on_ray:
