@@ -40,7 +40,8 @@ from live_server import live_server  # noqa: E402
 
 from duetgen.infer.pipeline import DEFAULT_MODEL_DIR, DuetGenPipeline  # noqa: E402
 from duetgen.serve.openai_api import served_model_name  # noqa: E402
-from duetgen.serve.server import ServeLimits, create_app  # noqa: E402
+from duetgen.serve.common import ServeLimits  # noqa: E402
+from duetgen.serve.server import create_app  # noqa: E402
 from duetgen.shapeworld import world  # noqa: E402
 
 KINDS = ("how-to", "continuation", "text-to-image", "editing", "understanding")
