@@ -17,7 +17,7 @@ from duetgen.eval.adapters import model_fingerprint
 from duetgen.infer.pipeline import DEFAULT_MODEL_DIR, DuetGenPipeline
 from duetgen.shapeworld.world import Piece, Scene, render
 
-FINGERPRINT = 'e09e1fbf0f0f544363301412f8fd53c79fd8b2c9a24c82b94f20c06af28d8be9'
+FINGERPRINT = '1e22d565dd09d9ad91f3fa8efa201273a7e60308b17e498138ed5634e4922986'
 HOWTO = "How do I arrange a red circle at the top left, a blue square in the center and a green triangle at the bottom?"
 CONTINUATION = "Here is my canvas. How do I add a yellow circle at the top right, then remove the red circle?"
 CASES = [  # (prompt, with the canvas, seed, guidance_scale)
@@ -28,25 +28,25 @@ CASES = [  # (prompt, with the canvas, seed, guidance_scale)
     ("What is on my canvas?", True, 4, None),
 ]
 EXPECTED = [['Step 1: Place the red circle at the top left.',
-     'd8dfdf3c27a56ee3aae5e0e0d13df4ee154facc85972181b406b8decb8feb61e',
-     'Step 2: Place the blue square in the center.',
-     '1cca2046e93d06120f5f7db299d566283f8f7c02ed48a96fa5e3c7f93316df72',
-     'Step 3: Place the green triangle at the bottom.',
-     'f6234e7ec423093ed9f1808dd613696940cb76e097b2f067e768218b7afa3408',
-     'Your canvas is done.'],
-    ['Step 1: Place the yellow circle at the top right.',
-     '6c25dd2a4419536e0484cae24c9085672deb70c6c530d6986747995b512da6ca',
-     'Step 2: Remove the red circle.',
-     '5951569404fedc99253d1d5896b10e7d826110ffeec6e57741a70e7b8d171fa0',
-     'Your canvas is done.'],
-    ['Step 1: Place the yellow circle at the top right.',
-     '1a34fc317e9c899c76af6cb864eeb7790175325a370bf62b54ebee866d9e0d53',
-     'Step 2: Remove the red circle.',
-     'd182669c7380a18fceee193dab40cea2a25581a3807f15b81fde45e6cd1ada69',
-     'Your canvas is done.'],
-    ['Here is your canvas with the blue square made purple.',
-     '757c3f703f7476a566632257b65b583d6c986bc8edcb1333b072032f200a3257'],
-    ['The canvas has a red circle at the top left and a blue square in the center.']]
+  'abbeea4024b8a28930cf4161b066e69975a418c2dce47cd52a133e717bd29932',
+  'Step 2: Place the blue square in the center.',
+  '683e36ab7edcd792428a736fe0ba17a6d98c453cbf59fbaa00a4d9b1af43dadc',
+  'Step 3: Place the green triangle at the bottom.',
+  'c582fd10eb31f3cf284fae2a733368fad010a5faa1cbd0fb2a84cfa04f85f19f',
+  'Your canvas is done.'],
+ ['Step 1: Place the yellow circle at the top right.',
+  '0de8edc86512b5023fd3472168dcaea205fe7feef0a090c52bf9350acbd69982',
+  'Step 2: Remove the red circle.',
+  'c8a889cda5a3a9e63c55d9ff5f27c7a3f7f61ec43d1edef34c3670adddee635e',
+  'Your canvas is done.'],
+ ['Step 1: Place the yellow circle at the top right.',
+  'df9941b29c4e666e5d82e1cd241976da013c7cf90235c5f1bd93fae7e9629c9d',
+  'Step 2: Remove the red circle.',
+  'c6a98c745cc0a7cad9b3f7943255004da4a5e8731b90e45d6cf7b9cf17900ad2',
+  'Your canvas is done.'],
+ ['Here is your canvas with the blue square made purple.',
+  'ef2f40356ce4e34d7d02eadafaeff9adc0218b39f87751a2fb9e25127ed3fb0c'],
+ ['The canvas has a red circle at the top left and a blue square in the center.']]
 
 
 def canvas():
