@@ -113,22 +113,23 @@ def _split_list(text: str) -> list[str]:
     return (head.split(", ") + [last]) if sep else [text]
 
 
-def parse_clause(text: str) -> Operation:
-    """``add a yellow circle at the top right`` / ``remove the red circle`` / ... -> Operation."""
-    for op, rx in _CLAUSE_RES.items():
+def _parse_operation(text: str, patterns: dict, what: str) -> Operation:
+    """The Operation of the first of ``patterns`` (op -> regex) that matches all of ``text``."""
+    for op, rx in patterns.items():
         m = rx.fullmatch(text.strip())
         if m:
             return _operation_from_match(op, m)
-    raise WorldError(f"not a ShapeWorld operation clause: {text!r}")
+    raise WorldError(f"not a ShapeWorld {what}: {text!r}")
+
+
+def parse_clause(text: str) -> Operation:
+    """``add a yellow circle at the top right`` / ``remove the red circle`` / ... -> Operation."""
+    return _parse_operation(text, _CLAUSE_RES, "operation clause")
 
 
 def parse_sentence(text: str) -> Operation:
     """A step sentence (``Move the red circle to the center.``) -> Operation."""
-    for op, rx in _SENTENCE_RES.items():
-        m = rx.fullmatch(text.strip())
-        if m:
-            return _operation_from_match(op, m)
-    raise WorldError(f"not a ShapeWorld step sentence: {text!r}")
+    return _parse_operation(text, _SENTENCE_RES, "step sentence")
 
 
 def parse_description(text: str) -> Scene:
