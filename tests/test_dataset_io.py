@@ -481,3 +481,75 @@ def test_unreadable_bytes_error_names_the_record_not_a_buffer(tmp_path):
         with pytest.raises(ImageError) as e:
             w.write(rec("junk-7", b"GIF89 but not really an image at all"))
     assert "record 'junk-7'" in str(e.value) and "BytesIO" not in str(e.value) and "0x" not in str(e.value)
+
+
+# --------------------------------------------------------------------------------- bytes decoded once (issue 18)
+def noisy_jpeg(size=(96, 64), quality=90, progressive=False):
+    return encoded_jpeg(Image.effect_noise(size, 60).convert("RGB"), quality, progressive)
+
+
+def encoded_jpeg(im, quality=90, progressive=False):
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality, progressive=progressive)
+    return buf.getvalue()
+
+
+def test_verified_bytes_are_stored_as_they_are_without_a_second_decode(tmp_path, monkeypatch):
+    from duetgen.data import dataset
+    from duetgen.data.images import VerifiedImageBytes, decode_image_bytes
+
+    data = noisy_jpeg()
+    verified, rgb = decode_image_bytes(data, "photo")
+    assert isinstance(verified, VerifiedImageBytes) and verified == data
+    assert (verified.format, verified.size, rgb.mode, rgb.size) == ("JPEG", (96, 64), "RGB", (96, 64))
+
+    def no_decode(*a, **k):
+        raise AssertionError("the writer decoded verified bytes again")
+
+    monkeypatch.setattr(dataset, "inspect_image", no_decode)
+    with DatasetWriter(tmp_path / "ds") as w:
+        w.write(rec("v", verified))
+        with pytest.raises(AssertionError, match="decoded verified bytes again"):  # plain bytes: still decoded
+            w.write(rec("plain", noisy_jpeg(quality=80)))
+    monkeypatch.undo()
+    ds = Dataset(tmp_path / "ds")
+    (part,) = next(iter(ds)).image_parts("user")
+    assert STORED_RE.match(part.path).group(3) == "jpg"
+    assert ds.read_image_bytes(part.path, "v", decode=True) == data  # byte-identical, and it decodes
+
+
+def test_verified_bytes_still_meet_the_writers_own_pixel_cap(tmp_path):
+    from duetgen.data.images import decode_image_bytes
+
+    verified, _ = decode_image_bytes(noisy_jpeg((11, 10)), "photo")
+    with DatasetWriter(tmp_path / "ds", max_pixels=100) as w:
+        with pytest.raises(ImageError, match=r"record 'big'.*over the cap of 100"):
+            w.write(rec("big", verified))
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_decode_image_bytes_refuses_what_the_writer_refuses(progressive):
+    """Only a full decode makes VerifiedImageBytes: a cut JPEG, a bomb, a BMP never become one."""
+    from duetgen.data.images import decode_image_bytes
+
+    data = noisy_jpeg((200, 150), progressive=progressive)
+    for cut in (len(data) // 3, len(data) // 2, len(data) - 200):
+        with pytest.raises(ImageError, match=r"cut.jpg: not a readable image") as e:
+            decode_image_bytes(data[:cut], "cut.jpg")
+        assert e.value.reason == "corrupt_image"
+    with pytest.raises(ImageError, match="over the cap of 100") as e:
+        decode_image_bytes(data, "big.jpg", max_pixels=100)
+    assert e.value.reason == "too_many_pixels"
+    with pytest.raises(ImageError, match="unsupported image format 'BMP'") as e:
+        decode_image_bytes(encoded(solid((1, 1, 1)), "BMP"), "x.bmp")
+    assert e.value.reason == "unsupported_format"
+
+
+def test_verified_bytes_survive_pickling():
+    import pickle
+
+    from duetgen.data.images import decode_image_bytes
+
+    verified, _ = decode_image_bytes(noisy_jpeg(), "photo")
+    back = pickle.loads(pickle.dumps(verified))
+    assert back == verified and (back.format, back.size) == ("JPEG", (96, 64))

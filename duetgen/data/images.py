@@ -2,9 +2,11 @@
 decoded; one RGB rule; deterministic PNG bytes.
 
 Every image that enters DuetGen from outside (a dataset file, an upload to the server, a benchmark's
-table, a fetched web image) goes through `inspect_image` (or `open_rgb_image` for a checked path), so a
-decompression bomb or a file that is not an image is an `ImageError` naming where it came from, never a
-crash or a silently decoded 2 GB bitmap. `to_rgb` is the one transparency rule of the project (the image
+table, a fetched web image) goes through `inspect_image` (or `open_rgb_image` for a checked path, or
+`decode_image_bytes` for bytes that will be stored), so a decompression bomb or a file that is not an
+image is an `ImageError` naming where it came from, never a crash or a silently decoded 2 GB bitmap.
+Bytes that `decode_image_bytes` decoded in full come back as `VerifiedImageBytes`, which the dataset
+writer stores without decoding them a second time (the data engine's image path, issue 18). `to_rgb` is the one transparency rule of the project (the image
 processor, the autoencoder's input, the engine and the server all use it).
 """
 
@@ -25,7 +27,13 @@ IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "MPO": "jpg", "WEBP": "webp", "GIF
 
 
 class ImageError(RecordError):
-    """An image of a record is missing, unreadable, too large or outside the root."""
+    """An image of a record is missing, unreadable, too large or outside the root. ``reason``, where the
+    image's bytes were judged: ``unsupported_format``, ``too_many_pixels`` or ``corrupt_image`` (the data
+    engine's drop reasons)."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason
 
 
 @contextlib.contextmanager
@@ -39,13 +47,13 @@ def pil_guard(where: str):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             yield
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{where}: refused as a decompression bomb ({e})") from None
+        raise ImageError(f"{where}: refused as a decompression bomb ({e})", "too_many_pixels") from None
     except ImageError:
         raise
     except Image.UnidentifiedImageError:  # its message is the repr of our in-memory buffer: say what it means
-        raise ImageError(f"{where}: not a readable image (no PNG, JPEG, WEBP or GIF header)") from None
+        raise ImageError(f"{where}: not a readable image (no PNG, JPEG, WEBP or GIF header)", "corrupt_image") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL raises all of these on bad data
-        raise ImageError(f"{where}: not a readable image ({type(e).__name__}: {e})") from None
+        raise ImageError(f"{where}: not a readable image ({type(e).__name__}: {e})", "corrupt_image") from None
 
 
 def inspect_image(fp: Any, where: str, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = True):
@@ -59,15 +67,44 @@ def inspect_image(fp: Any, where: str, max_pixels: int = DEFAULT_MAX_PIXELS, dec
     with pil_guard(where):
         im = Image.open(fp)
         if im.format not in IMAGE_FORMATS:
-            raise ImageError(f"{where}: unsupported image format {im.format!r} (allowed: PNG, JPEG, WEBP, GIF)")
+            raise ImageError(f"{where}: unsupported image format {im.format!r} (allowed: PNG, JPEG, WEBP, GIF)",
+                             "unsupported_format")
         w, h = im.size
         if w <= 0 or h <= 0:
-            raise ImageError(f"{where}: empty image ({w}x{h})")
+            raise ImageError(f"{where}: empty image ({w}x{h})", "corrupt_image")
         if w * h > max_pixels:
-            raise ImageError(f"{where}: image is {w}x{h} = {w * h:,} pixels, over the cap of {max_pixels:,}")
+            raise ImageError(f"{where}: image is {w}x{h} = {w * h:,} pixels, over the cap of {max_pixels:,}",
+                             "too_many_pixels")
         if decode:
             im.load()
     return im
+
+
+class VerifiedImageBytes(bytes):
+    """Encoded image bytes that ``decode_image_bytes`` decoded in full (format allowed, header size under
+    its pixel cap, every pixel decoded), with that ``format`` (a key of IMAGE_FORMATS) and ``size``.
+
+    ``store_image`` writes them without decoding them again: it checks ``size`` against its own cap and
+    takes the extension from ``format``. Make them only with ``decode_image_bytes``; plain bytes are
+    always decoded by the writer.
+    """
+
+    def __new__(cls, data: bytes, format: str, size: tuple[int, int]):
+        self = super().__new__(cls, data)
+        self.format, self.size = format, size
+        return self
+
+    def __reduce__(self):
+        return VerifiedImageBytes, (bytes(self), self.format, self.size)
+
+
+def decode_image_bytes(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Check the header of encoded ``data`` (format, pixel cap) before decoding, decode every pixel,
+    and return ``(VerifiedImageBytes, the RGB image)``. Raises ImageError (``.reason`` set) naming ``where``."""
+    im = inspect_image(io.BytesIO(data), where, max_pixels)
+    with pil_guard(where):
+        rgb = to_rgb(im)
+    return VerifiedImageBytes(data, im.format, im.size), rgb
 
 
 def open_rgb_image(path: Path, where: str, max_pixels: int = DEFAULT_MAX_PIXELS):

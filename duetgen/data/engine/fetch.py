@@ -20,7 +20,9 @@ Design choices:
   phase the fetch is in (connect, TLS, headers, body), and the fetch fails as ``timeout``. The
   Content-Type must be a raster image type we store (SVG is refused: it can carry script); the
   bytes must sniff as PNG/JPEG/WebP/GIF too (a header can lie); the pixel count is read from the
-  image header and checked BEFORE any decode.
+  image header and checked BEFORE any decode. The bytes are decoded once, here
+  (``duetgen.data.images.decode_image_bytes``), and come back as ``VerifiedImageBytes``, which the
+  dataset writer stores without decoding them again.
 - Failures raise ``FetchError(reason, detail)``; the stage turns them into image drops.
 - A page saved to disk (``--input DIR``) names its images as files beside it; ``read_local`` reads
   them under the same caps, only from inside the input folder (``..``, absolute paths and symlinks
@@ -30,7 +32,6 @@ Design choices:
 from __future__ import annotations
 
 import http.client
-import io
 import ipaddress
 import os
 import socket
@@ -38,7 +39,6 @@ import ssl
 import stat
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
@@ -50,7 +50,6 @@ METADATA_ADDRESSES = {
     ipaddress.ip_address("fd00:ec2::254"),  # AWS IPv6
 }
 ALLOWED_CONTENT_TYPES = {"image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/gif"}
-ALLOWED_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "GIF"}
 
 
 @dataclass
@@ -284,28 +283,13 @@ class ImageFetcher:
         return (where, *self._decode(data, None, where))
 
     def _decode(self, data: bytes, headers, url: str):
-        from PIL import Image
-
-        from duetgen.data.images import to_rgb
+        """(VerifiedImageBytes, RGB image): the one check-then-decode path (``decode_image_bytes``), so
+        the dataset writer stores these bytes without decoding them again."""
+        from duetgen.data.images import ImageError, decode_image_bytes
 
         try:
-            with warnings.catch_warnings():  # our own pixel cap is checked just below
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                im = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as e:  # PIL's own cap fired while reading the header
-            raise FetchError("too_many_pixels", str(e)) from None
-        except Exception as e:  # PIL raises many kinds on junk
-            raise FetchError("corrupt_image", f"not a readable image ({type(e).__name__})") from None
-        if im.format not in ALLOWED_FORMATS:
-            raise FetchError("unsupported_format", f"{im.format} (allowed: PNG, JPEG, WebP, GIF)")
-        w, h = im.size
-        if w * h > self.cfg.max_pixels:  # from the header: nothing decoded yet
-            raise FetchError("too_many_pixels", f"{w}x{h} = {w * h:,} pixels > cap {self.cfg.max_pixels:,}")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                im.load()
-            rgb = to_rgb(im)
-        except Exception as e:
-            raise FetchError("corrupt_image", f"decode failed ({type(e).__name__}: {e})") from None
-        return data, rgb
+            return decode_image_bytes(data, url[:200], self.cfg.max_pixels)
+        except ImageError as e:  # unsupported_format | too_many_pixels | corrupt_image
+            raise FetchError(e.reason, str(e)) from None
+        except Exception as e:  # PIL raises many kinds on junk (struct.error, IndexError, ...)
+            raise FetchError("corrupt_image", f"not a readable image ({type(e).__name__}: {e})") from None
