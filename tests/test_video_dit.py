@@ -245,6 +245,27 @@ def test_plan_reuse_and_targets_only():
             assert max_diff([targets[0][0], targets[1][0]], [full[0][1], full[1][0]]) < TOL
 
 
+def test_projected_text_equals_the_text_tensor_and_plans_are_reused():
+    """project_text (once per image) gives what the text tensor gives, alone, packed and mixed with raw text;
+    forward() plans a frame layout once and reuses it."""
+    dit = PackedCosmosDiT(make_dit())
+    g = torch.Generator().manual_seed(9)
+    samples = [random_sample([(4, 4), (6, 4)], 3, g), random_sample([(2, 8)], 2, g)]
+    frames, timesteps, cond, text = map(list, zip(*samples))
+    with torch.no_grad():
+        expected = dit(frames, timesteps, cond, text)
+        projected = [dit.project_text(t) for t in text]
+        assert len(projected[0]) == 3 and len(projected[0].keys) == len(dit.transformer_blocks)
+        assert max_diff(sum(dit(frames, timesteps, cond, projected), []), sum(expected, [])) < TOL
+        mixed = dit(frames, timesteps, cond, [projected[0], text[1]])
+        assert max_diff(sum(mixed, []), sum(expected, [])) < TOL
+        alone = dit(frames[1:], timesteps[1:], cond[1:], projected[1:])
+        assert max_diff(alone[0], expected[1]) < TOL
+    assert len(dit._plans) == 2  # the pack's layout and sample 1's alone, each planned once
+    with pytest.raises(ValueError, match="text must be"):
+        dit.project_text(torch.zeros(3, dit.text_channels + 1))
+
+
 # ----------------------------------------------------------------------------- gradients
 
 

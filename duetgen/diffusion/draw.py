@@ -15,9 +15,11 @@ The steps (diffusers' pipeline `__call__` shape):
 3. The network's x0: its raw output for the target frame; with `x0_relative_to_previous` that output is
    ADDED to the previous canvas (the latest conditioning latent, a white canvas's when there is none), so
    "change nothing" is the zero output (docs/training.md; train/stage2.py trains against the same rule).
-4. Guidance: positive and negative as two samples of one packed DiT call (`guidance.guided_denoiser`,
+4. The text condition through every DiT block's cross-attention key and value projections, once per
+   image instead of once per step (`PackedCosmosDiT.project_text`; the text does not change between steps).
+5. Guidance: positive and negative as two samples of one packed DiT call (`guidance.guided_denoiser`,
    which alone decides that w = 1 needs no negative).
-5. The sampler integrates the flow from t = 1 to 0 (`sampling.sample`).
+6. The sampler integrates the flow from t = 1 to 0 (`sampling.sample`).
 
 What the network was trained with (parameterisation, the x0 rule, conditioning frames and their flow
 time) comes from the model's `DuetGenConfig`; how to sample (solver, steps, guidance) is the caller's,
@@ -99,11 +101,16 @@ def draw_latent(
     if config.x0_relative_to_previous:
         previous = previous_canvas(cond, lambda: white_canvas_latent(model.vae, height, width, device).to(noise))
 
+    # 4. the text is the same at every step: every block's cross-attention keys and values of it, once
+    texts = [text_pos] if guidance_scale == 1.0 else [text_pos, text_neg]
+    projected = {id(text): model.dit.project_text(text) for text in texts if text is not None}
+
     def target_output(**inputs) -> list[list[Tensor]]:  # per sample: [raw output of the target frame]
+        inputs["text"] = [projected[id(text)] for text in inputs["text"]]  # the guidance's texts are these objects
         out = network(**inputs, targets_only=True)
         return [[network_x0(sample_out[-1], previous)] for sample_out in out]
 
-    # 4. guidance, 5. the sampler
+    # 5. guidance, 6. the sampler
     denoise = guided_denoiser(target_output, cond, text_pos, text_neg, guidance_scale, config.parameterisation,
                               condition_time=config.condition_frame_time)
     return sample(denoise, noise, sampler, callback)  # (C, h, w)

@@ -60,7 +60,7 @@ from duetgen.models.mllm import layer_states, rope_position_ids
 
 
 # ============================================================================ the scheduler
-@dataclass
+@dataclass(eq=False)  # jobs compare by identity (`job in jobs`), never by their tensors
 class _Job:
     kind: str  # "mllm" | "dit"
     context: "BatchedContext | None"

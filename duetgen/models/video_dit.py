@@ -39,7 +39,13 @@ Design choices:
   diffusers' `dispatch_attention_fn`, so a diffusers attention backend selection applies.
   `benchmarks/dit_packing.py` measures both; numbers in docs/model-dit.md.
 - Everything that depends only on frame sizes (token offsets, positions, rope, masks) is a
-  `PackPlan`, computed once by `plan()` and reused by `forward_planned()` at every sampler step.
+  `PackPlan`, computed once by `plan()` and reused by `forward_planned()` at every sampler step;
+  `forward()` keeps the plans of the last few frame layouts (`PLAN_CACHE_SIZE`), so a sampler that
+  calls it with the same shapes every step plans once.
+- A sample's text is the same at every sampler step of an image: `project_text()` turns it into every
+  block's cross-attention keys and values once (`ProjectedText`), and `forward` takes that in place
+  of the text tensor. On the shipped ShapeWorld model the text (36-106 tokens) is longer than the
+  image tokens (9-36), so its projections were about a quarter of a step's matmul work.
   `targets_only=True` skips the output layer for conditioning frames (their tokens still run
   through every block: the target attends to them in every layer, so that is all it can save).
 - Only image-style conditioning is supported: no controlnet residuals and no image-context
@@ -62,6 +68,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 ATTENTION_MODES = ("split", "mask")
+PLAN_CACHE_SIZE = 16  # frame layouts whose PackPlan forward() keeps (a sampler repeats one layout every step)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -218,6 +225,17 @@ class AttentionSegments:
     cross_mask: Tensor | None  # (1, 1, N, L) bool, "mask" mode only
 
 
+@dataclass
+class ProjectedText:
+    """One sample's text condition as every block's cross-attention keys and values (`PackedCosmosDiT.project_text`)."""
+
+    keys: list[Tensor]  # per block (L, H, d), after the block's key norm
+    values: list[Tensor]  # per block (L, H, d)
+
+    def __len__(self) -> int:
+        return self.keys[0].shape[0]
+
+
 def rope_from_positions(rope, positions: Tensor, fps: float | None) -> tuple[Tensor, Tensor]:
     """Cosmos 3D RoPE (`CosmosRotaryPosEmbed.forward`) at explicit (t, h, w) token positions.
 
@@ -270,10 +288,17 @@ def frame_modulation(norm: nn.Module, embedded_timestep: Tensor, temb: Tensor) -
     return modulation + temb[..., : modulation.shape[-1]]
 
 
+def key_value(attn: nn.Module, context: Tensor) -> tuple[Tensor, Tensor]:
+    """context (M, D_kv) -> the attention's keys (after its key norm) and values, (M, H, d) each."""
+    key = attn.norm_k(attn.to_k(context).unflatten(-1, (attn.heads, -1)))  # (M, H, d)
+    value = attn.to_v(context).unflatten(-1, (attn.heads, -1))  # (M, H, d)
+    return key, value
+
+
 def block_diagonal_attention(
     attn: nn.Module,
     hidden_states: Tensor,
-    context: Tensor,
+    context: Tensor | tuple[Tensor, Tensor],
     rope: tuple[Tensor, Tensor] | None,
     query_offsets: list[int],
     key_offsets: list[int],
@@ -282,18 +307,14 @@ def block_diagonal_attention(
     """Cosmos attention (`CosmosAttnProcessor2_0` math) with sample i's queries seeing only sample i's keys.
 
     hidden_states (N, D) packed queries; context (M, D_kv) packed keys/values (= hidden_states for
-    self-attention); sample i owns query rows query_offsets[i]:query_offsets[i+1] and key rows
-    key_offsets[i]:key_offsets[i+1]. With `mask` (1, 1, N, M) one SDPA call runs with the dense mask;
-    without, SDPA runs per sample on contiguous slices.
+    self-attention), or already projected as (keys, values), each (M, H, d) (`key_value`); sample i owns
+    query rows query_offsets[i]:query_offsets[i+1] and key rows key_offsets[i]:key_offsets[i+1]. With
+    `mask` (1, 1, N, M) one SDPA call runs with the dense mask; without, SDPA runs per sample on
+    contiguous slices.
     """
-    # 1. QKV projections, one matmul each for the whole pack
-    query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))  # (N, H, d)
-    key = attn.to_k(context).unflatten(-1, (attn.heads, -1))  # (M, H, d)
-    value = attn.to_v(context).unflatten(-1, (attn.heads, -1))  # (M, H, d)
-
-    # 2. QK normalization (RMSNorm over the head dim)
-    query = attn.norm_q(query)
-    key = attn.norm_k(key)
+    # 1.-2. Q projection and QK normalization (RMSNorm over the head dim); K and V unless given
+    query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1)))  # (N, H, d)
+    key, value = context if isinstance(context, tuple) else key_value(attn, context)  # (M, H, d) each
 
     # 3. RoPE (self-attention only): rotate-half layout, as the stock processor applies it
     if rope is not None:
@@ -338,7 +359,7 @@ class PackedCosmosBlock(nn.Module):
     def forward(
         self,
         hidden_states: Tensor,  # (N, D) packed image tokens
-        text: Tensor,  # (L, D_cross) packed text tokens
+        text: Tensor | tuple[Tensor, Tensor],  # (L, D_cross) packed text tokens, or this block's (keys, values) of them
         embedded_timestep: Tensor,  # (F, D) per frame
         temb: Tensor,  # (F, 3D) per frame
         token_frame: Tensor,  # (N,) frame of each token
@@ -421,6 +442,7 @@ class PackedCosmosDiT(nn.Module):
         self.transformer_blocks = nn.ModuleList(PackedCosmosBlock(block) for block in transformer.transformer_blocks)
         self.norm_out = transformer.norm_out
         self.proj_out = transformer.proj_out
+        self._plans: dict[tuple, PackPlan] = {}  # forward()'s recent plans, by (frame sizes, fps, attention, device)
 
     # ------------------------------------------------------------------ plan
 
@@ -487,9 +509,26 @@ class PackedCosmosDiT(nn.Module):
         fps: float | None = None,
         targets_only: bool = False,
     ) -> list[list[Tensor]]:
-        """Plan the pack from the frame shapes, then run it (see `forward_planned`)."""
-        frame_sizes = [[tuple(frame.shape[-2:]) for frame in sample] for sample in frames]
-        return self.forward_planned(self.plan(frame_sizes, fps=fps), frames, timesteps, condition_mask, text, targets_only)
+        """Plan the pack from the frame shapes (or reuse a recent plan of the same shapes), then run it (see `forward_planned`)."""
+        frame_sizes = tuple(tuple(tuple(frame.shape[-2:]) for frame in sample) for sample in frames)
+        key = (frame_sizes, fps, self.attention, self.proj_out.weight.device)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self.plan([list(sizes) for sizes in frame_sizes], fps=fps)
+            if len(self._plans) >= PLAN_CACHE_SIZE:
+                self._plans.clear()
+            self._plans[key] = plan
+        return self.forward_planned(plan, frames, timesteps, condition_mask, text, targets_only)
+
+    def project_text(self, text: Tensor) -> ProjectedText:
+        """A sample's text (L, D_cross) as every block's cross-attention keys and values: `forward` takes it in
+        place of the tensor and skips those projections (a sampler's text is the same at every step)."""
+        if text.ndim != 2 or text.shape[1] != self.text_channels or text.shape[0] == 0:
+            raise ValueError(f"text must be (L >= 1, {self.text_channels}) in the cross-attention width "
+                             f"(the connector's output); got shape {tuple(text.shape)}")
+        device, dtype = self.proj_out.weight.device, self.proj_out.weight.dtype
+        pairs = [key_value(block.attn2, text.to(device=device, dtype=dtype)) for block in self.transformer_blocks]
+        return ProjectedText(keys=[k for k, _ in pairs], values=[v for _, v in pairs])
 
     def forward_planned(
         self,
@@ -497,7 +536,7 @@ class PackedCosmosDiT(nn.Module):
         frames: list[list[Tensor]],  # per sample, per frame (C, h, w) latent
         timesteps: list[Tensor],  # per sample (n_frames,) flow time in [0, 1]; 0 on conditioning frames
         condition_mask: list[Tensor],  # per sample (n_frames,) bool; True = clean conditioning frame
-        text: list[Tensor],  # per sample (L_i, D_cross) connector output
+        text: list[Tensor | ProjectedText],  # per sample (L_i, D_cross) connector output, or it through project_text
         targets_only: bool = False,  # return only frames with condition_mask False (skips their output layer)
     ) -> list[list[Tensor]]:  # per sample, per frame (C, h, w) raw output
         self._check_inputs(plan, frames, timesteps, condition_mask, text)
@@ -526,8 +565,17 @@ class PackedCosmosDiT(nn.Module):
         if self.learnable_pos_embed is not None:
             extra_pos_emb = self._learnable_pos_emb(plan.positions).type_as(hidden_states)  # (N, D)
 
-        # 4. Text, packed; who attends to whom
-        context = torch.cat([x.to(device=device, dtype=dtype) for x in text])  # (L, D_cross)
+        # 4. Text, packed (as each block's cross-attention keys and values where any sample's came projected);
+        #    who attends to whom
+        if any(isinstance(x, ProjectedText) for x in text):
+            projected = [x if isinstance(x, ProjectedText) else self.project_text(x) for x in text]
+            block_text = [
+                (torch.cat([x.keys[b] for x in projected]), torch.cat([x.values[b] for x in projected]))  # (L, H, d) x2
+                for b in range(len(self.transformer_blocks))
+            ]
+        else:
+            context = torch.cat([x.to(device=device, dtype=dtype) for x in text])  # (L, D_cross)
+            block_text = [context] * len(self.transformer_blocks)
         text_offsets = np.cumsum([0] + [len(x) for x in text]).tolist()
         cross_mask = None
         if plan.attention == "mask":
@@ -538,7 +586,7 @@ class PackedCosmosDiT(nn.Module):
         segments = AttentionSegments(plan.sample_token_offsets, text_offsets, plan.self_mask, cross_mask)
 
         # 5. Transformer blocks
-        for block in self.transformer_blocks:
+        for block, context in zip(self.transformer_blocks, block_text):
             args = (hidden_states, context, embedded_timestep, temb, plan.token_frame, plan.rope, extra_pos_emb, segments)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 hidden_states = checkpoint(block, *args, use_reentrant=False)
@@ -597,7 +645,11 @@ class PackedCosmosDiT(nn.Module):
                     f"sample {i}: condition_mask must be a bool tensor of shape ({len(sizes)},); "
                     f"got {condition_mask[i].dtype} {tuple(condition_mask[i].shape)}"
                 )
-            if text[i].ndim != 2 or text[i].shape[1] != self.text_channels or text[i].shape[0] == 0:
+            if isinstance(text[i], ProjectedText):
+                if len(text[i].keys) != len(self.transformer_blocks) or len(text[i]) == 0:
+                    raise ValueError(f"sample {i}: projected text has {len(text[i].keys)} blocks' keys of length "
+                                     f"{len(text[i])}; this DiT has {len(self.transformer_blocks)} blocks")
+            elif text[i].ndim != 2 or text[i].shape[1] != self.text_channels or text[i].shape[0] == 0:
                 raise ValueError(
                     f"sample {i}: text must be (L >= 1, {self.text_channels}) in the cross-attention width "
                     f"(the connector's output); got shape {tuple(text[i].shape)}"
