@@ -137,8 +137,9 @@ class StageStats:
 
     def drop_image(self, doc: Doc, item: ImageItem, reason: str, detail: str = "") -> None:
         self.image_drops[reason] += 1
-        self._example(f"image:{reason}", {"doc": doc.id, "src": item.src[:300], "detail": detail[:300],
-                                          "thumb": thumbnail_data_url(item.image)})
+        if len(self.examples.get(f"image:{reason}", ())) < MAX_EXAMPLES_PER_REASON:  # the thumbnail only for a kept example
+            self._example(f"image:{reason}", {"doc": doc.id, "src": item.src[:300], "detail": detail[:300],
+                                              "thumb": thumbnail_data_url(item.image)})
 
     def drop_text(self, doc: Doc, text: str, reason: str) -> None:
         self.text_drops[reason] += 1
