@@ -80,6 +80,12 @@ def test_draw_latent_applies_the_trained_output_settings():
     assert (draw(cond) - cond[0]).abs().max() < 1e-5  # "change nothing" = the previous canvas
     white = torch.ones_like(cond[0])  # pixel shuffle of a white canvas in [-1, 1]
     assert (draw([]) - white).abs().max() < 1e-5
+    # an image asked at another size than the earlier canvas: "change nothing" = that canvas resized
+    resized = draw_latent(model, cond, text, None, size=(32, 48), generator=None,
+                          sampler=SamplerConfig(num_steps=3), guidance_scale=1.0)
+    expected = model.encode_images([red_circle_canvas().resize((48, 32), Image.BICUBIC)])[0]
+    assert resized.shape == expected.shape == (48, 8, 12)
+    assert (model.vae.decode(resized[None]) - model.vae.decode(expected[None])).abs().max() < 0.1  # [-1, 1] pixels
     model.config = replace(model.config, use_condition_frames=False)  # text-only ablation: frames never shown
     assert (draw(cond) - white).abs().max() < 1e-5
     with pytest.raises(ValueError, match="x0_relative_to_previous needs parameterisation='x0'"):

@@ -15,6 +15,8 @@ The steps (diffusers' pipeline `__call__` shape):
 3. The network's x0: its raw output for the target frame; with `x0_relative_to_previous` that output is
    ADDED to the previous canvas (the latest conditioning latent, a white canvas's when there is none), so
    "change nothing" is the zero output (docs/training.md; train/stage2.py trains against the same rule).
+   A previous canvas of another size than the image asked for (an input canvas of 48 px, `image_size`
+   64) is that picture resized to the asked size (`resized_canvas`); the conditioning frames keep their sizes.
 4. The text condition through every DiT block's cross-attention key and value projections, once per
    image instead of once per step (`PackedCosmosDiT.project_text`; the text does not change between steps).
 5. Guidance: positive and negative as two samples of one packed DiT call (`guidance.guided_denoiser`,
@@ -33,6 +35,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from duetgen.diffusion.guidance import guided_denoiser
@@ -48,6 +51,15 @@ def white_canvas_latent(vae, height: int, width: int, device: torch.device | str
 def previous_canvas(cond_frames: Sequence[Tensor], white: Callable[[], Tensor]) -> Tensor:
     """The canvas a drawing is relative to: the latest conditioning latent, or ``white()`` when there is none."""
     return cond_frames[-1] if len(cond_frames) else white()
+
+
+def resized_canvas(vae, latent: Tensor, height: int, width: int) -> Tensor:
+    """A canvas latent (C, h, w) as the latent of the same picture at (height, width) pixels: decoded, resized
+    (bicubic, antialiased, as `DuetGen.fit_image` resizes an earlier image) and encoded again."""
+    pixels = vae.decode(latent[None]).clamp(-1, 1)  # (1, 3, h f, w f)
+    pixels = F.interpolate(pixels, size=(height, width), mode="bicubic", antialias=True,
+                           align_corners=False).clamp(-1, 1)
+    return vae.encode(pixels)[0]  # (C, height / f, width / f)
 
 
 def network_x0(raw: Tensor, previous: Tensor | None) -> Tensor:
@@ -100,6 +112,8 @@ def draw_latent(
     previous = None
     if config.x0_relative_to_previous:
         previous = previous_canvas(cond, lambda: white_canvas_latent(model.vae, height, width, device).to(noise))
+        if previous.shape[-2:] != noise.shape[-2:]:  # the earlier image has another size than the one asked for
+            previous = resized_canvas(model.vae, previous, height, width).to(noise)
 
     # 4. the text is the same at every step: every block's cross-attention keys and values of it, once
     texts = [text_pos] if guidance_scale == 1.0 else [text_pos, text_neg]
