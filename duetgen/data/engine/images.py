@@ -21,6 +21,7 @@ Design choices:
   fires on none of the others; 1.5 ms per 480x360 photo against 7.5 ms (one core). A QR code on a
   web page is made to be read, so a finder-pattern look-alike that does not decode is no QR code.
 - Perceptual hash: 64-bit DCT hash (pHash: 32x32 grey, top-left 8x8 DCT block against its median);
+  both thumbnails (64 px uniformity, 32 px pHash) box-reduce first (``REDUCING_GAP``);
   an image within ``max_distance`` bits of the previous kept image of the page is a duplicate.
 """
 
@@ -52,6 +53,12 @@ def hint_words(hints: str) -> set[str]:
     return set(re.split(r"[^a-z0-9]+", hints.lower())) - {""}
 
 
+# The uniformity and pHash thumbnails: a box reduction by an integer factor first, down to at least 3x the
+# thumbnail, then the filter (Pillow's ``reducing_gap``; 3.0: "indistinguishable from fair resampling in most
+# cases"). Both thumbnails of a 480x360 photo: 1.04 -> 0.53 CPU ms, of a 1200x900 one 5.3 -> 0.8. On 506 test
+# images (step photos, their near-duplicates, the QR test's sets) the pHash moved <= 2 bits on photos (9 on a
+# 10 px checkerboard), no pair's near-duplicate decision (<= 8 bits) and no near_uniform decision changed.
+REDUCING_GAP = 3.0
 QR_MAX_SIDE = 1280  # px: the QR check's copy of a larger image is scaled down (its cost grows with the pixels)
 
 
@@ -91,7 +98,7 @@ def image_rule(img, grey, hints: str, cfg: ImageRuleConfig) -> tuple[str, str] |
         return "too_small", f"{w}x{h}, shorter side < {cfg.min_side}"
     if aspect > cfg.max_aspect:
         return "extreme_aspect", f"{w}x{h}, aspect {aspect:.1f} > {cfg.max_aspect}"
-    thumb = np.asarray(grey.resize((64, 64)), dtype=np.float32)
+    thumb = np.asarray(grey.resize((64, 64), reducing_gap=REDUCING_GAP), dtype=np.float32)
     if thumb.std() < cfg.min_std:
         return "near_uniform", f"grey std {thumb.std():.1f} < {cfg.min_std}"
     if cfg.qr and has_qr_code(grey):
@@ -107,7 +114,7 @@ def phash(grey) -> int:
 
     if grey.mode != "L":
         raise ValueError(f"phash takes a grey (mode L) image, got mode {grey.mode}")
-    grey = np.asarray(grey.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float32)
+    grey = np.asarray(grey.resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP), dtype=np.float32)
     low = cv2.dct(grey)[:8, :8].flatten()
     bits = low > np.median(low[1:])  # the DC term is left out of the median: it is the mean brightness
     return int("".join("1" if b else "0" for b in bits), 2)
