@@ -127,13 +127,11 @@ def bench_rules(n_pages: int) -> None:
 
 
 def bench_llm(latency: float, concurrencies=(1, 8, 32)) -> None:
-    import io
-
     from howto_site import photo
-    from PIL import Image
 
     from duetgen.data.engine.document import Doc, ImageItem, StageStats, TextItem
     from duetgen.data.engine.stages import CaptionImages
+    from duetgen.data.images import decode_image_bytes
     from duetgen.llm import LLMClient
 
     # The server runs in its own process, as a vLLM server would: in-process, its handler threads
@@ -150,9 +148,8 @@ def bench_llm(latency: float, concurrencies=(1, 8, 32)) -> None:
             for p in range(n_requests // 8):
                 items = []
                 for k in range(8):
-                    data = photo(100 + (p * 8 + k) % 40)
-                    items += [TextItem(f"Step {k} text of page {p}."),
-                              ImageItem(f"img{k}.jpg", data=data, image=Image.open(io.BytesIO(data)).convert("RGB"))]
+                    data, image = decode_image_bytes(photo(100 + (p * 8 + k) % 40), f"img{k}.jpg")
+                    items += [TextItem(f"Step {k} text of page {p}."), ImageItem(f"img{k}.jpg", data=data, image=image)]
                 docs.append(Doc(id=f"p{p}", url=None, title=f"Page {p}", items=items))
             client = LLMClient(url, "fake", max_concurrency=c)  # no cache: every request goes out
             client.chat([{"role": "user", "content": "warm-up"}])  # imports and the first connection, paid once per process

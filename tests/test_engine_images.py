@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "engine"))
@@ -23,7 +24,7 @@ def im(data: bytes) -> Image.Image:
 
 def verdict(data, hints=""):
     img = im(data)
-    v = image_rule(img, img.convert("L"), hints, CFG)
+    v = image_rule(img.size, img.convert("L"), hints, CFG)
     return v and v[0]
 
 
@@ -67,3 +68,32 @@ def test_phash_near_duplicate_vs_distinct():
     assert phash(a) == phash(a.copy()) and 0 <= phash(a) < 2**64
     flipped = Image.fromarray(np.asarray(a)[:, ::-1])
     assert hamming(phash(a), phash(flipped)) > 8
+
+
+def jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_large_jpeg_is_decoded_at_a_dct_scale_and_judged_by_its_own_size():
+    """Issue 18: no check reads more than 1,280 px, so a JPEG twice that is decoded at 1/2 (1/4, 1/8); the
+    size rules still read the file's own size (decoded, this 2600x190 strip would be 1300x95: too_small)."""
+    from duetgen.data.engine.document import Doc, ImageItem, StageStats
+    from duetgen.data.engine.fetch import FetchConfig, FetchError, ImageFetcher
+    from duetgen.data.engine.stages import ImageRules
+
+    f = ImageFetcher(FetchConfig())
+    data, rgb = f._decode(site.photo(3, 2600, 1950), None, "big.jpg")
+    assert data == site.photo(3, 2600, 1950) and data.size == (2600, 1950) and rgb.size == (1300, 975)
+    small, small_rgb = f._decode(site.photo(3, 2500, 1900), None, "not-twice.jpg")  # < 2 x 1,280: full size
+    assert small.size == small_rgb.size == (2500, 1900)
+    wide, wide_rgb = f._decode(jpeg(im(site.photo(4, 2600, 190))), None, "wide.jpg")
+    assert (wide.size, wide_rgb.size) == ((2600, 190), (1300, 95))
+    item = ImageItem("wide.jpg", data=wide, image=wide_rgb)
+    stats = StageStats("image_rules")
+    assert list(ImageRules(CFG)([Doc("d", None, items=[item])], stats))[0].items == []
+    assert dict(stats.image_drops) == {"extreme_aspect": 1}
+    with pytest.raises(FetchError, match="truncated") as e:  # every coefficient is still read: a cut file fails
+        f._decode(site.photo(3, 2600, 1950)[:-3000], None, "cut.jpg")
+    assert e.value.reason == "corrupt_image"

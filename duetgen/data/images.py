@@ -98,13 +98,24 @@ class VerifiedImageBytes(bytes):
         return VerifiedImageBytes, (bytes(self), self.format, self.size)
 
 
-def decode_image_bytes(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS):
+def decode_image_bytes(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None):
     """Check the header of encoded ``data`` (format, pixel cap) before decoding, decode every pixel,
-    and return ``(VerifiedImageBytes, the RGB image)``. Raises ImageError (``.reason`` set) naming ``where``."""
-    im = inspect_image(io.BytesIO(data), where, max_pixels)
+    and return ``(VerifiedImageBytes, the RGB image)``. Raises ImageError (``.reason`` set) naming ``where``.
+
+    ``min_side``: a JPEG whose longer side is at least twice this is decoded at libjpeg's DCT scale
+    (1/2, 1/4 or 1/8) that keeps its longer side >= ``min_side``: every coefficient is still read
+    (a cut or corrupt file fails as in a full decode), only the inverse DCT outputs fewer pixels. The
+    image is then smaller than ``VerifiedImageBytes.size``, which is the file's own size.
+    """
+    im = inspect_image(io.BytesIO(data), where, max_pixels, decode=False)
+    size = im.size
     with pil_guard(where):
+        if min_side is not None and im.format in ("JPEG", "MPO") and max(size) >= 2 * min_side:
+            w, h = size
+            im.draft(None, (-(-w * min_side // max(size)), -(-h * min_side // max(size))))  # ceil: never below
+        im.load()
         rgb = to_rgb(im)
-    return VerifiedImageBytes(data, im.format, im.size), rgb
+    return VerifiedImageBytes(data, im.format, size), rgb
 
 
 def open_rgb_image(path: Path, where: str, max_pixels: int = DEFAULT_MAX_PIXELS):

@@ -41,8 +41,8 @@ class ImageItem:
     url: str | None = None  # absolute URL after resolution against the page's base URL
     file: str | None = None  # or, for a saved page, the image file's path relative to the input folder
     warc: str | None = None  # or, for a WARC input, "file.warc.gz@offset" of the crawl's image response
-    data: bytes | None = None  # fetched, verified encoded bytes
-    image: Any = None  # decoded RGB PIL image
+    data: bytes | None = None  # fetched encoded bytes, decoded in full once (images.VerifiedImageBytes)
+    image: Any = None  # decoded RGB PIL image; a large JPEG's at a DCT scale (FetchConfig.decode_side)
     grey: Any = None  # its grey ("L") version, made once by the image rules (the pHash reads it too)
     phash: int | None = None
     caption: str | None = None  # from the MLLM, when configured
@@ -50,7 +50,8 @@ class ImageItem:
 
     @property
     def size(self) -> tuple[int, int] | None:
-        return None if self.image is None else self.image.size
+        """The file's own (width, height), from its header: ``image`` may be decoded smaller."""
+        return None if self.data is None else self.data.size
 
 
 Item = TextItem | ImageItem

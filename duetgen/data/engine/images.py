@@ -79,10 +79,11 @@ def has_qr_code(grey) -> bool:
                                        binarizer=zxingcpp.Binarizer.FixedThreshold))
 
 
-def image_rule(img, grey, hints: str, cfg: ImageRuleConfig) -> tuple[str, str] | None:
-    """(reason, detail) if the image must go, else None. ``img`` is an RGB PIL image, ``grey`` its
-    ``convert("L")``, made once by the caller (the pHash reads it too)."""
-    w, h = img.size
+def image_rule(size: tuple[int, int], grey, hints: str, cfg: ImageRuleConfig) -> tuple[str, str] | None:
+    """(reason, detail) if the image must go, else None. ``size`` is the file's (width, height) from its
+    header; ``grey`` the decoded image in mode "L" (a large JPEG's may be smaller: DCT-scaled decoding),
+    made once by the caller (the pHash reads it too)."""
+    w, h = size
     words = hint_words(hints)
     aspect = max(w / h, h / w)
     # Named kinds first (their reason says more than "too small"), then the size/shape rules.

@@ -72,7 +72,7 @@ def _llm_image(item: ImageItem, side: int = 768) -> bytes:
     """The image as sent to the MLLM: the fetched bytes when at most ``side`` px, else a JPEG
     thumbnail (servers resize anyway). Re-encoding every image as PNG cost ~30 ms of CPU per
     request and capped a 32-way LLM stage far below its ideal rate (benchmarks/data_engine.py)."""
-    if max(item.image.size) <= side:
+    if max(item.size) <= side:
         return item.data
     im = item.image.copy()
     im.thumbnail((side, side))
@@ -237,7 +237,7 @@ class ImageRules:
             for x in d.items:
                 if isinstance(x, ImageItem):
                     x.grey = x.image.convert("L")  # once: the uniformity test, the QR check and the pHash read it
-                    verdict = image_rule(x.image, x.grey, x.hints, self.cfg)
+                    verdict = image_rule(x.size, x.grey, x.hints, self.cfg)
                     if verdict is not None:
                         stats.drop_image(d, x, *verdict)
                         continue
