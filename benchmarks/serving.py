@@ -14,8 +14,14 @@ completions to ``/v1`` with fixed seeds, each from its own client thread. In one
 2. answers per second at each ``--concurrency`` (``--requests`` answers, that many client
    threads keep that many requests in flight) on both servers, and their ratio.
 
+3. what batching can save at most on this machine (``step_costs``): one packed DiT call for k answers'
+   images (each a ShapeWorld image with one earlier canvas) and one MLLM decode step of k answers, against
+   k such calls one at a time. A server that packs every step full cannot beat these per-call ratios, so
+   they bound the throughput ratio from above (on one CPU thread the DiT's cost grows with its tokens;
+   on a GPU a small step costs about the same for 1 or 4 answers).
+
 Every batched answer is checked equal in text to the one-at-a-time answer of the same request.
-Reported: medians over ``--repeats`` rounds, and each round's ratios.
+Reported: medians over ``--repeats`` rounds, and each round's ratios. ``--device cuda`` runs it all on a GPU.
 """
 
 from __future__ import annotations
@@ -92,6 +98,50 @@ def run_load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, lis
     return wall, answers
 
 
+def _time_ms(call, device: str, repeats: int = 30) -> float:
+    """Median wall milliseconds of ``call()`` after two warm-up calls (synchronised on a GPU)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(2):
+        call()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+@torch.no_grad()
+def step_costs(model, rows=(1, 2, 4), context_tokens: int = 80) -> dict:
+    """Milliseconds of one packed DiT call for k images and one MLLM decode step for k answers; their
+    "k calls alone / one call of k" ratios (the most batching can save on each kind of step)."""
+    device = str(model.device)
+    dit = model.dit
+    g = torch.Generator().manual_seed(0)
+    h, w = (side // model.vae.spatial_factor for side in model.config.image_size)
+    canvas, target = (torch.randn(dit.latent_channels, h, w, generator=g).to(model.device) for _ in range(2))
+    text = dit.project_text(torch.randn(context_tokens, dit.text_channels, generator=g).to(model.device))
+    sample = {"frames": [canvas, target], "timesteps": torch.tensor([0.0, 0.5], device=model.device),
+              "condition_mask": torch.tensor([True, False], device=model.device), "text": text}
+    mllm = model.mllm
+    ids = torch.randint(10, 200, (max(rows), context_tokens), generator=g).to(model.device)
+    costs: dict = {"dit_ms": {}, "decode_ms": {}}
+    for k in rows:
+        packed = {name: [value] * k for name, value in sample.items()}
+        costs["dit_ms"][k] = round(_time_ms(lambda: dit(**packed, targets_only=True), device), 2)
+        cache = mllm(input_ids=ids[:k], use_cache=True).past_key_values  # k answers' KV caches of context_tokens
+        token = ids[:k, :1]
+        costs["decode_ms"][k] = round(_time_ms(
+            lambda: mllm(input_ids=token, past_key_values=cache, use_cache=True, output_hidden_states=True,
+                         logits_to_keep=1), device), 2)  # the cache grows by one token a call: ~2 % over the run
+    for kind in ("dit", "decode"):
+        ms = costs[f"{kind}_ms"]
+        costs[f"{kind}_saving"] = {k: round(k * ms[1] / ms[k], 2) for k in rows}
+    return costs
+
+
 def text_only(markdown: str) -> str:
     """The answer without its image links (URLs are content hashes: float noise in a pixel changes them)."""
     import re
@@ -106,11 +156,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="answers per throughput measurement")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; medians are reported (a shared machine is noisy)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for one GPU")
     parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = DuetGenPipeline.from_pretrained(args.model).model
+    model = DuetGenPipeline.from_pretrained(args.model, device=args.device).model
     name = served_model_name(str(args.model))
     largest = max(max(args.concurrency), 4)
     servers = {  # the same weights; each pipeline has its own engine
@@ -119,8 +170,10 @@ def main() -> None:
     }
     four = shapeworld_requests(4, name)
     load = shapeworld_requests(args.requests, name, seed=1)
-    results: dict = {"model": str(args.model), "torch_threads": args.threads, "max_batch": largest,
-                     "requests_per_load": args.requests, "repeats": args.repeats}
+    results: dict = {"model": str(args.model), "device": args.device, "torch_threads": args.threads,
+                     "max_batch": largest, "requests_per_load": args.requests, "repeats": args.repeats,
+                     "step_costs": step_costs(model)}
+    print(json.dumps({"step_costs": results["step_costs"]}), file=sys.stderr)
     answers: dict = {}
     walls: dict = {}  # (label, "four" | concurrency) -> wall seconds per round
     with contextlib.ExitStack() as stack:

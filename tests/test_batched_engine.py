@@ -97,8 +97,27 @@ def test_images_start_together_and_equal_alone(model):
             assert np.abs(a - b).max() <= 2
     assert engine.scheduler.held > 0 and engine.scheduler.max_images == 3
     assert engine.scheduler.image_blocks >= 3  # the aligned images' blocks went through the MLLM in one forward
-    with pytest.raises(ValueError, match="max_image_wait must be >= 0"):
+    with pytest.raises(ValueError, match="max_image_wait and max_text_wait must be >= 0"):
         BatchedEngine(model, max_batch=2, max_image_wait=-1)
+    with pytest.raises(ValueError, match="max_image_wait and max_text_wait must be >= 0"):
+        BatchedEngine(model, max_batch=2, max_text_wait=-1)
+
+
+def test_writers_wait_for_drawings_and_equal_alone(model):
+    """Text alignment: an answer still writing while the others draw waits for their drawings to end
+    (no image alignment here, so the drawing starts while it writes); the answers are the ones alone."""
+    requests = [(prompt(i), GenerationConfig(seed=seed, num_steps=8, max_new_tokens=120))
+                for i, seed in ((0, 0), (1, 1), (2, 0))]  # prompt 2 draws nothing greedily: it only writes
+    alone = [answer(InterleavedEngine(model).run(m, c)) for m, c in requests]
+    engine = BatchedEngine(model, max_batch=3, max_image_wait=0, max_text_wait=8)
+    results, errors = run_concurrently(engine, requests)
+    assert errors == [None] * 3
+    for (reason, text, images), finished in zip(alone, results):
+        b_reason, b_text, b_images = answer(finished)
+        assert (b_reason, b_text, len(b_images)) == (reason, text, len(images))
+        for a, b in zip(images, b_images):
+            assert np.abs(a - b).max() <= 2
+    assert engine.scheduler.text_held > 0
 
 
 def test_cancelled_and_failing_answers_leave_the_others_running(model):
