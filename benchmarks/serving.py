@@ -21,7 +21,8 @@ completions to ``/v1`` with fixed seeds, each from its own client thread. In one
    on a GPU a small step costs about the same for 1 or 4 answers).
 
 Every batched answer is checked equal in text to the one-at-a-time answer of the same request.
-Reported: medians over ``--repeats`` rounds, and each round's ratios. ``--device cuda`` runs it all on a GPU.
+Reported: medians over ``--repeats`` rounds, and each round's ratios, by wall time and by the process's
+CPU time (server and clients, all threads; steadier than wall time when another process loads the machine). ``--device cuda`` runs it all on a GPU.
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ def shapeworld_requests(n: int, model: str, seed: int = 0) -> list[dict]:
     return bodies
 
 
-def run_load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, list[str]]:
-    """Send ``bodies`` with ``concurrency`` client threads; (wall seconds, answer texts in request order)."""
+def run_load(url: str, bodies: list[dict], concurrency: int) -> tuple[tuple[float, float], list[str]]:
+    """Send ``bodies`` with ``concurrency`` client threads; ((wall seconds, process CPU seconds), answer texts
+    in request order). The CPU seconds are this process's, all threads: the server's and its clients'."""
     answers: list[str | None] = [None] * len(bodies)
     next_index = iter(range(len(bodies)))
     lock = threading.Lock()
@@ -87,15 +89,15 @@ def run_load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, lis
                 answers[i] = r.json()["choices"][0]["message"]["content"]
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if any(a is None for a in answers):
         raise RuntimeError("some requests failed (see above)")
-    return wall, answers
+    return (wall, cpu), answers
 
 
 def _time_ms(call, device: str, repeats: int = 30) -> float:
@@ -176,6 +178,7 @@ def main() -> None:
     print(json.dumps({"step_costs": results["step_costs"]}), file=sys.stderr)
     answers: dict = {}
     walls: dict = {}  # (label, "four" | concurrency) -> wall seconds per round
+    cpus: dict = {}  # the same, process CPU seconds
     with contextlib.ExitStack() as stack:
         urls = {label: stack.enter_context(live_server(create_app(pipe, limits))) for label, (pipe, limits) in servers.items()}
         for url in urls.values():
@@ -183,22 +186,28 @@ def main() -> None:
         # the servers take turns within each round, so a change in the machine's load hits both alike
         for _ in range(args.repeats):
             for label, url in urls.items():
-                wall, answers[label, "four"] = run_load(url, four, 1 if label == "one_at_a_time" else 4)
-                walls.setdefault((label, "four"), []).append(wall)
-                for c in args.concurrency:
-                    wall, answers[label, c] = run_load(url, load, c)
-                    walls.setdefault((label, c), []).append(wall)
+                loads = [("four", four, 1 if label == "one_at_a_time" else 4)] + [(c, load, c) for c in args.concurrency]
+                for key, bodies, concurrency in loads:
+                    (wall, cpu), answers[label, key] = run_load(url, bodies, concurrency)
+                    walls.setdefault((label, key), []).append(wall)
+                    cpus.setdefault((label, key), []).append(cpu)
             print(f"round {len(walls['batched', 'four'])} done", file=sys.stderr)
     median = statistics.median
+
+    def ratios(times: dict, key) -> list[float]:  # one-at-a-time / batched, per round
+        return [round(a / b, 2) for a, b in zip(times["one_at_a_time", key], times["batched", key])]
+
     results["four_in_a_row_s"] = round(median(walls["one_at_a_time", "four"]), 3)
     results["four_at_once_batched_s"] = round(median(walls["batched", "four"]), 3)
-    results["four_speedup_per_round"] = [round(a / b, 2) for a, b in zip(walls["one_at_a_time", "four"], walls["batched", "four"])]
+    results["four_speedup_per_round"] = ratios(walls, "four")
     results["four_speedup"] = round(median(results["four_speedup_per_round"]), 2)
     results["answers_per_s"] = {label: {c: round(args.requests / median(walls[label, c]), 3) for c in args.concurrency}
                                 for label in servers}
-    results["throughput_ratio_per_round"] = {
-        c: [round(a / b, 2) for a, b in zip(walls["one_at_a_time", c], walls["batched", c])] for c in args.concurrency}
+    results["throughput_ratio_per_round"] = {c: ratios(walls, c) for c in args.concurrency}
     results["throughput_ratio"] = {c: round(median(r), 2) for c, r in results["throughput_ratio_per_round"].items()}
+    # per CPU second: steadier than wall time on a shared machine (another process's load moves wall time)
+    results["cpu_ratio_per_round"] = {key: ratios(cpus, key) for key in ["four", *args.concurrency]}
+    results["cpu_ratio"] = {key: round(median(r), 2) for key, r in results["cpu_ratio_per_round"].items()}
     keys = ["four", *args.concurrency]
     results["answers_equal_in_text"] = all(
         [text_only(a) for a in answers["batched", k]] == [text_only(a) for a in answers["one_at_a_time", k]] for k in keys)

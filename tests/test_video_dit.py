@@ -266,6 +266,31 @@ def test_projected_text_equals_the_text_tensor_and_plans_are_reused():
         dit.project_text(torch.zeros(3, dit.text_channels + 1))
 
 
+@pytest.mark.parametrize("attention", ["split", "mask"])
+def test_targets_only_equals_the_full_forward_with_and_without_conditioning(attention):
+    """targets_only prunes the last block to the target tokens: the same target outputs as the full forward,
+    for packs mixing samples with several conditioning frames, one, and none."""
+    dit = PackedCosmosDiT(make_dit(), attention=attention)
+    g = torch.Generator().manual_seed(11)
+    samples = [random_sample([(4, 4), (6, 4), (4, 4)], 3, g), random_sample([(2, 8)], 2, g),
+               random_sample([(4, 6), (4, 6)], 4, g)]
+    frames, timesteps, cond, text = map(list, zip(*samples))  # every earlier frame conditions the last
+    with torch.no_grad():
+        full = dit(frames, timesteps, cond, text)
+        targets = dit(frames, timesteps, cond, text, targets_only=True)
+    assert [len(t) for t in targets] == [1, 1, 1]
+    assert max_diff([t[0] for t in targets], [f[-1] for f in full]) < TOL
+
+    def grads(targets_only):  # stage 2's loss reads the targets only: the same gradients either way
+        dit.zero_grad()
+        out = dit(frames, timesteps, cond, text, targets_only=targets_only)
+        sum((sample[-1] ** 2).sum() for sample in out).backward()
+        return [p.grad.clone() for p in dit.parameters() if p.grad is not None]
+
+    pruned, whole = grads(True), grads(False)
+    assert len(pruned) == len(whole) and max_diff(pruned, whole) < 1e-4
+
+
 # ----------------------------------------------------------------------------- gradients
 
 

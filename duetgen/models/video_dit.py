@@ -46,8 +46,10 @@ Design choices:
   block's cross-attention keys and values once (`ProjectedText`), and `forward` takes that in place
   of the text tensor. On the shipped ShapeWorld model the text (36-106 tokens) is longer than the
   image tokens (9-36), so its projections were about a quarter of a step's matmul work.
-  `targets_only=True` skips the output layer for conditioning frames (their tokens still run
-  through every block: the target attends to them in every layer, so that is all it can save).
+  `targets_only=True` returns the target frames only. Conditioning tokens still run through every
+  block but the last (the target attends to them in every layer); in the last block they give only
+  their keys and values (`QueryRows`): their queries, attention outputs, cross-attention and
+  feed-forward there, and the output layer, would never be read.
 - Only image-style conditioning is supported: no controlnet residuals and no image-context
   (Transfer2.5) models; they raise at construction. Patch size in time must be 1 (one image = one
   latent frame).
@@ -226,6 +228,15 @@ class AttentionSegments:
 
 
 @dataclass
+class QueryRows:
+    """The tokens a block computes outputs for when only some are needed (the last block with targets_only):
+    every token still gives its keys and values, only these rows give queries and go on."""
+
+    index: Tensor  # (N_q,) long: rows of the packed tokens, in order
+    offsets: list[int]  # (B + 1,) sample ranges in those rows
+
+
+@dataclass
 class ProjectedText:
     """One sample's text condition as every block's cross-attention keys and values (`PackedCosmosDiT.project_text`)."""
 
@@ -303,6 +314,7 @@ def block_diagonal_attention(
     query_offsets: list[int],
     key_offsets: list[int],
     mask: Tensor | None,
+    query_rope: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Cosmos attention (`CosmosAttnProcessor2_0` math) with sample i's queries seeing only sample i's keys.
 
@@ -310,7 +322,7 @@ def block_diagonal_attention(
     self-attention), or already projected as (keys, values), each (M, H, d) (`key_value`); sample i owns
     query rows query_offsets[i]:query_offsets[i+1] and key rows key_offsets[i]:key_offsets[i+1]. With
     `mask` (1, 1, N, M) one SDPA call runs with the dense mask; without, SDPA runs per sample on
-    contiguous slices.
+    contiguous slices. `query_rope` rotates the queries when they are not the keys' tokens (default `rope`).
     """
     # 1.-2. Q projection and QK normalization (RMSNorm over the head dim); K and V unless given
     query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1)))  # (N, H, d)
@@ -318,7 +330,8 @@ def block_diagonal_attention(
 
     # 3. RoPE (self-attention only): rotate-half layout, as the stock processor applies it
     if rope is not None:
-        query = apply_rotary_emb(query[None], rope, use_real=True, use_real_unbind_dim=-2, sequence_dim=1)[0]
+        query_rope = rope if query_rope is None else query_rope
+        query = apply_rotary_emb(query[None], query_rope, use_real=True, use_real_unbind_dim=-2, sequence_dim=1)[0]
         key = apply_rotary_emb(key[None], rope, use_real=True, use_real_unbind_dim=-2, sequence_dim=1)[0]
 
     # 4. Attention, block-diagonal over samples; dispatch layout is (B, S, H, d)
@@ -366,17 +379,27 @@ class PackedCosmosBlock(nn.Module):
         rope: tuple[Tensor, Tensor],  # (N, head_dim) cos, sin
         extra_pos_emb: Tensor | None,  # (N, D) learnable absolute positions, or None (Cosmos-Predict2.5)
         segments: AttentionSegments,
-    ) -> Tensor:
+        queries: QueryRows | None = None,  # compute only these tokens' outputs (their keys: every token's)
+    ) -> Tensor:  # (N, D), or (N_q, D) for the query rows
         if extra_pos_emb is not None:  # the stock block adds them at every block
             hidden_states = hidden_states + extra_pos_emb
 
-        # 1. Self-attention, within each sample
-        shift, scale, gate = frame_modulation(self.norm1, embedded_timestep, temb)[token_frame].chunk(3, dim=-1)  # (N, D) x3
+        # 1. Self-attention, within each sample; every token gives keys and values, the query rows queries
+        modulation = frame_modulation(self.norm1, embedded_timestep, temb)  # (F, 3D)
+        shift, scale, gate = modulation[token_frame].chunk(3, dim=-1)  # (N, D) x3
         norm_hidden_states = self.norm1.norm(hidden_states) * (1 + scale) + shift
+        query_states, query_offsets, query_rope, self_mask, cross_mask = (
+            norm_hidden_states, segments.token_offsets, None, segments.self_mask, segments.cross_mask)
+        if queries is not None:  # from here on only the query rows
+            rows = queries.index
+            query_states, query_offsets, query_rope = norm_hidden_states[rows], queries.offsets, (rope[0][rows], rope[1][rows])
+            self_mask = None if self_mask is None else self_mask[:, :, rows]
+            cross_mask = None if cross_mask is None else cross_mask[:, :, rows]
+            hidden_states, token_frame, gate = hidden_states[rows], token_frame[rows], gate[rows]  # (N_q, D)
         attn_output = block_diagonal_attention(
-            self.attn1, norm_hidden_states, norm_hidden_states, rope,
-            segments.token_offsets, segments.token_offsets, segments.self_mask,
-        )  # (N, D)
+            self.attn1, query_states, norm_hidden_states, rope,
+            query_offsets, segments.token_offsets, self_mask, query_rope=query_rope,
+        )  # (N_q, D)
         hidden_states = hidden_states + gate * attn_output
 
         # 2. Cross-attention, each sample to its own text
@@ -384,14 +407,14 @@ class PackedCosmosBlock(nn.Module):
         norm_hidden_states = self.norm2.norm(hidden_states) * (1 + scale) + shift
         attn_output = block_diagonal_attention(
             self.attn2, norm_hidden_states, text, None,
-            segments.token_offsets, segments.text_offsets, segments.cross_mask,
-        )  # (N, D)
+            query_offsets, segments.text_offsets, cross_mask,
+        )  # (N_q, D)
         hidden_states = hidden_states + gate * attn_output
 
         # 3. Feed-forward
         shift, scale, gate = frame_modulation(self.norm3, embedded_timestep, temb)[token_frame].chunk(3, dim=-1)
         norm_hidden_states = self.norm3.norm(hidden_states) * (1 + scale) + shift
-        hidden_states = hidden_states + gate * self.ff(norm_hidden_states)  # (N, D)
+        hidden_states = hidden_states + gate * self.ff(norm_hidden_states)  # (N_q, D)
         return hidden_states
 
 
@@ -537,7 +560,7 @@ class PackedCosmosDiT(nn.Module):
         timesteps: list[Tensor],  # per sample (n_frames,) flow time in [0, 1]; 0 on conditioning frames
         condition_mask: list[Tensor],  # per sample (n_frames,) bool; True = clean conditioning frame
         text: list[Tensor | ProjectedText],  # per sample (L_i, D_cross) connector output, or it through project_text
-        targets_only: bool = False,  # return only frames with condition_mask False (skips their output layer)
+        targets_only: bool = False,  # return only frames with condition_mask False (see the module docstring)
     ) -> list[list[Tensor]]:  # per sample, per frame (C, h, w) raw output
         self._check_inputs(plan, frames, timesteps, condition_mask, text)
         _, p_h, p_w = self.patch_size
@@ -586,20 +609,28 @@ class PackedCosmosDiT(nn.Module):
         segments = AttentionSegments(plan.sample_token_offsets, text_offsets, plan.self_mask, cross_mask)
 
         # 5. Transformer blocks
-        for block, context in zip(self.transformer_blocks, block_text):
-            args = (hidden_states, context, embedded_timestep, temb, plan.token_frame, plan.rope, extra_pos_emb, segments)
+        #    With targets_only the last block computes the targets' outputs alone: the conditioning tokens give it
+        #    their keys and values, and nothing else of theirs is ever read (a dead ~20 % of their compute)
+        token_frame = plan.token_frame
+        keep = list(range(plan.num_frames))
+        last_queries = None
+        if targets_only and bool(is_condition.any()):
+            keep = [f for f in keep if not is_condition[f]]
+            token_keep = ~is_condition[token_frame]  # (N,)
+            counts = torch.zeros(plan.num_samples, dtype=torch.long, device=device).index_add_(
+                0, plan.token_sample, token_keep.long())  # target tokens per sample
+            last_queries = QueryRows(token_keep.nonzero()[:, 0], [0] + counts.cumsum(0).tolist())
+            token_frame = token_frame[token_keep]
+        for i, (block, context) in enumerate(zip(self.transformer_blocks, block_text)):
+            queries = last_queries if i == len(self.transformer_blocks) - 1 else None
+            args = (hidden_states, context, embedded_timestep, temb, plan.token_frame, plan.rope, extra_pos_emb, segments,
+                    queries)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 hidden_states = checkpoint(block, *args, use_reentrant=False)
             else:
-                hidden_states = block(*args)  # (N, D)
+                hidden_states = block(*args)  # (N, D); the last block with targets_only (N_targets, D)
 
         # 6. Output norm (per-frame AdaLN) and projection, on the target tokens only if asked
-        token_frame = plan.token_frame
-        keep = list(range(plan.num_frames))
-        if targets_only:
-            keep = [f for f in keep if not is_condition[f]]
-            token_keep = ~is_condition[token_frame]  # (N,)
-            hidden_states, token_frame = hidden_states[token_keep], token_frame[token_keep]
         shift, scale = frame_modulation(self.norm_out, embedded_timestep, temb)[token_frame].chunk(2, dim=-1)
         hidden_states = self.norm_out.norm(hidden_states) * (1 + scale) + shift
         hidden_states = self.proj_out(hidden_states)  # (N_kept, p_h p_w C)
