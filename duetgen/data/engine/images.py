@@ -55,9 +55,9 @@ def hint_words(hints: str) -> set[str]:
 
 # The uniformity and pHash thumbnails: a box reduction by an integer factor first, down to at least 3x the
 # thumbnail, then the filter (Pillow's ``reducing_gap``; 3.0: "indistinguishable from fair resampling in most
-# cases"). Both thumbnails of a 480x360 photo: 1.04 -> 0.53 CPU ms, of a 1200x900 one 5.3 -> 0.8. On 506 test
-# images (step photos, their near-duplicates, the QR test's sets) the pHash moved <= 2 bits on photos (9 on a
-# 10 px checkerboard), no pair's near-duplicate decision (<= 8 bits) and no near_uniform decision changed.
+# cases"). Both thumbnails of a 480x360 photo: 1.04 -> 0.53 CPU ms, of a 1200x900 one 5.3 -> 0.8. The pHash of
+# a photo moves <= 2 bits, so decisions at the threshold can flip: 2 of 1,050 photo / near-copy pairs (crops at
+# 8 bits -> 10); no near_uniform decision changed on 506 test images (docs/decisions.md, issue 18).
 REDUCING_GAP = 3.0
 QR_MAX_SIDE = 1280  # px: the QR check's copy of a larger image is scaled down (its cost grows with the pixels)
 
