@@ -6,8 +6,9 @@ table, a fetched web image) goes through `inspect_image` (or `open_rgb_image` fo
 `decode_image_bytes` for bytes that will be stored), so a decompression bomb or a file that is not an
 image is an `ImageError` naming where it came from, never a crash or a silently decoded 2 GB bitmap.
 Bytes that `decode_image_bytes` decoded in full come back as `VerifiedImageBytes`, which the dataset
-writer stores without decoding them a second time (the data engine's image path, issue 18). `to_rgb` is the one transparency rule of the project (the image
-processor, the autoencoder's input, the engine and the server all use it).
+writer stores without decoding them a second time (the data engine's image path, issue 18). `to_rgb` is
+the one transparency rule of the project (the image processor, the autoencoder's input, the engine and
+the server all use it).
 """
 
 from __future__ import annotations

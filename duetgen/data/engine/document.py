@@ -138,7 +138,8 @@ class StageStats:
 
     def drop_image(self, doc: Doc, item: ImageItem, reason: str, detail: str = "") -> None:
         self.image_drops[reason] += 1
-        if len(self.examples.get(f"image:{reason}", ())) < MAX_EXAMPLES_PER_REASON:  # the thumbnail only for a kept example
+        # the thumbnail (copy, resize, JPEG) only for an example the funnel keeps, not for every drop
+        if len(self.examples.get(f"image:{reason}", ())) < MAX_EXAMPLES_PER_REASON:
             self._example(f"image:{reason}", {"doc": doc.id, "src": item.src[:300], "detail": detail[:300],
                                               "thumb": thumbnail_data_url(item.image)})
 
