@@ -1028,6 +1028,8 @@ def serve(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default cpu; with --ray: cuda, one GPU per replica, when the cluster has GPUs)"),
     queue_size: int = typer.Option(4, "--queue-size", min=0, help="Requests that may wait while one generates; more get 429 (--ray: waiting at each Ray Serve proxy for any replica)."),
     batch: int = typer.Option(1, "--batch", min=1, help="Requests generated together, batched through one model (duetgen.infer.batched); 1 = one at a time."),
+    batch_image_wait: int = typer.Option(8, "--batch-image-wait", min=0, help="With --batch: steps an image's first sampler step may wait for other answers still writing, so their images are drawn together."),
+    batch_text_wait: int = typer.Option(20, "--batch-text-wait", min=0, help="With --batch: steps an answer's next token may wait for other answers' drawings that end within that many sampler steps, so they decode together (more throughput; that answer's text pauses meanwhile)."),
     timeout: float = typer.Option(300.0, "--timeout", min=1.0, help="Seconds a request may wait + generate."),
     max_upload_mb: float = typer.Option(16.0, "--max-upload-mb", min=0.1, help="Request body cap (JSON with base64 images)."),
     max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels", min=1, help="Pixel cap of one uploaded image."),
@@ -1050,7 +1052,7 @@ def serve(
         fail("--replicas and --ray-address need --ray (one process serves one model; see docs/serving.md)")
     limits = ServeLimits(max_body_bytes=int(max_upload_mb * (1 << 20)), max_image_pixels=max_image_pixels,
                          max_prompt_chars=max_prompt_chars, queue_size=queue_size, request_timeout_s=timeout,
-                         max_batch=batch)
+                         max_batch=batch, batch_image_wait=batch_image_wait, batch_text_wait=batch_text_wait)
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.secho(f"warning: binding {host}: the server has no authentication; it answers only requests whose Host "
                     f"header names {host} (add --allowed-host NAME for the names clients use)", fg=typer.colors.YELLOW, err=True)

@@ -158,14 +158,19 @@ def test_server_with_max_batch_answers_concurrent_requests_as_alone(model):
     bodies = [{"prompt": training_prompt(i)[0], "seed": i, "num_steps": 2, "max_new_tokens": 80} for i in range(3)]
 
     def answers(limits):
-        with live_server(create_app(DuetGenPipeline(model, model_id="tiny-fit"), limits)) as url:
+        pipeline = DuetGenPipeline(model, model_id="tiny-fit")
+        with live_server(create_app(pipeline, limits)) as url:
+            if limits.max_batch > 1:  # the server's batching settings reach its engine
+                scheduler = pipeline.engine.scheduler
+                assert (scheduler.max_image_wait, scheduler.max_text_wait) == (limits.batch_image_wait,
+                                                                               limits.batch_text_wait)
             with ThreadPoolExecutor(3) as pool:
                 replies = list(pool.map(lambda b: httpx.post(f"{url}/api/generate", json=b, timeout=120), bodies))
             busy = httpx.get(f"{url}/api/health").json()
         assert all(r.status_code == 200 for r in replies) and busy["running"] == 0
         return [[p.get("text") for p in r.json()["answer"]] for r in replies]
 
-    assert answers(ServeLimits(max_batch=3, queue_size=0)) == answers(ServeLimits(max_batch=1, queue_size=2))
+    assert answers(ServeLimits(max_batch=3, queue_size=0, batch_text_wait=5)) == answers(ServeLimits(max_batch=1, queue_size=2))
 
 
 # ----------------------------------------------------------------------------- the model's settings (issue 19)

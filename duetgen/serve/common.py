@@ -51,6 +51,8 @@ class ServeLimits:
     max_output_side: int = 2048  # either side of a generated image ([16, 65536] passed the pixel cap and failed in the model)
     queue_size: int = 4  # requests that may wait while max_batch run; more get 429
     max_batch: int = 1  # answers generated together, batched through one model (duetgen.infer.batched); 1 = one at a time
+    batch_image_wait: int = 8  # max_batch > 1: steps an image's start may wait for other answers (BatchedEngine.max_image_wait)
+    batch_text_wait: int = 20  # max_batch > 1: steps a token may wait for drawings that end soon (BatchedEngine.max_text_wait)
     request_timeout_s: float = 300.0  # waiting + generating; then 503 (still waiting) or 504 (cancelled)
     image_store_bytes: int = 256 << 20  # /v1: generated images served by URL, oldest dropped first over this
     image_ttl_s: float = 3600.0  # /v1: how long a generated image's URL stays valid

@@ -267,7 +267,8 @@ def create_app(pipeline, limits: ServeLimits | None = None, allowed_hosts: list[
     if limits.max_batch > 1 and getattr(pipeline.engine, "max_batch", 1) != limits.max_batch:
         from duetgen.infer.batched import BatchedEngine
 
-        pipeline.engine = BatchedEngine(pipeline.model, limits.max_batch)  # concurrent requests share batched steps
+        pipeline.engine = BatchedEngine(pipeline.model, limits.max_batch, max_image_wait=limits.batch_image_wait,
+                                        max_text_wait=limits.batch_text_wait)  # concurrent requests share batched steps
     service = GenerationService(pipeline, limits)
     app = FastAPI(
         title="DuetGen",
