@@ -117,7 +117,9 @@ def test_gpu_check_train_smoke_on_cpu_tiny(tmp_path, monkeypatch, capsys):
     dit = presets.tiny().dit
     width, layers, n, text = dit["num_attention_heads"] * dit["attention_head_dim"], dit["num_layers"], \
         stage2["dit_tokens"], stage2["mllm_tokens"]
-    assert parts["dit"]["attention_forward"] == layers * 4 * width * (n * n + n * text)  # self + cross, non-causal
+    target = stage2["tokens_per_frame"]  # targets_only: the last block's queries are the target frame's tokens
+    assert parts["dit"]["attention_forward"] == 4 * width * (  # self + cross, non-causal
+        (layers - 1) * (n * n + n * text) + target * n + target * text)
     assert parts["dit"]["attention_backward"] == 2 * parts["dit"]["attention_forward"]
     for frozen in ("mllm_text", "mllm_vision"):  # the MLLM is frozen and runs without grad in stage 2
         assert parts[frozen]["linear_forward"] > 0

@@ -67,6 +67,7 @@ from diffusers import CosmosTransformer3DModel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 ATTENTION_MODES = ("split", "mask")
@@ -549,9 +550,20 @@ class PackedCosmosDiT(nn.Module):
         if text.ndim != 2 or text.shape[1] != self.text_channels or text.shape[0] == 0:
             raise ValueError(f"text must be (L >= 1, {self.text_channels}) in the cross-attention width "
                              f"(the connector's output); got shape {tuple(text.shape)}")
-        device, dtype = self.proj_out.weight.device, self.proj_out.weight.dtype
-        pairs = [key_value(block.attn2, text.to(device=device, dtype=dtype)) for block in self.transformer_blocks]
-        return ProjectedText(keys=[k for k, _ in pairs], values=[v for _, v in pairs])
+        keys, values = [], []
+        for block in self.transformer_blocks:
+            # Outside its forward, a block sharded by fully_shard (train/parallel.py: stage 2 samples while it
+            # trains) holds DTensor shards: gather its weights for this, as its forward would, then free them.
+            sharded = isinstance(block, FSDPModule)
+            if sharded:
+                block.unshard()
+            weight = block.attn2.to_k.weight  # (after unsharding: the gathered weight, in the compute dtype)
+            key, value = key_value(block.attn2, text.to(device=weight.device, dtype=weight.dtype))
+            if sharded:
+                block.reshard()
+            keys.append(key)
+            values.append(value)
+        return ProjectedText(keys=keys, values=values)
 
     def forward_planned(
         self,
