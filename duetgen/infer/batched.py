@@ -23,12 +23,12 @@ How it works:
   and all their sampler steps share packed DiT calls (on the shipped toy model one DiT call for 4
   answers costs 2x one answer's, not 4x). Held at most ``max_image_wait`` steps (a few ms each),
   so an answer's image is never delayed for long; a drawing already started is never held.
-- Text alignment (``max_text_wait``, default 20 steps): while more answers are drawing than writing
-  and one of the drawings ends within ``max_text_wait`` sampler steps, the writers' next tokens wait
-  for it, so that they decode together with the drawers' answers afterwards instead of alone beside
-  every DiT step (a lone decode costs ~2.8 ms on one CPU thread, a fourth row in a batched decode
-  ~0.3 ms). A token waits at most ``max_text_wait`` steps. 16 ShapeWorld answers at concurrency 4:
-  1.43x -> 1.60x the one-at-a-time engine (median of 8 alternating rounds, docs/serving.md).
+- Text alignment (``max_text_wait``, default 20 steps): while other answers draw and one of the
+  drawings ends within ``max_text_wait`` sampler steps, a lone writer's next token waits for it, so
+  that it decodes together with the drawers' answers afterwards instead of alone beside every DiT
+  step (a lone decode costs ~2-3 ms on one CPU thread, a fourth row in a batched decode well under
+  1 ms). A token waits at most ``max_text_wait`` steps. 16 ShapeWorld answers at concurrency 4:
+  1.40x -> 1.55x the one-at-a-time engine (medians of 6 alternating rounds; docs/serving.md).
 - Answers join when their prefill arrives (at most ``max_batch`` at a time; a further one waits)
   and leave when their loop ends, for any reason (finished, cancelled, timed out, failed), so the
   others run on. An error in a step reaches only the answers in it.
@@ -178,9 +178,10 @@ class BatchScheduler:
             dit = []
         else:
             held = []
-        # Text alignment: while more answers are drawing than writing and a drawing ends within max_text_wait
-        # steps, the writers' next tokens wait for it, so they decode together with its answer
-        if dit and decode and len(decode) < len(dit) and min(j.remaining for j in dit) < self.max_text_wait:
+        # Text alignment: a lone writer's next token waits (up to max_text_wait steps) while other answers draw
+        # and one of the drawings ends within max_text_wait steps, so it decodes with that answer afterwards
+        # instead of alone beside every DiT step (two writers or more already share their decode)
+        if dit and len(decode) == 1 and min(j.remaining for j in dit) < self.max_text_wait:
             waiting = [j for j in decode if j.held < self.max_text_wait]
             for job in waiting:
                 job.held += 1
