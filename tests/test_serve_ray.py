@@ -24,7 +24,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 from duetgen.serve.common import ServeLimits  # noqa: E402
-from duetgen.serve.ray_serve import deploy, remove  # noqa: E402
+from duetgen.serve.ray_serve import deploy, http_options, remove  # noqa: E402
 
 torch.set_num_threads(1)  # the tiny model's fit in this process (2 threads on the 2 shared cores took minutes)
 pytestmark = pytest.mark.slow  # ~60 s on 2 shared cores: Ray, two replicas loading torch, answers of 100 sampler steps
@@ -47,8 +47,9 @@ def proxy(model_dir):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        deploy(str(model_dir), replicas=2, limits=ServeLimits(max_batch=1, queue_size=1, max_steps=100))
+        limits = ServeLimits(max_batch=1, queue_size=1, max_steps=100)
+        serve.start(http_options=http_options("127.0.0.1", port, limits))
+        deploy(str(model_dir), replicas=2, limits=limits)
         yield f"http://127.0.0.1:{port}"
         remove()
     finally:
@@ -165,3 +166,9 @@ def test_429_only_when_every_replica_is_full(proxy):
             http.close()
     waiter.join(300)
     assert queued["status"] == 200  # the waiting request got a replica once the others left
+
+
+def test_the_proxy_times_requests_out_at_the_servers_timeout():
+    """Time waiting at Ray's proxy counts toward --timeout: the proxy's end-to-end timeout is the server's."""
+    options = http_options("0.0.0.0", 8123, ServeLimits(request_timeout_s=42.0))
+    assert options == {"host": "0.0.0.0", "port": 8123, "request_timeout_s": 42.0}

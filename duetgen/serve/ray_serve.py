@@ -5,7 +5,7 @@
                                                                  # the Ray cluster this machine belongs to
 
     from duetgen.serve.ray_serve import deploy
-    ray.init(num_cpus=2); serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    ray.init(num_cpus=2); serve.start(http_options=http_options("127.0.0.1", 8000, ServeLimits()))
     deploy("checkpoints/shapeworld-toy", replicas=2)             # http://127.0.0.1:8000/, /api, /v1
 
 Design choices:
@@ -24,6 +24,12 @@ Design choices:
   actor (``ImageStoreActor``, bounded as the in-process store) that every replica writes to and
   reads from, because the proxy sends a request for an image to any replica, not to the one that drew it.
 - Each response carries ``X-DuetGen-Replica`` (the Ray Serve replica id): which replica answered.
+- The proxy's end-to-end timeout (``request_timeout_s``) is the server's ``--timeout``, so time spent
+  waiting at the proxy for a replica counts too (Ray answers 408 when it runs out). Ray's proxy lets
+  a client override it per request (``x-request-timeout-seconds``, 0 = none) and keep a generation
+  running after it disconnects (``x-request-disconnect-disabled: ?1``); the replica's own
+  ``--timeout`` still ends any generation, and a public deployment should strip both headers in
+  the reverse proxy in front of Ray.
 """
 
 from __future__ import annotations
@@ -152,6 +158,11 @@ def remove(name: str = APP_NAME) -> None:
         pass
 
 
+def http_options(host: str, port: int, limits: ServeLimits) -> dict:
+    """Ray Serve's proxy settings (``serve.start(http_options=...)``): where it listens, and ``--timeout`` end to end."""
+    return {"host": host, "port": port, "request_timeout_s": limits.request_timeout_s}
+
+
 def serve_on_ray(model_dir: str, replicas: int, *, host: str, port: int, device: str, limits: ServeLimits,
                  allowed_hosts: list[str], num_cpus: float = 1) -> None:
     """``duetgen serve --ray`` (after ``ray.init``): deploy, hold until Ctrl-C, then remove the app."""
@@ -159,7 +170,7 @@ def serve_on_ray(model_dir: str, replicas: int, *, host: str, port: int, device:
     if device.startswith("cuda") and gpus < replicas:
         print(f"warning: {replicas} replica(s) want one GPU each and the cluster has {gpus:g} now; "
               "the rest wait until GPUs join", flush=True)
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options=http_options(host, port, limits))
 
     def stop(signum, frame):
         raise KeyboardInterrupt
