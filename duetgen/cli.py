@@ -5,6 +5,7 @@ Each area adds its commands here as thin functions that parse options and call l
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -192,7 +193,6 @@ def data_engine(
 ):
     """Turn how-to web pages into clean interleaved conversations (paper 3.1), with a funnel report."""
     import ipaddress
-    import os
 
     from duetgen.data.engine import EngineConfig, EngineError, LocalExecutor, run_engine
     from duetgen.data.engine.fetch import FetchConfig
@@ -279,7 +279,6 @@ def data_expand(
     seeds_only: bool = typer.Option(False, "--seeds-only", help="Write the seed questions alone (no LLM)."),
 ):
     """Expand the seed questions into a balanced, near-duplicate-free query pool with an LLM."""
-    import os
 
     from duetgen.data.record import RecordError
     from duetgen.data.synthetic.dedup import NearDupConfig
@@ -368,7 +367,6 @@ def data_synthesize(
 ):
     """Synthesize interleaved answers with an image-capable API; quality-filter; resumable; cost-accounted."""
     import asyncio
-    import os
 
     from duetgen.data.record import RecordError
     from duetgen.data.synthetic.image_api import GEMINI_25_FLASH_IMAGE_PRICING, GeminiImageClient, OpenAIImageClient, Pricing
@@ -415,7 +413,6 @@ def data_transitions(
     max_concurrency: int = typer.Option(8, "--max-concurrency", min=1, help="Caption requests in flight."),
 ):
     """Cut videos into 5 s clips inside scenes, drop static/dark ones, caption first->last frame transitions."""
-    import os
 
     from duetgen.data.alignment.transitions import TransitionConfig, build_transitions, find_videos
     from duetgen.data.record import RecordError
@@ -615,7 +612,6 @@ def eval_run(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
     """Judge a model's outputs on a benchmark and write results.jsonl + summary.json (rerun to resume)."""
-    import os
 
     from duetgen.data.record import RecordError
     from duetgen.eval.benchmarks import BenchmarkError
@@ -1031,6 +1027,7 @@ def serve(
     batch_image_wait: int = typer.Option(8, "--batch-image-wait", min=0, help="With --batch: steps an image's first sampler step may wait for other answers still writing, so their images are drawn together."),
     batch_text_wait: int = typer.Option(20, "--batch-text-wait", min=0, help="With --batch: steps an answer's next token may wait for other answers' drawings that end within that many sampler steps, so they decode together (more throughput; that answer's text pauses meanwhile)."),
     timeout: float = typer.Option(300.0, "--timeout", min=1.0, help="Seconds a request may wait + generate."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads for the model (default: every core this process may use but one, which the server's own threads need: HTTP, events, image encoding)."),
     max_upload_mb: float = typer.Option(16.0, "--max-upload-mb", min=0.1, help="Request body cap (JSON with base64 images)."),
     max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels", min=1, help="Pixel cap of one uploaded image."),
     max_prompt_chars: int = typer.Option(4000, "--max-prompt-chars", min=1, help="Text cap of one request."),
@@ -1074,8 +1071,15 @@ def serve(
         serve_on_ray(str(model_dir), replicas, host=host, port=port, device=device, limits=limits,
                      allowed_hosts=hosts_to_answer(host, allowed_host or ()))
         return
+    # torch's default (every core) left none for the server's threads: on 2 cores `duetgen serve` answered 10
+    # ShapeWorld requests one after another in 5.1-5.6 s with it, 2.9-3.2 s with one thread (docs/serving.md)
+    torch_threads = threads or max(1, len(os.sched_getaffinity(0)) - 1)
+    import torch
+
+    torch.set_num_threads(torch_threads)
     pipe = _load_pipeline(model, device or "cpu")
-    typer.secho(f"chat page: http://{host}:{port}/   API: http://{host}:{port}/openapi.json", err=True)
+    typer.secho(f"chat page: http://{host}:{port}/   API: http://{host}:{port}/openapi.json   "
+                f"({torch_threads} torch CPU thread(s))", err=True)
     run_server(pipe, host=host, port=port, limits=limits, allowed_hosts=allowed_host)
 
 
