@@ -249,3 +249,24 @@ def test_language_stage_judges_a_batch_of_pages_as_it_judges_one():
     wanted = [d.id for d, (c, _) in zip(docs, alone) if c in ("en", "de", "ja")]
     assert [d.id for d in kept] == wanted and stats.page_drops["language_undetected"] == 4
     assert stats.page_drops["language_not_wanted"] == 4 * 7
+
+
+def test_a_member_cut_short_never_swallows_or_fakes_the_records_after_it(tmp_path):
+    """A gzip member cut short can go on decompressing into the next member's bytes, or fail early so that
+    warcio reads the raw bytes as an ARC record: read as a record of garbage, it swallowed the records after it
+    or counted as a skipped response. The two files were caught from random warcio members (a page cut at 300
+    bytes, then a good page; 1 in ~200 did one or the other): each must read as one corrupt region, then pages."""
+    fixtures = Path(__file__).parent / "fixtures" / "engine" / "warc"
+    good = member("https://x.example/ok.html", "text/html", b"<p>ok</p>")
+    for name in ("cut-member-swallows-next.warc.gz", "cut-member-reads-as-skip.warc.gz"):
+        path = tmp_path / name
+        path.write_bytes((fixtures / name).read_bytes() + good)
+        items = list(iter_warc(path))
+        assert [x.kind for x in items] == ["corrupt", "page", "page"], (name, [(x.kind, x.reason) for x in items])
+        assert items[2].uri == "https://x.example/ok.html"
+    page = (PAGES_DIR / "bathe-a-cat.html").read_bytes()
+    whole = member("https://x.example/cut.html", "text/html", page)
+    path = tmp_path / "c.warc.gz"
+    for cut in range(40, 800, 3):  # and wherever this member is cut
+        path.write_bytes(whole[:cut] + good + good)
+        assert [x.kind for x in iter_warc(path)] == ["corrupt", "page", "page"], cut
