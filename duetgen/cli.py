@@ -903,6 +903,22 @@ def _load_pipeline(model: Optional[Path], device: str):
         fail(f"--model {str(model)!r}: {e}")
 
 
+def _set_torch_threads(threads: Optional[int]) -> int:
+    """torch's CPU threads for a command whose answer streams from a worker thread (generate, serve): ``threads``,
+    or every core this process may use but one. torch's own default (every core) left no core for the other
+    threads: on 2 cores a ShapeWorld answer took 0.84-0.92 s in `duetgen generate` against 0.47-0.53 s with one
+    thread, and `duetgen serve` answered 10 requests in a row in 5.1-5.6 s against 2.6-3.2 s (docs/serving.md)."""
+    import torch
+
+    n = threads or max(1, len(os.sched_getaffinity(0)) - 1)
+    torch.set_num_threads(n)
+    return n
+
+
+_THREADS_HELP = ("torch CPU threads for the model (default: every core this process may use but one, which the "
+                 "answer's other threads need: streaming, the live view or the server's HTTP and image encoding).")
+
+
 @app.command("generate")
 def generate(
     prompt: str = typer.Argument(..., help="The user's request, e.g. \"How do I arrange a red circle at the top left and a blue square in the center?\""),
@@ -921,6 +937,7 @@ def generate(
     device: str = _generation_option("device"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier output in --out."),
     quiet: bool = typer.Option(False, "--quiet", help="No live view; print only the output paths."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=_THREADS_HELP),
 ):
     """Generate an interleaved answer (text streams in, a progress bar per image) and save it with an HTML page."""
     from duetgen.infer.render import print_live, save_output
@@ -931,6 +948,7 @@ def generate(
     out_has_files = out.exists() and (not out.is_dir() or any(out.iterdir()))
     if out_has_files and not (overwrite and (out / "manifest.json").is_file()):
         fail(f"--out {str(out)!r} exists and is not an earlier output to --overwrite; choose a new folder")
+    _set_torch_threads(threads)
     pipe = _load_pipeline(model, device)
     try:
         events = pipe.stream(prompt, images=list(image or []), **settings, framing=framing)
@@ -1027,7 +1045,7 @@ def serve(
     batch_image_wait: int = typer.Option(8, "--batch-image-wait", min=0, help="With --batch: steps an image's first sampler step may wait for other answers still writing, so their images are drawn together."),
     batch_text_wait: int = typer.Option(20, "--batch-text-wait", min=0, help="With --batch: steps an answer's next token may wait for other answers' drawings that end within that many sampler steps, so they decode together (more throughput; that answer's text pauses meanwhile)."),
     timeout: float = typer.Option(300.0, "--timeout", min=1.0, help="Seconds a request may wait + generate."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads for the model (default: every core this process may use but one, which the server's own threads need: HTTP, events, image encoding)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=_THREADS_HELP),
     max_upload_mb: float = typer.Option(16.0, "--max-upload-mb", min=0.1, help="Request body cap (JSON with base64 images)."),
     max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels", min=1, help="Pixel cap of one uploaded image."),
     max_prompt_chars: int = typer.Option(4000, "--max-prompt-chars", min=1, help="Text cap of one request."),
@@ -1071,12 +1089,7 @@ def serve(
         serve_on_ray(str(model_dir), replicas, host=host, port=port, device=device, limits=limits,
                      allowed_hosts=hosts_to_answer(host, allowed_host or ()))
         return
-    # torch's default (every core) left none for the server's threads: on 2 cores `duetgen serve` answered 10
-    # ShapeWorld requests one after another in 5.1-5.6 s with it, 2.9-3.2 s with one thread (docs/serving.md)
-    torch_threads = threads or max(1, len(os.sched_getaffinity(0)) - 1)
-    import torch
-
-    torch.set_num_threads(torch_threads)
+    torch_threads = _set_torch_threads(threads)
     pipe = _load_pipeline(model, device or "cpu")
     typer.secho(f"chat page: http://{host}:{port}/   API: http://{host}:{port}/openapi.json   "
                 f"({torch_threads} torch CPU thread(s))", err=True)
