@@ -120,6 +120,29 @@ def test_writers_wait_for_drawings_and_equal_alone(model):
     assert engine.scheduler.text_held > 0
 
 
+def test_a_step_failing_outside_the_model_fails_its_answers_and_the_scheduler_goes_on(model, monkeypatch):
+    """A failure in the scheduler's own code (not a model call) reaches the answers of that step as their error;
+    it used to end the scheduler's thread, and every answer then waited forever."""
+    import duetgen.infer.batched as batched
+
+    requests = [(prompt(i), GenerationConfig(seed=i, num_steps=2, max_new_tokens=40)) for i in (0, 1)]
+    engine = BatchedEngine(model, max_batch=2)
+    real, calls = batched.reusable_batch, []
+
+    def broken_once(contexts):  # called for every batched decode, outside the model call
+        calls.append(len(contexts))
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the scheduler")
+        return real(contexts)
+
+    monkeypatch.setattr(batched, "reusable_batch", broken_once)
+    results, errors = run_concurrently(engine, requests)
+    assert calls and all(isinstance(e, RuntimeError) for e in errors) and results == [None, None]
+    results, errors = run_concurrently(engine, requests)  # the same engine serves the next answers
+    assert errors == [None, None] and all(r is not None for r in results)
+    assert engine.scheduler._members == {}
+
+
 def test_cancelled_and_failing_answers_leave_the_others_running(model):
     requests = [(prompt(i), config) for i, config in REQUESTS[:3]]
     engine = BatchedEngine(model, max_batch=3)

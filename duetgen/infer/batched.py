@@ -154,7 +154,14 @@ class BatchScheduler:
                     self._cond.wait()
                 jobs, self._pending = self._pending, []
                 self._busy = True
-            held = self._step(jobs)
+            try:
+                held = self._step(jobs)
+            except BaseException as e:  # a failure outside the model calls (those fail only their own jobs):
+                held = []  # every job of this step gets it, and this thread lives on for the other answers
+                for job in jobs:
+                    if not job.done.is_set():
+                        job.error = e
+                        job.done.set()
             with self._cond:
                 self._pending[:0] = held  # still waiting: they count for the next step's barrier
                 self._busy = False
