@@ -910,7 +910,8 @@ def _set_torch_threads(threads: Optional[int]) -> int:
     thread, and `duetgen serve` answered 10 requests in a row in 5.1-5.6 s against 2.6-3.2 s (docs/serving.md)."""
     import torch
 
-    n = threads or max(1, len(os.sched_getaffinity(0)) - 1)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # Linux / macOS
+    n = threads or max(1, usable - 1)
     torch.set_num_threads(n)
     return n
 
