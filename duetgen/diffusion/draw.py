@@ -115,12 +115,18 @@ def draw_latent(
         if previous.shape[-2:] != noise.shape[-2:]:  # the earlier image has another size than the one asked for
             previous = resized_canvas(model.vae, previous, height, width).to(noise)
 
-    # 4. the text is the same at every step: every block's cross-attention keys and values of it, once
-    texts = [text_pos] if guidance_scale == 1.0 else [text_pos, text_neg]
-    projected = {id(text): model.dit.project_text(text) for text in texts if text is not None}
+    # 4. the text is the same at every step: every block's cross-attention keys and values of it, once, the
+    #    first time the guidance passes it (it passes the same text_pos / text_neg objects at every step; each
+    #    is kept beside its projection, so its id cannot be reused by another tensor)
+    projected: dict[int, tuple[Tensor, object]] = {}
+
+    def project(text: Tensor):
+        if id(text) not in projected:
+            projected[id(text)] = (text, model.dit.project_text(text))
+        return projected[id(text)][1]
 
     def target_output(**inputs) -> list[list[Tensor]]:  # per sample: [raw output of the target frame]
-        inputs["text"] = [projected[id(text)] for text in inputs["text"]]  # the guidance's texts are these objects
+        inputs["text"] = [project(text) for text in inputs["text"]]
         out = network(**inputs, targets_only=True)
         return [[network_x0(sample_out[-1], previous)] for sample_out in out]
 

@@ -73,7 +73,7 @@ class _Job:
     inputs: tuple
     first: bool = False  # dit: the first sampler step of an image (the only one that may be held back)
     remaining: int = 0  # dit: sampler steps of the image still to come after this one
-    held: int = 0  # steps it was held back (image alignment)
+    held: int = 0  # steps it was held back (image alignment for a DiT job, text alignment for a decode)
     done: threading.Event = field(default_factory=threading.Event)
     result: object = None
     error: BaseException | None = None
@@ -188,13 +188,11 @@ class BatchScheduler:
         # Text alignment: a lone writer's next token waits (up to max_text_wait steps) while other answers draw
         # and one of the drawings ends within max_text_wait steps, so it decodes with that answer afterwards
         # instead of alone beside every DiT step (two writers or more already share their decode)
-        if dit and len(decode) == 1 and min(j.remaining for j in dit) < self.max_text_wait:
-            waiting = [j for j in decode if j.held < self.max_text_wait]
-            for job in waiting:
-                job.held += 1
-            self.text_held += len(waiting)
-            decode = [j for j in decode if j not in waiting]
-            held = held + waiting
+        if (dit and len(decode) == 1 and decode[0].held < self.max_text_wait
+                and min(j.remaining for j in dit) < self.max_text_wait):
+            decode[0].held += 1
+            self.text_held += 1
+            held, decode = held + decode, []
         if len(decode) == 1:  # one row: the plain cached forward (no padding mask, nothing to copy)
             decode = []
         # image blocks (<BOV> + vision block + pixels) of equal length: one forward too (aligned images end together)

@@ -386,8 +386,7 @@ class PackedCosmosBlock(nn.Module):
             hidden_states = hidden_states + extra_pos_emb
 
         # 1. Self-attention, within each sample; every token gives keys and values, the query rows queries
-        modulation = frame_modulation(self.norm1, embedded_timestep, temb)  # (F, 3D)
-        shift, scale, gate = modulation[token_frame].chunk(3, dim=-1)  # (N, D) x3
+        shift, scale, gate = frame_modulation(self.norm1, embedded_timestep, temb)[token_frame].chunk(3, dim=-1)  # (N, D) x3
         norm_hidden_states = self.norm1.norm(hidden_states) * (1 + scale) + shift
         query_states, query_offsets, query_rope, self_mask, cross_mask = (
             norm_hidden_states, segments.token_offsets, None, segments.self_mask, segments.cross_mask)
