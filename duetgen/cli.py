@@ -907,7 +907,7 @@ def _set_torch_threads(threads: Optional[int]) -> int:
     """torch's CPU threads for a command whose answer streams from a worker thread (generate, serve): ``threads``,
     or every core this process may use but one. torch's own default (every core) left no core for the other
     threads: on 2 cores a ShapeWorld answer took 0.84-0.92 s in `duetgen generate` against 0.47-0.53 s with one
-    thread, and `duetgen serve` answered 10 requests in a row in 5.1-5.6 s against 2.6-3.2 s (docs/serving.md)."""
+    thread, and `duetgen serve` answered 10 requests in a row in 4.8-5.3 s against 2.6-2.9 s (docs/serving.md)."""
     import torch
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # Linux / macOS

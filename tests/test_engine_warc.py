@@ -255,7 +255,7 @@ def test_a_member_cut_short_never_swallows_or_fakes_the_records_after_it(tmp_pat
     """A gzip member cut short can go on decompressing into the next member's bytes, or fail early so that
     warcio reads the raw bytes as an ARC record: read as a record of garbage, it swallowed the records after it
     or counted as a skipped response. The two files were caught from random warcio members (a page cut at 300
-    bytes, then a good page; 1 in ~200 did one or the other): each must read as one corrupt region, then pages."""
+    bytes, then good pages; 37 of 400 did one or the other, scripts/probes/warc_cut_members.py): each must read as one corrupt region, then pages."""
     fixtures = Path(__file__).parent / "fixtures" / "engine" / "warc"
     good = member("https://x.example/ok.html", "text/html", b"<p>ok</p>")
     for name in ("cut-member-swallows-next.warc.gz", "cut-member-reads-as-skip.warc.gz"):
