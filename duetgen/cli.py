@@ -1041,7 +1041,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; 127.0.0.1 keeps the server local."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default cpu; with --ray: cuda, one GPU per replica, when the cluster has GPUs)"),
-    queue_size: int = typer.Option(4, "--queue-size", min=0, help="Requests that may wait while one generates; more get 429 (--ray: waiting at each Ray Serve proxy for any replica)."),
+    queue_size: int = typer.Option(4, "--queue-size", min=0, help="Requests that may wait while one generates; more get 429 (--ray: waiting at the ingress for any replica, one queue for the cluster)."),
     batch: int = typer.Option(1, "--batch", min=1, help="Requests generated together, batched through one model (duetgen.infer.batched); 1 = one at a time."),
     batch_image_wait: int = typer.Option(8, "--batch-image-wait", min=0, help="With --batch: steps an image's first sampler step may wait for other answers still writing, so their images are drawn together."),
     batch_text_wait: int = typer.Option(20, "--batch-text-wait", min=0, help="With --batch: steps an answer's next token may wait for other answers' drawings that end within that many sampler steps, so they decode together (more throughput; that answer's text pauses meanwhile)."),
@@ -1066,6 +1066,9 @@ def serve(
 
     if (replicas > 1 or ray_address is not None) and not on_ray:
         fail("--replicas and --ray-address need --ray (one process serves one model; see docs/serving.md)")
+    if on_ray and queue_size == 0:
+        fail("--queue-size 0 does not work with --ray: Ray Serve's queue for a deployment holds at least 1 "
+             "request (max_queued_requests); use --queue-size 1 or more")
     limits = ServeLimits(max_body_bytes=int(max_upload_mb * (1 << 20)), max_image_pixels=max_image_pixels,
                          max_prompt_chars=max_prompt_chars, queue_size=queue_size, request_timeout_s=timeout,
                          max_batch=batch, batch_image_wait=batch_image_wait, batch_text_wait=batch_text_wait)

@@ -6,6 +6,7 @@ Host check in OpenAI's error shape on /v1, and a 429 with Retry-After only when 
 The model is the tiny fitted one of ``generation_model`` (saved to a directory: replicas load it by path).
 """
 
+import asyncio
 import base64
 import hashlib
 import io
@@ -24,7 +25,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 from duetgen.serve.common import ServeLimits  # noqa: E402
-from duetgen.serve.ray_serve import deploy, http_options, remove  # noqa: E402
+from duetgen.serve.ray_serve import DuetGenIngress, deploy, http_options, remove  # noqa: E402
 
 torch.set_num_threads(1)  # the tiny model's fit in this process (2 threads on the 2 shared cores took minutes)
 pytestmark = pytest.mark.slow  # ~60 s on 2 shared cores: Ray, two replicas loading torch, answers of 100 sampler steps
@@ -159,6 +160,9 @@ def test_429_only_when_every_replica_is_full(proxy):
         assert waiter.is_alive()  # waiting at the proxy for a replica, not refused
         r = httpx.post(f"{proxy}/v1/chat/completions", json=body(2), timeout=60)
         assert r.status_code == 429 and r.headers["retry-after"] == "5"
+        assert r.json()["error"]["type"] == "rate_limit_error" and "busy" in r.json()["error"]["message"]
+        r = httpx.post(f"{proxy}/api/generate", json={"prompt": "Draw a red circle.", "num_steps": 2}, timeout=60)
+        assert r.status_code == 429 and r.headers["retry-after"] == "5" and "busy" in r.json()["detail"]
     finally:
         for s in streams:
             s.__exit__(None, None, None)  # the clients leave: their generations are cancelled
@@ -168,7 +172,30 @@ def test_429_only_when_every_replica_is_full(proxy):
     assert queued["status"] == 200  # the waiting request got a replica once the others left
 
 
-def test_the_proxy_times_requests_out_at_the_servers_timeout():
-    """Time waiting at Ray's proxy counts toward --timeout: the proxy's end-to-end timeout is the server's."""
+@serve.deployment(ray_actor_options={"num_cpus": 0})  # the two model replicas hold the 2 CPUs
+class NeverAnswers:
+    """A replica that takes requests and never answers (a stuck generation): only the ingress's timeout ends them."""
+
+    async def http(self, scope: dict, body: bytes):
+        await asyncio.sleep(600)
+        yield {"type": "http.response.start", "status": 200, "headers": []}
+
+
+def test_the_ingress_times_requests_out_end_to_end_in_the_routes_error_shape(proxy):
+    """--timeout (+ the grace that lets a replica's own 504 come first) ends a request, answered as the route's
+    errors are (OpenAI's shape on /v1, detail on /api), not in Ray's plain text; Ray's proxy only backs it up."""
+    limits = ServeLimits(request_timeout_s=1.0)
+    serve.run(serve.deployment(serve.ingress()(DuetGenIngress), name="stuck", ray_actor_options={"num_cpus": 0}).bind(NeverAnswers.bind(), limits),
+              name="stuck", route_prefix="/stuck")
+    try:
+        start = time.monotonic()
+        r = httpx.post(f"{proxy}/stuck/v1/chat/completions", json=body(2), timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
+        assert "timed out after 1 s" in r.json()["error"]["message"]
+        assert 1.0 <= time.monotonic() - start < 30
+        r = httpx.post(f"{proxy}/stuck/api/generate", json={"prompt": "Draw a red circle."}, timeout=60)
+        assert r.status_code == 504 and "timed out" in r.json()["detail"]
+    finally:
+        serve.delete("stuck")
     options = http_options("0.0.0.0", 8123, ServeLimits(request_timeout_s=42.0))
-    assert options == {"host": "0.0.0.0", "port": 8123, "request_timeout_s": 42.0}
+    assert options["host"] == "0.0.0.0" and options["port"] == 8123 and options["request_timeout_s"] > 42.0
