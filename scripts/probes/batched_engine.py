@@ -6,12 +6,15 @@ the batched steps hold, and BatchedEngine settings against the one-at-a-time eng
     OMP_NUM_THREADS=1 python scripts/probes/batched_engine.py rounds 16 4 6 8,0 8,20
         # 16 answers at concurrency 4, 6 rounds; variants max_image_wait,max_text_wait; ratios = one at a time / batched
 
+    DUETGEN_PROBE_DEVICE=cuda python scripts/probes/batched_engine.py rounds 16 4 3 8,20   # on a GPU
+
 Requests: ShapeWorld test prompts of every kind in turn (how-to, continuation, text-to-image, editing,
 understanding), seeds = their index, the shipped checkpoint, one torch thread. `rounds` checks that every
 batched answer equals the one-at-a-time answer in text. Trace letters: P prefill, d decode, h decode held
 (text alignment), B image block, I DiT step, i first DiT step held (image alignment), . not in the step.
 """
 import collections
+import os
 import random
 import statistics
 import sys
@@ -26,6 +29,7 @@ from duetgen.infer.engine import GenerationConfig
 from duetgen.infer.pipeline import DEFAULT_MODEL_DIR, DuetGenPipeline
 from duetgen.shapeworld import world
 
+DEVICE = os.environ.get("DUETGEN_PROBE_DEVICE", "cpu")  # cuda: the same measurements on a GPU
 KINDS = ("how-to", "continuation", "text-to-image", "editing", "understanding")
 torch.set_num_threads(1)
 
@@ -65,7 +69,7 @@ def texts(record) -> list[str]:
 
 
 def split(n: int) -> None:
-    pipe = DuetGenPipeline.from_pretrained(DEFAULT_MODEL_DIR)
+    pipe = DuetGenPipeline.from_pretrained(DEFAULT_MODEL_DIR, device=DEVICE)
     m, seconds, calls = pipe.model, collections.Counter(), collections.Counter()
 
     def timed(obj, name, label):
@@ -97,7 +101,7 @@ def trace(n: int, concurrency: int, image_wait: int = 8, text_wait: int = 20) ->
     job = batched._Job
     owner = {}  # id(job) -> client slot
 
-    model = DuetGenPipeline.from_pretrained(DEFAULT_MODEL_DIR).model
+    model = DuetGenPipeline.from_pretrained(DEFAULT_MODEL_DIR, device=DEVICE).model
     pipe = DuetGenPipeline(model)
     pipe.engine = batched.BatchedEngine(model, concurrency, max_image_wait=image_wait, max_text_wait=text_wait)
     scheduler, names, rows = pipe.engine.scheduler, {}, []
@@ -162,7 +166,7 @@ def trace(n: int, concurrency: int, image_wait: int = 8, text_wait: int = 20) ->
 
 
 def rounds(n: int, concurrency: int, repeats: int, variants: list[tuple[int, int]]) -> None:
-    model = DuetGenPipeline.from_pretrained(DEFAULT_MODEL_DIR).model
+    model = DuetGenPipeline.from_pretrained(DEFAULT_MODEL_DIR, device=DEVICE).model
     pipes = {"one at a time": (DuetGenPipeline(model), 1)}
     for image_wait, text_wait in variants:
         pipe = DuetGenPipeline(model)
