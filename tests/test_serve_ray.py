@@ -85,6 +85,13 @@ def test_same_endpoints_through_the_proxy(proxy):
     r = httpx.get(f"{proxy}/v1/models", headers={"Host": "evil.example"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     assert "host" in r.json()["error"]["message"].lower()
+    # the body cap holds through the ingress, declared or not (chunked): 413 in OpenAI's shape
+    big = b"x" * (ServeLimits().max_body_bytes + 1)
+    r = httpx.post(f"{proxy}/v1/chat/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(f"{proxy}/v1/chat/completions", content=iter([big[:1 << 20]] * 17),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "over the cap" in r.json()["error"]["message"]
 
 
 def stream_answer(url: str, payload: dict, record: dict, started: threading.Event) -> None:

@@ -230,19 +230,17 @@ class Forward:
 
 
 async def capped_body(receive, max_bytes: int) -> bytes | None:
-    """The request body, at most ``max_bytes + 1`` bytes kept (the replica's cap answers 413 from those); None if the
-    client disconnected."""
+    """The request body, read no further than ``max_bytes + 1`` bytes (the replica's cap answers 413 from those);
+    None if the client disconnected."""
     chunks, seen, more = [], 0, True
-    while more:
+    while more and seen <= max_bytes:
         message = await receive()
         if message["type"] != "http.request":
             return None
-        chunk = message.get("body", b"")
-        if seen <= max_bytes:
-            chunks.append(chunk[:max_bytes + 1 - seen])
-        seen += len(chunk)
+        chunks.append(message.get("body", b""))
+        seen += len(chunks[-1])
         more = message.get("more_body", False)
-    return b"".join(chunks)
+    return b"".join(chunks)[:max_bytes + 1]
 
 
 class DuetGenIngress:
