@@ -235,6 +235,11 @@ def test_sample_token():
     assert draws == {1}  # top_p 0.5 keeps only the most likely token (p ~0.52)
     draws = {sample_token(logits, 1.0, 0.99, g) for _ in range(200)}
     assert draws == {1, 2}
+    # temperatures and top_p so small that float32 gives up (inf / inf, top_p rounding to 0) still sample
+    for temperature in (1e-38, 1e-45, 1e-300, 5e-324):
+        assert {sample_token(logits, temperature, 1.0, g) for _ in range(20)} == {1}
+    assert {sample_token(torch.tensor([1.0, 1.0]), 1e-300, 1.0, g) for _ in range(50)} == {0, 1}  # a tie stays a tie
+    assert {sample_token(logits, 1.0, 1e-300, g) for _ in range(20)} == {1}
 
 
 def test_bad_config_and_model_image_limit(engine):

@@ -8,6 +8,7 @@ full, 504 timeout), and the bounded image store.
 
 import base64
 import io
+import json
 import re
 import time
 
@@ -157,11 +158,11 @@ def test_assistant_markdown_round_trip(server):
     picture.save(buf, format="PNG")
     sha = store.put(buf.getvalue())
     text = (f"Step 1: red.\n\n![image 1](http://h:1/v1/images/{sha}.png)\n\nStep 2.\n\n![image 2]({data_url(picture)})\n\n"
-            "Done. ![logo](https://example.com/x.png)")
+            "Done. ![logo](https://example.com/x.png) ![theirs](http://other:1/v1/images/" + "0" * 64 + ".png)")
     parts = translator.assistant_text(text, "messages[1].content", "h:1")
     kinds = [type(p).__name__ for p in parts]
     assert kinds == ["TextPart", "ImagePart", "TextPart", "ImagePart", "TextPart"]
-    assert [p.text for p in parts if isinstance(p, TextPart)] == ["Step 1: red.", "Step 2.", "Done. ![logo](https://example.com/x.png)"]
+    assert [p.text for p in parts if isinstance(p, TextPart)] == ["Step 1: red.", "Step 2.", "Done. ![logo](https://example.com/x.png) ![theirs](http://other:1/v1/images/" + "0" * 64 + ".png)"]
     assert parts[1].image.getpixel((0, 0)) == (200, 10, 10)
 
 
@@ -196,6 +197,36 @@ def test_bad_request_openai_error_shape(client, server, patch, status, param, me
     assert httpx.get(f"{server}/api/health").json()["status"] == "ok"  # the server keeps serving
 
 
+def test_refused_before_the_model_with_the_field_named(server, pipe):
+    """Inputs that used to reach the model and fail there (500) or pass unchecked: 4xx naming the field."""
+    def post(raw: str):
+        return httpx.post(f"{server}/v1/chat/completions", content=raw.encode(),
+                          headers={"content-type": "application/json"}, timeout=60)
+    max_h, _ = pipe.model.max_image_side
+    m = pipe.model.pixel_multiple
+    base = '"model": "tiny-fit", "max_tokens": 5, "messages": [{"role": "user", "content": "Draw a red circle."}]'
+    r = post('{%s, "image_size": [%d, %d]}' % (base, max_h + m, m))  # within the server's caps, past the DiT's grid
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image_size", r.text
+    assert "this model draws at most" in r.json()["error"]["message"]
+    r = post('{"model": "tiny-fit", "messages": [{"role": "user", "content": "hi \\ud800 there"}]}')
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content", r.text
+    assert "lone surrogate" in r.json()["error"]["message"]
+    r = post('{%s, "guidance": Infinity}' % base)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "guidance", r.text
+    r = post('{"model": "tiny-fit", "messages": [{"role": "user", "content": "x", "colour": 1}]}')
+    assert r.status_code == 400 and "colour" in r.json()["error"]["param"], r.text
+    r = post('{%s, "stop": "%s"}' % (base, "x" * 10000))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop" and len(r.text) < 500
+    broken = {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}
+    r = post(json.dumps({"model": "tiny-fit", "messages": [{"role": "user", "content": [broken] * 4}]}))
+    assert r.status_code == 413 and "4 images, over the cap of 3" in r.json()["error"]["message"]  # counted first
+    for top in ("1e-300", "1e-38"):  # float32 gives up on these; sampling does not
+        r = post('{%s, "temperature": %s}' % (base, top))
+        assert r.status_code == 200, r.text
+    r = post('{%s, "temperature": 1, "top_p": 1e-300}' % base)
+    assert r.status_code == 200, r.text
+
+
 def test_body_cap_and_broken_json_in_openai_shape(server):
     r = httpx.post(f"{server}/v1/chat/completions", content=b"{" + b" " * (2 << 20) + b"}",
                    headers={"content-type": "application/json"})
@@ -224,6 +255,28 @@ def test_queue_full_429_cancel_and_timeout(user_turn):
         while httpx.get(f"{url}/api/health").json()["running"] and time.monotonic() - left < 30:
             time.sleep(0.02)
         assert time.monotonic() - left < 10 and httpx.get(f"{url}/api/health").json()["running"] == 0
+        # a JSON (not streamed) answer whose client gives up is cancelled too: the model is free again at once
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=slow, timeout=1.0)
+        left = time.monotonic()
+        while httpx.get(f"{url}/api/health").json()["running"] and time.monotonic() - left < 30:
+            time.sleep(0.02)
+        assert time.monotonic() - left < 5, "the abandoned generation kept the model"
+    with live_server(create_app(slow_pipe, ServeLimits(queue_size=1, max_new_tokens=3000))) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        running = c.chat.completions.create(stream=True, **slow)
+        next(running)
+        waiting = httpx.Client(timeout=120)  # a stream waiting in the queue whose client leaves frees its place
+        w = waiting.stream("POST", f"{url}/v1/chat/completions", json={**slow, "stream": True})
+        w.__enter__()
+        w.__exit__(None, None, None)
+        waiting.close()
+        left = time.monotonic()
+        while httpx.get(f"{url}/api/health").json()["waiting"] and time.monotonic() - left < 30:
+            time.sleep(0.02)
+        assert httpx.get(f"{url}/api/health").json() | {"status": "ok"} == {
+            "status": "ok", "model": "tiny-random", "running": 1, "waiting": 0}
+        running.close()
     with live_server(create_app(slow_pipe, ServeLimits(request_timeout_s=0.3, max_new_tokens=3000))) as url:
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         with pytest.raises(openai.APIStatusError) as e:

@@ -320,15 +320,22 @@ def special_token_mask(tokenizer, vocab_rows: int, allowed: Sequence[int]) -> Te
     return banned
 
 
+TINY_TEMPERATURE = 1e-3  # below it, logits are scaled in float64 from their maximum
+
+
 def sample_token(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     """Greedy for temperature 0, else nucleus sampling with ``generator`` (CPU, float32)."""
     logits = logits.float().cpu()
     if temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)  # (V,)
+    if temperature < TINY_TEMPERATURE:  # logits / temperature would overflow float32 (inf / inf = nan)
+        probs = torch.softmax((logits.double() - logits.max()) / temperature, dim=-1).float()
+    else:
+        probs = torch.softmax(logits / temperature, dim=-1)  # (V,)
     if top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # always keeps the most likely token
+        keep = sorted_probs.cumsum(0) - sorted_probs < top_p
+        keep[0] = True  # the most likely token, also when top_p is below float32's smallest number
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
 

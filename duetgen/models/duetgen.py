@@ -337,6 +337,13 @@ class DuetGen(nn.Module):
         """Image sides the DiT can draw are multiples of this: VAE factor x DiT patch (16 for Wan2.1 + Cosmos)."""
         return self.vae.spatial_factor * self.dit.patch_size[1]
 
+    @property
+    def max_image_side(self) -> tuple[int, int]:
+        """The largest height and width the DiT can draw (its rotary positions end at ``max_size`` patches)."""
+        _, max_h, max_w = self.dit.rope.max_size
+        return (max_h * self.vae.spatial_factor * self.dit.patch_size[1],
+                max_w * self.vae.spatial_factor * self.dit.patch_size[2])
+
     def num_parameters(self) -> dict[str, int]:
         """Parameter counts per part (works on the meta device: nothing is allocated)."""
         count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731

@@ -23,7 +23,7 @@ import binascii
 import io
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from fastapi.responses import StreamingResponse
@@ -67,6 +67,21 @@ class BadRequest(ValueError):
         self.status = status
 
 
+def image_size_problem(size: tuple[int, int], limits: ServeLimits, model) -> str | None:
+    """Why a requested [height, width] cannot be drawn (the server's caps, the model's grid), or None."""
+    multiple = model.pixel_multiple
+    if min(size) < 1 or size[0] % multiple or size[1] % multiple:
+        return f"image_size={list(size)}: sides must be positive multiples of {multiple}"
+    if size[0] * size[1] > limits.max_output_pixels:
+        return f"image_size={list(size)} is over the cap of {limits.max_output_pixels:,} pixels"
+    if max(size) > limits.max_output_side:
+        return f"image_size={list(size)}: each side must be at most {limits.max_output_side}"
+    max_h, max_w = model.max_image_side
+    if size[0] > max_h or size[1] > max_w:
+        return f"image_size={list(size)}: this model draws at most {max_h}x{max_w} (its DiT's positions end there)"
+    return None
+
+
 # ============================================================================ images over HTTP
 def decode_image(data: str, where: str, limits: ServeLimits):
     """base64 (or a data: URL) -> RGB PIL image, checked for size, format and pixels before decoding."""
@@ -88,6 +103,9 @@ def decode_image(data: str, where: str, limits: ServeLimits):
         status = 413 if "over the cap" in str(e) else 400
         raise BadRequest(str(e), status=status) from None
     return to_rgb(image)
+
+
+WAIT_POLL_S = 0.25  # how often a waiting or running request checks that its client is still there
 
 
 # ============================================================================ one model, max_batch generations at a time
@@ -127,8 +145,11 @@ class GenerationService:
 
     def run(self, messages, config, on_event, cancel: threading.Event, deadline: float) -> Finished:
         """Blocking: wait for the model (until ``deadline``), generate, pass each event to ``on_event``."""
-        if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise TimeoutError("waited too long for the model (other requests were running)")
+        while not self.lock.acquire(timeout=min(WAIT_POLL_S, max(0.0, deadline - time.monotonic()))):
+            if cancel.is_set():  # the client left while waiting: its place in the queue is freed now
+                raise Cancelled("the client went away")
+            if time.monotonic() >= deadline:
+                raise TimeoutError("waited too long for the model (other requests were running)")
         try:
             with self._count_lock:
                 self._running += 1
@@ -151,15 +172,27 @@ class GenerationService:
                 self._running -= 1
             self.lock.release()
 
-    async def answer(self, messages, config, on_event: Callable[[object], None] = lambda event: None) -> Finished:
-        """One admitted request to its end, in a worker thread; its errors are raised here."""
+    async def answer(self, messages, config, on_event: Callable[[object], None] = lambda event: None,
+                     disconnected: Callable[[], Awaitable[bool]] | None = None) -> Finished:
+        """One admitted request to its end, in a worker thread; its errors are raised here. ``disconnected``
+        (``Request.is_disconnected``) is polled while it waits and runs: a client that left cancels it."""
         cancel = threading.Event()
         deadline = time.monotonic() + self.limits.request_timeout_s
+        work = asyncio.ensure_future(run_in_threadpool(self.run, messages, config, on_event, cancel, deadline))
         try:
-            return await run_in_threadpool(self.run, messages, config, on_event, cancel, deadline)
+            while disconnected is not None and not cancel.is_set():
+                done, _ = await asyncio.wait({work}, timeout=WAIT_POLL_S)
+                if done:
+                    break
+                if await disconnected():
+                    cancel.set()  # the worker stops at its next event (or leaves the queue)
+            return await asyncio.shield(work)  # this handler cancelled: the worker still runs until it stops
         finally:
             cancel.set()
-            self.release()
+            if not work.done():  # this handler was cancelled: the release waits for the worker to stop
+                work.add_done_callback(lambda _: self.release())
+            else:
+                self.release()
 
     def stream(self, messages, config, to_sse: Callable[[object], Iterable[str]],
                error_sse: Callable[[Exception], str], first: Iterable[str] = (),

@@ -53,6 +53,7 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import re
 import secrets
 import threading
@@ -71,7 +72,9 @@ from starlette.concurrency import run_in_threadpool
 from duetgen.data.images import encode_png, inspect_image, to_rgb
 from duetgen.data.record import ImagePart, Message, RecordError, TextPart
 from duetgen.infer.engine import Finished, GenerationConfig, ImageDone, TextDelta
-from duetgen.serve.common import BadRequest, QueueFull, ServeLimits, decode_image
+from duetgen.serve.common import BadRequest, QueueFull, ServeLimits, decode_image, image_size_problem
+
+log = logging.getLogger("duetgen.serve")
 
 IMAGE_PATH = re.compile(r"^/v1/images/(?P<sha>[0-9a-f]{64})\.png$")
 # an image link as this module writes it; the separators are part of the match (see module docstring)
@@ -227,16 +230,19 @@ class ImageStore:
 
 # ============================================================================ request schema
 class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     url: str = Field(description="a data: URL (base64 PNG/JPEG/WEBP/GIF) or this server's /v1/images/<sha256>.png URL")
     detail: Literal["auto", "low", "high"] | None = Field(None, description="accepted, no effect: images are seen at the model's resolution")
 
 
 class TextContent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: str
 
 
 class ImageContent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -245,12 +251,14 @@ ContentPart = Annotated[TextContent | ImageContent, Field(discriminator="type")]
 
 
 class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = Field(None, description="accepted, not shown to the model")
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
 
 
@@ -261,8 +269,8 @@ class ChatCompletionRequest(BaseModel):
 
     model: str
     messages: list[ChatMessageIn]
-    temperature: float | None = Field(None, ge=0, le=2, description="default 0 (greedy), the model's default")
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False, description="default 0 (greedy), the model's default")
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, lt=2**63, description="default: drawn per request, returned in duetgen.seed")
     max_tokens: int | None = Field(None, ge=1, description="sampled tokens (text and one <BOV> per image)")
     max_completion_tokens: int | None = Field(None, ge=1, description="same as max_tokens")
@@ -282,7 +290,7 @@ class ChatCompletionRequest(BaseModel):
     parallel_tool_calls: bool | None = None
     response_format: dict | None = None
     # DuetGen
-    guidance: float | None = Field(None, gt=0, description="guidance scale w of every image; 1 = none; default: the model's")
+    guidance: float | None = Field(None, gt=0, allow_inf_nan=False, description="guidance scale w of every image; 1 = none; default: the model's")
     steps: int | None = Field(None, ge=1, description="sampler steps per image; default: the model's")
     image_size: list[int] | None = Field(None, min_length=2, max_length=2, description="[height, width] of generated images")
     max_images: int | None = Field(None, ge=0, description="generated images at most")
@@ -304,16 +312,22 @@ class Translator:
     def __init__(self, limits: ServeLimits, store: ImageStore):
         self.limits, self.store = limits, store
 
+    @staticmethod
+    def own_image_url(url: str, host: str | None):
+        """The /v1/images/<sha256>.png match of a URL of this server (full with its Host, or a path), else None."""
+        parts = urlsplit(url)
+        match = IMAGE_PATH.match(parts.path)
+        own = parts.scheme in ("http", "https") and parts.netloc == host or (not parts.scheme and not parts.netloc)
+        return match if match and own and not parts.query and not parts.fragment else None
+
     def image(self, url: str, where: str, host: str | None):
         if url.startswith("data:"):
             try:
                 return decode_image(url, where, self.limits)
             except BadRequest as e:
                 raise APIError(e.status, str(e), where) from None
-        parts = urlsplit(url)
-        match = IMAGE_PATH.match(parts.path)
-        own = parts.scheme in ("http", "https") and parts.netloc == host or (not parts.scheme and not parts.netloc)
-        if not (match and own and not parts.query and not parts.fragment):
+        match = self.own_image_url(url, host)
+        if not match:
             raise APIError(400, f"{where}: only data: URLs and this server's own /v1/images/<sha256>.png URLs "
                                 f"are accepted; the server fetches no other URL", where, "unsupported_image_url")
         png = self.store.get(match["sha"])
@@ -328,7 +342,7 @@ class Translator:
         out, at = [], 0
         for m in MARKDOWN_IMAGE.finditer(text):
             url = m["url"]
-            if not (url.startswith("data:") or IMAGE_PATH.match(urlsplit(url).path)):
+            if not (url.startswith("data:") or self.own_image_url(url, host)):
                 continue  # someone else's link: it stays text the model reads
             if m.start() > at:
                 out.append(TextPart(text[at:m.start()]))
@@ -344,6 +358,24 @@ class Translator:
             raise APIError(400, "messages is empty", "messages")
         if len(req.messages) > limits.max_messages:
             raise APIError(400, f"{len(req.messages)} messages, over the cap of {limits.max_messages}", "messages")
+        counted = 0  # images, before any is decoded (a request of many large images is refused for free)
+        for i, m in enumerate(req.messages):
+            for j, part in enumerate([m.content] if isinstance(m.content, str) else m.content or []):
+                text = part if isinstance(part, str) else getattr(part, "text", None)
+                if text is None:
+                    counted += 1
+                    continue
+                try:  # JSON's "\ud800" escape decodes to a lone surrogate, which no tokenizer (or UTF-8) takes
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    where = f"messages[{i}].content" if isinstance(m.content, str) else f"messages[{i}].content[{j}]"
+                    raise APIError(400, f"{where}: not valid Unicode (lone surrogate at character {e.start})",
+                                   where) from None
+                if m.role == "assistant":
+                    counted += sum(1 for link in MARKDOWN_IMAGE.finditer(text)
+                                   if link["url"].startswith("data:") or self.own_image_url(link["url"], host))
+        if counted > limits.max_images:
+            raise APIError(413, f"{counted} images, over the cap of {limits.max_images}", "messages")
         messages = []
         for i, m in enumerate(req.messages):
             role = "system" if m.role == "developer" else m.role  # OpenAI's newer name of the system role
@@ -376,7 +408,9 @@ def generation_config(req: ChatCompletionRequest, limits: ServeLimits, model) ->
     for name, neutral in UNSUPPORTED.items():
         value = getattr(req, name)
         if value not in neutral:
-            raise APIError(400, f"{name}={json.dumps(value)} is not supported by DuetGen; leave it out", name,
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 80 else shown[:80] + "..."
+            raise APIError(400, f"{name}={shown} is not supported by DuetGen; leave it out", name,
                            "unsupported_parameter")
     if req.n not in (None, 1):
         raise APIError(400, f"n={req.n}: DuetGen generates one answer per request; send n=1 (or leave it out) "
@@ -390,12 +424,8 @@ def generation_config(req: ChatCompletionRequest, limits: ServeLimits, model) ->
     if req.steps is not None and req.steps > limits.max_steps:
         raise APIError(400, f"steps={req.steps} is over the cap of {limits.max_steps}", "steps")
     size = tuple(req.image_size) if req.image_size is not None else None
-    if size is not None:
-        multiple = model.pixel_multiple
-        if min(size) < 1 or size[0] % multiple or size[1] % multiple:
-            raise APIError(400, f"image_size={list(size)}: sides must be positive multiples of {multiple}", "image_size")
-        if size[0] * size[1] > limits.max_output_pixels:
-            raise APIError(400, f"image_size={list(size)} is over the cap of {limits.max_output_pixels:,} pixels", "image_size")
+    if size is not None and (problem := image_size_problem(size, limits, model)):
+        raise APIError(400, problem, "image_size")
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     try:  # checked here, once (GenerationConfig checks itself when built)
         return GenerationConfig(max_new_tokens=max_new, max_images=req.max_images,
@@ -464,7 +494,7 @@ def mount_openai_api(app, service, limits: ServeLimits, store=None) -> None:
         return {"id": name, "object": "model", "created": created, "owned_by": "duetgen"}
 
     def check_model(model: str) -> None:
-        if model not in (name, pipeline.model_id):
+        if model != name:  # never the server's own path (pipeline.model_id): it would confirm where the model lies
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{name}`", "model",
                            "model_not_found")
 
@@ -513,6 +543,7 @@ def mount_openai_api(app, service, limits: ServeLimits, store=None) -> None:
             return APIError(503 if "waited" in str(e) else 504, str(e), None, "timeout")
         if isinstance(e, RecordError):  # found while rendering the prompt (e.g. an image's aspect ratio)
             return APIError(400, str(e), "messages")
+        log.error("generation failed", exc_info=e)
         return APIError(500, f"generation failed: {type(e).__name__}: {e}", None, "generation_failed")
 
     @router.post("/chat/completions", summary="An interleaved answer (OpenAI chat completion; stream=true for chunks)",
@@ -521,11 +552,17 @@ def mount_openai_api(app, service, limits: ServeLimits, store=None) -> None:
                             429: {"description": "queue full"}, 503: {"description": "waited too long"},
                             504: {"description": "generation timed out"}})
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        try:  # off the event loop: decoding input images, and the image store may be remote
-            messages, config = await run_in_threadpool(prepare, req, request)
-            service_admit()  # here, not in the thread: no await between admission and the release below
+        try:
+            service_admit()  # first: a full server refuses before decoding anything
         except APIError as e:
             return error_response(e)
+        try:  # off the event loop: decoding input images, and the image store may be remote
+            messages, config = await run_in_threadpool(prepare, req, request)
+        except BaseException as e:
+            service.release()  # its place in the queue
+            if isinstance(e, APIError):
+                return error_response(e)
+            raise
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": completion_id, "created": int(time.time()), "model": name}
         answer = MarkdownAnswer(store, str(request.base_url), req.image_output, pipeline.model.image_processor)
@@ -543,7 +580,7 @@ def mount_openai_api(app, service, limits: ServeLimits, store=None) -> None:
                     pieces.append(piece)
 
             try:
-                finished = await service.answer(messages, config, collect)
+                finished = await service.answer(messages, config, collect, disconnected=request.is_disconnected)
             except Exception as e:
                 return error_response(failure(e))
             return {**head, "object": "chat.completion",

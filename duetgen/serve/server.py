@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -39,15 +40,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from duetgen.data.images import encode_png
 from duetgen.data.record import ImagePart, Message, RecordError, TextPart
 from duetgen.infer.engine import DenoisingStep, Finished, GenerationConfig, ImageDone, ImageStarted, TextDelta
-from duetgen.serve.common import BadRequest, GenerationService, QueueFull, ServeLimits, decode_image
+from duetgen.serve.common import BadRequest, GenerationService, QueueFull, ServeLimits, decode_image, image_size_problem
 from duetgen.serve.guards import LOOPBACK_HOSTS, hosts_to_answer, uvicorn_config, validation_error
 from duetgen.serve.openai_api import mount_openai_api
+
+log = logging.getLogger("duetgen.serve")
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -154,14 +158,8 @@ def request_config(req: GenerateRequest, limits: ServeLimits, model) -> Generati
     if req.max_new_tokens > limits.max_new_tokens:
         raise BadRequest(f"max_new_tokens={req.max_new_tokens} is over the cap of {limits.max_new_tokens}")
     size = tuple(req.image_size) if req.image_size is not None else None
-    if size is not None:
-        multiple = model.pixel_multiple
-        if min(size) < 1 or size[0] % multiple or size[1] % multiple:
-            raise BadRequest(f"image_size={list(size)}: sides must be positive multiples of {multiple}")
-        if size[0] * size[1] > limits.max_output_pixels:
-            raise BadRequest(f"image_size={list(size)} is over the cap of {limits.max_output_pixels:,} pixels")
-        if max(size) > limits.max_output_side:
-            raise BadRequest(f"image_size={list(size)}: each side must be at most {limits.max_output_side}")
+    if size is not None and (problem := image_size_problem(size, limits, model)):
+        raise BadRequest(problem)
     try:  # checked here, once: the engine resolves the model's defaults but does not check again
         return GenerationConfig(max_new_tokens=req.max_new_tokens, max_images=req.max_images,
                                 temperature=req.temperature, top_p=req.top_p, seed=req.seed, num_steps=req.num_steps,
@@ -316,22 +314,31 @@ def create_app(pipeline, limits: ServeLimits | None = None, allowed_hosts: list[
             raise BadRequest(str(e)) from None
         return messages, config
 
+    async def admitted(req: GenerateRequest):
+        """Admission (429) first, then the request's images decoded off the event loop; its place freed if it fails."""
+        service.admit()
+        try:
+            return await run_in_threadpool(prepare, req)
+        except BaseException:
+            service.release()
+            raise
+
     @app.post("/api/generate", response_model=GenerateResponse, response_model_exclude_none=True,
               summary="Generate one answer (JSON)",
               responses={400: {"description": "bad input"}, 413: {"description": "body, image or prompt too large"},
                          429: {"description": "queue full"}, 500: {"description": "the model failed"},
                          503: {"description": "waited too long"}, 504: {"description": "generation timed out"}})
-    async def generate(req: GenerateRequest):
-        messages, config = prepare(req)
-        service.admit()
+    async def generate(req: GenerateRequest, request: Request):
+        messages, config = await admitted(req)
         try:
-            finished = await service.answer(messages, config)
+            finished = await service.answer(messages, config, disconnected=request.is_disconnected)
         except TimeoutError as e:
             status = 503 if "waited" in str(e) else 504
             return JSONResponse({"detail": str(e)}, status_code=status)
         except RecordError as e:  # found while rendering the prompt (e.g. an image's aspect ratio)
             return JSONResponse({"detail": str(e)}, status_code=400)
         except Exception as e:  # a failure inside the model: reported, and the server keeps serving
+            log.exception("generation failed")
             return JSONResponse({"detail": f"generation failed: {type(e).__name__}: {e}"}, status_code=500)
         record = finished.record
         return {"id": record.id, "answer": answer_json(finished.content),
@@ -347,8 +354,7 @@ def create_app(pipeline, limits: ServeLimits | None = None, allowed_hosts: list[
                          400: {"description": "bad input"}, 413: {"description": "too large"},
                          429: {"description": "queue full"}})
     async def generate_stream(req: GenerateRequest, request: Request):
-        messages, config = prepare(req)
-        service.admit()  # 429 before the stream starts
+        messages, config = await admitted(req)  # 429 before the stream starts
         return service.stream(messages, config, lambda event: [sse(*event_json(event))], stream_error)
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
