@@ -270,3 +270,50 @@ def test_a_member_cut_short_never_swallows_or_fakes_the_records_after_it(tmp_pat
     for cut in range(40, 800, 3):  # and wherever this member is cut
         path.write_bytes(whole[:cut] + good + good)
         assert [x.kind for x in iter_warc(path)] == ["corrupt", "page", "page"], cut
+
+
+def plain_member(uri: str, body: bytes) -> bytes:
+    """One uncompressed WARC response record, written by warcio."""
+    buf = io.BytesIO()
+    w = WARCWriter(buf, gzip=False)
+    hh = StatusAndHeaders("200 OK", [("Content-Type", "text/html")], protocol="HTTP/1.1")
+    w.write_record(w.create_warc_record(uri, "response", payload=io.BytesIO(body), http_headers=hh))
+    return buf.getvalue()
+
+
+def test_after_junk_reading_resumes_past_the_last_whole_record_not_inside_it(tmp_path):
+    """A page whose HTML holds a whole WARC record's text, then junk: searching for the next record from the page's
+    start found the record inside its body (a page the crawl never held); it must resume after the page."""
+    planted = plain_member("http://victim.example/injected.html", b"<p>injected</p>")
+    host = b"<html><body><pre>" + planted + b"</pre></body></html>"
+    path = tmp_path / "a.warc"
+    path.write_bytes(plain_member("http://x.example/94.html", host) + b"JUNKJUNKJUNK\r\n\r\n"
+                     + plain_member("http://x.example/95.html", b"<p>95</p>"))
+    items = list(iter_warc(path))
+    assert [(x.kind, x.uri) for x in items if x.kind == "page"] == [
+        ("page", "http://x.example/94.html"), ("page", "http://x.example/95.html")], [(x.kind, x.uri) for x in items]
+    assert [x.kind for x in items].count("corrupt") == 1
+
+
+def test_a_record_cut_short_at_the_end_of_the_file_is_corrupt_not_a_page(tmp_path):
+    """warcio checks a block digest only when it read the whole block: the last member cut short read as a page."""
+    page = (PAGES_DIR / "bathe-a-cat.html").read_bytes()
+    good = member("https://x.example/ok.html", "text/html", b"<p>ok</p>")
+    path = tmp_path / "c.warc.gz"
+    whole = member("https://x.example/cut.html", "text/html", page)
+    path.write_bytes(good + whole[:len(whole) * 2 // 3])
+    assert [x.kind for x in iter_warc(path)] == ["page", "corrupt"]
+
+
+def test_charset_labels_decode_as_browsers_do():
+    """WHATWG: iso-8859-1 means windows-1252 (curly quotes), Shift_JIS the cp932 table (circled digits)."""
+    from duetgen.data.engine.extract import decode_html
+    from duetgen.data.engine.warc import _http_charset
+
+    assert _http_charset("text/html; charset=ISO-8859-1") == "cp1252"
+    assert _http_charset('text/html; charset="Shift_JIS"') == "cp932"
+    assert _http_charset("text/html; charset=windows-1251") == "cp1251"
+    assert _http_charset("text/html; charset=nonsense") is None
+    assert b"\x93repot\x94".decode(_http_charset("text/html; charset=iso-8859-1")) == "\u201crepot\u201d"
+    sjis = '<meta charset="shift_jis"><p>\u2460\u2461</p>'.encode("cp932")
+    assert decode_html(sjis) == ('<meta charset="shift_jis"><p>\u2460\u2461</p>', "cp932")

@@ -62,6 +62,22 @@ class ExtractConfig:
     max_html_bytes: int = 5_000_000  # pages above this are refused before parsing (a 50 MB page is hostile)
 
 
+# WHATWG Encoding: legacy labels decode with the wider table browsers use (a page labelled iso-8859-1 with
+# curly quotes, Shift_JIS with circled digits); Python's codecs of those names are the strict tables
+WEB_SUPERSETS = {"iso8859-1": "cp1252", "ascii": "cp1252", "latin-1": "cp1252", "iso8859-9": "cp1254",
+                 "shift_jis": "cp932", "euc_kr": "cp949", "gb2312": "gb18030", "gbk": "gb18030", "tis-620": "cp874",
+                 "iso8859-11": "cp874"}
+
+
+def web_codec(label: str) -> str | None:
+    """The Python codec a browser would decode a charset label with, or None for an unknown label."""
+    try:
+        name = codecs.lookup(label.strip().strip("\"'").lower()).name
+    except LookupError:
+        return None
+    return WEB_SUPERSETS.get(name, name)
+
+
 def decode_html(data: bytes) -> tuple[str, str]:
     """(text, encoding used) following the order in the module docstring."""
     for bom, enc in ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
@@ -69,14 +85,8 @@ def decode_html(data: bytes) -> tuple[str, str]:
             return data.decode(enc, errors="replace"), enc
     m = _META_CHARSET.search(data[:4096])
     if m:
-        name = m.group(1).decode("ascii", "ignore").lower()
-        try:
-            enc = codecs.lookup(name).name
-        except LookupError:
-            enc = None
+        enc = web_codec(m.group(1).decode("ascii", "ignore"))
         if enc is not None:
-            if enc in ("iso8859-1", "ascii", "latin-1"):  # WHATWG: these labels mean windows-1252
-                enc = "cp1252"
             return data.decode(enc, errors="replace"), enc
     try:
         return data.decode("utf-8"), "utf-8"

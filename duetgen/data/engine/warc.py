@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from duetgen.data.engine.extract import web_codec
+
 HTML_TYPES = {"text/html", "application/xhtml+xml"}
 HTTP_HEADER_SLACK = 65536  # a record's Content-Length covers the HTTP headers too
 _GZIP_MAGIC = b"\x1f\x8b\x08"
@@ -72,10 +74,7 @@ def _http_charset(content_type: str) -> str | None:
     for param in content_type.split(";")[1:]:
         key, _, value = param.partition("=")
         if key.strip().lower() == "charset":
-            try:
-                return codecs.lookup(value.strip().strip("\"'")).name
-            except LookupError:
-                return None
+            return web_codec(value)
     return None
 
 
@@ -134,6 +133,7 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
         while pos < end:
             f.seek(pos)
             cur = pos  # the record being read (a failure is charged to it)
+            good_end = None  # where the last record read whole ends (the next one starts there)
             try:
                 it = ArchiveIterator(f, check_digests=True)  # recorded, not raised: only the block digest counts
                 for rec in it:
@@ -146,8 +146,12 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
                         raise ValueError(f"not a WARC record ({rec.format} format, no WARC-Record-ID)")
                     item = _classify(rec, cur, page_cap, read_pages)
                     it.read_to_end(rec)  # the rest of the block, so that its digest is checked before it counts
+                    missing = getattr(rec.raw_stream, "limit", 0)  # warcio checks the digest only of a whole block
+                    if missing:
+                        raise ValueError(f"the record is cut short: {missing:,} of its {rec.length:,} bytes missing")
                     if any(p.startswith("block digest failed") for p in rec.digest_checker.problems):
                         raise ValueError(f"the record's WARC-Block-Digest does not match its {rec.length:,} bytes")
+                    good_end = it.offset
                     in_bad = False
                     yield item
                 if it.offset < size and not in_bad:  # warcio stops quietly at a member cut short at the end
@@ -155,6 +159,10 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
                                    reason=f"{size - it.offset:,} bytes at the end of the file are no complete record")
                 return
             except Exception as e:  # warcio raises many kinds on junk; all mean "corrupt"
+                if good_end is not None and good_end > cur:  # the record after a whole one failed: it starts there
+                    cur = good_end  # (searching on from the whole record's start could find a record inside its body)
+                    if cur >= end:
+                        return  # the next shard's record
                 if not in_bad:
                     yield WarcItem(offset=cur, kind="corrupt", reason=f"{type(e).__name__}: {str(e)[:200]}")
                 in_bad = True
