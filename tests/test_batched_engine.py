@@ -168,6 +168,22 @@ def test_cancelled_and_failing_answers_leave_the_others_running(model):
     assert engine.scheduler._members == {}
 
 
+def test_an_image_the_dit_cannot_draw_fails_only_its_answer_in_a_packed_call(model):
+    """The answers' first images are drawn in one packed DiT call; one of them asks for a size past the DiT's grid.
+    The packed call fails, each answer's step is run alone, and only that answer fails (all three did before)."""
+    max_h, _ = model.max_image_side
+    m = model.pixel_multiple
+    requests = [(prompt(i), GenerationConfig(seed=seed, num_steps=2, max_new_tokens=120, image_size=size))
+                for i, seed, size in ((0, 0, None), (1, 1, (max_h + m, m)), (0, 2, None))]
+    engine = BatchedEngine(model, max_batch=3, max_image_wait=100)
+    results, errors = run_concurrently(engine, requests)
+    assert isinstance(errors[1], ValueError) and "exceeds the model's max_size" in str(errors[1])
+    assert errors[0] is None and errors[2] is None
+    for i in (0, 2):
+        assert answer(results[i])[1] == answer(InterleavedEngine(model).run(*requests[i]))[1]
+    assert engine.scheduler.max_images == 3  # they did share a packed call
+
+
 def test_server_with_max_batch_answers_concurrent_requests_as_alone(model):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -217,6 +217,9 @@ def test_refused_before_the_model_with_the_field_named(server, pipe):
     assert r.status_code == 400 and "colour" in r.json()["error"]["param"], r.text
     r = post('{%s, "stop": "%s"}' % (base, "x" * 10000))
     assert r.status_code == 400 and r.json()["error"]["param"] == "stop" and len(r.text) < 500
+    for field, value in (("seed", '"5"'), ("seed", "true"), ("stream", '"yes"'), ("image_size", "[64.0, 64]")):
+        r = post('{%s, "%s": %s}' % (base, field, value))  # no silent coercion: OpenAI's API refuses these too
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith(field), (field, r.text)
     broken = {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}
     r = post(json.dumps({"model": "tiny-fit", "messages": [{"role": "user", "content": [broken] * 4}]}))
     assert r.status_code == 413 and "4 images, over the cap of 3" in r.json()["error"]["message"]  # counted first

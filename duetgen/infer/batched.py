@@ -216,16 +216,21 @@ class BatchScheduler:
         for job in single:
             self._run([job], lambda job=job: [job.context.forward(*job.inputs)])
         if dit:
-            self._run(dit, lambda: packed_dit_step(self.model.dit, [j.inputs[0] for j in dit]))
+            self._run(dit, lambda: packed_dit_step(self.model.dit, [j.inputs[0] for j in dit]),
+                      alone=lambda job: packed_dit_step(self.model.dit, [job.inputs[0]]))
             self.max_images = max(self.max_images, len(dit))
         return held
 
-    @staticmethod
-    def _run(jobs: list[_Job], call) -> None:
+    @classmethod
+    def _run(cls, jobs: list[_Job], call, alone=None) -> None:
         try:
             results = call()
-        except BaseException as e:  # only the answers in this call fail; the others run on
-            for job in jobs:
+        except BaseException as e:
+            if alone is not None and len(jobs) > 1 and isinstance(e, Exception):
+                for job in jobs:  # a packed call failed: each answer alone, so that only the one causing it fails
+                    cls._run([job], lambda job=job: alone(job))
+                return
+            for job in jobs:  # only the answers in this call fail; the others run on
                 job.error = e
                 job.done.set()
             return

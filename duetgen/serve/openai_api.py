@@ -66,7 +66,7 @@ from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.concurrency import run_in_threadpool
 
 from duetgen.data.images import encode_png, inspect_image, to_rgb
@@ -259,7 +259,7 @@ class ChatMessageIn(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -271,12 +271,12 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessageIn]
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False, description="default 0 (greedy), the model's default")
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    seed: int | None = Field(None, ge=0, lt=2**63, description="default: drawn per request, returned in duetgen.seed")
-    max_tokens: int | None = Field(None, ge=1, description="sampled tokens (text and one <BOV> per image)")
-    max_completion_tokens: int | None = Field(None, ge=1, description="same as max_tokens")
-    stream: bool | None = False
+    seed: int | None = Field(None, ge=0, lt=2**63, strict=True, description="default: drawn per request, returned in duetgen.seed")
+    max_tokens: int | None = Field(None, ge=1, strict=True, description="sampled tokens (text and one <BOV> per image)")
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True, description="same as max_tokens")
+    stream: bool | None = Field(False, strict=True)
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, description="only 1: one answer per request")
+    n: int | None = Field(None, ge=1, strict=True, description="only 1: one answer per request")
     user: str | None = Field(None, description="accepted, not used")
     # OpenAI fields DuetGen does not implement: accepted only at their neutral value (see UNSUPPORTED)
     stop: str | list[str] | None = None
@@ -291,9 +291,9 @@ class ChatCompletionRequest(BaseModel):
     response_format: dict | None = None
     # DuetGen
     guidance: float | None = Field(None, gt=0, allow_inf_nan=False, description="guidance scale w of every image; 1 = none; default: the model's")
-    steps: int | None = Field(None, ge=1, description="sampler steps per image; default: the model's")
-    image_size: list[int] | None = Field(None, min_length=2, max_length=2, description="[height, width] of generated images")
-    max_images: int | None = Field(None, ge=0, description="generated images at most")
+    steps: int | None = Field(None, ge=1, strict=True, description="sampler steps per image; default: the model's")
+    image_size: list[StrictInt] | None = Field(None, min_length=2, max_length=2, description="[height, width] of generated images")
+    max_images: int | None = Field(None, ge=0, strict=True, description="generated images at most")
     image_output: Literal["url", "data_url"] = Field("url", description="images in the answer as this server's URLs or as data: URLs")
 
 
