@@ -31,7 +31,8 @@ How it works:
   1.40x -> 1.55x the one-at-a-time engine (medians of 6 alternating rounds; docs/serving.md).
 - Answers join when their prefill arrives (at most ``max_batch`` at a time; a further one waits)
   and leave when their loop ends, for any reason (finished, cancelled, timed out, failed), so the
-  others run on. An error in a step reaches only the answers in it.
+  others run on. An error in a step reaches only the answers in it; a packed DiT call that fails is run again
+  answer by answer, so that only the answer causing it fails (e.g. an image size past the DiT's grid).
 - Same seed, same answer: token sampling and image noise use the answer's own generators (the
   engine's), so a batched answer equals the answer alone in tokens; images and states agree within
   float tolerance (padding and packing change the reduction order, not the maths).
