@@ -317,3 +317,38 @@ def test_charset_labels_decode_as_browsers_do():
     assert b"\x93repot\x94".decode(_http_charset("text/html; charset=iso-8859-1")) == "\u201crepot\u201d"
     sjis = '<meta charset="shift_jis"><p>\u2460\u2461</p>'.encode("cp932")
     assert decode_html(sjis) == ('<meta charset="shift_jis"><p>\u2460\u2461</p>', "cp932")
+
+
+def test_a_pages_image_url_finds_the_crawls_image_in_any_spelling_and_through_its_redirects(tmp_path):
+    """The crawl holds an image under one spelling of its URL, or behind a 302 or a revisit record: the page's
+    URL (another case, a default port, a space) still finds it in the index, not by fetching."""
+    from duetgen.data.engine.runner import scan_warc_file
+    from duetgen.data.engine.warc import WarcImageIndex
+
+    buf = io.BytesIO()
+    w = WARCWriter(buf, gzip=True)
+
+    def response(uri, status, headers, body=b""):
+        hh = StatusAndHeaders(status, headers, protocol="HTTP/1.1")
+        w.write_record(w.create_warc_record(uri, "response", payload=io.BytesIO(body), http_headers=hh))
+
+    jpeg = b"\xff\xd8\xff not decoded by the index"
+    response("http://site.example/i/a%20b.jpg", "200 OK", [("Content-Type", "image/jpeg")], jpeg)
+    response("http://site.example/i/real.jpg", "200 OK", [("Content-Type", "image/jpeg")], jpeg)
+    response("http://site.example/i/redir.jpg", "302 Found", [("Location", "/i/real.jpg")])
+    response("http://site.example/i/loop1.jpg", "301 Moved", [("Location", "loop2.jpg")])
+    response("http://site.example/i/loop2.jpg", "301 Moved", [("Location", "loop1.jpg")])
+    hh = StatusAndHeaders("200 OK", [("Content-Type", "image/jpeg")], protocol="HTTP/1.1")
+    w.write_record(w.create_revisit_record("http://site.example/i/rv.jpg", "sha1:AAAA", "http://site.example/i/real.jpg",
+                                           "2026-01-01T00:00:00Z", http_headers=hh))
+    path = tmp_path / "c.warc.gz"
+    path.write_bytes(buf.getvalue())
+    scanned = scan_warc_file((str(path), 10, 5_000_000))
+    index = WarcImageIndex(tmp_path / "index.sqlite", writable=True)
+    index.add_many(scanned["images"], scanned["aliases"])
+    first, real = (offset for _, _, offset in scanned["images"])
+    assert index.lookup("HTTP://SITE.example:80/i/a b.jpg#top") == (str(path), first)
+    assert index.lookup("http://site.example/i/redir.jpg") == (str(path), real)
+    assert index.lookup("http://site.example/i/rv.jpg") == (str(path), real)
+    assert index.lookup("http://site.example/i/loop1.jpg") is None  # a loop ends, nothing is fetched for it
+    assert index.lookup("http://site.example/i/none.jpg") is None

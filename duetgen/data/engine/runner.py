@@ -200,6 +200,7 @@ def scan_warc_file(task: tuple[str, int, int]) -> dict:
     path, shard_pages, page_cap = task
     groups: list[list[int]] = []  # [start offset, pages]
     images: list[tuple[str, str, int]] = []
+    aliases: list[tuple[str, str]] = []  # a 3xx response's Location, a revisit's earlier copy
     counts: Counter = Counter()
     for item in iter_warc(path, page_cap=page_cap, read_pages=False):
         counts["records"] += 1
@@ -210,6 +211,8 @@ def scan_warc_file(task: tuple[str, int, int]) -> dict:
             continue
         if item.kind == "skip":
             counts[f"skipped_{item.reason}"] += 1
+            if item.uri and item.alias_of:
+                aliases.append((item.uri, item.alias_of))
             continue
         counts[{"page": "html_pages", "too_large": "too_large_pages", "corrupt": "corrupt_regions"}[item.kind]] += 1
         # a corrupt region belongs with the record it is charged to: never a group start
@@ -218,7 +221,7 @@ def scan_warc_file(task: tuple[str, int, int]) -> dict:
         if not groups:  # a corrupt region before any page
             groups.append([0, 0])
         groups[-1][1] += 1
-    return {"path": path, "groups": groups, "images": images, "counts": dict(counts)}
+    return {"path": path, "groups": groups, "images": images, "aliases": aliases, "counts": dict(counts)}
 
 
 def plan_warc(files: list[Path], shard_pages: int, page_cap: int, work: Path, executor) -> tuple[list[ShardSpec], dict]:
@@ -230,7 +233,7 @@ def plan_warc(files: list[Path], shard_pages: int, page_cap: int, work: Path, ex
     shards: list[ShardSpec] = []
     totals: Counter = Counter()
     for res in executor.map_ordered(scan_warc_file, [(str(p), shard_pages, page_cap) for p in files]):
-        index.add_many(res["images"])
+        index.add_many(res["images"], res["aliases"])
         totals.update(res["counts"])
         groups = res["groups"]
         for i, (start, n) in enumerate(groups):

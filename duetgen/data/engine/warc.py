@@ -11,7 +11,12 @@ Design choices:
   a BOM still wins, then HTTP, then ``<meta charset>``, which the extractor reads).
 - Image responses (HTTP 200, ``image/*``) are not read: their (file, offset) goes into an index by
   URI (SQLite, ``WarcImageIndex``), so the image stage takes a page's pictures from the same crawl
-  and only fetches (under the usual SSRF rules) what the crawl does not hold.
+  and only fetches (under the usual SSRF rules) what the crawl does not hold. URIs are compared in
+  one canonical form (``canonical_url``, yarl: lower-case scheme and host, no default port, one
+  percent-encoding, no fragment), and a page's image URL may reach the crawl's image through the
+  crawl's own 3xx responses (``Location``) and revisit records (``WARC-Refers-To-Target-URI``), at
+  most ``MAX_ALIAS_HOPS`` of them: aliases only steer the lookup inside the index, nothing is fetched
+  because a record said so.
 - Caps before reading: a page record whose WARC ``Content-Length`` exceeds the page cap (plus 64 KiB
   of HTTP headers) is ``too_large`` and its body is never read (warcio skips it in 16 KiB reads);
   a body is read with ``read(cap + 1)``, so a gzip/br Content-Encoding cannot inflate past the cap.
@@ -44,10 +49,14 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urljoin
+
+from yarl import URL
 
 from duetgen.data.engine.extract import web_codec
 
 HTML_TYPES = {"text/html", "application/xhtml+xml"}
+MAX_ALIAS_HOPS = 5  # redirects / revisits followed inside the crawl from a page's image URL to its image
 HTTP_HEADER_SLACK = 65536  # a record's Content-Length covers the HTTP headers too
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 _WARC_MAGIC = b"WARC/1."
@@ -58,6 +67,7 @@ class WarcItem:
     offset: int  # byte offset of the record (of the last good record before a corrupt region)
     kind: str  # "page" | "too_large" | "image" | "corrupt" | "skip"
     uri: str | None = None
+    alias_of: str | None = None  # kind "skip": the URI a 3xx response's Location or a revisit points to
     mime: str | None = None
     charset: str | None = None  # the HTTP charset, when it names a known codec
     data: bytes | None = None  # page body (kind "page" only)
@@ -84,15 +94,18 @@ def _classify(rec, offset: int, page_cap: int, read_pages: bool) -> WarcItem:
     uri = rec.rec_headers.get_header("WARC-Target-URI")
     base = dict(offset=offset, uri=uri, record_id=rec.rec_headers.get_header("WARC-Record-ID"),
                 date=rec.rec_headers.get_header("WARC-Date"))
-    if kind != "response":
-        return WarcItem(kind="skip", reason=f"warc_{kind}", **base)  # request, metadata, warcinfo, revisit
+    if kind != "response":  # request, metadata, warcinfo, revisit (the revisit's earlier copy is an alias)
+        refers = rec.rec_headers.get_header("WARC-Refers-To-Target-URI") if kind == "revisit" else None
+        return WarcItem(kind="skip", reason=f"warc_{kind}", alias_of=refers, **base)
     if rec.http_headers is None:
         return WarcItem(kind="skip", reason="not_http", **base)
     content_type = rec.http_headers.get_header("Content-Type") or ""
     mime = content_type.split(";")[0].strip().lower()
     status = rec.http_headers.get_statuscode()
     if status != "200":
-        return WarcItem(kind="skip", reason="http_status", mime=mime, **base)
+        location = rec.http_headers.get_header("Location") if status[:1] == "3" else None
+        alias_of = urljoin(uri, location) if uri and location else None
+        return WarcItem(kind="skip", reason="http_status", mime=mime, alias_of=alias_of, **base)
     if mime.startswith("image/"):
         return WarcItem(kind="image", mime=mime, **base)
     if mime not in HTML_TYPES:
@@ -197,27 +210,52 @@ def read_warc_image(path: str | Path, offset: int, max_bytes: int) -> tuple[str,
     return mime, data
 
 
+def canonical_url(url: str) -> str:
+    """One spelling per URL (yarl): lower-case scheme and host, IDNA, no default port, one percent-encoding, no
+    fragment; a URL yarl cannot parse is kept as it is (without its fragment)."""
+    try:
+        return str(URL(url).with_fragment(None))
+    except (ValueError, TypeError):
+        return url.split("#", 1)[0]
+
+
 class WarcImageIndex:
-    """URI -> (WARC file, offset) of the image responses of a WARC set, in SQLite (workers open it read-only)."""
+    """URI -> (WARC file, offset) of the image responses of a WARC set, and URI -> URI aliases (the crawl's
+    redirects and revisits), in SQLite under canonical URIs (workers open it read-only)."""
 
     def __init__(self, path: str | Path, writable: bool = False):
         self.path = str(path)
         if writable:
             self.db = sqlite3.connect(self.path)
             self.db.execute("CREATE TABLE IF NOT EXISTS images (uri TEXT PRIMARY KEY, file TEXT, offset INTEGER)")
+            self.db.execute("CREATE TABLE IF NOT EXISTS aliases (uri TEXT PRIMARY KEY, target TEXT)")
         else:
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        self._aliases = self.db.execute(  # an index written before aliases existed has none
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'aliases'").fetchone() is not None
         self._lock = threading.Lock()  # the image stage looks up from its download threads
 
-    def add_many(self, rows: list[tuple[str, str, int]]) -> None:
-        """(uri, file, offset) rows; the first response for a URI wins (crawl order)."""
-        self.db.executemany("INSERT OR IGNORE INTO images VALUES (?, ?, ?)", rows)
+    def add_many(self, rows: list[tuple[str, str, int]], aliases: list[tuple[str, str]] = ()) -> None:
+        """(uri, file, offset) rows and (uri, target) aliases; the first for a URI wins (crawl order)."""
+        self.db.executemany("INSERT OR IGNORE INTO images VALUES (?, ?, ?)",
+                            [(canonical_url(uri), file, offset) for uri, file, offset in rows])
+        self.db.executemany("INSERT OR IGNORE INTO aliases VALUES (?, ?)",
+                            [(canonical_url(uri), canonical_url(target)) for uri, target in aliases])
         self.db.commit()
 
     def lookup(self, uri: str) -> tuple[str, int] | None:
+        """The crawl's image response for ``uri``, directly or through at most MAX_ALIAS_HOPS aliases."""
+        uri = canonical_url(uri)
         with self._lock:
-            row = self.db.execute("SELECT file, offset FROM images WHERE uri = ?", (uri.split("#", 1)[0],)).fetchone()
-        return None if row is None else (row[0], row[1])
+            for _ in range(MAX_ALIAS_HOPS + 1):
+                row = self.db.execute("SELECT file, offset FROM images WHERE uri = ?", (uri,)).fetchone()
+                if row is not None:
+                    return row[0], row[1]
+                alias = self._aliases and self.db.execute("SELECT target FROM aliases WHERE uri = ?", (uri,)).fetchone()
+                if not alias or alias[0] == uri:
+                    return None
+                uri = alias[0]
+        return None
 
     def __len__(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
