@@ -352,3 +352,14 @@ def test_a_pages_image_url_finds_the_crawls_image_in_any_spelling_and_through_it
     assert index.lookup("http://site.example/i/rv.jpg") == (str(path), real)
     assert index.lookup("http://site.example/i/loop1.jpg") is None  # a loop ends, nothing is fetched for it
     assert index.lookup("http://site.example/i/none.jpg") is None
+
+
+def test_a_warc_gzipped_as_one_stream_says_how_to_fix_it(tmp_path):
+    import gzip
+
+    path = tmp_path / "one-stream.warc.gz"
+    path.write_bytes(gzip.compress(plain_member("http://x.example/1.html", b"<p>1</p>")
+                                   + plain_member("http://x.example/2.html", b"<p>2</p>")))
+    items = list(iter_warc(path))
+    assert [x.kind for x in items] == ["page", "corrupt"]
+    assert "warcio recompress" in items[1].reason and "\n" not in items[1].reason

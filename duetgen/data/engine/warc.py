@@ -177,12 +177,21 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
                     if cur >= end:
                         return  # the next shard's record
                 if not in_bad:
-                    yield WarcItem(offset=cur, kind="corrupt", reason=f"{type(e).__name__}: {str(e)[:200]}")
+                    yield WarcItem(offset=cur, kind="corrupt", reason=corrupt_reason(e))
                 in_bad = True
                 nxt = _find(f, magic, cur + 1, size)
                 if nxt is None:
                     return
                 pos = nxt
+
+
+def corrupt_reason(e: Exception) -> str:
+    """One line for the funnel (warcio's messages span lines, and one starts with a blank one)."""
+    text = " ".join(str(e).split())
+    if "non-chunked gzip" in text:  # `gzip crawl.warc`: one gzip stream, so no record after the first can be sought
+        return ("the file is one gzip stream, not one gzip member per record (`gzip crawl.warc` makes that): "
+                "recompress it with `warcio recompress IN OUT`")
+    return f"{type(e).__name__}: {text[:200]}"
 
 
 def read_warc_image(path: str | Path, offset: int, max_bytes: int) -> tuple[str, bytes]:
