@@ -93,6 +93,7 @@ def write_crawl(tmp: Path, site: Site) -> dict:
     ])
     (tmp / "crawl" / "a.warc.gz").write_bytes(a)
     (tmp / "crawl" / "b.warc.gz").write_bytes(b)
+    (tmp / "crawl" / "c.warc.gz").write_bytes(b"")  # an empty file: counted, never fatal
     return u
 
 
@@ -150,7 +151,8 @@ def test_warc_crawl_to_records_with_the_crawls_own_images(tmp_path):
     assert fetch["image_from_warc"] >= 6 and fetch["image_fetched"] >= 1  # step12.jpg is not in the crawl
 
     warc = funnel["summary"]["warc"]
-    assert warc["files"] == 2 and warc["corrupt_regions"] == 1 and warc["too_large_pages"] == 1
+    assert warc["files"] == 3 and warc["corrupt_regions"] == 1 and warc["too_large_pages"] == 1
+    assert warc["files_without_records"] == 1
     assert warc["skipped_not_html"] == 1 and warc["skipped_http_status"] == 1 and warc["skipped_warc_request"] == 1
     assert warc["image_responses"] == len(IMAGES) - 2
     for a, b in zip(funnel["stages"], funnel["stages"][1:]):  # the counts chain through both passes

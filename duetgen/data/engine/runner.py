@@ -221,6 +221,8 @@ def scan_warc_file(task: tuple[str, int, int]) -> dict:
         if not groups:  # a corrupt region before any page
             groups.append([0, 0])
         groups[-1][1] += 1
+    if not counts:  # an empty file (or one whose bytes hold no record header at all) is counted, not silent
+        counts["files_without_records"] += 1
     return {"path": path, "groups": groups, "images": images, "aliases": aliases, "counts": dict(counts)}
 
 
