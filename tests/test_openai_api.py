@@ -166,6 +166,18 @@ def test_assistant_markdown_round_trip(server):
     assert parts[1].image.getpixel((0, 0)) == (200, 10, 10)
 
 
+def png_header_only(width: int, height: int) -> str:
+    """A PNG whose header claims width x height and holds no pixel data (nothing needs decoding to refuse it)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return "data:image/png;base64," + base64.b64encode(png + chunk(b"IEND", b"")).decode()
+
+
 @pytest.mark.parametrize("patch, status, param, message", [
     ({"model": "gpt-4o"}, 404, "model", "does not exist"),
     ({"n": 2}, 400, "n", "one answer per request"),
@@ -184,6 +196,8 @@ def test_assistant_markdown_round_trip(server):
      400, "messages[0].content[0].image_url.url", "not valid base64"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(Image.new("RGB", (200, 200)))}}]}]},
      413, "messages[0].content[0].image_url.url", "over the cap of 16,384"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_header_only(20000, 20000)}}]}]},
+     413, "messages[0].content[0].image_url.url", "decompression bomb"),  # PIL's own check fires first: 413 too
     ({"messages": [{"role": "user", "content": "x" * 501}]}, 413, "messages", "over the cap of 500"),
     ({"messages": [{"role": "user", "content": "   "}]}, 400, "messages", "empty"),
 ])

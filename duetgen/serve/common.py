@@ -100,7 +100,7 @@ def decode_image(data: str, where: str, limits: ServeLimits):
     try:
         image = inspect_image(io.BytesIO(raw), where, max_pixels=limits.max_image_pixels)
     except RecordError as e:
-        status = 413 if "over the cap" in str(e) else 400
+        status = 413 if getattr(e, "reason", None) == "too_many_pixels" else 400  # a bomb PIL refuses, too
         raise BadRequest(str(e), status=status) from None
     return to_rgb(image)
 
