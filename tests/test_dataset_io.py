@@ -553,3 +553,34 @@ def test_verified_bytes_survive_pickling():
     verified, _ = decode_image_bytes(noisy_jpeg(), "photo")
     back = pickle.loads(pickle.dumps(verified))
     assert back == verified and (back.format, back.size) == ("JPEG", (96, 64))
+
+
+def test_a_full_disk_leaves_no_half_file_and_names_the_file(tmp_path):
+    """A real write failure (the kernel's file size limit, EFBIG, standing in for a full disk): the temporary
+    file is removed and the error names the file being written, for the atomic writer and for a shard."""
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        from pathlib import Path
+        from duetgen.data.dataset import ShardFileWriter, atomic_write_bytes
+        from duetgen.data.record import Message, Record, TextPart
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() returns EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        root = Path({str(tmp_path)!r})
+        try:
+            atomic_write_bytes(root / "big.bin", b"x" * 10000)
+        except OSError as e:
+            print("atomic:", e.filename)
+        w = ShardFileWriter(root / "ds", 0)
+        try:
+            for i in range(100):
+                w.write(Record(id=f"r{{i}}", messages=[Message("user", [TextPart("x" * 200)])]))
+            w.commit()
+        except OSError as e:
+            print("shard:", e.filename)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"atomic: {tmp_path / 'big.bin'}" in out.stdout
+    assert "shard: " in out.stdout and "part-00000.jsonl" in out.stdout
+    leftovers = [p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == [] and not (tmp_path / "big.bin").exists()

@@ -365,3 +365,15 @@ def test_a_warc_gzipped_as_one_stream_says_how_to_fix_it(tmp_path):
     items = list(iter_warc(path))
     assert [x.kind for x in items] == ["page", "corrupt"]
     assert "warcio recompress" in items[1].reason and "\n" not in items[1].reason
+
+
+def test_an_output_folder_holding_other_files_is_refused_untouched(tmp_path):
+    from duetgen.data.engine import EngineError
+
+    out = tmp_path / "out"
+    (out / "shards").mkdir(parents=True)
+    stray = out / "shards" / "part-00000.jsonl"
+    stray.write_text('{"x": 1}\n')
+    with pytest.raises(EngineError, match="other files in it"):
+        run_engine(str(tmp_path / "crawl" / "*.warc.gz"), out, config(), progress=False)
+    assert stray.read_text() == '{"x": 1}\n' and not (out / "_engine").exists()

@@ -87,11 +87,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``path`` so that readers see the old content or the new, never a half file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, a file size limit: no half file left, and the error names the file
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e
     fsync_dir(path.parent)
 
 
@@ -397,14 +401,30 @@ class ShardFileWriter:
                     p.image, new = store_image(self.root, p.image, rec.id, self.max_pixels)
                     if new is not None:
                         self._new_images.append(new)
-        self._file.write(rec.to_jsonl_line() + "\n")
+        try:
+            self._file.write(rec.to_jsonl_line() + "\n")
+        except OSError as e:  # a full disk: no half shard left, and the error names the shard
+            self.abort()
+            raise OSError(e.errno, e.strerror, str(self.root / self.rel)) from e
         self._ids.add(rec.id)
+
+    def abort(self) -> None:
+        """Give the shard up (its writing failed): no temporary file is left behind."""
+        try:
+            self._file.close()  # flushes what is buffered: fails again on a full disk
+        except OSError:
+            pass
+        self._tmp.unlink(missing_ok=True)
 
     def commit(self) -> int:
         """Make the shard durable and put it in place; returns its record count (0: no file at all)."""
         f = self._file
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as e:  # a full disk shows here at the latest: no half shard left, and the error names it
+            self.abort()
+            raise OSError(e.errno, e.strerror, str(self.root / self.rel)) from e
         f.close()
         if not self._ids:
             self._tmp.unlink()

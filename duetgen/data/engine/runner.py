@@ -456,12 +456,16 @@ def build_shard(task: tuple[ShardSpec, EngineConfig, list[int], str]) -> dict:
         pages = stored_pages(out / ENGINE_DIR, spec.index, set(keep))
         docs, stats = run_stages(build_stages(cfg, client, cfg.warc_index), pages)
         writer = ShardFileWriter(out, spec.index)
-        for d in docs:
-            write.pages_in += 1
-            write.images_in += len(d.record.image_parts())
-            writer.write(d.record)
-            write.pages_out += 1
-            write.images_out += len(d.record.image_parts())
+        try:
+            for d in docs:
+                write.pages_in += 1
+                write.images_in += len(d.record.image_parts())
+                writer.write(d.record)
+                write.pages_out += 1
+                write.images_out += len(d.record.image_parts())
+        except BaseException:  # a failed page or a full disk (whose OSError names the file): no temporary shard left
+            writer.abort()
+            raise
         n = writer.commit()
     finally:
         if client is not None:
@@ -571,6 +575,9 @@ def run_engine(input_path: str | Path, out: str | Path, cfg: EngineConfig, execu
     t0 = time.perf_counter()
     if (out / MANIFEST).exists() and not (out / ENGINE_DIR / "plan.json").exists():
         raise EngineError(f"output {str(out)!r} already holds a dataset not written by this engine")
+    if out.is_dir() and any(out.iterdir()) and not (out / ENGINE_DIR).is_dir():
+        raise EngineError(f"output {str(out)!r} is a folder with other files in it and no engine run "
+                          f"({ENGINE_DIR}/): give a new or empty folder, or the --out of a run to resume")
     work = out / ENGINE_DIR
     for sub in ("sketch", "done"):
         (work / sub).mkdir(parents=True, exist_ok=True)
