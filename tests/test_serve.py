@@ -194,3 +194,38 @@ def test_request_timeout(pipe, request_body):
             events = read_events(s)
         assert events[-1][0] == "error" and "longer than 0.3 s" in events[-1][1]["detail"]
         assert httpx.get(f"{url}/api/health").json()["running"] == 0
+
+
+def test_generation_slots_go_in_arrival_order():
+    """Waiting requests get the model first come, first served (polling a semaphore let a later one jump ahead),
+    and a waiter whose client left or whose time ran out leaves the line."""
+    import threading
+    import time
+
+    from duetgen.infer.engine import Cancelled
+    from duetgen.serve.common import FairSlots
+
+    slots, order, never = FairSlots(1), [], threading.Event()
+    slots.acquire(never, time.monotonic() + 60)  # the running request
+
+    def wait(name: str):
+        slots.acquire(never, time.monotonic() + 60)
+        order.append(name)
+        time.sleep(0.05)
+        slots.release()
+
+    threads = []
+    for name in "abcde":
+        threads.append(threading.Thread(target=wait, args=(name,)))
+        threads[-1].start()
+        time.sleep(0.05)  # arrival order a, b, c, d, e
+    gone = threading.Event()
+    gone.set()
+    with pytest.raises(Cancelled):
+        slots.acquire(gone, time.monotonic() + 60)
+    with pytest.raises(TimeoutError):
+        slots.acquire(never, time.monotonic() + 0.1)
+    slots.release()
+    for t in threads:
+        t.join(10)
+    assert order == list("abcde") and slots.free == 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import io
 import threading
 import time
@@ -113,6 +114,38 @@ class QueueFull(Exception):
     pass
 
 
+class FairSlots:
+    """``n`` generation slots handed out in arrival order. A waiter whose client left (``cancel``) or whose
+    ``deadline`` passed leaves the line (checked every WAIT_POLL_S); the next in line moves up."""
+
+    def __init__(self, n: int):
+        self.free = n
+        self._line: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+
+    def acquire(self, cancel: threading.Event, deadline: float) -> None:
+        ticket = object()
+        with self._cond:
+            self._line.append(ticket)
+            try:
+                while not (self.free > 0 and self._line[0] is ticket):
+                    if cancel.is_set():  # the client left while waiting: its place in the queue is freed now
+                        raise Cancelled("the client went away")
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError("waited too long for the model (other requests were running)")
+                    self._cond.wait(min(WAIT_POLL_S, left))
+                self.free -= 1
+            finally:
+                self._line.remove(ticket)
+                self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._cond:
+            self.free += 1
+            self._cond.notify_all()
+
+
 class GenerationService:
     """Admission (bounded queue), the model lock, timeouts and cancellation around one pipeline.
 
@@ -123,7 +156,7 @@ class GenerationService:
     def __init__(self, pipeline, limits: ServeLimits):
         self.pipeline = pipeline
         self.limits = limits
-        self.lock = threading.BoundedSemaphore(limits.max_batch)  # generations at once per model (1 unless batched)
+        self.slots = FairSlots(limits.max_batch)  # generations at once per model (1 unless batched), first come first served
         self._admitted = 0  # running + waiting
         self._running = 0
         self._count_lock = threading.Lock()
@@ -145,11 +178,7 @@ class GenerationService:
 
     def run(self, messages, config, on_event, cancel: threading.Event, deadline: float) -> Finished:
         """Blocking: wait for the model (until ``deadline``), generate, pass each event to ``on_event``."""
-        while not self.lock.acquire(timeout=min(WAIT_POLL_S, max(0.0, deadline - time.monotonic()))):
-            if cancel.is_set():  # the client left while waiting: its place in the queue is freed now
-                raise Cancelled("the client went away")
-            if time.monotonic() >= deadline:
-                raise TimeoutError("waited too long for the model (other requests were running)")
+        self.slots.acquire(cancel, deadline)
         try:
             with self._count_lock:
                 self._running += 1
@@ -170,7 +199,7 @@ class GenerationService:
         finally:
             with self._count_lock:
                 self._running -= 1
-            self.lock.release()
+            self.slots.release()
 
     async def answer(self, messages, config, on_event: Callable[[object], None] = lambda event: None,
                      disconnected: Callable[[], Awaitable[bool]] | None = None) -> Finished:

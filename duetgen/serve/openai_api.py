@@ -71,7 +71,7 @@ from starlette.concurrency import run_in_threadpool
 
 from duetgen.data.images import encode_png, inspect_image, to_rgb
 from duetgen.data.record import ImagePart, Message, RecordError, TextPart
-from duetgen.infer.engine import Finished, GenerationConfig, ImageDone, TextDelta
+from duetgen.infer.engine import Cancelled, Finished, GenerationConfig, ImageDone, TextDelta
 from duetgen.serve.common import BadRequest, QueueFull, ServeLimits, decode_image, image_size_problem
 
 log = logging.getLogger("duetgen.serve")
@@ -539,6 +539,8 @@ def mount_openai_api(app, service, limits: ServeLimits, store=None) -> None:
             raise APIError(429, str(e), None, "server_busy", headers={"Retry-After": "5"}) from None
 
     def failure(e: Exception) -> APIError:
+        if isinstance(e, Cancelled):  # the client left: nobody reads this answer, and nothing failed
+            return APIError(499, "the client went away", None, "client_closed_request")
         if isinstance(e, TimeoutError):
             return APIError(503 if "waited" in str(e) else 504, str(e), None, "timeout")
         if isinstance(e, RecordError):  # found while rendering the prompt (e.g. an image's aspect ratio)

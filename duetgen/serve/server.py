@@ -46,7 +46,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from duetgen.data.images import encode_png
 from duetgen.data.record import ImagePart, Message, RecordError, TextPart
-from duetgen.infer.engine import DenoisingStep, Finished, GenerationConfig, ImageDone, ImageStarted, TextDelta
+from duetgen.infer.engine import Cancelled, DenoisingStep, Finished, GenerationConfig, ImageDone, ImageStarted, TextDelta
 from duetgen.serve.common import BadRequest, GenerationService, QueueFull, ServeLimits, decode_image, image_size_problem
 from duetgen.serve.guards import LOOPBACK_HOSTS, hosts_to_answer, uvicorn_config, validation_error
 from duetgen.serve.openai_api import mount_openai_api
@@ -337,6 +337,8 @@ def create_app(pipeline, limits: ServeLimits | None = None, allowed_hosts: list[
             return JSONResponse({"detail": str(e)}, status_code=status)
         except RecordError as e:  # found while rendering the prompt (e.g. an image's aspect ratio)
             return JSONResponse({"detail": str(e)}, status_code=400)
+        except Cancelled:  # the client left: nobody reads this answer, and nothing failed
+            return JSONResponse({"detail": "the client went away"}, status_code=499)
         except Exception as e:  # a failure inside the model: reported, and the server keeps serving
             log.exception("generation failed")
             return JSONResponse({"detail": f"generation failed: {type(e).__name__}: {e}"}, status_code=500)
