@@ -377,3 +377,26 @@ def test_an_output_folder_holding_other_files_is_refused_untouched(tmp_path):
     with pytest.raises(EngineError, match="other files in it"):
         run_engine(str(tmp_path / "crawl" / "*.warc.gz"), out, config(), progress=False)
     assert stray.read_text() == '{"x": 1}\n' and not (out / "_engine").exists()
+
+
+def test_a_cluster_whose_kept_copy_yields_no_record_is_built_from_its_next_copy(tmp_path):
+    """Dedup keeps the lowest id before any image is read; when that copy then loses every image, the next copy
+    (here in another shard) is built in its place, and the funnel counts it kept: one record per cluster."""
+    repot = (PAGES_DIR / "repot-a-plant.html").read_text()
+    broken = re.sub(r'src="/img/[^"]+"', lambda m: f'src="http://127.0.0.1:1/gone-{m.start()}.jpg"', repot)
+    with Site() as site:
+        low, high = sorted([site.page_url("repot-a.html"), site.page_url("repot-b.html")], key=web_id)
+        images = [member(f"{site.url}/img/{name}", ctype, make()) for name, (ctype, make) in IMAGES.items()
+                  if name != "bomb.png"]
+        (tmp_path / "crawl").mkdir()
+        (tmp_path / "crawl" / "a.warc.gz").write_bytes(b"".join(
+            [member(low, "text/html", broken.encode()), member(high, "text/html", repot.encode()), *images]))
+        out = tmp_path / "ds"
+        funnel = run_engine(str(tmp_path / "crawl" / "*.warc.gz"), out, config(shard_pages=1), progress=False)
+    assert [r.meta["url"] for r in Dataset(out)] == [high]
+    dedup = stage(funnel, "dedup_pages")
+    assert dedup["counts"]["promoted_copies"] == 1 and "near_duplicate_page" not in dedup["page_drops"]
+    assert dedup["examples"]["page:promoted_copy"][0]["url"] == high
+    assert all_drops(funnel).get("no_images_left") == 1  # the kept copy, which lost its images
+    summary = funnel["summary"]
+    assert summary["pages_in"] == summary["records_out"] + sum(all_drops(funnel).values())

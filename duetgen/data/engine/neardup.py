@@ -80,8 +80,12 @@ class Sketch:
     sig: np.ndarray  # (P,) uint32
 
 
-def decide(sketches: list[Sketch], cfg: NearDupPageConfig) -> tuple[dict[tuple[int, int], str], StageStats]:
-    """({(shard, pos) of every dropped page: reason}, the ``dedup_pages`` funnel stage)."""
+def decide(sketches: list[Sketch], cfg: NearDupPageConfig,
+           copies: dict[tuple[int, int], list[tuple[int, int]]] | None = None,
+           ) -> tuple[dict[tuple[int, int], str], StageStats]:
+    """({(shard, pos) of every dropped page: reason}, the ``dedup_pages`` funnel stage). ``copies``, if given, is
+    filled with {(shard, pos) of a kept page: its near-duplicates dropped for it, in id order}: pass 2 builds the
+    next of them when the kept page itself yields no record."""
     stats = StageStats("dedup_pages")
     drops: dict[tuple[int, int], str] = {}
     lsh = MinHashLSH(num_perm=cfg.num_perm, params=(cfg.bands, cfg.num_perm // cfg.bands))
@@ -107,6 +111,8 @@ def decide(sketches: list[Sketch], cfg: NearDupPageConfig) -> tuple[dict[tuple[i
                     break
             if near is not None:
                 drops[(s.shard, s.pos)] = "near_duplicate_page"
+                if copies is not None:
+                    copies.setdefault((near[0].shard, near[0].pos), []).append((s.shard, s.pos))
                 stats.page_drops["near_duplicate_page"] += 1
                 stats._example("page:near_duplicate_page",
                                {**ex, "detail": f"near {near[0].id} ({near[0].url or repr(near[0].title)}): "

@@ -438,9 +438,15 @@ def stored_pages(work: Path, index: int, keep: set[int]) -> Iterator[Doc]:
             yield page_from_json(o)
 
 
-def build_shard(task: tuple[ShardSpec, EngineConfig, list[int], str]) -> dict:
-    """Pass 2 over one shard: the kept pages -> records written into OUT by this worker, then the marker."""
-    spec, cfg, keep, out = task  # keep: positions in the shard of the pages to build
+def build_shard(task: tuple) -> dict:
+    """Pass 2 over one shard: the kept pages -> records written into OUT by this worker, then the marker.
+
+    ``task`` = (spec, cfg, keep, out[, copies]): ``keep`` the positions in the shard of the pages to build;
+    ``copies`` {kept position: [(shard, pos) of its dropped near-duplicates, id order]}. When a kept page yields
+    no record (its images failed, say), its copies are built in turn until one does: that one is written here
+    (``promoted`` in the marker; the funnel counts it kept at dedup and through every pass-2 stage)."""
+    spec, cfg, keep, out, *rest = task
+    copies = rest[0] if rest else {}
     t0 = time.perf_counter()
     out = Path(out)
     client = None
@@ -452,17 +458,41 @@ def build_shard(task: tuple[ShardSpec, EngineConfig, list[int], str]) -> dict:
                            timeout_s=cfg.llm_timeout_s, cache_path=cfg.llm_cache)
 
     write = StageStats("write")
+    promoted: list[list[int]] = []
     try:
-        pages = stored_pages(out / ENGINE_DIR, spec.index, set(keep))
-        docs, stats = run_stages(build_stages(cfg, client, cfg.warc_index), pages)
+        read: dict[int, str] = {}  # position -> id of every kept page read
+
+        def pages():
+            for d in stored_pages(out / ENGINE_DIR, spec.index, set(keep)):
+                read[d.pos] = d.id
+                yield d
+
+        docs, stats = run_stages(build_stages(cfg, client, cfg.warc_index), pages())
         writer = ShardFileWriter(out, spec.index)
+
+        def put(d) -> None:
+            write.pages_in += 1
+            write.images_in += len(d.record.image_parts())
+            writer.write(d.record)
+            write.pages_out += 1
+            write.images_out += len(d.record.image_parts())
+
         try:
+            written = set()
             for d in docs:
-                write.pages_in += 1
-                write.images_in += len(d.record.image_parts())
-                writer.write(d.record)
-                write.pages_out += 1
-                write.images_out += len(d.record.image_parts())
+                put(d)
+                written.add(d.id)
+            for pos in sorted(p for p in copies if p in read and read[p] not in written):
+                for shard, copy_pos in copies[pos]:  # the kept page yielded nothing: its next copy, in id order
+                    page = next(stored_pages(out / ENGINE_DIR, shard, {copy_pos}))
+                    built, copy_stats = run_stages(build_stages(cfg, client, cfg.warc_index), iter([page]))
+                    built = list(built)
+                    if built:  # counted only when it is kept: a copy that fails stays a near-duplicate drop
+                        for total, more in zip(stats, copy_stats):
+                            total.merge(more)
+                        put(built[0])
+                        promoted.append([shard, copy_pos])
+                        break
         except BaseException:  # a failed page or a full disk (whose OSError names the file): no temporary shard left
             writer.abort()
             raise
@@ -471,7 +501,8 @@ def build_shard(task: tuple[ShardSpec, EngineConfig, list[int], str]) -> dict:
         if client is not None:
             client.close()
     wall = time.perf_counter() - t0
-    marker = {"index": spec.index, "records": n, "wall_s": wall, "stats": [s.to_json() for s in stats] + [write.to_json()]}
+    marker = {"index": spec.index, "records": n, "wall_s": wall, "stats": [s.to_json() for s in stats] + [write.to_json()],
+              "promoted": promoted}
     atomic_write_bytes(out / ENGINE_DIR / "done" / f"{_name(spec.index)}.json", json.dumps(marker).encode())
     return {"index": spec.index, "records": n, "wall_s": wall}
 
@@ -606,7 +637,7 @@ def run_engine(input_path: str | Path, out: str | Path, cfg: EngineConfig, execu
         done = {s.index for s in shards if (work / "done" / f"{_name(s.index)}.json").exists()}
         listed = _publish(out, work, shards, done)
         todo2 = [s for s in shards if s.index not in done]
-        tasks = ((s, cfg, keep(s.index), str(out)) for s in todo2)
+        tasks = ((s, cfg, keep(s.index), str(out), keep.copies(s.index)) for s in todo2)
         last = time.monotonic()
         for result in _run(executor, build_shard, tasks, len(shards), len(todo2), "records", progress):
             if result["records"]:
@@ -640,8 +671,25 @@ def _run(executor, fn, tasks, total: int, n_todo: int, what: str, progress: bool
             yield result
 
 
-def _decide(work: Path, shards: list[ShardSpec], cfg: EngineConfig) -> Callable[[int], list[int]]:
-    """Decide duplicates over every sketch once (``dedup.json``); returns shard index -> the positions pass 2 builds."""
+class DedupDecision:
+    """``dedup.json`` read back: ``decision(index)`` -> the positions of a shard that pass 2 builds;
+    ``copies(index)`` -> {position of a kept page: [(shard, pos) of its dropped near-duplicates, id order]}."""
+
+    def __init__(self, work: Path, saved: dict):
+        self.work, self.drops = work, saved["drops"]
+        self._copies = saved.get("copies", {})  # a dedup.json from before copies were kept has none
+
+    def __call__(self, index: int) -> list[int]:
+        _, pos, _ = _load_sketch(self.work, index)
+        dropped = {p for p, _ in self.drops.get(str(index), [])}
+        return [p for p in pos.tolist() if p not in dropped]
+
+    def copies(self, index: int) -> dict[int, list[tuple[int, int]]]:
+        return {int(p): [tuple(c) for c in cs] for p, cs in self._copies.get(str(index), {}).items()}
+
+
+def _decide(work: Path, shards: list[ShardSpec], cfg: EngineConfig) -> DedupDecision:
+    """Decide duplicates over every sketch once (``dedup.json``)."""
     path = work / "dedup.json"
     if not path.exists():
         sketches = []
@@ -649,20 +697,18 @@ def _decide(work: Path, shards: list[ShardSpec], cfg: EngineConfig) -> Callable[
             meta, pos, sig = _load_sketch(work, s.index, with_sigs=True)
             for p, page, row in zip(pos.tolist(), meta["pages"], sig):
                 sketches.append(Sketch(s.index, p, page["id"], page["url"], page["title"], page["images"], row))
-        drops, stats = decide(sketches, cfg.neardup)
+        copies: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        drops, stats = decide(sketches, cfg.neardup, copies)
         del sketches
         by_shard: dict[str, list] = {}
         for (shard, p), reason in sorted(drops.items()):
             by_shard.setdefault(str(shard), []).append([p, reason])
-        atomic_write_bytes(path, json.dumps({"drops": by_shard, "stats": stats.to_json()}).encode())
-    drops = json.loads(path.read_text())["drops"]
-
-    def keep(index: int) -> list[int]:
-        _, pos, _ = _load_sketch(work, index)
-        dropped = {p for p, _ in drops.get(str(index), [])}
-        return [p for p in pos.tolist() if p not in dropped]
-
-    return keep
+        copies_by_shard: dict[str, dict] = {}
+        for (shard, p), cs in sorted(copies.items()):
+            copies_by_shard.setdefault(str(shard), {})[str(p)] = [list(c) for c in cs]
+        atomic_write_bytes(path, json.dumps({"drops": by_shard, "copies": copies_by_shard,
+                                             "stats": stats.to_json()}).encode())
+    return DedupDecision(work, json.loads(path.read_text()))
 
 
 def _publish(out: Path, work: Path, shards: list[ShardSpec], done: set[int]) -> list[tuple[str, int]]:
@@ -693,7 +739,20 @@ def _merge_funnel(work: Path, shards: list[ShardSpec]) -> list[StageStats]:
         for d in _load_sketch(work, s.index)[0]["stats"]:
             add(d)
     add(json.loads((work / "dedup.json").read_text())["stats"])
+    dedup = total["dedup_pages"]
     for s in shards:
-        for d in json.loads((work / "done" / f"{_name(s.index)}.json").read_text())["stats"]:
+        marker = json.loads((work / "done" / f"{_name(s.index)}.json").read_text())
+        for d in marker["stats"]:
             add(d)
+        for shard, pos in marker.get("promoted", []):  # a near-duplicate built in place of its kept page
+            meta, positions, _ = _load_sketch(work, shard)
+            page = meta["pages"][positions.tolist().index(pos)]
+            dedup.page_drops["near_duplicate_page"] -= 1
+            if not dedup.page_drops["near_duplicate_page"]:
+                del dedup.page_drops["near_duplicate_page"]
+            dedup.pages_out += 1
+            dedup.images_out += page["images"]
+            dedup.counts["promoted_copies"] += 1
+            dedup._example("page:promoted_copy", {"doc": page["id"], "url": page["url"], "title": page["title"],
+                                                   "detail": "built in place of its kept copy, which yielded no record"})
     return [total[n] for n in order]
