@@ -16,7 +16,8 @@ Design choices:
   estimate decides; its standard deviation at 0.8 is 0.035).
 - Deterministic, whatever the sharding or the number of workers: pages are visited in order of
   record id (then input position), and a page is dropped when it is near a page kept before it
-  (the earliest kept such page is named), so each cluster keeps its lowest id. A repeated id (the
+  (the earliest kept such page is named), so each cluster keeps its lowest id (and pass 2 builds the
+  next copy when that one yields no record: ``copies``). A repeated id (the
   same URL twice) keeps its first occurrence (``duplicate_id``).
 - Memory in the driver: ~0.9 KB per sketched page loaded (the signatures as uint32, ids) and ~5.8 KB
   per page at the decision's peak (datasketch's LSH of the kept pages, 16 band keys each, and their

@@ -21,7 +21,8 @@ Design choices (the datatrove recipe):
   surviving pages as extracted (text items raw and cleaned, image items; zlib'd JSON). Then the driver decides
   cross-page duplicates once over all signatures (neardup.py) -> ``_engine/dedup.json``. Pass 2
   (``build_shard``): only the kept pages, read back from the sketch file (not from the input,
-  extracted again: 1.9 of the text path's ~10 CPU ms a page), go through images, text and dialogue.
+  extracted again: 1.9 of the text path's ~10 CPU ms a page), go through images, text and dialogue;
+  a kept page that yields no record is replaced by its cluster's next copy (``build_shard``).
 - Workers write their own output: a pass-2 task writes its shard's records and images straight
   into the dataset (``ShardFileWriter``: images, then the shard file, each tmp + fsync + rename),
   then its completion marker ``_engine/done/shard-N.json`` (counters), and returns only counts.
