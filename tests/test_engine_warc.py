@@ -400,3 +400,19 @@ def test_a_cluster_whose_kept_copy_yields_no_record_is_built_from_its_next_copy(
     assert all_drops(funnel).get("no_images_left") == 1  # the kept copy, which lost its images
     summary = funnel["summary"]
     assert summary["pages_in"] == summary["records_out"] + sum(all_drops(funnel).values())
+
+
+def test_a_record_whose_content_length_lies_is_corrupt_even_without_a_digest(tmp_path):
+    """Content-Length 300 bytes short and no WARC-Block-Digest to catch it: warcio reads a short page and only
+    warns; the record is corrupt (no blank lines where it says it ends) and the next record is read."""
+    page = (PAGES_DIR / "bathe-a-cat.html").read_bytes()
+    lying = plain_member("http://x.example/short.html", page)
+    head, _, body = lying.partition(b"\r\n\r\n")
+    length = int(re.search(rb"Content-Length: (\d+)", head)[1])
+    head = re.sub(rb"\r\nWARC-(Block|Payload)-Digest: [^\r]+", b"", head)
+    head = head.replace(b"Content-Length: %d" % length, b"Content-Length: %d" % (length - 300))
+    path = tmp_path / "a.warc"
+    path.write_bytes(head + b"\r\n\r\n" + body + plain_member("http://x.example/ok.html", b"<p>ok</p>"))
+    items = list(iter_warc(path))
+    assert [x.kind for x in items] == ["corrupt", "page"], [(x.kind, x.uri, x.reason) for x in items]
+    assert items[1].uri == "http://x.example/ok.html" and "Content-Length" in items[0].reason

@@ -158,7 +158,11 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
                         # decompress early: garbage that would swallow the records after it
                         raise ValueError(f"not a WARC record ({rec.format} format, no WARC-Record-ID)")
                     item = _classify(rec, cur, page_cap, read_pages)
+                    misread = it.err_count
                     it.read_to_end(rec)  # the rest of the block, so that its digest is checked before it counts
+                    if it.err_count > misread:  # warcio found no blank line where the Content-Length said it ends
+                        raise ValueError(f"the record is not followed by its blank lines: its Content-Length "
+                                         f"({rec.length:,}) is wrong")
                     missing = getattr(rec.raw_stream, "limit", 0)  # warcio checks the digest only of a whole block
                     if missing:
                         raise ValueError(f"the record is cut short: {missing:,} of its {rec.length:,} bytes missing")
