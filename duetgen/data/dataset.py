@@ -404,9 +404,13 @@ class ShardFileWriter:
         try:
             self._file.write(rec.to_jsonl_line() + "\n")
         except OSError as e:  # a full disk: no half shard left, and the error names the shard
-            self.abort()
-            raise OSError(e.errno, e.strerror, str(self.root / self.rel)) from e
+            raise self._given_up(e) from e
         self._ids.add(rec.id)
+
+    def _given_up(self, e: OSError) -> OSError:
+        """Abort after a failed write; the error to raise, naming the shard."""
+        self.abort()
+        return OSError(e.errno, e.strerror, str(self.root / self.rel))
 
     def abort(self) -> None:
         """Give the shard up (its writing failed): no temporary file is left behind."""
@@ -422,9 +426,8 @@ class ShardFileWriter:
         try:
             f.flush()
             os.fsync(f.fileno())
-        except OSError as e:  # a full disk shows here at the latest: no half shard left, and the error names it
-            self.abort()
-            raise OSError(e.errno, e.strerror, str(self.root / self.rel)) from e
+        except OSError as e:  # a full disk shows here at the latest
+            raise self._given_up(e) from e
         f.close()
         if not self._ids:
             self._tmp.unlink()

@@ -68,6 +68,16 @@ class BadRequest(ValueError):
         self.status = status
 
 
+def unicode_problem(text: str, where: str) -> str | None:
+    """Why ``text`` is no valid Unicode (JSON's "\\ud800" escape decodes to a lone surrogate, which no tokenizer
+    or UTF-8 takes), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"{where}: not valid Unicode (lone surrogate at character {e.start})"
+    return None
+
+
 def image_size_problem(size: tuple[int, int], limits: ServeLimits, model) -> str | None:
     """Why a requested [height, width] cannot be drawn (the server's caps, the model's grid), or None."""
     multiple = model.pixel_multiple
@@ -175,6 +185,16 @@ class GenerationService:
     def release(self) -> None:
         with self._count_lock:
             self._admitted -= 1
+
+    async def admit_and_prepare(self, prepare: Callable, *args):
+        """Admission first (QueueFull: a full server refuses before decoding anything), then ``prepare(*args)`` (the
+        request's images decoded) in a worker thread; its result, or its error with the place in the queue freed."""
+        self.admit()
+        try:
+            return await run_in_threadpool(prepare, *args)
+        except BaseException:
+            self.release()
+            raise
 
     def run(self, messages, config, on_event, cancel: threading.Event, deadline: float) -> Finished:
         """Blocking: wait for the model (until ``deadline``), generate, pass each event to ``on_event``."""

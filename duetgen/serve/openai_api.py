@@ -72,7 +72,8 @@ from starlette.concurrency import run_in_threadpool
 from duetgen.data.images import encode_png, inspect_image, to_rgb
 from duetgen.data.record import ImagePart, Message, RecordError, TextPart
 from duetgen.infer.engine import Cancelled, Finished, GenerationConfig, ImageDone, TextDelta
-from duetgen.serve.common import BadRequest, QueueFull, ServeLimits, decode_image, image_size_problem
+from duetgen.serve.common import (BadRequest, QueueFull, ServeLimits, decode_image, image_size_problem,
+                                  unicode_problem)
 
 log = logging.getLogger("duetgen.serve")
 
@@ -365,12 +366,9 @@ class Translator:
                 if text is None:
                     counted += 1
                     continue
-                try:  # JSON's "\ud800" escape decodes to a lone surrogate, which no tokenizer (or UTF-8) takes
-                    text.encode("utf-8")
-                except UnicodeEncodeError as e:
-                    where = f"messages[{i}].content" if isinstance(m.content, str) else f"messages[{i}].content[{j}]"
-                    raise APIError(400, f"{where}: not valid Unicode (lone surrogate at character {e.start})",
-                                   where) from None
+                where = f"messages[{i}].content" if isinstance(m.content, str) else f"messages[{i}].content[{j}]"
+                if problem := unicode_problem(text, where):
+                    raise APIError(400, problem, where)
                 if m.role == "assistant":
                     counted += sum(1 for link in MARKDOWN_IMAGE.finditer(text)
                                    if link["url"].startswith("data:") or self.own_image_url(link["url"], host))
@@ -532,11 +530,6 @@ def mount_openai_api(app, service, limits: ServeLimits, store=None) -> None:
             raise APIError(400, str(e), "messages") from None
         return messages, config
 
-    def service_admit() -> None:
-        try:
-            service.admit()
-        except QueueFull as e:
-            raise APIError(429, str(e), None, "server_busy", headers={"Retry-After": "5"}) from None
 
     def failure(e: Exception) -> APIError:
         if isinstance(e, Cancelled):  # the client left: nobody reads this answer, and nothing failed
@@ -554,17 +547,12 @@ def mount_openai_api(app, service, limits: ServeLimits, store=None) -> None:
                             429: {"description": "queue full"}, 503: {"description": "waited too long"},
                             504: {"description": "generation timed out"}})
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        try:
-            service_admit()  # first: a full server refuses before decoding anything
+        try:  # off the event loop: decoding input images, and the image store may be remote
+            messages, config = await service.admit_and_prepare(prepare, req, request)
+        except QueueFull as e:
+            return error_response(APIError(429, str(e), None, "server_busy", headers={"Retry-After": "5"}))
         except APIError as e:
             return error_response(e)
-        try:  # off the event loop: decoding input images, and the image store may be remote
-            messages, config = await run_in_threadpool(prepare, req, request)
-        except BaseException as e:
-            service.release()  # its place in the queue
-            if isinstance(e, APIError):
-                return error_response(e)
-            raise
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": completion_id, "created": int(time.time()), "model": name}
         answer = MarkdownAnswer(store, str(request.base_url), req.image_output, pipeline.model.image_processor)

@@ -40,14 +40,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from duetgen.data.images import encode_png
 from duetgen.data.record import ImagePart, Message, RecordError, TextPart
 from duetgen.infer.engine import Cancelled, DenoisingStep, Finished, GenerationConfig, ImageDone, ImageStarted, TextDelta
-from duetgen.serve.common import BadRequest, GenerationService, QueueFull, ServeLimits, decode_image, image_size_problem
+from duetgen.serve.common import (BadRequest, GenerationService, QueueFull, ServeLimits, decode_image,
+                                  image_size_problem, unicode_problem)
 from duetgen.serve.guards import LOOPBACK_HOSTS, hosts_to_answer, uvicorn_config, validation_error
 from duetgen.serve.openai_api import mount_openai_api
 
@@ -138,10 +138,8 @@ def request_messages(req: GenerateRequest, limits: ServeLimits) -> list[Message]
             if p.type == "text":
                 if p.text is None:
                     raise BadRequest(f"{where}: a text part needs `text`")
-                try:  # JSON's "\ud800" escape decodes to a lone surrogate, which no tokenizer (or UTF-8) takes
-                    p.text.encode("utf-8")
-                except UnicodeEncodeError as e:
-                    raise BadRequest(f"{where}: not valid Unicode (lone surrogate at character {e.start})") from None
+                if problem := unicode_problem(p.text, where):
+                    raise BadRequest(problem)
                 content.append(TextPart(p.text))
             else:
                 content.append(ImagePart(decode_image(p.image, where, limits)))
@@ -314,22 +312,13 @@ def create_app(pipeline, limits: ServeLimits | None = None, allowed_hosts: list[
             raise BadRequest(str(e)) from None
         return messages, config
 
-    async def admitted(req: GenerateRequest):
-        """Admission (429) first, then the request's images decoded off the event loop; its place freed if it fails."""
-        service.admit()
-        try:
-            return await run_in_threadpool(prepare, req)
-        except BaseException:
-            service.release()
-            raise
-
     @app.post("/api/generate", response_model=GenerateResponse, response_model_exclude_none=True,
               summary="Generate one answer (JSON)",
               responses={400: {"description": "bad input"}, 413: {"description": "body, image or prompt too large"},
                          429: {"description": "queue full"}, 500: {"description": "the model failed"},
                          503: {"description": "waited too long"}, 504: {"description": "generation timed out"}})
     async def generate(req: GenerateRequest, request: Request):
-        messages, config = await admitted(req)
+        messages, config = await service.admit_and_prepare(prepare, req)
         try:
             finished = await service.answer(messages, config, disconnected=request.is_disconnected)
         except TimeoutError as e:
@@ -356,7 +345,7 @@ def create_app(pipeline, limits: ServeLimits | None = None, allowed_hosts: list[
                          400: {"description": "bad input"}, 413: {"description": "too large"},
                          429: {"description": "queue full"}})
     async def generate_stream(req: GenerateRequest, request: Request):
-        messages, config = await admitted(req)  # 429 before the stream starts
+        messages, config = await service.admit_and_prepare(prepare, req)  # 429 before the stream starts
         return service.stream(messages, config, lambda event: [sse(*event_json(event))], stream_error)
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
