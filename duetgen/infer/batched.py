@@ -263,8 +263,8 @@ class BatchedContext:
 
     def release(self) -> None:
         """Let the caches go (the answer is over). A padded batch and its rows point at each other: without this,
-        only the cycle collector (rarely run) freed finished answers' caches (~1.4 MB each on the toy model, GBs on a
-        real one)."""
+        only the cycle collector (rarely run) freed finished answers' caches (a KV cache and all-layer states each:
+        GBs on a real model)."""
         self.batch = self.kv = self.cache = None
         self._states = []
 

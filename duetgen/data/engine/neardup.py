@@ -19,9 +19,9 @@ Design choices:
   (the earliest kept such page is named), so each cluster keeps its lowest id (and pass 2 builds the
   next copy when that one yields no record: ``copies``). A repeated id (the
   same URL twice) keeps its first occurrence (``duplicate_id``).
-- Memory in the driver: ~0.9 KB per sketched page loaded (the signatures as uint32, ids) and ~5.8 KB
+- Memory in the driver: ~1.0 KB per sketched page loaded (the signatures as uint32, ids) and ~5.9 KB
   per page at the decision's peak (datasketch's LSH of the kept pages, 16 band keys each, and their
-  MinHashes; tracemalloc over 6,000 pages: 35 MB). Linear in the input: a crawl of tens of millions of
+  MinHashes; 35 MB for 6,000 pages: ``scripts/probes/dedup_memory.py 6000``). Linear in the input: a crawl of tens of millions of
   pages needs datatrove-style bucket files sorted on disk instead (not done).
 """
 
