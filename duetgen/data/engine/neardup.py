@@ -1,11 +1,11 @@
 """Cross-page near-duplicate removal: MinHash + LSH over the pages' cleaned text, across all shards.
 
 Design choices:
-- MinHash and LSH are ``datasketch`` (``MinHash``, ``MinHashLSH``; the synthetic query pool uses the
-  same library): measured faster than our own numpy MinHash on the same pages (docs/decisions.md,
-  "Near-duplicate MinHash/LSH is datasketch"). Its default scheme (affine32 over SHA-1 shingle
-  hashes) is stable across processes and machines, so a signature computed in a worker means the
-  same thing in the driver; one permutation table per sketcher is reused for every page.
+- MinHash and LSH are ``duetgen.data.minhash`` (datasketch), the same code as the synthetic query pool's
+  dedup: measured faster than our own numpy MinHash on the same pages (docs/decisions.md,
+  "Near-duplicate MinHash/LSH is datasketch"). Its scheme (affine32 over SHA-1 shingle hashes) is
+  stable across processes and machines, so a signature computed in a worker means the same thing in
+  the driver; one permutation table per sketcher is reused for every page.
 - Two passes (runner.py): workers sketch every page that passed extraction, the page filter and
   the language filter (a MinHash signature of its cleaned text, ``language.page_text``); the driver
   then decides once over all signatures, and only the kept pages go on to the image and LLM stages,
@@ -27,16 +27,14 @@ Design choices:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
-from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 from duetgen.data.engine.document import StageStats
+from duetgen.data.minhash import GreedyIndex, MinHasher, word_shingles
 
-_WORD_RE = re.compile(r"\w+", re.UNICODE)
-SCHEME = "affine32"  # datasketch's default since 2.0; hash values are uint32
+__all__ = ["NearDupPageConfig", "PageSketcher", "Sketch", "decide", "word_shingles"]
 
 
 @dataclass
@@ -49,23 +47,15 @@ class NearDupPageConfig:
     seed: int = 0
 
 
-def word_shingles(text: str, k: int = 5) -> set[str]:
-    """The distinct word ``k``-grams of ``text`` (lowercased ``\\w+`` words); a shorter text is one shingle."""
-    words = _WORD_RE.findall(text.lower())
-    return {" ".join(words[i:i + k]) for i in range(max(1, len(words) - k + 1))}
-
-
 class PageSketcher:
     """Signatures of page texts, in a worker."""
 
     def __init__(self, cfg: NearDupPageConfig):
         self.cfg = cfg
-        self._permutations = MinHash(cfg.num_perm, seed=cfg.seed, scheme=SCHEME).permutations  # drawn once
+        self._hasher = MinHasher(cfg.num_perm, cfg.seed)
 
     def __call__(self, text: str) -> np.ndarray:
-        m = MinHash(self.cfg.num_perm, seed=self.cfg.seed, permutations=self._permutations, scheme=SCHEME)
-        m.update_batch([s.encode() for s in word_shingles(text, self.cfg.shingle_words)])
-        return m.hashvalues  # (P,) uint32
+        return self._hasher(word_shingles(text, self.cfg.shingle_words)).hashvalues  # (P,) uint32
 
 
 @dataclass
@@ -89,8 +79,8 @@ def decide(sketches: list[Sketch], cfg: NearDupPageConfig,
     next of them when the kept page itself yields no record."""
     stats = StageStats("dedup_pages")
     drops: dict[tuple[int, int], str] = {}
-    lsh = MinHashLSH(num_perm=cfg.num_perm, params=(cfg.bands, cfg.num_perm // cfg.bands))
-    kept: list[tuple[Sketch, LeanMinHash]] = []  # LSH key -> (sketch, its MinHash)
+    index, hasher = GreedyIndex(cfg.num_perm, cfg.bands), MinHasher(cfg.num_perm, cfg.seed)
+    kept: list[Sketch] = []  # index key -> its sketch
     first_of_id: dict[str, Sketch] = {}
     for s in sorted(sketches, key=lambda s: (s.id, s.shard, s.pos)):
         stats.pages_in += 1
@@ -103,14 +93,10 @@ def decide(sketches: list[Sketch], cfg: NearDupPageConfig,
             continue
         first_of_id[s.id] = s
         if cfg.enabled:
-            m = LeanMinHash(seed=cfg.seed, hashvalues=s.sig, scheme=SCHEME)
-            near = None
-            for key in sorted(lsh.query(m)):  # LSH keys are kept-order positions: the earliest kept page first
-                est = m.jaccard(kept[key][1])
-                if est >= cfg.threshold:
-                    near = (kept[key][0], est)
-                    break
+            m = hasher.lean(s.sig)
+            near = index.first_near(m, lambda key, estimate: estimate >= cfg.threshold)  # the earliest kept page
             if near is not None:
+                near = (kept[near[0]], near[1])
                 drops[(s.shard, s.pos)] = "near_duplicate_page"
                 if copies is not None:
                     copies.setdefault((near[0].shard, near[0].pos), []).append((s.shard, s.pos))
@@ -119,8 +105,8 @@ def decide(sketches: list[Sketch], cfg: NearDupPageConfig,
                                {**ex, "detail": f"near {near[0].id} ({near[0].url or repr(near[0].title)}): "
                                                 f"estimated Jaccard {near[1]:.2f}"})
                 continue
-            lsh.insert(len(kept), m, check_duplication=False)
-            kept.append((s, m))
+            index.add(m)
+            kept.append(s)
         stats.pages_out += 1
         stats.images_out += s.images
     return drops, stats

@@ -6,44 +6,31 @@ where an LLM asked for "more questions" often returns rewordings of ones it alre
 Design choices:
 - Texts are normalised (lowercase, punctuation dropped, whitespace collapsed) and cut into
   character 5-gram shingles: robust to word order tweaks and small rewordings, no tokenizer.
-- MinHash and the LSH index are ``datasketch`` (``MinHash``, ``MinHashLSH``), the library the data
-  engine's cross-page dedup uses too (measured faster than our own: docs/decisions.md); one
-  permutation table per index, reused for every text.
+- MinHash and the LSH index are the data engine's own (``duetgen.data.minhash``: datasketch, one
+  permutation table per index, reused for every text); only the shingles and the decision differ.
 - LSH banding (bands x rows = num_perm) only proposes candidate pairs; the default 32 x 4 puts
   the LSH threshold near Jaccard 0.42, well below the 0.6 decision threshold, so recall is
   high. Candidates whose MinHash estimate is more than ``prefilter_margin`` under the threshold
-  (3.5 standard deviations at 128 permutations) are dropped in one vectorised step; the rest
-  are checked with the *exact* shingle Jaccard: no false positives.
+  (3.5 standard deviations at 128 permutations) are skipped; the rest are checked with the
+  *exact* shingle Jaccard: no false positives.
 - Greedy and order-preserving: a text is dropped if it is near a text *kept* earlier, so seeds
   (listed first) always survive and the result is deterministic.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from datasketch import MinHash, MinHashLSH
+from datasketch import MinHash
 
-_PUNCT_RE = re.compile(r"[^\w\s]", re.UNICODE)
-_WS_RE = re.compile(r"\s+")
+from duetgen.data.minhash import GreedyIndex, MinHasher, char_shingles, jaccard, normalize
 
-
-def normalize(text: str) -> str:
-    return _WS_RE.sub(" ", _PUNCT_RE.sub(" ", text.lower())).strip()
+__all__ = ["NearDupConfig", "NearDupIndex", "dedup", "jaccard", "normalize", "shingles"]
 
 
 def shingles(text: str, k: int = 5) -> set[str]:
-    t = normalize(text)
-    if len(t) <= k:
-        return {t}
-    return {t[i : i + k] for i in range(len(t) - k + 1)}
-
-
-def jaccard(a: set[str], b: set[str]) -> float:
-    if not a and not b:
-        return 1.0
-    return len(a & b) / len(a | b)
+    """Character ``k``-grams of the normalised text (``duetgen.data.minhash.char_shingles``)."""
+    return char_shingles(text, k)
 
 
 @dataclass
@@ -61,36 +48,29 @@ class NearDupIndex:
 
     def __init__(self, cfg: NearDupConfig | None = None):
         self.cfg = cfg = cfg or NearDupConfig()
-        if cfg.num_perm % cfg.bands:
-            raise ValueError(f"num_perm ({cfg.num_perm}) must be a multiple of bands ({cfg.bands})")
-        self._lsh = MinHashLSH(num_perm=cfg.num_perm, params=(cfg.bands, cfg.num_perm // cfg.bands))
-        self._permutations = MinHash(cfg.num_perm, seed=cfg.seed, scheme="affine32").permutations  # drawn once
+        self._index = GreedyIndex(cfg.num_perm, cfg.bands)
+        self._hasher = MinHasher(cfg.num_perm, cfg.seed)
         self._shingles: list[set[str]] = []
-        self._minhashes: list[MinHash] = []
 
     def signature(self, sh: set[str]) -> MinHash:
-        m = MinHash(self.cfg.num_perm, seed=self.cfg.seed, permutations=self._permutations, scheme="affine32")
-        m.update_batch([s.encode() for s in sh])
-        return m
+        return self._hasher(sh)
 
     def query(self, text: str) -> tuple[int | None, set[str], MinHash]:
-        sh = shingles(text, self.cfg.shingle_k)
-        m = self.signature(sh)
-        for c in sorted(self._lsh.query(m)):  # keys are positions among the kept texts: earliest first
-            if m.jaccard(self._minhashes[c]) < self.cfg.threshold - self.cfg.prefilter_margin:
-                continue  # the estimate is too far below the threshold to be worth the exact check
-            if jaccard(sh, self._shingles[c]) >= self.cfg.threshold:
-                return c, sh, m
-        return None, sh, m
+        cfg = self.cfg
+        sh = shingles(text, cfg.shingle_k)
+        m = self._hasher(sh)
+        near = self._index.first_near(  # an estimate too far below the threshold is not worth the exact check
+            m, lambda key, estimate: (estimate >= cfg.threshold - cfg.prefilter_margin
+                                      and jaccard(sh, self._shingles[key]) >= cfg.threshold))
+        return (None if near is None else near[0]), sh, m
 
     def add(self, text: str) -> int | None:
         """Insert ``text`` unless it is a near-duplicate; return the earlier index it duplicates."""
         dup, sh, m = self.query(text)
         if dup is not None:
             return dup
-        self._lsh.insert(len(self._shingles), m, check_duplication=False)
+        self._index.add(m)
         self._shingles.append(sh)
-        self._minhashes.append(m)
         return None
 
     def __len__(self) -> int:
