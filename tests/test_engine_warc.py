@@ -25,7 +25,7 @@ from duetgen.data.engine import runner as runner_mod  # noqa: E402
 from duetgen.data.engine.extract import ExtractConfig  # noqa: E402
 from duetgen.data.engine.fetch import FetchConfig  # noqa: E402
 from duetgen.data.engine.neardup import NearDupPageConfig, PageSketcher, Sketch, decide  # noqa: E402
-from duetgen.data.engine.warc import iter_warc  # noqa: E402
+from duetgen.data.engine.warc import iter_warc, one_gzip_stream, recompress_members  # noqa: E402
 from duetgen.data.dataset import Dataset  # noqa: E402
 
 
@@ -365,6 +365,60 @@ def test_a_warc_gzipped_as_one_stream_says_how_to_fix_it(tmp_path):
     items = list(iter_warc(path))
     assert [x.kind for x in items] == ["page", "corrupt"]
     assert "warcio recompress" in items[1].reason and "\n" not in items[1].reason
+
+
+def test_a_warc_gzipped_as_one_stream_is_read_whole_from_a_per_record_copy(tmp_path):
+    """`gzip crawl.warc` makes one gzip stream (warcio reads its first record only, and shards cannot seek into
+    it): the plan copies it into the output as one member per record, and every page and image is read."""
+    import gzip
+
+    with Site() as site:
+        urls = [site.page_url("bathe-a-cat.html"), site.page_url("repot-a-plant.html")]
+        records = [plain_member(url, (PAGES_DIR / Path(url).name).read_bytes()) for url in urls]
+        images = [member(f"{site.url}/img/{name}", ctype, make()) for name, (ctype, make) in IMAGES.items()
+                  if name != "bomb.png"]
+        plain_images = [gzip.decompress(m) for m in images]
+        (tmp_path / "crawl").mkdir()
+        path = tmp_path / "crawl" / "one.warc.gz"
+        path.write_bytes(gzip.compress(b"".join([records[0], *plain_images, records[1]]) + b"junk at the end\r\n"))
+        before = path.read_bytes()
+        out = tmp_path / "ds"
+        funnel = run_engine(str(path), out, config(shard_pages=1), progress=False)
+    assert sorted(r.meta["url"] for r in Dataset(out)) == sorted(urls)
+    warc = funnel["summary"]["warc"]
+    assert warc["recompressed_files"] == 1 and warc["html_pages"] == 2 and warc["corrupt_regions"] == 1
+    assert warc["image_responses"] == len(plain_images)
+    fetch = stage(funnel, "fetch_images")["counts"]
+    assert fetch["image_from_warc"] >= 6 and fetch["image_fetched"] == 1  # only redirect-ok.jpg is not in the crawl
+    assert path.read_bytes() == before  # the input is never written
+    (copy,) = (out / "_engine" / "warc").iterdir()
+    assert copy.name.endswith("-one.warc.gz") and not one_gzip_stream(copy)
+
+
+def test_one_stream_warcs_never_crash_the_reader_and_a_gzip_bomb_stops_at_the_cap(tmp_path):
+    import gzip
+
+    pages = [plain_member(f"http://x.example/{i}.html", b"<p>%d</p>" % i * 40) for i in range(4)]
+    two = tmp_path / "two.warc.gz"  # two members of two records each: warcio's offsets went negative (OSError)
+    two.write_bytes(gzip.compress(pages[0] + pages[1]) + gzip.compress(pages[2] + pages[3]))
+    assert one_gzip_stream(two) and [x.kind for x in iter_warc(two)][:2] == ["page", "corrupt"]
+    copy = tmp_path / "two-copy.warc.gz"
+    assert recompress_members(two, copy) == 4 and [x.uri for x in iter_warc(copy)] == [
+        f"http://x.example/{i}.html" for i in range(4)]
+    bomb = tmp_path / "bomb.warc.gz"  # 2 pages, then 200 MB of zeros in ~200 KB
+    with gzip.open(bomb, "wb") as f:
+        f.write(pages[0] + pages[1])
+        for _ in range(200):
+            f.write(bytes(1 << 20))
+    assert recompress_members(bomb, copy, max_ratio=20) == 2  # stops after ~4 MB decompressed
+    assert [x.kind for x in iter_warc(copy)] == ["page", "page", "corrupt"]
+    assert copy.stat().st_size < bomb.stat().st_size
+    cut = tmp_path / "cut.warc.gz"  # a stream cut short: the records before the cut are kept
+    data = gzip.compress(b"".join(pages))
+    cut.write_bytes(data[: len(data) * 3 // 4])
+    recompress_members(cut, copy)
+    kinds = [x.kind for x in iter_warc(copy)]
+    assert kinds.count("page") >= 2 and kinds[-1] == "corrupt"
 
 
 def test_an_output_folder_holding_other_files_is_refused_untouched(tmp_path):

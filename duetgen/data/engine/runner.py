@@ -66,7 +66,7 @@ from duetgen.data.engine.images import ImageRuleConfig
 from duetgen.data.engine.language import LanguageConfig
 from duetgen.data.engine.neardup import NearDupPageConfig, PageSketcher, Sketch, decide
 from duetgen.data.engine.stages import PageFilterConfig, build_stages, page_stages, run_stages
-from duetgen.data.engine.warc import WarcImageIndex, is_warc, iter_warc
+from duetgen.data.engine.warc import WarcImageIndex, is_warc, iter_warc, one_gzip_stream, recompress_members
 from duetgen.data.dataset import MANIFEST, ShardFileWriter, atomic_write_bytes, shard_name, write_manifest
 
 ENGINE_DIR = "_engine"
@@ -196,13 +196,24 @@ def plan_shards(input_path: str | Path, shard_pages: int) -> list[ShardSpec]:
     return shards
 
 
-def scan_warc_file(task: tuple[str, int, int]) -> dict:
-    """One WARC file's shard boundaries, image responses and record counts (runs in a worker)."""
-    path, shard_pages, page_cap = task
+def scan_warc_file(task: tuple) -> dict:
+    """One WARC file's shard boundaries, image responses and record counts (runs in a worker).
+
+    ``task``: (path, pages a shard, page cap[, work folder]). With a work folder, a ``.warc.gz`` gzipped as one
+    stream is first copied there as one gzip member per record (``recompress_members``), and the copy is what
+    the shards and the image index read: the result's ``path``."""
+    path, shard_pages, page_cap, *rest = task
     groups: list[list[int]] = []  # [start offset, pages]
     images: list[tuple[str, str, int]] = []
     aliases: list[tuple[str, str]] = []  # a 3xx response's Location, a revisit's earlier copy
     counts: Counter = Counter()
+    if rest and one_gzip_stream(path):
+        key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]  # two inputs may share a name
+        copy = Path(rest[0]) / "warc" / f"{key}-{Path(path).name}"
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        recompress_members(path, copy)
+        path = str(copy)
+        counts["recompressed_files"] += 1
     for item in iter_warc(path, page_cap=page_cap, read_pages=False):
         counts["records"] += 1
         if item.kind == "image":
@@ -222,7 +233,7 @@ def scan_warc_file(task: tuple[str, int, int]) -> dict:
         if not groups:  # a corrupt region before any page
             groups.append([0, 0])
         groups[-1][1] += 1
-    if not counts:  # an empty file (or one whose bytes hold no record header at all) is counted, not silent
+    if not counts["records"]:  # an empty file (or one whose bytes hold no record header at all) is counted, not silent
         counts["files_without_records"] += 1
     return {"path": path, "groups": groups, "images": images, "aliases": aliases, "counts": dict(counts)}
 
@@ -235,7 +246,7 @@ def plan_warc(files: list[Path], shard_pages: int, page_cap: int, work: Path, ex
     index = WarcImageIndex(tmp, writable=True)
     shards: list[ShardSpec] = []
     totals: Counter = Counter()
-    for res in executor.map_ordered(scan_warc_file, [(str(p), shard_pages, page_cap) for p in files]):
+    for res in executor.map_ordered(scan_warc_file, [(str(p), shard_pages, page_cap, str(work)) for p in files]):
         index.add_many(res["images"], res["aliases"])
         totals.update(res["counts"])
         groups = res["groups"]

@@ -34,6 +34,10 @@ Design choices:
   (crawlers disagree on what it covers under a transfer or content encoding). So is a record that
   is not a WARC record (no ``WARC-Record-ID``): when a member fails to decompress early, warcio
   falls back to parsing the raw bytes as an ARC record, which swallowed the rest of the file.
+- A ``.warc.gz`` gzipped as one stream (``gzip crawl.warc``: warcio reads its first record, then refuses;
+  ``one_gzip_stream``) cannot be sought into; the planner copies it as one member per record first
+  (``recompress_members``) and reads the copy. ``iter_warc`` on the file itself yields its first record
+  and one corrupt region saying so.
 - Byte-range shards: ``iter_warc(path, start, end)`` yields the items whose record *starts* in
   ``[start, end)``. Shard boundaries are offsets of records a full scan found good, and the scan
   and the readers run this same code, so every record (and every corrupt region, owned by the
@@ -150,6 +154,9 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
             try:
                 it = ArchiveIterator(f, check_digests=True)  # recorded, not raised: only the block digest counts
                 for rec in it:
+                    if it.offset < cur or (it.offset == cur and good_end is not None):
+                        # warcio read on inside one gzip member (its offsets go wrong there, even negative)
+                        raise ValueError("non-chunked gzip: a record inside another record's gzip member")
                     cur = it.offset  # absolute (warcio counts from fh.tell()); get_record_offset() would consume the body
                     if cur >= end:
                         return
@@ -168,7 +175,7 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
                         raise ValueError(f"the record is cut short: {missing:,} of its {rec.length:,} bytes missing")
                     if any(p.startswith("block digest failed") for p in rec.digest_checker.problems):
                         raise ValueError(f"the record's WARC-Block-Digest does not match its {rec.length:,} bytes")
-                    good_end = it.offset
+                    good_end = it.offset if it.offset > cur else None  # (not inside a multi-record member)
                     in_bad = False
                     yield item
                 if it.offset < size and not in_bad:  # warcio stops quietly at a member cut short at the end
@@ -187,6 +194,140 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
                 if nxt is None:
                     return
                 pos = nxt
+
+
+def one_gzip_stream(path: str | Path) -> bool:
+    """True when ``path`` is a ``.warc.gz`` whose records share a gzip member (``gzip crawl.warc`` makes one
+    stream): warcio reads its first record, then refuses the next ("non-chunked gzip")."""
+    from warcio.archiveiterator import ArchiveIterator
+
+    if not str(path).endswith(".gz"):
+        return False
+    with open(path, "rb") as f, open(path, "rb") as probe:
+        it = ArchiveIterator(f)
+        try:
+            for i, _ in enumerate(it):
+                probe.seek(max(it.offset, 0))
+                if it.offset < 0 or probe.read(len(_GZIP_MAGIC)) != _GZIP_MAGIC:
+                    return True  # warcio read a second record inside the first member (its offset goes wrong)
+                if i >= 1:
+                    return False  # two records, each at a member's start: one member per record
+        except Exception as e:  # corrupt input is the reader's to count
+            return "non-chunked gzip" in " ".join(str(e).split())
+    return False
+
+
+class _Gunzip:
+    """The decompressed bytes of a gzip file (one stream or several members), read sequentially; a stream cut
+    short or corrupt simply ends where its good bytes end (``gzip.GzipFile`` raises and loses the bytes of its
+    last read). Raises ValueError once more than ``cap`` bytes were decompressed (a gzip bomb stops there)."""
+
+    def __init__(self, f, cap: int):
+        import zlib
+
+        self._zlib, self.f, self.cap = zlib, f, cap
+        self._d = zlib.decompressobj(31)
+        self._rest = b""  # compressed bytes after a member's end: the next member
+        self._buf, self._off = bytearray(), 0  # decompressed, not read yet from _off on
+        self._made, self._pos, self._ended = 0, 0, False  # bytes decompressed; bytes read
+
+    def _fill(self, want: int) -> None:
+        while len(self._buf) - self._off < want and not self._ended:
+            if self._d.unconsumed_tail:
+                data = self._d.unconsumed_tail
+            elif self._rest:
+                data, self._rest = self._rest, b""
+            else:
+                data = self.f.read(1 << 20)
+            if not data:
+                self._ended = True
+                break
+            try:
+                out = self._d.decompress(data, 1 << 20)
+            except self._zlib.error:
+                self._ended = True
+                break
+            if self._d.eof:
+                self._rest = self._d.unused_data
+                self._d = self._zlib.decompressobj(31)
+            self._buf += out
+            self._made += len(out)
+            if self._made > self.cap:
+                raise ValueError(f"decompresses past {self.cap:,} bytes")
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self.cap + 1
+        self._fill(n)
+        data = bytes(self._buf[self._off:self._off + n])
+        self._off += len(data)
+        self._pos += len(data)
+        if self._off >= 1 << 20:
+            del self._buf[:self._off]
+            self._off = 0
+        return data
+
+    def readline(self, n: int = -1) -> bytes:
+        while True:
+            i = self._buf.find(b"\n", self._off)
+            have = len(self._buf) - self._off
+            if i >= 0 or self._ended or 0 <= n <= have:
+                break
+            self._fill(have + (1 << 16))
+        end = have if i < 0 else i + 1 - self._off
+        return self.read(end if n < 0 else min(end, n))
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def recompress_members(src: str | Path, dst: str | Path, max_ratio: int = 100) -> int:
+    """Write the WARC ``src``, gzipped as one stream, to ``dst`` as one gzip member per record (what the reader
+    seeks to); the number of records found. The record bytes are copied as they are (digests still hold).
+
+    Two streaming passes over the decompressed data (memory: one 1 MiB read): warcio finds where the records
+    start, then each record is compressed as its own member. What the parser cannot read past (junk, a stream
+    cut short) goes as it is into the last member, where the reader counts it as a corrupt region. At most
+    ``max_ratio`` times the file's size is decompressed (a gzip bomb stops there; the rest is not read).
+    """
+    import zlib
+
+    from warcio.archiveiterator import ArchiveIterator
+
+    cap = max_ratio * max(os.path.getsize(src), 1)
+    starts, records = [0], 0
+    with open(src, "rb") as f:
+        it = ArchiveIterator(_Gunzip(f, cap))  # a plain WARC stream to warcio: offsets are decompressed positions
+        try:
+            for _ in it:
+                starts.append(it.offset)
+                records += 1
+        except Exception:  # junk, a cut stream or the cap: the bytes from here on go into the last member
+            pass
+    starts = sorted(set(starts))
+    tmp = Path(f"{dst}.tmp")
+    with open(src, "rb") as f, open(tmp, "wb") as out:
+        stream = _Gunzip(f, cap)
+        for i, start in enumerate(starts):
+            left = starts[i + 1] - start if i + 1 < len(starts) else None  # the last member: to the end
+            member = zlib.compressobj(6, zlib.DEFLATED, 31)  # gzip framing
+            wrote = 0
+            while left is None or left > 0:
+                try:
+                    chunk = stream.read(1 << 20 if left is None else min(1 << 20, left))
+                except ValueError:  # the cap: the rest is not read
+                    chunk = b""
+                if not chunk:
+                    left = 0
+                    break
+                out.write(member.compress(chunk))
+                wrote += len(chunk)
+                if left is not None:
+                    left -= len(chunk)
+            if wrote:
+                out.write(member.flush())
+    os.replace(tmp, dst)
+    return records
 
 
 def corrupt_reason(e: Exception) -> str:
