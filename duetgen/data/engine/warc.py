@@ -255,9 +255,9 @@ class _Gunzip:
             if self._made > self.cap:
                 raise ValueError(f"decompresses past {self.cap:,} bytes")
 
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            n = self.cap + 1
+    def read(self, n: int) -> bytes:
+        if n is None or n < 0:  # (warcio reads in blocks; "everything" could be cap bytes in memory)
+            raise ValueError("_Gunzip.read needs a size")
         self._fill(n)
         data = bytes(self._buf[self._off:self._off + n])
         self._off += len(data)
