@@ -193,6 +193,45 @@ def test_folder_of_saved_pages_reads_images_beside_each_page(tmp_path):
     assert [ds.read_image_bytes(p.path) for p in recs["How to Repot a Plant"].image_parts()] == [photo(3)]
 
 
+def test_an_image_a_header_rule_drops_is_never_decoded(tmp_path, monkeypatch):
+    """Size, shape and named kinds need only the header: such images are dropped by the image rules without a
+    decode (a banner whose pixels are cut short is a banner_ad, not a corrupt_image); the rest decode once."""
+    import io
+
+    from PIL import Image
+
+    from duetgen.data import images as images_mod
+    from duetgen.data.engine import document as document_mod
+
+    pages = tmp_path / "pages"
+    (pages / "img").mkdir(parents=True)
+    for i in (1, 2):
+        (pages / "img" / f"step{i}.jpg").write_bytes(photo(i))
+    banner = io.BytesIO()
+    Image.new("RGB", (728, 90), (200, 30, 30)).save(banner, format="PNG")
+    (pages / "img" / "sale.png").write_bytes(banner.getvalue()[:-40])  # the header says 728x90; the pixels are cut
+    tiny = io.BytesIO()
+    Image.new("RGB", (40, 40), (0, 90, 0)).save(tiny, format="PNG")
+    (pages / "img" / "tiny.png").write_bytes(tiny.getvalue())
+    (pages / "p.html").write_text(saved_page("How to Do a Thing", "img/step1.jpg", "img/sale.png", "img/tiny.png",
+                                             "img/step2.jpg"))
+    decoded = []
+    real = images_mod.decode_image_bytes
+    monkeypatch.setattr(images_mod, "decode_image_bytes",
+                        lambda data, where, *a, **k: decoded.append(where) or real(data, where, *a, **k))
+    with monkeypatch.context() as m:  # no funnel examples: their thumbnails decode a dropped image
+        m.setattr(document_mod, "MAX_EXAMPLES_PER_REASON", 0)
+        funnel = run_engine(pages, tmp_path / "bare", config(), progress=False)
+    assert all_drops(funnel, "image_drops") == {"banner_ad": 1, "too_small": 1}  # was corrupt_image + too_small
+    assert sorted(decoded) == ["img/step1.jpg", "img/step2.jpg"]  # the kept photos, once each; was all four
+    funnel = run_engine(pages, tmp_path / "ds", config(), progress=False)
+    examples = stage(funnel, "image_rules")["examples"]
+    assert examples["image:too_small"][0]["thumb"].startswith("data:image/jpeg")  # decoded for its example only
+    assert examples["image:banner_ad"][0]["thumb"] is None  # cut short: no thumbnail, and no failure
+    (rec,) = Dataset(tmp_path / "ds")
+    assert len(rec.image_parts()) == 2
+
+
 def test_saved_page_images_never_come_from_outside_the_input_folder(tmp_path):
     pages = tmp_path / "pages"
     (pages / "img").mkdir(parents=True)

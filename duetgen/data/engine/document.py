@@ -45,6 +45,7 @@ class ImageItem:
     image: Any = None  # decoded RGB PIL image; a large JPEG's at a DCT scale (FetchConfig.decode_side)
     grey: Any = None  # its grey ("L") version, made once by the image rules (the pHash reads it too)
     phash: int | None = None
+    verdict: tuple[str, str] | None = None  # a header rule's drop, decided before decoding (the fetch stage)
     caption: str | None = None  # from the MLLM, when configured
     category: str | None = None  # natural_photo | gui_screenshot | document_page | chart | other
 
@@ -52,6 +53,18 @@ class ImageItem:
     def size(self) -> tuple[int, int] | None:
         """The file's own (width, height), from its header: ``image`` may be decoded smaller."""
         return None if self.data is None else self.data.size
+
+    def preview(self):
+        """The decoded image, for a funnel example; bytes a header rule dropped undecoded are decoded now (None if
+        they do not decode)."""
+        if self.image is not None or self.data is None or isinstance(self.data, bytes):
+            return self.image
+        from duetgen.data.images import decode_image_bytes
+
+        try:
+            return decode_image_bytes(self.data.data, self.src[:200])[1]
+        except Exception:  # a corrupt image that a header rule dropped: no thumbnail
+            return None
 
 
 Item = TextItem | ImageItem
@@ -141,7 +154,7 @@ class StageStats:
         # the thumbnail (copy, resize, JPEG) only for an example the funnel keeps, not for every drop
         if len(self.examples.get(f"image:{reason}", ())) < MAX_EXAMPLES_PER_REASON:
             self._example(f"image:{reason}", {"doc": doc.id, "src": item.src[:300], "detail": detail[:300],
-                                              "thumb": thumbnail_data_url(item.image)})
+                                              "thumb": thumbnail_data_url(item.preview())})
 
     def drop_text(self, doc: Doc, text: str, reason: str) -> None:
         self.text_drops[reason] += 1

@@ -172,12 +172,24 @@ def _connection(scheme: str, host: str, port: int, ip: str, timeout: float,
     return conn
 
 
+@dataclass
+class UndecodedImage:
+    """Fetched image bytes whose header passed the checks (an allowed format, under the pixel cap), not decoded
+    yet: the engine decodes an image only when no header rule (size, shape, named kinds) drops it anyway.
+    Never stored: only ``ImageFetcher.load`` (a full decode) makes the ``VerifiedImageBytes`` a dataset keeps."""
+
+    data: bytes
+    format: str
+    size: tuple[int, int]
+
+
 class ImageFetcher:
     def __init__(self, cfg: FetchConfig):
         self.cfg = cfg
 
-    def fetch(self, url: str) -> tuple[bytes, "object"]:
-        """(encoded bytes, decoded RGB PIL image) of the image at ``url``. Raises FetchError."""
+    def fetch(self, url: str, decode: bool = True) -> tuple:
+        """(encoded bytes, decoded RGB PIL image) of the image at ``url``; with ``decode=False``
+        (``UndecodedImage``, None). Raises FetchError."""
         deadline = time.monotonic() + self.cfg.timeout_s
         for _ in range(self.cfg.max_redirects + 1):
             status, headers, body_or_location = self._get_once(url, deadline)
@@ -186,7 +198,7 @@ class ImageFetcher:
                     raise FetchError("http_error", f"HTTP {status} redirect without Location from {url}")
                 url = urljoin(url, body_or_location)
                 continue
-            return self._decode(body_or_location, headers, url)
+            return self._decode(body_or_location, headers, url, decode)
         raise FetchError("too_many_redirects", f"more than {self.cfg.max_redirects} redirects")
 
     def _get_once(self, url: str, deadline: float):
@@ -253,8 +265,9 @@ class ImageFetcher:
             watchdog.close()
             conn.close()
 
-    def read_local(self, root: str, page: str, src: str) -> tuple[str, bytes, "object"]:
-        """(path relative to ``root``, bytes, RGB image) of a saved page's image file. Raises FetchError.
+    def read_local(self, root: str, page: str, src: str, decode: bool = True) -> tuple:
+        """(path relative to ``root``, bytes, RGB image) of a saved page's image file (``decode=False``: as in
+        ``fetch``). Raises FetchError.
 
         ``src`` is resolved against the page's folder (``page`` is relative to ``root``). The file
         must resolve, symlinks followed, inside ``root``; it is read under the same byte, format and
@@ -286,15 +299,25 @@ class ImageFetcher:
             data = f.read(self.cfg.max_bytes + 1)
         if len(data) > self.cfg.max_bytes:  # grew after the stat
             raise FetchError("too_large", f"{where!r}: over the cap of {self.cfg.max_bytes:,} bytes")
-        return (where, *self._decode(data, None, where))
+        return (where, *self._decode(data, None, where, decode))
 
-    def _decode(self, data: bytes, headers, url: str):
+    def load(self, image: UndecodedImage, url: str) -> tuple:
+        """(VerifiedImageBytes, RGB image) of bytes fetched with ``decode=False``. Raises FetchError."""
+        return self._decode(image.data, None, url)
+
+    def _decode(self, data: bytes, headers, url: str, decode: bool = True):
         """(VerifiedImageBytes, RGB image): the one check-then-decode path (``decode_image_bytes``), so
         the dataset writer stores these bytes without decoding them again. A large JPEG's image is
-        decoded at a DCT scale (``decode_side``); the bytes' ``size`` is the file's."""
-        from duetgen.data.images import ImageError, decode_image_bytes
+        decoded at a DCT scale (``decode_side``); the bytes' ``size`` is the file's. ``decode=False``: the
+        header checks only, (``UndecodedImage``, None)."""
+        import io
+
+        from duetgen.data.images import ImageError, decode_image_bytes, inspect_image
 
         try:
+            if not decode:
+                im = inspect_image(io.BytesIO(data), url[:200], self.cfg.max_pixels, decode=False)
+                return UndecodedImage(data, im.format, im.size), None
             return decode_image_bytes(data, url[:200], self.cfg.max_pixels, self.cfg.decode_side)
         except ImageError as e:  # unsupported_format | too_many_pixels | corrupt_image
             raise FetchError(e.reason, str(e)) from None

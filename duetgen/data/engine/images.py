@@ -83,6 +83,12 @@ def image_rule(size: tuple[int, int], grey, hints: str, cfg: ImageRuleConfig) ->
     """(reason, detail) if the image must go, else None. ``size`` is the file's (width, height) from its
     header; ``grey`` the decoded image in mode "L" (a large JPEG's may be smaller: DCT-scaled decoding),
     made once by the caller (the pHash reads it too)."""
+    return header_rule(size, hints, cfg) or pixel_rule(grey, cfg)
+
+
+def header_rule(size: tuple[int, int], hints: str, cfg: ImageRuleConfig) -> tuple[str, str] | None:
+    """The rules that need no pixel: named kinds (IAB ad sizes, ad / logo / icon words) and size and shape, from
+    the file's header size and the page's hints. The engine asks them before decoding an image."""
     w, h = size
     words = hint_words(hints)
     aspect = max(w / h, h / w)
@@ -99,6 +105,11 @@ def image_rule(size: tuple[int, int], grey, hints: str, cfg: ImageRuleConfig) ->
         return "too_small", f"{w}x{h}, shorter side < {cfg.min_side}"
     if aspect > cfg.max_aspect:
         return "extreme_aspect", f"{w}x{h}, aspect {aspect:.1f} > {cfg.max_aspect}"
+    return None
+
+
+def pixel_rule(grey, cfg: ImageRuleConfig) -> tuple[str, str] | None:
+    """The rules that read the decoded (grey) image: near-uniform fills and QR codes."""
     thumb = np.asarray(grey.resize((64, 64), reducing_gap=REDUCING_GAP), dtype=np.float32)
     if thumb.std() < cfg.min_std:
         return "near_uniform", f"grey std {thumb.std():.1f} < {cfg.min_std}"

@@ -32,9 +32,9 @@ from urllib.parse import urljoin, urlsplit
 
 from duetgen.data.engine.document import Doc, ImageItem, StageStats, TextItem, counted
 from duetgen.data.engine.extract import ExtractConfig, ExtractError, extract
-from duetgen.data.engine.fetch import FetchConfig, FetchError, ImageFetcher
+from duetgen.data.engine.fetch import FetchConfig, FetchError, ImageFetcher, UndecodedImage
 from duetgen.data.engine.fetch import ALLOWED_CONTENT_TYPES
-from duetgen.data.engine.images import ImageRuleConfig, hamming, image_rule, phash
+from duetgen.data.engine.images import ImageRuleConfig, hamming, header_rule, phash, pixel_rule
 from duetgen.data.engine.language import LanguageFilter
 from duetgen.data.engine.text import clean_block, numbers_in, strip_step_prefix, title_to_question
 from duetgen.data.record import ImagePart, Message, Record, TextPart
@@ -139,9 +139,11 @@ class FetchImages:
 
     name = "fetch_images"
 
-    def __init__(self, cfg: FetchConfig, threads: int = 8, warc_index: str | None = None):
+    def __init__(self, cfg: FetchConfig, threads: int = 8, warc_index: str | None = None,
+                 rules: ImageRuleConfig | None = None):
         self.fetcher = ImageFetcher(cfg)
         self.threads = threads
+        self.rules = rules  # the image rules that follow: an image a header rule drops is never decoded
         self.index = None
         if warc_index is not None:
             from duetgen.data.engine.warc import WarcImageIndex
@@ -159,21 +161,53 @@ class FetchImages:
         mime, data = read_warc_image(path, offset, self.fetcher.cfg.max_bytes)
         if mime not in ALLOWED_CONTENT_TYPES:
             raise FetchError("bad_content_type", f"Content-Type {mime!r} in the WARC is not a raster image")
-        return (*self.fetcher._decode(data, None, url), f"{Path(path).name}@{offset}")
+        return (*self.fetcher._decode(data, None, url, decode=self.rules is None), f"{Path(path).name}@{offset}")
 
     def _fetch(self, url: str):
         try:
             if self.index is not None and (got := self._from_warc(url)) is not None:
                 return got
-            return self.fetcher.fetch(url)
+            return self.fetcher.fetch(url, decode=self.rules is None)
         except FetchError as e:
             return e
 
     def _read(self, d: Doc, src: str):
         try:
-            return self.fetcher.read_local(d.local_root, d.local_page, src)
+            return self.fetcher.read_local(d.local_root, d.local_page, src, decode=self.rules is None)
         except FetchError as e:
             return e
+
+    def _load_needed(self, d: Doc, fetched: dict, files: dict, pool) -> dict[int, tuple[str, str]]:
+        """The header rules of every image of ``d`` ({id(item): (reason, detail)} for those they drop); the
+        bytes some image still needs are decoded now, in place in ``fetched`` / ``files`` (once each)."""
+        verdicts, need = {}, {}
+        for x in d.images:
+            table, key = (files, x.src) if x.src in files else (fetched, x.url)
+            got = table.get(key)
+            if not isinstance(got, tuple):
+                continue
+            data = got[1] if table is files else got[0]  # files: (where, data, image); fetched: (data, image[, warc])
+            if not isinstance(data, UndecodedImage):
+                continue
+            if (verdict := header_rule(data.size, x.hints, self.rules)) is not None:
+                verdicts[id(x)] = verdict
+            else:
+                need[(id(table), key)] = (table, key)
+
+        def load(job):
+            table, key = job
+            got = table[key]
+            try:
+                if table is files:
+                    return (got[0], *self.fetcher.load(got[1], got[0]))
+                return (*self.fetcher.load(got[0], key), *got[2:])
+            except FetchError as e:
+                return e
+
+        jobs = list(need.values())
+        for (table, key), got in zip(jobs, pool.map(load, jobs)):
+            table[key] = got
+        return verdicts
 
     def __call__(self, docs, stats):
         with ThreadPoolExecutor(self.threads) as pool:
@@ -191,6 +225,7 @@ class FetchImages:
                 urls = sorted({i.url for i in d.images if i.url and urlsplit(i.url).scheme in ("http", "https")})
                 fetched = dict(zip(urls, pool.map(self._fetch, urls)))  # each URL once per page
                 files = dict(zip(files, pool.map(lambda src: self._read(d, src), files)))
+                verdicts = {} if self.rules is None else self._load_needed(d, fetched, files, pool)
                 kept = []
                 for x in d.items:
                     if isinstance(x, ImageItem):
@@ -200,6 +235,7 @@ class FetchImages:
                                 stats.drop_image(d, x, got.reason, got.detail)
                                 continue
                             x.file, x.data, x.image = got
+                            x.verdict = verdicts.get(id(x))
                             kept.append(x)
                             continue
                         if x.url is None:
@@ -214,6 +250,7 @@ class FetchImages:
                             stats.drop_image(d, x, got.reason, got.detail)
                             continue
                         x.data, x.image = got[:2]
+                        x.verdict = verdicts.get(id(x))
                         if len(got) == 3:
                             x.warc = got[2]
                             stats.counts["image_from_warc"] += 1
@@ -236,8 +273,13 @@ class ImageRules:
             kept = []
             for x in d.items:
                 if isinstance(x, ImageItem):
-                    x.grey = x.image.convert("L")  # once: the uniformity test, the QR check and the pHash read it
-                    verdict = image_rule(x.size, x.grey, x.hints, self.cfg)
+                    verdict = x.verdict or header_rule(x.size, x.hints, self.cfg)  # the fetch stage may have decided
+                    if verdict is None:
+                        if x.image is None:
+                            raise RuntimeError(f"image_rules: {x.src[:100]!r} was not decoded and no header rule "
+                                               "drops it (FetchImages needs these rules to decode what they keep)")
+                        x.grey = x.image.convert("L")  # once: the uniformity test, the QR check and the pHash read it
+                        verdict = pixel_rule(x.grey, self.cfg)
                     if verdict is not None:
                         stats.drop_image(d, x, *verdict)
                         continue
@@ -578,7 +620,7 @@ def page_stages(cfg) -> list:
 
 def build_stages(cfg, client=None, warc_index: str | None = None) -> list:
     """Pass 2 (runner.py): images, text and dialogue for the pages that passed pass 1 and dedup."""
-    stages = [FetchImages(cfg.fetch, cfg.fetch_threads, warc_index), ImageRules(cfg.images)]
+    stages = [FetchImages(cfg.fetch, cfg.fetch_threads, warc_index, rules=cfg.images), ImageRules(cfg.images)]
     if client is not None:
         stages.append(CaptionImages(client, cfg.llm_batch_pages))
     stages += [DedupConsecutive(cfg.dedup_max_distance), RequireImages(cfg.pages.min_images), CleanText()]
