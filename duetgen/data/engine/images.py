@@ -12,9 +12,10 @@ Design choices:
 - Icons, logos and banner ads are recognised by the words around the image (class, id, alt,
   file name, link target) and, for ads, by the standard IAB ad-unit sizes.
 - QR codes: zxing-cpp (a C++ barcode reader; a code counts only when it decodes) on the grey image
-  (longer side at most 1,280 px), then once more on OpenCV's adaptive-mean threshold of it (block
-  25, C 5), which reads the low-contrast codes zxing's own binarizer misses (dark 20-60 on light
-  60-120 pasted on a photo). Measured on tests/test_engine_qr.py's set (146 real QR codes written
+  (longer side at most 1,280 px; without zxing's inverted second pass, which the next read makes),
+  then once more on OpenCV's adaptive-mean threshold of it (block 25, C 5, zxing's inversion on),
+  which reads the low-contrast codes zxing's own binarizer misses (dark 20-60 on light 60-120 pasted
+  on a photo) and the light-on-dark ones. Measured on tests/test_engine_qr.py's set (146 real QR codes written
   with segno: module sizes 1.2-30 px, rotated, perspective, blurred, noisy, JPEG'd, low-contrast,
   inverted, in photos up to 3000x2000; 117 images without one): it reads every code OpenCV's
   ``QRCodeDetectorAruco`` (detect + decode on a 640 px copy, the rule before) read, 11 more, and
@@ -72,7 +73,7 @@ def has_qr_code(grey) -> bool:
         grey = grey.copy()
         grey.thumbnail((QR_MAX_SIDE, QR_MAX_SIDE))
     g = np.asarray(grey)
-    if zxingcpp.read_barcodes(g, formats=zxingcpp.BarcodeFormat.QRCode):
+    if zxingcpp.read_barcodes(g, formats=zxingcpp.BarcodeFormat.QRCode, try_invert=False):
         return True
     binary = cv2.adaptiveThreshold(g, 255, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY, 25, 5)
     return bool(zxingcpp.read_barcodes(binary, formats=zxingcpp.BarcodeFormat.QRCode,
