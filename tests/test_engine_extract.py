@@ -88,6 +88,21 @@ def test_hostile_pages_are_refused_with_a_reason():
     assert [t.text for t in d.texts] == ["deep text", "after"]
 
 
+def test_control_characters_and_binary_pages_never_crash_extraction():
+    """A page with NUL / control bytes (a binary body served as text/html) crashed the whole run in lxml when the
+    boilerplate around them was dropped (ValueError: All strings must be XML compatible): now they are removed."""
+    html = "<html><body><article><p>Rinse\x00 the cat\x01.</p><nav>menu</nav>\x00tail\x0b text<p>more\ufffe</p>"
+    d = extract(Doc(id="ctl", url=None, html=html + "</article></body></html>"), ExtractConfig())
+    assert [t.text for t in d.texts] == ["Rinse the cat.", "tail text", "more"]
+    import random
+
+    noise = bytes(random.Random(0).getrandbits(8) for _ in range(20000))
+    try:
+        extract(Doc(id="noise", url=None, html=noise), ExtractConfig())
+    except ExtractError:  # refused with a reason is fine; any other exception is not
+        pass
+
+
 def test_clean_block_rules():
     assert clean_block("Avoid the eyes!!!   Visit http://www.example-vets.org/tips for more tips.") == "Avoid the eyes!"
     assert clean_block("Read about [cat shampoo](https://shop.example/s?id=1) first .") == "Read about cat shampoo first."

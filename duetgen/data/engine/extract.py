@@ -31,6 +31,9 @@ from duetgen.data.engine.document import Doc, ImageItem, TextItem
 
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I)
 _XML_DECL = re.compile(r"^\s*<\?xml[^>]*\?>")
+# characters lxml refuses in a text node (NUL, C0 controls but tab / newline / CR, U+FFFE / U+FFFF, surrogates): the
+# HTML parser keeps them, and editing the tree (dropping boilerplate joins its tail text) then raised ValueError
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
 _WS = re.compile(r"[ \t\r\f\v\u00a0]+")
 
 DROP_TAGS = {"script", "style", "noscript", "template", "iframe", "object", "embed", "form", "button", "input",
@@ -206,7 +209,7 @@ def extract(doc: Doc, cfg: ExtractConfig) -> Doc:
         doc.meta["encoding"] = enc
     else:
         text = raw
-    text = _XML_DECL.sub("", text)
+    text = _NOT_XML.sub("", _XML_DECL.sub("", text))
     if not text.strip():
         raise ExtractError("empty_page", "page has no content")
     try:
