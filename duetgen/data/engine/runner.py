@@ -66,7 +66,7 @@ from duetgen.data.engine.images import ImageRuleConfig
 from duetgen.data.engine.language import LanguageConfig
 from duetgen.data.engine.neardup import NearDupPageConfig, PageSketcher, Sketch, decide
 from duetgen.data.engine.stages import PageFilterConfig, build_stages, page_stages, run_stages
-from duetgen.data.engine.warc import WarcImageIndex, is_warc, iter_warc, one_gzip_stream, recompress_members
+from duetgen.data.engine.warc import ONE_STREAM, WarcImageIndex, is_warc, iter_warc, recompress_members
 from duetgen.data.dataset import MANIFEST, ShardFileWriter, atomic_write_bytes, shard_name, write_manifest
 
 ENGINE_DIR = "_engine"
@@ -199,21 +199,30 @@ def plan_shards(input_path: str | Path, shard_pages: int) -> list[ShardSpec]:
 def scan_warc_file(task: tuple) -> dict:
     """One WARC file's shard boundaries, image responses and record counts (runs in a worker).
 
-    ``task``: (path, pages a shard, page cap[, work folder]). With a work folder, a ``.warc.gz`` gzipped as one
-    stream is first copied there as one gzip member per record (``recompress_members``), and the copy is what
-    the shards and the image index read: the result's ``path``."""
+    ``task``: (path, pages a shard, page cap[, work folder]). With a work folder, a ``.warc.gz`` whose records
+    share gzip members (``gzip crawl.warc``; the scan meets it as a corrupt region saying so) is copied there as
+    one gzip member per record (``recompress_members``) and scanned again: the copy is what the shards and the
+    image index read (the result's ``path``)."""
     path, shard_pages, page_cap, *rest = task
-    groups: list[list[int]] = []  # [start offset, pages]
-    images: list[tuple[str, str, int]] = []
-    aliases: list[tuple[str, str]] = []  # a 3xx response's Location, a revisit's earlier copy
-    counts: Counter = Counter()
-    if rest and one_gzip_stream(path):
+    scanned = _scan_warc(path, shard_pages, page_cap)
+    if rest and scanned.pop("one_stream"):
         key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]  # two inputs may share a name
         copy = Path(rest[0]) / "warc" / f"{key}-{Path(path).name}"
         copy.parent.mkdir(parents=True, exist_ok=True)
         recompress_members(path, copy)
-        path = str(copy)
-        counts["recompressed_files"] += 1
+        scanned = _scan_warc(str(copy), shard_pages, page_cap)
+        scanned["counts"]["recompressed_files"] = 1
+    scanned.pop("one_stream", None)
+    scanned["counts"] = dict(scanned["counts"])
+    return scanned
+
+
+def _scan_warc(path: str, shard_pages: int, page_cap: int) -> dict:
+    groups: list[list[int]] = []  # [start offset, pages]
+    images: list[tuple[str, str, int]] = []
+    aliases: list[tuple[str, str]] = []  # a 3xx response's Location, a revisit's earlier copy
+    counts: Counter = Counter()
+    one_stream = False
     for item in iter_warc(path, page_cap=page_cap, read_pages=False):
         counts["records"] += 1
         if item.kind == "image":
@@ -227,6 +236,7 @@ def scan_warc_file(task: tuple) -> dict:
                 aliases.append((item.uri, item.alias_of))
             continue
         counts[{"page": "html_pages", "too_large": "too_large_pages", "corrupt": "corrupt_regions"}[item.kind]] += 1
+        one_stream |= item.kind == "corrupt" and item.reason.startswith(ONE_STREAM)
         # a corrupt region belongs with the record it is charged to: never a group start
         if item.kind != "corrupt" and (not groups or groups[-1][1] >= shard_pages):
             groups.append([0 if not groups else item.offset, 0])
@@ -235,7 +245,8 @@ def scan_warc_file(task: tuple) -> dict:
         groups[-1][1] += 1
     if not counts["records"]:  # an empty file (or one whose bytes hold no record header at all) is counted, not silent
         counts["files_without_records"] += 1
-    return {"path": path, "groups": groups, "images": images, "aliases": aliases, "counts": dict(counts)}
+    return {"path": path, "groups": groups, "images": images, "aliases": aliases, "counts": counts,
+            "one_stream": one_stream}
 
 
 def plan_warc(files: list[Path], shard_pages: int, page_cap: int, work: Path, executor) -> tuple[list[ShardSpec], dict]:

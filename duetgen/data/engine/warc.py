@@ -34,10 +34,12 @@ Design choices:
   (crawlers disagree on what it covers under a transfer or content encoding). So is a record that
   is not a WARC record (no ``WARC-Record-ID``): when a member fails to decompress early, warcio
   falls back to parsing the raw bytes as an ARC record, which swallowed the rest of the file.
-- A ``.warc.gz`` gzipped as one stream (``gzip crawl.warc``: warcio reads its first record, then refuses;
-  ``one_gzip_stream``) cannot be sought into; the planner copies it as one member per record first
-  (``recompress_members``) and reads the copy. ``iter_warc`` on the file itself yields its first record
-  and one corrupt region saying so.
+- A ``.warc.gz`` gzipped as one stream (``gzip crawl.warc``: warcio reads its first record, then refuses)
+  cannot be sought into: ``iter_warc`` yields its first record and one corrupt region whose reason starts
+  with ``ONE_STREAM``, and the planner then copies the file as one member per record
+  (``recompress_members``) and reads the copy.
+- warcio reads a header line with no cap (a gzip member of zeros was read whole into memory, joined
+  quadratically): lines are read at most ``MAX_LINE_BYTES`` at a time.
 - Byte-range shards: ``iter_warc(path, start, end)`` yields the items whose record *starts* in
   ``[start, end)``. Shard boundaries are offsets of records a full scan found good, and the scan
   and the readers run this same code, so every record (and every corrupt region, owned by the
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import re
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -124,6 +127,25 @@ def _classify(rec, offset: int, page_cap: int, read_pages: bool) -> WarcItem:
                     data=body if read_pages else None, **base)
 
 
+MAX_LINE_BYTES = 1 << 20  # a WARC or HTTP header line is never near this
+
+
+def _archive_iterator(f, check_digests: bool):
+    """warcio's ``ArchiveIterator`` over ``f``, its header lines read at most ``MAX_LINE_BYTES`` at a time: warcio
+    reads a line with no cap, joining pieces as it goes, so a gzip member of 52 MB of zeros (50 KB in the file)
+    took 1.7 s and ~1 GB of memory before it was found corrupt (a member of junk is read as a header line)."""
+    from warcio.archiveiterator import ArchiveIterator
+    from warcio.bufferedreaders import DecompressingBufferedReader
+
+    class CappedLines(DecompressingBufferedReader):
+        def readline(self, length=None):
+            return super().readline(MAX_LINE_BYTES if length is None else min(length, MAX_LINE_BYTES))
+
+    it = ArchiveIterator(f, check_digests=check_digests)
+    it.reader = CappedLines(it.fh, block_size=it.reader.block_size)  # not read from yet
+    return it
+
+
 def _find(f, magic: bytes, start: int, size: int) -> int | None:
     """Offset of the next ``magic`` at or after ``start`` (read in 1 MiB windows), or None."""
     pos = start
@@ -140,8 +162,6 @@ def _find(f, magic: bytes, start: int, size: int) -> int | None:
 def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap: int = 5_000_000,
               read_pages: bool = True) -> Iterator[WarcItem]:
     """The items of the records starting in ``[start, end)`` of one WARC file (see the module docstring)."""
-    from warcio.archiveiterator import ArchiveIterator
-
     magic = _GZIP_MAGIC if str(path).endswith(".gz") else _WARC_MAGIC
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -152,7 +172,7 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
             cur = pos  # the record being read (a failure is charged to it)
             good_end = None  # where the last record read whole ends (the next one starts there)
             try:
-                it = ArchiveIterator(f, check_digests=True)  # recorded, not raised: only the block digest counts
+                it = _archive_iterator(f, check_digests=True)  # recorded, not raised: only the block digest counts
                 for rec in it:
                     if it.offset < cur or (it.offset == cur and good_end is not None):
                         # warcio read on inside one gzip member (its offsets go wrong there, even negative)
@@ -196,136 +216,153 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
                 pos = nxt
 
 
+ONE_STREAM = "the file is one gzip stream"  # how a corrupt region's reason starts when records share a gzip member
+
+
 def one_gzip_stream(path: str | Path) -> bool:
-    """True when ``path`` is a ``.warc.gz`` whose records share a gzip member (``gzip crawl.warc`` makes one
-    stream): warcio reads its first record, then refuses the next ("non-chunked gzip")."""
-    from warcio.archiveiterator import ArchiveIterator
+    """True when ``path`` is gzip whose records share a gzip member somewhere (``gzip crawl.warc`` makes one
+    stream; ``cat`` of such a file after a per-record one too): the reader meets it as a corrupt region whose
+    reason starts with ``ONE_STREAM``. A full read of the file (the scan that plans the shards is one)."""
+    with open(path, "rb") as f:
+        if f.read(len(_GZIP_MAGIC)) != _GZIP_MAGIC:
+            return False  # not gzip at all (an uncompressed WARC named .warc.gz reads as it is)
+    return any(x.kind == "corrupt" and x.reason.startswith(ONE_STREAM) for x in iter_warc(path, read_pages=False))
 
-    if not str(path).endswith(".gz"):
-        return False
-    with open(path, "rb") as f, open(path, "rb") as probe:
-        it = ArchiveIterator(f)
+
+def _gzip_pieces(f, cap: int) -> Iterator[tuple[str, bytes]]:
+    """The file ``f`` as ("data", decompressed bytes) pieces of at most 1 MiB, member after member, and ("junk",
+    raw bytes) for what cannot be decompressed (from the start of the member that failed to the next gzip magic;
+    trailing bytes). Stops, with ("cap", b""), once more than ``cap`` bytes were decompressed (a gzip bomb)."""
+    import zlib
+
+    size = os.fstat(f.fileno()).st_size
+    start, made = 0, 0  # the current member's file offset; bytes decompressed so far
+    while start < size:
+        f.seek(start)
+        d, at, produced = zlib.decompressobj(31), start, False
         try:
-            for i, _ in enumerate(it):
-                probe.seek(max(it.offset, 0))
-                if it.offset < 0 or probe.read(len(_GZIP_MAGIC)) != _GZIP_MAGIC:
-                    return True  # warcio read a second record inside the first member (its offset goes wrong)
-                if i >= 1:
-                    return False  # two records, each at a member's start: one member per record
-        except Exception as e:  # corrupt input is the reader's to count
-            return "non-chunked gzip" in " ".join(str(e).split())
-    return False
+            while not d.eof:
+                data = d.unconsumed_tail or f.read(1 << 20)
+                if not data:
+                    break  # cut short at the end of the file: its bytes so far were handed out
+                at += 0 if d.unconsumed_tail else len(data)
+                out = d.decompress(data, 1 << 20)
+                if out:
+                    produced, made = True, made + len(out)
+                    yield "data", out
+                    if made > cap:
+                        yield "cap", b""
+                        return
+        except zlib.error:
+            nxt = _find(f, _GZIP_MAGIC, start + 1, size)
+            end = size if nxt is None else nxt
+            for pos in range(start, end, 1 << 20):
+                f.seek(pos)
+                yield "junk", f.read(min(1 << 20, end - pos))
+            start = end
+            continue
+        if not d.eof:
+            return
+        start = at - len(d.unused_data)  # the next member starts right after this one
+        del produced
 
 
-class _Gunzip:
-    """The decompressed bytes of a gzip file (one stream or several members), read sequentially; a stream cut
-    short or corrupt simply ends where its good bytes end (``gzip.GzipFile`` raises and loses the bytes of its
-    last read). Raises ValueError once more than ``cap`` bytes were decompressed (a gzip bomb stops there)."""
+_CONTENT_LENGTH = re.compile(rb"^content-length:[ \t]*(\d+)[ \t]*\r?$", re.I | re.M)
+MAX_HEADER_BYTES = 1 << 16  # a WARC record's headers (its HTTP headers are inside its block)
 
-    def __init__(self, f, cap: int):
+
+class _MemberWriter:
+    """Writes the copy: one gzip member at a time, and raw bytes between members."""
+
+    def __init__(self, out):
         import zlib
 
-        self._zlib, self.f, self.cap = zlib, f, cap
-        self._d = zlib.decompressobj(31)
-        self._rest = b""  # compressed bytes after a member's end: the next member
-        self._buf, self._off = bytearray(), 0  # decompressed, not read yet from _off on
-        self._made, self._pos, self._ended = 0, 0, False  # bytes decompressed; bytes read
+        self._zlib, self.out, self._member = zlib, out, None
 
-    def _fill(self, want: int) -> None:
-        while len(self._buf) - self._off < want and not self._ended:
-            if self._d.unconsumed_tail:
-                data = self._d.unconsumed_tail
-            elif self._rest:
-                data, self._rest = self._rest, b""
-            else:
-                data = self.f.read(1 << 20)
-            if not data:
-                self._ended = True
-                break
-            try:
-                out = self._d.decompress(data, 1 << 20)
-            except self._zlib.error:
-                self._ended = True
-                break
-            if self._d.eof:
-                self._rest = self._d.unused_data
-                self._d = self._zlib.decompressobj(31)
-            self._buf += out
-            self._made += len(out)
-            if self._made > self.cap:
-                raise ValueError(f"decompresses past {self.cap:,} bytes")
+    def write(self, data) -> None:
+        if data:
+            if self._member is None:
+                self._member = self._zlib.compressobj(6, self._zlib.DEFLATED, 31)  # gzip framing
+            self.out.write(self._member.compress(bytes(data)))
 
-    def read(self, n: int) -> bytes:
-        if n is None or n < 0:  # (warcio reads in blocks; "everything" could be cap bytes in memory)
-            raise ValueError("_Gunzip.read needs a size")
-        self._fill(n)
-        data = bytes(self._buf[self._off:self._off + n])
-        self._off += len(data)
-        self._pos += len(data)
-        if self._off >= 1 << 20:
-            del self._buf[:self._off]
-            self._off = 0
-        return data
+    def end(self) -> None:
+        if self._member is not None:
+            self.out.write(self._member.flush())
+            self._member = None
 
-    def readline(self, n: int = -1) -> bytes:
-        while True:
-            i = self._buf.find(b"\n", self._off)
-            have = len(self._buf) - self._off
-            if i >= 0 or self._ended or 0 <= n <= have:
-                break
-            self._fill(have + (1 << 16))
-        end = have if i < 0 else i + 1 - self._off
-        return self.read(end if n < 0 else min(end, n))
-
-    def tell(self) -> int:
-        return self._pos
+    def raw(self, data: bytes) -> None:
+        self.end()
+        self.out.write(data)
 
 
 def recompress_members(src: str | Path, dst: str | Path, max_ratio: int = 100) -> int:
-    """Write the WARC ``src``, gzipped as one stream, to ``dst`` as one gzip member per record (what the reader
-    seeks to); the number of records found. The record bytes are copied as they are (digests still hold).
+    """Write the gzipped WARC ``src``, whose records share gzip members, to ``dst`` as one gzip member per record
+    (what the reader seeks to); the number of records found. The record bytes are copied as they are.
 
-    Two streaming passes over the decompressed data (memory: one 1 MiB read): warcio finds where the records
-    start, then each record is compressed as its own member. What the parser cannot read past (junk, a stream
-    cut short) goes as it is into the last member, where the reader counts it as a corrupt region. At most
-    ``max_ratio`` times the file's size is decompressed (a gzip bomb stops there; the rest is not read).
+    One streaming pass (memory: 1 MiB pieces and at most one record's headers): a record is its WARC headers (up to
+    the blank line, at most 64 KiB) and then ``Content-Length`` bytes and its blank lines, so the records are split
+    without parsing their blocks. Bytes that are no record (junk after a record, a record whose headers do not
+    parse) go into a member of their own up to the next ``WARC/1.`` at a line start (the reader counts it as one
+    corrupt region); gzip bytes that do not decompress are copied raw up to the next gzip member, where the reader
+    finds them too; a stream cut short ends the copy with the record it was in. At most ``max_ratio`` times the
+    file's size is decompressed (a gzip bomb stops there; the rest is not read).
     """
-    import zlib
-
-    from warcio.archiveiterator import ArchiveIterator
-
     cap = max_ratio * max(os.path.getsize(src), 1)
-    starts, records = [0], 0
-    with open(src, "rb") as f:
-        it = ArchiveIterator(_Gunzip(f, cap))  # a plain WARC stream to warcio: offsets are decompressed positions
-        try:
-            for _ in it:
-                starts.append(it.offset)
-                records += 1
-        except Exception:  # junk, a cut stream or the cap: the bytes from here on go into the last member
-            pass
-    starts = sorted(set(starts))
     tmp = Path(f"{dst}.tmp")
+    records, state, left = 0, "header", 0  # state: "header" | "block" (left bytes of it) | "junk"
+    buf = bytearray()
     with open(src, "rb") as f, open(tmp, "wb") as out:
-        stream = _Gunzip(f, cap)
-        for i, start in enumerate(starts):
-            left = starts[i + 1] - start if i + 1 < len(starts) else None  # the last member: to the end
-            member = zlib.compressobj(6, zlib.DEFLATED, 31)  # gzip framing
-            wrote = 0
-            while left is None or left > 0:
-                try:
-                    chunk = stream.read(1 << 20 if left is None else min(1 << 20, left))
-                except ValueError:  # the cap: the rest is not read
-                    chunk = b""
-                if not chunk:
-                    left = 0
+        writer = _MemberWriter(out)
+        for kind, piece in _gzip_pieces(f, cap):
+            if kind != "data":
+                writer.write(buf)  # the record (or junk) in progress ends here, cut short
+                buf.clear()
+                writer.end()
+                if kind == "cap":
                     break
-                out.write(member.compress(chunk))
-                wrote += len(chunk)
-                if left is not None:
-                    left -= len(chunk)
-            if wrote:
-                out.write(member.flush())
+                writer.raw(piece)
+                state = "header"
+                continue
+            buf += piece
+            while buf:
+                if state == "block":
+                    take = min(left, len(buf))
+                    writer.write(buf[:take])
+                    del buf[:take]
+                    left -= take
+                    if left:
+                        break
+                    writer.end()
+                    state = "header"
+                elif state == "header":
+                    skip = len(buf) - len(buf.lstrip(b"\r\n"))  # blank lines between records
+                    del buf[:skip]
+                    if not buf:
+                        break
+                    end = buf.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES)
+                    if end < 0 and len(buf) < MAX_HEADER_BYTES and _WARC_MAGIC.startswith(bytes(buf[:7])):
+                        break  # the headers may go on in the next piece
+                    found = _CONTENT_LENGTH.search(buf, 0, end) if end >= 0 and buf.startswith(_WARC_MAGIC) else None
+                    if found is None:
+                        state = "junk"
+                        continue
+                    length = int(found[1])  # (before buf changes: the match reads it)
+                    writer.write(buf[:end + 4])
+                    del buf[:end + 4]
+                    left, state, records = length + 4, "block", records + 1  # + the blank lines after the block
+                else:  # junk: up to the next record's start
+                    nxt = buf.find(b"\n" + _WARC_MAGIC, 1)
+                    if nxt < 0:
+                        keep = len(_WARC_MAGIC)
+                        writer.write(buf[:-keep])
+                        del buf[:-keep]
+                        break
+                    writer.write(buf[:nxt + 1])
+                    del buf[:nxt + 1]
+                    writer.end()
+                    state = "header"
+        writer.write(buf)
+        writer.end()
     os.replace(tmp, dst)
     return records
 
@@ -334,22 +371,20 @@ def corrupt_reason(e: Exception) -> str:
     """One line for the funnel (warcio's messages span lines, and one starts with a blank one)."""
     text = " ".join(str(e).split())
     if "non-chunked gzip" in text:  # `gzip crawl.warc`: one gzip stream, so no record after the first can be sought
-        return ("the file is one gzip stream, not one gzip member per record (`gzip crawl.warc` makes that): "
-                "recompress it with `warcio recompress IN OUT`")
+        return (f"{ONE_STREAM}, not one gzip member per record (`gzip crawl.warc` makes that): the engine reads a "
+                "copy with one member per record; by hand: `warcio recompress IN OUT`")
     return f"{type(e).__name__}: {text[:200]}"
 
 
 def read_warc_image(path: str | Path, offset: int, max_bytes: int) -> tuple[str, bytes]:
     """(mime, body) of the image response at ``offset``. Raises FetchError (too_large / corrupt_warc_record)."""
-    from warcio.archiveiterator import ArchiveIterator
-
     from duetgen.data.engine.fetch import FetchError
 
     where = f"{Path(path).name}@{offset}"
     with open(path, "rb") as f:
         f.seek(offset)
         try:
-            rec = next(iter(ArchiveIterator(f, check_digests=False)))
+            rec = next(iter(_archive_iterator(f, check_digests=False)))
             length = int(rec.rec_headers.get_header("Content-Length") or 0)
             if length > max_bytes + HTTP_HEADER_SLACK:
                 raise FetchError("too_large", f"{where}: record of {length:,} bytes > cap {max_bytes:,}")
