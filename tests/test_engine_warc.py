@@ -448,6 +448,18 @@ def test_every_record_of_a_mixed_or_damaged_gzip_layout_is_read(tmp_path, layout
         f"http://x.example/{i}.html" for i in range(6)]
 
 
+def test_a_record_with_short_blank_lines_does_not_swallow_the_next_one_in_the_copy(tmp_path):
+    import gzip
+
+    pages = [plain_member(f"http://x.example/{i}.html", b"<p>page %d</p>" % i * 30) for i in range(3)]
+    assert pages[1].endswith(b"\r\n\r\n")
+    path, copy = tmp_path / "in.warc.gz", tmp_path / "copy.warc.gz"
+    path.write_bytes(gzip.compress(pages[0] + pages[1][:-2] + pages[2]))  # one blank line after record 1, not two
+    assert recompress_members(path, copy) == 3
+    items = [(x.kind, x.uri) for x in iter_warc(copy)]
+    assert items[0] == ("page", "http://x.example/0.html") and items[-1] == ("page", "http://x.example/2.html"), items
+
+
 def test_a_gzip_member_of_zeros_is_corrupt_without_reading_it_into_memory(tmp_path):
     """warcio reads a header line with no cap: a member of 52 MB of zeros (50 KB in the file) took ~1 GB of memory
     and 1.7 s before it was found corrupt. Lines are capped at 1 MiB now (~47 MB at the peak, whatever the size)."""

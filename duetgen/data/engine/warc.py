@@ -309,7 +309,7 @@ def recompress_members(src: str | Path, dst: str | Path, max_ratio: int = 100) -
     """
     cap = max_ratio * max(os.path.getsize(src), 1)
     tmp = Path(f"{dst}.tmp")
-    records, state, left = 0, "header", 0  # state: "header" | "block" (left bytes of it) | "junk"
+    records, state, left = 0, "header", 0  # state: "header" | "block" (left bytes of it) | "tail" | "junk"
     buf = bytearray()
     with open(src, "rb") as f, open(tmp, "wb") as out:
         writer = _MemberWriter(out)
@@ -332,6 +332,14 @@ def recompress_members(src: str | Path, dst: str | Path, max_ratio: int = 100) -
                     left -= take
                     if left:
                         break
+                    state, left = "tail", 4
+                elif state == "tail":  # the blank lines after the block ("\r\n\r\n"; fewer, or bare "\n", kept too)
+                    while left and buf and buf[0] in b"\r\n":
+                        writer.write(buf[:1])
+                        del buf[:1]
+                        left -= 1
+                    if left and not buf:
+                        break
                     writer.end()
                     state = "header"
                 elif state == "header":
@@ -349,7 +357,7 @@ def recompress_members(src: str | Path, dst: str | Path, max_ratio: int = 100) -
                     length = int(found[1])  # (before buf changes: the match reads it)
                     writer.write(buf[:end + 4])
                     del buf[:end + 4]
-                    left, state, records = length + 4, "block", records + 1  # + the blank lines after the block
+                    left, state, records = length, "block", records + 1
                 else:  # junk: up to the next record's start
                     nxt = buf.find(b"\n" + _WARC_MAGIC, 1)
                     if nxt < 0:
