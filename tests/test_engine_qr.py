@@ -203,3 +203,18 @@ def test_low_contrast_inverted_codes_need_the_second_reads_inversion():
         code = qr(URLS[0], 4, dark=(light,) * 3, light=(dark,) * 3)
         found.append(has_qr_code(pasted(photo(seed), code, (100, 100)).convert("L")))
     assert found == [True, True]
+
+
+def test_light_on_dark_codes_are_read_at_every_module_size():
+    """The first read does not invert (the later reads do): light-on-dark codes with modules wider than the
+    adaptive threshold's block (25 px) turn white there, so they are read inverted at a quarter of the size (an
+    audit found 22-30 px modules missed without that read)."""
+    missed = []
+    for module_px in (2, 3, 5, 8, 12, 16, 20, 22, 25, 30, 36):
+        for dark, light in ((0, 255), (30, 220), (60, 200)):
+            code = qr(URLS[0], module_px, dark=(light,) * 3, light=(dark,) * 3)
+            canvas = Image.new("RGB", (code.width + 80, code.height + 80), (dark,) * 3)
+            canvas.paste(code, (40, 40))
+            if not has_qr_code(canvas.convert("L")):
+                missed.append((module_px, dark, light))
+    assert missed == []

@@ -1,10 +1,9 @@
-"""The QR rule's first zxing read with and without zxing's own inversion (issue 18, session 9): the same
-verdicts on tests/test_engine_qr.py's images, and the time per step photo (no code: the common case).
+"""The QR rule as shipped (``has_qr_code``: a first zxing read without zxing's inversion, the adaptive-threshold
+read with it, and an inverted read at a quarter of the size) against the rule before session 9 (the first read
+with inversion, then the adaptive-threshold read): verdicts on tests/test_engine_qr.py's images and on
+light-on-dark codes of every module size, and the time per step photo (no code: the common case).
 
     OMP_NUM_THREADS=1 python scripts/probes/qr_first_read.py
-
-The second read (adaptive threshold, zxing's inversion on) stays as it is in both: it is what reads
-low-contrast light-on-dark codes (docs/decisions.md), and it reads the high-contrast inverted one too.
 """
 import sys
 import time
@@ -13,43 +12,57 @@ from pathlib import Path
 import cv2
 import numpy as np
 import zxingcpp
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 import test_engine_qr as qr_tests  # noqa: E402
 
+from duetgen.data.engine.images import QR_MAX_SIDE, has_qr_code  # noqa: E402
 
-def rule(img, invert_first: bool) -> bool:
-    """duetgen.data.engine.images.has_qr_code (on the image's grey), its first read's inversion a choice."""
-    grey = img.convert("L")
-    if max(grey.size) > 1280:
+
+def before(grey) -> bool:
+    """The rule before session 9."""
+    if max(grey.size) > QR_MAX_SIDE:
         grey = grey.copy()
-        grey.thumbnail((1280, 1280))
+        grey.thumbnail((QR_MAX_SIDE, QR_MAX_SIDE))
     g = np.asarray(grey)
-    if zxingcpp.read_barcodes(g, formats=zxingcpp.BarcodeFormat.QRCode, try_invert=invert_first):
+    if zxingcpp.read_barcodes(g, formats=zxingcpp.BarcodeFormat.QRCode):
         return True
     binary = cv2.adaptiveThreshold(g, 255, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY, 25, 5)
     return bool(zxingcpp.read_barcodes(binary, formats=zxingcpp.BarcodeFormat.QRCode,
                                        binarizer=zxingcpp.Binarizer.FixedThreshold))
 
 
+def light_on_dark() -> list[tuple[str, Image.Image]]:
+    out = []
+    for module_px in (2, 3, 5, 8, 12, 16, 20, 22, 25, 30, 36):
+        for dark, light in ((0, 255), (30, 220), (60, 200)):
+            code = qr_tests.qr(qr_tests.URLS[0], module_px, dark=(light,) * 3, light=(dark,) * 3)
+            canvas = Image.new("RGB", (code.width + 80, code.height + 80), (dark,) * 3)
+            canvas.paste(code, (40, 40))
+            out.append((f"inverted-{module_px}px-{dark}-{light}", canvas))
+    return out
+
+
 def main() -> None:
     cv2.setNumThreads(1)
-    codes, none = qr_tests.with_codes(), qr_tests.without_codes()
-    photos = [im for name, im in none if name.startswith("photo-")]
+    codes = qr_tests.with_codes() + light_on_dark()
+    none = qr_tests.without_codes()
+    photos = [im.convert("L") for name, im in none if name.startswith("photo-")]
     found = {}
-    for invert in (True, False):
-        found[invert] = {n for n, im in codes if rule(im, invert)}
-        false = [n for n, im in none if rule(im, invert)]
+    for label, rule in (("before", before), ("shipped", has_qr_code)):
+        found[label] = {n for n, im in codes if rule(im.convert("L"))}
+        false = [n for n, im in none if rule(im.convert("L"))]
         best = float("inf")
         for _ in range(3):
             start = time.process_time()
-            for im in photos:
-                rule(im, invert)
+            for grey in photos:
+                rule(grey)
             best = min(best, (time.process_time() - start) / len(photos) * 1000)
-        print(f"first read {'with' if invert else 'without'} inversion: {len(found[invert])}/{len(codes)} codes read, "
-              f"{len(false)} false of {len(none)}; {best:.2f} CPU ms a 480x360 step photo (grey + reads)")
-    print("codes read only with inversion:", sorted(found[True] - found[False]),
-          "only without:", sorted(found[False] - found[True]))
+        print(f"{label}: {len(found[label])}/{len(codes)} codes read, {len(false)} false of {len(none)}; "
+              f"{best:.2f} CPU ms a 480x360 step photo (its grey given)")
+    print("read only before:", sorted(found["before"] - found["shipped"]),
+          "only shipped:", sorted(found["shipped"] - found["before"]))
 
 
 if __name__ == "__main__":

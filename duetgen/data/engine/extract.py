@@ -34,6 +34,13 @@ _XML_DECL = re.compile(r"^\s*<\?xml[^>]*\?>")
 # characters lxml refuses in a text node (NUL, C0 controls but tab / newline / CR, U+FFFE / U+FFFF, surrogates): the
 # HTML parser keeps them, and editing the tree (dropping boilerplate joins its tail text) then raised ValueError
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+_CHAR_REF = re.compile(r"&#(?:[xX]([0-9a-fA-F]{1,8})|([0-9]{1,10}));?")  # the parser turns these into characters too
+
+
+def _no_bad_char_ref(m: re.Match) -> str:
+    code = int(m[1], 16) if m[1] else int(m[2])
+    bad = (code < 0x20 and code not in (0x9, 0xA, 0xD)) or code in (0xFFFE, 0xFFFF) or 0xD800 <= code <= 0xDFFF
+    return "" if bad or code > 0x10FFFF else m[0]
 _WS = re.compile(r"[ \t\r\f\v\u00a0]+")
 
 DROP_TAGS = {"script", "style", "noscript", "template", "iframe", "object", "embed", "form", "button", "input",
@@ -209,7 +216,7 @@ def extract(doc: Doc, cfg: ExtractConfig) -> Doc:
         doc.meta["encoding"] = enc
     else:
         text = raw
-    text = _NOT_XML.sub("", _XML_DECL.sub("", text))
+    text = _CHAR_REF.sub(_no_bad_char_ref, _NOT_XML.sub("", _XML_DECL.sub("", text)))
     if not text.strip():
         raise ExtractError("empty_page", "page has no content")
     try:
@@ -222,9 +229,12 @@ def extract(doc: Doc, cfg: ExtractConfig) -> Doc:
     if tree.xpath("//base/@href"):  # the page names where its images live: over http, not beside it
         doc.local_root = doc.local_page = None
     doc.url = _base_url(tree, doc.url)
-    _strip_boilerplate(tree)
-    root = _main_root(tree)
-    doc.items = _walk(root, doc.url)
+    try:
+        _strip_boilerplate(tree)
+        root = _main_root(tree)
+        doc.items = _walk(root, doc.url)
+    except ValueError as e:  # lxml refusing a string it made from the page (a character the cleaning above missed)
+        raise ExtractError("parse_error", f"lxml: {e}") from None
     doc.html = None  # the raw page is not needed any more
     return doc
 

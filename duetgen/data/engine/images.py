@@ -12,10 +12,11 @@ Design choices:
 - Icons, logos and banner ads are recognised by the words around the image (class, id, alt,
   file name, link target) and, for ads, by the standard IAB ad-unit sizes.
 - QR codes: zxing-cpp (a C++ barcode reader; a code counts only when it decodes) on the grey image
-  (longer side at most 1,280 px; without zxing's inverted second pass, which the next read makes),
+  (longer side at most 1,280 px; without zxing's inverted second pass, which the later reads make),
   then once more on OpenCV's adaptive-mean threshold of it (block 25, C 5, zxing's inversion on),
   which reads the low-contrast codes zxing's own binarizer misses (dark 20-60 on light 60-120 pasted
-  on a photo) and the light-on-dark ones. Measured on tests/test_engine_qr.py's set (146 real QR codes written
+  on a photo) and light-on-dark ones, then inverted at a quarter of the size (light-on-dark codes whose
+  modules are wider than the threshold's block turn white in it). Measured on tests/test_engine_qr.py's set (146 real QR codes written
   with segno: module sizes 1.2-30 px, rotated, perspective, blurred, noisy, JPEG'd, low-contrast,
   inverted, in photos up to 3000x2000; 117 images without one): it reads every code OpenCV's
   ``QRCodeDetectorAruco`` (detect + decode on a 640 px copy, the rule before) read, 11 more, and
@@ -61,6 +62,7 @@ def hint_words(hints: str) -> set[str]:
 # 8 bits -> 10); no near_uniform decision changed on 506 test images (docs/decisions.md, issue 18).
 REDUCING_GAP = 3.0
 QR_MAX_SIDE = 1280  # px: the QR check's copy of a larger image is scaled down (its cost grows with the pixels)
+QR_INVERTED_REDUCE = 4  # the inverted read for light-on-dark codes with large modules: a box reduction by this
 
 
 def has_qr_code(grey) -> bool:
@@ -76,8 +78,14 @@ def has_qr_code(grey) -> bool:
     if zxingcpp.read_barcodes(g, formats=zxingcpp.BarcodeFormat.QRCode, try_invert=False):
         return True
     binary = cv2.adaptiveThreshold(g, 255, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY, 25, 5)
-    return bool(zxingcpp.read_barcodes(binary, formats=zxingcpp.BarcodeFormat.QRCode,
-                                       binarizer=zxingcpp.Binarizer.FixedThreshold))
+    if zxingcpp.read_barcodes(binary, formats=zxingcpp.BarcodeFormat.QRCode,
+                              binarizer=zxingcpp.Binarizer.FixedThreshold):
+        return True
+    # light-on-dark codes whose modules are wider than the threshold's block (25 px) turn white there, and the first
+    # read does not invert: read the inverted image once more at a quarter of the size (modules >= ~5 px there)
+    small = grey.reduce(QR_INVERTED_REDUCE)
+    return bool(zxingcpp.read_barcodes(255 - np.asarray(small), formats=zxingcpp.BarcodeFormat.QRCode,
+                                       try_invert=False))
 
 
 def image_rule(size: tuple[int, int], grey, hints: str, cfg: ImageRuleConfig) -> tuple[str, str] | None:

@@ -352,6 +352,8 @@ def read_shard(spec: ShardSpec, cfg: EngineConfig) -> Iterator[Doc]:
                 url = obj.get("url")
                 if url is not None and not isinstance(url, str):
                     raise ValueError("'url' must be a string")
+                if url is not None:  # a JSON "\ud800" escape makes a lone surrogate: no URL (and no id from it)
+                    url.encode("utf-8")  # UnicodeEncodeError is a ValueError: bad_input, named below
             except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 d.meta["input_drop"] = ("bad_input", f"{where}: {e}")
                 yield d
