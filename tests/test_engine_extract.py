@@ -94,6 +94,9 @@ def test_control_characters_and_binary_pages_never_crash_extraction():
     html = "<html><body><article><p>Rinse\x00 the cat\x01.</p><nav>menu</nav>\x00tail\x0b text<p>more\ufffe</p>"
     d = extract(Doc(id="ctl", url=None, html=html + "</article></body></html>"), ExtractConfig())
     assert [t.text for t in d.texts] == ["Rinse the cat.", "tail text", "more"]
+    refs = "<html><body><nav>m</nav>a&#1;b<article><p>x&#x1F;y&#xFFFE;z&#11</p></article><footer>f</footer>t</body></html>"
+    d = extract(Doc(id="refs", url=None, html=refs), ExtractConfig())  # the parser makes these characters itself
+    assert [t.text for t in d.texts] == ["xyz"]
     import random
 
     noise = bytes(random.Random(0).getrandbits(8) for _ in range(20000))

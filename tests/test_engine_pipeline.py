@@ -404,6 +404,17 @@ def test_pool_workers_die_with_a_sigkilled_driver(tmp_path):
                 proc.kill()
 
 
+def test_a_jsonl_url_with_a_lone_surrogate_is_bad_input_not_a_crash(tmp_path):
+    """A JSON "\\ud800" escape makes a string no UTF-8 can hold: the page's id is made from its URL, which raised
+    UnicodeEncodeError and stopped the whole run (an audit, session 9)."""
+    inp = tmp_path / "pages.jsonl"
+    inp.write_text('{"url": "https://example.com/a\\ud800b", "id": "x\\ud800", "html": "<p>hi</p>"}\n')
+    funnel = run_engine(inp, tmp_path / "ds", config(), progress=False)
+    assert all_drops(funnel, "page_drops") == {"bad_input": 1}
+    (example,) = stage(funnel, "extract")["examples"]["page:bad_input"]
+    assert "pages.jsonl:1" in example["detail"] and "surrogate" in example["detail"]
+
+
 def test_cli_reports_bad_input_cleanly(tmp_path):
     exe = str(REPO / ".venv" / "bin" / "duetgen")
     r = subprocess.run([exe, "data", "engine", "--input", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")],
