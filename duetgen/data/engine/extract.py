@@ -35,13 +35,14 @@ _XML_DECL = re.compile(r"^\s*<\?xml[^>]*\?>")
 # HTML parser keeps them, and editing the tree (dropping boilerplate joins its tail text) then raised ValueError
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
 _CHAR_REF = re.compile(r"&#(?:[xX]([0-9a-fA-F]{1,8})|([0-9]{1,10}));?")  # the parser turns these into characters too
+_WS = re.compile(r"[ \t\r\f\v\u00a0]+")
 
 
 def _no_bad_char_ref(m: re.Match) -> str:
+    """A character reference to a character lxml refuses -> nothing; any other is kept."""
     code = int(m[1], 16) if m[1] else int(m[2])
     bad = (code < 0x20 and code not in (0x9, 0xA, 0xD)) or code in (0xFFFE, 0xFFFF) or 0xD800 <= code <= 0xDFFF
     return "" if bad or code > 0x10FFFF else m[0]
-_WS = re.compile(r"[ \t\r\f\v\u00a0]+")
 
 DROP_TAGS = {"script", "style", "noscript", "template", "iframe", "object", "embed", "form", "button", "input",
              "select", "textarea", "svg", "canvas", "video", "audio", "map", "nav", "aside", "dialog", "head"}

@@ -205,14 +205,14 @@ def scan_warc_file(task: tuple) -> dict:
     image index read (the result's ``path``)."""
     path, shard_pages, page_cap, *rest = task
     scanned = _scan_warc(path, shard_pages, page_cap)
-    if rest and scanned.pop("one_stream"):
+    if scanned.pop("one_stream") and rest:
         key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]  # two inputs may share a name
         copy = Path(rest[0]) / "warc" / f"{key}-{Path(path).name}"
         copy.parent.mkdir(parents=True, exist_ok=True)
         recompress_members(path, copy)
         scanned = _scan_warc(str(copy), shard_pages, page_cap)
+        del scanned["one_stream"]
         scanned["counts"]["recompressed_files"] = 1
-    scanned.pop("one_stream", None)
     scanned["counts"] = dict(scanned["counts"])
     return scanned
 

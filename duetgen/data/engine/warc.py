@@ -48,11 +48,11 @@ Design choices:
 
 from __future__ import annotations
 
-import codecs
 import os
 import re
 import sqlite3
 import threading
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -233,13 +233,11 @@ def _gzip_pieces(f, cap: int) -> Iterator[tuple[str, bytes]]:
     """The file ``f`` as ("data", decompressed bytes) pieces of at most 1 MiB, member after member, and ("junk",
     raw bytes) for what cannot be decompressed (from the start of the member that failed to the next gzip magic;
     trailing bytes). Stops, with ("cap", b""), once more than ``cap`` bytes were decompressed (a gzip bomb)."""
-    import zlib
-
     size = os.fstat(f.fileno()).st_size
     start, made = 0, 0  # the current member's file offset; bytes decompressed so far
     while start < size:
         f.seek(start)
-        d, at, produced = zlib.decompressobj(31), start, False
+        d, at = zlib.decompressobj(31), start
         try:
             while not d.eof:
                 data = d.unconsumed_tail or f.read(1 << 20)
@@ -248,7 +246,7 @@ def _gzip_pieces(f, cap: int) -> Iterator[tuple[str, bytes]]:
                 at += 0 if d.unconsumed_tail else len(data)
                 out = d.decompress(data, 1 << 20)
                 if out:
-                    produced, made = True, made + len(out)
+                    made += len(out)
                     yield "data", out
                     if made > cap:
                         yield "cap", b""
@@ -264,7 +262,6 @@ def _gzip_pieces(f, cap: int) -> Iterator[tuple[str, bytes]]:
         if not d.eof:
             return
         start = at - len(d.unused_data)  # the next member starts right after this one
-        del produced
 
 
 _CONTENT_LENGTH = re.compile(rb"^content-length:[ \t]*(\d+)[ \t]*\r?$", re.I | re.M)
@@ -275,14 +272,12 @@ class _MemberWriter:
     """Writes the copy: one gzip member at a time, and raw bytes between members."""
 
     def __init__(self, out):
-        import zlib
-
-        self._zlib, self.out, self._member = zlib, out, None
+        self.out, self._member = out, None
 
     def write(self, data) -> None:
         if data:
             if self._member is None:
-                self._member = self._zlib.compressobj(6, self._zlib.DEFLATED, 31)  # gzip framing
+                self._member = zlib.compressobj(6, zlib.DEFLATED, 31)  # gzip framing
             self.out.write(self._member.compress(bytes(data)))
 
     def end(self) -> None:
