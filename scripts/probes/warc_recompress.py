@@ -18,10 +18,12 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2] / "benchmarks"),
                 str(Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "engine")]
 from data_engine import write_bench_warc  # noqa: E402
 
-from duetgen.data.engine.warc import iter_warc, one_gzip_stream, recompress_members  # noqa: E402
+from duetgen.data.engine.warc import iter_warc  # noqa: E402  (alone: `zeros` also runs on older code)
 
 
 def main(n: int) -> None:
+    from duetgen.data.engine.warc import one_gzip_stream, recompress_members
+
     with tempfile.TemporaryDirectory() as tmp:
         per_record, one, copy = (Path(tmp) / name for name in ("per-record.warc.gz", "one.warc.gz", "copy.warc.gz"))
         write_bench_warc(per_record, n)
@@ -42,6 +44,8 @@ def main(n: int) -> None:
 
 def bomb(mib: int) -> None:
     """``recompress_members`` on a one-stream file of 2 pages and ``mib`` MiB of zeros: time and peak memory."""
+    from duetgen.data.engine.warc import recompress_members
+
     import resource
     import zlib
 

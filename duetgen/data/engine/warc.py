@@ -133,7 +133,7 @@ MAX_LINE_BYTES = 1 << 20  # a WARC or HTTP header line is never near this
 def _archive_iterator(f, check_digests: bool):
     """warcio's ``ArchiveIterator`` over ``f``, its header lines read at most ``MAX_LINE_BYTES`` at a time: warcio
     reads a line with no cap, joining pieces as it goes, so a gzip member of 52 MB of zeros (50 KB in the file)
-    took 1.7 s and ~1 GB of memory before it was found corrupt (a member of junk is read as a header line)."""
+    took 1.8 CPU s and ~0.9 GB of memory before it was found corrupt (a member of junk is read as a header line)."""
     from warcio.archiveiterator import ArchiveIterator
     from warcio.bufferedreaders import DecompressingBufferedReader
 
