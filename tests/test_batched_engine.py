@@ -184,6 +184,31 @@ def test_an_image_the_dit_cannot_draw_fails_only_its_answer_in_a_packed_call(mod
     assert engine.scheduler.max_images == 3  # they did share a packed call
 
 
+def test_a_batched_mllm_call_that_fails_is_run_answer_by_answer(model, monkeypatch):
+    """Every MLLM forward of two answers or more fails (as out of memory would on a big batch): each answer's decode
+    and image block is run again alone, and the answers are the ones alone (every answer failed before)."""
+    requests = [(prompt(i), GenerationConfig(seed=i, num_steps=2, max_new_tokens=80)) for i in (0, 1, 2)]
+    alone = [answer(InterleavedEngine(model).run(m, c)) for m, c in requests]
+    real, failed = type(model.mllm).forward, []
+
+    def no_batches(self, *args, input_ids=None, **kwargs):
+        if input_ids is not None and input_ids.shape[0] > 1:
+            failed.append(input_ids.shape)
+            raise torch.OutOfMemoryError("a batch of answers does not fit")
+        return real(self, *args, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(type(model.mllm), "forward", no_batches)
+    engine = BatchedEngine(model, max_batch=3, max_image_wait=100)
+    results, errors = run_concurrently(engine, requests)
+    assert errors == [None] * 3
+    assert any(n > 1 for _, n in failed) and any(n == 1 for _, n in failed)  # image blocks and decodes both failed
+    for (reason, text, images), finished in zip(alone, results):
+        got = answer(finished)
+        assert got[:2] == (reason, text) and len(got[2]) == len(images)
+        for a, b in zip(images, got[2]):
+            assert np.abs(a - b).max() <= 2
+
+
 def test_finished_answers_let_their_caches_go_without_the_cycle_collector(model, monkeypatch):
     """A padded batch and its answers point at each other: finished answers' KV caches stayed in memory until
     Python's cycle collector ran (a batched server grew by ~60 MB per 40 answers on the toy model)."""

@@ -31,8 +31,9 @@ How it works:
   1.40x -> 1.55x the one-at-a-time engine (medians of 6 alternating rounds; docs/serving.md).
 - Answers join when their prefill arrives (at most ``max_batch`` at a time; a further one waits)
   and leave when their loop ends, for any reason (finished, cancelled, timed out, failed), so the
-  others run on. An error in a step reaches only the answers in it; a packed DiT call that fails is run again
-  answer by answer, so that only the answer causing it fails (e.g. an image size past the DiT's grid).
+  others run on. An error in a step reaches only the answers in it; a batched call that fails (a decode, image
+  blocks, a packed DiT call) is run again answer by answer, so that only the answer causing it fails (e.g. an
+  image size past the DiT's grid; out of memory in a batch that fits answer by answer).
 - Same seed, same answer: token sampling and image noise use the answer's own generators (the
   engine's), so a batched answer equals the answer alone in tokens; images and states agree within
   float tolerance (padding and packing change the reduction order, not the maths).
@@ -209,15 +210,16 @@ class BatchScheduler:
         if decode:
             contexts = [j.context for j in decode]
             self.reused += reusable_batch(contexts) is not None
-            self._run(decode, lambda: decode_step(self.model.mllm, contexts, [int(j.inputs[0]) for j in decode]))
+            self._run(decode, lambda: decode_step(self.model.mllm, contexts, [int(j.inputs[0]) for j in decode]),
+                      alone=_forward_alone)
             self.max_rows = max(self.max_rows, len(decode))
         for group in blocks.values():
             self._run(group, lambda group=group: batched_append(
                 self.model.mllm, [j.context for j in group], [j.inputs[0] for j in group],
-                [j.inputs[1] for j in group], [j.inputs[2] for j in group]))
+                [j.inputs[1] for j in group], [j.inputs[2] for j in group]), alone=_forward_alone)
             self.image_blocks += len(group)
         for job in single:
-            self._run([job], lambda job=job: [job.context.forward(*job.inputs)])
+            self._run([job], lambda job=job: _forward_alone(job))
         if dit:
             self._run(dit, lambda: packed_dit_step(self.model.dit, [j.inputs[0] for j in dit]),
                       alone=lambda job: packed_dit_step(self.model.dit, [job.inputs[0]]))
@@ -230,7 +232,7 @@ class BatchScheduler:
             results = call()
         except BaseException as e:
             if alone is not None and len(jobs) > 1 and isinstance(e, Exception):
-                for job in jobs:  # a packed call failed: each answer alone, so that only the one causing it fails
+                for job in jobs:  # a batched call failed: each answer alone, so that only the one causing it fails
                     cls._run([job], lambda job=job: alone(job))
                 return
             for job in jobs:  # only the answers in this call fail; the others run on
@@ -240,6 +242,12 @@ class BatchScheduler:
         for job, result in zip(jobs, results):
             job.result = result
             job.done.set()
+
+
+def _forward_alone(job: _Job) -> list[Tensor]:
+    """A job of a failed batched MLLM call, run again through its answer's own cache. A failed forward changed
+    nothing the answer keeps: its kv still views the last good cache (a cache update makes new tensors)."""
+    return [job.context.forward(*job.inputs)]
 
 
 # ============================================================================ the MLLM side
