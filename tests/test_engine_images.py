@@ -76,6 +76,18 @@ def jpeg(img: Image.Image, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
+def test_a_funnel_thumbnail_of_an_undecoded_image_decodes_a_jpeg_at_a_dct_scale():
+    """A funnel example of an image a header rule dropped (never decoded) decodes it for its 64 px thumbnail: a
+    JPEG at the DCT scale the thumbnail needs (1/8 of 1600x1200; was every pixel), under its own size as the cap
+    (its header passed the run's; was the default cap)."""
+    from duetgen.data.engine.document import ImageItem
+    from duetgen.data.engine.fetch import FetchConfig, ImageFetcher
+
+    data, _ = ImageFetcher(FetchConfig())._decode(site.photo(5, 1600, 1200), None, "ad.jpg", decode=False)
+    preview = ImageItem("ad.jpg", data=data).preview()  # for a 64 px thumbnail
+    assert preview.size == (200, 150)
+
+
 def test_large_jpeg_is_decoded_at_a_dct_scale_and_judged_by_its_own_size():
     """Issue 18: no check reads more than 1,280 px, so a JPEG twice that is decoded at 1/2 (1/4, 1/8); the
     size rules still read the file's own size (decoded, this 2600x190 strip would be 1300x95: too_small)."""

@@ -54,15 +54,17 @@ class ImageItem:
         """The file's own (width, height), from its header: ``image`` may be decoded smaller."""
         return None if self.data is None else self.data.size
 
-    def preview(self):
-        """The decoded image, for a funnel example; bytes a header rule dropped undecoded are decoded now (None if
-        they do not decode)."""
+    def preview(self, side: int = 64):
+        """The decoded image, for a funnel example's ``side`` px thumbnail; bytes a header rule dropped undecoded are
+        decoded now, a JPEG at the DCT scale the thumbnail needs (None if they do not decode). Their header passed
+        the run's pixel cap, so their own size is the cap here."""
         if self.image is not None or self.data is None or isinstance(self.data, bytes):
             return self.image
         from duetgen.data.images import decode_image_bytes
 
+        w, h = self.data.size
         try:
-            return decode_image_bytes(self.data.data, self.src[:200])[1]
+            return decode_image_bytes(self.data.data, self.src[:200], max_pixels=w * h, min_side=side)[1]
         except Exception:  # a corrupt image that a header rule dropped: no thumbnail
             return None
 
@@ -118,7 +120,10 @@ class Doc:
         return "\n\n".join(out)
 
 
-def thumbnail_data_url(img: Any, side: int = 64) -> str | None:
+THUMB_SIDE = 64  # px, a funnel example's thumbnail
+
+
+def thumbnail_data_url(img: Any, side: int = THUMB_SIDE) -> str | None:
     """A tiny JPEG data URL of a PIL image, for the funnel report's examples."""
     if img is None:
         return None
@@ -154,7 +159,7 @@ class StageStats:
         # the thumbnail (copy, resize, JPEG) only for an example the funnel keeps, not for every drop
         if len(self.examples.get(f"image:{reason}", ())) < MAX_EXAMPLES_PER_REASON:
             self._example(f"image:{reason}", {"doc": doc.id, "src": item.src[:300], "detail": detail[:300],
-                                              "thumb": thumbnail_data_url(item.preview())})
+                                              "thumb": thumbnail_data_url(item.preview(THUMB_SIDE), THUMB_SIDE)})
 
     def drop_text(self, doc: Doc, text: str, reason: str) -> None:
         self.text_drops[reason] += 1
