@@ -86,6 +86,18 @@ def test_untrusted_text_is_inert(tmp_path):
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in text
 
 
+def test_a_model_written_answer_marks_its_images_as_generated_not_as_targets(tmp_path):
+    """A record a model wrote (meta.generation: duetgen generate, the demo) shows its answer's images as generated
+    images (they were labelled "generation target", the training data's red frame)."""
+    from duetgen.data.view import render_record_html
+
+    rec = next(iter(make(tmp_path / "ds", n=1)))
+    rec.meta["generation"] = {"seed": 0}
+    text = render_record_html(rec, lambda path: "x.png")
+    assert [f["class"] for f in Tags(text).find("figure")] == ["input", "generated", "generated"]
+    assert "generation target" not in text and text.count("generated image</figcaption>") == 2
+
+
 def test_images_inline_in_order_with_targets_marked(tmp_path):
     ds = make(tmp_path / "ds", n=1)
     rec = next(iter(ds))

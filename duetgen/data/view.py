@@ -8,7 +8,9 @@ Design choices:
 - Records are untrusted: every string that reaches the page (ids, text, roles, meta, image
   sources) goes through ``html.escape``; nothing is ever inserted as markup.
 - Text and images appear inline, in conversation order, inside one bubble per message; an image
-  in an assistant turn is a generation target (DESIGN section 3) and is marked as one.
+  in an assistant turn is a generation target (DESIGN section 3) and is marked as one, or, in a
+  record a model wrote (``meta.generation``: `duetgen generate`, the demo, eval answers), as a
+  generated image.
 - Images are linked by a path relative to the page's folder, so a page opened from disk works and
   the dataset stays the one copy of the bytes; ``embed=True`` inlines them as data URIs for a page
   that must stand alone (mail it, attach it to a report).
@@ -80,6 +82,7 @@ figure img { display:block; max-width:100%; max-height:420px; min-width:128px; b
 figure.target img { outline:3px dashed var(--target); outline-offset:2px; }
 figcaption { font-size:11px; color:var(--muted); margin-top:4px; }
 figure.target figcaption { color:var(--target); font-weight:600; }
+figure.generated img { outline:2px solid var(--user-line); outline-offset:2px; }
 .broken { border:1px solid #f04438; background:#fef3f2; color:#b42318; border-radius:6px; padding:6px 9px;
           font-size:13px; margin:6px 0; }
 details.meta { margin-top:10px; font-size:13px; }
@@ -106,15 +109,18 @@ def page_html(title: str, body: str, subtitle: str = "") -> str:
     )
 
 
-def _image_html(part: ImagePart, image_src: ImageSource, is_target: bool) -> str:
-    label = "generation target" if is_target else "input image"
+IMAGE_KINDS = {"input": "input image", "target": "generation target", "generated": "generated image"}
+
+
+def _image_html(part: ImagePart, image_src: ImageSource, kind: str) -> str:
+    """``kind``: a key of ``IMAGE_KINDS`` (the figure's class and caption)."""
+    label = IMAGE_KINDS[kind]
     path = part.image if isinstance(part.image, str) else "<in-memory image>"
     try:
         src = image_src(path)
     except RecordError as e:  # visible in place, so the rest of the page still helps debugging
         return f'<div class="broken">image cannot be shown: {esc(e)}</div>'
-    cls = "target" if is_target else "input"
-    return (f'<figure class="{cls}"><img src="{esc(src)}" alt="{esc(label)}: {esc(path)}" title="{esc(path)}" '
+    return (f'<figure class="{kind}"><img src="{esc(src)}" alt="{esc(label)}: {esc(path)}" title="{esc(path)}" '
             f'loading="lazy"><figcaption>{esc(label)}</figcaption></figure>')
 
 
@@ -127,11 +133,12 @@ def render_record_html(record: Record, image_src: ImageSource, index: int | None
     idx = f'<span class="idx">#{index}</span>' if index is not None else ""
     out = [f'<article class="record" id="{esc("rec-" + record.id)}">',
            f'<h2>{idx}<span class="rid">{esc(record.id)}</span><span class="source">{esc(record.source)}</span></h2>']
+    answer_kind = "generated" if isinstance(record.meta, dict) and "generation" in record.meta else "target"
     for m in record.messages:
         parts = []
         for p in m.content:
             if isinstance(p, ImagePart):
-                parts.append(_image_html(p, image_src, m.role == "assistant"))
+                parts.append(_image_html(p, image_src, answer_kind if m.role == "assistant" else "input"))
             else:
                 parts.append(f'<div class="text">{esc(p.text)}</div>')
         out.append(f'<div class="msg {esc(m.role)}"><div class="role">{esc(m.role)}</div>'
