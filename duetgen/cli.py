@@ -63,6 +63,26 @@ def _generation_settings(seed: int, steps: Optional[int], guidance: Optional[flo
                 max_new_tokens=max_new_tokens, max_images=max_images, image_size=_parse_image_size(image_size))
 
 
+def _check_device(device: str) -> None:
+    """``--device`` checked before a model loads: a device name torch knows, and a device this machine has."""
+    import torch
+
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        fail(f"--device {device!r}: not a device name; expected cpu, cuda, cuda:1 ...")
+    if where.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "with" if torch.backends.cuda.is_built() else "without"
+            fail(f"--device {device!r}: torch sees no CUDA GPU here (torch {torch.__version__}, built {built} CUDA); "
+                 "use --device cpu")
+        count = torch.cuda.device_count()
+        if where.index is not None and where.index >= count:
+            fail(f"--device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif where.type != "cpu":
+        fail(f"--device {device!r}: DuetGen runs on cpu or cuda")
+
+
 def _parse_image_size(value: Optional[str]) -> Optional[tuple[int, int]]:
     """``--image-size HxW`` (or one side, for a square) -> (height, width); None when the flag is not given."""
     if value is None:
@@ -560,6 +580,7 @@ def eval_generate(
     from duetgen.eval.benchmarks import BenchmarkError, load_benchmark
     from duetgen.models.duetgen import ModelDirectoryError
 
+    _check_device(device)
     try:  # the cheap checks first: a wrong flag fails before the model loads
         bench = load_benchmark(benchmark)
         benchmark_inputs(bench, prompts, truth, images)
@@ -715,7 +736,10 @@ def _train_config(load, name: str, data: Optional[list[Path]], steps: Optional[i
         cfg = dataclasses.replace(cfg, packs_per_rank=packs_per_rank)
     for d in cfg.data:
         if not (Path(d) / "manifest.json").is_file():
-            fail(f"--data {d!r}: not a dataset directory (no manifest.json); make one with `duetgen data toyworld`")
+            if data:
+                fail(f"--data {d!r}: not a dataset directory (no manifest.json); make one with `duetgen data toyworld`")
+            fail(f"config {name!r} reads the dataset {d!r}, which is not there (no manifest.json): make it with the "
+                 f"`duetgen data toyworld --out {d} ...` line of docs/training.md (the ShapeWorld recipe), or pass --data")
     return cfg
 
 
@@ -820,6 +844,9 @@ def model_assemble(
         fail(f"missing {', '.join(k for k, v in separate.items() if v is None)} (or give --pipeline DIR)")
     if processor is not None and pipeline is None:
         fail("--processor goes with --pipeline")
+    for flag, directory in {"--pipeline": pipeline, "--processor": processor, **separate}.items():
+        if directory is not None and not directory.is_dir():
+            fail(f"{flag} {str(directory)!r}: not a directory")
     dtype = torch.bfloat16 if bf16 else torch.float32
     try:
         if pipeline is not None:
@@ -888,10 +915,17 @@ def model_check(
 # ----------------------------------------------------------------------------- generate + serve (issue 5)
 
 
-def _load_pipeline(model: Optional[Path], device: str):
+def _load_pipeline(model: Optional[Path], device: str, progress: bool = True):
+    """The model at ``model`` (default: the shipped checkpoint) on ``device``; without ``progress``, no weight-loading
+    bar (transformers draws one per load)."""
+    from transformers.utils import logging as transformers_logging
+
     from duetgen.infer.pipeline import DEFAULT_MODEL_DIR, DuetGenPipeline
     from duetgen.models.duetgen import ModelDirectoryError
 
+    _check_device(device)
+    if not progress:
+        transformers_logging.disable_progress_bar()
     if model is None:
         if not (DEFAULT_MODEL_DIR / "duetgen.json").is_file():
             fail(f"no --model given and no default checkpoint is shipped yet at {DEFAULT_MODEL_DIR} "
@@ -949,8 +983,11 @@ def generate(
     out_has_files = out.exists() and (not out.is_dir() or any(out.iterdir()))
     if out_has_files and not (overwrite and (out / "manifest.json").is_file()):
         fail(f"--out {str(out)!r} exists and is not an earlier output to --overwrite; choose a new folder")
+    for path in image or []:  # before the model loads (whether it reads as an image, the pipeline says)
+        if not path.is_file():
+            fail(f"--image {str(path)!r}: no such file")
     _set_torch_threads(threads)
-    pipe = _load_pipeline(model, device)
+    pipe = _load_pipeline(model, device, progress=not quiet)
     try:
         events = pipe.stream(prompt, images=list(image or []), **settings, framing=framing)
         finished = print_live(events) if not quiet else [e for e in events][-1]
@@ -1120,6 +1157,8 @@ def demo(
     import shutil
 
     from duetgen.data.view import render_dataset_html
+    from transformers.utils import logging as transformers_logging
+
     from duetgen.infer.pipeline import DEFAULT_MODEL_DIR, DuetGenPipeline
     from duetgen.shapeworld import judge, world
     from duetgen.shapeworld.evaluate import shapeworld_demo
@@ -1143,6 +1182,7 @@ def demo(
     generated = None
     if (DEFAULT_MODEL_DIR / "duetgen.json").is_file():
         typer.secho("[4/4] generating answers to ShapeWorld prompts (how-to, continuation, editing)", bold=True)
+        transformers_logging.disable_progress_bar()  # the toy checkpoint loads in ~10 ms: a bar is only noise
         generated = shapeworld_demo(DuetGenPipeline.from_pretrained(DEFAULT_MODEL_DIR), out, seed=seed)
     else:
         typer.secho(f"[4/4] skipped generation: no checkpoint shipped yet at {DEFAULT_MODEL_DIR}", fg=typer.colors.YELLOW)

@@ -57,11 +57,13 @@ def test_generate_writes_record_images_and_html(canvas_file, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["", "--out", "{out}"], "prompt is empty"),
     (["x" * 20_001, "--out", "{out}"], "over the cap"),
-    (["Draw a red circle.", "--image", "{tmp}/missing.png", "--out", "{out}"], "not found"),
+    (["Draw a red circle.", "--image", "{tmp}/missing.png", "--out", "{out}"], "missing.png': no such file"),
     (["Draw a red circle.", "--image", "{tmp}/bad.png", "--out", "{out}"], "not a readable image"),
     (["Draw a red circle.", "--image-size", "17x16", "--out", "{out}"], "multiples of 4"),
     (["Draw a red circle.", "--image-size", "big", "--out", "{out}"], "--image-size"),
     (["Draw a red circle.", "--top-p", "0", "--out", "{out}"], "top_p"),
+    (["Draw a red circle.", "--device", "bogus", "--out", "{out}"], "--device 'bogus': not a device name"),
+    (["Draw a red circle.", "--device", "cuda:7", "--out", "{out}"], "--device 'cuda:7'"),  # no GPU, or not 8
 ])
 def test_bad_input_exits_2_with_a_message(args, message, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image")

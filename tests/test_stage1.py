@@ -127,7 +127,7 @@ def test_tiny_run_trains_saves_and_exports(data, tmp_path):
         train(cfg, tmp_path / "run", progress=False)
 
 
-def test_unknown_config_and_bad_data_are_clear_errors(tmp_path):
+def test_unknown_config_and_bad_data_are_clear_errors(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from duetgen.cli import app
@@ -137,6 +137,12 @@ def test_unknown_config_and_bad_data_are_clear_errors(tmp_path):
     result = CliRunner().invoke(app, ["train", "stage1", "--config", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2
     assert "not a dataset directory" in result.output
+    # the config's own dataset missing: the message names the config, the path and where its command is
+    monkeypatch.chdir(tmp_path)  # the config's paths are relative (runs/shapeworld/...)
+    result = CliRunner().invoke(app, ["train", "stage1", "--config", "toy-read-first", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "config 'toy-read-first' reads the dataset 'runs/shapeworld/data/train'" in " ".join(result.output.split())
+    assert "docs/training.md" in result.output
 
 
 def test_resume_with_more_steps_continues_on_the_longer_cosine(data, tmp_path):

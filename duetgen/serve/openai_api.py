@@ -131,8 +131,10 @@ def _from_detail(status: int, detail) -> tuple[int, dict]:
     if isinstance(detail, list) and detail and isinstance(detail[0], dict):  # a schema error (422)
         deepest = max(detail, key=lambda d: len(d.get("loc", ())))  # the most specific branch of a union
         if deepest.get("type") == "json_invalid":  # its loc is a character offset, not a field
-            return 400, error_body(400, f"the request body is not valid JSON: {deepest.get('ctx', {}).get('error', '')}",
-                                   None, "json_invalid")
+            why = deepest.get("ctx", {}).get("error")  # (empty for some inputs)
+            at = next((part for part in reversed(deepest.get("loc", ())) if isinstance(part, int)), None)
+            message = "the request body is not valid JSON" + (f" at character {at}" if at is not None else "")
+            return 400, error_body(400, message + (f": {why}" if why else ""), None, "json_invalid")
         param = field_path(deepest.get("loc", ())) or None
         if deepest.get("type") == "extra_forbidden":
             message = f"unrecognized request argument: {param}"

@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -633,7 +634,7 @@ def print_report(report: dict[str, Any]) -> None:
         table.add_row(kind, str(s["n"]), str(s["missing"]),
                       *("-" if s[m] is None else f"{s[m]:.3f} [{s[m + '_ci'][0]:.2f}, {s[m + '_ci'][1]:.2f}]"
                         for m in METRICS))
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # piped to a log: the whole table, not 80 columns
     console.print(table)
     if report["unexpected_predictions"]:
         console.print(f"{len(report['unexpected_predictions'])} prediction(s) have no truth record (ignored)")

@@ -175,7 +175,8 @@ def plan_shards(input_path: str | Path, shard_pages: int) -> list[ShardSpec]:
         return [ShardSpec(i // shard_pages, "html_dir", str(path), num_pages=len(files[i:i + shard_pages]),
                           files=files[i:i + shard_pages]) for i in range(0, len(files), shard_pages)]
     if not path.is_file():
-        raise EngineError(f"input {str(path)!r} does not exist (expected a .jsonl file or a directory of .html files)")
+        raise EngineError(f"input {str(path)!r} does not exist (expected a .jsonl file, a directory of .html files, "
+                          "or WARC files: a .warc / .warc.gz file or a glob such as 'crawl/*.warc.gz')")
     if not path.name.endswith(".jsonl"):
         raise EngineError(f"input {str(path)!r}: a file input must be JSONL ({{url, html}} per line) named *.jsonl")
     shards, n, start, start_line = [], 0, 0, 1
