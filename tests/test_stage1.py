@@ -145,6 +145,20 @@ def test_unknown_config_and_bad_data_are_clear_errors(tmp_path, monkeypatch):
     assert "docs/training.md" in result.output
 
 
+def test_cli_steps_under_the_warmup_trains_with_a_note(data, tmp_path):
+    """`--steps 1` on a config that warms up over 2 steps (a smoke run) warms up over the one step; it failed with a
+    traceback (the schedule's ValueError)."""
+    from typer.testing import CliRunner
+
+    from duetgen.cli import app
+
+    result = CliRunner().invoke(app, ["train", "stage1", "--config", "tiny", "--data", str(data), "--steps", "1",
+                                      "--out", str(tmp_path / "r"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "warming up over all 1 steps" in " ".join(result.output.split())
+    assert (tmp_path / "r" / "mllm" / "config.json").is_file()
+
+
 def test_resume_with_more_steps_continues_on_the_longer_cosine(data, tmp_path):
     from duetgen.train.optim import WarmupCosine
 
