@@ -20,9 +20,13 @@ completions to ``/v1`` with fixed seeds, each from its own client thread. In one
    they bound the throughput ratio from above (on one CPU thread the DiT's cost grows with its tokens;
    on a GPU a small step costs about the same for 1 or 4 answers).
 
-Every batched answer is checked equal in text to the one-at-a-time answer of the same request.
-Reported: medians over ``--repeats`` rounds, and each round's ratios, by wall time and by the process's
-CPU time (server and clients, all threads; steadier than wall time when another process loads the machine). ``--device cuda`` runs it all on a GPU.
+The clients run in a process of their own (on another core where there is one), as a load generator
+does (vLLM's benchmark_serving, for one): in the server's process their JSON and HTTP work took the
+GIL from the server's threads, the batched server's most, since four or sixteen of its clients are
+active while it steps. Every batched answer is checked equal in text to the one-at-a-time answer of the
+same request. Reported: medians over ``--repeats`` rounds, and each round's ratios, by wall time and by
+the server process's CPU time (all its threads; steadier than wall time when another process loads the
+machine). ``--device cuda`` runs it all on a GPU.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import base64
 import contextlib
 import io
 import json
+import multiprocessing
+import os
 import random
 import statistics
 import sys
@@ -69,9 +75,8 @@ def shapeworld_requests(n: int, model: str, seed: int = 0) -> list[dict]:
     return bodies
 
 
-def run_load(url: str, bodies: list[dict], concurrency: int) -> tuple[tuple[float, float], list[str]]:
-    """Send ``bodies`` with ``concurrency`` client threads; ((wall seconds, process CPU seconds), answer texts
-    in request order). The CPU seconds are this process's, all threads: the server's and its clients'."""
+def run_load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, list[str]]:
+    """Send ``bodies`` with ``concurrency`` client threads; (wall seconds, answer texts in request order)."""
     answers: list[str | None] = [None] * len(bodies)
     next_index = iter(range(len(bodies)))
     lock = threading.Lock()
@@ -89,15 +94,53 @@ def run_load(url: str, bodies: list[dict], concurrency: int) -> tuple[tuple[floa
                 answers[i] = r.json()["choices"][0]["message"]["content"]
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    wall = time.perf_counter() - start
     if any(a is None for a in answers):
         raise RuntimeError("some requests failed (see above)")
-    return (wall, cpu), answers
+    return wall, answers
+
+
+def _client_process(conn, core: int | None) -> None:
+    """The load generator's loop: (url, bodies, concurrency) in, ("ok", run_load's result) or ("error", text) out."""
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+    while (job := conn.recv()) is not None:
+        try:
+            conn.send(("ok", run_load(*job)))
+        except Exception as e:  # noqa: BLE001 - reported in the server's process
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+class LoadGenerator:
+    """``run_load`` in a process of its own, pinned to the last core when there are two or more."""
+
+    def __init__(self):
+        cores = sorted(os.sched_getaffinity(0))
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_client_process, args=(child, cores[-1] if len(cores) > 1 else None),
+                                    daemon=True)
+        self._process.start()
+
+    def run(self, url: str, bodies: list[dict], concurrency: int) -> tuple[tuple[float, float], list[str]]:
+        """((wall seconds, the server process's CPU seconds meanwhile), answer texts in request order)."""
+        cpu_start = time.process_time()
+        self._conn.send((url, bodies, concurrency))
+        status, result = self._conn.recv()
+        cpu = time.process_time() - cpu_start
+        if status != "ok":
+            raise RuntimeError(f"load generator: {result}")
+        wall, answers = result
+        return (wall, cpu), answers
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self._process.join(timeout=30)
 
 
 def _time_ms(call, device: str, repeats: int = 30) -> float:
@@ -181,14 +224,16 @@ def main() -> None:
     cpus: dict = {}  # the same, process CPU seconds
     with contextlib.ExitStack() as stack:
         urls = {label: stack.enter_context(live_server(create_app(pipe, limits))) for label, (pipe, limits) in servers.items()}
+        clients = LoadGenerator()
+        stack.callback(clients.close)
         for url in urls.values():
-            run_load(url, four[:1], 1)  # warm-up
+            clients.run(url, four[:1], 1)  # warm-up
         # the servers take turns within each round, so a change in the machine's load hits both alike
         for _ in range(args.repeats):
             for label, url in urls.items():
                 loads = [("four", four, 1 if label == "one_at_a_time" else 4)] + [(c, load, c) for c in args.concurrency]
                 for key, bodies, concurrency in loads:
-                    (wall, cpu), answers[label, key] = run_load(url, bodies, concurrency)
+                    (wall, cpu), answers[label, key] = clients.run(url, bodies, concurrency)
                     walls.setdefault((label, key), []).append(wall)
                     cpus.setdefault((label, key), []).append(cpu)
             print(f"round {len(walls['batched', 'four'])} done", file=sys.stderr)
@@ -205,7 +250,8 @@ def main() -> None:
                                 for label in servers}
     results["throughput_ratio_per_round"] = {c: ratios(walls, c) for c in args.concurrency}
     results["throughput_ratio"] = {c: round(median(r), 2) for c, r in results["throughput_ratio_per_round"].items()}
-    # per CPU second: steadier than wall time on a shared machine (another process's load moves wall time)
+    # per CPU second of the server's process: steadier than wall time on a shared machine (another process's load
+    # moves wall time)
     results["cpu_ratio_per_round"] = {key: ratios(cpus, key) for key in ["four", *args.concurrency]}
     results["cpu_ratio"] = {key: round(median(r), 2) for key, r in results["cpu_ratio_per_round"].items()}
     keys = ["four", *args.concurrency]
