@@ -24,6 +24,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/data_engine.py [--pages 60] [--latency 0.2]
         [--warc-pages 200] [--rss-pages 200,2000] [--rounds 3] [--only warc] [--no-engine-runs]
+        [--distinct-images]
 """
 
 from __future__ import annotations
@@ -168,12 +169,15 @@ def bench_llm(latency: float, concurrencies=(1, 8, 32)) -> None:
 
 
 # ----------------------------------------------------------------------------- 3. WARC
-def write_bench_warc(path: Path, n_pages: int, seed: int = 0) -> None:
+def write_bench_warc(path: Path, n_pages: int, seed: int = 0, distinct_images: bool = False) -> None:
     """n distinct English how-to pages (the bathe-a-cat fixture with its own title and paragraph)
-    and, once, every image they reference, all in one gzipped WARC."""
+    and, once, every image they reference, all in one gzipped WARC. With ``distinct_images`` each page
+    has step photos of its own (as a real crawl's how-to pages do; the site's logo, icon, ads, spacer
+    and QR code stay shared); without, every page shows the same ~10 photos."""
     import random
+    import re
 
-    from howto_site import IMAGES, PAGES_DIR
+    from howto_site import IMAGES, PAGES_DIR, near_duplicate, photo
     from warcio.statusandheaders import StatusAndHeaders
     from warcio.warcwriter import WARCWriter
 
@@ -197,6 +201,11 @@ def write_bench_warc(path: Path, n_pages: int, seed: int = 0) -> None:
             para = " ".join(rng.choice(words) for _ in range(1000)) + "."
             page = html.replace("How to Bathe a Cat", f"How to Bathe a Cat, Variant {i}").replace(
                 "</article>", f"<p>{para}</p></article>", 1)
+            if distinct_images:  # /img/step3.jpg -> /img/p17/step3.jpg, its own photo (step2-again: of its step 2)
+                page = re.sub(r'src="/img/(step[0-9]+(?:-again)?\.jpg)"', rf'src="/img/p{i}/\1"', page)
+                for k in range(1, 9):
+                    put(f"{host}/img/p{i}/step{k}.jpg", "image/jpeg", photo(1000 * (i + 1) + k))
+                put(f"{host}/img/p{i}/step2-again.jpg", "image/jpeg", near_duplicate(1000 * (i + 1) + 2))
             put(f"{host}/pages/bathe-{i}.html", "text/html; charset=utf-8", page.encode())
 
 
@@ -367,14 +376,16 @@ def bench_reference(warc: Path, n_pages: int) -> tuple[float, float] | None:
     return n_pages / wall, n_pages / cpu
 
 
-def bench_warc(n_pages: int, rss_pages: list[int], rounds: int = 3, engine_runs: bool = True) -> None:
+def bench_warc(n_pages: int, rss_pages: list[int], rounds: int = 3, engine_runs: bool = True,
+               distinct_images: bool = False) -> None:
     cores = sorted(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         warc = tmp / "crawl" / "bench.warc.gz"
         warc.parent.mkdir()
-        write_bench_warc(warc, n_pages)
-        print(f"WARC: {n_pages} pages, {warc.stat().st_size / 1e6:.1f} MB gzipped, images in the same WARC")
+        write_bench_warc(warc, n_pages, distinct_images=distinct_images)
+        print(f"WARC: {n_pages} pages, {warc.stat().st_size / 1e6:.1f} MB gzipped, images in the same WARC "
+              f"({'step photos of its own on each page' if distinct_images else 'every page shows the same photos'})")
         if engine_runs:
             one = run_engine_subprocess(warc, tmp / "one", 1, cores[:1])
             print(f"  duetgen engine, 1 worker on 1 core: {one['wall']:.1f} s = {n_pages / one['wall']:.2f} pages/s "
@@ -462,10 +473,13 @@ def main():
     ap.add_argument("--only", choices=["rules", "llm", "warc", "minhash"], default=None)
     ap.add_argument("--no-engine-runs", action="store_true",
                     help="WARC: skip the whole `run_engine` runs (1 and 2 workers); the in-process rounds only")
+    ap.add_argument("--distinct-images", action="store_true",
+                    help="WARC: each page has step photos of its own (9 JPEGs, as in a real crawl) instead of every "
+                         "page showing the same ones; the driver-RSS runs keep the shared photos (a small WARC)")
     args = ap.parse_args()
     if args.only == "warc":
         bench_warc(args.warc_pages, [int(x) for x in args.rss_pages.split(",") if x], args.rounds,
-                   not args.no_engine_runs)
+                   not args.no_engine_runs, args.distinct_images)
         return
     if args.only == "minhash":
         bench_minhash()
