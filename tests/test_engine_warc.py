@@ -177,6 +177,36 @@ def test_byte_range_shards_hold_every_record_once(tmp_path):
     assert parts == whole  # each record and each corrupt region in exactly one shard
 
 
+def test_shards_read_the_plans_records_alone_as_the_byte_range_reads_them(tmp_path, monkeypatch):
+    """A shard reads only the page / too-large records and corrupt regions the plan's scan listed, each from its
+    offset: the same Docs as reading its byte range, and the range's image records are never read again (in a
+    crawl holding its pages' images, most of the bytes; they were decompressed in pass 1 too)."""
+    import dataclasses
+
+    from duetgen.data.engine import warc as warc_mod
+
+    with Site() as site:
+        write_crawl(tmp_path, site)
+    cfg = config(shard_pages=2)
+    shards, _ = runner_mod.plan_warc(sorted((tmp_path / "crawl").glob("*.warc.gz")), 2, cfg.extract.max_html_bytes,
+                                     tmp_path, LocalExecutor(1))
+    assert any(s.corrupt for s in shards) and all(s.records is not None for s in shards)
+    seen = []
+    real = warc_mod._classify
+    monkeypatch.setattr(warc_mod, "_classify", lambda rec, offset, *a: seen.append(offset) or real(rec, offset, *a))
+
+    def docs(spec):
+        return [(d.id, d.url, d.html, json.dumps(d.meta, sort_keys=True, default=str))
+                for d in runner_mod._read_warc_shard(spec, cfg)]
+
+    for spec in shards:
+        seen.clear()
+        listed = docs(spec)
+        assert sorted(seen) == sorted(spec.records)  # nothing else was read
+        assert listed == docs(dataclasses.replace(spec, records=None, corrupt=[]))  # a plan without the lists
+    assert sum(len(s.records) + len(s.corrupt) for s in shards) == sum(s.num_pages for s in shards) == 8
+
+
 def test_warc_run_killed_before_a_marker_resumes_exactly_once(tmp_path, monkeypatch):
     with Site() as site:
         write_crawl(tmp_path, site)

@@ -66,7 +66,7 @@ from duetgen.data.engine.images import ImageRuleConfig
 from duetgen.data.engine.language import LanguageConfig
 from duetgen.data.engine.neardup import NearDupPageConfig, PageSketcher, Sketch, decide
 from duetgen.data.engine.stages import PageFilterConfig, build_stages, page_stages, run_stages
-from duetgen.data.engine.warc import ONE_STREAM, WarcImageIndex, is_warc, iter_warc, recompress_members
+from duetgen.data.engine.warc import ONE_STREAM, WarcImageIndex, WarcItem, is_warc, iter_warc, recompress_members
 from duetgen.data.dataset import MANIFEST, ShardFileWriter, atomic_write_bytes, shard_name, write_manifest
 
 ENGINE_DIR = "_engine"
@@ -120,6 +120,9 @@ class ShardSpec:
     num_pages: int = 0
     files: list[str] = field(default_factory=list)  # html_dir: paths relative to the directory
     end: int | None = None  # warc: the records starting in [start, end) (None: to the end of the file)
+    records: list[int] | None = None  # warc: offsets of the range's page and too-large records (the plan's scan);
+    corrupt: list[list] = field(default_factory=list)  # and its corrupt regions, [offset, reason]: the shard reads
+    # just those records (None, a plan made before these were kept: the whole range, image records too)
 
 
 def warc_files(input_path: str | Path) -> list[Path] | None:
@@ -219,7 +222,7 @@ def scan_warc_file(task: tuple) -> dict:
 
 
 def _scan_warc(path: str, shard_pages: int, page_cap: int) -> dict:
-    groups: list[list[int]] = []  # [start offset, pages]
+    groups: list[list] = []  # [start offset, pages, their record offsets, corrupt regions as [offset, reason]]
     images: list[tuple[str, str, int]] = []
     aliases: list[tuple[str, str]] = []  # a 3xx response's Location, a revisit's earlier copy
     counts: Counter = Counter()
@@ -240,10 +243,14 @@ def _scan_warc(path: str, shard_pages: int, page_cap: int) -> dict:
         one_stream |= item.kind == "corrupt" and item.reason.startswith(ONE_STREAM)
         # a corrupt region belongs with the record it is charged to: never a group start
         if item.kind != "corrupt" and (not groups or groups[-1][1] >= shard_pages):
-            groups.append([0 if not groups else item.offset, 0])
+            groups.append([0 if not groups else item.offset, 0, [], []])
         if not groups:  # a corrupt region before any page
-            groups.append([0, 0])
+            groups.append([0, 0, [], []])
         groups[-1][1] += 1
+        if item.kind == "corrupt":
+            groups[-1][3].append([item.offset, item.reason])
+        else:
+            groups[-1][2].append(item.offset)
     if not counts["records"]:  # an empty file (or one whose bytes hold no record header at all) is counted, not silent
         counts["files_without_records"] += 1
     return {"path": path, "groups": groups, "images": images, "aliases": aliases, "counts": counts,
@@ -262,9 +269,10 @@ def plan_warc(files: list[Path], shard_pages: int, page_cap: int, work: Path, ex
         index.add_many(res["images"], res["aliases"])
         totals.update(res["counts"])
         groups = res["groups"]
-        for i, (start, n) in enumerate(groups):
+        for i, (start, n, records, corrupt) in enumerate(groups):
             end = groups[i + 1][0] if i + 1 < len(groups) else None
-            shards.append(ShardSpec(len(shards), "warc", res["path"], start=start, end=end, num_pages=n))
+            shards.append(ShardSpec(len(shards), "warc", res["path"], start=start, end=end, num_pages=n,
+                                    records=records, corrupt=corrupt))
     index.close()
     os.replace(tmp, index_path)
     if not shards:
@@ -366,12 +374,30 @@ def read_shard(spec: ShardSpec, cfg: EngineConfig) -> Iterator[Doc]:
             yield d
 
 
-def _read_warc_shard(spec: ShardSpec, cfg: EngineConfig) -> Iterator[Doc]:
-    """The HTML responses (and corrupt regions, too-large pages, as Docs to drop) of one byte range."""
-    name = Path(spec.path).name
-    for item in iter_warc(spec.path, spec.start, spec.end, cfg.extract.max_html_bytes):
-        if item.kind in ("skip", "image"):
+def _warc_shard_items(spec: ShardSpec, page_cap: int) -> Iterator[WarcItem]:
+    """The shard's page and too-large records and its corrupt regions, in file order. The plan's scan listed them,
+    so each record is read alone from its offset: the range's image and other records are not decompressed again
+    (in a crawl that holds its pages' images, most of its bytes). A plan without the lists reads the range."""
+    if spec.records is None:
+        yield from (x for x in iter_warc(spec.path, spec.start, spec.end, page_cap) if x.kind not in ("skip", "image"))
+        return
+    listed = sorted([(offset, None) for offset in spec.records] + [(offset, reason) for offset, reason in spec.corrupt],
+                    key=lambda x: x[0])
+    for offset, reason in listed:
+        if reason is not None:
+            yield WarcItem(offset=offset, kind="corrupt", reason=reason)
             continue
+        records = iter_warc(spec.path, offset, offset + 1, page_cap)
+        item = next(records, None)  # the one record there, its digest checked; the next one is never touched
+        records.close()
+        yield item if item is not None else WarcItem(
+            offset=offset, kind="corrupt", reason="no record at this offset any more (the file changed since the plan)")
+
+
+def _read_warc_shard(spec: ShardSpec, cfg: EngineConfig) -> Iterator[Doc]:
+    """The HTML responses (and corrupt regions, too-large pages, as Docs to drop) of one shard."""
+    name = Path(spec.path).name
+    for item in _warc_shard_items(spec, cfg.extract.max_html_bytes):
         where = f"{name}@{item.offset}"
         d = Doc(id=_doc_id(None, item.uri, where), url=item.uri, source=cfg.source,
                 meta={"engine": {"shard": spec.index, "input": where}})
