@@ -1160,9 +1160,9 @@ def demo(
     """
     import shutil
 
-    from duetgen.data.view import render_dataset_html
     from transformers.utils import logging as transformers_logging
 
+    from duetgen.data.view import render_dataset_html
     from duetgen.infer.pipeline import DEFAULT_MODEL_DIR, DuetGenPipeline
     from duetgen.shapeworld import judge, world
     from duetgen.shapeworld.evaluate import shapeworld_demo

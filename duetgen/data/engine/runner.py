@@ -120,9 +120,10 @@ class ShardSpec:
     num_pages: int = 0
     files: list[str] = field(default_factory=list)  # html_dir: paths relative to the directory
     end: int | None = None  # warc: the records starting in [start, end) (None: to the end of the file)
-    records: list[int] | None = None  # warc: offsets of the range's page and too-large records (the plan's scan);
-    corrupt: list[list] = field(default_factory=list)  # and its corrupt regions, [offset, reason]: the shard reads
-    # just those records (None, a plan made before these were kept: the whole range, image records too)
+    # warc: what the plan's scan found in the range; the shard reads just those records (records None: a plan made
+    # before these were kept, which reads the whole range, image records too)
+    records: list[int] | None = None  # offsets of the page and too-large records
+    corrupt: list[list] = field(default_factory=list)  # corrupt regions, [offset, reason]
 
 
 def warc_files(input_path: str | Path) -> list[Path] | None:
