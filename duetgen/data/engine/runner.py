@@ -13,7 +13,8 @@ Input (chosen to carry each page's own URL, which relative image links need):
 
 Design choices (the datatrove recipe):
 - The input is cut into shards of ``shard_pages`` pages (JSONL: byte offsets found in one scan;
-  WARC: byte ranges of records found by one scan per file, which also builds the image index),
+  WARC: byte ranges of records found by one scan per file, which also lists each range's page records,
+  read one by one, and builds the image index),
   planned once and saved in ``OUT/_engine/plan.json`` with the input's size/mtime fingerprint and
   the config; a restart with a different input or config is refused instead of mixing outputs.
 - Two passes over the shards. Pass 1 (``sketch_shard``): extract, page filter, language filter and
@@ -391,8 +392,10 @@ def _warc_shard_items(spec: ShardSpec, page_cap: int) -> Iterator[WarcItem]:
         records = iter_warc(spec.path, offset, offset + 1, page_cap)
         item = next(records, None)  # the one record there, its digest checked; the next one is never touched
         records.close()
-        yield item if item is not None else WarcItem(
-            offset=offset, kind="corrupt", reason="no record at this offset any more (the file changed since the plan)")
+        if item is None or item.kind not in ("page", "too_large", "corrupt"):  # (the input's size and mtime held)
+            item = WarcItem(offset=offset, kind="corrupt",
+                            reason="not the page record the plan found here: the file changed since the plan")
+        yield item
 
 
 def _read_warc_shard(spec: ShardSpec, cfg: EngineConfig) -> Iterator[Doc]:

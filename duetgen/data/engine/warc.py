@@ -43,7 +43,9 @@ Design choices:
 - Byte-range shards: ``iter_warc(path, start, end)`` yields the items whose record *starts* in
   ``[start, end)``. Shard boundaries are offsets of records a full scan found good, and the scan
   and the readers run this same code, so every record (and every corrupt region, owned by the
-  record before it) belongs to exactly one shard: kill-and-resume stays exactly-once.
+  record before it) belongs to exactly one shard: kill-and-resume stays exactly-once. The scan
+  also lists each shard's page records and corrupt regions, and the shard reads just those records
+  (``iter_warc(path, offset, offset + 1)``, one each; the engine's runner), not the image records between.
 """
 
 from __future__ import annotations
@@ -131,18 +133,33 @@ MAX_LINE_BYTES = 1 << 20  # a WARC or HTTP header line is never near this
 
 
 def _archive_iterator(f, check_digests: bool):
-    """warcio's ``ArchiveIterator`` over ``f``, its header lines read at most ``MAX_LINE_BYTES`` at a time: warcio
-    reads a line with no cap, joining pieces as it goes, so a gzip member of 52 MB of zeros (50 KB in the file)
-    took 1.8 CPU s and ~0.9 GB of memory before it was found corrupt (a member of junk is read as a header line)."""
+    """warcio's ``ArchiveIterator`` over ``f``, with two changes to its reader:
+
+    - header lines are read at most ``MAX_LINE_BYTES`` at a time: warcio reads a line with no cap, joining pieces
+      as it goes, so a gzip member of 52 MB of zeros (50 KB in the file) took 1.8 CPU s and ~0.9 GB of memory
+      before it was found corrupt (a member of junk is read as a header line);
+    - a gzip member that fails to decompress after its first read raises: warcio prints zlib's error and reads on
+      as if the file ended there, so every record after a member with a bad checksum was lost, counted as nothing
+      or as "bytes at the end of the file" (an audit's random damaged files, ~2 in 1,000). A failure at a member's
+      first read is left to warcio, which then reads the bytes as they are (how it reads an uncompressed WARC).
+    """
     from warcio.archiveiterator import ArchiveIterator
     from warcio.bufferedreaders import DecompressingBufferedReader
 
-    class CappedLines(DecompressingBufferedReader):
+    class CheckedReader(DecompressingBufferedReader):
         def readline(self, length=None):
             return super().readline(MAX_LINE_BYTES if length is None else min(length, MAX_LINE_BYTES))
 
+        def _decompress(self, data):
+            if self.decompressor is not None and data and self.num_block_read:
+                try:
+                    return self.decompressor.decompress(data)
+                except zlib.error as e:
+                    raise ValueError(f"a gzip member does not decompress: {e}") from None
+            return super()._decompress(data)
+
     it = ArchiveIterator(f, check_digests=check_digests)
-    it.reader = CappedLines(it.fh, block_size=it.reader.block_size)  # not read from yet
+    it.reader = CheckedReader(it.fh, block_size=it.reader.block_size)  # not read from yet
     return it
 
 
