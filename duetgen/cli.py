@@ -761,6 +761,7 @@ def train_stage1(
 
     Multi-process: torchrun --nproc-per-node N -m duetgen.cli train stage1 ... (FSDP2; docs/training-infra.md).
     """
+    from duetgen.train.common import TrainInputError
     from duetgen.train.configs import stage1_config
     from duetgen.train.stage1 import train
 
@@ -768,7 +769,7 @@ def train_stage1(
     run_dir = out or Path("runs") / cfg.name / "stage1"
     try:
         train(cfg, run_dir, resume_run=resume, progress=not quiet)
-    except (FileExistsError, FileNotFoundError, ValueError) as e:  # ValueError: data or settings that cannot train
+    except (FileExistsError, FileNotFoundError, TrainInputError) as e:
         fail(str(e))
 
 
@@ -787,6 +788,7 @@ def train_stage2(
 
     Multi-process: torchrun --nproc-per-node N -m duetgen.cli train stage2 ... (FSDP2; docs/training-infra.md).
     """
+    from duetgen.train.common import TrainInputError
     from duetgen.train.configs import stage2_config
     from duetgen.train.stage2 import train
 
@@ -797,7 +799,7 @@ def train_stage2(
     run_dir = out or Path("runs") / cfg.name / "stage2"
     try:
         train(cfg, mllm_dir, run_dir, resume_run=resume, progress=not quiet)
-    except (FileExistsError, FileNotFoundError, ValueError) as e:  # ValueError: data or settings that cannot train
+    except (FileExistsError, FileNotFoundError, TrainInputError) as e:
         fail(str(e))
 
 

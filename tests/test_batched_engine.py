@@ -185,23 +185,29 @@ def test_an_image_the_dit_cannot_draw_fails_only_its_answer_in_a_packed_call(mod
 
 
 def test_a_batched_mllm_call_that_fails_is_run_answer_by_answer(model, monkeypatch):
-    """Every MLLM forward of two answers or more fails (as out of memory would on a big batch): each answer's decode
-    and image block is run again alone, and the answers are the ones alone (every answer failed before)."""
+    """Every other MLLM forward of two answers or more fails in its last layer (as out of memory would on a big
+    batch), after the layers before it grew the padded cache, which the step before may have built (a reused
+    batch): each answer's decode or image block is run again alone, and the answers are the ones alone (every
+    answer of the call failed before)."""
     requests = [(prompt(i), GenerationConfig(seed=i, num_steps=2, max_new_tokens=80)) for i in (0, 1, 2)]
     alone = [answer(InterleavedEngine(model).run(m, c)) for m, c in requests]
-    real, failed = type(model.mllm).forward, []
+    last = model.mllm.model.language_model.layers[-1]
+    real, batches, failed = type(last).forward, [], []
 
-    def no_batches(self, *args, input_ids=None, **kwargs):
-        if input_ids is not None and input_ids.shape[0] > 1:
-            failed.append(input_ids.shape)
-            raise torch.OutOfMemoryError("a batch of answers does not fit")
-        return real(self, *args, input_ids=input_ids, **kwargs)
+    def no_batches(self, hidden_states, *args, **kwargs):
+        if self is last and hidden_states.shape[0] > 1:
+            batches.append(tuple(hidden_states.shape[:2]))
+            if len(batches) % 2 == 0:
+                failed.append(batches[-1])
+                raise torch.OutOfMemoryError("a batch of answers does not fit")
+        return real(self, hidden_states, *args, **kwargs)
 
-    monkeypatch.setattr(type(model.mllm), "forward", no_batches)
+    monkeypatch.setattr(type(last), "forward", no_batches)
     engine = BatchedEngine(model, max_batch=3, max_image_wait=100)
     results, errors = run_concurrently(engine, requests)
     assert errors == [None] * 3
     assert any(n > 1 for _, n in failed) and any(n == 1 for _, n in failed)  # image blocks and decodes both failed
+    assert engine.scheduler.split_calls == len(failed) and engine.scheduler.reused > 0  # (grown caches included)
     for (reason, text, images), finished in zip(alone, results):
         got = answer(finished)
         assert got[:2] == (reason, text) and len(got[2]) == len(images)

@@ -251,7 +251,7 @@ def test_body_cap_and_broken_json_in_openai_shape(server):
     r = httpx.post(f"{server}/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "json_invalid"
     message = r.json()["error"]["message"]  # says where (was "...not valid JSON: " and nothing more)
-    assert message.startswith("the request body is not valid JSON at character 1") and not message.endswith(": ")
+    assert message.startswith("the request body is not valid JSON at offset 1") and not message.endswith(": ")
     r = httpx.get(f"{server}/v1/images/{'0' * 64}.png")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     assert httpx.get(f"{server}/v1/nothing").json()["error"]["type"] == "not_found_error"

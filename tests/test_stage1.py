@@ -143,6 +143,12 @@ def test_unknown_config_and_bad_data_are_clear_errors(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "config 'toy-read-first' reads the dataset 'runs/shapeworld/data/train'" in " ".join(result.output.split())
     assert "docs/training.md" in result.output
+    # data that cannot train (fewer records than the validation split takes): one line, no traceback
+    generate(tmp_path / "few", 3, seed=0, split="train", progress=False)
+    result = CliRunner().invoke(app, ["train", "stage1", "--config", "tiny", "--data", str(tmp_path / "few"),
+                                      "--out", str(tmp_path / "r2")])
+    assert result.exit_code == 2 and "not more than val_records=4" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_cli_steps_under_the_warmup_trains_with_a_note(data, tmp_path):

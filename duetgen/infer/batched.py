@@ -54,6 +54,7 @@ How it works:
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ from torch import Tensor
 from duetgen.diffusion.draw import draw_latent
 from duetgen.infer.engine import CONTEXTS, NOISE_SEED_STRIDE, GenerationConfig, InterleavedEngine, ResolvedGeneration
 from duetgen.models.mllm import layer_states, rope_position_ids
+
+log = logging.getLogger(__name__)
 
 
 # ============================================================================ the scheduler
@@ -104,6 +107,7 @@ class BatchScheduler:
         self.text_held = 0  # decodes held back a step (text alignment)
         self.reused = 0  # batched decodes that extended the last padded cache instead of copying every answer's
         self.image_blocks = 0  # image blocks that went through the MLLM batched with another answer's
+        self.split_calls = 0  # batched calls that failed and were run again answer by answer (logged too)
 
     def join(self, context: "BatchedContext") -> None:
         """The calling thread's answer joins (waits while ``max_batch`` answers run)."""
@@ -226,27 +230,37 @@ class BatchScheduler:
             self.max_images = max(self.max_images, len(dit))
         return held
 
-    @classmethod
-    def _run(cls, jobs: list[_Job], call, alone=None) -> None:
+    def _run(self, jobs: list[_Job], call, alone=None) -> None:
         try:
             results = call()
         except BaseException as e:
-            if alone is not None and len(jobs) > 1 and isinstance(e, Exception):
-                for job in jobs:  # a batched call failed: each answer alone, so that only the one causing it fails
-                    cls._run([job], lambda job=job: alone(job))
+            if alone is None or len(jobs) == 1 or not isinstance(e, Exception):
+                for job in jobs:  # only the answers in this call fail; the others run on
+                    job.error = e
+                    job.done.set()
                 return
-            for job in jobs:  # only the answers in this call fail; the others run on
-                job.error = e
+            error = f"{type(e).__name__}: {e}"[:300]
+        else:
+            for job, result in zip(jobs, results):
+                job.result = result
                 job.done.set()
             return
-        for job, result in zip(jobs, results):
-            job.result = result
-            job.done.set()
+        # A batched call failed: each answer alone, so that only the one causing it fails. Outside the except block,
+        # so that the failed call's tensors (its traceback holds them) are gone, and with the rows' links to that
+        # call's padded cache dropped first: a batch too big for memory leaves the memory to the answers alone.
+        self.split_calls += 1
+        log.warning("a batched call of %d answers failed (%s); running it answer by answer", len(jobs), error)
+        for job in jobs:
+            if job.context is not None:
+                job.context.batch = None
+        for job in jobs:
+            self._run([job], lambda job=job: alone(job))
 
 
 def _forward_alone(job: _Job) -> list[Tensor]:
-    """A job of a failed batched MLLM call, run again through its answer's own cache. A failed forward changed
-    nothing the answer keeps: its kv still views the last good cache (a cache update makes new tensors)."""
+    """A job of a failed batched MLLM call, run again through its answer's own cache. A forward that failed part-way
+    changed nothing the answer keeps: its kv still views the last good cache, since transformers' DynamicCache
+    grows a layer with torch.cat, a new tensor (tests/test_batched_engine.py fails a batch inside a layer)."""
     return [job.context.forward(*job.inputs)]
 
 

@@ -133,7 +133,7 @@ def _from_detail(status: int, detail) -> tuple[int, dict]:
         if deepest.get("type") == "json_invalid":  # its loc is a character offset, not a field
             why = deepest.get("ctx", {}).get("error")  # (empty for some inputs)
             at = next((part for part in reversed(deepest.get("loc", ())) if isinstance(part, int)), None)
-            message = "the request body is not valid JSON" + (f" at character {at}" if at is not None else "")
+            message = "the request body is not valid JSON" + (f" at offset {at}" if at is not None else "")  # from 0
             return 400, error_body(400, message + (f": {why}" if why else ""), None, "json_invalid")
         param = field_path(deepest.get("loc", ())) or None
         if deepest.get("type") == "extra_forbidden":

@@ -16,6 +16,11 @@ from duetgen.models.mllm import IGNORE_INDEX, RenderedSequence, render_record, r
 from duetgen.models.packed_attention import uses_packed_attention
 
 
+class TrainInputError(ValueError):
+    """The run's data, starting weights or settings cannot train (the CLI prints it as a one-line error); a
+    ValueError from anywhere else is a bug and keeps its traceback."""
+
+
 def load_records(dirs: list[str], include_kinds: list[str] | None = None,
                  exclude_kinds: list[str] = ()) -> list[tuple[Dataset, Record]]:
     """Every record of the datasets (in order) whose ``meta.kind`` passes the filters, with its dataset."""
@@ -28,7 +33,7 @@ def load_records(dirs: list[str], include_kinds: list[str] | None = None,
                 continue
             out.append((ds, rec))
     if not out:
-        raise ValueError(f"no records left in {dirs} after filtering kinds (include {include_kinds}, exclude {exclude_kinds})")
+        raise TrainInputError(f"no records left in {dirs} after filtering kinds (include {include_kinds}, exclude {exclude_kinds})")
     return out
 
 

@@ -54,7 +54,7 @@ from duetgen.models.builder import stage1_mllm, text_only
 from duetgen.models.mllm import IGNORE_INDEX, RenderedSequence
 from duetgen.models.packed_attention import use_packed_attention
 from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
-from duetgen.train.common import extend_schedule, load_records, pack_inputs, render
+from duetgen.train.common import TrainInputError, extend_schedule, load_records, pack_inputs, render
 from duetgen.train.configs import Stage1Config
 from duetgen.train.logging import MetricsLogger
 from duetgen.train.optim import clip_grad_norm, make_adamw, make_scheduler
@@ -107,7 +107,7 @@ def fresh_vision_tower(mllm_dir: str | os.PathLike, out: str | os.PathLike, seed
     try:
         model.model.visual.load_state_dict(fresh.model.visual.state_dict())
     except RuntimeError as e:
-        raise ValueError(f"{mllm_dir}: its vision tower is not the toy one ({e})") from None
+        raise TrainInputError(f"{mllm_dir}: its vision tower is not the toy one ({e})") from None
     out = Path(out)
     save_mllm(model, tokenizer, M.toy_image_processor(), out)
     return out
@@ -190,7 +190,7 @@ def _train(cfg: Stage1Config, run_dir, env: DistEnv, resume_run: bool, progress:
         val_items = load_records([cfg.val_data], exclude_kinds=cfg.exclude_kinds)[: cfg.val_records]
     else:
         if len(items) <= cfg.val_records:
-            raise ValueError(f"{cfg.data}: {len(items)} records, not more than val_records={cfg.val_records}")
+            raise TrainInputError(f"{cfg.data}: {len(items)} records, not more than val_records={cfg.val_records}")
         items, val_items = items[: -cfg.val_records], items[-cfg.val_records:]
     lengths = [len(render(it, tokenizer, processor, cfg.max_record_tokens))
                for it in _track(items, "measuring record lengths", progress and env.is_main)]

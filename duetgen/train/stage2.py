@@ -71,7 +71,7 @@ from duetgen.diffusion.flow_matching import FlowMatchingConfig, dit_sample_input
 from duetgen.models.builder import around_mllm, load_mllm
 from duetgen.models.mllm import RenderedSequence, all_layer_states, layer_states, negative_prefix_length
 from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
-from duetgen.train.common import extend_schedule, load_records, pack_inputs, render
+from duetgen.train.common import TrainInputError, extend_schedule, load_records, pack_inputs, render
 from duetgen.train.configs import Stage2Config
 from duetgen.train.logging import MetricsLogger
 from duetgen.train.optim import EMA, clip_grad_norm, make_adamw, make_scheduler
@@ -161,7 +161,7 @@ class ConditionCache:
         if stamp.is_file():
             theirs = json.loads(stamp.read_text())
             if theirs != mine:
-                raise ValueError(f"condition cache {self.root} holds states of another MLLM than {mllm_dir} "
+                raise TrainInputError(f"condition cache {self.root} holds states of another MLLM than {mllm_dir} "
                                  f"(its weights differ); use a new cache folder or delete this one")
         else:
             atomic_write_bytes(stamp, json.dumps(mine, indent=1).encode("utf-8"))
@@ -180,7 +180,7 @@ class ConditionCache:
             return None
         with safe_open(path, framework="pt") as f:
             if f.metadata().get("key") != name:
-                raise ValueError(f"condition cache file {path} belongs to another record ({f.metadata().get('key')!r})")
+                raise TrainInputError(f"condition cache file {path} belongs to another record ({f.metadata().get('key')!r})")
             return f.get_tensor("states")
 
     def put(self, key: tuple[str, str], states: torch.Tensor) -> None:
@@ -267,7 +267,7 @@ def draw_targets(items, seed: int, epoch: int) -> list[int]:
 
 def check_size(image: Image.Image, multiple: int, where: str) -> None:
     if image.width % multiple or image.height % multiple:
-        raise ValueError(f"{where}: image of {image.width}x{image.height} is not a multiple of {multiple} pixels "
+        raise TrainInputError(f"{where}: image of {image.width}x{image.height} is not a multiple of {multiple} pixels "
                          "(autoencoder factor x DiT patch); resize the dataset's images")
 
 
@@ -368,7 +368,7 @@ def load_generator_state(trainable: nn.Module, state: dict[str, torch.Tensor], s
     its zero initialisation (the marker then starts as a no-op, as in a fresh run)."""
     missing, unexpected = trainable.load_state_dict(state, strict=False)
     if unexpected or set(missing) - NEW_MODULE_KEYS:
-        raise ValueError(f"{source}: its connector + DiT do not fit this run's: missing {sorted(missing)}, "
+        raise TrainInputError(f"{source}: its connector + DiT do not fit this run's: missing {sorted(missing)}, "
                          f"unexpected {sorted(unexpected)}")
 
 
@@ -458,7 +458,7 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
     # --- data: records with at least one assistant image; a validation tail
     items = [it for it in load_records(cfg.data, include_kinds=cfg.include_kinds) if image_slots(it[1])[1]]
     if len(items) <= cfg.val_records:
-        raise ValueError(f"{cfg.data}: {len(items)} records with assistant images, not more than val_records={cfg.val_records}")
+        raise TrainInputError(f"{cfg.data}: {len(items)} records with assistant images, not more than val_records={cfg.val_records}")
     items, val_items = items[: -cfg.val_records], items[-cfg.val_records:]
     def drawn_tokens(width: int, height: int) -> int:  # DiT tokens of an image at the size it is drawn at
         h, w = model.generation_size(height, width)
@@ -651,7 +651,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, cfg: Stage2Config, mllm_dir
 
         raw = load_file(str(checkpoint / "model.safetensors"))
         if set(raw) != set(trainable.state_dict()):
-            raise ValueError(f"{checkpoint}/model.safetensors does not hold this run's connector + DiT weights")
+            raise TrainInputError(f"{checkpoint}/model.safetensors does not hold this run's connector + DiT weights")
         trainable.load_state_dict(raw)
     return model.save_pretrained(out, overwrite=True)
 

@@ -32,6 +32,9 @@ class TextItem:
     cleaned: str | None = None  # clean_block(text), made once in pass 1 (language.page_text); clean_text reads it
 
 
+THUMB_SIDE = 64  # px, a funnel example's thumbnail
+
+
 @dataclass
 class ImageItem:
     src: str  # as written in the page
@@ -54,7 +57,7 @@ class ImageItem:
         """The file's own (width, height), from its header: ``image`` may be decoded smaller."""
         return None if self.data is None else self.data.size
 
-    def preview(self, side: int = 64):
+    def preview(self, side: int = THUMB_SIDE):
         """The decoded image, for a funnel example's ``side`` px thumbnail; bytes a header rule dropped undecoded are
         decoded now, a JPEG at the DCT scale the thumbnail needs (None if they do not decode). Their header passed
         the run's pixel cap, so their own size is the cap here."""
@@ -120,9 +123,6 @@ class Doc:
         return "\n\n".join(out)
 
 
-THUMB_SIDE = 64  # px, a funnel example's thumbnail
-
-
 def thumbnail_data_url(img: Any, side: int = THUMB_SIDE) -> str | None:
     """A tiny JPEG data URL of a PIL image, for the funnel report's examples."""
     if img is None:
@@ -159,7 +159,7 @@ class StageStats:
         # the thumbnail (copy, resize, JPEG) only for an example the funnel keeps, not for every drop
         if len(self.examples.get(f"image:{reason}", ())) < MAX_EXAMPLES_PER_REASON:
             self._example(f"image:{reason}", {"doc": doc.id, "src": item.src[:300], "detail": detail[:300],
-                                              "thumb": thumbnail_data_url(item.preview(THUMB_SIDE), THUMB_SIDE)})
+                                              "thumb": thumbnail_data_url(item.preview())})
 
     def drop_text(self, doc: Doc, text: str, reason: str) -> None:
         self.text_drops[reason] += 1

@@ -384,7 +384,7 @@ def _warc_shard_items(spec: ShardSpec, page_cap: int) -> Iterator[WarcItem]:
         yield from (x for x in iter_warc(spec.path, spec.start, spec.end, page_cap) if x.kind not in ("skip", "image"))
         return
     listed = sorted([(offset, None) for offset in spec.records] + [(offset, reason) for offset, reason in spec.corrupt],
-                    key=lambda x: x[0])
+                    key=lambda x: (x[0], x[1] is not None))  # file order; a record before a region charged to it
     for offset, reason in listed:
         if reason is not None:
             yield WarcItem(offset=offset, kind="corrupt", reason=reason)
