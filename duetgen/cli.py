@@ -335,6 +335,17 @@ def data_expand(
     except (OSError, RecordError) as e:
         fail(f"cannot write {str(out)!r}: {e}")
     typer.echo(f"wrote {len(queries)} queries to {out} (report: {path})")
+    asked = report.counts.get("llm_requests", 0)
+    failed = {reason: n for reason, n in report.skip_reasons.items() if reason.startswith("llm_")}
+    short = (report.extra.get("balance") or {}).get("short_of_target") or {}
+    if failed:
+        typer.secho(f"{sum(failed.values())} of {asked} LLM requests failed ({failed}; details in the report)",
+                    fg=typer.colors.YELLOW, err=True)
+    if short:
+        typer.secho(f"{len(short)} subcategories are short of {per_subcategory} queries (the report's balance)",
+                    fg=typer.colors.YELLOW, err=True)
+    if asked and sum(failed.values()) == asked:
+        fail("every LLM request failed: the pool holds the seed questions only")
 
 
 @data_app.command("dish-prompts")
@@ -373,7 +384,7 @@ def data_synthesize(
     api_key_env: str = typer.Option("GEMINI_API_KEY", "--api-key-env", help="Environment variable holding the API key (never recorded)."),
     max_concurrency: int = typer.Option(4, "--max-concurrency", min=1, help="API requests in flight."),
     max_retries: int = typer.Option(4, "--max-retries", min=0, help="Retries on 429 / 5xx / timeouts."),
-    timeout_s: float = typer.Option(300.0, "--timeout", help="Seconds per request."),
+    timeout_s: float = typer.Option(300.0, "--timeout", min=1.0, help="Seconds per request."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Process at most this many not-yet-done requests."),
     min_images: int = typer.Option(2, "--min-images", min=1, help="Drop answers with fewer images."),
     max_images: int = typer.Option(12, "--max-images", min=1, help="Drop answers with more images."),
@@ -400,6 +411,12 @@ def data_synthesize(
     pricing = Pricing(base.input_per_mtok if price_input is None else price_input,
                       base.output_text_per_mtok if price_text is None else price_text,
                       base.output_image_per_mtok if price_image is None else price_image)
+    if not any((pricing.input_per_mtok, pricing.output_text_per_mtok, pricing.output_image_per_mtok)):
+        typer.secho(f"no prices for --api {api} (give --price-input / --price-text / --price-image): the cost will "
+                    "read $0", fg=typer.colors.YELLOW, err=True)
+    if not os.environ.get(api_key_env):
+        typer.secho(f"${api_key_env} is not set: requests go without an API key (--api-key-env names the variable)",
+                    fg=typer.colors.YELLOW, err=True)
     cls = GeminiImageClient if api == "gemini" else OpenAIImageClient
     try:
         client = cls(url, model, api_key=os.environ.get(api_key_env), max_concurrency=max_concurrency,

@@ -124,6 +124,7 @@ def test_rules_only_run_builds_clean_records_and_a_funnel(site, tmp_path):
     assert funnel["summary"]["records_out"] == 3 and funnel["llm"] == {}
     html = (out / "funnel.html").read_text()
     assert "near_duplicate" in html and "bad_input" in html and "<script" not in html
+    assert "None" not in html and "llm_model: null" in html  # the summary as the JSON shows it, not Python's repr
     assert json.loads((out / "funnel.json").read_text()) == funnel
     ex = stage(funnel, "image_rules")["examples"]["image:qr_code"][0]
     assert ex["src"] == "/img/get-app-qr.png" and ex["thumb"].startswith("data:image/jpeg;base64,")
@@ -267,6 +268,9 @@ def test_restart_with_other_input_or_config_is_refused(site, tmp_path):
         run_engine(inp, out, config(), progress=False)
     with pytest.raises(EngineError, match="does not exist"):
         run_engine(tmp_path / "nope.jsonl", tmp_path / "ds2", config(), progress=False)
+    with pytest.raises(EngineError, match="matches no file"):
+        run_engine(tmp_path / "crawl" / "*.warc.gz", tmp_path / "ds3", config(), progress=False)
+    assert not (tmp_path / "ds2").exists() and not (tmp_path / "ds3").exists()  # refused before OUT is made
 
 
 def test_crash_between_commit_and_marker_neither_loses_nor_duplicates(site, tmp_path, monkeypatch):

@@ -182,6 +182,17 @@ def test_cli_expand(tmp_path):
     assert list((tmp_path / "reports").glob("expand-*.json"))
     res = runner.invoke(app, ["data", "expand", "--out", str(tmp_path / "x.jsonl")])
     assert res.exit_code == 2 and "--llm-url" in res.output
+    # every LLM request fails: said on the terminal and in the exit code (it printed "wrote N queries", exit 0)
+    srv = FakeOpenAIServer(responder=make_responder()).start()
+    srv.inject(*["400"] * 500)
+    try:
+        res = runner.invoke(app, ["data", "expand", "--out", str(tmp_path / "failed.jsonl"), "--taxonomy",
+                                  str(tmp_path / "tiny.json"), "--llm-url", srv.url, "--llm-model", "m",
+                                  "--per-subcategory", "5", "--batch-size", "4"])
+    finally:
+        srv.stop()
+    assert res.exit_code == 2 and "every LLM request failed" in res.output, res.output
+    assert " LLM requests failed (" in res.output and "short of 5 queries" in res.output
     (tmp_path / "bad.json").write_text("[]")
     res = runner.invoke(app, ["data", "taxonomy", "--file", str(tmp_path / "bad.json")])
     assert res.exit_code == 2 and "bad.json" in res.output

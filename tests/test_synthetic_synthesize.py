@@ -287,6 +287,12 @@ def test_cli_dish_prompts_then_synthesize_openai(server, tmp_path):
     # 80 prompt tokens x $1/M + 30 text x $2/M + 3000 image x $10/M
     assert rec.meta["cost_usd"] == pytest.approx((80 * 1 + 30 * 2 + 3000 * 10) / 1e6)
     assert "cost $0.0301 this run" in res.output
+    # no prices for --api openai and no key in the environment: both said before the run (the cost read $0 silently)
+    res = runner.invoke(app, ["data", "synthesize", str(tmp_path / "dish.jsonl"), "--out", str(tmp_path / "ds4"),
+                              "--api", "openai", "--url", server.url + "/v1", "--model", "m", "--image-root", str(d),
+                              "--api-key-env", "DUETGEN_TEST_NO_SUCH_KEY"])
+    assert res.exit_code == 0, res.output
+    assert "no prices for --api openai" in res.output and "$DUETGEN_TEST_NO_SUCH_KEY is not set" in res.output
     res = runner.invoke(app, ["data", "synthesize", str(tmp_path / "dish.jsonl"), "--out", str(tmp_path / "ds2"),
                               "--api", "dalle"])
     assert res.exit_code == 2 and "--api" in res.output

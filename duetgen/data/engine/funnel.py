@@ -47,6 +47,11 @@ def _e(x) -> str:
     return html.escape(str(x), quote=True)
 
 
+def _value(v) -> str:
+    """A summary value as the JSON shows it (a dict of counts, null), escaped: not Python's repr."""
+    return _e(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
+
+
 def render_html(data: dict) -> str:
     rows = []
     for s in data["stages"]:
@@ -76,12 +81,13 @@ def render_html(data: dict) -> str:
                 what = ex.get("url") or ex.get("src") or ex.get("text") or ""
                 items.append(f"<li>{img}<code>{_e(ex.get('doc', ''))}</code> {_e(what)} <i>{_e(ex.get('detail', ''))}</i></li>")
             examples.append(f"<h3>{_e(s['name'])} &middot; <code>{_e(key)}</code></h3><ul>{''.join(items)}</ul>")
-    summ = "".join(f"<li>{_e(k)}: {_e(v)}</li>" for k, v in data["summary"].items())
-    llm = "".join(f"<li>{_e(k)}: {_e(v)}</li>" for k, v in data["llm"].items()) or "<li>no LLM configured</li>"
+    summ = "".join(f"<li>{_e(k)}: {_value(v)}</li>" for k, v in data["summary"].items())
+    llm = "".join(f"<li>{_e(k)}: {_value(v)}</li>" for k, v in data["llm"].items()) or "<li>no LLM configured</li>"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>DuetGen data engine funnel</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;
-padding:4px 8px;vertical-align:top}}img{{height:48px;margin-right:6px;vertical-align:middle}}ul{{margin:0}}</style>
+padding:4px 8px;vertical-align:top}}img{{height:48px;margin-right:6px;vertical-align:middle}}ul{{margin:0}}
+li,code{{overflow-wrap:anywhere}}</style>
 </head><body>
 <h1>Data engine funnel</h1>
 <h2>Run</h2><ul>{summ}</ul>

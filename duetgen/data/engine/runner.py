@@ -127,6 +127,11 @@ class ShardSpec:
     corrupt: list[list] = field(default_factory=list)  # corrupt regions, [offset, reason]
 
 
+def _missing_input(path: Path) -> EngineError:
+    return EngineError(f"input {str(path)!r} does not exist (expected a .jsonl file, a directory of .html files, "
+                       "or WARC files: a .warc / .warc.gz file or a glob such as 'crawl/*.warc.gz')")
+
+
 def warc_files(input_path: str | Path) -> list[Path] | None:
     """The WARC files named by ``input_path`` (a glob or one .warc / .warc.gz file), None if it names no WARC."""
     s = str(input_path)
@@ -180,8 +185,7 @@ def plan_shards(input_path: str | Path, shard_pages: int) -> list[ShardSpec]:
         return [ShardSpec(i // shard_pages, "html_dir", str(path), num_pages=len(files[i:i + shard_pages]),
                           files=files[i:i + shard_pages]) for i in range(0, len(files), shard_pages)]
     if not path.is_file():
-        raise EngineError(f"input {str(path)!r} does not exist (expected a .jsonl file, a directory of .html files, "
-                          "or WARC files: a .warc / .warc.gz file or a glob such as 'crawl/*.warc.gz')")
+        raise _missing_input(path)
     if not path.name.endswith(".jsonl"):
         raise EngineError(f"input {str(path)!r}: a file input must be JSONL ({{url, html}} per line) named *.jsonl")
     shards, n, start, start_line = [], 0, 0, 1
@@ -666,6 +670,8 @@ def run_engine(input_path: str | Path, out: str | Path, cfg: EngineConfig, execu
         raise EngineError(f"output {str(out)!r} is a folder with other files in it and no engine run "
                           f"({ENGINE_DIR}/): give a new or empty folder, or the --out of a run to resume")
     work = out / ENGINE_DIR
+    if not (work / "plan.json").exists() and warc_files(input_path) is None and not input_path.exists():
+        raise _missing_input(input_path)  # before OUT is made (a glob that matches nothing raised just now)
     for sub in ("sketch", "done"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     lock = open(work / "run.lock", "a")
