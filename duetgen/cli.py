@@ -435,6 +435,9 @@ def data_synthesize(
     c = report.extra.get("cost_usd", {})
     typer.echo(f"wrote {report.counts.get('written', 0)} records to {out}; skipped {len(report.skipped)} "
                f"({dict(report.skip_reasons)}); cost ${c.get('this_run', 0):.4f} this run, ${c.get('all_runs', 0):.4f} in all")
+    failed = report.skip_reasons.get("api_error", 0)
+    if failed and not report.counts.get("written"):
+        fail(f"no record written: {failed} API request(s) failed (the report's skipped list says why); rerun to retry")
 
 
 @data_app.command("transitions")
@@ -472,6 +475,10 @@ def data_transitions(
         client.close()
     typer.echo(f"wrote {report.counts.get('written', 0)} records from {report.counts.get('videos', 0)} videos to {out}; "
                f"skipped {dict(report.skip_reasons)}")
+    failed = report.skip_reasons.get("caption_failed", 0)
+    if failed and not report.counts.get("written"):
+        fail(f"no record written: {failed} caption request(s) failed (the report's skipped list says why); rerun to "
+             "retry")
 
 
 @data_app.command("adapt")

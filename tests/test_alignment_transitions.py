@@ -214,3 +214,11 @@ def test_cli_transitions(videos, tmp_path):
     res = CliRunner().invoke(app, ["data", "transitions", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "o2"),
                                    "--llm-url", "http://127.0.0.1:9/v1", "--llm-model", "m"])
     assert res.exit_code == 2 and "nothing-here" in res.output
+    # a captioner that always fails: no record, and the exit code says so (it was 0)
+    srv = FakeOpenAIServer(responder=lambda body: "not json at all").start()
+    try:
+        res = CliRunner().invoke(app, ["data", "transitions", str(videos / "a_standard.mkv"), "--out",
+                                       str(tmp_path / "o3"), "--llm-url", srv.url, "--llm-model", "fake-vl"])
+    finally:
+        srv.stop()
+    assert res.exit_code == 2 and "no record written: 2 caption request(s) failed" in res.output, res.output

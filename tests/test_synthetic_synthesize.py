@@ -293,6 +293,11 @@ def test_cli_dish_prompts_then_synthesize_openai(server, tmp_path):
                               "--api-key-env", "DUETGEN_TEST_NO_SUCH_KEY"])
     assert res.exit_code == 0, res.output
     assert "no prices for --api openai" in res.output and "$DUETGEN_TEST_NO_SUCH_KEY is not set" in res.output
+    # an API that never answers: no record, and the exit code says so (it was 0)
+    res = runner.invoke(app, ["data", "synthesize", str(tmp_path / "dish.jsonl"), "--out", str(tmp_path / "ds5"),
+                              "--api", "openai", "--url", "http://127.0.0.1:1/v1", "--model", "m", "--image-root",
+                              str(d), "--max-retries", "0"])
+    assert res.exit_code == 2 and "no record written: 1 API request(s) failed" in res.output, res.output
     res = runner.invoke(app, ["data", "synthesize", str(tmp_path / "dish.jsonl"), "--out", str(tmp_path / "ds2"),
                               "--api", "dalle"])
     assert res.exit_code == 2 and "--api" in res.output
