@@ -520,6 +520,26 @@ def test_a_record_with_short_blank_lines_does_not_swallow_the_next_one_in_the_co
     assert items[0] == ("page", "http://x.example/0.html") and items[-1] == ("page", "http://x.example/2.html"), items
 
 
+def test_a_record_cut_short_in_a_one_stream_file_does_not_swallow_the_next_one_in_the_copy(tmp_path):
+    """A record cut short inside a one-stream file: its Content-Length reaches into the records after it, and the
+    copy took that many bytes into its member, so the next record was lost (an audit: 4 records where the same
+    records uncompressed gave 5). The copy now ends the cut record where the next record starts inside it; the
+    records read as they do uncompressed: one corrupt region, then every page after it."""
+    import gzip
+
+    page = (PAGES_DIR / "bathe-a-cat.html").read_bytes()
+    pages = [plain_member(f"http://x.example/{i}.html", page) for i in range(4)]
+    raw = pages[0] + pages[1][:600] + pages[2] + pages[3]
+    (tmp_path / "plain.warc").write_bytes(raw)
+    path, copy = tmp_path / "in.warc.gz", tmp_path / "copy.warc.gz"
+    path.write_bytes(gzip.compress(raw))
+    recompress_members(path, copy)
+    expected = [("page", "http://x.example/0.html"), ("corrupt", None), ("page", "http://x.example/2.html"),
+                ("page", "http://x.example/3.html")]
+    assert [(x.kind, x.uri) for x in iter_warc(tmp_path / "plain.warc")] == expected
+    assert [(x.kind, x.uri) for x in iter_warc(copy)] == expected
+
+
 def test_a_gzip_member_of_zeros_is_corrupt_without_reading_it_into_memory(tmp_path):
     """warcio reads a header line with no cap: a member of 52 MB of zeros (50 KB in the file) took ~0.9 GB of memory
     and 1.8 CPU s before it was found corrupt. Lines are capped at 1 MiB now (~48 MB at the peak, whatever the size)."""

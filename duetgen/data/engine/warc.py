@@ -283,6 +283,8 @@ def _gzip_pieces(f, cap: int) -> Iterator[tuple[str, bytes]]:
 
 _CONTENT_LENGTH = re.compile(rb"^content-length:[ \t]*(\d+)[ \t]*\r?$", re.I | re.M)
 MAX_HEADER_BYTES = 1 << 16  # a WARC record's headers (its HTTP headers are inside its block)
+_RECORD_START = re.compile(rb"WARC/1\.[01]\r\n")  # a record's first line, where a cut record's block is searched
+MAX_HELD_RECORD = 32 << 20  # a record up to this size is held until its blank line shows its Content-Length true
 
 
 class _MemberWriter:
@@ -311,9 +313,12 @@ def recompress_members(src: str | Path, dst: str | Path, max_ratio: int = 100) -
     """Write the gzipped WARC ``src``, whose records share gzip members, to ``dst`` as one gzip member per record
     (what the reader seeks to); the number of records found. The record bytes are copied as they are.
 
-    One streaming pass (memory: 1 MiB pieces and at most one record's headers): a record is its WARC headers (up to
-    the blank line, at most 64 KiB) and then ``Content-Length`` bytes and its blank lines, so the records are split
-    without parsing their blocks. Bytes that are no record (junk after a record, a record whose headers do not
+    One streaming pass (memory: 1 MiB pieces and one record up to ``MAX_HELD_RECORD``): a record is its WARC headers
+    (up to the blank line, at most 64 KiB) and then ``Content-Length`` bytes and its blank lines, so the records are
+    split without parsing their blocks. A record whose block is not followed by blank lines and the next record was
+    cut short (its Content-Length reaches into the records after it): it ends where a ``WARC/1.`` line starts inside
+    it, and that record is read on (the reader counts the cut one as corrupt), as the reader resyncs in an
+    uncompressed file; a larger record is copied without this check. Bytes that are no record (junk after a record, a record whose headers do not
     parse) go into a member of their own up to the next ``WARC/1.`` at a line start (the reader counts it as one
     corrupt region); gzip bytes that do not decompress are copied raw up to the next gzip member, where the reader
     finds them too; a stream cut short ends the copy with the record it was in. At most ``max_ratio`` times the
@@ -321,13 +326,16 @@ def recompress_members(src: str | Path, dst: str | Path, max_ratio: int = 100) -
     """
     cap = max_ratio * max(os.path.getsize(src), 1)
     tmp = Path(f"{dst}.tmp")
-    records, state, left = 0, "header", 0  # state: "header" | "block" (left bytes of it) | "tail" | "junk"
+    records, state, left = 0, "header", 0  # "header" | "block" (left bytes of it) | "check" | "tail" | "junk"
     buf = bytearray()
+    held = bytearray()  # the record being copied (headers + block so far), until its blank line is seen
+    holding = False  # False once the record outgrew MAX_HELD_RECORD (then copied as it comes, unchecked)
     with open(src, "rb") as f, open(tmp, "wb") as out:
         writer = _MemberWriter(out)
         for kind, piece in _gzip_pieces(f, cap):
             if kind != "data":
-                writer.write(buf)  # the record (or junk) in progress ends here, cut short
+                writer.write(held + buf)  # the record (or junk) in progress ends here, cut short
+                held.clear()
                 buf.clear()
                 writer.end()
                 if kind == "cap":
@@ -339,12 +347,33 @@ def recompress_members(src: str | Path, dst: str | Path, max_ratio: int = 100) -
             while buf:
                 if state == "block":
                     take = min(left, len(buf))
-                    writer.write(buf[:take])
+                    if holding and len(held) + take > MAX_HELD_RECORD:
+                        writer.write(held)
+                        held.clear()
+                        holding = False
+                    (held.extend if holding else writer.write)(buf[:take])
                     del buf[:take]
                     left -= take
                     if left:
                         break
-                    state, left = "tail", 4
+                    state, left = ("check" if holding else "tail"), 4
+                elif state == "check":  # what follows a held record's block: blank lines, then the next record
+                    blank = len(buf) - len(buf.lstrip(b"\r\n"))
+                    if len(buf) - blank < len(_WARC_MAGIC):
+                        break  # not enough to tell yet (at the end of the stream the record is copied as it is)
+                    if not blank or not buf.startswith(_WARC_MAGIC, blank):  # the record was cut short: its
+                        # Content-Length reaches into the records after it
+                        cut = _RECORD_START.search(held, held.find(b"\r\n\r\n") + 4)  # (a cut record ends anywhere)
+                        if cut is not None:  # the next record starts inside this one's block: read on from there
+                            writer.write(held[:cut.start()])
+                            writer.end()
+                            buf[:0] = held[cut.start():]
+                            held.clear()
+                            state = "header"
+                            continue
+                    writer.write(held)
+                    held.clear()
+                    state = "tail"
                 elif state == "tail":  # the blank lines after the block ("\r\n\r\n"; fewer, or bare "\n", kept too)
                     while left and buf and buf[0] in b"\r\n":
                         writer.write(buf[:1])
@@ -367,7 +396,8 @@ def recompress_members(src: str | Path, dst: str | Path, max_ratio: int = 100) -
                         state = "junk"
                         continue
                     length = int(found[1])  # (before buf changes: the match reads it)
-                    writer.write(buf[:end + 4])
+                    held += buf[:end + 4]
+                    holding = True
                     del buf[:end + 4]
                     left, state, records = length, "block", records + 1
                 else:  # junk: up to the next record's start
@@ -381,7 +411,7 @@ def recompress_members(src: str | Path, dst: str | Path, max_ratio: int = 100) -
                     del buf[:nxt + 1]
                     writer.end()
                     state = "header"
-        writer.write(buf)
+        writer.write(held + buf)
         writer.end()
     os.replace(tmp, dst)
     return records
