@@ -538,6 +538,12 @@ def test_a_record_cut_short_in_a_one_stream_file_does_not_swallow_the_next_one_i
                 ("page", "http://x.example/3.html")]
     assert [(x.kind, x.uri) for x in iter_warc(tmp_path / "plain.warc")] == expected
     assert [(x.kind, x.uri) for x in iter_warc(copy)] == expected
+    # a whole record (its block digest holds) followed by junk is not cut, though its page shows a WARC record
+    shown = plain_member("http://x.example/shows-warc.html", b"<pre>WARC/1.0\r\nWARC-Type: response\r\n</pre>" * 20)
+    path.write_bytes(gzip.compress(shown + b"garbage\r\n" + pages[2]))
+    recompress_members(path, copy)
+    assert [(x.kind, x.uri) for x in iter_warc(copy)] == [
+        ("page", "http://x.example/shows-warc.html"), ("corrupt", None), ("page", "http://x.example/2.html")]
 
 
 def test_a_gzip_member_of_zeros_is_corrupt_without_reading_it_into_memory(tmp_path):

@@ -50,6 +50,8 @@ Design choices:
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import re
 import sqlite3
@@ -309,6 +311,20 @@ class _MemberWriter:
         self.out.write(data)
 
 
+_BLOCK_DIGEST = re.compile(rb"^warc-block-digest:[ \t]*sha1:([A-Za-z0-9]+)[ \t]*\r?$", re.I | re.M)
+
+
+def _block_digest_holds(record: bytes | bytearray) -> bool:
+    """True when ``record`` (WARC headers, blank line, block) has a SHA-1 ``WARC-Block-Digest`` that its block
+    matches: whole, whatever follows it (junk after a good record is not a reason to cut it)."""
+    end = record.find(b"\r\n\r\n")
+    found = _BLOCK_DIGEST.search(record, 0, end)
+    if found is None:
+        return False
+    digest = hashlib.sha1(record[end + 4:]).digest()
+    return found[1].upper() in (base64.b32encode(digest), digest.hex().upper().encode())  # base32 (warcio) or hex
+
+
 def recompress_members(src: str | Path, dst: str | Path, max_ratio: int = 100) -> int:
     """Write the gzipped WARC ``src``, whose records share gzip members, to ``dst`` as one gzip member per record
     (what the reader seeks to); the number of records found. The record bytes are copied as they are.
@@ -361,8 +377,8 @@ def recompress_members(src: str | Path, dst: str | Path, max_ratio: int = 100) -
                     blank = len(buf) - len(buf.lstrip(b"\r\n"))
                     if len(buf) - blank < len(_WARC_MAGIC):
                         break  # not enough to tell yet (at the end of the stream the record is copied as it is)
-                    if not blank or not buf.startswith(_WARC_MAGIC, blank):  # the record was cut short: its
-                        # Content-Length reaches into the records after it
+                    if (not blank or not buf.startswith(_WARC_MAGIC, blank)) and not _block_digest_holds(held):
+                        # the record was cut short: its Content-Length reaches into the records after it
                         cut = _RECORD_START.search(held, held.find(b"\r\n\r\n") + 4)  # (a cut record ends anywhere)
                         if cut is not None:  # the next record starts inside this one's block: read on from there
                             writer.write(held[:cut.start()])
