@@ -524,7 +524,8 @@ def test_a_record_cut_short_in_a_one_stream_file_does_not_swallow_the_next_one_i
     """A record cut short inside a one-stream file: its Content-Length reaches into the records after it, and the
     copy took that many bytes into its member, so the next record was lost (an audit: 4 records where the same
     records uncompressed gave 5). The copy now ends the cut record where the next record starts inside it; the
-    records read as they do uncompressed: one corrupt region, then every page after it."""
+    records read as they do uncompressed: one corrupt region, then every page after it. So for junk right before a
+    record and a record cut inside its headers (the copy took the next record as junk, or into the cut headers)."""
     import gzip
 
     page = (PAGES_DIR / "bathe-a-cat.html").read_bytes()
@@ -538,6 +539,11 @@ def test_a_record_cut_short_in_a_one_stream_file_does_not_swallow_the_next_one_i
                 ("page", "http://x.example/3.html")]
     assert [(x.kind, x.uri) for x in iter_warc(tmp_path / "plain.warc")] == expected
     assert [(x.kind, x.uri) for x in iter_warc(copy)] == expected
+    # junk right before a record (no line break between), and a record cut inside its headers: the next one is read
+    path.write_bytes(gzip.compress(b"\x00junk\xff" * 9 + pages[2] + pages[0][:100] + pages[3]))
+    recompress_members(path, copy)
+    assert [(x.kind, x.uri) for x in iter_warc(copy)] == [
+        ("corrupt", None), ("page", "http://x.example/2.html"), ("corrupt", None), ("page", "http://x.example/3.html")]
     # a whole record (its block digest holds) followed by junk is not cut, though its page shows a WARC record
     shown = plain_member("http://x.example/shows-warc.html", b"<pre>WARC/1.0\r\nWARC-Type: response\r\n</pre>" * 20)
     path.write_bytes(gzip.compress(shown + b"garbage\r\n" + pages[2]))

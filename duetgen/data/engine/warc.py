@@ -286,6 +286,7 @@ def _gzip_pieces(f, cap: int) -> Iterator[tuple[str, bytes]]:
 _CONTENT_LENGTH = re.compile(rb"^content-length:[ \t]*(\d+)[ \t]*\r?$", re.I | re.M)
 MAX_HEADER_BYTES = 1 << 16  # a WARC record's headers (its HTTP headers are inside its block)
 _RECORD_START = re.compile(rb"WARC/1\.[01]\r\n")  # a record's first line, where a cut record's block is searched
+_RECORD_START_BYTES = len(b"WARC/1.0\r\n")
 MAX_HELD_RECORD = 32 << 20  # a record up to this size is held until its blank line shows its Content-Length true
 
 
@@ -331,106 +332,133 @@ def recompress_members(src: str | Path, dst: str | Path, max_ratio: int = 100) -
 
     One streaming pass (memory: 1 MiB pieces and one record up to ``MAX_HELD_RECORD``): a record is its WARC headers
     (up to the blank line, at most 64 KiB) and then ``Content-Length`` bytes and its blank lines, so the records are
-    split without parsing their blocks. A record whose block is not followed by blank lines and the next record was
-    cut short (its Content-Length reaches into the records after it): it ends where a ``WARC/1.`` line starts inside
-    it, and that record is read on (the reader counts the cut one as corrupt), as the reader resyncs in an
-    uncompressed file; a larger record is copied without this check. Bytes that are no record (junk after a record, a record whose headers do not
-    parse) go into a member of their own up to the next ``WARC/1.`` at a line start (the reader counts it as one
-    corrupt region); gzip bytes that do not decompress are copied raw up to the next gzip member, where the reader
-    finds them too; a stream cut short ends the copy with the record it was in. At most ``max_ratio`` times the
-    file's size is decompressed (a gzip bomb stops there; the rest is not read).
+    split without parsing their blocks (``_RecordSplitter``). The damage the reader survives in an uncompressed file
+    is split as the reader resyncs there, at the next record's first line (``WARC/1.0``), wherever it starts: a record
+    cut short, whose Content-Length reaches into the records after it (its block is not followed by blank lines and
+    the next record, or the stream ends inside it, and its ``WARC-Block-Digest`` does not hold), ends there; bytes
+    that are no record (junk, headers that do not parse) go into a member of their own up to there (the reader counts
+    each as one corrupt region). A record over ``MAX_HELD_RECORD`` is copied without the check. Gzip bytes that do
+    not decompress are copied raw up to the next gzip member, where the reader finds them too. At most ``max_ratio``
+    times the file's size is decompressed (a gzip bomb stops there; the rest is not read).
     """
     cap = max_ratio * max(os.path.getsize(src), 1)
     tmp = Path(f"{dst}.tmp")
-    records, state, left = 0, "header", 0  # "header" | "block" (left bytes of it) | "check" | "tail" | "junk"
-    buf = bytearray()
-    held = bytearray()  # the record being copied (headers + block so far), until its blank line is seen
-    holding = False  # False once the record outgrew MAX_HELD_RECORD (then copied as it comes, unchecked)
     with open(src, "rb") as f, open(tmp, "wb") as out:
-        writer = _MemberWriter(out)
+        splitter = _RecordSplitter(_MemberWriter(out))
         for kind, piece in _gzip_pieces(f, cap):
-            if kind != "data":
-                writer.write(held + buf)  # the record (or junk) in progress ends here, cut short
-                held.clear()
-                buf.clear()
-                writer.end()
-                if kind == "cap":
-                    break
-                writer.raw(piece)
-                state = "header"
+            if kind == "data":
+                splitter.feed(piece)
                 continue
-            buf += piece
-            while buf:
-                if state == "block":
-                    take = min(left, len(buf))
-                    if holding and len(held) + take > MAX_HELD_RECORD:
-                        writer.write(held)
-                        held.clear()
-                        holding = False
-                    (held.extend if holding else writer.write)(buf[:take])
-                    del buf[:take]
-                    left -= take
-                    if left:
-                        break
-                    state, left = ("check" if holding else "tail"), 4
-                elif state == "check":  # what follows a held record's block: blank lines, then the next record
-                    blank = len(buf) - len(buf.lstrip(b"\r\n"))
-                    if len(buf) - blank < len(_WARC_MAGIC):
-                        break  # not enough to tell yet (at the end of the stream the record is copied as it is)
-                    if (not blank or not buf.startswith(_WARC_MAGIC, blank)) and not _block_digest_holds(held):
-                        # the record was cut short: its Content-Length reaches into the records after it
-                        cut = _RECORD_START.search(held, held.find(b"\r\n\r\n") + 4)  # (a cut record ends anywhere)
-                        if cut is not None:  # the next record starts inside this one's block: read on from there
-                            writer.write(held[:cut.start()])
-                            writer.end()
-                            buf[:0] = held[cut.start():]
-                            held.clear()
-                            state = "header"
-                            continue
-                    writer.write(held)
-                    held.clear()
-                    state = "tail"
-                elif state == "tail":  # the blank lines after the block ("\r\n\r\n"; fewer, or bare "\n", kept too)
-                    while left and buf and buf[0] in b"\r\n":
-                        writer.write(buf[:1])
-                        del buf[:1]
-                        left -= 1
-                    if left and not buf:
-                        break
-                    writer.end()
-                    state = "header"
-                elif state == "header":
-                    skip = len(buf) - len(buf.lstrip(b"\r\n"))  # blank lines between records
-                    del buf[:skip]
-                    if not buf:
-                        break
-                    end = buf.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES)
-                    if end < 0 and len(buf) < MAX_HEADER_BYTES and _WARC_MAGIC.startswith(bytes(buf[:7])):
-                        break  # the headers may go on in the next piece
-                    found = _CONTENT_LENGTH.search(buf, 0, end) if end >= 0 and buf.startswith(_WARC_MAGIC) else None
-                    if found is None:
-                        state = "junk"
-                        continue
-                    length = int(found[1])  # (before buf changes: the match reads it)
-                    held += buf[:end + 4]
-                    holding = True
-                    del buf[:end + 4]
-                    left, state, records = length, "block", records + 1
-                else:  # junk: up to the next record's start
-                    nxt = buf.find(b"\n" + _WARC_MAGIC, 1)
-                    if nxt < 0:
-                        keep = len(_WARC_MAGIC)
-                        writer.write(buf[:-keep])
-                        del buf[:-keep]
-                        break
-                    writer.write(buf[:nxt + 1])
-                    del buf[:nxt + 1]
-                    writer.end()
-                    state = "header"
-        writer.write(held + buf)
-        writer.end()
+            splitter.end_of_stream()  # the stream in progress ends here, cut short
+            if kind == "cap":
+                break
+            splitter.writer.raw(piece)
+        splitter.end_of_stream()
     os.replace(tmp, dst)
-    return records
+    return splitter.records
+
+
+class _RecordSplitter:
+    """The decompressed stream, fed in pieces, split into one gzip member per WARC record (``recompress_members``)."""
+
+    def __init__(self, writer: _MemberWriter):
+        self.writer = writer
+        self.records = 0
+        self.state, self.left = "header", 0  # "header" | "block" (left bytes of it) | "check" | "tail" | "junk"
+        self.buf = bytearray()  # fed, not yet split
+        self.held = bytearray()  # the record being copied (headers + block so far), until what follows it shows
+        self.holding = False  # False once the record outgrew MAX_HELD_RECORD (then copied as it comes, unchecked)
+
+    def feed(self, piece: bytes) -> None:
+        self.buf += piece
+        self._split()
+
+    def end_of_stream(self) -> None:
+        """Copy what is left; a held record the stream ends inside was cut short: split it as in ``_cut``."""
+        while self.state == "block" and self.holding and self._cut():
+            self._split()
+        self.writer.write(self.held + self.buf)
+        self.held.clear()
+        self.buf.clear()
+        self.writer.end()
+        self.state, self.holding = "header", False
+
+    def _cut(self) -> bool:
+        """The held record was cut short: end it where a record starts inside its block, and read on from there."""
+        held = self.held
+        if _block_digest_holds(held):
+            return False
+        # (a record's first line may begin inside the held block and end in what follows it)
+        found = _RECORD_START.search(held + self.buf[:_RECORD_START_BYTES], held.find(b"\r\n\r\n") + 4)
+        if found is None or found.start() >= len(held):
+            return False
+        self.writer.write(held[:found.start()])
+        self.writer.end()
+        self.buf[:0] = held[found.start():]
+        held.clear()
+        self.state = "header"
+        return True
+
+    def _split(self) -> None:
+        buf, writer = self.buf, self.writer
+        while buf:
+            if self.state == "block":
+                take = min(self.left, len(buf))
+                if self.holding and len(self.held) + take > MAX_HELD_RECORD:
+                    writer.write(self.held)
+                    self.held.clear()
+                    self.holding = False
+                (self.held.extend if self.holding else writer.write)(buf[:take])
+                del buf[:take]
+                self.left -= take
+                if self.left:
+                    return
+                self.state, self.left = ("check" if self.holding else "tail"), 4
+            elif self.state == "check":  # what follows a held record's block: blank lines, then the next record
+                blank = len(buf) - len(buf.lstrip(b"\r\n"))
+                if len(buf) - blank < len(_WARC_MAGIC):
+                    return  # not enough to tell yet (at the end of the stream the record is copied as it is)
+                if (blank and buf.startswith(_WARC_MAGIC, blank)) or not self._cut():
+                    writer.write(self.held)
+                    self.held.clear()
+                    self.state = "tail"
+            elif self.state == "tail":  # the blank lines after the block ("\r\n\r\n"; fewer, or bare "\n", kept too)
+                while self.left and buf and buf[0] in b"\r\n":
+                    writer.write(buf[:1])
+                    del buf[:1]
+                    self.left -= 1
+                if self.left and not buf:
+                    return
+                writer.end()
+                self.state = "header"
+            elif self.state == "header":
+                skip = len(buf) - len(buf.lstrip(b"\r\n"))  # blank lines between records
+                del buf[:skip]
+                if not buf:
+                    return
+                end = buf.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES)
+                if end < 0 and len(buf) < MAX_HEADER_BYTES and _WARC_MAGIC.startswith(bytes(buf[:7])):
+                    return  # the headers may go on in the next piece
+                found = _CONTENT_LENGTH.search(buf, 0, end) if end >= 0 and buf.startswith(_WARC_MAGIC) else None
+                if found is None or _RECORD_START.search(buf, 1, end) is not None:  # (headers cut short: the next
+                    self.state = "junk"  # record's start inside them)
+                    continue
+                self.held += buf[:end + 4]
+                self.holding = True
+                self.left = int(found[1])
+                del buf[:end + 4]
+                self.state, self.records = "block", self.records + 1
+            else:  # junk: up to the next record's first line, wherever it starts
+                nxt = _RECORD_START.search(buf, 1)
+                if nxt is None:
+                    keep = _RECORD_START_BYTES - 1
+                    writer.write(buf[:-keep])
+                    del buf[:-keep]
+                    return
+                writer.write(buf[:nxt.start()])
+                del buf[:nxt.start()]
+                writer.end()
+                self.state = "header"
 
 
 def corrupt_reason(e: Exception) -> str:
