@@ -552,6 +552,21 @@ def test_a_record_cut_short_in_a_one_stream_file_does_not_swallow_the_next_one_i
         ("page", "http://x.example/shows-warc.html"), ("corrupt", None), ("page", "http://x.example/2.html")]
 
 
+def test_a_record_cut_inside_its_headers_never_lends_its_url_to_the_next_record(tmp_path):
+    """An uncompressed record cut short inside its WARC headers ran on into the next record's headers, and warcio
+    read the two as one: the next record's page came out under the cut record's URL (or was lost). Its headers
+    holding a second record's (a repeated WARC-Record-ID / WARC-Type, a value a WARC/1.0 line ran into) now make it
+    a corrupt region, and the next record is read as itself."""
+    page = (PAGES_DIR / "bathe-a-cat.html").read_bytes()
+    pages = [plain_member(f"http://x.example/{i}.html", page) for i in range(3)]
+    for cut in (60, 100, 150, pages[1].find(b"\r\n\r\n") - 3):
+        path = tmp_path / f"cut-{cut}.warc"
+        path.write_bytes(pages[0] + pages[1][:cut] + pages[2])
+        items = [(x.kind, x.uri) for x in iter_warc(path)]
+        assert items == [("page", "http://x.example/0.html"), ("corrupt", None), ("page", "http://x.example/2.html")], (
+            cut, items)
+
+
 def test_a_gzip_member_of_zeros_is_corrupt_without_reading_it_into_memory(tmp_path):
     """warcio reads a header line with no cap: a member of 52 MB of zeros (50 KB in the file) took ~0.9 GB of memory
     and 1.8 CPU s before it was found corrupt. Lines are capped at 1 MiB now (~48 MB at the peak, whatever the size)."""

@@ -33,7 +33,9 @@ Design choices:
   corrupt region and the next record is read). The payload digest is not used
   (crawlers disagree on what it covers under a transfer or content encoding). So is a record that
   is not a WARC record (no ``WARC-Record-ID``): when a member fails to decompress early, warcio
-  falls back to parsing the raw bytes as an ARC record, which swallowed the rest of the file.
+  falls back to parsing the raw bytes as an ARC record, which swallowed the rest of the file. And
+  so is a record whose headers hold a second record's (cut short inside them, it ran on into the
+  next record's, and warcio read the next record's block under its URL).
 - A ``.warc.gz`` gzipped as one stream (``gzip crawl.warc``: warcio reads its first record, then refuses)
   cannot be sought into: ``iter_warc`` yields its first record and one corrupt region whose reason starts
   with ``ONE_STREAM``, and the planner then copies the file as one member per record
@@ -165,6 +167,14 @@ def _archive_iterator(f, check_digests: bool):
     return it
 
 
+def _merged_headers(headers: list[tuple[str, str]]) -> bool:
+    """A record's WARC headers hold a second record's: a repeated WARC-Record-ID or WARC-Type, or a value that a
+    ``WARC/1.`` line ran into (a header line cut short, then the next record's first line)."""
+    names = [name.lower() for name, _ in headers]
+    return (names.count("warc-record-id") > 1 or names.count("warc-type") > 1
+            or any(_WARC_MAGIC.decode() in value for _, value in headers))
+
+
 def _find(f, magic: bytes, start: int, size: int) -> int | None:
     """Offset of the next ``magic`` at or after ``start`` (read in 1 MiB windows), or None."""
     pos = start
@@ -203,6 +213,10 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
                         # warcio falls back to reading raw bytes as an ARC record when a member fails to
                         # decompress early: garbage that would swallow the records after it
                         raise ValueError(f"not a WARC record ({rec.format} format, no WARC-Record-ID)")
+                    if _merged_headers(rec.rec_headers.headers):
+                        # cut short inside its headers, it ran on into the next record's: read as one, that
+                        # record's block came under this one's URI (or the next record was lost)
+                        raise ValueError("the record's headers run into another record's: it was cut short in them")
                     item = _classify(rec, cur, page_cap, read_pages)
                     misread = it.err_count
                     it.read_to_end(rec)  # the rest of the block, so that its digest is checked before it counts
