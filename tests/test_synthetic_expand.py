@@ -170,27 +170,25 @@ def test_cli_expand(tmp_path):
     assert len(lines) == 453 and len({l["subcategory"] for l in lines}) == 151
 
     (tmp_path / "tiny.json").write_text(json.dumps(TINY))
-    srv = FakeOpenAIServer(responder=make_responder()).start()
-    try:
-        res = runner.invoke(app, ["data", "expand", "--out", str(tmp_path / "pool.jsonl"), "--taxonomy",
-                                  str(tmp_path / "tiny.json"), "--llm-url", srv.url, "--llm-model", "m",
-                                  "--per-subcategory", "5", "--batch-size", "4"])
-    finally:
-        srv.stop()
+
+    def expand_tiny(out: str, *faults: str):
+        srv = FakeOpenAIServer(responder=make_responder()).start()
+        srv.inject(*faults)
+        try:
+            return runner.invoke(app, ["data", "expand", "--out", str(tmp_path / out), "--taxonomy",
+                                       str(tmp_path / "tiny.json"), "--llm-url", srv.url, "--llm-model", "m",
+                                       "--per-subcategory", "5", "--batch-size", "4"])
+        finally:
+            srv.stop()
+
+    res = expand_tiny("pool.jsonl")
     assert res.exit_code == 0, res.output
     assert len((tmp_path / "pool.jsonl").read_text().splitlines()) == 15
     assert list((tmp_path / "reports").glob("expand-*.json"))
     res = runner.invoke(app, ["data", "expand", "--out", str(tmp_path / "x.jsonl")])
     assert res.exit_code == 2 and "--llm-url" in res.output
     # every LLM request fails: said on the terminal and in the exit code (it printed "wrote N queries", exit 0)
-    srv = FakeOpenAIServer(responder=make_responder()).start()
-    srv.inject(*["400"] * 500)
-    try:
-        res = runner.invoke(app, ["data", "expand", "--out", str(tmp_path / "failed.jsonl"), "--taxonomy",
-                                  str(tmp_path / "tiny.json"), "--llm-url", srv.url, "--llm-model", "m",
-                                  "--per-subcategory", "5", "--batch-size", "4"])
-    finally:
-        srv.stop()
+    res = expand_tiny("failed.jsonl", *["400"] * 500)
     assert res.exit_code == 2 and "every LLM request failed" in res.output, res.output
     assert " LLM requests failed (" in res.output and "short of 5 queries" in res.output
     (tmp_path / "bad.json").write_text("[]")
