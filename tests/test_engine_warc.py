@@ -367,6 +367,50 @@ def test_a_record_cut_short_at_the_end_of_the_file_is_corrupt_not_a_page(tmp_pat
     assert [x.kind for x in iter_warc(path)] == ["page", "corrupt"]
 
 
+@pytest.mark.parametrize("name", ["in.warc.gz", "in.warc"])
+def test_a_file_switching_between_gzipped_and_uncompressed_records_loses_none(tmp_path, name):
+    """warcio decides gzip or not at its first record: at a switch it failed, and the records after the switch
+    were lost (uncompressed then gzipped: all of them in a `.warc`, which resynced only at `WARC/1.`). A fresh
+    reader now tries the record at a switch again, and resyncing looks for either kind of record start."""
+    import gzip
+
+    raw = [plain_member(f"http://x.example/{i}.html", b"<p>page %d</p>" % i * 30) for i in range(6)]
+    gz = [gzip.compress(r) for r in raw]
+    layouts = [gz[:3] + raw[3:], raw[:3] + gz[3:], [g if i % 2 else r for i, (g, r) in enumerate(zip(gz, raw))]]
+    for layout in layouts:
+        path = tmp_path / name
+        path.write_bytes(b"".join(layout))
+        items = list(iter_warc(path))
+        assert [(x.kind, x.uri) for x in items] == [("page", f"http://x.example/{i}.html") for i in range(6)], [
+            (x.kind, x.reason) for x in items]
+
+
+def test_zero_padding_at_the_end_of_a_file_is_no_corrupt_record(tmp_path):
+    """Zero bytes after the last record (a writer's or a tape's padding) were one corrupt region."""
+    import gzip
+
+    raw = [plain_member(f"http://x.example/{i}.html", b"<p>page %d</p>" % i) for i in range(2)]
+    for name, body in (("p.warc", b"".join(raw)), ("p.warc.gz", b"".join(map(gzip.compress, raw)))):
+        for padding in (1, 4096):
+            path = tmp_path / name
+            path.write_bytes(body + bytes(padding))
+            assert [x.kind for x in iter_warc(path)] == ["page", "page"], (name, padding)
+    path.write_bytes(body + bytes(100) + b"x")  # zeros, then something: not padding
+    assert [x.kind for x in iter_warc(path)] == ["page", "page", "corrupt"]
+
+
+def test_an_uncompressed_record_cut_right_after_its_first_line_is_counted_corrupt(tmp_path):
+    """warcio drops a header line without a colon: a record cut after `WARC/1.0` (or a few bytes more) merged
+    with the next one silently, the next page read as itself but the cut record counted nowhere."""
+    raw = [plain_member(f"http://x.example/{i}.html", b"<p>page %d</p>" % i * 30) for i in range(3)]
+    path = tmp_path / "a.warc"
+    for cut in (8, 9, 10, 11, 12, 15):
+        path.write_bytes(raw[0] + raw[1][:cut] + raw[2])
+        items = [(x.kind, x.uri) for x in iter_warc(path)]
+        assert items == [("page", "http://x.example/0.html"), ("corrupt", None), ("page", "http://x.example/2.html")], (
+            cut, items)
+
+
 def test_charset_labels_decode_as_browsers_do():
     """WHATWG: iso-8859-1 means windows-1252 (curly quotes), Shift_JIS the cp932 table (circled digits)."""
     from duetgen.data.engine.extract import decode_html

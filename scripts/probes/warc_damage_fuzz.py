@@ -2,6 +2,7 @@
 
     python scripts/probes/warc_damage_fuzz.py copy 300 [SEED]    # one-stream copy vs the same bytes uncompressed
     python scripts/probes/warc_damage_fuzz.py shards 100 [SEED]  # listed shard reads vs byte ranges vs one full read
+    python scripts/probes/warc_damage_fuzz.py mixed 300 [SEED]   # gzipped and uncompressed records in one file
 
 Each file is 3-12 records (pages, images, a script) written by warcio, some damaged: cut short at a random byte,
 replaced by random junk, or given a Content-Length off by a few bytes. Deterministic for a seed (warcio's record
@@ -13,6 +14,10 @@ same reader: how many files the copy reads fewer of. Runs on older code too (``P
 ``shards``: per-record gzip or uncompressed files, planned at 1, 2 and 3 pages a shard; each shard read from the
 plan's record list and from its byte range, all shards together against one full read (offsets, kinds, URLs,
 bytes; a corrupt region's reason text may differ between a range read and a full read): the differences.
+``mixed``: each record gzipped or not at random within one file (named ``.warc.gz`` or ``.warc`` at random), damaged
+as above or cut right after its first line, some files ending in zero padding: the files where the pages and images
+read are not exactly the whole records written (one lost, or one more), and where a file holds damage but no corrupt
+region is counted, or holds none but one is counted (session 11).
 """
 import contextlib
 import dataclasses
@@ -117,8 +122,51 @@ def fuzz_shards(n: int, seed: int, tmp: Path) -> None:
     print(f"{n} damaged files (seed {seed}) x 3 shard sizes: shard reads that differ from one full read: {diffs}")
 
 
+def fuzz_mixed(n: int, seed: int, tmp: Path) -> None:
+    rng, lost, uncounted, false = random.Random(seed), 0, 0, 0
+    kinds = {True: records(gz=True), False: records(gz=False)}
+    for t in range(n):
+        parts, want, damaged = [], [], False
+        for _ in range(rng.randint(3, 12)):
+            gz, c = rng.random() < 0.5, rng.random()
+            kind = "pages" if c < 0.55 else "images" if c < 0.8 else "script"
+            i = rng.randrange(6)
+            rec = kinds[gz][kind] if kind == "script" else kinds[gz][kind][i]
+            m = rng.random()
+            if m < 0.1:
+                rec = rec[:rng.randint(1, len(rec) - 1)]
+            elif m < 0.14:
+                rec = rng.randbytes(rng.randint(1, 300))
+            elif m < 0.18 and not gz:
+                rec = rec[:rec.index(b"\r\n") + 2]  # cut right after its first line
+            elif m < 0.22 and not gz:
+                rec = lying(rec, rng.choice([-40, -3, 3, 40]))
+            elif kind != "script":
+                want.append((kind[:-1], i))
+            damaged = damaged or m < 0.22 and (m < 0.14 or not gz)
+            parts.append(rec)
+        padding = bytes(rng.choice([1, 512, 4096])) if rng.random() < 0.15 else b""
+        path = tmp / f"m{t}.warc{'.gz' if rng.random() < 0.5 else ''}"
+        path.write_bytes(b"".join(parts) + padding)
+        items = list(iter_warc(path))
+        got = [(x.kind, int(re.search(r"(\d+)\.html$", x.uri)[1]) if x.kind == "page"
+                else [n for n in IMAGES].index(x.uri.rsplit("/", 1)[1])) for x in items if x.kind in ("page", "image")]
+        corrupt = sum(x.kind == "corrupt" for x in items)
+        lost += got != want
+        if (got != want or bool(damaged) != bool(corrupt)) and "-v" in sys.argv:  # kept to look at
+            keep = Path(tempfile.gettempdir()) / "warc_fuzz_failures"
+            keep.mkdir(exist_ok=True)
+            (keep / path.name).write_bytes(path.read_bytes())
+            print(keep / path.name, "want", want, "got", got, [(x.offset, x.reason) for x in items if x.kind == "corrupt"])
+        uncounted += bool(damaged) and not corrupt
+        false += not damaged and corrupt > 0
+    print(f"{n} files of gzipped and uncompressed records mixed (seed {seed}): pages and images read not the whole "
+          f"records written in {lost}; damage but no corrupt region counted in {uncounted}; a corrupt region "
+          f"counted in an undamaged file in {false}")
+
+
 if __name__ == "__main__":
     mode, n = sys.argv[1], int(sys.argv[2])
     seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):  # warcio prints zlib errors
-        {"copy": fuzz_copy, "shards": fuzz_shards}[mode](n, seed, Path(tmp))
+        {"copy": fuzz_copy, "shards": fuzz_shards, "mixed": fuzz_mixed}[mode](n, seed, Path(tmp))

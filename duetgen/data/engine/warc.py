@@ -22,10 +22,13 @@ Design choices:
   a body is read with ``read(cap + 1)``, so a gzip/br Content-Encoding cannot inflate past the cap.
 - Corrupt input is skipped and counted, never fatal: when warcio cannot parse the next record (a
   truncated gzip member, a junk header), the reader yields one ``corrupt`` item and resyncs at the
-  next gzip member (``1f 8b 08``; ``WARC/1.`` in an uncompressed file) after the failed record.
-  Failures in a row without a good record between them are one corrupt region. warcio ends
-  quietly at a member cut short at the end of a file; bytes left over after its last record are
-  counted as one corrupt region too. A record whose ``WARC-Block-Digest`` (where the crawl wrote
+  next record start after the failed record: a gzip member (``1f 8b 08``) or an uncompressed record
+  (``WARC/1.``), whichever comes first, whatever the file's name says. Failures in a row without a
+  good record between them are one corrupt region. warcio decides gzip or not at its first record,
+  so where a record fails right after a whole one (or warcio stops early), a fresh reader tries it
+  again first: a file that switches between gzipped and uncompressed records is read whole. warcio
+  ends quietly at a member cut short at the end of a file; bytes left over after its last record are
+  counted as one corrupt region too, unless they are all zero (padding). A record whose ``WARC-Block-Digest`` (where the crawl wrote
   one, as Common Crawl and warcio do) does not match its bytes is corrupt as well: a gzip member cut
   short can go on decompressing into the next member's bytes and read as a whole record of garbage,
   swallowing the record after it (37 of 400 fresh members of a test page cut at 300 bytes did this or
@@ -35,7 +38,8 @@ Design choices:
   is not a WARC record (no ``WARC-Record-ID``): when a member fails to decompress early, warcio
   falls back to parsing the raw bytes as an ARC record, which swallowed the rest of the file. And
   so is a record whose headers hold a second record's (cut short inside them, it ran on into the
-  next record's, and warcio read the next record's block under its URL).
+  next record's, and warcio read the next record's block under its URL; cut right after its first
+  line, warcio, which drops a header line without a colon, read the next record as it without a sign).
 - A ``.warc.gz`` gzipped as one stream (``gzip crawl.warc``: warcio reads its first record, then refuses)
   cannot be sought into: ``iter_warc`` yields its first record and one corrupt region whose reason starts
   with ``ONE_STREAM``, and the planner then copies the file as one member per record
@@ -175,27 +179,45 @@ def _merged_headers(headers: list[tuple[str, str]]) -> bool:
             or any(_WARC_MAGIC.decode() in value for _, value in headers))
 
 
-def _find(f, magic: bytes, start: int, size: int) -> int | None:
-    """Offset of the next ``magic`` at or after ``start`` (read in 1 MiB windows), or None."""
-    pos = start
+def _raw_headers_merged(fd: int, offset: int, length: int) -> bool:
+    """An uncompressed record's WARC header bytes (``length`` of them from ``offset``) hold a second ``WARC/1.``
+    line: cut short right after its first line, it ran on into the next record's headers, and warcio, which drops
+    a header line without a colon, read the two as one record without a sign of it."""
+    head = os.pread(fd, length, offset)
+    return head.startswith(_WARC_MAGIC) and head.find(_WARC_MAGIC, 1) >= 0
+
+
+def _find(f, start: int, size: int, magics: tuple[bytes, ...] = (_GZIP_MAGIC, _WARC_MAGIC)) -> int | None:
+    """Offset of the next of ``magics`` at or after ``start`` (read in 1 MiB windows), or None. By default the
+    next record start: a gzip member (``1f 8b 08``) or an uncompressed record (``WARC/1.``), whichever comes
+    first, whatever the file's name says (a file may switch between the two)."""
+    pos, overlap = start, max(map(len, magics))
     while pos < size:
         f.seek(pos)
-        chunk = f.read((1 << 20) + len(magic))
-        i = chunk.find(magic)
-        if i >= 0:
-            return pos + i
+        chunk = f.read((1 << 20) + overlap)
+        found = [i for i in (chunk.find(m) for m in magics) if i >= 0]
+        if found:
+            return pos + min(found)
         pos += 1 << 20
     return None
+
+
+def _zeros_to_end(f, start: int, size: int) -> bool:
+    """The file holds only zero bytes from ``start`` to its end (padding, not a damaged record)."""
+    for pos in range(start, size, 1 << 20):
+        if os.pread(f.fileno(), min(1 << 20, size - pos), pos).strip(b"\0"):
+            return False
+    return True
 
 
 def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap: int = 5_000_000,
               read_pages: bool = True) -> Iterator[WarcItem]:
     """The items of the records starting in ``[start, end)`` of one WARC file (see the module docstring)."""
-    magic = _GZIP_MAGIC if str(path).endswith(".gz") else _WARC_MAGIC
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         end = size if end is None else min(end, size)
         pos, in_bad = start, False
+        retried = None  # the error of the reader that failed at ``pos``, which a fresh reader now tries again
         while pos < end:
             f.seek(pos)
             cur = pos  # the record being read (a failure is charged to it)
@@ -213,7 +235,8 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
                         # warcio falls back to reading raw bytes as an ARC record when a member fails to
                         # decompress early: garbage that would swallow the records after it
                         raise ValueError(f"not a WARC record ({rec.format} format, no WARC-Record-ID)")
-                    if _merged_headers(rec.rec_headers.headers):
+                    if (_merged_headers(rec.rec_headers.headers) or rec.rec_headers.statusline
+                            or _raw_headers_merged(f.fileno(), cur, rec.rec_headers.total_len)):
                         # cut short inside its headers, it ran on into the next record's: read as one, that
                         # record's block came under this one's URI (or the next record was lost)
                         raise ValueError("the record's headers run into another record's: it was cut short in them")
@@ -229,21 +252,32 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
                     if any(p.startswith("block digest failed") for p in rec.digest_checker.problems):
                         raise ValueError(f"the record's WARC-Block-Digest does not match its {rec.length:,} bytes")
                     good_end = it.offset if it.offset > cur else None  # (not inside a multi-record member)
-                    in_bad = False
+                    in_bad, retried = False, None
                     yield item
-                if it.offset < size and not in_bad:  # warcio stops quietly at a member cut short at the end
-                    yield WarcItem(offset=cur, kind="corrupt",
-                                   reason=f"{size - it.offset:,} bytes at the end of the file are no complete record")
+                if it.offset < size and not _zeros_to_end(f, it.offset, size):  # (zero bytes at the end: padding)
+                    # warcio stops quietly at a member cut short at the end, and where a gzipped record is followed
+                    # by an uncompressed one cut short: a fresh reader tries again there (records may follow)
+                    tail = _Tail(f"{size - it.offset:,} bytes at the end of the file are no complete record")
+                    if it.offset > pos:
+                        pos, retried = it.offset, tail
+                        continue
+                    if not in_bad:
+                        yield WarcItem(offset=cur, kind="corrupt", reason=corrupt_reason(retried or tail))
                 return
             except Exception as e:  # warcio raises many kinds on junk; all mean "corrupt"
                 if good_end is not None and good_end > cur:  # the record after a whole one failed: it starts there
-                    cur = good_end  # (searching on from the whole record's start could find a record inside its body)
-                    if cur >= end:
-                        return  # the next shard's record
+                    # (searching on from the whole record's start could find a record inside its body); read it
+                    # again with a fresh reader first: warcio decides gzip or not once, at its first record, so a
+                    # file that switches between gzipped and uncompressed records failed at the switch
+                    pos, retried = good_end, e
+                    continue
+                e, retried = retried or e, None  # failed again: the first reader's reason (e.g. ONE_STREAM's)
+                if _zeros_to_end(f, cur, size):
+                    return  # zero padding at the end of the file
                 if not in_bad:
                     yield WarcItem(offset=cur, kind="corrupt", reason=corrupt_reason(e))
                 in_bad = True
-                nxt = _find(f, magic, cur + 1, size)
+                nxt = _find(f, cur + 1, size)
                 if nxt is None:
                     return
                 pos = nxt
@@ -285,7 +319,7 @@ def _gzip_pieces(f, cap: int) -> Iterator[tuple[str, bytes]]:
                         yield "cap", b""
                         return
         except zlib.error:
-            nxt = _find(f, _GZIP_MAGIC, start + 1, size)
+            nxt = _find(f, start + 1, size, (_GZIP_MAGIC,))
             end = size if nxt is None else nxt
             for pos in range(start, end, 1 << 20):
                 f.seek(pos)
@@ -475,9 +509,15 @@ class _RecordSplitter:
                 self.state = "header"
 
 
+class _Tail(Exception):
+    """What warcio stopped quietly before: bytes at the end of a file that hold no whole record."""
+
+
 def corrupt_reason(e: Exception) -> str:
     """One line for the funnel (warcio's messages span lines, and one starts with a blank one)."""
     text = " ".join(str(e).split())
+    if isinstance(e, _Tail):
+        return text
     if "non-chunked gzip" in text:  # `gzip crawl.warc`: one gzip stream, so no record after the first can be sought
         return (f"{ONE_STREAM}, not one gzip member per record (`gzip crawl.warc` makes that): the engine reads a "
                 "copy with one member per record; by hand: `warcio recompress IN OUT`")
