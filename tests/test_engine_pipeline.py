@@ -273,6 +273,22 @@ def test_restart_with_other_input_or_config_is_refused(site, tmp_path):
     assert not (tmp_path / "ds2").exists() and not (tmp_path / "ds3").exists()  # refused before OUT is made
 
 
+def test_a_plan_written_by_a_newer_engine_is_refused_by_name(site, tmp_path):
+    """plan.json carries its format: a later one (a downgrade) is refused with the versions, not a TypeError on
+    fields this code does not know (how the engine before session 11 met a session-10 plan)."""
+    inp = write_jsonl(tmp_path / "pages.jsonl", site)
+    out = tmp_path / "ds"
+    run_engine(inp, out, config(), progress=False)
+    plan_path = out / "_engine" / "plan.json"
+    plan = json.loads(plan_path.read_text())
+    assert plan["format"] == 2
+    plan["format"] = 3
+    plan["shards"][0]["a_later_field"] = 1
+    plan_path.write_text(json.dumps(plan))
+    with pytest.raises(EngineError, match="newer duetgen.*plan format 3.*up to 2"):
+        run_engine(inp, out, config(), progress=False)
+
+
 def test_crash_between_commit_and_marker_neither_loses_nor_duplicates(site, tmp_path, monkeypatch):
     inp = write_jsonl(tmp_path / "pages.jsonl", site)
     out = tmp_path / "ds"

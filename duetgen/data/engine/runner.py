@@ -637,11 +637,20 @@ class RayExecutor:
 
 
 # ----------------------------------------------------------------------------- driver
+# plan.json's layout: 1 (no "format" key) before WARC shards listed their records, 2 since. A plan of a later
+# format than this code knows is refused by name (older code, without this check, crashed on the new fields).
+PLAN_FORMAT = 2
+
+
 def _check_plan(work: Path, input_path: Path, cfg: EngineConfig, executor) -> tuple[list[ShardSpec], dict]:
     plan_path = work / "plan.json"
     fp = {"input": _input_fingerprint(input_path), "config": cfg.fingerprint()}
     if plan_path.exists():
         plan = json.loads(plan_path.read_text())
+        if plan.get("format", 1) > PLAN_FORMAT:
+            raise EngineError(
+                f"output {str(work.parent)!r} was planned by a newer duetgen (plan format {plan['format']}, this "
+                f"version reads up to {PLAN_FORMAT}): resume it with that version, or use a new --out")
         if plan["fingerprint"] != json.loads(json.dumps(fp)):
             raise EngineError(
                 f"output {str(work.parent)!r} belongs to a run with a different input or config; "
@@ -654,7 +663,7 @@ def _check_plan(work: Path, input_path: Path, cfg: EngineConfig, executor) -> tu
         shards, warc = plan_warc(warcs, cfg.shard_pages, cfg.extract.max_html_bytes, work, executor)
     else:
         shards = plan_shards(input_path, cfg.shard_pages)
-    atomic_write_bytes(plan_path, json.dumps({"fingerprint": fp, "shards": [asdict(s) for s in shards],
+    atomic_write_bytes(plan_path, json.dumps({"format": PLAN_FORMAT, "fingerprint": fp, "shards": [asdict(s) for s in shards],
                                               "warc": warc}).encode())
     return shards, warc
 
