@@ -198,6 +198,14 @@ def png_header_only(width: int, height: int) -> str:
      413, "messages[0].content[0].image_url.url", "over the cap of 16,384"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_header_only(20000, 20000)}}]}]},
      413, "messages[0].content[0].image_url.url", "decompression bomb"),  # PIL's own check fires first: 413 too
+    # a content part's schema errors name the field once (pydantic puts the part's tag before it: text.text)
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     400, "messages[0].content[0].image_url.url", "Field required"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     400, "messages[0].content[0].text", "valid string"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x", "detail": "q"}}]}]},
+     400, "messages[0].content[0].image_url.detail", "Input should be"),
+    ({"stream_options": {"include_usage": True}}, 400, "stream_options", "only allowed when stream is true"),
     ({"messages": [{"role": "user", "content": "x" * 501}]}, 413, "messages", "over the cap of 500"),
     ({"messages": [{"role": "user", "content": "   "}]}, 400, "messages", "empty"),
 ])

@@ -112,15 +112,19 @@ def error_response(e: APIError) -> JSONResponse:
 
 
 def field_path(loc) -> str:
-    """A pydantic error location -> ``messages[0].content[1].image_url.url`` (union branch tags dropped)."""
-    out = ""
+    """A pydantic error location -> ``messages[0].content[1].image_url.url`` (union branch names dropped, and the
+    tag a discriminated union's item puts before its fields: ``content[1].text.text`` is ``content[1].text``)."""
+    out, tagged, tag_next = "", False, False
     for part in loc:
         if part == "body":
             continue
         if isinstance(part, int):
             out += f"[{part}]"
+            tag_next, tagged = tagged, False
         elif "[" in part or part in ("str", "list", "int", "float", "bool", "dict", "none"):
-            continue  # pydantic's name for a union branch, e.g. "list[tagged-union[...]]"
+            tagged = "tagged-union[" in part  # pydantic's name for a union branch, e.g. "list[tagged-union[...]]"
+        elif tag_next:
+            tag_next = False  # the item's tag ("text", "image_url"), not a field
         else:
             out += f".{part}" if out else part
     return out
@@ -415,6 +419,8 @@ def generation_config(req: ChatCompletionRequest, limits: ServeLimits, model) ->
     if req.n not in (None, 1):
         raise APIError(400, f"n={req.n}: DuetGen generates one answer per request; send n=1 (or leave it out) "
                             "and repeat the request with other seeds", "n", "unsupported_parameter")
+    if req.stream_options is not None and not req.stream:  # as OpenAI answers it
+        raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
     if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
         raise APIError(400, "max_tokens and max_completion_tokens differ; give one", "max_completion_tokens")
     max_new = req.max_completion_tokens or req.max_tokens or min(GenerationConfig.max_new_tokens, limits.max_new_tokens)
