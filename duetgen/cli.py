@@ -981,7 +981,8 @@ def _set_torch_threads(threads: Optional[int]) -> int:
 
 
 _THREADS_HELP = ("torch CPU threads for the model (default: every core this process may use but one, which the "
-                 "answer's other threads need: streaming, the live view or the server's HTTP and image encoding).")
+                 "answer's other threads need: streaming, the live view or the server's HTTP and image encoding; "
+                 "with --ray: CPUs each replica reserves and its torch threads, default 1).")
 
 
 @app.command("generate")
@@ -1133,9 +1134,6 @@ def serve(
 
     if (replicas > 1 or ray_address is not None) and not on_ray:
         fail("--replicas and --ray-address need --ray (one process serves one model; see docs/serving.md)")
-    if on_ray and queue_size == 0:
-        fail("--queue-size 0 does not work with --ray: Ray Serve's queue for a deployment holds at least 1 "
-             "request (max_queued_requests); use --queue-size 1 or more")
     limits = ServeLimits(max_body_bytes=int(max_upload_mb * (1 << 20)), max_image_pixels=max_image_pixels,
                          max_prompt_chars=max_prompt_chars, queue_size=queue_size, request_timeout_s=timeout,
                          max_batch=batch, batch_image_wait=batch_image_wait, batch_text_wait=batch_text_wait)
@@ -1158,7 +1156,7 @@ def serve(
         typer.secho(f"Ray Serve: {replicas} replica(s) on {device}; chat page: http://{host}:{port}/   "
                     f"API: http://{host}:{port}/openapi.json", err=True)
         serve_on_ray(str(model_dir), replicas, host=host, port=port, device=device, limits=limits,
-                     allowed_hosts=hosts_to_answer(host, allowed_host or ()))
+                     allowed_hosts=hosts_to_answer(host, allowed_host or ()), num_cpus=threads or 1)
         return
     torch_threads = _set_torch_threads(threads)
     pipe = _load_pipeline(model, device or "cpu")

@@ -18,15 +18,20 @@ Design choices:
   router (a streaming handle call: the replica runs the app on it and streams its ASGI messages
   back) and plays the answer back. A client that leaves cancels the call; the replica's app then
   sees the disconnect and a stream cancels its generation.
-- Admission at the ingress: the router sends a request to a replica with a free slot
-  (``max_ongoing_requests`` = 2 x ``max_batch`` per replica: ``max_batch`` generating and as many
-  waiting at the replica, or light requests such as /v1/images), holds up to ``queue_size`` more
-  until any replica frees one (``max_queued_requests``, one queue for the cluster since there is
-  one ingress), and the next get **429 with Retry-After: 5 in the route's own error shape**
-  (OpenAI's on /v1, ``detail`` on /api). Ray's proxy would answer that 429 in plain text, which is
-  why the ingress exists. The replica's own queue is as large as its slots, so its 429 does not fire
-  under Ray: a request is refused only when every replica is full, never because the router
-  picked a busy one.
+- Admission at the ingress: each replica has 2 x ``max_batch`` slots (``max_ongoing_requests``:
+  ``max_batch`` generating and as many waiting at the replica, or light requests such as
+  /v1/images); the ingress (one, so one count for the cluster) admits requests while fewer than all
+  replicas' slots + ``queue_size`` are in flight, and answers the next **429 with Retry-After: 5 in
+  the route's own error shape** (OpenAI's on /v1, ``detail`` on /api; Ray's proxy would answer in
+  plain text, which is why the ingress exists). Ray's router sends an admitted request to a replica
+  with a free slot and holds it (its own queue unbounded) until one frees. Ray's
+  ``max_queued_requests`` is not the limit: it counts a request as queued from its arrival until
+  the router has probed the replicas, so a burst that fits answered 429 on an idle cluster (an
+  audit: 4 requests at once on 2 replicas with ``--queue-size 1`` got one or two 429s in 6 of 6
+  rounds; Ray's own router code describes the case). The replica's own queue is as large as its
+  slots, so its 429 does not fire under Ray: a request is refused only when every replica is full.
+  A client that leaves frees its admission at once; its replica slot up to ``APP_EXIT_S`` later,
+  so for that long one more request than ``queue_size`` may wait at the router.
 - ``--timeout`` end to end at the ingress: waiting for a replica and generating together; the
   ingress allows 2 s more than ``--timeout`` so that a replica's own 503/504 (same shape as
   ``duetgen serve``) comes first when it started at once, and answers 504 in the route's shape when
@@ -54,8 +59,6 @@ from dataclasses import replace
 
 import ray
 from ray import serve
-from ray.serve.config import BackpressureConfig
-from ray.serve.exceptions import BackPressureError
 
 from duetgen.serve.common import ServeLimits
 from duetgen.serve.openai_api import ImageStore, error_body
@@ -117,11 +120,13 @@ class ReplicaHeader:
 class DuetGenReplica:
     """One model and the ``duetgen serve`` app over it; the ingress hands it each HTTP request (``http``)."""
 
-    def __init__(self, model_dir: str, device: str, limits: ServeLimits, allowed_hosts: list[str] | None, images):
+    def __init__(self, model_dir: str, device: str, limits: ServeLimits, allowed_hosts: list[str] | None, images,
+                 threads: int = 1):
         import torch
 
         from duetgen.infer.pipeline import DuetGenPipeline
 
+        torch.set_num_threads(threads)  # as many as the CPUs the replica reserved (Ray sets OMP_NUM_THREADS alike)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"replica asked for device {device!r} but sees no GPU "
                                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
@@ -185,8 +190,10 @@ class Forward:
     plays the replica's response back. Admission and the end-to-end timeout live here, answered in the route's
     error shape (Ray's proxy would answer both in plain text)."""
 
-    def __init__(self, replicas, limits: ServeLimits):
+    def __init__(self, replicas, limits: ServeLimits, capacity: int | None = None):
         self.replicas, self.limits = replicas.options(stream=True), limits
+        self.capacity = capacity  # requests admitted at once (every replica's slots + the queue); None: no limit here
+        self.in_flight = 0  # one event loop: checked and counted with no await between
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -198,6 +205,18 @@ class Forward:
         deadline = time.monotonic() + self.limits.request_timeout_s + TIMEOUT_GRACE_S
         root, path = scope.get("root_path", ""), scope["path"]
         path = path[len(root):] if root and path.startswith(root) else path  # the route's own path, e.g. /v1/...
+        if self.capacity is not None and self.in_flight >= self.capacity:  # before the body is read
+            for m in refusal(path, 429, f"the server is busy: every replica is full and {self.limits.queue_size} "
+                             "request(s) wait; retry later", "server_busy", RETRY_AFTER_S):
+                await send(m)
+            return
+        self.in_flight += 1
+        try:
+            await self._forward(scope, receive, send, path, deadline)
+        finally:
+            self.in_flight -= 1
+
+    async def _forward(self, scope, receive, send, path: str, deadline: float):
         body = await capped_body(receive, self.limits.max_body_bytes)
         if body is None:
             return  # the client left while sending
@@ -208,12 +227,6 @@ class Forward:
                 try:
                     message = await asyncio.wait_for(response.__anext__(), max(0.0, deadline - time.monotonic()))
                 except StopAsyncIteration:
-                    return
-                except BackPressureError as e:
-                    for m in refusal(path, 429, f"the server is busy: every replica is full and "
-                                     f"{self.limits.queue_size} request(s) wait; retry later", "server_busy",
-                                     e.retry_after_s):
-                        await send(m)
                     return
                 except asyncio.TimeoutError:
                     response.cancel()
@@ -246,8 +259,8 @@ async def capped_body(receive, max_bytes: int) -> bytes | None:
 class DuetGenIngress:
     """The HTTP entry of the app (one replica, no CPU reserved): ``Forward`` over the model replicas' handle."""
 
-    def __init__(self, replicas, limits: ServeLimits):
-        self.forward = Forward(replicas, limits)
+    def __init__(self, replicas, limits: ServeLimits, capacity: int | None = None):
+        self.forward = Forward(replicas, limits, capacity)
 
     def __serve_build_asgi_app__(self):
         return self.forward
@@ -265,13 +278,11 @@ def deploy(model_dir: str, replicas: int = 1, *, device: str = "cpu", limits: Se
 
     ``limits.queue_size``: requests waiting at the ingress for a free replica; the next get 429.
     ``device``: "cpu", or "cuda" (each replica takes one GPU, ``num_gpus=1``).
+    ``num_cpus``: CPUs each replica reserves, and its torch threads (at least 1).
     """
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1; got {replicas}")
     limits = limits or ServeLimits()
-    if limits.queue_size < 1:
-        raise ValueError(f"limits.queue_size must be >= 1 on Ray (Ray Serve's max_queued_requests is -1 or "
-                         f"positive); got {limits.queue_size}")
     num_gpus = 1 if device.startswith("cuda") else 0
     images = ImageStoreActor.options(name=f"{name}-images", get_if_exists=True).remote(
         limits.image_store_bytes, limits.image_ttl_s)
@@ -282,16 +293,16 @@ def deploy(model_dir: str, replicas: int = 1, *, device: str = "cpu", limits: Se
         num_replicas=replicas,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
         max_ongoing_requests=slots,
-        max_queued_requests=limits.queue_size,
-        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S),
-    ).bind(str(model_dir), "cuda" if num_gpus else device, replica_limits(limits), allowed_hosts, images)
+        max_queued_requests=-1,  # unbounded: the ingress admits at most every slot + the queue (its docstring)
+    ).bind(str(model_dir), "cuda" if num_gpus else device, replica_limits(limits), allowed_hosts, images,
+           max(1, int(num_cpus)))
     ingress = serve.deployment(
         serve.ingress()(DuetGenIngress),
         name=name,
         num_replicas=1,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=replicas * slots + limits.queue_size + INGRESS_SPARE,  # never queued at Ray's proxy
-    ).bind(model, limits)
+    ).bind(model, limits, replicas * slots + limits.queue_size)
     return serve.run(ingress, name=name, route_prefix=route_prefix)
 
 
