@@ -1119,7 +1119,7 @@ def serve(
     max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels", min=1, help="Pixel cap of one uploaded image."),
     max_prompt_chars: int = typer.Option(4000, "--max-prompt-chars", min=1, help="Text cap of one request."),
     allowed_host: Optional[list[str]] = typer.Option(None, "--allowed-host", help="Host header value to answer besides the bound host (repeatable; '*' = any, e.g. behind a proxy). Others get 400: DNS rebinding."),
-    on_ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve, one model per replica (docs/serving.md); a local Ray instance unless --ray-address."),
+    on_ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve, one model per replica (docs/serving.md); a local Ray instance unless --ray-address (or RAY_ADDRESS, or a `ray start` on this machine)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --ray: 'auto' joins this machine's Ray cluster, ray://HEAD:10001 a remote one (typer has no option with an optional value, so not --ray ADDRESS)."),
     replicas: int = typer.Option(1, "--replicas", min=1, help="With --ray: model replicas (one model, and one GPU where there are GPUs, each)."),
 ):
@@ -1150,7 +1150,7 @@ def serve(
 
         from duetgen.serve.ray_serve import serve_on_ray
 
-        ray.init(address=ray_address)  # None: a new local instance
+        ray.init(address=ray_address)  # None: a new local instance, unless RAY_ADDRESS / `ray start` name one
         if device is None:
             device = "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
         typer.secho(f"Ray Serve: {replicas} replica(s) on {device}; chat page: http://{host}:{port}/   "

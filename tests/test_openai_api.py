@@ -206,6 +206,8 @@ def png_header_only(width: int, height: int) -> str:
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x", "detail": "q"}}]}]},
      400, "messages[0].content[0].image_url.detail", "Input should be"),
     ({"stream_options": {"include_usage": True}}, 400, "stream_options", "only allowed when stream is true"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(Image.new("RGB", (1, 300)))}}]}]},
+     400, "messages[0].content[0].image_url.url", "aspect ratio over 200"),  # named at the image, not "messages"
     ({"messages": [{"role": "user", "content": "x" * 501}]}, 413, "messages", "over the cap of 500"),
     ({"messages": [{"role": "user", "content": "   "}]}, 400, "messages", "empty"),
 ])

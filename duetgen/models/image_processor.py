@@ -188,12 +188,16 @@ class ImageProcessor:
         return path
 
 
+MAX_ASPECT_RATIO = 200  # transformers' smart_resize refuses longer / shorter side above this
+
+
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """transformers' ``smart_resize`` (Qwen2-VL): sides multiple of ``factor``, pixels in range, aspect kept."""
     if height < 1 or width < 1:
         raise ValueError(f"image size {width}x{height}: both sides must be >= 1 pixel")
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"image size {width}x{height}: aspect ratio {max(height, width) / min(height, width):.0f} exceeds 200")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"image size {width}x{height}: aspect ratio {max(height, width) / min(height, width):.0f} "
+                         f"exceeds {MAX_ASPECT_RATIO}")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:

@@ -72,6 +72,7 @@ from starlette.concurrency import run_in_threadpool
 from duetgen.data.images import encode_png, inspect_image, to_rgb
 from duetgen.data.record import ImagePart, Message, RecordError, TextPart
 from duetgen.infer.engine import Cancelled, Finished, GenerationConfig, ImageDone, TextDelta
+from duetgen.models.image_processor import MAX_ASPECT_RATIO
 from duetgen.serve.common import (BadRequest, QueueFull, ServeLimits, decode_image, image_size_problem,
                                   unicode_problem)
 
@@ -328,6 +329,14 @@ class Translator:
         return match if match and own and not parts.query and not parts.fragment else None
 
     def image(self, url: str, where: str, host: str | None):
+        image = self._image(url, where, host)
+        long, short = max(image.size), min(image.size)
+        if long > MAX_ASPECT_RATIO * short:  # the vision processor's limit, named here rather than at generation
+            raise APIError(400, f"{where}: image size {image.width}x{image.height}, an aspect ratio over "
+                                f"{MAX_ASPECT_RATIO}", where)
+        return image
+
+    def _image(self, url: str, where: str, host: str | None):
         if url.startswith("data:"):
             try:
                 return decode_image(url, where, self.limits)
