@@ -205,6 +205,8 @@ def data_engine(
     shard_pages: int = typer.Option(50, "--shard-pages", min=1, help="Pages per shard (the unit of work and of restart)."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the API key (never written to disk)."),
     llm_concurrency: int = typer.Option(16, "--llm-concurrency", min=1, help="LLM requests in flight per worker."),
+    llm_timeout: float = typer.Option(120.0, "--llm-timeout", min=1.0, help="Seconds one LLM request may take."),
+    llm_max_retries: int = typer.Option(4, "--llm-max-retries", min=0, help="Retries of an LLM request on 429 / 5xx / timeouts (backing off)."),
     allow_network: Optional[list[str]] = typer.Option(None, "--allow-network", help="CIDR whose images may be fetched although not public (repeatable), e.g. 127.0.0.0/8 for a local mirror."),
     languages: str = typer.Option("en", "--languages", help="Comma-separated ISO 639-1 codes of the pages to keep (lingua), or 'any'."),
     dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="Remove cross-page near-duplicates (MinHash + LSH, keeps the lowest id)."),
@@ -238,7 +240,7 @@ def data_engine(
                        language=LanguageConfig(languages=codes),
                        neardup=NearDupPageConfig(enabled=dedup, threshold=dedup_threshold),
                        llm_url=llm, llm_model=model, llm_api_key=os.environ.get(api_key_env),
-                       llm_concurrency=llm_concurrency)
+                       llm_concurrency=llm_concurrency, llm_timeout_s=llm_timeout, llm_max_retries=llm_max_retries)
     try:
         if ray is not None:
             from duetgen.data.engine import RayExecutor
@@ -255,6 +257,13 @@ def data_engine(
     s = funnel["summary"]
     typer.echo(f"wrote {s['records_out']} records from {s['pages_in']} pages to {out} "
                f"(funnel: {out / 'funnel.html'}; LLM: {funnel['llm'] or 'off'})")
+    if s.get("llm_api_errors"):
+        typer.secho(f"warning: {s['llm_api_errors']} pages, images or text blocks were dropped because LLM requests "
+                    f"to {llm} failed (unreachable, 5xx / 429 or timeouts after {llm_max_retries} retries); rerun the "
+                    "same command to try them again (answers already received are cached; --llm may name another "
+                    "address of the same model)", fg=typer.colors.YELLOW, err=True)
+        if not s["records_out"]:
+            raise typer.Exit(2)
 
 
 # ----------------------------------------------------------------------------- data: synthetic + alignment (issue 7)

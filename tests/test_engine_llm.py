@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "engine"))
 from engine_llm import EngineResponder  # noqa: E402
 from howto_site import PAGES_DIR, Site, photo  # noqa: E402
 
-from duetgen.data.engine import EngineConfig, run_engine  # noqa: E402
+from duetgen.data.engine import EngineConfig, EngineError, run_engine  # noqa: E402
 from duetgen.data.engine.fetch import FetchConfig  # noqa: E402
 from duetgen.data.dataset import Dataset  # noqa: E402
 from duetgen.data.record import ImagePart, TextPart  # noqa: E402
@@ -44,7 +44,7 @@ def pages_jsonl(tmp_path: Path, site: Site, names=PAGES) -> Path:
 
 def config(llm, **kw) -> EngineConfig:
     return EngineConfig(fetch=FetchConfig(allow_networks=("127.0.0.0/8",), timeout_s=3.0), shard_pages=2,
-                        llm_url=llm.url, llm_model="fake-vl", **kw)
+                        **{"llm_url": llm.url, "llm_model": "fake-vl", **kw})
 
 
 def stage(funnel, name):
@@ -132,3 +132,25 @@ def test_api_errors_drop_items_and_the_run_goes_on(site, llm, tmp_path):
     rec = next(iter(ds))
     # captions run before dedup, in page order: step1, step2 and its near-duplicate lost their captions
     assert [ds.read_image_bytes(p.image, rec.id) for p in rec.image_parts()] == [photo(i) for i in (3, 4, 5, 6)]
+
+
+def test_a_rerun_asks_again_what_failed_and_reuses_the_rest(site, llm, tmp_path):
+    """An audit: with the LLM server down, every shard got its marker, so a rerun once the server was back sent no
+    request and the dropped pages and images were lost for good (the run exited 0). A shard with LLM API errors
+    is built again on a rerun, its received answers from the cache, and a new address or concurrency resumes."""
+    inp = pages_jsonl(tmp_path, site, ["bathe-a-cat.html"])
+    run_engine(inp, tmp_path / "clean", config(llm), progress=False)
+    llm.inject(*["500"] * 3)
+    out = tmp_path / "ds"
+    funnel = run_engine(inp, out, config(llm, llm_max_retries=0, llm_concurrency=1), progress=False)
+    assert funnel["summary"]["llm_api_errors"] == 3 and funnel["summary"]["shards_retried_for_llm_errors"] == 0
+    funnel = run_engine(inp, out, config(llm, llm_max_retries=0, llm_concurrency=4), progress=False)  # server back
+    assert funnel["summary"]["shards_retried_for_llm_errors"] == 1 and funnel["summary"]["llm_api_errors"] == 0
+    assert funnel["llm"]["cached"] > 0  # the answers the first run received
+    assert [r.to_json() for r in Dataset(out)] == [r.to_json() for r in Dataset(tmp_path / "clean")]
+    before = llm.requests
+    assert run_engine(inp, out, config(llm), progress=False)["summary"]["shards_run_now"] == 0  # done: nothing asked
+    assert llm.requests == before
+    with pytest.raises(EngineError, match=r"\(llm_model changed\)"):  # what the LLM is asked does decide the output
+        run_engine(inp, out, config(llm, llm_model="another-vl"), progress=False)
+

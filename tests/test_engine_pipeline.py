@@ -443,3 +443,19 @@ def test_cli_reports_bad_input_cleanly(tmp_path):
     r = subprocess.run([exe, "data", "engine", "--input", str(tmp_path), "--out", str(tmp_path / "o"), "--llm", "x"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--llm and --model together" in r.stderr
+
+
+def test_a_resume_lists_the_shards_in_input_order(site, tmp_path):
+    """An audit: shards finished by a resume were appended after the ones done before (part-00000, 00002, 00001)."""
+    inp = write_jsonl(tmp_path / "pages.jsonl", site)
+    out = tmp_path / "ds"
+    run_engine(inp, out, config(shard_pages=1), progress=False)
+    listed = [s["path"] for s in json.loads((out / "manifest.json").read_text())["shards"]]
+    assert len(listed) >= 3
+    index = int(listed[1].rsplit("-", 1)[1].split(".")[0])
+    (out / "_engine" / "done" / f"shard-{index:05d}.json").unlink()  # as a kill leaves it: that shard not done
+    (out / listed[1]).unlink()
+    run_engine(inp, out, config(shard_pages=1), progress=False)
+    assert [s["path"] for s in json.loads((out / "manifest.json").read_text())["shards"]] == listed
+    assert len(list(Dataset(out))) == sum(s["num_records"] for s in json.loads((out / "manifest.json").read_text())["shards"])
+

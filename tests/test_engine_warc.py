@@ -20,7 +20,7 @@ from warcio.warcwriter import WARCWriter
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "engine"))
 from howto_site import IMAGES, PAGES_DIR, Site, photo  # noqa: E402
 
-from duetgen.data.engine import EngineConfig, LocalExecutor, run_engine  # noqa: E402
+from duetgen.data.engine import EngineConfig, EngineError, LocalExecutor, run_engine  # noqa: E402
 from duetgen.data.engine import runner as runner_mod  # noqa: E402
 from duetgen.data.engine.extract import ExtractConfig  # noqa: E402
 from duetgen.data.engine.fetch import FetchConfig  # noqa: E402
@@ -409,6 +409,27 @@ def test_an_uncompressed_record_cut_right_after_its_first_line_is_counted_corrup
         items = [(x.kind, x.uri) for x in iter_warc(path)]
         assert items == [("page", "http://x.example/0.html"), ("corrupt", None), ("page", "http://x.example/2.html")], (
             cut, items)
+
+
+def test_warc_input_sets_as_users_give_them(tmp_path):
+    """An audit's inputs: a file the glob names twice through a symlink was read and counted twice; a folder of
+    WARC files said only "holds no .html files"; a glob of files holding no WARC record wrote 0 records, exit 0;
+    `A.WARC.GZ` was refused."""
+    page = (PAGES_DIR / "bathe-a-cat.html").read_bytes()
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    (crawl / "a.warc.gz").write_bytes(member("https://x.example/a.html", "text/html", page))
+    (crawl / "link.warc.gz").symlink_to(crawl / "a.warc.gz")
+    (crawl / "B.WARC.GZ").write_bytes(member("https://x.example/b.html", "text/html", page.replace(b"Cat", b"Dog")))
+    funnel = run_engine(str(crawl / "*"), tmp_path / "out", config(), progress=False)
+    assert funnel["summary"]["warc"]["files"] == 2 and funnel["summary"]["pages_in"] == 2, funnel["summary"]
+    with pytest.raises(EngineError, match=r"holds no \.html/\.htm files; it holds WARC files: give them as a quoted glob"):
+        run_engine(crawl, tmp_path / "out2", config(), progress=False)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.warc").write_text("these are my notes, not a WARC file\n")
+    with pytest.raises(EngineError, match="no HTML responses"):
+        run_engine(str(junk / "*.warc"), tmp_path / "out3", config(), progress=False)
 
 
 def test_charset_labels_decode_as_browsers_do():

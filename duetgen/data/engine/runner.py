@@ -103,11 +103,24 @@ class EngineConfig:
     warc_index: str | None = None  # set by run_engine for WARC input: OUT/_engine/warc_images.sqlite
 
     def fingerprint(self) -> dict:
-        """What must not change between a killed run and its restart (no secrets, no paths)."""
+        """The settings of a run as saved in its plan (no secrets, no paths); ``output_settings`` of it must not
+        change between a killed run and its restart."""
         d = asdict(self)
         for k in ("llm_api_key", "llm_cache", "warc_index"):
             d.pop(k)
         return d
+
+
+# how the LLM is reached, not what it is asked: a resume may change them (a restarted server's new port, fewer
+# requests in flight for an overloaded one); the model, the prompts and whether an LLM is used at all stay
+OPERATIONAL_SETTINGS = ("llm_url", "llm_concurrency", "llm_max_retries", "llm_timeout_s", "llm_batch_pages")
+
+
+def output_settings(config_fingerprint: dict) -> dict:
+    """The part of a saved ``EngineConfig.fingerprint()`` that decides the output."""
+    d = {k: v for k, v in config_fingerprint.items() if k not in OPERATIONAL_SETTINGS}
+    d["uses_llm"] = bool(config_fingerprint.get("llm_url"))
+    return d
 
 
 # ----------------------------------------------------------------------------- input
@@ -142,7 +155,8 @@ def warc_files(input_path: str | Path) -> list[Path] | None:
         bad = [str(p) for p in files if not (is_warc(p) and p.is_file())]
         if bad:
             raise EngineError(f"input {s!r}: {bad[0]!r} is not a .warc / .warc.gz file")
-        return files
+        seen: set[Path] = set()  # a file the glob names twice (a symlink to it) is read once
+        return [p for p in files if not (p.resolve() in seen or seen.add(p.resolve()))]
     if is_warc(s):
         if not Path(s).is_file():
             raise EngineError(f"input {s!r} does not exist")
@@ -181,7 +195,10 @@ def plan_shards(input_path: str | Path, shard_pages: int) -> list[ShardSpec]:
     if path.is_dir():
         files = _html_files(path)
         if not files:
-            raise EngineError(f"input directory {str(path)!r} holds no .html/.htm files")
+            warcs = [p for p in path.iterdir() if is_warc(p)]
+            hint = (f"; it holds WARC files: give them as a quoted glob, --input '{path / '*'}{warcs[0].suffix}'"
+                    if warcs else "")
+            raise EngineError(f"input directory {str(path)!r} holds no .html/.htm files{hint}")
         return [ShardSpec(i // shard_pages, "html_dir", str(path), num_pages=len(files[i:i + shard_pages]),
                           files=files[i:i + shard_pages]) for i in range(0, len(files), shard_pages)]
     if not path.is_file():
@@ -281,9 +298,9 @@ def plan_warc(files: list[Path], shard_pages: int, page_cap: int, work: Path, ex
                                     records=records, corrupt=corrupt))
     index.close()
     os.replace(tmp, index_path)
-    if not shards:
+    if not (totals["html_pages"] or totals["too_large_pages"]):  # (corrupt regions alone: not WARC files at all?)
         raise EngineError(f"input {', '.join(str(p) for p in files[:3])}: no HTML responses in the WARC file(s) "
-                          f"(records: {dict(totals)})")
+                          f"(records: {dict(sorted(totals.items()))})")
     return shards, {"files": len(files), **dict(sorted(totals.items()))}
 
 
@@ -651,11 +668,14 @@ def _check_plan(work: Path, input_path: Path, cfg: EngineConfig, executor) -> tu
             raise EngineError(
                 f"output {str(work.parent)!r} was planned by a newer duetgen (plan format {plan['format']}, this "
                 f"version reads up to {PLAN_FORMAT}): resume it with that version, or use a new --out")
-        if plan["fingerprint"] != json.loads(json.dumps(fp)):
+        saved, now = plan["fingerprint"], json.loads(json.dumps(fp))
+        was, new = output_settings(saved["config"]), output_settings(now["config"])
+        differ = (["the input files"] if saved["input"] != now["input"] else []) + sorted(
+            k for k in was.keys() | new.keys() if was.get(k) != new.get(k))
+        if differ:
             raise EngineError(
-                f"output {str(work.parent)!r} belongs to a run with a different input or config; "
-                "use a new --out (or delete it) to start over"
-            )
+                f"output {str(work.parent)!r} belongs to a run with a different input or config "
+                f"({', '.join(differ)} changed); use a new --out (or delete it) to start over")
         return [ShardSpec(**s) for s in plan["shards"]], plan.get("warc") or {}
     warcs = warc_files(input_path)
     warc: dict = {}
@@ -706,6 +726,13 @@ def run_engine(input_path: str | Path, out: str | Path, cfg: EngineConfig, execu
         keep = _decide(work, shards, cfg)
         # pass 2: the kept pages, each shard written by its worker
         done = {s.index for s in shards if (work / "done" / f"{_name(s.index)}.json").exists()}
+        # a shard where LLM requests failed (server down, 5xx / 429 / timeouts after the retries) is built again:
+        # its answers received are cached, the failed ones are asked again (an API error is never cached)
+        retried = {i for i in done if cfg.llm_url and _llm_api_errors(
+            json.loads((work / "done" / f"{_name(i)}.json").read_text())["stats"])}
+        done -= retried
+        for stale in (out / "shards").glob(".part-*.tmp") if (out / "shards").is_dir() else ():
+            stale.unlink(missing_ok=True)  # a killed writer's (this run holds the lock)
         listed = _publish(out, work, shards, done)
         todo2 = [s for s in shards if s.index not in done]
         tasks = ((s, cfg, keep(s.index), str(out), keep.copies(s.index)) for s in todo2)
@@ -713,6 +740,7 @@ def run_engine(input_path: str | Path, out: str | Path, cfg: EngineConfig, execu
         for result in _run(executor, build_shard, tasks, len(shards), len(todo2), "records", progress):
             if result["records"]:
                 listed.append((shard_name(result["index"]), result["records"]))
+                listed.sort()  # input order, also when a resume finishes shards between ones done before
             if time.monotonic() - last > 2.0:  # the manifest follows the markers, a few times a minute
                 write_manifest(out, listed)
                 last = time.monotonic()
@@ -723,10 +751,17 @@ def run_engine(input_path: str | Path, out: str | Path, cfg: EngineConfig, execu
                    **({"warc": warc} if warc else {}),
                    "llm_model": cfg.llm_model if cfg.llm_url else None,
                    "wall_s_this_run": round(time.perf_counter() - t0, 2),
-                   "shards_run_now": len(todo2)}
+                   "shards_run_now": len(todo2), "shards_retried_for_llm_errors": len(retried),
+                   "llm_api_errors": _llm_api_errors([st.to_json() for st in stages])}
         return write_report(out, stages, summary)
     finally:
         lock.close()
+
+
+def _llm_api_errors(stats: list[dict]) -> int:
+    """Pages, images and text blocks dropped because an LLM request failed (``llm_api_error``), over stage stats."""
+    return sum(st.get(kind, {}).get("llm_api_error", 0) for st in stats
+               for kind in ("page_drops", "image_drops", "text_drops"))
 
 
 def _run(executor, fn, tasks, total: int, n_todo: int, what: str, progress: bool) -> Iterator[dict]:

@@ -94,7 +94,7 @@ class WarcItem:
 
 
 def is_warc(path: str | Path) -> bool:
-    return str(path).endswith((".warc", ".warc.gz"))
+    return str(path).lower().endswith((".warc", ".warc.gz"))
 
 
 def _http_charset(content_type: str) -> str | None:
