@@ -154,3 +154,21 @@ def test_a_rerun_asks_again_what_failed_and_reuses_the_rest(site, llm, tmp_path)
     with pytest.raises(EngineError, match=r"\(llm_model changed\)"):  # what the LLM is asked does decide the output
         run_engine(inp, out, config(llm, llm_model="another-vl"), progress=False)
 
+
+
+def test_the_cli_says_when_llm_requests_failed_and_exits_2_when_nothing_was_written(site, llm, tmp_path):
+    from typer.testing import CliRunner
+
+    from duetgen.cli import app
+
+    llm.inject(*["500"] * 40)  # every request of the run fails
+    args = ["data", "engine", "--input", str(pages_jsonl(tmp_path, site, ["bathe-a-cat.html"])), "--out",
+            str(tmp_path / "ds"), "--llm", llm.url, "--model", "fake-vl", "--llm-max-retries", "0",
+            "--allow-network", "127.0.0.0/8", "--no-progress"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert "wrote 0 records" in res.output and "dropped because LLM requests" in res.output
+    assert "rerun the same command" in res.output
+    llm.faults.clear()  # the server is back
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0 and "wrote 1 records" in res.output and "warning" not in res.output, res.output
