@@ -188,3 +188,47 @@ def test_cli_adapt(tmp_path):
     assert "wrote 3 records" in res.output and "bad_placeholder" in res.output
     res = CliRunner().invoke(app, ["data", "adapt", str(src), "--format", "laion", "--out", str(tmp_path / "o2")])
     assert res.exit_code == 2 and "--format" in res.output
+
+
+def test_rows_the_os_or_utf8_refuses_are_skipped_not_fatal(tmp_path):
+    """An audit: a NUL in an image path (legal JSON) crashed the run with a traceback, a 5,000-character path
+    stopped it (ENAMETOOLONG), a JSONL line that is not UTF-8 crashed it: at the same row on every rerun, and
+    the rows after it were never converted. Each is now one skipped row."""
+    import json
+
+    src = tmp_path / "omni"
+    src.mkdir()
+    draw(src, ["a.png", "b.png", "c.png", "d.png"])
+    rows = [{"task_type": "t2i", "instruction": "first", "input_images": [], "output_image": "a.png"},
+            {"task_type": "t2i", "instruction": "nul", "input_images": [], "output_image": "b\u0000.png"},
+            {"task_type": "t2i", "instruction": "long", "input_images": [], "output_image": "x" * 5000 + ".png"},
+            {"task_type": "t2i", "instruction": "", "input_images": [], "output_image": "c.png"}]
+    lines = [json.dumps(r).encode() for r in rows]
+    lines.insert(2, b'{"instruction": "caf\xe9 \xff", "output_image": "d.png"}')  # latin-1, not UTF-8
+    lines.append(json.dumps({"task_type": "t2i", "instruction": "last", "input_images": [], "output_image": "d.png"}).encode())
+    (src / "data.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    report = adapt("omnigen", src, tmp_path / "out", progress=False)
+    assert sorted(r.messages[0].text for r in Dataset(tmp_path / "out")) == ["first", "last"]
+    why = {s["item"]: (s["reason"], s["detail"]) for s in report.skipped}
+    assert why["data.jsonl:2"] == ("bad_field", "'b\\x00.png' holds a NUL character")
+    assert why["data.jsonl:3"][0] == "bad_json" and "not UTF-8" in why["data.jsonl:3"][1]
+    assert why["data.jsonl:4"][0] == "missing_image" and "5,004 characters" in why["data.jsonl:4"][1]
+    assert why["data.jsonl:5"] == ("bad_field", "instruction is empty")
+
+
+def test_two_annotation_files_of_one_name_into_one_output_keep_both(tmp_path):
+    """An audit: `edit/data.jsonl` and `t2i/data.jsonl` adapted into one output hashed the same ids (file name +
+    row), and the second file's rows counted as already done: silently lost. A rerun of either adds nothing."""
+    import json
+
+    for sub, text in (("edit", "edit task"), ("t2i", "t2i task")):
+        draw(tmp_path / sub, ["p.png"])
+        (tmp_path / sub / "data.jsonl").write_text(json.dumps(
+            {"task_type": "t2i", "instruction": text, "input_images": [], "output_image": "p.png"}) + "\n")
+    out = tmp_path / "out"
+    for _ in range(2):
+        for sub in ("edit", "t2i"):
+            adapt("omnigen", tmp_path / sub / "data.jsonl", out, progress=False)
+    recs = list(Dataset(out))
+    assert sorted(r.messages[0].text for r in recs) == ["edit task", "t2i task"]
+    assert {r.meta["source_file"] for r in recs} == {"data.jsonl"}

@@ -245,6 +245,68 @@ def test_a_crash_keeps_committed_records(server, tmp_path):
     assert r.counts["written"] == 2 and r.counts["already_done"] == 2 and len(Dataset(tmp_path / "out")) == 4
 
 
+KILLED_RUN = """
+import asyncio, os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_synthetic_synthesize import gemini, run
+
+class Server:  # the test's fake API, reached over HTTP
+    url = {url!r}
+
+class DyingClient:
+    \"\"\"Answers two requests, one at a time, then the process is SIGKILLed as it asks the third (no commit).\"\"\"
+    def __init__(self, inner):
+        self.inner, self.model, self.max_concurrency, self.totals, self.n = inner, inner.model, 1, inner.totals, 0
+        self.lock = None
+    async def agenerate(self, messages, **kw):
+        self.lock = self.lock or asyncio.Lock()
+        async with self.lock:  # the run's code after an answer runs before the next call starts
+            self.n += 1
+            if self.n > 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return await self.inner.agenerate(messages, **kw)
+    async def aclose(self):
+        await self.inner.aclose()
+
+run(Path({reqs!r}), DyingClient(gemini(Server())), Path({out!r}))
+"""
+
+
+def test_a_killed_run_loses_no_paid_answer(server, tmp_path):
+    """An audit: a SIGKILL before the open shard's commit (200 records) lost every answer in it, so the next run
+    paid for them again, and the all-runs cost left them out. Answers are journaled as they arrive, and the next
+    run commits them without asking again."""
+    import subprocess
+
+    reqs = write_requests(tmp_path / "r.jsonl", [{"id": f"q{i}", "prompt": f"How do I do task {i}?"} for i in range(4)])
+    out = tmp_path / "out"
+    script = KILLED_RUN.format(tests=str(Path(__file__).parent), url=server.url, reqs=str(reqs), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    assert server.requests == 2 and len(Dataset(out)) == 0  # two answers paid for, none committed
+    r = run(reqs, gemini(server), out)
+    assert r.counts["committed_from_journal"] == 2 and r.counts["written"] == 2
+    assert server.requests == 4  # only the two never answered were asked
+    assert sorted(rec.meta["request_id"] for rec in Dataset(out)) == ["q0", "q1", "q2", "q3"]
+    cost = r.extra["cost_usd"]
+    assert cost["all_runs"] == pytest.approx(sum(rec.meta["cost_usd"] for rec in Dataset(out)))
+    assert cost["this_run"] == pytest.approx(cost["all_runs"] / 2)
+    assert run(reqs, gemini(server), out).counts["already_done"] == 4 and server.requests == 4
+
+
+def test_a_user_image_path_holding_nul_is_a_skipped_request(server, tmp_path):
+    """An audit: a NUL in a request's image path (legal JSON) raised out of the worker and ended the run, on every
+    rerun; it is one bad_input_image, and the other requests are answered."""
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (300, 300), (180, 90, 30)).save(tmp_path / "photos" / "steak.jpg")
+    reqs = write_requests(tmp_path / "r.jsonl", [
+        {"id": "nul", "prompt": "How do I cook this?", "kind": "dish", "images": ["pad\u0000thai.jpg"]},
+        {"id": "ok", "prompt": "How do I cook this?", "kind": "dish", "images": ["steak.jpg"]}])
+    r = run(reqs, gemini(server), tmp_path / "out")
+    assert {s["item"]: s["reason"] for s in r.skipped} == {"nul": "bad_input_image"} and r.counts["written"] == 1
+
+
 # ----------------------------------------------------------------------------- dish prompts
 def test_dish_requests_from_a_photo_folder(tmp_path):
     d = tmp_path / "dishes"

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from duetgen.data.dataset import DatasetWriter
+from duetgen.data.dataset import DatasetWriter, atomic_write_bytes
 from duetgen.data.images import DEFAULT_MAX_PIXELS, ImageError, inspect_image
 from duetgen.data.record import ImagePart, Message, Record, RecordError, TextPart
 from duetgen.data.synthetic.runlog import RunReport, committed_records
@@ -96,15 +96,17 @@ def _rows_json_list(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")  # decoded line by line: one line that is not UTF-8 is one bad row
     except OSError as e:
         raise RecordError(f"{str(path)!r} cannot be read ({e.strerror})") from None
     with f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                yield f"{path.name}:{n}", json.loads(line)
+                yield f"{path.name}:{n}", json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                yield f"{path.name}:{n}", Skip("bad_json", f"not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})")
             except json.JSONDecodeError as e:
                 yield f"{path.name}:{n}", Skip("bad_json", e.msg)
 
@@ -121,8 +123,10 @@ def _str(row: dict, key: str, required: bool = True) -> str | None:
             raise Skip("missing_field", key)
         return None
     v = row[key]
-    if not isinstance(v, str) or not v.strip():
+    if not isinstance(v, str):
         raise Skip("bad_field", f"{key} must be a non-empty string, got {type(v).__name__}")
+    if not v.strip():
+        raise Skip("bad_field", f"{key} is empty")
     return v
 
 
@@ -259,17 +263,24 @@ FORMATS = {
 
 # ----------------------------------------------------------------------------- images and records
 def _read_image(root: Path, rel: str) -> bytes:
+    shown = repr(rel) if len(rel) <= 200 else repr(rel[:200]) + f"... ({len(rel):,} characters)"
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", rel) or rel.startswith(("/", "\\")) or re.match(r"^[a-zA-Z]:", rel):
-        raise Skip("path_outside_root", f"{rel!r} is absolute or a URL")
-    root_r = root.resolve()
-    p = (root_r / rel).resolve()
-    if not p.is_relative_to(root_r):
-        raise Skip("path_outside_root", f"{rel!r} leaves the image root")
-    if not p.is_file():
-        raise Skip("missing_image", f"{rel!r} not found under {str(root)!r}")
-    if p.stat().st_size > MAX_IMAGE_BYTES:
-        raise Skip("bad_image", f"{rel!r} is {p.stat().st_size:,} bytes, over {MAX_IMAGE_BYTES:,}")
-    data = p.read_bytes()
+        raise Skip("path_outside_root", f"{shown} is absolute or a URL")
+    if "\0" in rel:  # (legal in JSON; the OS refuses it with a ValueError)
+        raise Skip("bad_field", f"{shown} holds a NUL character")
+    try:
+        root_r = root.resolve()
+        p = (root_r / rel).resolve()
+        if not p.is_relative_to(root_r):
+            raise Skip("path_outside_root", f"{shown} leaves the image root")
+        if not p.is_file():
+            raise Skip("missing_image", f"{shown} not found under {str(root)!r}")
+        size = p.stat().st_size
+        if size > MAX_IMAGE_BYTES:
+            raise Skip("bad_image", f"{shown} is {size:,} bytes, over {MAX_IMAGE_BYTES:,}")
+        data = p.read_bytes()
+    except OSError as e:  # a name too long, a permission, a loop of links: this row's, not the run's
+        raise Skip("missing_image", f"{shown} cannot be read ({e.strerror})") from None
     try:
         inspect_image(io.BytesIO(data), f"image {rel!r}", DEFAULT_MAX_PIXELS, decode=True)
     except ImageError as e:
@@ -277,13 +288,34 @@ def _read_image(root: Path, rel: str) -> bytes:
     return data
 
 
-def sample_to_record(fmt: Format, s: Sample, image_root: Path, file_tag: str) -> Record:
+def sample_to_record(fmt: Format, s: Sample, image_root: Path, file_name: str, id_tag: str | None = None) -> Record:
+    """The record of one sample; its id hashes ``id_tag`` (default ``file_name``: see ``source_tags``) and the key."""
     user = [TextPart(v) if kind == "text" else ImagePart(_read_image(image_root, v)) for kind, v in s.user]
     target = ImagePart(_read_image(image_root, s.target))
-    rid = f"{fmt.name}-{hashlib.sha256(f'{file_tag}|{s.key}'.encode()).hexdigest()[:16]}"
-    meta = {"task": s.task, "source_key": s.key, "source_file": file_tag, **s.meta}
+    rid = f"{fmt.name}-{hashlib.sha256(f'{id_tag or file_name}|{s.key}'.encode()).hexdigest()[:16]}"
+    meta = {"task": s.task, "source_key": s.key, "source_file": file_name, **s.meta}
     return Record(id=rid, source=fmt.source, messages=[Message("user", user), Message("assistant", [target])],
                   meta=meta)
+
+
+SOURCES_FILE = "adapt-sources.json"  # in the output: {annotation file name: [its resolved paths, in adapting order]}
+
+
+def source_tags(out_dir: Path, files: list[Path]) -> dict[Path, str]:
+    """What each annotation file's record ids hash: its name for the first file of that name adapted into this
+    output (as every output before this registry), its resolved path for another file of the same name. Two
+    `data.jsonl` of two folders gave the same ids, and the second file's rows counted as already done (an audit)."""
+    path = out_dir / SOURCES_FILE
+    known = json.loads(path.read_text()) if path.exists() else {}
+    tags = {}
+    for f in files:
+        resolved = str(f.resolve())
+        seen = known.setdefault(f.name, [])
+        if resolved not in seen:
+            seen.append(resolved)
+        tags[f] = f.name if seen[0] == resolved else resolved
+    atomic_write_bytes(path, (json.dumps(known, indent=1) + "\n").encode())
+    return tags
 
 
 def resolve_source(fmt: Format, source: str | Path) -> list[Path]:
@@ -325,6 +357,7 @@ def adapt(fmt_name: str, source: str | Path, out_dir: str | Path, image_root: st
         task = bar.add_task(f"adapt {fmt_name}", total=None)
     try:
         with DatasetWriter(out_dir, shard_size=shard_size, append=True, name=out_dir.name) as writer:
+            tags = source_tags(out_dir, files)  # (under the writer's lock)
             for path in files:
                 root = Path(image_root) if image_root is not None else path.parent
                 for where, row in fmt.rows(path):
@@ -339,7 +372,7 @@ def adapt(fmt_name: str, source: str | Path, out_dir: str | Path, image_root: st
                         if not isinstance(row, dict):
                             raise Skip("bad_field", f"a sample must be a JSON object, got {type(row).__name__}")
                         s = fmt.sample(row, where)
-                        rec = sample_to_record(fmt, s, root, path.name)
+                        rec = sample_to_record(fmt, s, root, path.name, tags[path])
                         if rec.id in committed:
                             report.count("already_done")
                             continue

@@ -84,11 +84,14 @@ class ProgressLog:
 
     def append(self, entry: dict[str, Any]) -> None:
         line = json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
-            # A previous run killed mid-line left no newline: start on a fresh line.
-            if f.tell() > 0 and not self.path.read_bytes().endswith(b"\n"):
-                f.write("\n")
-            f.write(line)
+        with open(self.path, "a+b") as f:
+            # A previous run killed mid-line left no newline: start on a fresh line (only the last byte is read:
+            # the log holds whole records for synthesis, and reading it all per line grew with the square)
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write(line.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
 

@@ -11,7 +11,11 @@ Design choices:
 - Resumable (datatrove-style completion markers): a request is done when its record is committed
   in the output dataset, or when the progress log says it was dropped (refused, filtered). API
   errors are never marked, so the next run retries them; dropped requests are not paid for again
-  unless ``retry_dropped``. A killed run loses at most the records of its open shard.
+  unless ``retry_dropped``. Every kept answer is also journaled in the progress log as it arrives
+  (its images fsync'ed first, then the record's line), so a killed run loses no paid answer: the
+  next run commits the answers its open shard held without asking again (an audit found a
+  SIGKILL before the 200-record commit paid for up to 200 answers twice, and the all-runs cost
+  left them out).
 - Bad input never stops the run: malformed request lines, unreadable user images, refusals,
   image-less replies and non-image parts are skipped with a reason in the run report.
 - Bounded memory: a fixed pool of workers pulls requests, so only ``2 x max_concurrency``
@@ -30,9 +34,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from duetgen.data.dataset import DatasetWriter
+from duetgen.data.dataset import DatasetWriter, DatasetError, fsync_files
 from duetgen.data.images import DEFAULT_MAX_PIXELS, ImageError, inspect_image
-from duetgen.data.record import RecordError
+from duetgen.data.record import Record, RecordError
 from duetgen.data.synthetic.quality import QualityConfig, build_record
 from duetgen.data.synthetic.runlog import ProgressLog, RunReport, committed_records
 
@@ -104,6 +108,8 @@ def _request_problem(r: Any) -> str:
 
 def read_user_image(image_root: Path, rel: str, cfg: SynthesisConfig) -> bytes:
     """The bytes of a user image, refused if it leaves the root, is too big or is not an image."""
+    if "\0" in rel:  # (legal in JSON; resolving it raises ValueError)
+        raise ImageError(f"image {rel!r} holds a NUL character")
     root = image_root.resolve()
     p = (root / rel).resolve()
     if not p.is_relative_to(root):
@@ -130,10 +136,33 @@ def done_requests(out_dir: Path, retry_dropped: bool) -> tuple[set[str], float]:
             done.add(rid)
             spent += float(rec.meta.get("cost_usd") or 0.0)
     for e in ProgressLog(out_dir / PROGRESS_FILE).entries():
-        spent += float(e.get("cost_usd") or 0.0)
+        if e.get("status") == "answered" and e["key"] in done:
+            continue  # its committed record's meta counted it
+        spent += float(e.get("cost_usd") or 0.0)  # (an answer journaled and then lost: paid all the same)
         if e.get("status") == "dropped" and not retry_dropped:
             done.add(e["key"])
     return done, spent
+
+
+def commit_journaled_answers(out_dir: Path, shard_size: int, report: RunReport) -> None:
+    """Commit the answers an earlier run received and journaled but did not commit (killed with its shard open):
+    their images are in the dataset already; nothing is asked again. An entry that no longer makes a valid
+    record (an image lost with the machine) is skipped as ``lost_answer``, and its request asked again."""
+    log = ProgressLog(out_dir / PROGRESS_FILE)
+    if not log.path.exists():
+        return
+    committed = {r.meta.get("request_id") for r in committed_records(out_dir)}
+    pending = {e["key"]: e for e in log.entries() if e.get("status") == "answered" and e["key"] not in committed}
+    if not pending:
+        return
+    with DatasetWriter(out_dir, shard_size=shard_size, append=True, name=out_dir.name) as writer:
+        for key, e in pending.items():
+            try:
+                writer.write(Record.from_jsonl_line(e["record"]))
+            except (KeyError, TypeError, ValueError, RecordError, ImageError, DatasetError) as err:
+                report.skip(key, "lost_answer", f"its journaled answer cannot be committed ({err}); asked again")
+                continue
+            report.count("committed_from_journal")
 
 
 async def synthesize(requests: list[dict[str, Any]], client, out_dir: str | Path, cfg: SynthesisConfig,
@@ -147,6 +176,7 @@ async def synthesize(requests: list[dict[str, Any]], client, out_dir: str | Path
     report.config.update({"model": client.model, "api": type(client).__name__, "synthesis": asdict(cfg)})
     templates = {k: PromptTemplate.load(v, root=TEMPLATE_DIR) for k, v in TEMPLATES.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
+    commit_journaled_answers(out_dir, cfg.shard_size, report)
     done, spent_before = done_requests(out_dir, cfg.retry_dropped)
     todo = [r for r in requests if r["id"] not in done]
     report.count("already_done", len(requests) - len(todo))
@@ -193,6 +223,9 @@ async def _run(todo, client, out_dir, cfg, image_root, report, templates, log, c
                 writer.write(rec)
             except RecordError as e:  # e.g. an image the writer refuses: skip, keep going
                 return drop(req, "bad_image", str(e), res.cost_usd)
+            fsync_files([out_dir / p.path for p in rec.image_parts()])  # before the journal line naming them
+            log.append({"key": req["id"], "status": "answered", "cost_usd": round(res.cost_usd, 6),
+                        "record": rec.to_jsonl_line()})
             report.count("written")
 
         queue: asyncio.Queue = asyncio.Queue()
