@@ -385,6 +385,23 @@ def test_a_file_switching_between_gzipped_and_uncompressed_records_loses_none(tm
             (x.kind, x.reason) for x in items]
 
 
+def test_an_uncompressed_record_cut_anywhere_before_gzipped_ones_loses_none_of_them(tmp_path):
+    """`cat crawl-killed.warc more.warc.gz` (a review): cut inside its headers, the uncompressed record ran on into
+    the gzip members (warcio drops binary header lines, and takes the end of the file for the end of the headers)
+    and the reader returned, or read the members as its block; every gzipped page after it was lost."""
+    import gzip
+
+    html = b"<html><body>" + b"<p>hello world</p>" * 50 + b"</body></html>"
+    cut_me = plain_member("http://x.example/cut.html", html)
+    gz = [gzip.compress(plain_member(f"http://x.example/{i}.html", html)) for i in range(2)]
+    path = tmp_path / "cat.warc"
+    for cut in range(1, len(cut_me), 13):
+        path.write_bytes(plain_member("http://x.example/first.html", html) + cut_me[:cut] + b"".join(gz))
+        items = [(x.kind, x.uri) for x in iter_warc(path)]
+        assert items == [("page", "http://x.example/first.html"), ("corrupt", None), ("page", "http://x.example/0.html"),
+                         ("page", "http://x.example/1.html")], (cut, items)
+
+
 def test_zero_padding_at_the_end_of_a_file_is_no_corrupt_record(tmp_path):
     """Zero bytes after the last record (a writer's or a tape's padding) were one corrupt region."""
     import gzip

@@ -5,8 +5,8 @@
     python scripts/probes/warc_damage_fuzz.py mixed 300 [SEED]   # gzipped and uncompressed records in one file
 
 Each file is 3-12 records (pages, images, a script) written by warcio, some damaged: cut short at a random byte,
-replaced by random junk, or given a Content-Length off by a few bytes. Deterministic for a seed (warcio's record
-ids aside, which only move bytes around).
+replaced by random junk, or given a Content-Length off by a few bytes. Deterministic for a seed (record ids and
+dates are fixed; before session 11 warcio drew them, and counts moved a little between runs).
 
 ``copy``: the records gzipped as one stream (``gzip crawl.warc``) are copied one member per record
 (``recompress_members``), and the copy's pages and images are compared with the uncompressed file's, read by the
@@ -27,6 +27,7 @@ import random
 import re
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 from warcio.statusandheaders import StatusAndHeaders
@@ -44,7 +45,10 @@ def record(uri: str, ctype: str, body: bytes, gz: bool) -> bytes:
     buf = io.BytesIO()
     w = WARCWriter(buf, gzip=gz)
     hh = StatusAndHeaders("200 OK", [("Content-Type", ctype)], protocol="HTTP/1.1")
-    w.write_record(w.create_warc_record(uri, "response", payload=io.BytesIO(body), http_headers=hh))
+    fixed = {"WARC-Record-ID": f"<urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, uri + body[:64].hex())}>",
+             "WARC-Date": "2026-01-01T00:00:00Z"}  # (warcio draws a random id and takes the time: runs differed)
+    w.write_record(w.create_warc_record(uri, "response", payload=io.BytesIO(body), http_headers=hh,
+                                        warc_headers_dict=fixed))
     return buf.getvalue()
 
 
@@ -97,33 +101,40 @@ def fuzz_copy(n: int, seed: int, tmp: Path) -> None:
           f"uncompressed in {fewer}")
 
 
-def fuzz_shards(n: int, seed: int, tmp: Path) -> None:
+def _shard_differences(path: Path) -> int:
+    """Shard reads (from the plan's record lists, and by byte range) that differ from one full read, at 1, 2 and 3
+    pages a shard."""
     from duetgen.data.engine import runner
 
+    key = lambda items: [(x.offset, x.kind, x.uri, x.data) for x in items]  # noqa: E731
+    full, diffs = key(x for x in iter_warc(path) if x.kind not in ("skip", "image")), 0
+    for shard_pages in (1, 2, 3):
+        scanned = runner._scan_warc(str(path), shard_pages, 5_000_000)
+        if scanned["one_stream"]:
+            continue
+        groups, listed, ranged = scanned["groups"], [], []
+        for i, (start, pages, recs, corrupt) in enumerate(groups):
+            spec = runner.ShardSpec(i, "warc", str(path), start=start, num_pages=pages, records=recs,
+                                    corrupt=corrupt, end=groups[i + 1][0] if i + 1 < len(groups) else None)
+            listed += key(runner._warc_shard_items(spec, 5_000_000))
+            ranged += key(runner._warc_shard_items(dataclasses.replace(spec, records=None, corrupt=[]), 5_000_000))
+        diffs += (listed != full) + (ranged != full)
+    return diffs
+
+
+def fuzz_shards(n: int, seed: int, tmp: Path) -> None:
     rng, diffs = random.Random(seed), 0
     kinds = {True: records(gz=True), False: records(gz=False)}
-    key = lambda items: [(x.offset, x.kind, x.uri, x.data) for x in items]  # noqa: E731
     for t in range(n):
         gz = rng.random() < 0.6
         path = tmp / (f"f{t}.warc" + (".gz" if gz else ""))
         path.write_bytes(damaged_file(rng, kinds[gz]))
-        full = key(x for x in iter_warc(path) if x.kind not in ("skip", "image"))
-        for shard_pages in (1, 2, 3):
-            scanned = runner._scan_warc(str(path), shard_pages, 5_000_000)
-            if scanned["one_stream"]:
-                continue
-            groups, listed, ranged = scanned["groups"], [], []
-            for i, (start, pages, recs, corrupt) in enumerate(groups):
-                spec = runner.ShardSpec(i, "warc", str(path), start=start, num_pages=pages, records=recs,
-                                        corrupt=corrupt, end=groups[i + 1][0] if i + 1 < len(groups) else None)
-                listed += key(runner._warc_shard_items(spec, 5_000_000))
-                ranged += key(runner._warc_shard_items(dataclasses.replace(spec, records=None, corrupt=[]), 5_000_000))
-            diffs += (listed != full) + (ranged != full)
+        diffs += _shard_differences(path)
     print(f"{n} damaged files (seed {seed}) x 3 shard sizes: shard reads that differ from one full read: {diffs}")
 
 
 def fuzz_mixed(n: int, seed: int, tmp: Path) -> None:
-    rng, lost, uncounted, false = random.Random(seed), 0, 0, 0
+    rng, lost, uncounted, false, shard_diffs = random.Random(seed), 0, 0, 0, 0
     kinds = {True: records(gz=True), False: records(gz=False)}
     for t in range(n):
         parts, want, damaged = [], [], False
@@ -153,6 +164,7 @@ def fuzz_mixed(n: int, seed: int, tmp: Path) -> None:
                 else [n for n in IMAGES].index(x.uri.rsplit("/", 1)[1])) for x in items if x.kind in ("page", "image")]
         corrupt = sum(x.kind == "corrupt" for x in items)
         lost += got != want
+        shard_diffs += _shard_differences(path)
         if (got != want or bool(damaged) != bool(corrupt)) and "-v" in sys.argv:  # kept to look at
             keep = Path(tempfile.gettempdir()) / "warc_fuzz_failures"
             keep.mkdir(exist_ok=True)
@@ -162,7 +174,7 @@ def fuzz_mixed(n: int, seed: int, tmp: Path) -> None:
         false += not damaged and corrupt > 0
     print(f"{n} files of gzipped and uncompressed records mixed (seed {seed}): pages and images read not the whole "
           f"records written in {lost}; damage but no corrupt region counted in {uncounted}; a corrupt region "
-          f"counted in an undamaged file in {false}")
+          f"counted in an undamaged file in {false}; shard reads that differ from one full read: {shard_diffs}")
 
 
 if __name__ == "__main__":

@@ -179,12 +179,23 @@ def _merged_headers(headers: list[tuple[str, str]]) -> bool:
             or any(_WARC_MAGIC.decode() in value for _, value in headers))
 
 
-def _raw_headers_merged(fd: int, offset: int, length: int) -> bool:
-    """An uncompressed record's WARC header bytes (``length`` of them from ``offset``) hold a second ``WARC/1.``
-    line: cut short right after its first line, it ran on into the next record's headers, and warcio, which drops
-    a header line without a colon, read the two as one record without a sign of it."""
+def _raw_headers_damage(fd: int, offset: int, length: int) -> str | None:
+    """What is wrong with an uncompressed record's WARC header bytes (``length`` of them from ``offset``), or None
+    (also for a gzipped record, whose bytes on disk are not its headers). warcio drops a header line without a colon
+    and takes the end of the file for the end of the headers, so a record cut short inside its headers read on
+    without a sign: into the next record's headers (a second ``WARC/1.`` line: the two read as one), into a gzip
+    member's bytes (binary lines dropped, the member read as the block), or to the end of the file."""
     head = os.pread(fd, length, offset)
-    return head.startswith(_WARC_MAGIC) and head.find(_WARC_MAGIC, 1) >= 0
+    if not head.startswith(_WARC_MAGIC):
+        return None
+    if not head.endswith((b"\r\n\r\n", b"\n\n")):
+        return "the file ends inside the record's WARC headers"
+    for line in head.split(b"\n")[1:]:
+        line = line.rstrip(b"\r")
+        if line and b":" not in line and not line.startswith((b" ", b"\t")):
+            what = "another record's first line" if line.find(_WARC_MAGIC) >= 0 else "bytes that are no header"
+            return f"the record's headers run into {what}: it was cut short in them"
+    return None
 
 
 def _find(f, start: int, size: int, magics: tuple[bytes, ...] = (_GZIP_MAGIC, _WARC_MAGIC)) -> int | None:
@@ -235,11 +246,12 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
                         # warcio falls back to reading raw bytes as an ARC record when a member fails to
                         # decompress early: garbage that would swallow the records after it
                         raise ValueError(f"not a WARC record ({rec.format} format, no WARC-Record-ID)")
-                    if (_merged_headers(rec.rec_headers.headers) or rec.rec_headers.statusline
-                            or _raw_headers_merged(f.fileno(), cur, rec.rec_headers.total_len)):
+                    if _merged_headers(rec.rec_headers.headers) or rec.rec_headers.statusline:
                         # cut short inside its headers, it ran on into the next record's: read as one, that
                         # record's block came under this one's URI (or the next record was lost)
                         raise ValueError("the record's headers run into another record's: it was cut short in them")
+                    if damage := _raw_headers_damage(f.fileno(), cur, rec.rec_headers.total_len):
+                        raise ValueError(damage)
                     item = _classify(rec, cur, page_cap, read_pages)
                     misread = it.err_count
                     it.read_to_end(rec)  # the rest of the block, so that its digest is checked before it counts
@@ -261,8 +273,19 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
                     if it.offset > pos:
                         pos, retried = it.offset, tail
                         continue
+                    # a fresh reader stopped at once: damage (e.g. a record cut inside its headers, which warcio
+                    # read on into a gzip member's bytes); records may still follow it
+                    nxt = _find(f, it.offset + 1, size)
+                    if nxt is not None:
+                        tail = _Tail(f"{nxt - it.offset:,} bytes before the next record are no complete record")
                     if not in_bad:
-                        yield WarcItem(offset=cur, kind="corrupt", reason=corrupt_reason(retried or tail))
+                        why = retried if retried is not None and not isinstance(retried, _Tail) else tail
+                        yield WarcItem(offset=cur, kind="corrupt", reason=corrupt_reason(why))
+                    in_bad, retried = True, None
+                    if nxt is None:
+                        return
+                    pos = nxt
+                    continue
                 return
             except Exception as e:  # warcio raises many kinds on junk; all mean "corrupt"
                 if good_end is not None and good_end > cur:  # the record after a whole one failed: it starts there
@@ -271,7 +294,9 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
                     # file that switches between gzipped and uncompressed records failed at the switch
                     pos, retried = good_end, e
                     continue
-                e, retried = retried or e, None  # failed again: the first reader's reason (e.g. ONE_STREAM's)
+                if retried is not None and not isinstance(retried, _Tail):
+                    e = retried  # failed again: the first reader's reason (e.g. ONE_STREAM's)
+                retried = None
                 if _zeros_to_end(f, cur, size):
                     return  # zero padding at the end of the file
                 if not in_bad:
