@@ -172,3 +172,15 @@ def test_the_cli_says_when_llm_requests_failed_and_exits_2_when_nothing_was_writ
     llm.faults.clear()  # the server is back
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0 and "wrote 1 records" in res.output and "warning" not in res.output, res.output
+
+
+def test_a_request_the_server_refuses_is_final_not_retried_by_every_rerun(site, llm, tmp_path):
+    """A review: a 400 (the server refusing the request itself) counted as an API error, so every rerun built its
+    shard again and warned "rerun to try again". It is `llm_rejected`, and a rerun leaves the shard done."""
+    inp = pages_jsonl(tmp_path, site, ["bathe-a-cat.html"])
+    llm.inject("400")
+    funnel = run_engine(inp, tmp_path / "ds", config(llm, llm_max_retries=0, llm_concurrency=1), progress=False)
+    assert stage(funnel, "caption_images")["image_drops"].get("llm_rejected") == 1
+    assert funnel["summary"]["llm_api_errors"] == 0
+    funnel = run_engine(inp, tmp_path / "ds", config(llm), progress=False)
+    assert funnel["summary"]["shards_run_now"] == 0

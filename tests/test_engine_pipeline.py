@@ -455,7 +455,10 @@ def test_a_resume_lists_the_shards_in_input_order(site, tmp_path):
     index = int(listed[1].rsplit("-", 1)[1].split(".")[0])
     (out / "_engine" / "done" / f"shard-{index:05d}.json").unlink()  # as a kill leaves it: that shard not done
     (out / listed[1]).unlink()
+    stale = out / "shards" / f".part-{index:05d}.4242-0badf00d.jsonl.tmp"  # a killed writer's half file
+    stale.write_text('{"id": "half')
     run_engine(inp, out, config(shard_pages=1), progress=False)
+    assert not stale.exists() and not list((out / "shards").glob(".part-*.tmp"))
     assert [s["path"] for s in json.loads((out / "manifest.json").read_text())["shards"]] == listed
     assert len(list(Dataset(out))) == sum(s["num_records"] for s in json.loads((out / "manifest.json").read_text())["shards"])
 

@@ -387,7 +387,8 @@ class ShardFileWriter:
         (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         (self.root / IMAGE_DIR).mkdir(exist_ok=True)
         self.rel = shard_name(index)
-        # one name per writer: a task left running by a killed driver never writes into a rerun's file
+        # one name per writer: two writers of one shard (a task left running by a killed driver, and the rerun's)
+        # never write into one file; the last rename wins, with a whole file
         self._tmp = self.root / SHARD_DIR / f".part-{index:05d}.{os.getpid()}-{os.urandom(4).hex()}.jsonl.tmp"
         self._file = open(self._tmp, "w", encoding="utf-8")
         self._ids: set[str] = set()

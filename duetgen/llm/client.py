@@ -60,6 +60,7 @@ class ChatResult:
     usage: dict = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
     cached: bool = False
     model: str = ""
+    transient: bool = False  # an api_error that may pass (unreachable, 429 / 5xx / timeouts after the retries)
 
     @property
     def ok(self) -> bool:
@@ -149,7 +150,7 @@ class LLMClient:
             text, usage, finish_reason, refusal = await self._post_with_retries(body)
         except RequestFailed as e:
             self._count(errors=1)
-            return ChatResult("api_error", None, None, str(e), model=self.model)
+            return ChatResult("api_error", None, None, str(e), model=self.model, transient=e.transient)
         self._count(prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0))
         if self.cache is not None:
             self.cache.put(key, model=self.model, template_version=template_version, text=text, usage=usage,
@@ -241,7 +242,8 @@ class LLMClient:
             if not isinstance(text, str):
                 raise TypeError(f"message.content is {type(text).__name__}, not a string")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-            raise RequestFailed(f"malformed response body ({type(e).__name__}: {e}): {text[:200]}") from None
+            raise RequestFailed(f"malformed response body ({type(e).__name__}: {e}): {text[:200]}",
+                                transient=True) from None  # (a proxy's or a restarting server's: may pass)
         u = payload.get("usage") or {}
         usage = {"prompt_tokens": int(u.get("prompt_tokens") or 0),
                  "completion_tokens": int(u.get("completion_tokens") or 0)}

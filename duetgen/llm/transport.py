@@ -42,7 +42,11 @@ class RetryableError(Exception):
 
 
 class RequestFailed(Exception):
-    """A request that will not succeed by retrying (or whose retries are spent)."""
+    """A request that will not succeed by retrying (or whose retries are spent: ``transient``, it may later)."""
+
+    def __init__(self, msg: str, transient: bool = False):
+        super().__init__(msg)
+        self.transient = transient
 
 
 class LoopPool:
@@ -94,7 +98,7 @@ async def with_retries(attempt: Callable[[], Awaitable[T]], sem: asyncio.Semapho
                 delay = max(delay, min(e.retry_after, backoff_max_s))
             count(retries=1)
             await asyncio.sleep(delay)
-    raise RequestFailed(f"{last} (gave up after {max_retries + 1} attempts)")
+    raise RequestFailed(f"{last} (gave up after {max_retries + 1} attempts)", transient=True)
 
 
 @contextlib.contextmanager

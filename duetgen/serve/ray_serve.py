@@ -30,8 +30,9 @@ Design choices:
   audit: 4 requests at once on 2 replicas with ``--queue-size 1`` got one or two 429s in 6 of 6
   rounds; Ray's own router code describes the case). The replica's own queue is as large as its
   slots, so its 429 does not fire under Ray: a request is refused only when every replica is full.
-  A client that leaves frees its admission at once; its replica slot up to ``APP_EXIT_S`` later,
-  so for that long one more request than ``queue_size`` may wait at the router.
+  A request is counted once its body has arrived (read within the deadline; a stalled upload gets 408
+  and holds nothing). A client that leaves frees its admission at once; its replica slot up to
+  ``APP_EXIT_S`` later, so for that long one more request than ``queue_size`` may wait at the router.
 - ``--timeout`` end to end at the ingress: waiting for a replica and generating together; the
   ingress allows 2 s more than ``--timeout`` so that a replica's own 503/504 (same shape as
   ``duetgen serve``) comes first when it started at once, and answers 504 in the route's shape when
@@ -205,21 +206,28 @@ class Forward:
         deadline = time.monotonic() + self.limits.request_timeout_s + TIMEOUT_GRACE_S
         root, path = scope.get("root_path", ""), scope["path"]
         path = path[len(root):] if root and path.startswith(root) else path  # the route's own path, e.g. /v1/...
-        if self.capacity is not None and self.in_flight >= self.capacity:  # before the body is read
+        try:  # the body first, within the deadline: a client that stalls its upload holds no admission
+            body = await asyncio.wait_for(capped_body(receive, self.limits.max_body_bytes),
+                                          max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            for m in refusal(path, 408, f"the request body did not arrive within {self.limits.request_timeout_s:g} s",
+                             "timeout"):
+                await send(m)
+            return
+        if body is None:
+            return  # the client left while sending
+        if self.capacity is not None and self.in_flight >= self.capacity:
             for m in refusal(path, 429, f"the server is busy: every replica is full and {self.limits.queue_size} "
                              "request(s) wait; retry later", "server_busy", RETRY_AFTER_S):
                 await send(m)
             return
-        self.in_flight += 1
+        self.in_flight += 1  # (no await since the check: one event loop)
         try:
-            await self._forward(scope, receive, send, path, deadline)
+            await self._forward(scope, body, send, path, deadline)
         finally:
             self.in_flight -= 1
 
-    async def _forward(self, scope, receive, send, path: str, deadline: float):
-        body = await capped_body(receive, self.limits.max_body_bytes)
-        if body is None:
-            return  # the client left while sending
+    async def _forward(self, scope, body: bytes, send, path: str, deadline: float):
         response = self.replicas.http.remote(forwarded_scope(scope), body)
         started = False
         try:

@@ -196,8 +196,7 @@ def plan_shards(input_path: str | Path, shard_pages: int) -> list[ShardSpec]:
         files = _html_files(path)
         if not files:
             warcs = [p for p in path.iterdir() if is_warc(p)]
-            hint = (f"; it holds WARC files: give them as a quoted glob, --input '{path / '*'}{warcs[0].suffix}'"
-                    if warcs else "")
+            hint = f"; it holds WARC files: give them as a quoted glob, --input '{path / '*.warc*'}'" if warcs else ""
             raise EngineError(f"input directory {str(path)!r} holds no .html/.htm files{hint}")
         return [ShardSpec(i // shard_pages, "html_dir", str(path), num_pages=len(files[i:i + shard_pages]),
                           files=files[i:i + shard_pages]) for i in range(0, len(files), shard_pages)]
@@ -536,6 +535,7 @@ def build_shard(task: tuple) -> dict:
 
     write = StageStats("write")
     promoted: list[list[int]] = []
+    copy_api_errors = 0  # LLM API errors of copies tried and not kept (not in the funnel; a rerun retries them)
     try:
         read: dict[int, str] = {}  # position -> id of every kept page read
 
@@ -564,6 +564,8 @@ def build_shard(task: tuple) -> dict:
                     page = next(stored_pages(out / ENGINE_DIR, shard, {copy_pos}))
                     built, copy_stats = run_stages(build_stages(cfg, client, cfg.warc_index), iter([page]))
                     built = list(built)
+                    if not built:
+                        copy_api_errors += _llm_api_errors([st.to_json() for st in copy_stats])
                     if built:  # counted only when it is kept: a copy that fails stays a near-duplicate drop
                         for total, more in zip(stats, copy_stats):
                             total.merge(more)
@@ -579,7 +581,7 @@ def build_shard(task: tuple) -> dict:
             client.close()
     wall = time.perf_counter() - t0
     marker = {"index": spec.index, "records": n, "wall_s": wall, "stats": [s.to_json() for s in stats] + [write.to_json()],
-              "promoted": promoted}
+              "promoted": promoted, "copy_llm_api_errors": copy_api_errors}
     atomic_write_bytes(out / ENGINE_DIR / "done" / f"{_name(spec.index)}.json", json.dumps(marker).encode())
     return {"index": spec.index, "records": n, "wall_s": wall}
 
@@ -683,8 +685,8 @@ def _check_plan(work: Path, input_path: Path, cfg: EngineConfig, executor) -> tu
         shards, warc = plan_warc(warcs, cfg.shard_pages, cfg.extract.max_html_bytes, work, executor)
     else:
         shards = plan_shards(input_path, cfg.shard_pages)
-    atomic_write_bytes(plan_path, json.dumps({"format": PLAN_FORMAT, "fingerprint": fp, "shards": [asdict(s) for s in shards],
-                                              "warc": warc}).encode())
+    plan = {"format": PLAN_FORMAT, "fingerprint": fp, "shards": [asdict(s) for s in shards], "warc": warc}
+    atomic_write_bytes(plan_path, json.dumps(plan).encode())
     return shards, warc
 
 
@@ -728,11 +730,11 @@ def run_engine(input_path: str | Path, out: str | Path, cfg: EngineConfig, execu
         done = {s.index for s in shards if (work / "done" / f"{_name(s.index)}.json").exists()}
         # a shard where LLM requests failed (server down, 5xx / 429 / timeouts after the retries) is built again:
         # its answers received are cached, the failed ones are asked again (an API error is never cached)
-        retried = {i for i in done if cfg.llm_url and _llm_api_errors(
-            json.loads((work / "done" / f"{_name(i)}.json").read_text())["stats"])}
+        retried = {i for i in done if cfg.llm_url and _marker_llm_api_errors(work, i)}
         done -= retried
         for stale in (out / "shards").glob(".part-*.tmp") if (out / "shards").is_dir() else ():
-            stale.unlink(missing_ok=True)  # a killed writer's (this run holds the lock)
+            stale.unlink(missing_ok=True)  # a killed writer's (this run holds the lock; a task of a killed --ray
+            # driver still writing loses its file here and fails, harmlessly: its shard has no marker and runs again)
         listed = _publish(out, work, shards, done)
         todo2 = [s for s in shards if s.index not in done]
         tasks = ((s, cfg, keep(s.index), str(out), keep.copies(s.index)) for s in todo2)
@@ -759,9 +761,16 @@ def run_engine(input_path: str | Path, out: str | Path, cfg: EngineConfig, execu
 
 
 def _llm_api_errors(stats: list[dict]) -> int:
-    """Pages, images and text blocks dropped because an LLM request failed (``llm_api_error``), over stage stats."""
+    """Pages, images and text blocks dropped because an LLM request failed and may not next time (``llm_api_error``:
+    unreachable, 429 / 5xx / timeouts after the retries), over stage stats."""
     return sum(st.get(kind, {}).get("llm_api_error", 0) for st in stats
                for kind in ("page_drops", "image_drops", "text_drops"))
+
+
+def _marker_llm_api_errors(work: Path, index: int) -> int:
+    """``_llm_api_errors`` of a done shard, with those of the near-duplicate copies it tried and did not keep."""
+    marker = json.loads((work / "done" / f"{_name(index)}.json").read_text())
+    return _llm_api_errors(marker["stats"]) + marker.get("copy_llm_api_errors", 0)
 
 
 def _run(executor, fn, tasks, total: int, n_todo: int, what: str, progress: bool) -> Iterator[dict]:

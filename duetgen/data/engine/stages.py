@@ -14,9 +14,9 @@ Design choices:
 - LLM stages take pages in batches and send all of a batch's requests at once through
   ``LLMClient.chat_many`` (bounded concurrency), so throughput comes from the client's
   concurrency, not from more processes. A failed, invalid or refused LLM reply drops the item
-  with the status as the reason (``llm_api_error`` / ``llm_invalid_json`` / ``llm_refusal``) or a
-  semantic check's reason (``llm_bad_reply``...); nothing is guessed, and the API error is not
-  cached, so a fresh run (new --out) asks again.
+  with the status as the reason (``llm_api_error`` / ``llm_rejected`` / ``llm_invalid_json`` /
+  ``llm_refusal``) or a semantic check's reason (``llm_bad_reply``...); nothing is guessed, and an
+  API error is not cached, so a rerun asks again (the runner builds such shards again).
 """
 
 from __future__ import annotations
@@ -65,7 +65,11 @@ def _batched(docs: Iterable[Doc], n: int) -> Iterator[list[Doc]]:
 
 
 def _llm_failure(result) -> str:
-    return f"llm_{result.status}"  # llm_api_error | llm_invalid_json | llm_refusal
+    """llm_api_error (may pass: a rerun asks again) | llm_rejected (the server refused the request itself: 4xx,
+    a reply over the cap) | llm_invalid_json | llm_refusal."""
+    if result.status == "api_error" and not result.transient:
+        return "llm_rejected"
+    return f"llm_{result.status}"
 
 
 def _llm_image(item: ImageItem, side: int = 768) -> bytes:
