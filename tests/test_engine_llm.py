@@ -155,7 +155,6 @@ def test_a_rerun_asks_again_what_failed_and_reuses_the_rest(site, llm, tmp_path)
         run_engine(inp, out, config(llm, llm_model="another-vl"), progress=False)
 
 
-
 def test_the_cli_says_when_llm_requests_failed_and_exits_2_when_nothing_was_written(site, llm, tmp_path):
     from typer.testing import CliRunner
 

@@ -461,4 +461,3 @@ def test_a_resume_lists_the_shards_in_input_order(site, tmp_path):
     assert not stale.exists() and not list((out / "shards").glob(".part-*.tmp"))
     assert [s["path"] for s in json.loads((out / "manifest.json").read_text())["shards"]] == listed
     assert len(list(Dataset(out))) == sum(s["num_records"] for s in json.loads((out / "manifest.json").read_text())["shards"])
-
