@@ -402,6 +402,33 @@ def test_an_uncompressed_record_cut_anywhere_before_gzipped_ones_loses_none_of_t
                          ("page", "http://x.example/1.html")], (cut, items)
 
 
+def test_unusual_but_valid_uncompressed_headers_are_pages_not_corrupt(tmp_path):
+    """A review: the header check read warcio's character count as bytes (a UTF-8 IRI or title read short: "the
+    file ends inside the headers") and took any line without a colon, or a whitespace-only end line, for damage."""
+    def record(uri: str, extra: dict | None = None, version: str = "WARC/1.0") -> bytes:
+        buf = io.BytesIO()
+        w = WARCWriter(buf, gzip=False, warc_version=version)
+        hh = StatusAndHeaders("200 OK", [("Content-Type", "text/html")], protocol="HTTP/1.1")
+        w.write_record(w.create_warc_record(uri, "response", payload=io.BytesIO(b"<p>hello</p>"), http_headers=hh,
+                                            warc_headers_dict=extra or {}))
+        return buf.getvalue()
+
+    head, blank, rest = record("http://x.example/n.html").partition(b"\r\n\r\n")
+    cases = {
+        "UTF-8 IRI, WARC/1.1": record("http://x.example/caf\u00e9/\u65e5\u672c.html", version="WARC/1.1"),
+        "UTF-8 title": record("http://x.example/t.html", {"WARC-Title": "Caf\u00e9 \u2014 menu"}),
+        "a line without a colon": head + b"\r\nsoftware-note made by hand" + blank + rest,
+        "a whitespace-only end line": head + b"\r\n \r\n" + rest,
+        "a Latin-1 byte": head + b"\r\nWARC-Title: caf\xe9" + blank + rest,
+        "a continuation line": head + b"\r\nWARC-Title: a\r\n  b" + blank + rest,
+        "LF line ends": head.replace(b"\r\n", b"\n") + b"\n\n" + rest,
+    }
+    path = tmp_path / "v.warc"
+    for name, data in cases.items():
+        path.write_bytes(data + record("http://x.example/next.html"))
+        assert [x.kind for x in iter_warc(path)] == ["page", "page"], (name, [x.reason for x in iter_warc(path)])
+
+
 def test_zero_padding_at_the_end_of_a_file_is_no_corrupt_record(tmp_path):
     """Zero bytes after the last record (a writer's or a tape's padding) were one corrupt region."""
     import gzip

@@ -179,23 +179,31 @@ def _merged_headers(headers: list[tuple[str, str]]) -> bool:
             or any(_WARC_MAGIC.decode() in value for _, value in headers))
 
 
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # bytes no header line holds (tab, CR, LF aside)
+
+
 def _raw_headers_damage(fd: int, offset: int, length: int) -> str | None:
-    """What is wrong with an uncompressed record's WARC header bytes (``length`` of them from ``offset``), or None
-    (also for a gzipped record, whose bytes on disk are not its headers). warcio drops a header line without a colon
-    and takes the end of the file for the end of the headers, so a record cut short inside its headers read on
-    without a sign: into the next record's headers (a second ``WARC/1.`` line: the two read as one), into a gzip
-    member's bytes (binary lines dropped, the member read as the block), or to the end of the file."""
-    head = os.pread(fd, length, offset)
+    """What is wrong with an uncompressed record's WARC headers, read again from the file at ``offset``, or None
+    (also for a gzipped record, whose bytes on disk are not its headers). ``length`` is warcio's count of the
+    headers' characters (a UTF-8 value makes the bytes more: up to 4 a character are read). warcio drops a header
+    line without a colon and takes the end of the file for the end of the headers, so a record cut short inside its
+    headers read on without a sign: into the next record's headers (a second ``WARC/1.`` line: the two read as
+    one), into a gzip member's bytes (binary lines dropped, the member read as the block), or to the end of the
+    file. The lines up to the first blank one (warcio's end: empty or whitespace only) are checked for those."""
+    want = 4 * length + 4
+    head = os.pread(fd, want, offset)
     if not head.startswith(_WARC_MAGIC):
         return None
-    if not head.endswith((b"\r\n\r\n", b"\n\n")):
-        return "the file ends inside the record's WARC headers"
     for line in head.split(b"\n")[1:]:
-        line = line.rstrip(b"\r")
-        if line and b":" not in line and not line.startswith((b" ", b"\t")):
-            what = "another record's first line" if line.find(_WARC_MAGIC) >= 0 else "bytes that are no header"
-            return f"the record's headers run into {what}: it was cut short in them"
-    return None
+        if not line.strip():
+            return None  # the end of the headers, as warcio found it
+        if _WARC_MAGIC in line:
+            return "the record's headers run into another record's first line: it was cut short in them"
+        if _CONTROL.search(line.rstrip(b"\r")):
+            return "the record's headers run into bytes that are no header: it was cut short in them"
+    if len(head) < want:
+        return "the file ends inside the record's WARC headers"
+    return None  # (not reached for headers warcio read: their bytes fit in the window)
 
 
 def _find(f, start: int, size: int, magics: tuple[bytes, ...] = (_GZIP_MAGIC, _WARC_MAGIC)) -> int | None:
