@@ -216,9 +216,10 @@ def test_rows_the_os_or_utf8_refuses_are_skipped_not_fatal(tmp_path):
     assert why["data.jsonl:5"] == ("bad_field", "instruction is empty")
 
 
-def test_two_annotation_files_of_one_name_into_one_output_keep_both(tmp_path):
+def test_a_second_annotation_file_of_one_name_is_refused_and_a_moved_one_resumes(tmp_path):
     """An audit: `edit/data.jsonl` and `t2i/data.jsonl` adapted into one output hashed the same ids (file name +
-    row), and the second file's rows counted as already done: silently lost. A rerun of either adds nothing."""
+    row), and the second file's rows counted as already done: silently lost. It is refused by name now; the same
+    file moved (a review: a path-based id made a moved file's rows new, doubling the output) resumes."""
     import json
 
     for sub, text in (("edit", "edit task"), ("t2i", "t2i task")):
@@ -226,9 +227,12 @@ def test_two_annotation_files_of_one_name_into_one_output_keep_both(tmp_path):
         (tmp_path / sub / "data.jsonl").write_text(json.dumps(
             {"task_type": "t2i", "instruction": text, "input_images": [], "output_image": "p.png"}) + "\n")
     out = tmp_path / "out"
-    for _ in range(2):
-        for sub in ("edit", "t2i"):
-            adapt("omnigen", tmp_path / sub / "data.jsonl", out, progress=False)
-    recs = list(Dataset(out))
-    assert sorted(r.messages[0].text for r in recs) == ["edit task", "t2i task"]
-    assert {r.meta["source_file"] for r in recs} == {"data.jsonl"}
+    adapt("omnigen", tmp_path / "edit" / "data.jsonl", out, progress=False)
+    with pytest.raises(RecordError, match=r"another annotation file named 'data.jsonl'.*another --out"):
+        adapt("omnigen", tmp_path / "t2i" / "data.jsonl", out, progress=False)
+    shutil.move(tmp_path / "edit", tmp_path / "moved")
+    report = adapt("omnigen", tmp_path / "moved" / "data.jsonl", out, progress=False)
+    assert report.counts["already_done"] == 1 and len(Dataset(out)) == 1
+    shutil.copytree(tmp_path / "moved", tmp_path / "copy")  # a copy elsewhere, the first still there: the same file
+    assert adapt("omnigen", tmp_path / "copy" / "data.jsonl", out, progress=False).counts["already_done"] == 1
+    assert [r.messages[0].text for r in Dataset(out)] == ["edit task"]

@@ -288,34 +288,42 @@ def _read_image(root: Path, rel: str) -> bytes:
     return data
 
 
-def sample_to_record(fmt: Format, s: Sample, image_root: Path, file_name: str, id_tag: str | None = None) -> Record:
-    """The record of one sample; its id hashes ``id_tag`` (default ``file_name``: see ``source_tags``) and the key."""
+def sample_to_record(fmt: Format, s: Sample, image_root: Path, file_name: str) -> Record:
+    """The record of one sample; its id hashes the annotation file's name and the sample's key (``check_sources``)."""
     user = [TextPart(v) if kind == "text" else ImagePart(_read_image(image_root, v)) for kind, v in s.user]
     target = ImagePart(_read_image(image_root, s.target))
-    rid = f"{fmt.name}-{hashlib.sha256(f'{id_tag or file_name}|{s.key}'.encode()).hexdigest()[:16]}"
+    rid = f"{fmt.name}-{hashlib.sha256(f'{file_name}|{s.key}'.encode()).hexdigest()[:16]}"
     meta = {"task": s.task, "source_key": s.key, "source_file": file_name, **s.meta}
     return Record(id=rid, source=fmt.source, messages=[Message("user", user), Message("assistant", [target])],
                   meta=meta)
 
 
-SOURCES_FILE = "adapt-sources.json"  # in the output: {annotation file name: [its resolved paths, in adapting order]}
+SOURCES_FILE = "adapt-sources.json"  # in the output: {annotation file name: {"path": resolved path, "head": sha256}}
+_HEAD_BYTES = 4096  # what tells two annotation files of one name apart (a copy or a move has the same start)
 
 
-def source_tags(out_dir: Path, files: list[Path]) -> dict[Path, str]:
-    """What each annotation file's record ids hash: its name for the first file of that name adapted into this
-    output (as every output before this registry), its resolved path for another file of the same name. Two
-    `data.jsonl` of two folders gave the same ids, and the second file's rows counted as already done (an audit)."""
+def _head_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(_HEAD_BYTES)).hexdigest()
+
+
+def check_sources(out_dir: Path, files: list[Path]) -> None:
+    """Refuse an annotation file whose name another file already used in this output: record ids hash the file's
+    name and the row's key, so a second ``data.jsonl`` (``edit/`` and ``t2i/`` of one release) hashed the first's
+    ids, and its rows were taken as done, silently (an audit). The same file reached another way (moved, copied,
+    another mount: the registered path gone, or the same first 4 KB) is the same file."""
     path = out_dir / SOURCES_FILE
     known = json.loads(path.read_text()) if path.exists() else {}
-    tags = {}
     for f in files:
-        resolved = str(f.resolve())
-        seen = known.setdefault(f.name, [])
-        if resolved not in seen:
-            seen.append(resolved)
-        tags[f] = f.name if seen[0] == resolved else resolved
+        resolved, head = str(f.resolve()), _head_digest(f)
+        seen = known.get(f.name)
+        if seen and seen["path"] != resolved and Path(seen["path"]).exists() and seen["head"] != head:
+            raise RecordError(
+                f"{str(out_dir)!r} already holds records of another annotation file named {f.name!r} "
+                f"({seen['path']}): their ids would collide with {str(f)!r}'s; adapt it into another --out and "
+                "combine the two with `duetgen data mix`")
+        known[f.name] = {"path": resolved, "head": head}
     atomic_write_bytes(path, (json.dumps(known, indent=1) + "\n").encode())
-    return tags
 
 
 def resolve_source(fmt: Format, source: str | Path) -> list[Path]:
@@ -357,7 +365,7 @@ def adapt(fmt_name: str, source: str | Path, out_dir: str | Path, image_root: st
         task = bar.add_task(f"adapt {fmt_name}", total=None)
     try:
         with DatasetWriter(out_dir, shard_size=shard_size, append=True, name=out_dir.name) as writer:
-            tags = source_tags(out_dir, files)  # (under the writer's lock)
+            check_sources(out_dir, files)  # (under the writer's lock)
             for path in files:
                 root = Path(image_root) if image_root is not None else path.parent
                 for where, row in fmt.rows(path):
@@ -372,7 +380,7 @@ def adapt(fmt_name: str, source: str | Path, out_dir: str | Path, image_root: st
                         if not isinstance(row, dict):
                             raise Skip("bad_field", f"a sample must be a JSON object, got {type(row).__name__}")
                         s = fmt.sample(row, where)
-                        rec = sample_to_record(fmt, s, root, path.name, tags[path])
+                        rec = sample_to_record(fmt, s, root, path.name)
                         if rec.id in committed:
                             report.count("already_done")
                             continue
