@@ -366,3 +366,20 @@ def test_cli_dish_prompts_then_synthesize_openai(server, tmp_path):
     res = runner.invoke(app, ["data", "synthesize", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "ds3"),
                               "--url", server.url])
     assert res.exit_code == 2 and "missing.jsonl" in res.output
+
+
+def test_a_torn_log_line_is_dropped_by_the_next_append_not_left_mid_file(tmp_path):
+    """A review: an append after a torn last line (a kill mid-write) kept the torn line mid-file, and every later
+    read of the log raised. The torn line is an unfinished item: the next append drops it."""
+    from duetgen.data.synthetic.runlog import ProgressLog
+
+    log = ProgressLog(tmp_path / "log.jsonl")
+    log.append({"key": "a", "status": "dropped"})
+    with open(log.path, "ab") as f:
+        f.write(b'{"key": "b", "status": "dro')  # killed mid-line
+    assert [e["key"] for e in log.entries()] == ["a"]  # a torn last line is forgiven
+    log.append({"key": "c", "status": "dropped"})
+    log.append({"key": "d", "status": "dropped"})
+    assert [e["key"] for e in log.entries()] == ["a", "c", "d"]
+    log.clear()
+    assert list(log.entries()) == []

@@ -344,6 +344,11 @@ class DatasetWriter:
         self._name_changed = False
         self._shard_file, self._shard_count, self._next_shard = None, 0, index + 1
 
+    @property
+    def uncommitted(self) -> int:
+        """Records written into the open shard, not committed yet (0 right after a commit)."""
+        return self._shard_count if self._shard_file is not None else 0
+
     def close(self) -> None:
         if self._closed:
             return

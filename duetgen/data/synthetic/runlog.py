@@ -84,16 +84,36 @@ class ProgressLog:
 
     def append(self, entry: dict[str, Any]) -> None:
         line = json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n"
-        with open(self.path, "a+b") as f:
-            # A previous run killed mid-line left no newline: start on a fresh line (only the last byte is read:
-            # the log holds whole records for synthesis, and reading it all per line grew with the square)
-            if f.seek(0, os.SEEK_END) > 0:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    f.write(b"\n")
+        with open(self.path, "r+b" if self.path.exists() else "w+b") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end > 0:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":  # a previous run killed mid-line: that item was not finished, drop the
+                    f.truncate(_last_line_end(f, end))  # torn line (left mid-file, it made the log unreadable)
+            f.seek(0, os.SEEK_END)
             f.write(line.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
+
+    def clear(self) -> None:
+        """Empty the log (durably): what it held is done elsewhere."""
+        if self.path.exists():
+            with open(self.path, "r+b") as f:
+                f.truncate(0)
+                os.fsync(f.fileno())
+
+
+def _last_line_end(f, end: int) -> int:
+    """The offset just after the last newline before ``end`` (0 if none), reading backwards 64 KiB at a time."""
+    pos = end
+    while pos > 0:
+        start = max(0, pos - (1 << 16))
+        f.seek(start)
+        i = f.read(pos - start).rfind(b"\n")
+        if i >= 0:
+            return start + i + 1
+        pos = start
+    return 0
 
 
 def committed_records(root: str | Path) -> Iterator[Any]:

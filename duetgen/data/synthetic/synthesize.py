@@ -11,11 +11,11 @@ Design choices:
 - Resumable (datatrove-style completion markers): a request is done when its record is committed
   in the output dataset, or when the progress log says it was dropped (refused, filtered). API
   errors are never marked, so the next run retries them; dropped requests are not paid for again
-  unless ``retry_dropped``. Every kept answer is also journaled in the progress log as it arrives
-  (its images fsync'ed first, then the record's line), so a killed run loses no paid answer: the
-  next run commits the answers its open shard held without asking again (an audit found a
-  SIGKILL before the 200-record commit paid for up to 200 answers twice, and the all-runs cost
-  left them out).
+  unless ``retry_dropped``. Every kept answer is also journaled as it arrives (``ANSWERS_FILE``:
+  its images fsync'ed first, then the record's line; emptied whenever its answers are committed, so
+  it holds at most the open shard's), so a killed run loses no paid answer: the next run commits
+  the journaled answers first, without asking again (an audit found a SIGKILL before the 200-record
+  commit paid for up to 200 answers twice, and the all-runs cost left them out).
 - Bad input never stops the run: malformed request lines, unreadable user images, refusals,
   image-less replies and non-image parts are skipped with a reason in the run report.
 - Bounded memory: a fixed pool of workers pulls requests, so only ``2 x max_concurrency``
@@ -43,6 +43,7 @@ from duetgen.data.synthetic.runlog import ProgressLog, RunReport, committed_reco
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 TEMPLATES = {"howto": "synthesize_howto", "dish": "synthesize_dish"}
 PROGRESS_FILE = "synthesis-progress.jsonl"
+ANSWERS_FILE = "synthesis-answers.jsonl"  # answers received and not committed yet (the open shard's)
 
 
 @dataclass
@@ -136,9 +137,7 @@ def done_requests(out_dir: Path, retry_dropped: bool) -> tuple[set[str], float]:
             done.add(rid)
             spent += float(rec.meta.get("cost_usd") or 0.0)
     for e in ProgressLog(out_dir / PROGRESS_FILE).entries():
-        if e.get("status") == "answered" and e["key"] in done:
-            continue  # its committed record's meta counted it
-        spent += float(e.get("cost_usd") or 0.0)  # (an answer journaled and then lost: paid all the same)
+        spent += float(e.get("cost_usd") or 0.0)  # dropped answers, and journaled answers lost (paid all the same)
         if e.get("status") == "dropped" and not retry_dropped:
             done.add(e["key"])
     return done, spent
@@ -147,22 +146,26 @@ def done_requests(out_dir: Path, retry_dropped: bool) -> tuple[set[str], float]:
 def commit_journaled_answers(out_dir: Path, shard_size: int, report: RunReport) -> None:
     """Commit the answers an earlier run received and journaled but did not commit (killed with its shard open):
     their images are in the dataset already; nothing is asked again. An entry that no longer makes a valid
-    record (an image lost with the machine) is skipped as ``lost_answer``, and its request asked again."""
-    log = ProgressLog(out_dir / PROGRESS_FILE)
-    if not log.path.exists():
-        return
-    committed = {r.meta.get("request_id") for r in committed_records(out_dir)}
-    pending = {e["key"]: e for e in log.entries() if e.get("status") == "answered" and e["key"] not in committed}
-    if not pending:
+    record (an image lost with the machine) is ``lost_answer``: its cost goes to the progress log, and its request
+    is asked again. The journal is empty afterwards."""
+    journal = ProgressLog(out_dir / ANSWERS_FILE)
+    if not journal.path.exists() or not journal.path.stat().st_size:
         return
     with DatasetWriter(out_dir, shard_size=shard_size, append=True, name=out_dir.name) as writer:
-        for key, e in pending.items():
+        committed = {r.meta.get("request_id") for r in committed_records(out_dir)}  # (under the writer's lock)
+        for e in journal.entries():
+            if e["key"] in committed:
+                continue  # committed before the journal was emptied (killed in between)
             try:
                 writer.write(Record.from_jsonl_line(e["record"]))
-            except (KeyError, TypeError, ValueError, RecordError, ImageError, DatasetError) as err:
-                report.skip(key, "lost_answer", f"its journaled answer cannot be committed ({err}); asked again")
+            except (KeyError, TypeError, ValueError, OSError, RecordError, ImageError, DatasetError) as err:
+                report.skip(e["key"], "lost_answer", f"its journaled answer cannot be committed ({err}); asked again")
+                ProgressLog(out_dir / PROGRESS_FILE).append(
+                    {"key": e["key"], "status": "lost", "cost_usd": float(e.get("cost_usd") or 0.0)})
                 continue
+            committed.add(e["key"])
             report.count("committed_from_journal")
+    journal.clear()  # every entry is committed now, or logged as lost
 
 
 async def synthesize(requests: list[dict[str, Any]], client, out_dir: str | Path, cfg: SynthesisConfig,
@@ -195,6 +198,7 @@ async def synthesize(requests: list[dict[str, Any]], client, out_dir: str | Path
 
 
 async def _run(todo, client, out_dir, cfg, image_root, report, templates, log, cost, progress) -> None:
+    answers = ProgressLog(out_dir / ANSWERS_FILE)
     with DatasetWriter(out_dir, shard_size=cfg.shard_size, append=True, name=out_dir.name) as writer:
 
         def drop(req: dict, reason: str, detail: str, paid: float) -> None:
@@ -223,9 +227,11 @@ async def _run(todo, client, out_dir, cfg, image_root, report, templates, log, c
                 writer.write(rec)
             except RecordError as e:  # e.g. an image the writer refuses: skip, keep going
                 return drop(req, "bad_image", str(e), res.cost_usd)
-            fsync_files([out_dir / p.path for p in rec.image_parts()])  # before the journal line naming them
-            log.append({"key": req["id"], "status": "answered", "cost_usd": round(res.cost_usd, 6),
-                        "record": rec.to_jsonl_line()})
+            if writer.uncommitted:  # journaled until its shard commits (its images durable first)
+                fsync_files([out_dir / p.path for p in rec.image_parts()])
+                answers.append({"key": req["id"], "cost_usd": round(res.cost_usd, 6), "record": rec.to_jsonl_line()})
+            else:  # this write committed the shard: every journaled answer is in the dataset now
+                answers.clear()
             report.count("written")
 
         queue: asyncio.Queue = asyncio.Queue()
@@ -251,6 +257,7 @@ async def _run(todo, client, out_dir, cfg, image_root, report, templates, log, c
             bar.close()
         if failed:
             raise failed[0]
+    answers.clear()  # the writer committed its last shard on leaving the block
     report.extra["dataset_records"] = writer.num_records
 
 
