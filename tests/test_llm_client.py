@@ -62,6 +62,7 @@ def test_retries_exhausted_is_api_error_and_not_cached(server, tmp_path):
     server.inject("500", "500", "500")
     r = c.chat(user("doomed"))
     assert r.status == "api_error" and "HTTP 500" in r.error and "3 attempts" in r.error
+    assert r.transient  # it may pass later: the data engine builds its shard again on a rerun
     assert server.requests == 3 and c.usage_totals["errors"] == 1
     r2 = c.chat(user("doomed"))  # not cached: goes to the server again, which now answers
     assert r2.status == "ok" and not r2.cached and server.requests == 4
@@ -72,6 +73,7 @@ def test_client_errors_are_not_retried(server):
     server.inject("400")
     r = c.chat(user("bad request"))
     assert r.status == "api_error" and "HTTP 400" in r.error and "not retried" in r.error
+    assert not r.transient  # the server refused the request itself: the same next time
     assert server.requests == 1
 
 
@@ -80,6 +82,7 @@ def test_malformed_response_body_is_api_error(server):
     server.inject("malformed_body")
     r = c.chat(user("x"))
     assert r.status == "api_error" and "malformed response body" in r.error
+    assert r.transient  # a body cut short (not JSON) may pass; JSON of the wrong shape would not
 
 
 def test_api_refusal_is_its_own_status_not_retried_and_cached(tmp_path):

@@ -242,8 +242,10 @@ class LLMClient:
             if not isinstance(text, str):
                 raise TypeError(f"message.content is {type(text).__name__}, not a string")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            # a body that is not JSON (cut short by a proxy, a restarting server's page) may pass; JSON of the
+            # wrong shape (no content, a model's refusal format) is the same next time
             raise RequestFailed(f"malformed response body ({type(e).__name__}: {e}): {text[:200]}",
-                                transient=True) from None  # (a proxy's or a restarting server's: may pass)
+                                transient=isinstance(e, json.JSONDecodeError)) from None
         u = payload.get("usage") or {}
         usage = {"prompt_tokens": int(u.get("prompt_tokens") or 0),
                  "completion_tokens": int(u.get("completion_tokens") or 0)}

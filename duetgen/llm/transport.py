@@ -151,8 +151,11 @@ def check_status(resp: httpx.Response, body_text: str) -> None:
         raise RetryableError("HTTP 429 rate limited", parse_retry_after(resp.headers.get("retry-after")))
     if resp.status_code >= 500:
         raise RetryableError(f"HTTP {resp.status_code}: {body_text[:200]}")
-    if resp.status_code != 200:
-        raise RequestFailed(f"HTTP {resp.status_code} (not retried): {body_text[:300]}")
+    if resp.status_code in (408, 409, 425):  # request timeout, conflict, too early: may pass at once
+        raise RetryableError(f"HTTP {resp.status_code}: {body_text[:200]}")
+    if resp.status_code != 200:  # not retried now; 401 / 403 / 404 (a key, a model name) may pass once fixed
+        raise RequestFailed(f"HTTP {resp.status_code} (not retried): {body_text[:300]}",
+                            transient=resp.status_code in (401, 403, 404))
 
 
 def parse_retry_after(value: str | None) -> float | None:

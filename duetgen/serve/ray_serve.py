@@ -206,7 +206,9 @@ class Forward:
         deadline = time.monotonic() + self.limits.request_timeout_s + TIMEOUT_GRACE_S
         root, path = scope.get("root_path", ""), scope["path"]
         path = path[len(root):] if root and path.startswith(root) else path  # the route's own path, e.g. /v1/...
-        try:  # the body first, within the deadline: a client that stalls its upload holds no admission
+        if self._full(path):  # a cheap refusal first, before a body is read for nothing
+            return await self._busy(path, send)
+        try:  # the body within the deadline: a client that stalls its upload holds no admission
             body = await asyncio.wait_for(capped_body(receive, self.limits.max_body_bytes),
                                           max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
@@ -216,16 +218,21 @@ class Forward:
             return
         if body is None:
             return  # the client left while sending
-        if self.capacity is not None and self.in_flight >= self.capacity:
-            for m in refusal(path, 429, f"the server is busy: every replica is full and {self.limits.queue_size} "
-                             "request(s) wait; retry later", "server_busy", RETRY_AFTER_S):
-                await send(m)
-            return
+        if self._full(path):
+            return await self._busy(path, send)
         self.in_flight += 1  # (no await since the check: one event loop)
         try:
             await self._forward(scope, body, send, path, deadline)
         finally:
             self.in_flight -= 1
+
+    def _full(self, path: str) -> bool:
+        return self.capacity is not None and self.in_flight >= self.capacity
+
+    async def _busy(self, path: str, send) -> None:
+        for m in refusal(path, 429, f"the server is busy: every replica is full and {self.limits.queue_size} "
+                         "request(s) wait; retry later", "server_busy", RETRY_AFTER_S):
+            await send(m)
 
     async def _forward(self, scope, body: bytes, send, path: str, deadline: float):
         response = self.replicas.http.remote(forwarded_scope(scope), body)
