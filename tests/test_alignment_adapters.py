@@ -205,7 +205,8 @@ def test_rows_the_os_or_utf8_refuses_are_skipped_not_fatal(tmp_path):
             {"task_type": "t2i", "instruction": "", "input_images": [], "output_image": "c.png"}]
     lines = [json.dumps(r).encode() for r in rows]
     lines.insert(2, b'{"instruction": "caf\xe9 \xff", "output_image": "d.png"}')  # latin-1, not UTF-8
-    lines.append(json.dumps({"task_type": "t2i", "instruction": "last", "input_images": [], "output_image": "d.png"}).encode())
+    last = {"task_type": "t2i", "instruction": "last", "input_images": [], "output_image": "d.png"}
+    lines.append(json.dumps(last).encode())
     (src / "data.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     report = adapt("omnigen", src, tmp_path / "out", progress=False)
     assert sorted(r.messages[0].text for r in Dataset(tmp_path / "out")) == ["first", "last"]

@@ -169,7 +169,8 @@ def fuzz_mixed(n: int, seed: int, tmp: Path) -> None:
             keep = Path(tempfile.gettempdir()) / "warc_fuzz_failures"
             keep.mkdir(exist_ok=True)
             (keep / path.name).write_bytes(path.read_bytes())
-            print(keep / path.name, "want", want, "got", got, [(x.offset, x.reason) for x in items if x.kind == "corrupt"])
+            regions = [(x.offset, x.reason) for x in items if x.kind == "corrupt"]
+            print(keep / path.name, "want", want, "got", got, regions)
         uncounted += bool(damaged) and not corrupt
         false += not damaged and corrupt > 0
     print(f"{n} files of gzipped and uncompressed records mixed (seed {seed}): pages and images read not the whole "

@@ -28,8 +28,9 @@ Design choices:
   so where a record fails right after a whole one (or warcio stops early), a fresh reader tries it
   again first: a file that switches between gzipped and uncompressed records is read whole. warcio
   ends quietly at a member cut short at the end of a file; bytes left over after its last record are
-  counted as one corrupt region too, unless they are all zero (padding). A record whose ``WARC-Block-Digest`` (where the crawl wrote
-  one, as Common Crawl and warcio do) does not match its bytes is corrupt as well: a gzip member cut
+  counted as one corrupt region too, unless they are all zero (padding). A record whose
+  ``WARC-Block-Digest`` (where the crawl wrote one, as Common Crawl and warcio do) does not match
+  its bytes is corrupt as well: a gzip member cut
   short can go on decompressing into the next member's bytes and read as a whole record of garbage,
   swallowing the record after it (37 of 400 fresh members of a test page cut at 300 bytes did this or
   the ARC fallback below, scripts/probes/warc_cut_members.py; with the checks the cut record is one
