@@ -742,3 +742,31 @@ def test_a_record_whose_content_length_lies_is_corrupt_even_without_a_digest(tmp
     items = list(iter_warc(path))
     assert [x.kind for x in items] == ["corrupt", "page"], [(x.kind, x.uri, x.reason) for x in items]
     assert items[1].uri == "http://x.example/ok.html" and "Content-Length" in items[0].reason
+
+
+def test_a_copy_that_failed_on_an_llm_outage_is_built_on_the_rerun(tmp_path):
+    """A review: when the copy tried in a kept page's place failed with LLM API errors, its shard's marker counted
+    none (a copy is counted only when kept), so no rerun built it: the cluster was lost for good."""
+    sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "engine"))
+    from engine_llm import EngineResponder
+
+    from duetgen.llm.testing import FakeOpenAIServer
+
+    repot = (PAGES_DIR / "repot-a-plant.html").read_text()
+    broken = re.sub(r'src="/img/[^"]+"', lambda m: f'src="http://127.0.0.1:1/gone-{m.start()}.jpg"', repot)
+    with Site() as site, FakeOpenAIServer(EngineResponder()) as llm:
+        low, high = sorted([site.page_url("repot-a.html"), site.page_url("repot-b.html")], key=web_id)
+        images = [member(f"{site.url}/img/{name}", ctype, make()) for name, (ctype, make) in IMAGES.items()
+                  if name != "bomb.png"]
+        (tmp_path / "crawl").mkdir()
+        (tmp_path / "crawl" / "a.warc.gz").write_bytes(b"".join(
+            [member(low, "text/html", broken.encode()), member(high, "text/html", repot.encode()), *images]))
+        out, crawl = tmp_path / "ds", str(tmp_path / "crawl" / "*.warc.gz")
+        cfg = config(shard_pages=1, llm_url=llm.url, llm_model="fake-vl", llm_max_retries=0, llm_concurrency=1)
+        llm.inject(*["500"] * 40)  # the LLM is down while the copy is tried
+        funnel = run_engine(crawl, out, cfg, progress=False)
+        assert list(Dataset(out)) == [] and funnel["summary"]["llm_api_errors"] == 0  # (the copy is not counted)
+        llm.faults.clear()  # back
+        funnel = run_engine(crawl, out, cfg, progress=False)
+    assert funnel["summary"]["shards_retried_for_llm_errors"] == 1
+    assert [r.meta["url"] for r in Dataset(out)] == [high]
