@@ -190,6 +190,7 @@ def test_request_timeout(pipe, request_body):
     with live_server(create_app(pipe, ServeLimits(request_timeout_s=0.3, max_steps=100))) as url:
         r = httpx.post(f"{url}/api/generate", json=slow, timeout=120)
         assert r.status_code == 504 and "longer than 0.3 s" in r.json()["detail"]
+        assert "s for the model, generated" in r.json()["detail"]  # --timeout counts both: the answer says each
         with httpx.stream("POST", f"{url}/api/generate/stream", json=slow, timeout=120) as s:
             events = read_events(s)
         assert events[-1][0] == "error" and "longer than 0.3 s" in events[-1][1]["detail"]

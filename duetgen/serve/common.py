@@ -124,6 +124,10 @@ class QueueFull(Exception):
     pass
 
 
+class WaitedTooLong(TimeoutError):
+    """The deadline passed while the request waited for the model (503; a generation that ran out of time: 504)."""
+
+
 class FairSlots:
     """``n`` generation slots handed out in arrival order. A waiter whose client left (``cancel``) or whose
     ``deadline`` passed leaves the line (checked every WAIT_POLL_S); the next in line moves up."""
@@ -143,7 +147,7 @@ class FairSlots:
                         raise Cancelled("the client went away")
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise TimeoutError("waited too long for the model (other requests were running)")
+                        raise WaitedTooLong("waited too long for the model (other requests were running)")
                     self._cond.wait(min(WAIT_POLL_S, left))
                 self.free -= 1
             finally:
@@ -199,6 +203,7 @@ class GenerationService:
     def run(self, messages, config, on_event, cancel: threading.Event, deadline: float) -> Finished:
         """Blocking: wait for the model (until ``deadline``), generate, pass each event to ``on_event``."""
         self.slots.acquire(cancel, deadline)
+        started = time.monotonic()
         try:
             with self._count_lock:
                 self._running += 1
@@ -208,8 +213,11 @@ class GenerationService:
                 for event in events:
                     if cancel.is_set():
                         raise Cancelled("the client went away")
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"generation took longer than {self.limits.request_timeout_s:g} s and was stopped")
+                    if time.monotonic() > deadline:  # (--timeout counts the wait for the model too: say both)
+                        raise TimeoutError(
+                            f"the request took longer than {self.limits.request_timeout_s:g} s and was stopped "
+                            f"(waited {started - (deadline - self.limits.request_timeout_s):.1f} s for the model, "
+                            f"generated {time.monotonic() - started:.1f} s)")
                     on_event(event)
                     if isinstance(event, Finished):
                         finished = event

@@ -73,8 +73,8 @@ from duetgen.data.images import encode_png, inspect_image, to_rgb
 from duetgen.data.record import ImagePart, Message, RecordError, TextPart
 from duetgen.infer.engine import Cancelled, Finished, GenerationConfig, ImageDone, TextDelta
 from duetgen.models.image_processor import MAX_ASPECT_RATIO
-from duetgen.serve.common import (BadRequest, QueueFull, ServeLimits, decode_image, image_size_problem,
-                                  unicode_problem)
+from duetgen.serve.common import (BadRequest, QueueFull, ServeLimits, WaitedTooLong, decode_image,
+                                  image_size_problem, unicode_problem)
 
 log = logging.getLogger("duetgen.serve")
 
@@ -552,7 +552,7 @@ def mount_openai_api(app, service, limits: ServeLimits, store=None) -> None:
         if isinstance(e, Cancelled):  # the client left: nobody reads this answer, and nothing failed
             return APIError(499, "the client went away", None, "client_closed_request")
         if isinstance(e, TimeoutError):
-            return APIError(503 if "waited" in str(e) else 504, str(e), None, "timeout")
+            return APIError(503 if isinstance(e, WaitedTooLong) else 504, str(e), None, "timeout")
         if isinstance(e, RecordError):  # found while rendering the prompt (e.g. an image's aspect ratio)
             return APIError(400, str(e), "messages")
         log.error("generation failed", exc_info=e)

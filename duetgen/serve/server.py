@@ -46,8 +46,8 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from duetgen.data.images import encode_png
 from duetgen.data.record import ImagePart, Message, RecordError, TextPart
 from duetgen.infer.engine import Cancelled, DenoisingStep, Finished, GenerationConfig, ImageDone, ImageStarted, TextDelta
-from duetgen.serve.common import (BadRequest, GenerationService, QueueFull, ServeLimits, decode_image,
-                                  image_size_problem, unicode_problem)
+from duetgen.serve.common import (BadRequest, GenerationService, QueueFull, ServeLimits, WaitedTooLong,
+                                  decode_image, image_size_problem, unicode_problem)
 from duetgen.serve.guards import LOOPBACK_HOSTS, hosts_to_answer, uvicorn_config, validation_error
 from duetgen.serve.openai_api import mount_openai_api
 
@@ -322,7 +322,7 @@ def create_app(pipeline, limits: ServeLimits | None = None, allowed_hosts: list[
         try:
             finished = await service.answer(messages, config, disconnected=request.is_disconnected)
         except TimeoutError as e:
-            status = 503 if "waited" in str(e) else 504
+            status = 503 if isinstance(e, WaitedTooLong) else 504
             return JSONResponse({"detail": str(e)}, status_code=status)
         except RecordError as e:  # found while rendering the prompt (e.g. an image's aspect ratio)
             return JSONResponse({"detail": str(e)}, status_code=400)
