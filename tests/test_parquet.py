@@ -208,3 +208,26 @@ def test_export_of_a_truncated_image_fails_at_export(tmp_path):
     assert f"record 'r0': image '{victim}'" in r.stderr and "not a readable image" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and "BytesIO" not in r.stderr
     assert not (tmp_path / "x.parquet").exists() and not list(tmp_path.glob(".x.parquet*"))
+
+
+def test_import_names_the_file_when_its_data_does_not_decode_and_imports_into_the_current_folder(tmp_path,
+                                                                                                  monkeypatch):
+    """An audit: a string column that is not UTF-8 (or a corrupt page) raised UnicodeDecodeError / ArrowInvalid out
+    of the import (a traceback); importing into "." raised on the empty name of its build folder."""
+    b = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(b, "PNG")
+    row = {"id": "x", "source": "s", "meta": "{}", "images": [{"bytes": b.getvalue(), "path": "a.png"}],
+           "messages": json.dumps([{"role": "user", "content": [{"type": "text", "text": "QQQQ"}]}])}
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist([row], schema=SCHEMA), path, compression="none", use_dictionary=False,
+                   write_statistics=False)
+    good = path.read_bytes()
+    path.write_bytes(good.replace(b"QQQQ", b"\xff\xfe\xfd\xfc"))
+    with pytest.raises(DatasetError, match=r"bad.parquet: the rows from 0 on do not decode \(UnicodeDecodeError"):
+        import_parquet(path, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    path.write_bytes(good)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert import_parquet(path, ".", progress=False) == 1 and len(Dataset(here)) == 1

@@ -150,6 +150,23 @@ def _row_to_record(row: dict[str, Any], where: str) -> Record:
     return Record.from_json({"id": rid, "source": row.get("source") or "unknown", "messages": messages, "meta": meta})
 
 
+def _rows(pf, path: Path, batch_size: int):
+    """The file's rows as dicts; data that does not decode (a corrupt page, a string column that is not UTF-8) is a
+    DatasetError naming the file and the first row of the batch, not pyarrow's or Python's traceback."""
+    start = 0
+    batches = pf.iter_batches(batch_size=batch_size, columns=SCHEMA.names)
+    while True:
+        try:
+            batch = next(batches, None)
+            if batch is None:
+                return
+            rows = batch.to_pylist()
+        except (pa.ArrowException, UnicodeDecodeError, OSError) as e:
+            raise DatasetError(f"{path}: the rows from {start} on do not decode ({type(e).__name__}: {e})") from None
+        yield from rows
+        start += len(rows)
+
+
 def import_parquet(path: str | os.PathLike, out_root: str | os.PathLike, shard_size: int = 1000,
                    max_pixels: int = DEFAULT_MAX_PIXELS, max_row_group_bytes: int = DEFAULT_MAX_ROW_GROUP_BYTES,
                    batch_size: int = 64, name: str | None = None, progress: bool = True) -> int:
@@ -159,7 +176,7 @@ def import_parquet(path: str | os.PathLike, out_root: str | os.PathLike, shard_s
     only when every row passed validation. ``out_root`` must not exist or be an empty folder.
     Returns the number of records written.
     """
-    path, out_root = Path(path), Path(out_root)
+    path, out_root = Path(path), Path(out_root).resolve()  # (resolved: "." has no name to build a sibling from)
     if out_root.exists() and (not out_root.is_dir() or any(out_root.iterdir())):
         raise DatasetError(f"{str(out_root)!r} exists and is not an empty folder; import writes a new dataset")
     try:
@@ -185,10 +202,8 @@ def import_parquet(path: str | os.PathLike, out_root: str | os.PathLike, shard_s
     n = 0
     try:
         with DatasetWriter(building, shard_size=shard_size, name=name, max_pixels=max_pixels) as writer:
-            batches = pf.iter_batches(batch_size=batch_size, columns=SCHEMA.names)
-            rows = (row for batch in batches for row in batch.to_pylist())
-            for row in track(rows, total=md.num_rows, description="import parquet",
-                               disable=not progress, console=Console(stderr=True)):
+            for row in track(_rows(pf, path, batch_size), total=md.num_rows, description="import parquet",
+                             disable=not progress, console=Console(stderr=True)):
                 where = f"{path} row {n}"
                 try:
                     writer.write(_row_to_record(row, where))
