@@ -457,7 +457,7 @@ def data_transitions(
     llm_model: str = typer.Option(..., "--llm-model", help="Model id as the endpoint names it."),
     window_s: float = typer.Option(5.0, "--window", min=0.1, help="Clip length in seconds."),
     scene_threshold: float = typer.Option(27.0, "--scene-threshold", help="PySceneDetect ContentDetector threshold."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="SQLite response cache for the captions."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="SQLite response cache for the captions: with it, a rerun after a kill pays for no caption twice (records are committed 500 at a time)."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the API key."),
     max_concurrency: int = typer.Option(8, "--max-concurrency", min=1, help="Caption requests in flight."),
 ):
@@ -467,12 +467,15 @@ def data_transitions(
     from duetgen.data.record import RecordError
     from duetgen.llm.client import LLMClient
 
+    outside: list[Path] = []
     try:
-        videos = find_videos(inputs)
+        videos = find_videos(inputs, outside)
         client = LLMClient(llm_url, llm_model, api_key=os.environ.get(api_key_env), max_concurrency=max_concurrency,
                            cache_path=cache)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, OSError) as e:
         fail(str(e))
+    for q in outside:
+        typer.secho(f"skipped {str(q)!r}: it resolves outside its input folder", fg=typer.colors.YELLOW, err=True)
     if not videos:
         fail(f"no video files ({', '.join(sorted(['.mp4', '.mkv', '.webm', '.mov', '.avi', '.m4v']))}) under {[str(p) for p in inputs]}")
     try:
@@ -518,7 +521,7 @@ def data_mix(
     config: Optional[Path] = typer.Option(None, "--config", help='JSON: {"seed", "num_samples", "datasets": [{"name", "path", "weight"}]}; paths relative to it.'),
     dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="NAME=PATH:WEIGHT (repeatable), instead of --config."),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", min=1, help="Total samples (default: the sum of dataset sizes)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (overrides the config's)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed (overrides the config's)."),
 ):
     """Mix datasets by weight into a deterministic stage-2 training manifest."""
     import json

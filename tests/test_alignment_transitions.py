@@ -222,3 +222,19 @@ def test_cli_transitions(videos, tmp_path):
     finally:
         srv.stop()
     assert res.exit_code == 2 and "no record written: 2 caption request(s) failed" in res.output, res.output
+
+
+def test_a_video_symlink_leaving_its_folder_is_not_taken(tmp_path):
+    """An audit: `link.mp4 -> /elsewhere/secret.mp4` in an input folder was decoded and its frames stored."""
+    from duetgen.data.alignment.transitions import find_videos
+
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "secret.mp4").write_bytes(b"x")
+    (tmp_path / "in" / "sub" / "own.mp4").write_bytes(b"x")
+    (tmp_path / "in" / "link.mp4").symlink_to(tmp_path / "elsewhere" / "secret.mp4")
+    (tmp_path / "in" / "inner.mp4").symlink_to(tmp_path / "in" / "sub" / "own.mp4")  # stays inside: the same file
+    outside: list = []
+    assert find_videos([tmp_path / "in"], outside) == [tmp_path / "in" / "inner.mp4"]
+    assert outside == [tmp_path / "in" / "link.mp4"]
+

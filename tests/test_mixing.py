@@ -36,6 +36,7 @@ def test_allocate_sums_exactly_and_follows_weights():
     assert allocate([4, 3, 1], 40) == [20, 15, 5]
     assert sum(allocate([1, 1, 1], 100)) == 100 and allocate([1, 1, 1], 100) == [34, 33, 33]
     assert allocate([0.5, 0.25, 0.25], 3) == [1, 1, 1]  # floors 1,0,0; remainders .5 < .75 = .75
+    assert allocate([1e308, 1e308], 10) == [5, 5]  # finite weights whose sum overflows (an audit: 1 + 1 of 10)
 
 
 def test_draw_repeats_only_in_whole_passes():
@@ -117,3 +118,14 @@ def test_cli_mix_with_config_and_flags(three, tmp_path):
     assert json.loads((tmp_path / "m2.json").read_text())["samples"] == json.loads((tmp_path / "m.json").read_text())["samples"]
     res = runner.invoke(app, ["data", "mix", "--out", str(tmp_path / "m3.json"), "--dataset", "broken"])
     assert res.exit_code == 2 and "NAME=PATH:WEIGHT" in res.output
+
+
+def test_a_negative_seed_or_a_mix_too_large_to_build_is_refused_by_name(three, tmp_path):
+    """An audit: seed -1 passed the checks and raised in numpy (a traceback); 10^9 samples ran into a MemoryError."""
+    with pytest.raises(DatasetError, match="seed must be a non-negative integer"):
+        build_mixture(sources(three), 10, seed=-1, out_path=tmp_path / "m.json")
+    with pytest.raises(DatasetError, match="'seed' must be a non-negative integer"):
+        parse_mix_config({"seed": -1, "datasets": [{"name": n, "path": p, "weight": w} for n, p, w in three]})
+    with pytest.raises(DatasetError, match="over the cap of 50,000,000"):
+        build_mixture(sources(three), 10**9, seed=0, out_path=tmp_path / "m.json")
+

@@ -60,6 +60,11 @@ def test_loader_names_the_bad_entry(tmp_path):
     d["domains"][0]["subcategories"][0]["seeds"] = ["ok", 3]
     with pytest.raises(TaxonomyError, match=r"seeds\[1\]"):
         load_taxonomy(_write(tmp_path, d))
+    d = _tiny()  # an audit: a repeated seed passed, and `expand --seeds-only` wrote it twice
+    seeds = d["domains"][0]["subcategories"][0]["seeds"]
+    seeds.append(" " + seeds[0].upper())
+    with pytest.raises(TaxonomyError, match=rf"seeds\[{len(seeds) - 1}\]: the question .* is given twice"):
+        load_taxonomy(_write(tmp_path, d))
     with pytest.raises(TaxonomyError, match="does not exist"):
         load_taxonomy(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("{not json")

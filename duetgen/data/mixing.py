@@ -57,8 +57,8 @@ def parse_mix_config(d: Any, where: str = "<config>", base: Path | None = None) 
     if unknown:
         raise DatasetError(f"{where}: unknown key(s) {sorted(unknown)}")
     seed = d.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise DatasetError(f"{where}: 'seed' must be an integer")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise DatasetError(f"{where}: 'seed' must be a non-negative integer")
     n = d.get("num_samples")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise DatasetError(f"{where}: 'num_samples' must be a positive integer")
@@ -82,9 +82,13 @@ def parse_mix_config(d: Any, where: str = "<config>", base: Path | None = None) 
     return sources, n, seed
 
 
+MAX_SAMPLES = 50_000_000  # the manifest holds every sample: ~7.8 GB at the build's peak (an audit: 155 B a sample)
+
+
 def allocate(weights: list[float], total: int) -> list[int]:
     """Largest-remainder rounding of ``total * w / sum(w)``; the counts sum to ``total``."""
     w = np.asarray(weights, dtype=np.float64)
+    w = w / w.max()  # first: finite weights whose sum overflows (1e308 + 1e308) made every share 0
     exact = w / w.sum() * total
     counts = np.floor(exact).astype(np.int64)
     rest = total - int(counts.sum())
@@ -120,6 +124,11 @@ def build_mixture(sources: list[MixSource], num_samples: int | None, seed: int, 
         datasets.append(ds)
     sizes = [len(d) for d in datasets]
     total = num_samples if num_samples is not None else sum(sizes)
+    if total > MAX_SAMPLES:
+        raise DatasetError(f"{total:,} samples is over the cap of {MAX_SAMPLES:,}: the manifest lists every sample "
+                           f"and is built in memory (~155 bytes a sample at its peak); mix in parts")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise DatasetError(f"seed must be a non-negative integer, got {seed!r}")
     counts = allocate([s.weight for s in sources], total)
 
     parts, src_ids = [], []

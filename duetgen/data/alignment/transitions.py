@@ -100,13 +100,20 @@ class VideoError(Exception):
 
 
 # ----------------------------------------------------------------------------- inputs
-def find_videos(inputs: list[str | Path]) -> list[Path]:
-    """Video files among ``inputs`` (files, or folders searched recursively), sorted, no repeats."""
+def find_videos(inputs: list[str | Path], outside: list[Path] | None = None) -> list[Path]:
+    """Video files among ``inputs`` (files, or folders searched recursively), sorted, no repeats. A file in a folder
+    that resolves outside it (a symlink pointing out) is not taken: it goes to ``outside`` (an audit found one read
+    and stored; ``dish-prompts`` and ``adapt`` refuse such files too)."""
     out: list[Path] = []
     for x in inputs:
         p = Path(x)
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in VIDEO_SUFFIXES)
+            root = p.resolve()
+            for q in sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in VIDEO_SUFFIXES):
+                if q.resolve().is_relative_to(root):
+                    out.append(q)
+                elif outside is not None:
+                    outside.append(q)
         elif p.is_file():
             out.append(p)
         else:

@@ -120,6 +120,9 @@ def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
             if not isinstance(seeds, list) or not seeds:
                 raise TaxonomyError(f"{sw}: 'seeds' must be a non-empty list of questions")
             seeds = [_text(q, f"{sw}.seeds[{k}]") for k, q in enumerate(seeds)]
+            for k, q in enumerate(seeds):  # (`expand --seeds-only` wrote a repeated seed twice)
+                if any(q.strip().casefold() == earlier.strip().casefold() for earlier in seeds[:k]):
+                    raise TaxonomyError(f"{sw}.seeds[{k}]: the question {q!r} is given twice")
             subs.append(Subcategory(sid, _text(sd.get("name"), f"{sw}.name"), seeds, did, dname))
         for s in subs:
             s.siblings = [o.name for o in subs if o.id != s.id]
