@@ -457,7 +457,9 @@ def data_transitions(
     llm_model: str = typer.Option(..., "--llm-model", help="Model id as the endpoint names it."),
     window_s: float = typer.Option(5.0, "--window", min=0.1, help="Clip length in seconds."),
     scene_threshold: float = typer.Option(27.0, "--scene-threshold", help="PySceneDetect ContentDetector threshold."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="SQLite response cache for the captions: with it, a rerun after a kill pays for no caption twice (records are committed 500 at a time)."),
+    cache: Optional[Path] = typer.Option(
+        None, "--cache", help="SQLite response cache for the captions: with it, a rerun after a kill pays for no "
+                              "caption twice (records are committed 500 at a time)."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the API key."),
     max_concurrency: int = typer.Option(8, "--max-concurrency", min=1, help="Caption requests in flight."),
 ):

@@ -37,6 +37,7 @@ def test_allocate_sums_exactly_and_follows_weights():
     assert sum(allocate([1, 1, 1], 100)) == 100 and allocate([1, 1, 1], 100) == [34, 33, 33]
     assert allocate([0.5, 0.25, 0.25], 3) == [1, 1, 1]  # floors 1,0,0; remainders .5 < .75 = .75
     assert allocate([1e308, 1e308], 10) == [5, 5]  # finite weights whose sum overflows (an audit: 1 + 1 of 10)
+    assert allocate([1, 2, 4, 9, 4], 10) == [1, 1, 2, 4, 2]  # an exact tie (.5, .5): the earlier dataset first
 
 
 def test_draw_repeats_only_in_whole_passes():
@@ -127,5 +128,5 @@ def test_a_negative_seed_or_a_mix_too_large_to_build_is_refused_by_name(three, t
     with pytest.raises(DatasetError, match="'seed' must be a non-negative integer"):
         parse_mix_config({"seed": -1, "datasets": [{"name": n, "path": p, "weight": w} for n, p, w in three]})
     with pytest.raises(DatasetError, match="over the cap of 50,000,000"):
-        build_mixture(sources(three), 10**9, seed=0, out_path=tmp_path / "m.json")
+        build_mixture(sources(three), 50_000_001, seed=0, out_path=tmp_path / "m.json")
 

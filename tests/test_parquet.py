@@ -230,4 +230,5 @@ def test_import_names_the_file_when_its_data_does_not_decode_and_imports_into_th
     here = tmp_path / "here"
     here.mkdir()
     monkeypatch.chdir(here)
-    assert import_parquet(path, ".", progress=False) == 1 and len(Dataset(here)) == 1
+    assert import_parquet(path, ".", progress=False) == 1 and len(Dataset(".")) == 1
+    assert sorted(os.listdir(".")) == ["images", "manifest.json", "shards"]  # this folder filled, not replaced

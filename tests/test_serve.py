@@ -7,6 +7,7 @@ message while the server keeps serving, the bounded queue (429), cancellation an
 import base64
 import io
 import json
+import threading
 import time
 
 import httpx
@@ -197,6 +198,23 @@ def test_request_timeout(pipe, request_body):
         assert httpx.get(f"{url}/api/health").json()["running"] == 0
 
 
+def test_a_request_that_waited_past_its_timeout_is_503_on_api_and_v1(pipe, request_body):
+    """The model busy for the whole --timeout: 503 (waited), not 504 (generated too long), on both routes."""
+    never = threading.Event()
+    app = create_app(pipe, ServeLimits(request_timeout_s=0.5))
+    with live_server(app) as url:
+        app.state.service.slots.acquire(never, time.monotonic() + 60)  # another generation holds the model
+        try:
+            r = httpx.post(f"{url}/api/generate", json=request_body, timeout=60)
+            assert r.status_code == 503 and "waited too long" in r.json()["detail"]
+            model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+                "model": model, "messages": [{"role": "user", "content": "Draw a red circle."}]})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "timeout", r.text
+        finally:
+            app.state.service.slots.release()
+
+
 def test_generation_slots_go_in_arrival_order():
     """Waiting requests get the model first come, first served (polling a semaphore let a later one jump ahead),
     and a waiter whose client left or whose time ran out leaves the line."""
@@ -204,7 +222,7 @@ def test_generation_slots_go_in_arrival_order():
     import time
 
     from duetgen.infer.engine import Cancelled
-    from duetgen.serve.common import FairSlots
+    from duetgen.serve.common import FairSlots, WaitedTooLong
 
     slots, order, never = FairSlots(1), [], threading.Event()
     slots.acquire(never, time.monotonic() + 60)  # the running request
@@ -224,7 +242,7 @@ def test_generation_slots_go_in_arrival_order():
     gone.set()
     with pytest.raises(Cancelled):
         slots.acquire(gone, time.monotonic() + 60)
-    with pytest.raises(TimeoutError):
+    with pytest.raises(WaitedTooLong):  # (503, not a generation's 504: told by the type, not the message)
         slots.acquire(never, time.monotonic() + 0.1)
     slots.release()
     for t in threads:

@@ -85,10 +85,17 @@ def parse_mix_config(d: Any, where: str = "<config>", base: Path | None = None) 
 MAX_SAMPLES = 50_000_000  # the manifest holds every sample: ~7.8 GB at the build's peak (an audit: 155 B a sample)
 
 
+def _finite_sum_weights(weights: list[float]) -> np.ndarray:
+    """The weights as floats, scaled down by the largest only when their sum overflows (1e308 + 1e308 made every
+    share 0; scaling always would move exact ties by an ulp and change results for ordinary weights)."""
+    w = np.asarray(weights, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        return w if np.isfinite(w.sum()) else w / w.max()
+
+
 def allocate(weights: list[float], total: int) -> list[int]:
     """Largest-remainder rounding of ``total * w / sum(w)``; the counts sum to ``total``."""
-    w = np.asarray(weights, dtype=np.float64)
-    w = w / w.max()  # first: finite weights whose sum overflows (1e308 + 1e308) made every share 0
+    w = _finite_sum_weights(weights)
     exact = w / w.sum() * total
     counts = np.floor(exact).astype(np.int64)
     rest = total - int(counts.sum())
@@ -126,7 +133,8 @@ def build_mixture(sources: list[MixSource], num_samples: int | None, seed: int, 
     total = num_samples if num_samples is not None else sum(sizes)
     if total > MAX_SAMPLES:
         raise DatasetError(f"{total:,} samples is over the cap of {MAX_SAMPLES:,}: the manifest lists every sample "
-                           f"and is built in memory (~155 bytes a sample at its peak); mix in parts")
+                           f"and is built in memory (~155 bytes a sample at its peak); give fewer (--num-samples / "
+                           f"'num_samples') or mix in parts")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise DatasetError(f"seed must be a non-negative integer, got {seed!r}")
     counts = allocate([s.weight for s in sources], total)
@@ -143,12 +151,17 @@ def build_mixture(sources: list[MixSource], num_samples: int | None, seed: int, 
 
     out_path = Path(out_path)
     wsum = sum(s.weight for s in sources)
+    if np.isfinite(wsum):
+        probability = [s.weight / wsum for s in sources]
+    else:  # (weights whose sum overflows)
+        scaled = _finite_sum_weights([s.weight for s in sources])
+        probability = (scaled / scaled.sum()).tolist()
     manifest = {
         "format": MIX_FORMAT, "format_version": MIX_VERSION, "seed": seed, "num_samples": total,
         "sources": [{"name": s.name, "path": _rel(s.path, out_path.parent), "weight": s.weight,
-                     "probability": round(s.weight / wsum, 6), "num_records": size, "num_drawn": c,
+                     "probability": round(prob, 6), "num_records": size, "num_drawn": c,
                      "epochs": round(c / size, 4), "shards": d.manifest["shards"]}
-                    for s, size, c, d in zip(sources, sizes, counts, datasets)],
+                    for s, prob, size, c, d in zip(sources, probability, sizes, counts, datasets)],
         "samples": samples,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)

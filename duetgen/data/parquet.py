@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.progress import track
 
-from duetgen.data.dataset import Dataset, DatasetError, DatasetWriter
+from duetgen.data.dataset import MANIFEST, Dataset, DatasetError, DatasetWriter
 from duetgen.data.images import DEFAULT_MAX_PIXELS
 from duetgen.data.record import Record, RecordError, TextPart
 
@@ -176,7 +176,7 @@ def import_parquet(path: str | os.PathLike, out_root: str | os.PathLike, shard_s
     only when every row passed validation. ``out_root`` must not exist or be an empty folder.
     Returns the number of records written.
     """
-    path, out_root = Path(path), Path(out_root).resolve()  # (resolved: "." has no name to build a sibling from)
+    path, out_root = Path(path), Path(os.path.abspath(out_root))  # ("." has no name to build a sibling from)
     if out_root.exists() and (not out_root.is_dir() or any(out_root.iterdir())):
         raise DatasetError(f"{str(out_root)!r} exists and is not an empty folder; import writes a new dataset")
     try:
@@ -212,7 +212,11 @@ def import_parquet(path: str | os.PathLike, out_root: str | os.PathLike, shard_s
                     raise type(e)(msg if msg.startswith(str(path)) else f"{where}: {msg}") from None
                 n += 1
         (building / ".writer.lock").unlink(missing_ok=True)
-        os.replace(building, out_root)  # replaces an empty folder too (POSIX rename)
+        if out_root.is_dir():  # an empty folder (maybe the shell's current one): filled, not replaced
+            for entry in sorted(building.iterdir(), key=lambda e: e.name == MANIFEST):  # the manifest last
+                os.replace(entry, out_root / entry.name)
+        else:
+            os.replace(building, out_root)
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return n

@@ -97,6 +97,7 @@ def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
 
     domains: list[Domain] = []
     seen: set[str] = set()
+    questions: dict[str, str] = {}  # a seed question, spaced and cased one way -> where it is given
     for i, dd in enumerate(d["domains"]):
         dw = f"{where}: domains[{i}]"
         if not isinstance(dd, dict):
@@ -121,8 +122,10 @@ def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
                 raise TaxonomyError(f"{sw}: 'seeds' must be a non-empty list of questions")
             seeds = [_text(q, f"{sw}.seeds[{k}]") for k, q in enumerate(seeds)]
             for k, q in enumerate(seeds):  # (`expand --seeds-only` wrote a repeated seed twice)
-                if any(q.strip().casefold() == earlier.strip().casefold() for earlier in seeds[:k]):
-                    raise TaxonomyError(f"{sw}.seeds[{k}]: the question {q!r} is given twice")
+                norm = " ".join(q.split()).casefold()
+                if norm in questions:
+                    raise TaxonomyError(f"{sw}.seeds[{k}]: the question {q!r} is given twice (also {questions[norm]})")
+                questions[norm] = f"{sw}.seeds[{k}]"
             subs.append(Subcategory(sid, _text(sd.get("name"), f"{sw}.name"), seeds, did, dname))
         for s in subs:
             s.siblings = [o.name for o in subs if o.id != s.id]
