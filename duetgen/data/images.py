@@ -52,7 +52,8 @@ def pil_guard(where: str):
     except ImageError:
         raise
     except Image.UnidentifiedImageError:  # its message is the repr of our in-memory buffer: say what it means
-        raise ImageError(f"{where}: not a readable image (no PNG, JPEG, WEBP or GIF header)", "corrupt_image") from None
+        raise ImageError(f"{where}: not a readable image (no PNG, JPEG, WEBP or GIF header, or one cut short)",
+                         "corrupt_image") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL raises all of these on bad data
         raise ImageError(f"{where}: not a readable image ({type(e).__name__}: {e})", "corrupt_image") from None
 
