@@ -705,20 +705,27 @@ def test_an_output_folder_holding_other_files_is_refused_untouched(tmp_path):
     assert stray.read_text() == '{"x": 1}\n' and not (out / "_engine").exists()
 
 
+def write_cluster_crawl(tmp_path: Path, site: Site) -> tuple[str, str]:
+    """A crawl of two copies of one page: the kept one (the lowest id) with every image gone, the other whole;
+    the glob of the crawl and the whole copy's URL."""
+    repot = (PAGES_DIR / "repot-a-plant.html").read_text()
+    broken = re.sub(r'src="/img/[^"]+"', lambda m: f'src="http://127.0.0.1:1/gone-{m.start()}.jpg"', repot)
+    low, high = sorted([site.page_url("repot-a.html"), site.page_url("repot-b.html")], key=web_id)
+    images = [member(f"{site.url}/img/{name}", ctype, make()) for name, (ctype, make) in IMAGES.items()
+              if name != "bomb.png"]
+    (tmp_path / "crawl").mkdir()
+    (tmp_path / "crawl" / "a.warc.gz").write_bytes(b"".join(
+        [member(low, "text/html", broken.encode()), member(high, "text/html", repot.encode()), *images]))
+    return str(tmp_path / "crawl" / "*.warc.gz"), high
+
+
 def test_a_cluster_whose_kept_copy_yields_no_record_is_built_from_its_next_copy(tmp_path):
     """Dedup keeps the lowest id before any image is read; when that copy then loses every image, the next copy
     (here in another shard) is built in its place, and the funnel counts it kept: one record per cluster."""
-    repot = (PAGES_DIR / "repot-a-plant.html").read_text()
-    broken = re.sub(r'src="/img/[^"]+"', lambda m: f'src="http://127.0.0.1:1/gone-{m.start()}.jpg"', repot)
     with Site() as site:
-        low, high = sorted([site.page_url("repot-a.html"), site.page_url("repot-b.html")], key=web_id)
-        images = [member(f"{site.url}/img/{name}", ctype, make()) for name, (ctype, make) in IMAGES.items()
-                  if name != "bomb.png"]
-        (tmp_path / "crawl").mkdir()
-        (tmp_path / "crawl" / "a.warc.gz").write_bytes(b"".join(
-            [member(low, "text/html", broken.encode()), member(high, "text/html", repot.encode()), *images]))
+        crawl, high = write_cluster_crawl(tmp_path, site)
         out = tmp_path / "ds"
-        funnel = run_engine(str(tmp_path / "crawl" / "*.warc.gz"), out, config(shard_pages=1), progress=False)
+        funnel = run_engine(crawl, out, config(shard_pages=1), progress=False)
     assert [r.meta["url"] for r in Dataset(out)] == [high]
     dedup = stage(funnel, "dedup_pages")
     assert dedup["counts"]["promoted_copies"] == 1 and "near_duplicate_page" not in dedup["page_drops"]
@@ -752,16 +759,9 @@ def test_a_copy_that_failed_on_an_llm_outage_is_built_on_the_rerun(tmp_path):
 
     from duetgen.llm.testing import FakeOpenAIServer
 
-    repot = (PAGES_DIR / "repot-a-plant.html").read_text()
-    broken = re.sub(r'src="/img/[^"]+"', lambda m: f'src="http://127.0.0.1:1/gone-{m.start()}.jpg"', repot)
     with Site() as site, FakeOpenAIServer(EngineResponder()) as llm:
-        low, high = sorted([site.page_url("repot-a.html"), site.page_url("repot-b.html")], key=web_id)
-        images = [member(f"{site.url}/img/{name}", ctype, make()) for name, (ctype, make) in IMAGES.items()
-                  if name != "bomb.png"]
-        (tmp_path / "crawl").mkdir()
-        (tmp_path / "crawl" / "a.warc.gz").write_bytes(b"".join(
-            [member(low, "text/html", broken.encode()), member(high, "text/html", repot.encode()), *images]))
-        out, crawl = tmp_path / "ds", str(tmp_path / "crawl" / "*.warc.gz")
+        crawl, high = write_cluster_crawl(tmp_path, site)
+        out = tmp_path / "ds"
         cfg = config(shard_pages=1, llm_url=llm.url, llm_model="fake-vl", llm_max_retries=0, llm_concurrency=1)
         llm.inject(*["500"] * 40)  # the LLM is down while the copy is tried
         funnel = run_engine(crawl, out, cfg, progress=False)

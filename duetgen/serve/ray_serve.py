@@ -206,7 +206,7 @@ class Forward:
         deadline = time.monotonic() + self.limits.request_timeout_s + TIMEOUT_GRACE_S
         root, path = scope.get("root_path", ""), scope["path"]
         path = path[len(root):] if root and path.startswith(root) else path  # the route's own path, e.g. /v1/...
-        if self._full(path):  # a cheap refusal first, before a body is read for nothing
+        if self._full():  # a cheap refusal first, before a body is read for nothing
             return await self._busy(path, send)
         try:  # the body within the deadline: a client that stalls its upload holds no admission
             body = await asyncio.wait_for(capped_body(receive, self.limits.max_body_bytes),
@@ -218,7 +218,7 @@ class Forward:
             return
         if body is None:
             return  # the client left while sending
-        if self._full(path):
+        if self._full():
             return await self._busy(path, send)
         self.in_flight += 1  # (no await since the check: one event loop)
         try:
@@ -226,7 +226,7 @@ class Forward:
         finally:
             self.in_flight -= 1
 
-    def _full(self, path: str) -> bool:
+    def _full(self) -> bool:
         return self.capacity is not None and self.in_flight >= self.capacity
 
     async def _busy(self, path: str, send) -> None:
@@ -302,6 +302,7 @@ def deploy(model_dir: str, replicas: int = 1, *, device: str = "cpu", limits: Se
     images = ImageStoreActor.options(name=f"{name}-images", get_if_exists=True).remote(
         limits.image_store_bytes, limits.image_ttl_s)
     slots = 2 * limits.max_batch  # per replica: max_batch generating, as many waiting at it or light (/v1/images)
+    capacity = replicas * slots + limits.queue_size  # admitted at once, one count for the cluster
     model = serve.deployment(
         DuetGenReplica,
         name=f"{name}-model",
@@ -316,8 +317,8 @@ def deploy(model_dir: str, replicas: int = 1, *, device: str = "cpu", limits: Se
         name=name,
         num_replicas=1,
         ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=replicas * slots + limits.queue_size + INGRESS_SPARE,  # never queued at Ray's proxy
-    ).bind(model, limits, replicas * slots + limits.queue_size)
+        max_ongoing_requests=capacity + INGRESS_SPARE,  # never queued at Ray's proxy
+    ).bind(model, limits, capacity)
     return serve.run(ingress, name=name, route_prefix=route_prefix)
 
 

@@ -155,8 +155,10 @@ def warc_files(input_path: str | Path) -> list[Path] | None:
         bad = [str(p) for p in files if not (is_warc(p) and p.is_file())]
         if bad:
             raise EngineError(f"input {s!r}: {bad[0]!r} is not a .warc / .warc.gz file")
-        seen: set[Path] = set()  # a file the glob names twice (a symlink to it) is read once
-        return [p for p in files if not (p.resolve() in seen or seen.add(p.resolve()))]
+        unique: dict[Path, Path] = {}  # a file the glob names twice (a symlink to it) is read once
+        for p in files:
+            unique.setdefault(p.resolve(), p)
+        return list(unique.values())
     if is_warc(s):
         if not Path(s).is_file():
             raise EngineError(f"input {s!r} does not exist")
@@ -564,9 +566,9 @@ def build_shard(task: tuple) -> dict:
                     page = next(stored_pages(out / ENGINE_DIR, shard, {copy_pos}))
                     built, copy_stats = run_stages(build_stages(cfg, client, cfg.warc_index), iter([page]))
                     built = list(built)
-                    if not built:
-                        copy_api_errors += _llm_api_errors([st.to_json() for st in copy_stats])
-                    if built:  # counted only when it is kept: a copy that fails stays a near-duplicate drop
+                    if not built:  # not counted in the funnel (it stays a near-duplicate drop), but its API errors
+                        copy_api_errors += _llm_api_errors([st.to_json() for st in copy_stats])  # make a rerun
+                    else:  # counted only when it is kept
                         for total, more in zip(stats, copy_stats):
                             total.merge(more)
                         put(built[0])

@@ -278,18 +278,16 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
                 if it.offset < size and not _zeros_to_end(f, it.offset, size):  # (zero bytes at the end: padding)
                     # warcio stops quietly at a member cut short at the end, and where a gzipped record is followed
                     # by an uncompressed one cut short: a fresh reader tries again there (records may follow)
-                    tail = _Tail(f"{size - it.offset:,} bytes at the end of the file are no complete record")
-                    if it.offset > pos:
-                        pos, retried = it.offset, tail
+                    if it.offset > pos:  # this reader read records: a fresh one tries what follows
+                        pos, retried = it.offset, None
                         continue
                     # a fresh reader stopped at once: damage (e.g. a record cut inside its headers, which warcio
                     # read on into a gzip member's bytes); records may still follow it
                     nxt = _find(f, it.offset + 1, size)
-                    if nxt is not None:
-                        tail = _Tail(f"{nxt - it.offset:,} bytes before the next record are no complete record")
+                    where = "at the end of the file" if nxt is None else "before the next record"
+                    tail = _Tail(f"{(nxt or size) - it.offset:,} bytes {where} are no complete record")
                     if not in_bad:
-                        why = retried if retried is not None and not isinstance(retried, _Tail) else tail
-                        yield WarcItem(offset=cur, kind="corrupt", reason=corrupt_reason(why))
+                        yield WarcItem(offset=cur, kind="corrupt", reason=corrupt_reason(retried or tail))
                     in_bad, retried = True, None
                     if nxt is None:
                         return
@@ -303,9 +301,7 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
                     # file that switches between gzipped and uncompressed records failed at the switch
                     pos, retried = good_end, e
                     continue
-                if retried is not None and not isinstance(retried, _Tail):
-                    e = retried  # failed again: the first reader's reason (e.g. ONE_STREAM's)
-                retried = None
+                e, retried = retried or e, None  # failed again: the first reader's reason (e.g. ONE_STREAM's)
                 if _zeros_to_end(f, cur, size):
                     return  # zero padding at the end of the file
                 if not in_bad:

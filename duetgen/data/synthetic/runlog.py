@@ -84,13 +84,12 @@ class ProgressLog:
 
     def append(self, entry: dict[str, Any]) -> None:
         line = json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n"
-        with open(self.path, "r+b" if self.path.exists() else "w+b") as f:
+        with open(self.path, "a+b") as f:  # (appends go to the end, wherever reads moved the position)
             end = f.seek(0, os.SEEK_END)
             if end > 0:
                 f.seek(end - 1)
                 if f.read(1) != b"\n":  # a previous run killed mid-line: that item was not finished, drop the
                     f.truncate(_last_line_end(f, end))  # torn line (left mid-file, it made the log unreadable)
-            f.seek(0, os.SEEK_END)
             f.write(line.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
