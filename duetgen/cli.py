@@ -656,7 +656,7 @@ def eval_run(
     judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible endpoint of the judge, e.g. http://127.0.0.1:8000/v1 (a local vLLM) or a hosted API."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Judge model id as the endpoint names it."),
     k: int = typer.Option(1, "--k", min=1, help="Judge samples per scored unit (seeds 0..k-1); each score is their median."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Benchmark inputs: a dataset directory, or InterleavedBench's interleaved_bench.json. Defines the item list (missing predictions are counted)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Benchmark inputs: a dataset directory, InterleavedBench's interleaved_bench.json, ImgEdit's basic_edit.json or a GEdit-Bench copy. Defines the item list (missing predictions are counted)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image root for an InterleavedBench JSON or ImgEdit's basic_edit.json (default: its folder); geneval: the folder `eval generate` wrote, for the report's gallery."),
     truth: Optional[Path] = typer.Option(None, "--truth", help="shapeworld only: the ground-truth dataset."),
     task: Optional[str] = typer.Option(None, "--task", help="comm: the task judged (default task4, the paper's Table 2; task3 also judged)."),
@@ -667,7 +667,7 @@ def eval_run(
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the judge API key (never recorded)."),
     max_concurrency: int = typer.Option(8, "--max-concurrency", min=1, help="Judge requests in flight."),
     max_retries: int = typer.Option(4, "--max-retries", min=0, help="Retries on 429 / 5xx / timeouts before a request counts as an api_error."),
-    timeout_s: float = typer.Option(120.0, "--timeout", help="Seconds per judge request."),
+    timeout_s: float = typer.Option(120.0, "--timeout", min=1.0, help="Seconds per judge request."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
     """Judge a model's outputs on a benchmark and write results.jsonl + summary.json (rerun to resume)."""
@@ -693,6 +693,12 @@ def eval_run(
         fail(str(e))
     _print_summary(summary)
     typer.echo(f"wrote {out / 'results.jsonl'} and {out / 'summary.json'}")
+    failed = sum(row["states"].get("api_error", 0) for row in summary["metrics"].values())
+    if failed:
+        typer.echo(f"warning: {failed} score(s) missing because judge requests failed (api_error: unreachable, "
+                   "429 / 5xx / timeouts after the retries); rerun the same command to ask those again", err=True)
+        if not any(row["n"] for row in summary["metrics"].values()):
+            raise typer.Exit(2)  # nothing was scored: a script must not take this run for a result
 
 
 def _print_summary(summary: dict) -> None:

@@ -19,7 +19,7 @@ from duetgen.data.record import ImagePart, Record, TextPart  # noqa: E402
 from duetgen.eval.adapters import Answer, Model, generate_geneval  # noqa: E402
 from duetgen.eval.benchmarks import BenchmarkError  # noqa: E402
 from duetgen.eval.benchmarks.readers import ReaderError, read_gedit, read_interleavedbench  # noqa: E402
-from duetgen.eval.harness import RunConfig, run_benchmark  # noqa: E402
+from duetgen.eval.harness import HarnessError, RunConfig, run_benchmark  # noqa: E402
 from duetgen.eval.judge import JudgeConfig  # noqa: E402
 from duetgen.eval.metrics import mean_of_means, mean_over_categories  # noqa: E402
 from duetgen.eval.report import write_report  # noqa: E402
@@ -181,6 +181,15 @@ def test_geneval_writes_its_own_layout_and_reads_its_scorers_results(tmp_path):
     assert s["metrics"]["Overall"]["ci95"][0] <= 0.625 <= s["metrics"]["Overall"]["ci95"][1]
     html, _ = write_report([tmp_path / "run"], tmp_path / "report.html")
     assert "Overall" in html.read_text() and "No gallery" in html.read_text()
+    # a tag of no task (a typo) would enter Overall unseen; a line given twice would count twice
+    typo = [dict(r, tag="colour") if r["filename"].endswith(("00002/samples/00000.png", "00002/samples/00001.png"))
+            else r for r in rows]
+    (tmp_path / "typo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in typo))
+    with pytest.raises(HarnessError, match="prompt folder 00002 has tag 'colour', not a task of 'geneval'"):
+        run_benchmark(RunConfig("geneval", str(tmp_path / "typo.jsonl"), str(tmp_path / "run-typo")), progress=False)
+    (tmp_path / "twice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:1]))
+    with pytest.raises(ReaderError, match="has a result line already"):
+        run_benchmark(RunConfig("geneval", str(tmp_path / "twice.jsonl"), str(tmp_path / "run-twice")), progress=False)
     rows[0]["filename"] = "somewhere/else.png"
     (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n")
     with pytest.raises(ReaderError, match="is not <index>/samples/<n>.png"):

@@ -143,6 +143,21 @@ def test_a_run_directory_refuses_other_settings(server, tmp_path):
         run_benchmark(RunConfig("howto", str(tmp_path / "pred"), str(tmp_path / "run")), judge(server), progress=False)
 
 
+
+def test_a_run_directory_refuses_another_models_outputs_and_takes_a_new_name(server, tmp_path):
+    write_predictions(tmp_path / "pred1", 2)
+    write_predictions(tmp_path / "pred2", 2, salt=3)
+    run_benchmark(RunConfig("cooking", str(tmp_path / "pred1"), str(tmp_path / "run"), name="model-a"), judge(server),
+                  progress=False)
+    with pytest.raises(HarnessError, match="holds a run of other inputs: pred .*pred1.*pred2"):
+        run_benchmark(RunConfig("cooking", str(tmp_path / "pred2"), str(tmp_path / "run"), name="model-b"), judge(server),
+                      progress=False)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["name"] == "model-a"
+    s = run_benchmark(RunConfig("cooking", str(tmp_path / "pred1"), str(tmp_path / "run"), name="model-a2"),
+                      judge(server), progress=False)
+    assert s["name"] == "model-a2" == json.loads((tmp_path / "run" / "run.json").read_text())["name"]
+
+
 def test_changed_prediction_is_judged_again_and_only_it(server, tmp_path):
     write_predictions(tmp_path / "pred", 3)
     cfg = RunConfig("cooking", str(tmp_path / "pred"), str(tmp_path / "run"))
@@ -358,6 +373,15 @@ def test_shapeworld_benchmark_equals_the_exact_judge(tmp_path):
     perfect = [r for i, r in enumerate(res[:10]) if (i + 1) % 3]
     assert all(v["value"] == 1.0 for r in perfect for v in r["metrics"].values() if v["state"] == "ok")
     assert any(v["value"] < 1.0 for r in res for v in r["metrics"].values() if v["state"] == "ok")
+    # an answer image that does not decode is that item's bad_image; the rest of the run goes on
+    rec = next(r for r in Dataset(tmp_path / "pred") if r.image_parts("assistant"))
+    (tmp_path / "pred" / rec.image_parts("assistant")[-1].path).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))
+    s2 = run_benchmark(RunConfig("shapeworld", str(tmp_path / "pred"), str(tmp_path / "run-bad"),
+                                 truth=str(tmp_path / "truth")), progress=False)
+    bad = [r for r in lines(tmp_path / "run-bad") if "error" in r]
+    assert [r["id"] for r in bad] == [rec.id] and "not a readable image" in bad[0]["error"]
+    assert all(v["state"] in ("bad_image", "not_applicable") for v in bad[0]["metrics"].values())
+    assert sum(row["n"] for row in s2["metrics"].values()) < sum(row["n"] for row in s["metrics"].values())
     with pytest.raises(HarnessError, match="give --truth"):
         run_benchmark(RunConfig("shapeworld", str(tmp_path / "pred"), str(tmp_path / "run2")), progress=False)
     with pytest.raises(HarnessError, match="scored exactly"):
@@ -400,6 +424,19 @@ def test_report_compares_runs_with_intervals_chart_states_and_gallery(server, tm
         assert im.format == "PNG" and im.size[0] > 300
 
 
+def test_report_of_a_benchmark_given_as_a_file_and_of_names_with_dollar_signs(server, tmp_path):
+    write_predictions(tmp_path / "p", 2, input_image=False)
+    bench = json.loads((ROOT / "duetgen" / "eval" / "benchmarks" / "howto.json").read_text())
+    (tmp_path / "mybench.json").write_text(json.dumps(dict(bench, name="mybench", title="My $x$ bench")))
+    run_benchmark(RunConfig(str(tmp_path / "mybench.json"), str(tmp_path / "p"), str(tmp_path / "r1"),
+                            name=r"cost $\frac{a$ model"), judge(server), progress=False)
+    (tmp_path / "mybench.json").unlink()  # the run keeps its benchmark
+    run_benchmark(RunConfig(str(tmp_path / "r1" / "benchmark.json"), str(tmp_path / "p"), str(tmp_path / "r2"),
+                            name="$other$"), judge(server), progress=False)
+    page = write_report([tmp_path / "r1", tmp_path / "r2"], tmp_path / "r.html")[0].read_text()  # mathtext raised
+    assert "My $x$ bench" in page and "$other$" in page
+
+
 def test_report_refuses_mixing_benchmarks(server, tmp_path):
     write_predictions(tmp_path / "p", 1, input_image=False)
     run_benchmark(RunConfig("howto", str(tmp_path / "p"), str(tmp_path / "h")), judge(server), progress=False)
@@ -434,6 +471,14 @@ def test_cli_run_report_and_errors(server, tmp_path):
     assert r.exit_code == 2 and "neither a DuetGen dataset" in r.output
     r = runner.invoke(app, ["eval", "report", str(tmp_path / "pred"), "--out", str(tmp_path / "z.html")])
     assert r.exit_code == 2 and "not a run directory" in r.output
+    base = ["eval", "run", "--benchmark", "cooking", "--pred", str(tmp_path / "pred"), "--judge-model", "judge-test",
+            "--no-progress", "--max-retries", "0"]
+    r = runner.invoke(app, base + ["--judge-url", server.url, "--out", str(tmp_path / "t0"), "--timeout", "0"])
+    assert r.exit_code == 2 and "--timeout" in r.output
+    # every judge request failed: the table says so, a warning says what to do, and the exit status is not 0
+    r = runner.invoke(app, base + ["--judge-url", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "dead"),
+                                   "--timeout", "2"])
+    assert r.exit_code == 2 and "api_error" in r.output and "rerun the same command" in r.output
 
 
 def test_import_outputs_from_comm_and_from_a_folder_of_jsonl_records(tmp_path):
@@ -459,3 +504,42 @@ def test_import_outputs_from_comm_and_from_a_folder_of_jsonl_records(tmp_path):
 
     with pytest.raises(RecordError, match="leaves the dataset root"):
         import_outputs(loose, tmp_path / "imported2")
+    assert not (tmp_path / "imported2").exists()  # all or nothing: no partial dataset a run would take for whole
+
+
+def test_import_reads_no_file_linked_out_of_its_folder_and_leaves_nothing_when_a_record_fails(tmp_path):
+    from duetgen.data.record import RecordError
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    rec = {"id": "s", "messages": [{"role": "user", "content": [{"type": "text", "text": "TOP-SECRET"}]},
+                                   {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]}
+    (outside / "secret.jsonl").write_text(json.dumps(rec) + "\n")
+    (tmp_path / "h1").mkdir()
+    (tmp_path / "h1" / "link.jsonl").symlink_to(outside / "secret.jsonl")
+    with pytest.raises(RecordError, match="resolves outside"):
+        import_outputs(tmp_path / "h1", tmp_path / "o1")
+    (tmp_path / "h2").mkdir()
+    (tmp_path / "h2" / "z.jsonl").symlink_to("/dev/zero")  # st_size 0: read forever before
+    with pytest.raises(RecordError, match="resolves outside"):
+        import_outputs(tmp_path / "h2", tmp_path / "o2")
+    (tmp_path / "h3" / "s1_task4").mkdir(parents=True)  # CoMM's layout, its results.json linked out
+    (outside / "results.json").write_text(json.dumps({"model_input": "SECRET-COMM", "model_output": "x"}))
+    (tmp_path / "h3" / "s1_task4" / "results.json").symlink_to(outside / "results.json")
+    with pytest.raises(RecordError, match="resolves outside"):
+        import_outputs(tmp_path / "h3", tmp_path / "o3")
+
+    good = tmp_path / "good"
+    good.mkdir()
+    Image.new("RGB", (8, 8)).save(good / "a.png")
+    recs = [{"id": f"q{i}", "messages": [{"role": "user", "content": [{"type": "text", "text": "Draw."}]},
+                                         {"role": "assistant", "content": [{"type": "image", "image": "a.png"}]}]}
+            for i in range(10)]
+    recs[7]["messages"][1]["content"][0]["image"] = "nope.png"
+    (good / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(RecordError, match="'nope.png' not found"):
+        import_outputs(good, tmp_path / "p4", shard_size=2)
+    assert not (tmp_path / "p4").exists() and not list(tmp_path.glob(".p4*"))
+    recs[7]["messages"][1]["content"][0]["image"] = "a.png"
+    (good / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert import_outputs(good, tmp_path / "p4", shard_size=2) == 10  # the fixed input imports into the same OUT

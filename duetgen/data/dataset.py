@@ -33,6 +33,8 @@ import io
 import json
 import os
 import re
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -107,6 +109,30 @@ def resolve_inside(root: Path, rel: str, record_id: str) -> Path:
     if not target.is_relative_to(root_resolved):
         raise ImageError(f"record {record_id!r}: image path {rel!r} resolves outside the dataset root {str(root)!r}")
     return target
+
+
+@contextmanager
+def building_new_dataset(out_root: str | os.PathLike) -> Iterator[Path]:
+    """All or nothing: yield a hidden sibling folder to write a new dataset into; when the block ends
+    without an error its files move to ``out_root`` (which must not exist or be an empty folder, e.g.
+    the shell's "."), the manifest last; on an error nothing is left. A killed build's folder is
+    removed by the next one."""
+    out_root = Path(os.path.abspath(out_root))  # "." has no name to build a sibling from
+    if out_root.exists() and (not out_root.is_dir() or any(out_root.iterdir())):
+        raise DatasetError(f"{str(out_root)!r} exists and is not an empty folder; an import writes a new dataset")
+    out_root.parent.mkdir(parents=True, exist_ok=True)
+    building = out_root.with_name(f".{out_root.name}.importing")
+    shutil.rmtree(building, ignore_errors=True)  # left by an import that was killed
+    try:
+        yield building
+        (building / ".writer.lock").unlink(missing_ok=True)
+        if out_root.is_dir():  # an empty folder: filled, not replaced
+            for entry in sorted(building.iterdir(), key=lambda e: e.name == MANIFEST):
+                os.replace(entry, out_root / entry.name)
+        else:
+            os.replace(building, out_root)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------- manifest

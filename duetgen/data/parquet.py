@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.progress import track
 
-from duetgen.data.dataset import MANIFEST, Dataset, DatasetError, DatasetWriter
+from duetgen.data.dataset import Dataset, DatasetError, DatasetWriter, building_new_dataset
 from duetgen.data.images import DEFAULT_MAX_PIXELS
 from duetgen.data.record import Record, RecordError, TextPart
 
@@ -176,9 +175,7 @@ def import_parquet(path: str | os.PathLike, out_root: str | os.PathLike, shard_s
     only when every row passed validation. ``out_root`` must not exist or be an empty folder.
     Returns the number of records written.
     """
-    path, out_root = Path(path), Path(os.path.abspath(out_root))  # ("." has no name to build a sibling from)
-    if out_root.exists() and (not out_root.is_dir() or any(out_root.iterdir())):
-        raise DatasetError(f"{str(out_root)!r} exists and is not an empty folder; import writes a new dataset")
+    path = Path(path)
     try:
         pf = pq.ParquetFile(path)
     except (OSError, pa.ArrowInvalid) as e:
@@ -196,28 +193,17 @@ def import_parquet(path: str | os.PathLike, out_root: str | os.PathLike, shard_s
         if size > max_row_group_bytes:
             raise DatasetError(f"{path}: row group {g} holds {size:,} bytes, over the cap of {max_row_group_bytes:,}")
 
-    out_root.parent.mkdir(parents=True, exist_ok=True)
-    building = out_root.with_name(f".{out_root.name}.importing")
-    shutil.rmtree(building, ignore_errors=True)  # left by an import that was killed
     n = 0
-    try:
-        with DatasetWriter(building, shard_size=shard_size, name=name, max_pixels=max_pixels) as writer:
-            for row in track(_rows(pf, path, batch_size), total=md.num_rows, description="import parquet",
-                             disable=not progress, console=Console(stderr=True)):
-                where = f"{path} row {n}"
-                try:
-                    writer.write(_row_to_record(row, where))
-                except RecordError as e:
-                    msg = str(e)
-                    raise type(e)(msg if msg.startswith(str(path)) else f"{where}: {msg}") from None
-                n += 1
-        (building / ".writer.lock").unlink(missing_ok=True)
-        if out_root.is_dir():  # an empty folder (maybe the shell's current one): filled, not replaced
-            for entry in sorted(building.iterdir(), key=lambda e: e.name == MANIFEST):  # the manifest last
-                os.replace(entry, out_root / entry.name)
-        else:
-            os.replace(building, out_root)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
+    with building_new_dataset(out_root) as building, \
+            DatasetWriter(building, shard_size=shard_size, name=name, max_pixels=max_pixels) as writer:
+        for row in track(_rows(pf, path, batch_size), total=md.num_rows, description="import parquet",
+                         disable=not progress, console=Console(stderr=True)):
+            where = f"{path} row {n}"
+            try:
+                writer.write(_row_to_record(row, where))
+            except RecordError as e:
+                msg = str(e)
+                raise type(e)(msg if msg.startswith(str(path)) else f"{where}: {msg}") from None
+            n += 1
     return n
 

@@ -52,13 +52,14 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from duetgen.data.dataset import Dataset, DatasetWriter, atomic_write_bytes
+from duetgen.data.dataset import Dataset, DatasetWriter, atomic_write_bytes, building_new_dataset
 from duetgen.data.record import ImagePart, Message, Part, Record, RecordError, TextPart
-from duetgen.eval.benchmarks.readers import (ImageFolder, ImageSource, ReaderError, is_comm_results_dir,
+from duetgen.eval.benchmarks.readers import (ImageFolder, ImageSource, ReaderError, file_inside, is_comm_results_dir,
                                              read_comm_results, read_gedit, read_geneval_metadata, read_imgedit,
                                              read_interleavedbench, read_records)
 
 MAX_JSONL_BYTES = 1024 * 1024 * 1024  # one record file of a plain folder; records are streamed line by line
+MAX_RECORD_LINE_BYTES = 64 * 1024 * 1024  # one record (JSON parsing costs ~5x a line's size in memory)
 GENERATION_FILE = "generation.json"  # in a prediction folder written by generate_benchmark
 GENERATION_FORMAT = "duetgen-eval-generation"
 SEED_RULE = "int(sha256(f'{seed}:{item_id}')[:8], 16) >> 1"  # recorded with the settings; see item_seed
@@ -101,14 +102,19 @@ def _iter_jsonl_folder(src: Path) -> Iterable[Record]:
     if not files:
         raise ReaderError(f"{src}: no *.jsonl record files")
     for path in files:
+        file_inside(src, path)  # a symlink out of the folder (to a secret, to /dev/zero) is refused
         if path.stat().st_size > MAX_JSONL_BYTES:
             raise ReaderError(f"{path}: over the cap of {MAX_JSONL_BYTES:,} bytes")
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(iter(lambda: f.readline(MAX_RECORD_LINE_BYTES + 1), b""), 1):
+                if len(raw) > MAX_RECORD_LINE_BYTES:  # images are paths, so a record line is small
+                    raise ReaderError(f"{path}:{lineno}: a line over the cap of {MAX_RECORD_LINE_BYTES:,} bytes")
+                if not raw.strip():
                     continue
                 try:
-                    yield Record.from_json(json.loads(line))
+                    yield Record.from_json(json.loads(raw.decode("utf-8")))
+                except UnicodeDecodeError as e:
+                    raise ReaderError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
                 except json.JSONDecodeError as e:
                     raise ReaderError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
                 except RecordError as e:
@@ -147,7 +153,9 @@ def import_outputs(src: str | os.PathLike, out: str | os.PathLike, name: str | N
         raise ReaderError(f"{src}: not a directory")
     n = 0
     seen: set[str] = set()
-    with DatasetWriter(out, shard_size=shard_size, name=name or src.name) as w:
+    # all or nothing: a record that fails validation leaves no dataset that a run would take for the whole
+    with building_new_dataset(out) as building, \
+            DatasetWriter(building, shard_size=shard_size, name=name or src.name) as w:
         for rec in records:
             if rec.id in seen:
                 raise ReaderError(f"{src}: record id {rec.id!r} appears twice")

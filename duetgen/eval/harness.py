@@ -55,7 +55,7 @@ from typing import Any
 from duetgen.data.dataset import Dataset, atomic_write_bytes
 from duetgen.data.images import ImageError
 from duetgen.data.record import ImagePart, Message, Record, RecordError, TextPart
-from duetgen.eval.benchmarks import Benchmark, exact_scorer, load_benchmark
+from duetgen.eval.benchmarks import BENCHMARK_DIR, Benchmark, exact_scorer, load_benchmark
 from duetgen.eval.benchmarks.readers import (GENEVAL_LAYOUT, ImageFolder, read_edit_predictions, read_gedit,
                                              read_geneval_results, read_imgedit, read_imgedit_judge_prompts,
                                              read_interleavedbench, read_predictions, read_records)
@@ -67,6 +67,7 @@ from duetgen.progress import progress_bar
 
 RUN_FORMAT = "duetgen-eval-run"
 RUN_FILE, RESULTS_FILE, SUMMARY_FILE, CACHE_FILE = "run.json", "results.jsonl", "summary.json", "score_cache.sqlite"
+BENCHMARK_COPY = "benchmark.json"  # a run of a benchmark given as a file keeps it, so its report can be made anywhere
 
 
 class HarnessError(ValueError):
@@ -279,6 +280,11 @@ def _build_external_items(bench: Benchmark, cfg: RunConfig) -> tuple[list[Item],
             raise HarnessError(f"benchmark {bench.name!r} reads the scores its own program wrote (--pred results.jsonl); "
                                f"drop {flag}")
     groups = read_geneval_results(cfg.pred)
+    tasks = sorted({c for m in bench.metrics for c in (m.only_categories or ())})
+    for g in groups:  # a tag of no task would enter Overall (the mean over the categories present) unseen
+        if g["category"] not in tasks:
+            raise HarnessError(f"{cfg.pred}: prompt folder {g['id']} has tag {g['category']!r}, not a task of "
+                               f"{bench.name!r} ({', '.join(tasks)})")
     items = [Item(g["id"], g["category"], None, external=g) for g in groups]
     if cfg.images is not None:
         folder = ImageFolder(cfg.images)
@@ -314,8 +320,10 @@ def _build_exact_items(bench: Benchmark, cfg: RunConfig, by_id: dict, pred_image
     if extra:
         raise HarnessError(f"{cfg.pred}: {len(extra)} prediction(s) have no ground-truth record in {cfg.truth} "
                            f"(first: {extra[:5]})")
+    _check_images(items)
     return items, {"pred_format": "records", "prompts_given": True, "expected_items": len(items),
-                   "items": len(items), "missing": sum(it.sample is None for it in items)}
+                   "items": len(items), "missing": sum(it.sample is None for it in items),
+                   "bad_image": sum(it.error is not None for it in items)}
 
 
 def item_hash(item: Item) -> str:
@@ -525,6 +533,17 @@ def exact_line(bench: Benchmark, item: Item) -> dict:
             "metrics": metrics}
 
 
+def _exact_or_bad_image(bench: Benchmark, item: Item) -> dict:
+    """``exact_line``, or a ``bad_image`` line for an item whose image is missing or does not decode (the
+    rest of the run goes on, as for a judged benchmark)."""
+    if item.error is None:
+        try:
+            return exact_line(bench, item)
+        except ImageError as e:
+            item.error = str(e)
+    return missing_line(bench, item, "bad_image")
+
+
 # ----------------------------------------------------------------------------- run directory
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -546,8 +565,20 @@ def _settings(bench: Benchmark, judge_config: JudgeConfig | None, cfg: RunConfig
             "prompt_source": PROJECT_PROMPTS if prompts is None else prompts.settings()}
 
 
+def _run_inputs(cfg: RunConfig) -> dict:
+    def resolved(p):
+        return None if p is None else str(Path(p).resolve())
+    return {"pred": resolved(cfg.pred), "prompts": resolved(cfg.prompts), "images": resolved(cfg.images),
+            "truth": resolved(cfg.truth), "task": cfg.task, "language": cfg.language,
+            "judge_prompts": resolved(cfg.judge_prompts)}
+
+
 def _check_or_create_run(out: Path, settings: dict, cfg: RunConfig) -> dict:
+    """The run directory's run.json: a new one, or the existing one when the benchmark, templates, judge
+    and inputs are the same (a resume); anything else is refused, so a run never holds two models'
+    results under one name. A new ``--name`` renames the run."""
     path = out / RUN_FILE
+    inputs = _run_inputs(cfg)
     if path.exists():
         try:
             run = json.loads(path.read_text(encoding="utf-8"))
@@ -560,15 +591,16 @@ def _check_or_create_run(out: Path, settings: dict, cfg: RunConfig) -> dict:
                 raise HarnessError(f"{out} holds a run with different {key} settings "
                                    f"({json.dumps(run['settings'].get(key), sort_keys=True)[:300]} vs "
                                    f"{json.dumps(settings[key], sort_keys=True)[:300]}); use a new --out")
+        changed = [k for k in inputs if run["inputs"].get(k) != inputs[k]]
+        if changed:
+            k = changed[0]
+            raise HarnessError(f"{out} holds a run of other inputs: {k} {run['inputs'].get(k)!r}, now {inputs[k]!r}; "
+                               "use a new --out (a run judges one model's outputs)")
+        if cfg.name:
+            run["name"] = cfg.name
         return run
     return {"format": RUN_FORMAT, "format_version": 1, "created": _now(), "settings": settings,
-            "name": cfg.name or Path(cfg.pred).resolve().name,
-            "inputs": {"pred": str(Path(cfg.pred).resolve()),
-                       "prompts": None if cfg.prompts is None else str(Path(cfg.prompts).resolve()),
-                       "images": None if cfg.images is None else str(Path(cfg.images).resolve()),
-                       "truth": None if cfg.truth is None else str(Path(cfg.truth).resolve()),
-                       "task": cfg.task, "language": cfg.language,
-                       "judge_prompts": None if cfg.judge_prompts is None else str(Path(cfg.judge_prompts).resolve())},
+            "name": cfg.name or Path(cfg.pred).resolve().name, "inputs": inputs,
             "bootstrap": {"n_boot": cfg.n_boot, "seed": cfg.seed}, "invocations": []}
 
 
@@ -612,6 +644,8 @@ def run_benchmark(cfg: RunConfig, judge_config: JudgeConfig | None = None, api_k
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     run = _check_or_create_run(out, _settings(bench, judge_config, cfg, prompts), cfg)
+    if Path(bench.path).resolve().parent != BENCHMARK_DIR.resolve():  # not an installed benchmark: keep its file
+        atomic_write_bytes(out / BENCHMARK_COPY, Path(bench.path).read_bytes())
     atomic_write_bytes(out / RUN_FILE, (json.dumps(run, indent=1) + "\n").encode())
 
     # 1. keep finished items whose content is unchanged and that have no api_error
@@ -638,7 +672,7 @@ def run_benchmark(cfg: RunConfig, judge_config: JudgeConfig | None = None, api_k
         with progress_bar(progress, len(todo), f"judging {bench.title}") as advance:
             if bench.kind in ("exact", "external"):
                 for it in todo:
-                    write(exact_line(bench, it) if bench.kind == "exact" else external_line(bench, it))
+                    write(external_line(bench, it) if bench.kind == "external" else _exact_or_bad_image(bench, it))
                     advance()
             else:
                 cache_path = Path(cfg.cache) if cfg.cache else out / CACHE_FILE

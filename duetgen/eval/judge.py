@@ -234,6 +234,11 @@ class JudgeConfig:
             raise ValueError(f"judge base URL {self.base_url!r} must start with http:// or https://")
         if self.k < 1:
             raise ValueError(f"k must be >= 1 (samples per judged unit), got {self.k}")
+        if not self.timeout_s > 0 or self.timeout_s == float("inf"):  # 0 or less failed every request
+            raise ValueError(f"timeout_s must be a positive number of seconds per judge request, got {self.timeout_s}")
+        if self.max_concurrency < 1 or self.max_retries < 0:
+            raise ValueError(f"max_concurrency must be >= 1 and max_retries >= 0, got {self.max_concurrency} and "
+                             f"{self.max_retries}")
 
     def settings(self) -> dict:
         """What identifies the judge in a run (no secrets)."""

@@ -30,7 +30,7 @@ from duetgen.data.dataset import atomic_write_bytes
 from duetgen.data.record import Message, Record, RecordError
 from duetgen.data.view import esc, page_html, render_record_html
 from duetgen.eval.benchmarks import Benchmark, BenchmarkError, load_benchmark
-from duetgen.eval.harness import (RESULTS_FILE, RUN_FILE, HarnessError, RunConfig, build_items, build_summary,
+from duetgen.eval.harness import (BENCHMARK_COPY, RESULTS_FILE, RUN_FILE, HarnessError, RunConfig, build_items, build_summary,
                                   read_results)
 from duetgen.eval.judge import load_template, score_range
 from duetgen.eval.metrics import JUDGE_FAILURES, N_BOOT, SEED
@@ -69,7 +69,8 @@ def load_run(run_dir: str | os.PathLike) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise ReportError(f"{d}: not a run directory ({RUN_FILE}: {e})") from None
     b = run["settings"]["benchmark"]
-    bench = load_benchmark(b["name"])
+    copy = d / BENCHMARK_COPY  # a benchmark given as a file: the run keeps it
+    bench = load_benchmark(str(copy) if copy.is_file() else b["name"])
     if (bench.version, bench.sha256) != (b["version"], b["sha256"]):
         raise ReportError(f"{d}: run of {b['name']}@{b['version']} ({b['sha256'][:12]}), but the installed benchmark "
                           f"file is {bench.id} ({bench.sha256[:12]})")
@@ -128,6 +129,13 @@ def state_table(runs: list[dict], metrics: list[str]) -> str:
 
 def bar_chart_png(runs: list[dict], bench: Benchmark) -> bytes:
     """Grouped bars (one per run) of each metric's mean, with the 95% interval as error bars."""
+    import matplotlib
+
+    with matplotlib.rc_context({"text.parse_math": False}):  # a run or metric name is text, "$" and all
+        return _bar_chart_png(runs, bench)
+
+
+def _bar_chart_png(runs: list[dict], bench: Benchmark) -> bytes:
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

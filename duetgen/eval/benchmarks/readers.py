@@ -87,15 +87,32 @@ class ImageFolder:
         return f"ImageFolder({str(self.root)!r})"
 
 
-def _read_json(path: Path) -> Any:
+def file_inside(root: Path, path: Path) -> Path:
+    """``path``, found inside the input folder ``root``, proven to resolve inside it (a symlink out to a
+    secret or to /dev/zero is refused) and to be a regular file."""
+    real = path.resolve()
+    if not real.is_relative_to(root.resolve()):
+        raise ReaderError(f"{path}: resolves outside {str(root)!r} (to {str(real)!r}); an input's files must lie inside it")
+    if not real.is_file():
+        raise ReaderError(f"{path}: not a regular file")
+    return path
+
+
+def _read_bytes(path: Path) -> bytes:
     try:
-        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)  # bounded: a device or a growing file has no honest st_size
     except OSError as e:
         raise ReaderError(f"{path}: cannot be read ({e.strerror})") from None
-    if size > MAX_JSON_BYTES:
-        raise ReaderError(f"{path}: {size:,} bytes, over the cap of {MAX_JSON_BYTES:,}")
+    if len(raw) > MAX_JSON_BYTES:
+        raise ReaderError(f"{path}: over the cap of {MAX_JSON_BYTES:,} bytes")
+    return raw
+
+
+def _read_json(path: Path) -> Any:
+    raw = _read_bytes(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ReaderError(f"{path}: not valid UTF-8 ({e.reason})") from None
     except json.JSONDecodeError as e:
@@ -229,7 +246,7 @@ def read_comm_results(root: str | os.PathLike) -> tuple[list[Record], ImageFolde
         if m is None or not path.is_file():
             why = "its name does not end in _taskN" if m is None else "it has no results.json"
             raise ReaderError(f"{d}: not a CoMM sample folder ({why}); expected layout: {COMM_LAYOUT}")
-        s = _read_json(path)
+        s = _read_json(file_inside(root, path))  # a sample folder or its results.json linked out is refused
         if not isinstance(s, dict):
             raise ReaderError(f"{path}: must be a JSON object")
         for k in ("model_input", "model_output"):
@@ -495,7 +512,12 @@ GENEVAL_LAYOUT = ("<out>/<5-digit prompt index>/metadata.jsonl (the prompt's JSO
 
 def _json_lines(path: Path):
     """(line number, parsed value) of each non-blank line of a JSONL file; a malformed line is an error naming it."""
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    raw = _read_bytes(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ReaderError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -542,6 +564,8 @@ def read_geneval_results(path: str | os.PathLike) -> list[dict]:
         if g["category"] != d["tag"]:
             raise ReaderError(f"{path}:{lineno}: prompt folder {parts[-3]} has images of two tags "
                               f"({g['category']!r}, {d['tag']!r})")
+        if d["filename"] in g["files"]:
+            raise ReaderError(f"{path}:{lineno}: image {d['filename']!r} has a result line already")
         g["correct"].append(d["correct"])
         g["files"].append(d["filename"])
     if not groups:
