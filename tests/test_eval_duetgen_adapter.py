@@ -231,7 +231,7 @@ def test_judged_benchmark_prompts_to_generated_answers_to_judge(tmp_path):
     (["--benchmark", "comm", "--model", "{model}", "--prompts", "{truth}"], "no prompts to generate from"),
     (["--benchmark", "cooking", "--model", "{model}", "--prompts", "{text_only}"], "requires an input image"),
     (["--benchmark", "nope", "--model", "{model}", "--truth", "{truth}"], "unknown benchmark"),
-    (["--benchmark", "shapeworld", "--model", "{model}", "--truth", "{tmp}/missing"], "missing"),
+    (["--benchmark", "shapeworld", "--model", "{model}", "--truth", "{tmp}/missing"], "missing': no such file or directory"),
     (["--benchmark", "shapeworld", "--model", "{model}", "--truth", "{truth}", "--top-p", "0"], "top_p"),
 ])
 def test_bad_input_exits_2_naming_it_and_writes_nothing(args, message, truth, tmp_path):

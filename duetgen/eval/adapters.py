@@ -324,7 +324,16 @@ def _now() -> str:
 
 
 def benchmark_inputs(bench, prompts, truth, images) -> tuple[str, str]:
-    """(the inputs' path, the flag that gave it), following ``duetgen eval run``'s rules."""
+    """(the inputs' path, the flag that gave it), following ``duetgen eval run``'s rules; a path that does
+    not exist is refused here, before a model loads."""
+    path, flag = _benchmark_inputs(bench, prompts, truth, images)
+    for f, p in ((flag, path), ("--images", images)):
+        if p is not None and not Path(p).exists():
+            raise AdapterError(f"{f} {str(p)!r}: no such file or directory")
+    return path, flag
+
+
+def _benchmark_inputs(bench, prompts, truth, images) -> tuple[str, str]:
     if bench.kind == "exact":
         if prompts is not None or images is not None:
             raise AdapterError(f"benchmark {bench.name!r} takes its inputs from the ground truth: "
