@@ -200,3 +200,58 @@ def test_broken_image_is_named_by_its_record(tmp_path):
         text = page.read_text()
         assert "record &#x27;rec-1&#x27;: image" in text and "not found" in text
         assert "&#x27;?&#x27;" not in text
+
+
+def test_hostile_datasets_render_with_the_damage_shown_in_place(tmp_path):
+    """An audit: --embed inlined one image per reference without bound (11 MB on disk, 280 MB of page); the
+    link mode handed the browser any file; a megabyte text part took Chromium minutes; one bad line, a
+    deeply nested one or a FIFO shard stopped (or hung) the whole view."""
+    ds = make(tmp_path / "ds", n=4)
+    rec = next(iter(ds))
+    img = rec.image_parts()[0].path
+    shard = ds.root / ds.shards[0]
+    lines = shard.read_text().splitlines()
+    many = json.loads(lines[0])
+    many["id"] = "many"
+    many["messages"][2]["content"] = [{"type": "image", "image": img}] * 30
+    lines[1] = json.dumps(many)
+    lines[2] = '{"id": "deep", "meta": {"a": ' + "[" * 5000 + "]" * 5000 + "}}"  # RecursionError before
+    shard.write_text("\n".join(lines) + "\n")
+    Image.new("1", (9000, 9000)).save(ds.root / "images" / "bomb.png")  # 81 MP, over the 40 MP cap
+    long_text = "A" * 50_000
+    with DatasetWriter(tmp_path / "ds2") as w:
+        w.write(Record("long", [Message("user", [TextPart(long_text)]),
+                                Message("assistant", [ImagePart(Image.new("RGB", (8, 8)))])]))
+    bomb = json.loads(lines[0])
+    bomb["id"] = "bomb"
+    bomb["messages"][2]["content"].append({"type": "image", "image": "images/bomb.png"})
+    lines[0] = json.dumps(bomb)
+    shard.write_text("\n".join(lines) + "\n")
+
+    from duetgen.data.images import ImageError
+    from duetgen.data.view import dataset_image_src
+
+    src = dataset_image_src(Dataset(ds.root), tmp_path, embed=True, embed_budget=10 * (ds.root / img).stat().st_size)
+    for _ in range(10):
+        src(img, "many")
+    with pytest.raises(ImageError, match="not embedded: the page's images would pass"):
+        src(img, "many")
+    for embed in (False, True):
+        [page] = render_dataset_html(ds.root, tmp_path / f"p{embed}.html", embed=embed, progress=False)
+        text = page.read_text()
+        assert "#3: record cannot be shown" in text and "JSON nested too deeply" in text
+        assert "rec-3" in text and "many" in text  # the records around it render
+        assert "too many pixels" in text or "over the cap" in text  # the bomb is a red box, never an <img>
+        assert not any("bomb" in a["src"] for a in Tags(text).find("img"))
+    [page] = render_dataset_html(tmp_path / "ds2", tmp_path / "long.html", progress=False)
+    text = page.read_text()
+    assert "A" * 20_000 in text and "A" * 20_001 not in text and "30,000 more characters not shown" in text
+
+    fifo_ds = make(tmp_path / "fifo", n=1)
+    fifo = fifo_ds.root / fifo_ds.shards[0]
+    fifo.unlink()
+    os.mkfifo(fifo)
+    from duetgen.data.dataset import DatasetError
+
+    with pytest.raises(DatasetError, match="not a regular file"):  # it blocked forever before
+        list(Dataset(fifo_ds.root))

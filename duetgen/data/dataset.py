@@ -36,7 +36,7 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from duetgen.data.images import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, IMAGE_FORMATS, ImageError,
                                  VerifiedImageBytes, encode_png, inspect_image, open_rgb_image)
@@ -51,8 +51,21 @@ IMAGE_DIR = "images"
 _SHARD_RE = re.compile(r"^shards/part-(\d{5})\.jsonl$")
 
 
+MAX_MANIFEST_BYTES = 256 << 20  # ~2.5M shards' entries
+MAX_RECORD_LINE_CHARS = 64 << 20  # one record's JSON line
+
+
 class DatasetError(RecordError):
     """A dataset directory, manifest or shard is invalid. The message names the file (and line)."""
+
+
+def record_line(rec: Record) -> str:
+    """``rec``'s JSONL line, refused when over the cap every reader applies (``MAX_RECORD_LINE_CHARS``)."""
+    line = rec.to_jsonl_line()
+    if len(line) > MAX_RECORD_LINE_CHARS:
+        raise RecordError(f"record {rec.id!r}: {len(line):,} characters of JSON, over the cap of "
+                          f"{MAX_RECORD_LINE_CHARS:,} a dataset reader accepts")
+    return line
 
 
 def shard_name(index: int) -> str:
@@ -143,6 +156,8 @@ def dataset_file(root: Path, rel: str) -> Path:
     if not path.resolve().is_relative_to(root_resolved):
         raise DatasetError(f"{path}: resolves outside the dataset root {str(root)!r} "
                            f"(to {str(path.resolve())!r}); a dataset's files must lie inside it")
+    if path.exists() and not path.is_file():  # a FIFO (a tarball can carry one) would block every reader
+        raise DatasetError(f"{path}: not a regular file")
     return path
 
 
@@ -154,9 +169,15 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         raise DatasetError(f"{str(root)!r} is not a dataset directory: no {MANIFEST}")
     dataset_file(root, MANIFEST)
     try:
-        m = json.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise DatasetError(f"{path}: over the cap of {MAX_MANIFEST_BYTES:,} bytes")
+        m = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DatasetError(f"{path}: unreadable manifest ({e})") from None
+    except RecursionError:
+        raise DatasetError(f"{path}: unreadable manifest (JSON nested too deeply)") from None
     if not isinstance(m, dict):
         raise DatasetError(f"{path}: manifest must be a JSON object")
     if m.get("format") != FORMAT_NAME:
@@ -336,7 +357,7 @@ class DatasetWriter:
                         self._check_stored_path(p.image, rec.id)
                     else:
                         p.image = self.add_image(p.image, rec.id)
-        line = rec.to_jsonl_line()  # validates again, now with every image a stored path
+        line = record_line(rec)  # validates again, now with every image a stored path
         if self._shard_file is None:
             self._open_shard()
         self._shard_file.write(line + "\n")
@@ -435,7 +456,7 @@ class ShardFileWriter:
                     if new is not None:
                         self._new_images.append(new)
         try:
-            self._file.write(rec.to_jsonl_line() + "\n")
+            self._file.write(record_line(rec) + "\n")
         except OSError as e:  # a full disk: no half shard left, and the error names the shard
             raise self._given_up(e) from e
         self._ids.add(rec.id)
@@ -484,6 +505,21 @@ def write_manifest(root: str | os.PathLike, shards: list[tuple[str, int]], name:
 
 
 # --------------------------------------------------------------------------------- reader
+def _parse_record_line(line: str, where: str) -> Record:
+    if not line.strip():
+        raise DatasetError(f"{where}: empty line")
+    try:
+        d = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DatasetError(f"{where}: JSON nested too deeply") from None
+    try:
+        return Record.from_json(d)
+    except RecordError as e:
+        raise RecordError(f"{where}: {e}") from None
+
+
 class Dataset:
     """A read-only dataset directory. Iterating streams validated records, shard by shard.
 
@@ -516,8 +552,11 @@ class Dataset:
         for i in range(len(self.manifest["shards"])):
             yield from self.iter_shard(i)
 
-    def iter_shard(self, index: int) -> Iterator[Record]:
-        """Records of one shard (shards are the unit of parallel work, as in datatrove)."""
+    def iter_shard(self, index: int, on_error: Callable[[str], None] | None = None) -> Iterator[Record]:
+        """Records of one shard (shards are the unit of parallel work, as in datatrove).
+
+        A line that is not a valid record raises, or, given ``on_error`` (a viewer's), is passed to it as
+        the error naming the line and skipped."""
         entry = self.manifest["shards"][index]
         path = dataset_file(self.root, entry["path"])
         n = 0
@@ -529,23 +568,22 @@ class Dataset:
             lineno = 0
             while True:
                 try:
-                    line = f.readline()
+                    line = f.readline(MAX_RECORD_LINE_CHARS + 1)
                 except UnicodeDecodeError as e:
                     raise DatasetError(f"{path}:{lineno + 1}: not valid UTF-8 ({e.reason})") from None
                 if not line:
                     break
                 lineno += 1
-                if not line.strip():
-                    raise DatasetError(f"{path}:{lineno}: empty line")
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-                try:
-                    rec = Record.from_json(d)
-                except RecordError as e:
-                    raise RecordError(f"{path}:{lineno}: {e}") from None
+                if len(line) > MAX_RECORD_LINE_CHARS:  # images are files, so a record is text: ~36x its size parsed
+                    raise DatasetError(f"{path}:{lineno}: a record over the cap of {MAX_RECORD_LINE_CHARS:,} characters")
                 n += 1
+                try:
+                    rec = _parse_record_line(line, f"{path}:{lineno}")
+                except RecordError as e:
+                    if on_error is None:
+                        raise
+                    on_error(str(e))
+                    continue
                 yield rec
         if n != entry["num_records"]:
             raise DatasetError(f"{path}: holds {n} records but the manifest says {entry['num_records']}")

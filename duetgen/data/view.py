@@ -14,8 +14,11 @@ Design choices:
 - Images are linked by a path relative to the page's folder, so a page opened from disk works and
   the dataset stays the one copy of the bytes; ``embed=True`` inlines them as data URIs for a page
   that must stand alone (mail it, attach it to a report).
-- An image that cannot be shown (missing, outside the root, over the pixel cap) becomes a visible
-  red box naming the problem instead of aborting the page: a viewer exists to look at broken data.
+- An image that cannot be shown (missing, outside the root, not an image of an allowed format, over
+  the pixel cap, past the page's embedding budget) and a record line that is not a valid record
+  become a visible red box naming the problem instead of aborting the page: a viewer exists to look
+  at broken data. A text part shows its first ``MAX_TEXT_SHOWN`` characters (a browser lays out a
+  megabyte of unbroken text for minutes), with a note of how many more the record holds.
 - One self-contained stylesheet, no scripts, no external assets.
 """
 
@@ -36,7 +39,11 @@ from rich.console import Console
 from rich.progress import track
 
 from duetgen.data.dataset import Dataset, atomic_write_bytes
+from duetgen.data.images import ImageError, inspect_image
 from duetgen.data.record import ImagePart, Record, RecordError
+
+MAX_TEXT_SHOWN = 20_000  # characters of one text part on a page
+EMBED_BYTES_PER_PAGE = 64 << 20  # --embed: one image linked 200 times would otherwise be inlined 200 times
 
 CSS = """
 :root { --bg:#f4f5f7; --card:#fff; --ink:#1d2330; --muted:#667085; --line:#e3e6ec;
@@ -124,6 +131,13 @@ def _image_html(part: ImagePart, image_src: ImageSource, kind: str) -> str:
             f'loading="lazy"><figcaption>{esc(label)}</figcaption></figure>')
 
 
+def _text_html(text: str) -> str:
+    if len(text) <= MAX_TEXT_SHOWN:
+        return f'<div class="text">{esc(text)}</div>'
+    return (f'<div class="text">{esc(text[:MAX_TEXT_SHOWN])}</div>'
+            f'<div class="broken">&hellip; {len(text) - MAX_TEXT_SHOWN:,} more characters not shown</div>')
+
+
 def render_record_html(record: Record, image_src: ImageSource, index: int | None = None) -> str:
     """One record as an ``<article>``: header, chat bubbles with inline text and images, collapsible meta.
 
@@ -140,7 +154,7 @@ def render_record_html(record: Record, image_src: ImageSource, index: int | None
             if isinstance(p, ImagePart):
                 parts.append(_image_html(p, image_src, answer_kind if m.role == "assistant" else "input"))
             else:
-                parts.append(f'<div class="text">{esc(p.text)}</div>')
+                parts.append(_text_html(p.text))
         out.append(f'<div class="msg {esc(m.role)}"><div class="role">{esc(m.role)}</div>'
                    f'<div class="bubble">{"".join(parts)}</div></div>')
     if record.meta:
@@ -174,19 +188,29 @@ def _nav_html(out_path: Path, page: int, num_pages: int) -> str:
     return f'<nav class="pages">{"".join(items)}</nav>'
 
 
-def dataset_image_src(ds: Dataset, page_dir: Path, embed: bool = False) -> ImageSource:
-    """``image_src`` for records of ``ds`` shown on a page in ``page_dir`` (checks containment and caps).
+def dataset_image_src(ds: Dataset, page_dir: Path, embed: bool = False,
+                      embed_budget: int = EMBED_BYTES_PER_PAGE) -> ImageSource:
+    """``image_src`` for records of ``ds`` shown on one page in ``page_dir`` (checks containment, format
+    and pixel cap from the header; with ``embed``, at most ``embed_budget`` bytes inlined in all).
 
     It takes the record id as an optional second argument, for the error shown in place of a broken image.
     """
     page_dir = Path(os.path.abspath(page_dir))
+    spent = 0
 
     def src(path: str, record_id: str = "?") -> str:
+        nonlocal spent
         if embed:
             data = ds.read_image_bytes(path, record_id)  # containment, existence, format and pixel cap
+            if spent + len(data) > embed_budget:
+                raise ImageError(f"record {record_id!r}: image {path!r} not embedded: the page's images would pass "
+                                 f"{embed_budget:,} bytes (view without --embed, or with a smaller --per-page)")
+            spent += len(data)
             mime = Image.MIME[Image.open(io.BytesIO(data)).format]  # header only; the format was checked
             return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-        ds.image_path(path, record_id)  # containment (symlinks resolved) and existence
+        p = ds.image_path(path, record_id)  # containment (symlinks resolved) and existence
+        with open(p, "rb") as f:  # the header: the browser is not handed an SVG or a 900-megapixel bomb
+            inspect_image(f, f"record {record_id!r}: image {path!r}", ds.max_pixels, decode=False)
         rel = os.path.relpath(os.path.abspath(ds.root / path), page_dir)
         return quote(rel.replace(os.sep, "/"))
 
@@ -208,7 +232,6 @@ def render_dataset_html(dataset_root: str | os.PathLike, out_path: str | os.Path
     out_path.parent.mkdir(parents=True, exist_ok=True)
     total = len(ds) if limit is None else min(limit, len(ds))
     num_pages = max(1, -(-total // per_page))
-    image_src = dataset_image_src(ds, out_path.parent, embed=embed)
     title = f"dataset {ds.name or ds.root.name}"
     written: list[Path] = []
 
@@ -223,14 +246,31 @@ def render_dataset_html(dataset_root: str | os.PathLike, out_path: str | os.Path
         atomic_write_bytes(path, page_html(title, body, subtitle=sub).encode("utf-8"))
         written.append(path)
 
+    def records_and_errors():
+        """Records, and for a line that is not a valid record the error naming it, in file order."""
+        errors: list[str] = []
+        for k in range(len(ds.shards)):
+            for rec in ds.iter_shard(k, on_error=errors.append):
+                yield from errors
+                errors.clear()
+                yield rec
+            yield from errors
+            errors.clear()
+
     fragments: list[str] = []
-    records = (r for i, r in zip(range(total), ds))
-    for i, rec in enumerate(track(records, total=total, description="render html",
-                                     disable=not progress, console=Console(stderr=True))):
-        fragments.append(render_record_html(rec, lambda path: image_src(path, rec.id), index=i + 1))
+    image_src = dataset_image_src(ds, out_path.parent, embed=embed)  # one per page: the embedding budget
+    items = (r for i, r in zip(range(total), records_and_errors()))
+    for i, rec in enumerate(track(items, total=total, description="render html",
+                                  disable=not progress, console=Console(stderr=True))):
+        if isinstance(rec, str):
+            fragments.append(f'<article class="record"><div class="broken">#{i + 1}: record cannot be shown: '
+                             f'{esc(rec)}</div></article>')
+        else:
+            fragments.append(render_record_html(rec, lambda path: image_src(path, rec.id), index=i + 1))
         if len(fragments) == per_page:
             write_page(len(written) + 1, fragments)
             fragments = []
+            image_src = dataset_image_src(ds, out_path.parent, embed=embed)
     if fragments or not written:
         write_page(len(written) + 1, fragments)
 
