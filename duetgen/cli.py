@@ -805,7 +805,6 @@ def train_stage1(
 
     Multi-process: torchrun --nproc-per-node N -m duetgen.cli train stage1 ... (FSDP2; docs/training-infra.md).
     """
-    from duetgen.train.common import TrainInputError
     from duetgen.train.configs import stage1_config
     from duetgen.train.stage1 import train
 
@@ -813,7 +812,7 @@ def train_stage1(
     run_dir = out or Path("runs") / cfg.name / "stage1"
     try:
         train(cfg, run_dir, resume_run=resume, progress=not quiet)
-    except (FileExistsError, FileNotFoundError, TrainInputError) as e:
+    except _train_errors() as e:
         fail(str(e))
 
 
@@ -832,19 +831,40 @@ def train_stage2(
 
     Multi-process: torchrun --nproc-per-node N -m duetgen.cli train stage2 ... (FSDP2; docs/training-infra.md).
     """
-    from duetgen.train.common import TrainInputError
     from duetgen.train.configs import stage2_config
     from duetgen.train.stage2 import train
 
     cfg = _train_config(stage2_config, config, data, steps, packs_per_rank)
-    mllm_dir = stage1 / "mllm" if (stage1 / "mllm" / "config.json").is_file() else stage1
-    if not (mllm_dir / "config.json").is_file():
-        fail(f"--stage1 {str(stage1)!r}: no finished stage-1 MLLM there (expected {stage1}/mllm/config.json)")
+    mllm_dir = _stage1_mllm_dir(stage1)
     run_dir = out or Path("runs") / cfg.name / "stage2"
     try:
         train(cfg, mllm_dir, run_dir, resume_run=resume, progress=not quiet)
-    except (FileExistsError, FileNotFoundError, TrainInputError) as e:
+    except _train_errors() as e:
         fail(str(e))
+
+
+def _train_errors() -> tuple[type[BaseException], ...]:
+    """What a training command prints as a one-line error: bad data, settings, checkpoints, a diverged run
+    (each names its input); anything else is a bug and keeps its traceback."""
+    from duetgen.data.packing import PackingError
+    from duetgen.data.record import RecordError
+    from duetgen.train.checkpoint import CheckpointError
+    from duetgen.train.common import TrainDiverged, TrainInputError
+
+    return (FileExistsError, FileNotFoundError, TrainInputError, TrainDiverged, CheckpointError, PackingError,
+            RecordError)
+
+
+def _stage1_mllm_dir(stage1: Path) -> Path:
+    """--stage1: a finished stage-1 run's mllm/, or an MLLM directory (config.json beside its weights)."""
+    mllm_dir = stage1 / "mllm" if (stage1 / "mllm").is_dir() else stage1
+    if (stage1 / "checkpoints").is_dir() and mllm_dir == stage1:
+        fail(f"--stage1 {str(stage1)!r}: a stage-1 run that has not finished (no mllm/ yet); resume it, or export "
+             "a step of it")
+    if not (mllm_dir / "config.json").is_file() or not any(mllm_dir.glob("*.safetensors")):
+        fail(f"--stage1 {str(stage1)!r}: no finished stage-1 MLLM there (expected {mllm_dir}/config.json and its "
+             "*.safetensors weights)")
+    return mllm_dir
 
 
 # ----------------------------------------------------------------------------- model (issue 3)
@@ -897,6 +917,8 @@ def model_assemble(
     for flag, directory in {"--pipeline": pipeline, "--processor": processor, **separate}.items():
         if directory is not None and not directory.is_dir():
             fail(f"{flag} {str(directory)!r}: not a directory")
+    if out.exists() and not overwrite:  # before ~20 GB of real weights load
+        fail(f"{str(out)!r} exists; pass --overwrite to replace it")
     dtype = torch.bfloat16 if bf16 else torch.float32
     try:
         if pipeline is not None:
@@ -1058,11 +1080,15 @@ def train_export_step(
     run: Path = typer.Option(..., "--run", help="Stage-2 run directory (holds checkpoints/ and config.json)."),
     step: int = typer.Option(..., "--step", min=1, help="The checkpoint step to export."),
     stage1: Path = typer.Option(..., "--stage1", help="The MLLM the run trained on: a stage-1 run directory (holds mllm/) or an MLLM directory."),
-    out: Path = typer.Option(..., "--out", help="New DuetGen model directory."),
+    out: Path = typer.Option(..., "--out", help="New DuetGen model directory (an existing one only with --overwrite; never the run's own folder)."),
     raw: bool = typer.Option(False, "--raw", help="Export the raw weights instead of the EMA ones."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
 ):
     """Turn step N of a stage-2 run into a DuetGen model directory (EMA weights), e.g. to compare runs at equal steps."""
+    import dataclasses
     import json as _json
+
+    from safetensors import SafetensorError
 
     from duetgen.train.configs import Stage2Config
     from duetgen.train.stage2 import export_checkpoint
@@ -1070,11 +1096,17 @@ def train_export_step(
     ckpt = run / "checkpoints" / f"step-{step:07d}"
     if not (ckpt / "meta.json").is_file():
         fail(f"--run {str(run)!r}: no complete checkpoint for step {step} ({ckpt})")
-    mllm_dir = stage1 / "mllm" if (stage1 / "mllm" / "config.json").is_file() else stage1
-    if not (mllm_dir / "config.json").is_file():
-        fail(f"--stage1 {str(stage1)!r}: no MLLM there (expected {stage1}/mllm/config.json or {stage1}/config.json)")
-    cfg = Stage2Config(**_json.loads((run / "config.json").read_text()))
-    typer.echo(export_checkpoint(ckpt, cfg, mllm_dir, out, use_ema=not raw))
+    if out.exists() and not overwrite:
+        fail(f"--out {str(out)!r} exists; pass --overwrite to replace it")
+    mllm_dir = _stage1_mllm_dir(stage1)
+    try:
+        saved = _json.loads((run / "config.json").read_text())
+        fields = {f.name for f in dataclasses.fields(Stage2Config)}
+        if not isinstance(saved, dict) or not set(saved) <= fields:
+            fail(f"--run {str(run)!r}: its config.json is not a stage-2 run's config")
+        typer.echo(export_checkpoint(ckpt, Stage2Config(**saved), mllm_dir, out, use_ema=not raw, overwrite=overwrite))
+    except (ValueError, OSError, SafetensorError) as e:  # (ValueError: a JSON error, TrainInputError)
+        fail(f"cannot export step {step} of {str(run)!r}: {e}")
 
 
 @train_app.command("shapeworld")

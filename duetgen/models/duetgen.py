@@ -89,6 +89,9 @@ class ModelDirectoryError(ValueError):
 # ----------------------------------------------------------------------------- settings
 
 
+MAX_IMAGE_SIDE = 8192  # pixels: a generated image's side (the paper draws 768; 8192^2 latents already fill a GPU)
+
+
 @dataclass
 class DuetGenConfig:
     """Settings saved in duetgen.json. The architecture itself lives in each part's own config file.
@@ -130,8 +133,8 @@ class DuetGenConfig:
             problems.append(f"parameterisation={self.parameterisation!r} is not one of {PARAMETERISATIONS}")
         if self.x0_relative_to_previous and self.parameterisation != "x0":
             problems.append(f"x0_relative_to_previous needs parameterisation='x0'; got {self.parameterisation!r}")
-        if len(self.image_size) != 2 or not all(isinstance(s, int) and s > 0 for s in self.image_size):
-            problems.append(f"image_size={self.image_size!r} must be (height, width), two positive ints")
+        if len(self.image_size) != 2 or not all(isinstance(s, int) and 0 < s <= MAX_IMAGE_SIDE for s in self.image_size):
+            problems.append(f"image_size={self.image_size!r} must be (height, width), two ints in 1..{MAX_IMAGE_SIDE}")
         if not isinstance(self.max_images, int) or self.max_images < 1:
             problems.append(f"max_images={self.max_images!r} must be a positive int")
         if self.mllm_max_side is not None and (not isinstance(self.mllm_max_side, int) or self.mllm_max_side < 1):
@@ -516,10 +519,13 @@ class DirectoryParts:
     provenance: dict = field(default_factory=dict)  # duetgen.json "provenance" (DuetGen.provenance); {} if none
 
 
+MAX_CONFIG_BYTES = 64 << 20  # a model directory's JSON files (Qwen2.5-VL's tokenizer.json: ~7 MB)
+
+
 def read_directory(root: Path) -> DirectoryParts:
     """Read and cross-check a DuetGen directory's configs; ModelDirectoryError naming `root` on any problem."""
     from diffusers import CosmosTransformer3DModel
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from transformers import AutoTokenizer, Qwen2_5_VLConfig
 
     def fail(problem: str):
@@ -532,6 +538,25 @@ def read_directory(root: Path) -> DirectoryParts:
     missing = [p for p in required if not (root / p).is_file()]
     if missing:
         fail(f"not a complete DuetGen directory: missing {', '.join(missing)}")
+    for path in (p for sub in (".", "mllm", "dit", "vae") for p in sorted((root / sub).glob("*.json"))):
+        if path.stat().st_size > MAX_CONFIG_BYTES:  # configs and tokenizers are read whole
+            fail(f"{path.relative_to(root)} is {path.stat().st_size:,} bytes, over the cap of {MAX_CONFIG_BYTES:,}")
+    if not ((root / "mllm" / "tokenizer.json").is_file()
+            or all((root / "mllm" / n).is_file() for n in ("vocab.json", "merges.txt"))):
+        fail("mllm/ has no tokenizer files (tokenizer.json, or vocab.json + merges.txt): transformers would load a "
+             "tokenizer of its special tokens only, and generation would write nothing")
+
+    def check_weights(sub: str) -> None:
+        """The part's *.safetensors: present, and each header readable and covering its file (no weight read)."""
+        files = sorted((root / sub).glob("*.safetensors"))
+        if not files:
+            fail(f"{sub}/ holds no *.safetensors weights")
+        for path in files:
+            try:
+                with safe_open(path, framework="pt") as f:
+                    f.keys()
+            except (SafetensorError, OSError) as e:
+                fail(f"{sub}/{path.name}: not a readable safetensors file ({e})")
 
     # duetgen.json
     try:
@@ -551,6 +576,8 @@ def read_directory(root: Path) -> DirectoryParts:
         fail(f"{SETTINGS_FILE}: provenance must be a JSON object; got {type(provenance).__name__}")
 
     # mllm/
+    check_weights("mllm")
+    check_weights("dit")
     mllm_config = Qwen2_5_VLConfig.from_pretrained(root / "mllm", local_files_only=True)
     if mllm_config.model_type != "qwen2_5_vl":
         fail(f"mllm/config.json has model_type {mllm_config.model_type!r}; expected 'qwen2_5_vl'")
@@ -567,7 +594,11 @@ def read_directory(root: Path) -> DirectoryParts:
     dit_config = {**_cosmos_defaults(), **dit_config}
 
     # connector.safetensors: keys and shapes from the header
-    with safe_open(root / CONNECTOR_FILE, framework="pt") as f:
+    try:
+        connector_file = safe_open(root / CONNECTOR_FILE, framework="pt")
+    except (SafetensorError, OSError) as e:
+        fail(f"{CONNECTOR_FILE}: not a readable safetensors file ({e})")
+    with connector_file as f:
         keys = sorted(f.keys())
         if keys not in (sorted(CONNECTOR_KEYS), sorted(CONNECTOR_KEYS + (RECENCY_KEY,))):
             fail(f"{CONNECTOR_FILE} holds {keys}; expected {list(CONNECTOR_KEYS)} (and optionally {RECENCY_KEY!r})")
@@ -583,10 +614,14 @@ def read_directory(root: Path) -> DirectoryParts:
         vae = json.loads((root / "vae" / "config.json").read_text())
     except json.JSONDecodeError as e:
         fail(f"vae/config.json is not valid JSON ({e})")
+    if not isinstance(vae, dict):
+        fail(f"vae/config.json must hold a JSON object; got {type(vae).__name__}")
     if vae.get("_class_name") not in VAE_CLASSES:
         fail(f"vae/config.json _class_name is {vae.get('_class_name')!r}; expected one of {VAE_CLASSES}")
     if vae["_class_name"] == "AutoencoderKLWan":
         from diffusers import AutoencoderKLWan
+
+        check_weights("vae")
 
         vae = {**dict(AutoencoderKLWan.load_config(root / "vae")), "_class_name": "AutoencoderKLWan"}
         vae = {**_wan_defaults(), **vae}

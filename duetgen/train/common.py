@@ -7,6 +7,11 @@ other lives here, and nothing here knows which stage calls it.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+from pathlib import Path
+
 import torch
 
 from duetgen.data.dataset import Dataset
@@ -19,6 +24,44 @@ from duetgen.models.packed_attention import uses_packed_attention
 class TrainInputError(ValueError):
     """The run's data, starting weights or settings cannot train (the CLI prints it as a one-line error); a
     ValueError from anywhere else is a bug and keeps its traceback."""
+
+
+class TrainDiverged(RuntimeError):
+    """The loss or the gradient norm stopped being finite: the run stops before the step is applied, so
+    no checkpoint holds non-finite weights and the last one is there to resume from (with other settings)."""
+
+
+def check_finite(step: int, loss: float, grad_norm: float) -> None:
+    """Raise ``TrainDiverged`` before a step whose loss or gradient norm is NaN / inf is applied."""
+    if not (math.isfinite(float(loss)) and math.isfinite(grad_norm)):
+        raise TrainDiverged(f"step {step}: loss {float(loss)}, gradient norm {grad_norm}: training diverged; the step "
+                            "was not applied and the last checkpoint is kept (lower the learning rate, check the data)")
+
+
+# Settings a resumed run may change: how long it runs, how often it logs / evaluates / samples / saves,
+# threads, memory knobs and what the exported model draws with by default. Anything else (data, model,
+# optimiser, schedule, seeds, init) would make the resumed run a different run than its config.json says.
+RESUME_MAY_CHANGE = frozenset({"name", "steps", "threads", "log_every", "eval_every", "sample_every", "save_every",
+                               "keep_last", "num_samples", "max_new_tokens", "sample_steps", "sample_shift",
+                               "guidance_scale", "guidance_scale_without_frames", "keep_mllm_states",
+                               "condition_cache"})
+
+
+def check_resume(checkpoint, cfg) -> None:
+    """Refuse to resume ``checkpoint`` with settings other than the ones it was trained with (but
+    ``RESUME_MAY_CHANGE``), or with fewer steps than it has done, naming what differs."""
+    meta = json.loads((Path(checkpoint) / "meta.json").read_text())
+    saved, new = meta.get("config"), dataclasses.asdict(cfg)
+    if meta["step"] > cfg.steps:
+        raise TrainInputError(f"{checkpoint} is at step {meta['step']}, past --steps {cfg.steps}")
+    if not isinstance(saved, dict):
+        return  # a checkpoint saved without its config: nothing to compare
+    changed = [k for k in sorted(set(saved) | set(new)) if k not in RESUME_MAY_CHANGE and saved.get(k) != new.get(k)]
+    if changed:
+        what = "; ".join(f"{k} {saved.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+        raise TrainInputError(f"--resume of {checkpoint.parent.parent} with other settings ({what}): a run trains "
+                              "on one config (steps, logging and saving may change); resume with the run's own "
+                              "config.json or start a new --out")
 
 
 def load_records(dirs: list[str], include_kinds: list[str] | None = None,

@@ -165,7 +165,7 @@ def run_recipe(out: str | os.PathLike, recipe: str = "shapeworld", resume: bool 
     """Run every unfinished phase of ``recipe`` into ``out``; returns the phases record (also OUT/phases.json)."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; expected one of {sorted(RECIPES)}")
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # the phases' configs hold paths under it: a resume spelled otherwise matches
     record_path = out / "phases.json"
     if out.exists() and any(out.iterdir()) and not resume:
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or a new --out")

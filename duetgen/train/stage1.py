@@ -54,7 +54,8 @@ from duetgen.models.builder import stage1_mllm, text_only
 from duetgen.models.mllm import IGNORE_INDEX, RenderedSequence
 from duetgen.models.packed_attention import use_packed_attention
 from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
-from duetgen.train.common import TrainInputError, extend_schedule, load_records, pack_inputs, render
+from duetgen.train.common import (TrainInputError, check_finite, check_resume, extend_schedule, load_records,
+                                   pack_inputs, render)
 from duetgen.train.configs import Stage1Config
 from duetgen.train.logging import MetricsLogger
 from duetgen.train.optim import clip_grad_norm, make_adamw, make_scheduler
@@ -168,6 +169,8 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, resume_run: bool = Fals
 def _train(cfg: Stage1Config, run_dir, env: DistEnv, resume_run: bool, progress: bool, stop_after: int | None) -> Path:
     # --- setup
     run_dir, found = open_run_dir(run_dir, resume_run)
+    if found is not None:
+        check_resume(found, cfg)  # before anything loads: another config is refused by name
     ckpt_dir = run_dir / "checkpoints"
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -186,6 +189,9 @@ def _train(cfg: Stage1Config, run_dir, env: DistEnv, resume_run: bool, progress:
 
     # --- data: filter, hold out a validation tail, lengths once for the packer
     items = load_records(cfg.data, exclude_kinds=cfg.exclude_kinds)
+    if not any(m.role == "assistant" and m.content for _, rec in items for m in rec.messages):
+        raise TrainInputError(f"{cfg.data}: no record has an assistant turn; stage 1 learns the assistant's text "
+                              "(a loss of 0 on nothing)")
     if cfg.val_data is not None:
         val_items = load_records([cfg.val_data], exclude_kinds=cfg.exclude_kinds)[: cfg.val_records]
     else:
@@ -227,6 +233,7 @@ def _train(cfg: Stage1Config, run_dir, env: DistEnv, resume_run: bool, progress:
             loss = backward_pack_shares((next_token_loss(model, x)[0] for x in step_inputs), counts, n_supervised,
                                         env, autocast)
             grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip)
+            check_finite(step + 1, loss, grad_norm)  # a NaN step is never applied, nor saved over good checkpoints
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()

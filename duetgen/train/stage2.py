@@ -71,7 +71,8 @@ from duetgen.diffusion.flow_matching import FlowMatchingConfig, dit_sample_input
 from duetgen.models.builder import around_mllm, load_mllm
 from duetgen.models.mllm import RenderedSequence, all_layer_states, layer_states, negative_prefix_length
 from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
-from duetgen.train.common import TrainInputError, extend_schedule, load_records, pack_inputs, render
+from duetgen.train.common import (TrainInputError, check_finite, check_resume, extend_schedule, load_records,
+                                   pack_inputs, render)
 from duetgen.train.configs import Stage2Config
 from duetgen.train.logging import MetricsLogger
 from duetgen.train.optim import EMA, clip_grad_norm, make_adamw, make_scheduler
@@ -188,6 +189,23 @@ class ConditionCache:
 
         name = "\0".join(key)
         atomic_write_bytes(self._path(name), save({"states": states.contiguous()}, metadata={"key": name}))
+
+
+MLLM_BINDING = "mllm.json"  # a stage-2 run's frozen MLLM: its path and fingerprint
+
+
+def bind_mllm(run_dir: Path, mllm_dir: str | os.PathLike, write: bool = True) -> None:
+    """A stage-2 run is bound to the MLLM it conditions on: the first start records it (``mllm.json``); a
+    resume or an export with another MLLM is refused (the connector and DiT learned that MLLM's states)."""
+    path, mine = run_dir / MLLM_BINDING, mllm_fingerprint(mllm_dir)
+    if path.is_file():
+        bound = json.loads(path.read_text())
+        if bound["sha256"] != mine:
+            raise TrainInputError(f"{run_dir} trained on the MLLM at {bound['path']}; {mllm_dir} holds another one "
+                                  "(its files differ): give the run's own MLLM, or start a new --out")
+    elif write:
+        atomic_write_bytes(path, (json.dumps({"path": str(Path(mllm_dir).resolve()), "sha256": mine}, indent=1)
+                                  + "\n").encode())
 
 
 def mllm_fingerprint(mllm_dir: str | os.PathLike) -> dict[str, str]:
@@ -430,12 +448,15 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
            stop_after: int | None) -> Path:
     # --- setup
     run_dir, found = open_run_dir(run_dir, resume_run)
+    if found is not None:
+        check_resume(found, cfg)  # before anything loads: another config is refused by name
     ckpt_dir = run_dir / "checkpoints"
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = env.device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+    bind_mllm(run_dir, mllm_dir, env.is_main)
     mllm, tokenizer, processor = load_mllm(mllm_dir)
     condition = ConditionStates(mllm, keep=cfg.keep_mllm_states, cache_dir=cfg.condition_cache, mllm_dir=mllm_dir)
     if env.distributed:
@@ -517,6 +538,7 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
                                          for b, g in zip(batches, generators)), list(map(len, batches)), n_samples,
                                         env, autocast)
             grad_norm = clip_grad_norm(trainable.parameters(), cfg.grad_clip)
+            check_finite(step + 1, loss, grad_norm)  # a NaN step is never applied, nor saved over good checkpoints
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -628,14 +650,18 @@ def write_samples(page: Path | None, val_items, model, trainable, ema, cfg: Stag
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, cfg: Stage2Config, mllm_dir: str | os.PathLike,
-                      out: str | os.PathLike, use_ema: bool = True) -> Path:
+                      out: str | os.PathLike, use_ema: bool = True, overwrite: bool = False) -> Path:
     """A DuetGen directory from a stage-2 training checkpoint (its EMA weights, or the raw ones), e.g. to
-    evaluate step N."""
+    evaluate step N. ``out`` must be new unless ``overwrite``; it may never hold the run itself."""
+    run_dir = Path(checkpoint).resolve().parent.parent
+    if run_dir.is_relative_to(Path(out).resolve()):
+        raise TrainInputError(f"--out {str(out)!r} holds the run {str(run_dir)!r}: exporting there would delete it")
     from safetensors import safe_open
 
     from duetgen.train.checkpoint import unflatten_state
 
     checkpoint = Path(checkpoint)
+    bind_mllm(checkpoint.parent.parent, mllm_dir, write=False)  # the run's own MLLM, when the run recorded it
     mllm, tokenizer, processor = load_mllm(mllm_dir)
     model = build_duetgen(cfg, mllm, tokenizer, processor)
     trainable = nn.ModuleDict({"connector": model.connector, "dit": model.dit})
@@ -653,5 +679,5 @@ def export_checkpoint(checkpoint: str | os.PathLike, cfg: Stage2Config, mllm_dir
         if set(raw) != set(trainable.state_dict()):
             raise TrainInputError(f"{checkpoint}/model.safetensors does not hold this run's connector + DiT weights")
         trainable.load_state_dict(raw)
-    return model.save_pretrained(out, overwrite=True)
+    return model.save_pretrained(out, overwrite=overwrite)
 

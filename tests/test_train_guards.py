@@ -1,0 +1,134 @@
+"""What a training command refuses or stops on (an audit of `duetgen train` / `duetgen model`): a resume
+with another config or another MLLM, a diverged loss, data with nothing to learn, an export over an
+existing folder or the run itself, model directories missing their weights or tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from duetgen.cli import app
+from duetgen.shapeworld.world import generate
+from duetgen.train import stage1, stage2
+from duetgen.train.common import TrainDiverged, TrainInputError
+from duetgen.train.configs import tiny_stage1, tiny_stage2
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("guards")
+    generate(root / "train", 30, seed=0, split="train", progress=False)
+    cfg1 = dataclasses.replace(tiny_stage1(), data=[str(root / "train")], steps=2, warmup_steps=1, sample_every=100)
+    mllm_dir = stage1.train(cfg1, root / "stage1", progress=False)
+    cfg2 = dataclasses.replace(tiny_stage2(), data=[str(root / "train")], steps=2, warmup_steps=1, sample_every=100,
+                               save_every=1)
+    stage2.train(cfg2, mllm_dir, root / "stage2", progress=False)
+    return root, cfg1, mllm_dir, cfg2
+
+
+def test_resume_refuses_other_settings_but_takes_more_steps(setup, tmp_path):
+    root, cfg1, _, _ = setup
+    shutil.copytree(root / "stage1", tmp_path / "s1")
+    with pytest.raises(TrainInputError, match=r"other settings \(lr 0.001 -> 0.5\)"):
+        stage1.train(dataclasses.replace(cfg1, lr=0.5), tmp_path / "s1", resume_run=True, progress=False)
+    with pytest.raises(TrainInputError, match="at step 2, past --steps 1"):
+        stage1.train(dataclasses.replace(cfg1, steps=1), tmp_path / "s1", resume_run=True, progress=False)
+    assert json.loads((tmp_path / "s1" / "config.json").read_text())["lr"] == cfg1.lr  # not rewritten
+    stage1.train(dataclasses.replace(cfg1, steps=3, log_every=1, name="renamed"), tmp_path / "s1", resume_run=True,
+                 progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "s1" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 3
+
+
+def test_stage2_is_bound_to_its_mllm(setup, tmp_path):
+    root, cfg1, mllm_dir, cfg2 = setup
+    other = stage1.train(dataclasses.replace(cfg1, seed=1), tmp_path / "other1", progress=False)
+    shutil.copytree(root / "stage2", tmp_path / "s2")
+    with pytest.raises(TrainInputError, match="trained on the MLLM at .*holds another one"):
+        stage2.train(dataclasses.replace(cfg2, steps=3), other, tmp_path / "s2", resume_run=True, progress=False)
+    with pytest.raises(TrainInputError, match="holds another one"):
+        stage2.export_checkpoint(tmp_path / "s2" / "checkpoints" / "step-0000002", cfg2, other, tmp_path / "x")
+    assert json.loads((root / "stage2" / "mllm.json").read_text())["path"] == str(mllm_dir.resolve())
+
+
+def test_a_diverged_step_is_never_applied_nor_saved(setup, tmp_path):
+    root, cfg1, _, _ = setup
+    cfg = dataclasses.replace(cfg1, steps=6, lr=1e8, grad_clip=1e9, save_every=1, keep_last=10)
+    with pytest.raises(TrainDiverged, match="training diverged; the step was not applied"):
+        stage1.train(cfg, tmp_path / "nan", progress=False)
+    from safetensors.torch import load_file
+
+    for ckpt in (tmp_path / "nan" / "checkpoints").glob("step-*"):  # every checkpoint kept holds finite weights
+        assert all(t.isfinite().all() for t in load_file(ckpt / "model.safetensors").values())
+
+
+def test_nothing_to_learn_and_unfinished_stage1_runs_are_refused(setup, tmp_path):
+    root, cfg1, _, cfg2 = setup
+    shutil.copytree(root / "train", tmp_path / "noasst")
+    for shard in (tmp_path / "noasst" / "shards").glob("*.jsonl"):
+        recs = [json.loads(x) for x in shard.read_text().splitlines()]
+        for r in recs:
+            r["messages"] = [m for m in r["messages"] if m["role"] != "assistant"]
+        shard.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(TrainInputError, match="no record has an assistant turn"):
+        stage1.train(dataclasses.replace(cfg1, data=[str(tmp_path / "noasst")]), tmp_path / "r", progress=False)
+    shutil.copytree(root / "stage1", tmp_path / "unfinished")
+    shutil.rmtree(tmp_path / "unfinished" / "mllm")
+    r = runner.invoke(app, ["train", "stage2", "--config", "tiny", "--stage1", str(tmp_path / "unfinished"),
+                            "--data", str(root / "train"), "--steps", "1", "--out", str(tmp_path / "r2"), "--quiet"])
+    assert r.exit_code == 2 and "has not finished (no mllm/ yet)" in r.output, r.output
+
+
+def test_export_step_never_replaces_a_folder_unasked_nor_the_run(setup, tmp_path):
+    root, _, mllm_dir, _ = setup
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "thesis.txt").write_text("thesis")
+    args = ["train", "export-step", "--run", str(root / "stage2"), "--step", "2", "--stage1", str(root / "stage1")]
+    r = runner.invoke(app, args + ["--out", str(tmp_path / "precious")])
+    assert r.exit_code == 2 and "exists; pass --overwrite" in r.output
+    assert (tmp_path / "precious" / "thesis.txt").read_text() == "thesis"
+    shutil.copytree(root / "stage2", tmp_path / "run")
+    r = runner.invoke(app, ["train", "export-step", "--run", str(tmp_path / "run"), "--step", "2", "--stage1",
+                            str(root / "stage1"), "--out", str(tmp_path / "run"), "--overwrite"])
+    assert r.exit_code == 2 and "exporting there would delete it" in r.output
+    assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "meta.json").is_file()
+    r = runner.invoke(app, args + ["--out", str(tmp_path / "exported")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, args + ["--out", str(tmp_path / "exported"), "--overwrite"])
+    assert r.exit_code == 0, r.output
+
+
+def test_model_check_refuses_directories_missing_weights_or_tokenizer(tmp_path):
+    r = runner.invoke(app, ["model", "init", str(tmp_path / "m0"), "--preset", "tiny"])
+    assert r.exit_code == 0, r.output
+    assert runner.invoke(app, ["model", "check", str(tmp_path / "m0")]).exit_code == 0
+
+    def broken(name, change):
+        d = tmp_path / name
+        shutil.copytree(tmp_path / "m0", d)
+        change(d)
+        return runner.invoke(app, ["model", "check", str(d)])
+
+    r = broken("noweights", lambda d: (d / "mllm" / "model.safetensors").unlink())
+    assert r.exit_code == 2 and "mllm/ holds no *.safetensors weights" in r.output, r.output
+    r = broken("cut", lambda d: (d / "dit" / "diffusion_pytorch_model.safetensors").write_bytes(
+        (d / "dit" / "diffusion_pytorch_model.safetensors").read_bytes()[:-100]))
+    assert r.exit_code == 2 and "not a readable safetensors file" in r.output, r.output
+    r = broken("notok", lambda d: (d / "mllm" / "tokenizer.json").unlink())  # generate wrote nothing with it
+    assert r.exit_code == 2 and "mllm/ has no tokenizer files" in r.output, r.output
+    r = broken("vaelist", lambda d: (d / "vae" / "config.json").write_text("[1, 2]"))
+    assert r.exit_code == 2 and "vae/config.json must hold a JSON object" in r.output, r.output
+
+    def huge_image(d):
+        saved = json.loads((d / "duetgen.json").read_text())
+        saved["settings"]["image_size"] = [10**9, 10**9]
+        (d / "duetgen.json").write_text(json.dumps(saved))
+
+    r = broken("huge", huge_image)
+    assert r.exit_code == 2 and "two ints in 1..8192" in r.output, r.output
