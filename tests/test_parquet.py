@@ -54,6 +54,31 @@ def test_export_import_round_trip_is_exact(tmp_path):
         for pa_, pb in zip(ra.image_parts(), rb.image_parts()):
             assert src.image_path(pa_.path, ra.id).read_bytes() == dst.image_path(pb.path, rb.id).read_bytes()
     assert not list(tmp_path.glob(".*"))  # no tmp file or half-built dataset left behind
+    assert dst.name == "src"  # the dataset's name travels in the file's schema metadata
+
+
+def test_export_never_writes_inside_the_dataset_and_imports_do_not_collide(tmp_path):
+    """An audit: export onto ds/manifest.json replaced the manifest (exit 0); a second import into the same
+    new folder deleted the first one's build folder (a traceback); a FIFO as input hung import."""
+    src = make_dataset(tmp_path / "src", n=2)
+    before = (src.root / "manifest.json").read_bytes()
+    for inside in ("manifest.json", src.shards[0], "sub/x.parquet"):
+        with pytest.raises(DatasetError, match="lies inside the dataset being exported"):
+            export_parquet(src.root, src.root / inside, progress=False)
+    assert (src.root / "manifest.json").read_bytes() == before and len(list(Dataset(src.root))) == 2
+    export_parquet(src.root, tmp_path / "x.parquet", progress=False)
+    from duetgen.data.dataset import building_new_dataset
+
+    with building_new_dataset(tmp_path / "dst") as building:  # another import holds dst
+        building.mkdir()
+        with pytest.raises(DatasetError, match="another import into .* is running"):
+            import_parquet(tmp_path / "x.parquet", tmp_path / "dst", progress=False)
+        assert building.is_dir()  # the running import's folder is left alone
+    assert import_parquet(tmp_path / "x.parquet", tmp_path / "dst", progress=False) == 2
+    assert not [p.name for p in tmp_path.glob(".dst*")]  # neither the build folder nor the lock is left
+    os.mkfifo(tmp_path / "fifo.parquet")
+    with pytest.raises(DatasetError, match="not a regular file"):
+        import_parquet(tmp_path / "fifo.parquet", tmp_path / "dst2", progress=False)
 
 
 def test_schema_and_row_shape(tmp_path):
@@ -61,7 +86,7 @@ def test_schema_and_row_shape(tmp_path):
     out = tmp_path / "x.parquet"
     export_parquet(src.root, out, progress=False)
     table = pq.read_table(out)
-    assert table.schema.equals(SCHEMA, check_metadata=True)
+    assert table.schema.equals(SCHEMA) and table.schema.metadata[b"huggingface"] == SCHEMA.metadata[b"huggingface"]
     row = table.to_pylist()[0]
     messages = json.loads(row["messages"])
     assert messages[2]["content"][1] == {"type": "image", "index": 1}

@@ -124,28 +124,54 @@ def resolve_inside(root: Path, rel: str, record_id: str) -> Path:
     return target
 
 
+def _lock_exclusively(path: Path, busy: str) -> int:
+    """An fd holding flock(LOCK_EX) on ``path`` (created); DatasetError(``busy``) when another process holds
+    it. Retries when the file was unlinked by its last holder between our open and our lock."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DatasetError(busy) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
 @contextmanager
 def building_new_dataset(out_root: str | os.PathLike) -> Iterator[Path]:
     """All or nothing: yield a hidden sibling folder to write a new dataset into; when the block ends
     without an error its files move to ``out_root`` (which must not exist or be an empty folder, e.g.
-    the shell's "."), the manifest last; on an error nothing is left. A killed build's folder is
-    removed by the next one."""
+    the shell's "."), the manifest last; on an error nothing is left. One build per ``out_root`` at a
+    time (a lock file beside it); a killed build's folder is removed by the next one."""
     out_root = Path(os.path.abspath(out_root))  # "." has no name to build a sibling from
     if out_root.exists() and (not out_root.is_dir() or any(out_root.iterdir())):
         raise DatasetError(f"{str(out_root)!r} exists and is not an empty folder; an import writes a new dataset")
     out_root.parent.mkdir(parents=True, exist_ok=True)
     building = out_root.with_name(f".{out_root.name}.importing")
-    shutil.rmtree(building, ignore_errors=True)  # left by an import that was killed
+    lock = out_root.with_name(f".{out_root.name}.importing.lock")
+    fd = _lock_exclusively(lock, f"another import into {str(out_root)!r} is running")
     try:
-        yield building
-        (building / ".writer.lock").unlink(missing_ok=True)
-        if out_root.is_dir():  # an empty folder: filled, not replaced
-            for entry in sorted(building.iterdir(), key=lambda e: e.name == MANIFEST):
-                os.replace(entry, out_root / entry.name)
-        else:
-            os.replace(building, out_root)
+        shutil.rmtree(building, ignore_errors=True)  # left by an import that was killed (we hold the lock)
+        try:
+            yield building
+            (building / ".writer.lock").unlink(missing_ok=True)
+            if out_root.exists() and (not out_root.is_dir() or any(out_root.iterdir())):
+                raise DatasetError(f"{str(out_root)!r} was filled while the import ran; nothing was moved there")
+            if out_root.is_dir():  # an empty folder: filled, not replaced
+                for entry in sorted(building.iterdir(), key=lambda e: e.name == MANIFEST):
+                    os.replace(entry, out_root / entry.name)
+            else:
+                os.replace(building, out_root)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
     finally:
-        shutil.rmtree(building, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------- manifest

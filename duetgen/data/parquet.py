@@ -21,7 +21,8 @@ Design choices:
 - A parquet file is untrusted input: import never opens a path named in it, re-validates every
   record through ``DatasetWriter`` (image bytes decoded under the pixel cap, format checked) and
   names the file and row in every error. Image bytes are stored unchanged, so
-  export -> import reproduces the same content-addressed paths and the same records.
+  export -> import reproduces the same records and content-addressed paths (an image a record
+  kept under a path of its own comes back content-addressed) and the dataset's name.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ SCHEMA = pa.schema(
         )
     },
 )
+DUETGEN_METADATA = b"duetgen"  # the file's schema metadata: {"name": the dataset's name}, restored by import
 DEFAULT_MAX_ROW_GROUP_BYTES = 2 << 30  # import refuses a row group that would take > 2 GiB to hold
 
 
@@ -89,12 +91,16 @@ def export_parquet(dataset_root: str | os.PathLike, out_path: str | os.PathLike,
     """
     ds = Dataset(dataset_root)
     out_path = Path(out_path)
+    if Path(os.path.abspath(out_path)).resolve().is_relative_to(ds.root.resolve()):
+        raise DatasetError(f"{str(out_path)!r} lies inside the dataset being exported ({str(ds.root)!r}): writing "
+                           "there could replace its manifest or a shard; write the Parquet file elsewhere")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     rows: list[dict[str, Any]] = []
     buffered_bytes = n = 0
     try:
-        with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
+        schema = SCHEMA.with_metadata({**SCHEMA.metadata, DUETGEN_METADATA: json.dumps({"name": ds.name})})
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             def flush():
                 nonlocal rows, buffered_bytes
                 if rows:
@@ -146,7 +152,8 @@ def _row_to_record(row: dict[str, Any], where: str) -> Record:
                                       "(paths in a parquet file are never opened)")
                 # Record.from_json takes the bytes as an in-memory image part; "index" is not a record field.
                 m["content"][j] = {"type": "image", "image": data}
-    return Record.from_json({"id": rid, "source": row.get("source") or "unknown", "messages": messages, "meta": meta})
+    source = "unknown" if row.get("source") is None else row["source"]  # (a file not written by export)
+    return Record.from_json({"id": rid, "source": source, "messages": messages, "meta": meta})
 
 
 def _rows(pf, path: Path, batch_size: int):
@@ -176,6 +183,8 @@ def import_parquet(path: str | os.PathLike, out_root: str | os.PathLike, shard_s
     Returns the number of records written.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block the reader forever
+        raise DatasetError(f"{path}: not a regular file")
     try:
         pf = pq.ParquetFile(path)
     except (OSError, pa.ArrowInvalid) as e:
@@ -193,6 +202,12 @@ def import_parquet(path: str | os.PathLike, out_root: str | os.PathLike, shard_s
         if size > max_row_group_bytes:
             raise DatasetError(f"{path}: row group {g} holds {size:,} bytes, over the cap of {max_row_group_bytes:,}")
 
+    if name is None:  # the exported dataset's own name
+        try:
+            name = json.loads((schema.metadata or {}).get(DUETGEN_METADATA, b"{}")).get("name")
+        except (ValueError, AttributeError):
+            name = None
+        name = name if isinstance(name, str) else None
     n = 0
     with building_new_dataset(out_root) as building, \
             DatasetWriter(building, shard_size=shard_size, name=name, max_pixels=max_pixels) as writer:
