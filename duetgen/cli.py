@@ -172,7 +172,7 @@ def data_import_parquet(
 def data_toyworld(
     out: Path = typer.Option(..., "--out", help="New dataset directory to write."),
     n: int = typer.Option(..., "--n", min=0, help="Number of records."),
-    seed: int = typer.Option(0, "--seed", help="Seed: the same seed, split and kinds give the same dataset."),
+    seed: int = typer.Option(0, "--seed", help="Seed: the same seed, split and kinds (in the same order) give the same dataset."),
     split: str = typer.Option("train", "--split", help="train | val | test (decided by a hash of every scene; see docs/shapeworld.md)."),
     kinds: Optional[str] = typer.Option(None, "--kinds", help="Comma-separated subset of how-to,continuation,text-to-image,editing,understanding,transition (default: all, in the default mix)."),
     shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Records per shard."),
@@ -283,11 +283,15 @@ def data_taxonomy(
         tax = load_taxonomy(file)
     except TaxonomyError as e:
         fail(str(e))
-    table = Table(title=f"{tax.name} v{tax.version}: {len(tax.domains)} domains, {tax.num_subcategories} subcategories, {tax.num_seeds} seeds")
+    from rich.markup import escape
+
+    # names are the file's text, not rich markup ("Home [/] Living" raised a MarkupError)
+    table = Table(title=escape(f"{tax.name} v{tax.version}: {len(tax.domains)} domains, {tax.num_subcategories} "
+                               f"subcategories, {tax.num_seeds} seeds"))
     for col in ("domain", "name", "subcategories", "seeds"):
         table.add_column(col)
     for row in tax.summary():
-        table.add_row(row["domain"], row["name"], str(row["subcategories"]), str(row["seeds"]))
+        table.add_row(escape(row["domain"]), escape(row["name"]), str(row["subcategories"]), str(row["seeds"]))
     Console().print(table)
 
 
@@ -379,6 +383,8 @@ def data_dish_prompts(
     except (ImageError, OSError) as e:
         fail(str(e))
     typer.echo(f"wrote {len(reqs)} requests to {out}; skipped {len(report.skipped)} files (report: {path})")
+    if not reqs:
+        fail(f"no usable photo in {str(photo_dir)!r} (the report says why each file was skipped)")
     typer.echo(f"synthesize them with: duetgen data synthesize {out} --image-root {photo_dir} ...")
 
 
@@ -1244,8 +1250,12 @@ def demo(
     from duetgen.shapeworld.evaluate import shapeworld_demo
 
     data_dir = out / "shapeworld-test"
-    if data_dir.exists():
+    if out.exists() and not out.is_dir():
+        fail(f"--out {str(out)!r} is a file; the demo writes a folder")
+    if data_dir.is_dir() and not data_dir.is_symlink():
         shutil.rmtree(data_dir)  # the demo owns this folder; a rerun starts clean
+    elif data_dir.exists() or data_dir.is_symlink():
+        fail(f"{str(data_dir)!r} is not a folder the demo wrote; move it away")
     out.mkdir(parents=True, exist_ok=True)
     typer.secho(f"[1/4] generating {n} ShapeWorld test records (seed {seed})", bold=True)
     counts = world.generate(data_dir, n, seed=seed, split="test")

@@ -328,4 +328,26 @@ def test_cli_data_toyworld(tmp_path):
     res = runner.invoke(app, ["data", "toyworld", "--out", str(tmp_path / "x"), "--n", "3", "--kinds", "how-to,poems"])
     assert res.exit_code == 2 and "'poems'" in res.output
     res = runner.invoke(app, ["data", "toyworld", "--out", str(tmp_path / "d"), "--n", "3"])
-    assert res.exit_code == 2 and "already holds a dataset" in res.output
+    assert res.exit_code == 2 and "exists and is not an empty folder; this writes a new dataset" in res.output
+
+
+def test_a_generation_that_fails_midway_leaves_no_dataset(tmp_path, monkeypatch):
+    """An audit: a SIGKILLed `data toyworld` left a valid-looking 2,100-record dataset of the 50,000 asked,
+    which export and training took silently."""
+    from duetgen.shapeworld import world
+
+    real, calls = world.sample_task, []
+
+    def failing(kind, rng, split):
+        calls.append(kind)
+        if len(calls) == 7:
+            raise KeyboardInterrupt  # (Ctrl-C; a SIGKILL leaves only the hidden build folder, removed next run)
+        return real(kind, rng, split)
+
+    monkeypatch.setattr(world, "sample_task", failing)
+    with pytest.raises(KeyboardInterrupt):
+        world.generate(tmp_path / "d", 20, shard_size=2, progress=False)
+    assert not (tmp_path / "d").exists() and not list(tmp_path.iterdir())
+    monkeypatch.setattr(world, "sample_task", real)
+    world.generate(tmp_path / "d", 20, shard_size=2, progress=False)
+    assert len(Dataset(tmp_path / "d")) == 20

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 
 from duetgen.cli import app
 from duetgen.data.dataset import Dataset
+from duetgen.data.images import ImageError
 from duetgen.data.record import ImagePart
 from duetgen.data.synthetic.dishes import dish_requests, title_from_name
 from duetgen.data.synthetic.image_api import GeminiImageClient, OpenAIImageClient
@@ -331,6 +333,36 @@ def test_dish_requests_from_a_photo_folder(tmp_path):
         "fake.jpg": "not_an_image", "notes.txt": "not_a_photo_file", "tiny_pancake.png": "low_resolution"}
     assert dish_requests(d, seed=1) == reqs  # deterministic
     assert title_from_name("a3f9c0d1e2") is None and title_from_name("pad_thai_3") == "pad thai"
+
+
+def test_dish_requests_from_a_hostile_photo_folder(tmp_path):
+    """An audit: a non-UTF-8 name crashed the run; titles.json as a FIFO hung it, as a link to /dev/zero ate
+    memory, as a link out put an outside file's text into prompts; FIFOs named .jpg went unreported; a link
+    to a photo of the folder asked for it twice; a valid photo over 64 MiB was 'truncated'."""
+    d = tmp_path / "dishes"
+    d.mkdir()
+    Image.new("RGB", (300, 300), (200, 120, 60)).save(d / "pie.jpg")
+    Image.new("RGB", (300, 300), (20, 120, 60)).save(os.fsdecode(bytes(d / "bad") + b"\xff\xfe.jpg"))
+    os.mkfifo(d / "pipe.jpg")
+    (d / "link.jpg").symlink_to(d / "pie.jpg")
+    report = RunReport("dish-prompts")
+    reqs = dish_requests(d, report=report)
+    assert [r["photo"] for r in reqs] == ["pie.jpg"]
+    reasons = {s["item"]: s["reason"] for s in report.skipped}
+    assert reasons == {"bad\ufffd\ufffd.jpg": "bad_file_name", "pipe.jpg": "not_a_regular_file",
+                       "link.jpg": "duplicate_photo"}
+    json.dumps(report.to_json())  # the report can be written
+    (tmp_path / "secret.json").write_text(json.dumps({"pie.jpg": "SECRET"}))
+    for target in ("fifo", tmp_path / "secret.json", "/dev/zero", "deep"):
+        (d / "titles.json").unlink(missing_ok=True)
+        if target == "fifo":
+            os.mkfifo(d / "titles.json")
+        elif target == "deep":
+            (d / "titles.json").write_text("[" * 100000 + "]" * 100000)
+        else:
+            (d / "titles.json").symlink_to(target)
+        with pytest.raises(ImageError, match="titles.json: (must be a regular file inside|not readable JSON)"):
+            dish_requests(d)
 
 
 def test_cli_dish_prompts_then_synthesize_openai(server, tmp_path):

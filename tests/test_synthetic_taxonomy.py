@@ -72,5 +72,40 @@ def test_loader_names_the_bad_entry(tmp_path):
         load_taxonomy(tmp_path / "bad.json")
 
 
+def test_loader_refuses_what_an_audit_slipped_past_it(tmp_path):
+    import os
+
+    d = _tiny()
+    d["domains"][0]["subcategories"][0]["id"] = "cleaning\n"  # "$" matched before the newline
+    with pytest.raises(TaxonomyError, match="must be a lowercase identifier"):
+        load_taxonomy(_write(tmp_path, d))
+    d = _tiny()
+    d["domains"][0]["subcategories"][1]["name"] = d["domains"][0]["subcategories"][0]["name"]
+    with pytest.raises(TaxonomyError, match="have the same name"):  # each listed its own name as a sibling
+        load_taxonomy(_write(tmp_path, d))
+    d = _tiny()
+    d["domains"][0]["description"] = {"a": 1}
+    with pytest.raises(TaxonomyError, match="description must be a string"):
+        load_taxonomy(_write(tmp_path, d))
+    text = json.dumps(_tiny())
+    (tmp_path / "dup.json").write_text(text[:-1] + ', "name": "other"}')
+    with pytest.raises(TaxonomyError, match=r"key\(s\) \['name'\] given twice"):
+        load_taxonomy(tmp_path / "dup.json")
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(TaxonomyError, match="nested too deeply"):
+        load_taxonomy(tmp_path / "deep.json")
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(TaxonomyError, match="not a regular file"):
+        load_taxonomy(tmp_path / "fifo.json")
+    from typer.testing import CliRunner
+
+    from duetgen.cli import app
+
+    d = _tiny()
+    d["domains"][0]["name"] = "Home [/] Living [red]x[/red]"  # rich markup raised MarkupError
+    r = CliRunner().invoke(app, ["data", "taxonomy", "--file", str(_write(tmp_path, d))])
+    assert r.exit_code == 0 and "Home [/] Living [red]x[/red]" in r.output, r.output
+
+
 def test_default_path_is_the_package_data_file():
     assert DEFAULT_TAXONOMY.name == "taxonomy.json" and DEFAULT_TAXONOMY.parent.name == "synthetic"

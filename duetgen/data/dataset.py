@@ -150,18 +150,18 @@ def building_new_dataset(out_root: str | os.PathLike) -> Iterator[Path]:
     time (a lock file beside it); a killed build's folder is removed by the next one."""
     out_root = Path(os.path.abspath(out_root))  # "." has no name to build a sibling from
     if out_root.exists() and (not out_root.is_dir() or any(out_root.iterdir())):
-        raise DatasetError(f"{str(out_root)!r} exists and is not an empty folder; an import writes a new dataset")
+        raise DatasetError(f"{str(out_root)!r} exists and is not an empty folder; this writes a new dataset")
     out_root.parent.mkdir(parents=True, exist_ok=True)
     building = out_root.with_name(f".{out_root.name}.importing")
     lock = out_root.with_name(f".{out_root.name}.importing.lock")
-    fd = _lock_exclusively(lock, f"another import into {str(out_root)!r} is running")
+    fd = _lock_exclusively(lock, f"another process is writing a new dataset at {str(out_root)!r}")
     try:
         shutil.rmtree(building, ignore_errors=True)  # left by an import that was killed (we hold the lock)
         try:
             yield building
             (building / ".writer.lock").unlink(missing_ok=True)
             if out_root.exists() and (not out_root.is_dir() or any(out_root.iterdir())):
-                raise DatasetError(f"{str(out_root)!r} was filled while the import ran; nothing was moved there")
+                raise DatasetError(f"{str(out_root)!r} was filled meanwhile; nothing was moved there")
             if out_root.is_dir():  # an empty folder: filled, not replaced
                 for entry in sorted(building.iterdir(), key=lambda e: e.name == MANIFEST):
                     os.replace(entry, out_root / entry.name)
@@ -312,7 +312,8 @@ class DatasetWriter:
         try:
             if (self.root / MANIFEST).exists():
                 if not append:
-                    raise DatasetError(f"{str(self.root)!r} already holds a dataset; pass append=True to add to it")
+                    raise DatasetError(f"{str(self.root)!r} already holds a dataset; write to a new folder (from Python, "
+                                       "DatasetWriter(append=True) adds to it)")
                 self.manifest = _read_manifest(self.root)
                 self._name_changed = name is not None and name != self.manifest.get("name")
                 if self._name_changed:

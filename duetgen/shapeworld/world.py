@@ -586,10 +586,12 @@ def generate(out_dir: str | Path, n: int, seed: int = 0, split: str = "train",
              shard_size: int = 1000, progress: bool = True, name: str | None = None) -> dict[str, int]:
     """Write ``n`` ShapeWorld records of ``split`` to a new dataset at ``out_dir``; return counts per kind.
 
-    ``kinds`` restricts the kinds (default: all six); ``mix`` weights them (default DEFAULT_MIX,
-    renormalised over ``kinds``). The same arguments give the same records and image bytes.
+    ``kinds`` restricts the kinds (default: all six, in that order); ``mix`` weights them (default
+    DEFAULT_MIX, renormalised over ``kinds``). The same arguments, ``kinds`` in the same order, give the
+    same records and image bytes. All or nothing: a killed run leaves no dataset (it takes seconds to
+    start over), never a smaller one that looks whole.
     """
-    from duetgen.data.dataset import DatasetWriter
+    from duetgen.data.dataset import DatasetWriter, building_new_dataset
     from duetgen.progress import progress_bar
 
     if not isinstance(n, int) or n < 0:
@@ -611,7 +613,8 @@ def generate(out_dir: str | Path, n: int, seed: int = 0, split: str = "train",
         raise WorldError(f"mix gives zero weight to every kind in {kinds}")
 
     counts = {k: 0 for k in kinds}
-    with DatasetWriter(out_dir, shard_size=shard_size, name=name or f"shapeworld-{split}-seed{seed}") as writer, \
+    with building_new_dataset(out_dir) as building, \
+            DatasetWriter(building, shard_size=shard_size, name=name or f"shapeworld-{split}-seed{seed}") as writer, \
             progress_bar(progress, n, f"ShapeWorld {split}") as advance:
         for i in range(n):
             rng = task_rng(seed, split, i)

@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from duetgen.data.images import DEFAULT_MAX_PIXELS, ImageError, inspect_image
+from duetgen.data.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, ImageError, inspect_image
 from duetgen.data.synthetic.runlog import RunReport
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -65,19 +65,41 @@ def dish_requests(photo_dir: str | Path, seed: int = 0, min_side: int = 256, lim
     titles = _load_titles(root)
     root_resolved = root.resolve()
     out = []
-    for p in sorted(root.rglob("*")):
-        if not p.is_file() or p.name == "titles.json" or p.name.startswith("."):
+    entries = sorted(root.rglob("*"))
+    seen: dict[Path, str] = {p.resolve(): p.relative_to(root).as_posix()  # a link to one of these asks nothing new
+                             for p in entries if not p.is_symlink() and p.is_file() and not p.name.startswith(".")}
+    for p in entries:
+        if p.name == "titles.json" or p.name.startswith(".") or p.is_dir():
             continue
         rel = p.relative_to(root).as_posix()
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:  # a name from another encoding: it could not travel in the requests' JSON
+            report.skip(rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "bad_file_name",
+                        "the file name is not valid UTF-8")
+            continue
         if p.suffix.lower() not in PHOTO_SUFFIXES:
             report.skip(rel, "not_a_photo_file", f"suffix {p.suffix!r}")
             continue
-        if not p.resolve().is_relative_to(root_resolved):
+        real = p.resolve()
+        if not real.is_relative_to(root_resolved):
             report.skip(rel, "outside_folder", "symlink leaves the photo folder")
             continue
+        if not real.is_file():  # a FIFO, a device, a dangling or looping symlink
+            report.skip(rel, "not_a_regular_file", "not a regular file")
+            continue
+        if p.is_symlink() and real in seen:
+            report.skip(rel, "duplicate_photo", f"a link to {seen[real]!r}")
+            continue
+        seen[real] = rel
+        size = real.stat().st_size
+        if size > DEFAULT_MAX_IMAGE_BYTES:
+            report.skip(rel, "too_large", f"{size:,} bytes, over the cap of {DEFAULT_MAX_IMAGE_BYTES:,}")
+            continue
         try:
-            with open(p, "rb") as f:
-                im = inspect_image(io.BytesIO(f.read(64 << 20)), f"photo {rel!r}", DEFAULT_MAX_PIXELS, decode=True)
+            with open(real, "rb") as f:
+                im = inspect_image(io.BytesIO(f.read(DEFAULT_MAX_IMAGE_BYTES)), f"photo {rel!r}", DEFAULT_MAX_PIXELS,
+                                   decode=True)
         except (ImageError, OSError) as e:
             report.skip(rel, "not_an_image", str(e))
             continue
@@ -101,14 +123,25 @@ def dish_requests(photo_dir: str | Path, seed: int = 0, min_side: int = 256, lim
     return out
 
 
+MAX_TITLES_BYTES = 16 << 20
+
+
 def _load_titles(root: Path) -> dict[str, str]:
+    """``titles.json`` beside the photos: a regular file inside the folder (a symlink out, a FIFO, a device
+    are refused), at most 16 MiB, mapping file names to titles."""
     path = root / "titles.json"
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return {}
+    if not path.resolve().is_relative_to(root.resolve()) or not path.resolve().is_file():
+        raise ImageError(f"{path}: must be a regular file inside the photo folder")
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ImageError(f"{path}: not readable JSON ({e})") from None
+        with open(path, "rb") as f:
+            raw = f.read(MAX_TITLES_BYTES + 1)
+        if len(raw) > MAX_TITLES_BYTES:
+            raise ImageError(f"{path}: over the cap of {MAX_TITLES_BYTES:,} bytes")
+        d = json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ImageError(f"{path}: not readable JSON ({type(e).__name__ if isinstance(e, RecursionError) else e})") from None
     if not isinstance(d, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in d.items()):
         raise ImageError(f"{path}: must map file names to title strings")
     return {k: " ".join(v.split()) for k, v in d.items() if v.strip()}

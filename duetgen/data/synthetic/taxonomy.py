@@ -15,12 +15,22 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 DEFAULT_TAXONOMY = Path(__file__).parent / "taxonomy.json"
-_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
+_ID_RE = re.compile(r"[a-z0-9][a-z0-9_]*")  # fullmatch: "$" would also match before a trailing newline
+MAX_TAXONOMY_BYTES = 64 << 20
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    counts = Counter(k for k, _ in pairs)
+    doubled = sorted(k for k, n in counts.items() if n > 1)
+    if doubled:
+        raise ValueError(f"key(s) {doubled} given twice in one object (JSON keeps only the last)")
+    return dict(pairs)
 
 
 class TaxonomyError(ValueError):
@@ -80,12 +90,20 @@ def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
     """Load and validate a taxonomy file (default: the shipped 8-domain, 151-subcategory pool)."""
     path = Path(path) if path is not None else DEFAULT_TAXONOMY
     where = str(path)
+    if not path.exists():
+        raise TaxonomyError(f"taxonomy file {where!r} does not exist")
+    if not path.is_file():  # a FIFO would block the read forever
+        raise TaxonomyError(f"taxonomy file {where!r} is not a regular file")
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TaxonomyError(f"taxonomy file {where!r} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_TAXONOMY_BYTES + 1)
+        if len(raw) > MAX_TAXONOMY_BYTES:
+            raise TaxonomyError(f"taxonomy file {where!r} is over the cap of {MAX_TAXONOMY_BYTES:,} bytes")
+        d = json.loads(raw.decode("utf-8"), object_pairs_hook=_refuse_duplicate_keys)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
         raise TaxonomyError(f"taxonomy file {where!r} is not readable JSON ({e})") from None
+    except RecursionError:
+        raise TaxonomyError(f"taxonomy file {where!r} is not readable JSON (nested too deeply)") from None
     if not isinstance(d, dict):
         raise TaxonomyError(f"{where}: the top level must be an object")
     _only_keys(d, {"name", "version", "description", "domains"}, where)
@@ -127,9 +145,18 @@ def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
                     raise TaxonomyError(f"{sw}.seeds[{k}]: the question {q!r} is given twice (also {questions[norm]})")
                 questions[norm] = f"{sw}.seeds[{k}]"
             subs.append(Subcategory(sid, _text(sd.get("name"), f"{sw}.name"), seeds, did, dname))
+        names: dict[str, str] = {}
+        for s in subs:  # each subcategory's siblings are the names to steer away from: two equal names would
+            key = " ".join(s.name.split()).casefold()  # list a subcategory's own name as one
+            if key in names:
+                raise TaxonomyError(f"{dw}: subcategories {names[key]!r} and {s.id!r} have the same name {s.name!r}")
+            names[key] = s.id
         for s in subs:
             s.siblings = [o.name for o in subs if o.id != s.id]
-        domains.append(Domain(did, dname, str(dd.get("description", "")), subs))
+        description = dd.get("description", "")
+        if not isinstance(description, str):
+            raise TaxonomyError(f"{dw}.description must be a string, got {type(description).__name__}")
+        domains.append(Domain(did, dname, description, subs))
     return Taxonomy(d["name"], d["version"], domains, path=where)
 
 
@@ -140,7 +167,7 @@ def _only_keys(d: dict, allowed: set[str], where: str) -> None:
 
 
 def _id(v: Any, where: str, seen: set[str]) -> str:
-    if not isinstance(v, str) or not _ID_RE.match(v):
+    if not isinstance(v, str) or not _ID_RE.fullmatch(v):
         raise TaxonomyError(f"{where}.id must be a lowercase identifier (a-z, 0-9, _), got {v!r}")
     if v in seen:
         raise TaxonomyError(f"{where}.id {v!r} is used twice (ids are unique across domains and subcategories)")
