@@ -423,6 +423,9 @@ class DuetGen(nn.Module):
                              f"comes with real weights); assemble it with duetgen.models.builder.assemble to save it")
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+        if target.exists() and Path.cwd().resolve().is_relative_to(target.resolve()):
+            raise ValueError(f"{str(target)!r} is the folder you are in (or holds it): replacing it would leave the "
+                             "shell in a deleted folder; write the model elsewhere")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
