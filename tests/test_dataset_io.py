@@ -584,3 +584,21 @@ def test_a_full_disk_leaves_no_half_file_and_names_the_file(tmp_path):
     assert "shard: " in out.stdout and "part-00000.jsonl" in out.stdout
     leftovers = [p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == [] and not (tmp_path / "big.bin").exists()
+
+
+def test_the_writer_and_the_reader_apply_one_record_line_cap(tmp_path, monkeypatch):
+    """A review: the writer counted characters without the newline, the reader with it, so a line at the
+    cap was written and could never be read back."""
+    import duetgen.data.dataset as dataset
+
+    def rec(n):
+        return Record(id="r", messages=[Message("user", [TextPart("é" * n)])])
+
+    size = len(rec(0).to_jsonl_line().encode())
+    monkeypatch.setattr(dataset, "MAX_RECORD_LINE_BYTES", size + 40)  # 20 two-byte characters more
+    with DatasetWriter(tmp_path / "ok") as w:
+        w.write(rec(20))  # exactly at the cap
+    assert [r.id for r in Dataset(tmp_path / "ok")] == ["r"]
+    with DatasetWriter(tmp_path / "over") as w:
+        with pytest.raises(RecordError, match="over the cap"):
+            w.write(rec(21))

@@ -76,6 +76,20 @@ def test_export_never_writes_inside_the_dataset_and_imports_do_not_collide(tmp_p
         assert building.is_dir()  # the running import's folder is left alone
     assert import_parquet(tmp_path / "x.parquet", tmp_path / "dst", progress=False) == 2
     assert not [p.name for p in tmp_path.glob(".dst*")]  # neither the build folder nor the lock is left
+    (tmp_path / "empty").mkdir()  # an empty folder (a mount point, the shell's "."): built inside it, on its disk
+    seen = []
+    real_replace = os.replace
+
+    def replace(a, b):
+        seen.append((os.path.dirname(os.fspath(a)), os.path.dirname(os.fspath(b))))
+        return real_replace(a, b)
+
+    import unittest.mock
+
+    with unittest.mock.patch("os.replace", replace):
+        assert import_parquet(tmp_path / "x.parquet", tmp_path / "empty", progress=False) == 2
+    assert seen and all(a.startswith(str(tmp_path / "empty")) for a, _ in seen)
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["images", "manifest.json", "shards"]
     os.mkfifo(tmp_path / "fifo.parquet")
     with pytest.raises(DatasetError, match="not a regular file"):
         import_parquet(tmp_path / "fifo.parquet", tmp_path / "dst2", progress=False)

@@ -46,6 +46,17 @@ def test_resume_refuses_other_settings_but_takes_more_steps(setup, tmp_path):
     assert max(r["step"] for r in rows) == 3
 
 
+def test_a_short_first_run_resumes_longer_through_the_cli(setup, tmp_path):
+    """A review: the CLI shortens the warm-up for a run under it (--steps 1), and the resume with more steps
+    then differed in warmup_steps and was refused."""
+    root, _, _, _ = setup
+    args = ["train", "stage1", "--config", "tiny", "--data", str(root / "train"), "--out", str(tmp_path / "r"), "--quiet"]
+    assert runner.invoke(app, args + ["--steps", "1"]).exit_code == 0
+    r = runner.invoke(app, args + ["--steps", "3", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["warmup_steps"] == 1  # the run's own schedule
+
+
 def test_stage2_is_bound_to_its_mllm(setup, tmp_path):
     root, cfg1, mllm_dir, cfg2 = setup
     other = stage1.train(dataclasses.replace(cfg1, seed=1), tmp_path / "other1", progress=False)
@@ -55,6 +66,11 @@ def test_stage2_is_bound_to_its_mllm(setup, tmp_path):
     with pytest.raises(TrainInputError, match="holds another one"):
         stage2.export_checkpoint(tmp_path / "s2" / "checkpoints" / "step-0000002", cfg2, other, tmp_path / "x")
     assert json.loads((root / "stage2" / "mllm.json").read_text())["path"] == str(mllm_dir.resolve())
+    # a first attempt that failed before any checkpoint binds nothing: a fresh start records its own MLLM
+    with pytest.raises(TrainInputError, match="no records left"):
+        stage2.train(dataclasses.replace(cfg2, include_kinds=["nothing"]), other, tmp_path / "s3", progress=False)
+    stage2.train(dataclasses.replace(cfg2, steps=1), mllm_dir, tmp_path / "s3", progress=False)
+    assert json.loads((tmp_path / "s3" / "mllm.json").read_text())["path"] == str(mllm_dir.resolve())
 
 
 def test_a_diverged_step_is_never_applied_nor_saved(setup, tmp_path):

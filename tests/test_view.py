@@ -206,7 +206,7 @@ def test_hostile_datasets_render_with_the_damage_shown_in_place(tmp_path):
     """An audit: --embed inlined one image per reference without bound (11 MB on disk, 280 MB of page); the
     link mode handed the browser any file; a megabyte text part took Chromium minutes; one bad line, a
     deeply nested one or a FIFO shard stopped (or hung) the whole view."""
-    ds = make(tmp_path / "ds", n=4)
+    ds = make(tmp_path / "ds", n=5)
     rec = next(iter(ds))
     img = rec.image_parts()[0].path
     shard = ds.root / ds.shards[0]
@@ -217,6 +217,9 @@ def test_hostile_datasets_render_with_the_damage_shown_in_place(tmp_path):
     lines[1] = json.dumps(many)
     lines[2] = '{"id": "deep", "meta": {"a": ' + "[" * 5000 + "]" * 5000 + "}}"  # RecursionError before
     shard.write_text("\n".join(lines) + "\n")
+    more = (ds.root / ds.shards[1]).read_bytes().split(b"\n")  # a byte that is not UTF-8 stopped the page
+    more[0] = more[0].replace(b"question", b"qu\xffstion")
+    (ds.root / ds.shards[1]).write_bytes(b"\n".join(more))
     Image.new("1", (9000, 9000)).save(ds.root / "images" / "bomb.png")  # 81 MP, over the 40 MP cap
     long_text = "A" * 50_000
     with DatasetWriter(tmp_path / "ds2") as w:
@@ -240,7 +243,8 @@ def test_hostile_datasets_render_with_the_damage_shown_in_place(tmp_path):
         [page] = render_dataset_html(ds.root, tmp_path / f"p{embed}.html", embed=embed, progress=False)
         text = page.read_text()
         assert "#3: record cannot be shown" in text and "JSON nested too deeply" in text
-        assert "rec-3" in text and "many" in text  # the records around it render
+        assert "#4: record cannot be shown" in text and "part-00001.jsonl:1: not valid UTF-8" in text
+        assert "rec-4" in text and "many" in text  # the records around them render
         assert "too many pixels" in text or "over the cap" in text  # the bomb is a red box, never an <img>
         assert not any("bomb" in a["src"] for a in Tags(text).find("img"))
     [page] = render_dataset_html(tmp_path / "ds2", tmp_path / "long.html", progress=False)

@@ -52,7 +52,7 @@ _SHARD_RE = re.compile(r"^shards/part-(\d{5})\.jsonl$")
 
 
 MAX_MANIFEST_BYTES = 256 << 20  # ~2.5M shards' entries
-MAX_RECORD_LINE_CHARS = 64 << 20  # one record's JSON line
+MAX_RECORD_LINE_BYTES = 64 << 20  # one record's JSON line, UTF-8, without its newline
 
 
 class DatasetError(RecordError):
@@ -60,11 +60,11 @@ class DatasetError(RecordError):
 
 
 def record_line(rec: Record) -> str:
-    """``rec``'s JSONL line, refused when over the cap every reader applies (``MAX_RECORD_LINE_CHARS``)."""
+    """``rec``'s JSONL line, refused when over the cap every reader applies (``MAX_RECORD_LINE_BYTES``)."""
     line = rec.to_jsonl_line()
-    if len(line) > MAX_RECORD_LINE_CHARS:
-        raise RecordError(f"record {rec.id!r}: {len(line):,} characters of JSON, over the cap of "
-                          f"{MAX_RECORD_LINE_CHARS:,} a dataset reader accepts")
+    if len(line) > MAX_RECORD_LINE_BYTES // 4 and len(line.encode("utf-8")) > MAX_RECORD_LINE_BYTES:
+        raise RecordError(f"record {rec.id!r}: {len(line.encode('utf-8')):,} bytes of JSON, over the cap of "
+                          f"{MAX_RECORD_LINE_BYTES:,} a dataset reader accepts")
     return line
 
 
@@ -142,27 +142,41 @@ def _lock_exclusively(path: Path, busy: str) -> int:
         os.close(fd)
 
 
+BUILDING, BUILDING_LOCK = ".building", ".building.lock"  # inside an empty output folder while it is filled
+
+
 @contextmanager
 def building_new_dataset(out_root: str | os.PathLike) -> Iterator[Path]:
-    """All or nothing: yield a hidden sibling folder to write a new dataset into; when the block ends
-    without an error its files move to ``out_root`` (which must not exist or be an empty folder, e.g.
-    the shell's "."), the manifest last; on an error nothing is left. One build per ``out_root`` at a
-    time (a lock file beside it); a killed build's folder is removed by the next one."""
+    """All or nothing: yield a hidden folder to write a new dataset into; when the block ends without an
+    error its files move into ``out_root``, the manifest last; on an error nothing is left.
+
+    ``out_root`` must not exist (the dataset is built in a sibling ``.NAME.building`` and renamed) or be an
+    empty folder, e.g. the shell's "." or a mount point (built in ``out_root/.building``, so every move
+    stays on that filesystem). One build per output at a time (a lock file beside the build); a killed
+    build's folder is removed by the next one."""
     out_root = Path(os.path.abspath(out_root))  # "." has no name to build a sibling from
-    if out_root.exists() and (not out_root.is_dir() or any(out_root.iterdir())):
+    ours = {BUILDING, BUILDING_LOCK}
+
+    def holds_other_files() -> bool:
+        return any(e.name not in ours for e in out_root.iterdir())
+
+    if out_root.exists() and (not out_root.is_dir() or holds_other_files()):
         raise DatasetError(f"{str(out_root)!r} exists and is not an empty folder; this writes a new dataset")
-    out_root.parent.mkdir(parents=True, exist_ok=True)
-    building = out_root.with_name(f".{out_root.name}.importing")
-    lock = out_root.with_name(f".{out_root.name}.importing.lock")
+    into_folder = out_root.is_dir()
+    if into_folder:
+        building, lock = out_root / BUILDING, out_root / BUILDING_LOCK
+    else:
+        out_root.parent.mkdir(parents=True, exist_ok=True)
+        building, lock = out_root.with_name(f".{out_root.name}{BUILDING}"), out_root.with_name(f".{out_root.name}{BUILDING_LOCK}")
     fd = _lock_exclusively(lock, f"another process is writing a new dataset at {str(out_root)!r}")
     try:
-        shutil.rmtree(building, ignore_errors=True)  # left by an import that was killed (we hold the lock)
+        shutil.rmtree(building, ignore_errors=True)  # left by a build that was killed (we hold the lock)
         try:
             yield building
             (building / ".writer.lock").unlink(missing_ok=True)
-            if out_root.exists() and (not out_root.is_dir() or any(out_root.iterdir())):
+            if out_root.exists() and (not out_root.is_dir() or holds_other_files()):
                 raise DatasetError(f"{str(out_root)!r} was filled meanwhile; nothing was moved there")
-            if out_root.is_dir():  # an empty folder: filled, not replaced
+            if into_folder:
                 for entry in sorted(building.iterdir(), key=lambda e: e.name == MANIFEST):
                     os.replace(entry, out_root / entry.name)
             else:
@@ -588,23 +602,26 @@ class Dataset:
         path = dataset_file(self.root, entry["path"])
         n = 0
         try:
-            f = open(path, encoding="utf-8")
+            f = open(path, "rb")  # lines decoded one by one: a bad byte names its own line
         except OSError as e:
             raise DatasetError(f"{path}: shard listed in the manifest cannot be opened ({e.strerror})") from None
         with f:
             lineno = 0
             while True:
-                try:
-                    line = f.readline(MAX_RECORD_LINE_CHARS + 1)
-                except UnicodeDecodeError as e:
-                    raise DatasetError(f"{path}:{lineno + 1}: not valid UTF-8 ({e.reason})") from None
-                if not line:
+                raw = f.readline(MAX_RECORD_LINE_BYTES + 2)
+                if not raw:
                     break
                 lineno += 1
-                if len(line) > MAX_RECORD_LINE_CHARS:  # images are files, so a record is text: ~36x its size parsed
-                    raise DatasetError(f"{path}:{lineno}: a record over the cap of {MAX_RECORD_LINE_CHARS:,} characters")
                 n += 1
                 try:
+                    if len(raw.rstrip(b"\n")) > MAX_RECORD_LINE_BYTES:  # images are files: a record is text
+                        while raw and not raw.endswith(b"\n"):  # skip to the line's end
+                            raw = f.readline(1 << 20)
+                        raise DatasetError(f"{path}:{lineno}: a record over the cap of {MAX_RECORD_LINE_BYTES:,} bytes")
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise DatasetError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
                     rec = _parse_record_line(line, f"{path}:{lineno}")
                 except RecordError as e:
                     if on_error is None:

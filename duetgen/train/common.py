@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -27,15 +28,17 @@ class TrainInputError(ValueError):
 
 
 class TrainDiverged(RuntimeError):
-    """The loss or the gradient norm stopped being finite: the run stops before the step is applied, so
-    no checkpoint holds non-finite weights and the last one is there to resume from (with other settings)."""
+    """The loss or the gradient norm stopped being finite: the run stops before the step is applied, so no
+    checkpoint holds non-finite weights. A resume would replay the same steps exactly (it is bit-exact), so
+    the way on is a new run with other settings."""
 
 
 def check_finite(step: int, loss: float, grad_norm: float) -> None:
     """Raise ``TrainDiverged`` before a step whose loss or gradient norm is NaN / inf is applied."""
     if not (math.isfinite(float(loss)) and math.isfinite(grad_norm)):
         raise TrainDiverged(f"step {step}: loss {float(loss)}, gradient norm {grad_norm}: training diverged; the step "
-                            "was not applied and the last checkpoint is kept (lower the learning rate, check the data)")
+                            "was not applied and the checkpoints hold finite weights. Start a new run (a new --out) "
+                            "with other settings: a lower learning rate, clean data")
 
 
 # Settings a resumed run may change: how long it runs, how often it logs / evaluates / samples / saves,
@@ -45,23 +48,49 @@ RESUME_MAY_CHANGE = frozenset({"name", "steps", "threads", "log_every", "eval_ev
                                "keep_last", "num_samples", "max_new_tokens", "sample_steps", "sample_shift",
                                "guidance_scale", "guidance_scale_without_frames", "keep_mllm_states",
                                "condition_cache"})
+PATH_FIELDS = ("data", "val_data", "mllm", "init_from")  # compared as absolute paths (a recipe's OUT became one)
 
 
-def check_resume(checkpoint, cfg) -> None:
-    """Refuse to resume ``checkpoint`` with settings other than the ones it was trained with (but
-    ``RESUME_MAY_CHANGE``), or with fewer steps than it has done, naming what differs."""
+def check_resume(checkpoint, cfg):
+    """``cfg`` for resuming ``checkpoint``: refused (naming what differs) when it changes a setting the run
+    was trained with (but ``RESUME_MAY_CHANGE``) or asks for fewer steps than are done. The warm-up is the
+    run's own (the CLI shortens it for a short first run; a longer resume keeps the schedule it started)."""
     meta = json.loads((Path(checkpoint) / "meta.json").read_text())
     saved, new = meta.get("config"), dataclasses.asdict(cfg)
     if meta["step"] > cfg.steps:
         raise TrainInputError(f"{checkpoint} is at step {meta['step']}, past --steps {cfg.steps}")
     if not isinstance(saved, dict):
-        return  # a checkpoint saved without its config: nothing to compare
-    changed = [k for k in sorted(set(saved) | set(new)) if k not in RESUME_MAY_CHANGE and saved.get(k) != new.get(k)]
+        return cfg  # a checkpoint saved without its config: nothing to compare
+    if isinstance(saved.get("warmup_steps"), int):
+        cfg = dataclasses.replace(cfg, warmup_steps=saved["warmup_steps"])
+        new["warmup_steps"] = saved["warmup_steps"]
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING
+                or f.default_factory is not dataclasses.MISSING}
+
+    def same(k) -> bool:
+        if k not in saved:  # a field added since the checkpoint was written: fine at its default
+            return new.get(k) == defaults.get(k)
+        a, b = saved.get(k), new.get(k)
+        if k in PATH_FIELDS:
+            a, b = (_absolute(x) for x in (a, b))
+        return a == b
+
+    changed = [k for k in sorted(set(saved) | set(new)) if k not in RESUME_MAY_CHANGE and not same(k)]
     if changed:
         what = "; ".join(f"{k} {saved.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
         raise TrainInputError(f"--resume of {checkpoint.parent.parent} with other settings ({what}): a run trains "
-                              "on one config (steps, logging and saving may change); resume with the run's own "
-                              "config.json or start a new --out")
+                              "on one config (steps, logging and saving may change); resume with the --config and "
+                              "--data the run started with (its config.json lists them), or start a new --out")
+    return cfg
+
+
+def _absolute(v):
+    if isinstance(v, str):
+        return os.path.abspath(v)
+    if isinstance(v, list):
+        return [_absolute(x) for x in v]
+    return v
 
 
 def load_records(dirs: list[str], include_kinds: list[str] | None = None,

@@ -170,7 +170,7 @@ def _train(cfg: Stage1Config, run_dir, env: DistEnv, resume_run: bool, progress:
     # --- setup
     run_dir, found = open_run_dir(run_dir, resume_run)
     if found is not None:
-        check_resume(found, cfg)  # before anything loads: another config is refused by name
+        cfg = check_resume(found, cfg)  # before anything loads: another config is refused by name
     ckpt_dir = run_dir / "checkpoints"
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -194,11 +194,12 @@ class ConditionCache:
 MLLM_BINDING = "mllm.json"  # a stage-2 run's frozen MLLM: its path and fingerprint
 
 
-def bind_mllm(run_dir: Path, mllm_dir: str | os.PathLike, write: bool = True) -> None:
-    """A stage-2 run is bound to the MLLM it conditions on: the first start records it (``mllm.json``); a
-    resume or an export with another MLLM is refused (the connector and DiT learned that MLLM's states)."""
+def bind_mllm(run_dir: Path, mllm_dir: str | os.PathLike, write: bool = True, fresh: bool = False) -> None:
+    """A stage-2 run is bound to the MLLM it conditions on: a fresh start records it (``mllm.json``, replacing
+    one a failed first attempt left); a resume or an export with another MLLM is refused (the connector and
+    DiT learned that MLLM's states)."""
     path, mine = run_dir / MLLM_BINDING, mllm_fingerprint(mllm_dir)
-    if path.is_file():
+    if path.is_file() and not fresh:
         bound = json.loads(path.read_text())
         if bound["sha256"] != mine:
             raise TrainInputError(f"{run_dir} trained on the MLLM at {bound['path']}; {mllm_dir} holds another one "
@@ -213,7 +214,12 @@ def mllm_fingerprint(mllm_dir: str | os.PathLike) -> dict[str, str]:
     import hashlib
 
     root = Path(mllm_dir)
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.iterdir()) if p.is_file()}
+    out = {}
+    for p in sorted(root.iterdir()):
+        if p.is_file():
+            with open(p, "rb") as f:  # in chunks: a 7B model's 4 GB shards never sit in memory whole
+                out[p.name] = hashlib.file_digest(f, "sha256").hexdigest()
+    return out
 
 
 @torch.no_grad()
@@ -449,14 +455,14 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
     # --- setup
     run_dir, found = open_run_dir(run_dir, resume_run)
     if found is not None:
-        check_resume(found, cfg)  # before anything loads: another config is refused by name
+        cfg = check_resume(found, cfg)  # before anything loads: another config is refused by name
     ckpt_dir = run_dir / "checkpoints"
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = env.device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    bind_mllm(run_dir, mllm_dir, env.is_main)
+    bind_mllm(run_dir, mllm_dir, write=env.is_main, fresh=found is None)
     mllm, tokenizer, processor = load_mllm(mllm_dir)
     condition = ConditionStates(mllm, keep=cfg.keep_mllm_states, cache_dir=cfg.condition_cache, mllm_dir=mllm_dir)
     if env.distributed:
