@@ -275,6 +275,7 @@ def data_taxonomy(
 ):
     """Validate and summarise the query-pool taxonomy (domains, subcategories, seed questions)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from duetgen.data.synthetic.taxonomy import TaxonomyError, load_taxonomy
@@ -283,8 +284,6 @@ def data_taxonomy(
         tax = load_taxonomy(file)
     except TaxonomyError as e:
         fail(str(e))
-    from rich.markup import escape
-
     # names are the file's text, not rich markup ("Home [/] Living" raised a MarkupError)
     table = Table(title=escape(f"{tax.name} v{tax.version}: {len(tax.domains)} domains, {tax.num_subcategories} "
                                f"subcategories, {tax.num_seeds} seeds"))
@@ -865,8 +864,7 @@ def _stage1_mllm_dir(stage1: Path) -> Path:
     """--stage1: a finished stage-1 run's mllm/, or an MLLM directory (config.json beside its weights)."""
     mllm_dir = stage1 / "mllm" if (stage1 / "mllm").is_dir() else stage1
     if (stage1 / "checkpoints").is_dir() and mllm_dir == stage1:
-        fail(f"--stage1 {str(stage1)!r}: a stage-1 run that has not finished (no mllm/ yet); resume it, or export "
-             "a step of it")
+        fail(f"--stage1 {str(stage1)!r}: a stage-1 run that has not finished (no mllm/ yet); resume it to its end")
     if not (mllm_dir / "config.json").is_file() or not any(mllm_dir.glob("*.safetensors")):
         fail(f"--stage1 {str(stage1)!r}: no finished stage-1 MLLM there (expected {mllm_dir}/config.json and its "
              "*.safetensors weights)")

@@ -167,7 +167,8 @@ def building_new_dataset(out_root: str | os.PathLike) -> Iterator[Path]:
         building, lock = out_root / BUILDING, out_root / BUILDING_LOCK
     else:
         out_root.parent.mkdir(parents=True, exist_ok=True)
-        building, lock = out_root.with_name(f".{out_root.name}{BUILDING}"), out_root.with_name(f".{out_root.name}{BUILDING_LOCK}")
+        building = out_root.with_name(f".{out_root.name}{BUILDING}")
+        lock = out_root.with_name(f".{out_root.name}{BUILDING_LOCK}")
     fd = _lock_exclusively(lock, f"another process is writing a new dataset at {str(out_root)!r}")
     try:
         shutil.rmtree(building, ignore_errors=True)  # left by a build that was killed (we hold the lock)

@@ -30,8 +30,8 @@ from duetgen.data.dataset import atomic_write_bytes
 from duetgen.data.record import Message, Record, RecordError
 from duetgen.data.view import esc, page_html, render_record_html
 from duetgen.eval.benchmarks import Benchmark, BenchmarkError, load_benchmark
-from duetgen.eval.harness import (BENCHMARK_COPY, RESULTS_FILE, RUN_FILE, HarnessError, RunConfig, build_items, build_summary,
-                                  read_results)
+from duetgen.eval.harness import (BENCHMARK_COPY, RESULTS_FILE, RUN_FILE, HarnessError, RunConfig, build_items,
+                                  build_summary, read_results)
 from duetgen.eval.judge import load_template, score_range
 from duetgen.eval.metrics import JUDGE_FAILURES, N_BOOT, SEED
 

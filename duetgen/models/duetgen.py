@@ -133,7 +133,8 @@ class DuetGenConfig:
             problems.append(f"parameterisation={self.parameterisation!r} is not one of {PARAMETERISATIONS}")
         if self.x0_relative_to_previous and self.parameterisation != "x0":
             problems.append(f"x0_relative_to_previous needs parameterisation='x0'; got {self.parameterisation!r}")
-        if len(self.image_size) != 2 or not all(isinstance(s, int) and 0 < s <= MAX_IMAGE_SIDE for s in self.image_size):
+        if len(self.image_size) != 2 or not all(isinstance(s, int) and 0 < s <= MAX_IMAGE_SIDE
+                                                for s in self.image_size):
             problems.append(f"image_size={self.image_size!r} must be (height, width), two ints in 1..{MAX_IMAGE_SIDE}")
         if not isinstance(self.max_images, int) or self.max_images < 1:
             problems.append(f"max_images={self.max_images!r} must be a positive int")

@@ -140,8 +140,10 @@ def _load_titles(root: Path) -> dict[str, str]:
         if len(raw) > MAX_TITLES_BYTES:
             raise ImageError(f"{path}: over the cap of {MAX_TITLES_BYTES:,} bytes")
         d = json.loads(raw.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ImageError(f"{path}: not readable JSON ({type(e).__name__ if isinstance(e, RecursionError) else e})") from None
+    except RecursionError:
+        raise ImageError(f"{path}: not readable JSON (nested too deeply)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ImageError(f"{path}: not readable JSON ({e})") from None
     if not isinstance(d, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in d.items()):
         raise ImageError(f"{path}: must map file names to title strings")
     return {k: " ".join(v.split()) for k, v in d.items() if v.strip()}

@@ -92,7 +92,8 @@ def file_inside(root: Path, path: Path) -> Path:
     secret or to /dev/zero is refused) and to be a regular file."""
     real = path.resolve()
     if not real.is_relative_to(root.resolve()):
-        raise ReaderError(f"{path}: resolves outside {str(root)!r} (to {str(real)!r}); an input's files must lie inside it")
+        raise ReaderError(f"{path}: resolves outside {str(root)!r} (to {str(real)!r}); an input's files must lie "
+                          "inside it")
     if not real.is_file():
         raise ReaderError(f"{path}: not a regular file")
     return path
