@@ -220,6 +220,9 @@ def test_resume_after_sigkill_sends_no_duplicate_requests_and_ends_identical(tmp
         srv.reset()
         again = subprocess.run(cmd + ["--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert again.returncode == 0 and srv.count == 0
+        # the killed invocation is on record (unfinished), before the two that finished
+        inv = json.loads((out / "run.json").read_text())["invocations"]
+        assert [i["finished"] is None for i in inv] == [True, False, False] and inv[0]["judged"] == n
     finally:
         srv.stop()
 

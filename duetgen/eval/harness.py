@@ -657,8 +657,12 @@ def run_benchmark(cfg: RunConfig, judge_config: JudgeConfig | None = None, api_k
     atomic_write_bytes(out / RESULTS_FILE, "".join(_dumps(done[i]) + "\n" for i in order if i in done).encode())
     todo = [it for it in items if it.id not in done]
 
-    # 2. judge the rest, appending each line as its item finishes
-    started = _now()
+    # 2. judge the rest, appending each line as its item finishes (the invocation is recorded first: a killed
+    #    run leaves one without "finished", so its requests are not forgotten)
+    invocation = {"started": _now(), "finished": None, "items": len(items), "kept": len(items) - len(todo),
+                  "judged": len(todo)}
+    run["invocations"].append(invocation)
+    atomic_write_bytes(out / RUN_FILE, (json.dumps(run, indent=1) + "\n").encode())
     stats: dict[str, Any] = {}
     f = open(out / RESULTS_FILE, "ab")
     try:
@@ -685,8 +689,7 @@ def run_benchmark(cfg: RunConfig, judge_config: JudgeConfig | None = None, api_k
     atomic_write_bytes(out / RESULTS_FILE, "".join(_dumps(r) + "\n" for r in results).encode())
     summary = build_summary(bench, run, results, coverage, cfg.n_boot, cfg.seed)
     atomic_write_bytes(out / SUMMARY_FILE, (json.dumps(summary, indent=1) + "\n").encode())
-    run["invocations"].append({"started": started, "finished": _now(), "items": len(items), "kept": len(items) - len(todo),
-                               "judged": len(todo), **stats})
+    invocation.update(finished=_now(), **stats)
     atomic_write_bytes(out / RUN_FILE, (json.dumps(run, indent=1) + "\n").encode())
     return summary
 
