@@ -602,7 +602,7 @@ def eval_generate(
     images: Optional[Path] = typer.Option(None, "--images", help="Image root for an InterleavedBench JSON or ImgEdit's basic_edit.json (default: its folder)."),
     truth: Optional[Path] = typer.Option(None, "--truth", help="shapeworld: the ground-truth dataset; only its user turns are shown to the model."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Answer only the first N items (a later run without it continues)."),
-    samples: int = typer.Option(1, "--samples", min=1, help="geneval: images per prompt (GenEval's protocol uses 4)."),
+    samples: Optional[int] = typer.Option(None, "--samples", min=1, help="geneval: images per prompt (default 4, GenEval's protocol)."),
     language: Optional[str] = typer.Option(None, "--language", help="gedit: instruction_language of the rows to answer (default en; 'all')."),
     seed: int = _generation_option("seed", "Base seed; each item's seed is derived from it and the item id."),
     steps: Optional[int] = _generation_option("steps"),
@@ -629,10 +629,10 @@ def eval_generate(
         benchmark_inputs(bench, prompts, truth, images)
     except (AdapterError, BenchmarkError) as e:
         fail(str(e))
-    if samples != 1 and bench.prompts_format != "geneval_metadata":
+    if samples is not None and bench.prompts_format != "geneval_metadata":
         fail(f"--samples is for geneval; {bench.name!r} has one answer per item")
-    if bench.prompts_format == "geneval_metadata" and samples == 1:
-        samples = 4  # GenEval's protocol: four images per prompt
+    if samples is None:
+        samples = 4 if bench.prompts_format == "geneval_metadata" else 1  # GenEval's protocol: four a prompt
     structure = "one_image" if bench.prompts_format in SINGLE_IMAGE_FORMATS else "free"
     settings = _generation_settings(seed, steps, guidance, temperature, top_p, max_new_tokens, max_images, image_size)
     try:

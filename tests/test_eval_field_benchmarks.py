@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "eval"))
 from eval_judge_server import JudgeServer  # noqa: E402
 
 from duetgen.data.record import ImagePart, Record, TextPart  # noqa: E402
-from duetgen.eval.adapters import Answer, Model, generate_geneval  # noqa: E402
+from duetgen.eval.adapters import AdapterError, Answer, Model, generate_geneval  # noqa: E402
 from duetgen.eval.benchmarks import BenchmarkError  # noqa: E402
 from duetgen.eval.benchmarks.readers import ReaderError, read_gedit, read_interleavedbench  # noqa: E402
 from duetgen.eval.harness import HarnessError, RunConfig, run_benchmark  # noqa: E402
@@ -163,7 +163,13 @@ def test_geneval_writes_its_own_layout_and_reads_its_scorers_results(tmp_path):
     out = tmp_path / "geneval"
     assert generate_geneval(OneImageModel(), tmp_path / "evaluation_metadata.jsonl", out, samples=2, progress=False) == 6
     assert generate_geneval(OneImageModel(), tmp_path / "evaluation_metadata.jsonl", out, samples=2, progress=False) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["00000", "00001", "00002"]
+    assert sorted(p.name for p in out.iterdir()) == ["00000", "00001", "00002", "generation.json"]  # (GenEval's
+    # scorer reads only the digit folders)
+    with pytest.raises(AdapterError, match="different generation settings"):  # 2 samples a prompt, not 3
+        generate_geneval(OneImageModel(), tmp_path / "evaluation_metadata.jsonl", out, samples=3, progress=False)
+    (tmp_path / "other.jsonl").write_text((tmp_path / "evaluation_metadata.jsonl").read_text())
+    with pytest.raises(AdapterError, match="different inputs settings"):  # another prompts file
+        generate_geneval(OneImageModel(), tmp_path / "other.jsonl", out, samples=2, progress=False)
     assert json.loads((out / "00001" / "metadata.jsonl").read_text()) == meta[1]
     assert sorted(p.name for p in (out / "00001" / "samples").iterdir()) == ["00000.png", "00001.png"]
 
@@ -255,6 +261,20 @@ def gedit_parquet(path: Path) -> None:
                       "Intersection_exist": [True, True, False, True]})
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path, row_group_size=2)
+
+
+def test_a_corrupt_gedit_page_is_named_by_file_and_row_group(tmp_path):
+    path = tmp_path / "g" / "train.parquet"
+    gedit_parquet(path)
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata.row_group(1).column(0)  # the second row group's first column chunk
+    data = bytearray(path.read_bytes())
+    start = meta.data_page_offset
+    data[start:start + 16] = bytes(b ^ 0xFF for b in data[start:start + 16])
+    path.write_bytes(bytes(data))
+    with pytest.raises(ReaderError, match=r"train.parquet#1: row group 1 does not decode"):
+        read_gedit(tmp_path / "g")
 
 
 def test_gedit_reads_a_parquet_copy_english_by_default_and_scores_viescore(server, tmp_path):

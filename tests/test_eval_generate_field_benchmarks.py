@@ -31,10 +31,10 @@ def random_model(tmp_path_factory) -> Path:
     return builder.build("tiny", seed=0).eval().save_pretrained(tmp_path_factory.mktemp("model") / "tiny-random")
 
 
-def generate(random_model, benchmark: str, out: Path, *args: str):
+def generate(random_model, benchmark: str, out: Path, *args: str, code: int = 0):
     result = runner.invoke(app, ["eval", "generate", "--benchmark", benchmark, "--model", str(random_model),
                                  "--out", str(out), *FAST, *args])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == code, result.output
     return result
 
 
@@ -46,7 +46,7 @@ def test_geneval_through_the_cli_writes_its_five_digit_layout(random_model, tmp_
     r = generate(random_model, "geneval", out, "--prompts", str(tmp_path / "evaluation_metadata.jsonl"),
                  "--samples", "2")
     assert "generated 4 image(s)" in r.output and "evaluate_images.py" in r.output
-    assert sorted(p.name for p in out.iterdir()) == ["00000", "00001"]
+    assert sorted(p.name for p in out.iterdir()) == ["00000", "00001", "generation.json"]  # the scorer reads digits
     for i, m in enumerate(meta):
         folder = out / f"{i:05d}"
         assert json.loads((folder / "metadata.jsonl").read_text()) == m
@@ -58,6 +58,12 @@ def test_geneval_through_the_cli_writes_its_five_digit_layout(random_model, tmp_
     again = generate(random_model, "geneval", out, "--prompts", str(tmp_path / "evaluation_metadata.jsonl"),
                      "--samples", "2")
     assert "generated 0 image(s)" in again.output  # resume: every sample is there
+    other = generate(random_model, "geneval", out, "--prompts", str(tmp_path / "evaluation_metadata.jsonl"),
+                     "--samples", "2", "--steps", "3", code=2)  # a resume with other settings is refused
+    assert "different generation settings" in other.output
+    fresh = generate(random_model, "geneval", tmp_path / "one", "--prompts", str(tmp_path / "evaluation_metadata.jsonl"),
+                     "--samples", "1")  # an explicit 1 was turned into GenEval's default of 4
+    assert "generated 2 image(s)" in fresh.output
 
 
 def one_image_each(out: Path) -> dict:
@@ -85,6 +91,19 @@ def test_imgedit_through_the_cli_draws_exactly_one_edited_image_per_edit(random_
     run = json.loads((out / "generation.json").read_text())
     assert run["benchmark"] == {"name": "imgedit", "version": "1"} and run["generation"]["structure"] == "one_image"
     assert {r.id: r.meta["category"] for r in Dataset(out)} == {k: e["edit_type"] for k, e in edits.items()}
+    # answers made from one set of source images are not resumed from another (they would be judged against it)
+    import shutil
+
+    shutil.copytree(tmp_path / "original_images", tmp_path / "other_images")
+    r = generate(random_model, "imgedit", out, "--prompts", str(tmp_path / "basic_edit.json"),
+                 "--images", str(tmp_path / "other_images"), code=2)
+    assert "different inputs settings" in r.output
+    # an input image that leaves its root is found before any answer is generated
+    (tmp_path / "original_images" / "style" / "000000002.jpg").unlink()
+    (tmp_path / "original_images" / "style" / "000000002.jpg").symlink_to("/etc/passwd")
+    r = generate(random_model, "imgedit", tmp_path / "pred2", "--prompts", str(tmp_path / "basic_edit.json"),
+                 "--images", str(tmp_path / "original_images"), code=2)
+    assert "resolves outside" in r.output and not (tmp_path / "pred2" / "manifest.json").exists()
 
 
 def test_gedit_through_the_cli_draws_one_image_per_english_row(random_model, tmp_path):

@@ -115,6 +115,34 @@ def test_interleavedbench_repeated_ids_are_keyed_by_index_and_non_list_is_refuse
         read_interleavedbench(tmp_path / "bad.json")
 
 
+def test_hostile_benchmark_files_are_refused_by_name(tmp_path):
+    """An audit: deep nesting and a 5,000-digit id were tracebacks or unnamed errors; a FIFO hung the reader;
+    the key given to a repeated id could be another sample's id; ImgEdit keys "a" and "./a" shared a file."""
+    import os
+
+    from duetgen.eval.benchmarks.readers import read_geneval_results, read_imgedit
+
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ReaderError, match="deep.json: unreadable JSON \\(nested too deeply\\)"):
+        read_interleavedbench(tmp_path / "deep.json")
+    (tmp_path / "big.json").write_text('[{"id": ' + "9" * 5000 + "}]")
+    with pytest.raises(ReaderError, match="big.json: unreadable JSON"):
+        read_interleavedbench(tmp_path / "big.json")
+    (tmp_path / "deep.jsonl").write_text("[" * 100000 + "]" * 100000 + "\n")
+    with pytest.raises(ReaderError, match="deep.jsonl:1: unreadable JSON"):
+        read_geneval_results(tmp_path / "deep.jsonl")
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(ReaderError, match="not a regular file"):
+        read_imgedit(tmp_path / "fifo.json")
+    s = {"id": "5", "task_name": "t", "conversations": [{"from": "human", "value": "x"}]}
+    with pytest.raises(ReaderError, match="the key '5#1' given to this repeated id is another sample's id"):
+        read_interleavedbench(_ib(tmp_path, [s, s, dict(s, id="5#1")]))
+    edit = {"id": "a.png", "prompt": "p", "edit_type": "adjust"}
+    (tmp_path / "edits.json").write_text(json.dumps({"a": edit, "./a": edit}))
+    with pytest.raises(ReaderError, match="edit './a': a key must be a plain file name"):
+        read_imgedit(tmp_path / "edits.json")
+
+
 # ----------------------------------------------------------------------------- CoMM
 def test_comm_results_layout_becomes_records():
     recs, images = read_comm_results(FIX / "comm_results")

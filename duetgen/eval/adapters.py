@@ -119,6 +119,9 @@ def _iter_jsonl_folder(src: Path) -> Iterable[Record]:
                     raise ReaderError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
                 except RecordError as e:
                     raise ReaderError(f"{path}:{lineno}: {e}") from None
+                except (ValueError, RecursionError) as e:  # a 4,300-digit integer; nesting past the stack
+                    why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+                    raise ReaderError(f"{path}:{lineno}: unreadable JSON ({why})") from None
 
 
 def _with_loaded_images(rec: Record, images: ImageSource) -> Record:
@@ -354,12 +357,18 @@ def _benchmark_inputs(bench, prompts, truth, images) -> tuple[str, str]:
     return str(prompts), "--prompts"
 
 
-def _check_items(bench, records: list[Record], where: str) -> None:
-    """Every item is askable before anything is generated: a bad item 180 fails now, not in hour 3."""
+def _check_items(bench, records: list[Record], where: str, images: ImageSource | None = None) -> None:
+    """Every item is askable before anything is generated: a bad item 180 fails now, not in hour 3 (its
+    shape, and with ``images`` every input image's path: inside its root, present)."""
     from duetgen.eval.harness import split_record
 
     for rec in records:
         request, _ = split_record(rec)
+        if images is not None and not hasattr(images, "read_bytes"):  # (a table's images have no path to check)
+            for m in request:
+                for p in m.content:
+                    if isinstance(p, ImagePart) and isinstance(p.image, str):
+                        images.image_path(p.image, rec.id)  # ImageError (a RecordError) naming the record
         if bench.kind == "exact" and any(m.role != "user" for m in request):
             raise AdapterError(f"{where}: item {rec.id!r} has an assistant turn before its last user turn; "
                                f"{bench.name!r} items are single requests and their assistant turns are the truth, "
@@ -382,6 +391,8 @@ def _open_generation_file(out: Path, bound: dict) -> dict:
             raise AdapterError(f"{path}: unreadable ({e})") from None
         if not isinstance(run, dict) or run.get("format") != GENERATION_FORMAT:
             raise AdapterError(f"{path}: not a DuetGen generation file")
+        if "inputs" not in run:  # written before the inputs were bound: bound from now on
+            run["inputs"] = bound.get("inputs")
         for key, value in bound.items():
             if run.get(key) != value:
                 raise AdapterError(f"{out} holds answers made with different {key} settings "
@@ -394,16 +405,26 @@ def _open_generation_file(out: Path, bound: dict) -> dict:
     return {"format": GENERATION_FORMAT, "format_version": 1, "created": _now(), **bound, "invocations": []}
 
 
+def _generation_inputs(source, images, language) -> dict:
+    """What a prediction folder's answers were made from (by resolved path): another --prompts, --truth or
+    --images on a rerun is refused, or answers made from one set of source images would be judged against
+    another's."""
+    return {"prompts": str(Path(source).resolve()), "images": None if images is None else str(Path(images).resolve()),
+            "language": language}
+
+
 SINGLE_IMAGE_FORMATS = ("imgedit_json", "gedit_dataset", "geneval_metadata")  # benchmarks of one image per answer
 
 
 def generate_geneval(model: Model, metadata: str | os.PathLike, out: str | os.PathLike, *, samples: int = 4,
-                     limit: int | None = None, progress: bool = True) -> int:
+                     limit: int | None = None, progress: bool = True, benchmark: dict | None = None) -> int:
     """GenEval's own output layout, which its ``evaluate_images.py`` scores unchanged:
     ``out/<5-digit prompt index>/metadata.jsonl`` (the prompt's JSON object) and
     ``out/<index>/samples/<5-digit sample>.png``; sample j of prompt i is seeded from the id
     ``"<index>/<j>"``. Resume: a prompt folder with all its samples is skipped (files are written
-    atomically, metadata last). Returns the images generated."""
+    atomically, metadata last; the folder's ``generation.json``, which GenEval's scorer skips, binds it to
+    the model, its settings, the prompts file and ``samples``, as for the other benchmarks). Returns the
+    images generated."""
     from duetgen.progress import progress_bar
 
     if samples < 1:
@@ -412,6 +433,17 @@ def generate_geneval(model: Model, metadata: str | os.PathLike, out: str | os.Pa
         raise AdapterError("geneval takes one image per answer: give a model with structure='one_image'")
     prompts = read_geneval_metadata(metadata)[:limit]
     out = Path(out)
+    settings = model.settings()
+    bound = {"benchmark": benchmark or {"name": "geneval"}, "model": settings["model"],
+             "generation": {**settings["generation"], "samples": samples},
+             "inputs": _generation_inputs(metadata, None, None)}
+    run = _open_generation_file(out, bound)
+    run["name"] = model.name
+    invocation = {"started": _now(), "limit": limit,
+                  "model_path": None if model.path is None else str(Path(model.path).resolve())}
+    run["invocations"].append(invocation)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / GENERATION_FILE, (json.dumps(run, indent=1) + "\n").encode())
     todo = [(i, j) for i in range(len(prompts)) for j in range(samples)
             if not (out / f"{i:05d}" / "samples" / f"{j:05d}.png").is_file()]
     n = 0
@@ -433,6 +465,8 @@ def generate_geneval(model: Model, metadata: str | os.PathLike, out: str | os.Pa
             atomic_write_bytes(folder / "metadata.jsonl", json.dumps(prompts[i]).encode())
             n += 1
             advance()
+    invocation.update(finished=_now(), generated=n)
+    atomic_write_bytes(out / GENERATION_FILE, (json.dumps(run, indent=1) + "\n").encode())
     return n
 
 
@@ -455,13 +489,14 @@ def generate_benchmark(model: Model, benchmark: str, out: str | os.PathLike, *, 
     bench = load_benchmark(benchmark)
     source, flag = benchmark_inputs(bench, prompts, truth, images)
     if bench.prompts_format == "geneval_metadata":
-        return generate_geneval(model, source, out, samples=samples, limit=limit, progress=progress)
+        return generate_geneval(model, source, out, samples=samples, limit=limit, progress=progress,
+                                benchmark={"name": bench.name, "version": bench.version})
     if samples != 1:
         raise AdapterError(f"--samples is for geneval (images per prompt); {bench.name!r} has one answer per item")
     if language is not None and bench.prompts_format != "gedit_dataset":
         raise AdapterError(f"--language is for gedit; {bench.name!r} has no language subsets")
-    records, _ = read_prompts(source, images, bench.prompts_format, language)
-    _check_items(bench, records[:limit], f"{flag} {source}")
+    records, prompt_images = read_prompts(source, images, bench.prompts_format, language)
+    _check_items(bench, records[:limit], f"{flag} {source}", prompt_images)
     if bench.prompts_format in SINGLE_IMAGE_FORMATS and model.structure != "one_image":
         raise AdapterError(f"benchmark {bench.name!r} takes one edited image per item: give a model with "
                            "structure='one_image' (duetgen eval generate does)")
@@ -469,7 +504,8 @@ def generate_benchmark(model: Model, benchmark: str, out: str | os.PathLike, *, 
     out = Path(out)
     settings = model.settings()
     bound = {"benchmark": {"name": bench.name, "version": bench.version},
-             "model": settings["model"], "generation": settings["generation"]}
+             "model": settings["model"], "generation": settings["generation"],
+             "inputs": _generation_inputs(source, images, language)}
     run = _open_generation_file(out, bound)
     run["name"] = model.name
     invocation = {"started": _now(), "inputs": str(Path(source).resolve()), "limit": limit,

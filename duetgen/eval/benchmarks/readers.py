@@ -100,6 +100,8 @@ def file_inside(root: Path, path: Path) -> Path:
 
 
 def _read_bytes(path: Path) -> bytes:
+    if path.exists() and not path.is_file():  # a FIFO would block the read forever
+        raise ReaderError(f"{path}: not a regular file")
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_JSON_BYTES + 1)  # bounded: a device or a growing file has no honest st_size
@@ -118,6 +120,12 @@ def _read_json(path: Path) -> Any:
         raise ReaderError(f"{path}: not valid UTF-8 ({e.reason})") from None
     except json.JSONDecodeError as e:
         raise ReaderError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits; nesting deeper than Python's stack
+        raise ReaderError(f"{path}: unreadable JSON ({_json_problem(e)})") from None
+
+
+def _json_problem(e: BaseException) -> str:
+    return "nested too deeply" if isinstance(e, RecursionError) else str(e)
 
 
 def _interleave(text: str, token: str, images: list[str], where: str) -> list[TextPart | ImagePart]:
@@ -172,6 +180,8 @@ def read_interleavedbench(json_path: str | os.PathLike, images_root: str | os.Pa
             raise ReaderError(f"{where}: 'id' must be a non-empty string or integer, got {sid!r}")
         rid = str(sid) if id_counts[str(sid)] == 1 else f"{sid}#{i}"
         where = f"{path}: sample [{i}] {str(sid)!r}"
+        if rid != str(sid) and rid in id_counts:
+            raise ReaderError(f"{where}: the key {rid!r} given to this repeated id is another sample's id")
         task = s.get("task_name")
         if not isinstance(task, str) or not task:
             raise ReaderError(f"{where}: 'task_name' must be a non-empty string")
@@ -296,6 +306,9 @@ def read_imgedit(json_path: str | os.PathLike, images_root: str | os.PathLike | 
     records = []
     for key, item in data.items():
         where = f"{path}: edit {key!r}"
+        if not key or "/" in key or "\\" in key or key.startswith(".") or "\0" in key:
+            # the key names its prediction file <key>.png: "a" and "./a" would share one
+            raise ReaderError(f"{where}: a key must be a plain file name (no '/', no leading '.')")
         if not isinstance(item, dict) or not all(isinstance(item.get(k), str) and item.get(k) for k in
                                                  ("id", "prompt", "edit_type")):
             raise ReaderError(f"{where}: needs string fields id, prompt, edit_type ({IMGEDIT_LAYOUT})")
@@ -440,6 +453,15 @@ class TableImages:
             return open_rgb_image(Path(f.name), f"record {record_id!r}: image {path!r}", self.max_pixels)
 
 
+def _row_group(pf, f: Path, rg: int, columns: list[str]):
+    """One row group's columns; a corrupt page is an error naming the file and row group (pyarrow's names
+    neither)."""
+    try:
+        return pf.read_row_group(rg, columns=columns)
+    except Exception as e:  # pyarrow raises OSError, ArrowInvalid and others for a bad page
+        raise ReaderError(f"{f}#{rg}: row group {rg} does not decode ({type(e).__name__}: {e})") from None
+
+
 def _gedit_tables(root: Path) -> list[tuple[str, Any, Any]]:
     """(name, table without images, loader of the image column) per Parquet row group / Arrow file."""
     import pyarrow as pa
@@ -459,8 +481,8 @@ def _gedit_tables(root: Path) -> list[tuple[str, Any, Any]]:
             if missing:
                 raise ReaderError(f"{f}: missing column(s) {missing}; expected {GEDIT_LAYOUT}")
             for rg in range(pf.num_row_groups):
-                out.append((f"{f}#{rg}", pf.read_row_group(rg, columns=list(GEDIT_COLUMNS)),
-                            lambda pf=pf, rg=rg: pf.read_row_group(rg, columns=["input_image"]).column("input_image")))
+                out.append((f"{f}#{rg}", _row_group(pf, f, rg, list(GEDIT_COLUMNS)),
+                            lambda pf=pf, f=f, rg=rg: _row_group(pf, f, rg, ["input_image"]).column("input_image")))
         else:
             try:
                 table = pa.ipc.open_stream(pa.memory_map(str(f))).read_all()  # memory-mapped: images stay on disk
@@ -525,6 +547,8 @@ def _json_lines(path: Path):
             yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
             raise ReaderError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:
+            raise ReaderError(f"{path}:{lineno}: unreadable JSON ({_json_problem(e)})") from None
 
 
 def read_geneval_metadata(path: str | os.PathLike) -> list[dict]:
@@ -565,7 +589,7 @@ def read_geneval_results(path: str | os.PathLike) -> list[dict]:
         if g["category"] != d["tag"]:
             raise ReaderError(f"{path}:{lineno}: prompt folder {parts[-3]} has images of two tags "
                               f"({g['category']!r}, {d['tag']!r})")
-        if d["filename"] in g["files"]:
+        if os.path.normpath(d["filename"]) in map(os.path.normpath, g["files"]):
             raise ReaderError(f"{path}:{lineno}: image {d['filename']!r} has a result line already")
         g["correct"].append(d["correct"])
         g["files"].append(d["filename"])
