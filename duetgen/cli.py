@@ -788,9 +788,10 @@ def _train_config(load, name: str, data: Optional[list[Path]], steps: Optional[i
     if packs_per_rank is not None:
         cfg = dataclasses.replace(cfg, packs_per_rank=packs_per_rank)
     for d in cfg.data:
-        if not (Path(d) / "manifest.json").is_file():
+        if not (Path(d) / "manifest.json").is_file() and not Path(d).is_file():  # (a file: a `data mix` manifest)
             if data:
-                fail(f"--data {d!r}: not a dataset directory (no manifest.json); make one with `duetgen data toyworld`")
+                fail(f"--data {d!r}: not a dataset directory (no manifest.json) nor a `duetgen data mix` manifest; "
+                     "make one with `duetgen data toyworld`")
             fail(f"config {name!r} reads the dataset {d!r}, which is not there (no manifest.json): make it with the "
                  f"`duetgen data toyworld --out {d} ...` line of docs/training.md (the ShapeWorld recipe), or pass --data")
     return cfg
@@ -801,7 +802,7 @@ def train_stage1(
     config: str = typer.Option("toy", "--config", help="Run config name (duetgen/train/configs.py, STAGE1_CONFIGS): the ShapeWorld recipe is toy-read-first, then toy, then toy-read-more (docs/training.md); tiny, tiny-lora for tests; others are earlier runs."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<config>/stage1)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
-    data: Optional[list[Path]] = typer.Option(None, "--data", help="Dataset directories (default: the config's)."),
+    data: Optional[list[Path]] = typer.Option(None, "--data", help="Dataset directories or `duetgen data mix` manifests (default: the config's)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Override the config's number of steps."),
     packs_per_rank: Optional[int] = typer.Option(None, "--packs-per-rank", min=1, help="Packs per step on each rank (gradient accumulation; default: the config's)."),
     quiet: bool = typer.Option(False, "--quiet", help="Print JSON lines instead of a progress bar (for log files)."),
@@ -827,7 +828,7 @@ def train_stage2(
     stage1: Path = typer.Option(..., "--stage1", help="Stage-1 run directory (holds mllm/) or a transformers MLLM directory."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<config>/stage2)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
-    data: Optional[list[Path]] = typer.Option(None, "--data", help="Dataset directories (default: the config's)."),
+    data: Optional[list[Path]] = typer.Option(None, "--data", help="Dataset directories or `duetgen data mix` manifests (default: the config's)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Override the config's number of steps."),
     packs_per_rank: Optional[int] = typer.Option(None, "--packs-per-rank", min=1, help="Packs per step on each rank (gradient accumulation; default: the config's)."),
     quiet: bool = typer.Option(False, "--quiet", help="Print JSON lines instead of a progress bar (for log files)."),

@@ -602,3 +602,84 @@ def test_the_writer_and_the_reader_apply_one_record_line_cap(tmp_path, monkeypat
     with DatasetWriter(tmp_path / "over") as w:
         with pytest.raises(RecordError, match="over the cap"):
             w.write(rec(21))
+
+
+def test_a_failed_write_never_commits_half_a_record_and_the_dataset_stays_readable(tmp_path, monkeypatch):
+    """An audit: a full disk (or `ulimit -f`) mid-record left half a line in the open shard, and leaving the
+    `with` block committed it: every reader then refused the dataset, and an append kept the broken shard."""
+    import errno
+
+    def rec(i):
+        return Record(id=f"r{i}", messages=[Message("user", [TextPart(f"text {i} " + "x" * 200)])])
+
+    with DatasetWriter(tmp_path / "d", shard_size=3) as w:
+        for i in range(3):
+            w.write(rec(i))  # one committed shard
+    class FullDisk:  # writes half of the fifth line, then the disk is full
+        def __init__(self, f):
+            self.f, self.lines = f, 0
+
+        def write(self, s):
+            self.lines += 1
+            if self.lines == 2:
+                self.f.write(s[: len(s) // 2])
+                self.f.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(s)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    real_open_shard = DatasetWriter._open_shard
+
+    def open_shard(self):
+        real_open_shard(self)
+        self._shard_file = FullDisk(self._shard_file)
+
+    monkeypatch.setattr(DatasetWriter, "_open_shard", open_shard)
+    with pytest.raises(OSError, match="the open shard's records were not committed") as err:
+        with DatasetWriter(tmp_path / "d", shard_size=3, append=True) as w:
+            for i in range(3, 6):
+                w.write(rec(i))
+    assert ".part-" in err.value.filename  # the error names the shard
+    monkeypatch.undo()
+    assert [r.id for r in Dataset(tmp_path / "d")] == ["r0", "r1", "r2"]  # readable, the open shard dropped
+    with DatasetWriter(tmp_path / "d", shard_size=3, append=True) as w:  # and the writer's rerun succeeds
+        for i in range(3, 6):
+            w.write(rec(i))
+    assert len(list(Dataset(tmp_path / "d"))) == 6
+
+
+def test_hostile_manifest_counts_shard_numbers_past_99999_surrogates_and_a_shards_link(tmp_path):
+    import duetgen.data.dataset as dataset
+
+    with DatasetWriter(tmp_path / "d") as w:
+        w.write(Record(id="a", messages=[Message("user", [TextPart("hi")])]))
+    m = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    m["shards"][0]["num_records"] = m["num_records"] = 10 ** 20  # an OverflowError in `data view`, `data mix`
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DatasetError, match=r"num_records must be an integer in 0\.\.100,000,000"):
+        Dataset(tmp_path / "d")
+    w = DatasetWriter(tmp_path / "big")  # shard 100,000 is named part-100000: the reader took only 5 digits
+    w._next_shard = 99_999
+    for i in range(2):
+        w.write(Record(id=f"r{i}", messages=[Message("user", [TextPart("hi")])]))
+        w._commit_shard()
+    w.close()
+    assert Dataset(tmp_path / "big").shards == ["shards/part-99999.jsonl", "shards/part-100000.jsonl"]
+    with DatasetWriter(tmp_path / "s") as w:
+        with pytest.raises(RecordError, match="not valid Unicode"):
+            w.write(Record(id="u", messages=[Message("user", [TextPart("bad \ud800 text")])]))
+    with DatasetWriter(tmp_path / "victim", shard_size=1) as w:
+        for i in range(2):
+            w.write(Record(id=f"v{i}", messages=[Message("user", [TextPart("hi")])]))
+    with DatasetWriter(tmp_path / "mine") as w:
+        w.write(Record(id="m", messages=[Message("user", [TextPart("hi")])]))
+    import shutil
+
+    shutil.rmtree(tmp_path / "mine" / "shards")
+    (tmp_path / "mine" / "shards").symlink_to(tmp_path / "victim" / "shards")
+    with pytest.raises(DatasetError, match="resolves outside the dataset root"):  # its cleanup deleted victim's
+        DatasetWriter(tmp_path / "mine", append=True)
+    assert len(list(Dataset(tmp_path / "victim"))) == 2
+    assert dataset.MAX_SHARD_RECORDS == 100_000_000

@@ -130,3 +130,36 @@ def test_a_negative_seed_or_a_mix_too_large_to_build_is_refused_by_name(three, t
     with pytest.raises(DatasetError, match="over the cap of 50,000,000"):
         build_mixture(sources(three), 50_000_001, seed=0, out_path=tmp_path / "m.json")
 
+
+
+def test_a_mixture_reads_as_every_dataset_reader_does(three, tmp_path):
+    """An audit: the mixture reader skipped the readers' checks (a shard linked out of its root read another
+    dataset's records, a FIFO shard hung it, a sample [-1, 0] read the last source); `--out` could replace a
+    source's manifest; a weight of 10**400 was a traceback."""
+    import os
+
+    m = build_mixture(sources(three), 12, seed=1, out_path=tmp_path / "mix.json")
+    mix = Mixture(tmp_path / "mix.json")
+    assert len([mix[i] for i in range(len(mix))]) == 12
+    video = tmp_path / "video"
+    shard = video / "shards" / "part-00000.jsonl"
+    (tmp_path / "elsewhere.jsonl").write_text(shard.read_text().replace("video question", "SECRET"))
+    shard.unlink()
+    shard.symlink_to(tmp_path / "elsewhere.jsonl")
+    first_video = next(i for i, (k, idx) in enumerate(m["samples"]) if k == 0 and idx < 3)
+    with pytest.raises(DatasetError, match="resolves outside the dataset root"):
+        Mixture(tmp_path / "mix.json")[first_video]
+    shard.unlink()
+    os.mkfifo(shard)
+    with pytest.raises(DatasetError, match="not a regular file"):
+        Mixture(tmp_path / "mix.json")[first_video]
+    doc = json.loads((tmp_path / "mix.json").read_text())
+    doc["samples"][0] = [-1, 0]
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(DatasetError, match=r"samples\[0\] = \[-1, 0\] is not \[source, record\]"):
+        Mixture(tmp_path / "bad.json")[0]
+    with pytest.raises(DatasetError, match="lies inside the dataset 'edit'"):
+        build_mixture(sources(three), 12, seed=1, out_path=tmp_path / "edit" / "manifest.json")
+    assert (tmp_path / "edit" / "manifest.json").read_text().startswith("{")
+    with pytest.raises(DatasetError, match="weight must be a positive number up to 1e308"):
+        parse_mix_config({"datasets": [{"name": "a", "path": "p", "weight": 10 ** 400}]})

@@ -148,3 +148,19 @@ def test_model_check_refuses_directories_missing_weights_or_tokenizer(tmp_path):
 
     r = broken("huge", huge_image)
     assert r.exit_code == 2 and "two ints in 1..8192" in r.output, r.output
+
+
+def test_training_reads_a_data_mix_manifest(setup, tmp_path):
+    """docs/training.md says stage 2 mixes its data with `duetgen data mix`; training refused the manifest
+    ("not a dataset directory") before (an audit)."""
+    root, cfg1, _, _ = setup
+    r = runner.invoke(app, ["data", "mix", "--dataset", f"sw={root / 'train'}:1", "--num-samples", "40", "--seed", "3",
+                            "--out", str(tmp_path / "mix.json")])
+    assert r.exit_code == 0, r.output
+    from duetgen.train.common import load_records
+
+    items = load_records([str(tmp_path / "mix.json")])
+    assert len(items) == 40 and len({rec.id for _, rec in items}) == 30  # 10 records drawn twice
+    r = runner.invoke(app, ["train", "stage1", "--config", "tiny", "--data", str(tmp_path / "mix.json"), "--steps", "1",
+                            "--out", str(tmp_path / "run"), "--quiet"])
+    assert r.exit_code == 0, r.output

@@ -48,10 +48,11 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 IMAGE_DIR = "images"
-_SHARD_RE = re.compile(r"^shards/part-(\d{5})\.jsonl$")
+_SHARD_RE = re.compile(r"^shards/part-(\d{5,})\.jsonl$")  # shard_name pads to 5 digits; 100,000 on has 6
 
 
 MAX_MANIFEST_BYTES = 256 << 20  # ~2.5M shards' entries
+MAX_SHARD_RECORDS = 100_000_000  # writers commit thousands a shard; a count past this is a lie (1e20 overflowed)
 MAX_RECORD_LINE_BYTES = 64 << 20  # one record's JSON line, UTF-8, without its newline
 
 
@@ -62,9 +63,14 @@ class DatasetError(RecordError):
 def record_line(rec: Record) -> str:
     """``rec``'s JSONL line, refused when over the cap every reader applies (``MAX_RECORD_LINE_BYTES``)."""
     line = rec.to_jsonl_line()
-    if len(line) > MAX_RECORD_LINE_BYTES // 4 and len(line.encode("utf-8")) > MAX_RECORD_LINE_BYTES:
-        raise RecordError(f"record {rec.id!r}: {len(line.encode('utf-8')):,} bytes of JSON, over the cap of "
-                          f"{MAX_RECORD_LINE_BYTES:,} a dataset reader accepts")
+    try:
+        size = len(line.encode("utf-8"))
+    except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in a JSON source) is not Unicode text
+        raise RecordError(f"record {rec.id!r}: its text holds {line[e.start:e.end]!a}, which is not valid Unicode "
+                          "(a lone surrogate)") from None
+    if size > MAX_RECORD_LINE_BYTES:
+        raise RecordError(f"record {rec.id!r}: {size:,} bytes of JSON, over the cap of {MAX_RECORD_LINE_BYTES:,} a "
+                          "dataset reader accepts")
     return line
 
 
@@ -235,8 +241,9 @@ def _read_manifest(root: Path) -> dict[str, Any]:
             raise DatasetError(f"{path}: shards[{i}] must be "
                                f"{{'path': 'shards/part-NNNNN.jsonl', 'num_records': int}}, got {s!r}")
         n = s.get("num_records")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise DatasetError(f"{path}: shards[{i}].num_records must be a non-negative integer, got {n!r}")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_SHARD_RECORDS:
+            raise DatasetError(f"{path}: shards[{i}].num_records must be an integer in 0..{MAX_SHARD_RECORDS:,}, "
+                               f"got {n!r}")
         if s["path"] in seen:
             raise DatasetError(f"{path}: shard {s['path']!r} listed twice")
         seen.add(s["path"])
@@ -349,6 +356,7 @@ class DatasetWriter:
         used = [int(_SHARD_RE.match(s["path"]).group(1)) for s in self.manifest["shards"]]
         self._next_shard = max(used, default=-1) + 1
         self._ids: set[str] = set()  # ids written in this session (duplicates refused)
+        self._committed_ids: set[str] = set()  # of those, the ones in committed shards
         self._shard_file = None  # open tmp file of the current shard
         self._shard_count = 0
         self._pending_images: list[Path] = []  # stored since the last commit, fsync'ed at commit
@@ -357,6 +365,10 @@ class DatasetWriter:
     def _clean_uncommitted(self) -> None:
         """Remove what a killed writer left: tmp files and shards the manifest does not list."""
         listed = {s["path"] for s in self.manifest["shards"]}
+        for sub in (SHARD_DIR, IMAGE_DIR):  # never delete through a link out of the root (another dataset's)
+            if (self.root / sub).exists():
+                if not (self.root / sub).resolve().is_relative_to(self.root.resolve()):
+                    raise DatasetError(f"{self.root / sub}: resolves outside the dataset root")
         for p in (self.root / SHARD_DIR).iterdir():
             rel = f"{SHARD_DIR}/{p.name}"
             if p.name.startswith(".part-") and p.name.endswith(".tmp"):
@@ -402,7 +414,10 @@ class DatasetWriter:
         line = record_line(rec)  # validates again, now with every image a stored path
         if self._shard_file is None:
             self._open_shard()
-        self._shard_file.write(line + "\n")
+        try:
+            self._shard_file.write(line + "\n")
+        except OSError as e:  # a full disk, a file size limit: the open shard may end in half a line
+            raise self._abort_shard(e) from e
         self._ids.add(rec.id)
         self._shard_count += 1
         if self._shard_count >= self.shard_size:
@@ -415,12 +430,28 @@ class DatasetWriter:
         self._shard_file = open(self._tmp_path(self._next_shard), "w", encoding="utf-8")
         self._shard_count = 0
 
+    def _abort_shard(self, e: OSError) -> OSError:
+        """Drop the open shard after a failed write (it is never committed: the records committed before
+        stay readable, the open shard's records are not in the dataset); the error names the shard."""
+        path = self._tmp_path(self._next_shard)
+        try:
+            self._shard_file.close()
+        except OSError:
+            pass  # (flushing the rest fails the same way)
+        path.unlink(missing_ok=True)
+        self._shard_file, self._shard_count = None, 0
+        self._ids = set(self._committed_ids)
+        return OSError(e.errno, f"{e.strerror}; the open shard's records were not committed", str(path))
+
     def _commit_shard(self) -> None:
         """tmp shard -> fsync -> rename, then the manifest listing it (also tmp + rename)."""
         f, index = self._shard_file, self._next_shard
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        except OSError as e:
+            raise self._abort_shard(e) from e
         fsync_files(self._pending_images)  # images first: a committed shard must not outlive its images
         self._pending_images.clear()
         rel = shard_name(index)
@@ -432,6 +463,7 @@ class DatasetWriter:
         atomic_write_bytes(self.root / MANIFEST, _manifest_bytes(self.manifest))
         self._name_changed = False
         self._shard_file, self._shard_count, self._next_shard = None, 0, index + 1
+        self._committed_ids = set(self._ids)
 
     @property
     def uncommitted(self) -> int:

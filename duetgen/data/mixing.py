@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from bisect import bisect_right
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from duetgen.data.dataset import Dataset, DatasetError, atomic_write_bytes
+from duetgen.data.dataset import (MAX_RECORD_LINE_BYTES, Dataset, DatasetError, _parse_record_line, atomic_write_bytes,
+                                  dataset_file)
 from duetgen.data.record import Record
 
 MIX_FORMAT = "duetgen-mixture"
@@ -75,8 +77,9 @@ def parse_mix_config(d: Any, where: str = "<config>", base: Path | None = None) 
         if not isinstance(e.get("path"), str) or not e["path"]:
             raise DatasetError(f"{w}.path must be a non-empty string")
         wt = e.get("weight", 1.0)
-        if not isinstance(wt, (int, float)) or isinstance(wt, bool) or not wt > 0 or not np.isfinite(wt):
-            raise DatasetError(f"{w}.weight must be a positive number, got {wt!r}")
+        if (not isinstance(wt, (int, float)) or isinstance(wt, bool) or not wt > 0
+                or wt > 1e308 or not math.isfinite(wt)):  # (an int past a float's range: a TypeError before)
+            raise DatasetError(f"{w}.weight must be a positive number up to 1e308, got {wt!r}")
         path = e["path"] if base is None or os.path.isabs(e["path"]) else str(base / e["path"])
         sources.append(MixSource(e["name"], path, float(wt)))
     return sources, n, seed
@@ -129,6 +132,11 @@ def build_mixture(sources: list[MixSource], num_samples: int | None, seed: int, 
         if len(ds) == 0:
             raise DatasetError(f"dataset {s.name!r} at {s.path!r} has no records")
         datasets.append(ds)
+    out_resolved = Path(os.path.abspath(out_path)).resolve()
+    for s, ds in zip(sources, datasets):  # writing there could replace its manifest or a shard
+        if out_resolved.is_relative_to(ds.root.resolve()):
+            raise DatasetError(f"{str(out_path)!r} lies inside the dataset {s.name!r} ({str(ds.root)!r}); write the "
+                               "mixture manifest elsewhere")
     sizes = [len(d) for d in datasets]
     total = num_samples if num_samples is not None else sum(sizes)
     if total > MAX_SAMPLES:
@@ -176,6 +184,15 @@ def _rel(path: str, base: Path) -> str:
         return str(Path(path).resolve())
 
 
+def _decoded(raw: bytes, where: str) -> str:
+    if len(raw.rstrip(b"\n")) > MAX_RECORD_LINE_BYTES:
+        raise DatasetError(f"{where}: a record over the cap of {MAX_RECORD_LINE_BYTES:,} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{where}: not valid UTF-8 ({e.reason})") from None
+
+
 class Mixture:
     """Read a mixture manifest: ``len(m)``, ``m[i] -> (source name, Record)``, ``m.dataset(name)``."""
 
@@ -188,8 +205,10 @@ class Mixture:
         if not isinstance(m, dict) or m.get("format") != MIX_FORMAT or m.get("format_version") != MIX_VERSION:
             raise DatasetError(f"{str(self.path)!r} is not a {MIX_FORMAT} v{MIX_VERSION} manifest")
         self.manifest = m
-        self.sources = m["sources"]
-        self.samples = m["samples"]
+        self.sources, self.samples = m.get("sources"), m.get("samples")
+        if not isinstance(self.sources, list) or not isinstance(self.samples, list):
+            raise DatasetError(f"{str(self.path)!r}: a mixture manifest needs 'sources' and 'samples' lists")
+
         self._datasets: dict[int, Dataset] = {}
         self._offsets: dict[tuple[int, int], list[int]] = {}  # (source, shard) -> byte offset of each line
 
@@ -215,19 +234,30 @@ class Mixture:
         return shard, index - starts[shard]
 
     def __getitem__(self, i: int) -> tuple[str, Record]:
-        k, index = self.samples[i]
+        sample = self.samples[i]
+        if not (isinstance(sample, list) and len(sample) == 2  # (checked here, not for 50M samples at load)
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in sample)
+                and sample[0] < len(self.sources) and isinstance(self.sources[sample[0]], dict)
+                and sample[1] < self.sources[sample[0]].get("num_records", 0)):
+            raise DatasetError(f"{str(self.path)!r}: samples[{i}] = {sample!r} is not [source, record] of its "
+                               "sources")  # a hostile [-1, 0] read the last source
+        k, index = sample
         ds = self.dataset(k)
         shard, line = self.locate(k, index)
         key = (k, shard)
-        path = ds.root / ds.shards[shard]
+        path = dataset_file(ds.root, ds.shards[shard])  # inside its root, a regular file (as every reader)
         if key not in self._offsets:
             offs, pos = [], 0
             with open(path, "rb") as f:
-                for raw in f:
+                for raw in iter(lambda: f.readline(MAX_RECORD_LINE_BYTES + 2), b""):
                     offs.append(pos)
                     pos += len(raw)
+            if len(offs) != ds.manifest["shards"][shard]["num_records"]:
+                raise DatasetError(f"{path}: holds {len(offs)} lines but the manifest says "
+                                   f"{ds.manifest['shards'][shard]['num_records']}")
             self._offsets[key] = offs
         with open(path, "rb") as f:
             f.seek(self._offsets[key][line])
-            rec = Record.from_jsonl_line(f.readline().decode("utf-8"))
+            where = f"{path}:{line + 1}"
+            rec = _parse_record_line(_decoded(f.readline(MAX_RECORD_LINE_BYTES + 2), where), where)
         return self.sources[k]["name"], rec

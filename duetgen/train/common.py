@@ -95,15 +95,26 @@ def _absolute(v):
 
 def load_records(dirs: list[str], include_kinds: list[str] | None = None,
                  exclude_kinds: list[str] = ()) -> list[tuple[Dataset, Record]]:
-    """Every record of the datasets (in order) whose ``meta.kind`` passes the filters, with its dataset."""
+    """Every record of the datasets (in order) whose ``meta.kind`` passes the filters, with its dataset. An
+    entry that is a file is a `duetgen data mix` manifest: its samples, in its order (a record drawn twice
+    is there twice)."""
+    from duetgen.data.mixing import Mixture
+
+    def keep(rec: Record) -> bool:
+        kind = (rec.meta or {}).get("kind")
+        return not (kind in exclude_kinds or (include_kinds is not None and kind not in include_kinds))
+
     out = []
     for d in dirs:
+        if Path(d).is_file():
+            mix = Mixture(d)
+            for i in range(len(mix)):
+                _, rec = mix[i]
+                if keep(rec):
+                    out.append((mix.dataset(mix.samples[i][0]), rec))
+            continue
         ds = Dataset(d)
-        for rec in ds:
-            kind = (rec.meta or {}).get("kind")
-            if kind in exclude_kinds or (include_kinds is not None and kind not in include_kinds):
-                continue
-            out.append((ds, rec))
+        out.extend((ds, rec) for rec in ds if keep(rec))
     if not out:
         raise TrainInputError(f"no records left in {dirs} after filtering kinds (include {include_kinds}, exclude {exclude_kinds})")
     return out
