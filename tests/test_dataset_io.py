@@ -683,3 +683,40 @@ def test_hostile_manifest_counts_shard_numbers_past_99999_surrogates_and_a_shard
         DatasetWriter(tmp_path / "mine", append=True)
     assert len(list(Dataset(tmp_path / "victim"))) == 2
     assert dataset.MAX_SHARD_RECORDS == 100_000_000
+
+
+def test_a_commit_that_fails_after_the_shard_closed_names_the_error_and_keeps_the_dataset(tmp_path, monkeypatch):
+    """A review: a manifest write that failed left the closed shard file in the writer, and leaving the block
+    raised 'I/O operation on closed file' (a ValueError) instead of the disk's error."""
+    import errno
+
+    import duetgen.data.dataset as dataset
+
+    def rec(i):
+        return Record(id=f"r{i}", messages=[Message("user", [TextPart(f"text {i}")])])
+
+    with DatasetWriter(tmp_path / "d", shard_size=2) as w:
+        for i in range(2):
+            w.write(rec(i))
+    real = dataset.atomic_write_bytes
+
+    def full(path, data):
+        if path.name == "manifest.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(dataset, "atomic_write_bytes", full)
+    with pytest.raises(OSError, match="the open shard's records were not committed"):
+        with DatasetWriter(tmp_path / "d", shard_size=2, append=True) as w:
+            for i in range(2, 4):
+                w.write(rec(i))
+    monkeypatch.undo()
+    assert [r.id for r in Dataset(tmp_path / "d")] == ["r0", "r1"]
+    with DatasetWriter(tmp_path / "d", shard_size=2, append=True) as w:  # the unlisted shard file is cleaned up
+        w.write(rec(2))
+    assert [r.id for r in Dataset(tmp_path / "d")] == ["r0", "r1", "r2"]
+    shard = tmp_path / "d" / "shards" / "part-00000.jsonl"
+    lines = shard.read_text().splitlines()
+    shard.write_text(lines[0].replace('"r0"', '"r0","n":' + "9" * 5000) + "\n" + lines[1] + "\n")
+    with pytest.raises(DatasetError, match=r"part-00000.jsonl:1: unreadable JSON"):  # a 5,000-digit number
+        list(Dataset(tmp_path / "d"))

@@ -163,3 +163,14 @@ def test_a_mixture_reads_as_every_dataset_reader_does(three, tmp_path):
     assert (tmp_path / "edit" / "manifest.json").read_text().startswith("{")
     with pytest.raises(DatasetError, match="weight must be a positive number up to 1e308"):
         parse_mix_config({"datasets": [{"name": "a", "path": "p", "weight": 10 ** 400}]})
+
+
+def test_a_mixture_refuses_an_over_long_line_by_name_and_reads_roots_resolved(three, tmp_path, monkeypatch):
+    import duetgen.data.mixing as mixing
+
+    build_mixture(sources(three), 12, seed=1, out_path=tmp_path / "mixes" / "mix.json")
+    mix = Mixture(tmp_path / "mixes" / "mix.json")
+    assert all(ds_root == ds_root.resolve() for ds_root in (mix.dataset(k).root for k in range(3)))
+    monkeypatch.setattr(mixing, "MAX_RECORD_LINE_BYTES", 30)  # every line of these datasets is longer
+    with pytest.raises(DatasetError, match=r"part-0000\d.jsonl:1: a record over the cap of 30 bytes"):
+        Mixture(tmp_path / "mixes" / "mix.json")[0]

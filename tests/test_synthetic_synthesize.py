@@ -415,3 +415,39 @@ def test_a_torn_log_line_is_dropped_by_the_next_append_not_left_mid_file(tmp_pat
     assert [e["key"] for e in log.entries()] == ["a", "c", "d"]
     log.clear()
     assert list(log.entries()) == []
+
+
+def test_a_full_disk_during_the_journal_replay_keeps_the_journal(tmp_path, monkeypatch):
+    """A review: the replay went on after a failed write; the writer had dropped its open shard, so answers
+    written before the failure were in neither the dataset, the progress log nor the (cleared) journal."""
+    import errno
+
+    from duetgen.data.dataset import DatasetWriter
+    from duetgen.data.record import Message, Record, TextPart
+    from duetgen.data.synthetic.runlog import ProgressLog
+    from duetgen.data.synthetic.synthesize import ANSWERS_FILE, commit_journaled_answers
+
+    out = tmp_path / "out"
+    out.mkdir()
+    journal = ProgressLog(out / ANSWERS_FILE)
+    for key in "abcd":
+        rec = Record(id=f"syn-{key}", meta={"request_id": key}, messages=[Message("user", [TextPart(key)])])
+        journal.append({"key": key, "cost_usd": 0.01, "record": rec.to_jsonl_line()})
+    real_write, calls = DatasetWriter.write, []
+
+    def write(self, rec):
+        calls.append(rec.id)
+        if len(calls) == 3:  # what the writer does when the disk is full mid-shard: it drops the open shard
+            raise self._abort_shard(OSError(errno.ENOSPC, "No space left on device"))
+        return real_write(self, rec)
+
+    monkeypatch.setattr(DatasetWriter, "write", write)
+    with pytest.raises(OSError):
+        commit_journaled_answers(out, shard_size=10, report=RunReport("synthesize"))
+    monkeypatch.undo()
+    assert [e["key"] for e in ProgressLog(out / ANSWERS_FILE).entries()] == list("abcd")  # nothing forgotten
+    assert not (out / PROGRESS_FILE).exists() or "lost" not in (out / PROGRESS_FILE).read_text()
+    report = RunReport("synthesize")
+    commit_journaled_answers(out, shard_size=10, report=report)  # the disk has room again
+    assert sorted(r.meta["request_id"] for r in Dataset(out)) == list("abcd")
+    assert report.counts["committed_from_journal"] == 4

@@ -164,3 +164,20 @@ def test_training_reads_a_data_mix_manifest(setup, tmp_path):
     r = runner.invoke(app, ["train", "stage1", "--config", "tiny", "--data", str(tmp_path / "mix.json"), "--steps", "1",
                             "--out", str(tmp_path / "run"), "--quiet"])
     assert r.exit_code == 0, r.output
+
+
+def test_a_held_out_record_repeated_by_a_mixture_never_trains_nor_breaks_the_sample_pages(setup, tmp_path):
+    """A review: a `data mix` manifest whose tail repeats a record made stage 1's sample page write one id
+    twice (a crash at every sample step), and its other copies trained on a held-out record."""
+    from duetgen.data.dataset import Dataset
+    from duetgen.train.common import hold_out
+
+    root, cfg1, _, _ = setup
+    ds = Dataset(root / "train")
+    recs = list(ds)
+    items = [(ds, r) for r in recs[:5]] + [(ds, recs[3]), (ds, recs[5]), (ds, recs[3])]
+    train, val = hold_out(items, 2)
+    assert [r.id for _, r in val] == [recs[5].id, recs[3].id]
+    assert [r.id for _, r in train] == [r.id for r in recs[:3] + [recs[4]]]
+    plain = [(ds, r) for r in recs]
+    assert hold_out(plain, 4) == (plain[:-4], plain[-4:])  # without repeats: as before

@@ -452,17 +452,29 @@ class DatasetWriter:
             f.close()
         except OSError as e:
             raise self._abort_shard(e) from e
-        fsync_files(self._pending_images)  # images first: a committed shard must not outlive its images
-        self._pending_images.clear()
-        rel = shard_name(index)
-        os.replace(self._tmp_path(index), self.root / rel)
-        fsync_dir(self.root / SHARD_DIR)
-        self.manifest["shards"].append({"path": rel, "num_records": self._shard_count})
-        self.manifest["num_records"] += self._shard_count
-        self.manifest["updated"] = _now()
-        atomic_write_bytes(self.root / MANIFEST, _manifest_bytes(self.manifest))
+        count, self._shard_file, self._shard_count = self._shard_count, None, 0  # the file is closed: never again
+        try:
+            fsync_files(self._pending_images)  # images first: a committed shard must not outlive its images
+            self._pending_images.clear()
+            rel = shard_name(index)
+            os.replace(self._tmp_path(index), self.root / rel)
+            fsync_dir(self.root / SHARD_DIR)
+            before = dict(self.manifest)
+            self.manifest["shards"] = [*self.manifest["shards"], {"path": rel, "num_records": count}]
+            self.manifest["num_records"] += count
+            self.manifest["updated"] = _now()
+            try:
+                atomic_write_bytes(self.root / MANIFEST, _manifest_bytes(self.manifest))
+            except OSError:
+                self.manifest = before  # not listed: the shard file is uncommitted, the next append removes it
+                raise
+        except OSError as e:  # the shard is not committed; the records committed before stay readable
+            self._tmp_path(index).unlink(missing_ok=True)
+            self._ids = set(self._committed_ids)
+            raise OSError(e.errno, f"{e.strerror}; the open shard's records were not committed",
+                          e.filename or str(self.root / MANIFEST)) from e
         self._name_changed = False
-        self._shard_file, self._shard_count, self._next_shard = None, 0, index + 1
+        self._next_shard = index + 1
         self._committed_ids = set(self._ids)
 
     @property
@@ -588,6 +600,8 @@ def _parse_record_line(line: str, where: str) -> Record:
         raise DatasetError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:
         raise DatasetError(f"{where}: JSON nested too deeply") from None
+    except ValueError as e:  # an integer of over 4,300 digits
+        raise DatasetError(f"{where}: unreadable JSON ({e})") from None
     try:
         return Record.from_json(d)
     except RecordError as e:

@@ -219,6 +219,7 @@ class Mixture:
         if k not in self._datasets:
             src = self.sources[k]
             root = Path(src["path"]) if os.path.isabs(src["path"]) else self.path.parent / src["path"]
+            root = root.resolve()  # one spelling per dataset: stage 2's condition cache keys on the root
             ds = Dataset(root)
             if len(ds) != src["num_records"] or ds.manifest["shards"] != src["shards"]:
                 raise DatasetError(f"mixture {str(self.path)!r}: dataset {src['name']!r} at {str(root)!r} changed "
@@ -250,6 +251,9 @@ class Mixture:
             offs, pos = [], 0
             with open(path, "rb") as f:
                 for raw in iter(lambda: f.readline(MAX_RECORD_LINE_BYTES + 2), b""):
+                    if not raw.endswith(b"\n") and len(raw) > MAX_RECORD_LINE_BYTES:  # (not split into lines)
+                        raise DatasetError(f"{path}:{len(offs) + 1}: a record over the cap of "
+                                           f"{MAX_RECORD_LINE_BYTES:,} bytes")
                     offs.append(pos)
                     pos += len(raw)
             if len(offs) != ds.manifest["shards"][shard]["num_records"]:

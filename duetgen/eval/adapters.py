@@ -405,6 +405,13 @@ def _open_generation_file(out: Path, bound: dict) -> dict:
     return {"format": GENERATION_FORMAT, "format_version": 1, "created": _now(), **bound, "invocations": []}
 
 
+def _default_images(bench, source, images):
+    """The image root the readers use: ``--images``, or the prompts file's folder (InterleavedBench, ImgEdit)."""
+    if images is None and bench.prompts_format in ("interleavedbench_json", "imgedit_json") and Path(source).is_file():
+        return Path(source).parent
+    return images
+
+
 def _generation_inputs(source, images, language) -> dict:
     """What a prediction folder's answers were made from (by resolved path): another --prompts, --truth or
     --images on a rerun is refused, or answers made from one set of source images would be judged against
@@ -505,7 +512,8 @@ def generate_benchmark(model: Model, benchmark: str, out: str | os.PathLike, *, 
     settings = model.settings()
     bound = {"benchmark": {"name": bench.name, "version": bench.version},
              "model": settings["model"], "generation": settings["generation"],
-             "inputs": _generation_inputs(source, images, language)}
+             "inputs": _generation_inputs(source, _default_images(bench, source, images),
+                                          language or ("en" if bench.prompts_format == "gedit_dataset" else None))}
     run = _open_generation_file(out, bound)
     run["name"] = model.name
     invocation = {"started": _now(), "inputs": str(Path(source).resolve()), "limit": limit,

@@ -658,7 +658,7 @@ def run_benchmark(cfg: RunConfig, judge_config: JudgeConfig | None = None, api_k
     todo = [it for it in items if it.id not in done]
 
     # 2. judge the rest, appending each line as its item finishes (the invocation is recorded first: a killed
-    #    run leaves one without "finished", so its requests are not forgotten)
+    #    run leaves one without "finished" and without request counts)
     invocation = {"started": _now(), "finished": None, "items": len(items), "kept": len(items) - len(todo),
                   "judged": len(todo)}
     run["invocations"].append(invocation)

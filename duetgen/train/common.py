@@ -120,6 +120,21 @@ def load_records(dirs: list[str], include_kinds: list[str] | None = None,
     return out
 
 
+def hold_out(items: list[tuple[Dataset, Record]], n: int) -> tuple[list, list]:
+    """(train, validation): the last ``n`` distinct records (by dataset and id) are held out and every copy of
+    them leaves training (a `duetgen data mix` manifest repeats records; a repeat in the tail broke the
+    sample pages, and a held-out record must not be trained on). Without repeats: items[:-n], items[-n:]."""
+    val, held = [], set()
+    for ds, rec in reversed(items):
+        key = (str(ds.root), rec.id)
+        if key not in held:
+            held.add(key)
+            val.append((ds, rec))
+            if len(val) == n:
+                break
+    return [it for it in items if (str(it[0].root), it[1].id) not in held], val[::-1]
+
+
 def render(item: tuple[Dataset, Record], tokenizer, processor, max_tokens: int | None = None) -> RenderedSequence:
     """A stored record -> token ids + stage-1 labels + pixels (images read through the dataset: root enforced)."""
     ds, rec = item

@@ -54,8 +54,8 @@ from duetgen.models.builder import stage1_mllm, text_only
 from duetgen.models.mllm import IGNORE_INDEX, RenderedSequence
 from duetgen.models.packed_attention import use_packed_attention
 from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
-from duetgen.train.common import (TrainInputError, check_finite, check_resume, extend_schedule, load_records,
-                                   pack_inputs, render)
+from duetgen.train.common import (TrainInputError, check_finite, check_resume, extend_schedule, hold_out,
+                                   load_records, pack_inputs, render)
 from duetgen.train.configs import Stage1Config
 from duetgen.train.logging import MetricsLogger
 from duetgen.train.optim import clip_grad_norm, make_adamw, make_scheduler
@@ -195,9 +195,10 @@ def _train(cfg: Stage1Config, run_dir, env: DistEnv, resume_run: bool, progress:
     if cfg.val_data is not None:
         val_items = load_records([cfg.val_data], exclude_kinds=cfg.exclude_kinds)[: cfg.val_records]
     else:
-        if len(items) <= cfg.val_records:
-            raise TrainInputError(f"{cfg.data}: {len(items)} records, not more than val_records={cfg.val_records}")
-        items, val_items = items[: -cfg.val_records], items[-cfg.val_records:]
+        items, val_items = hold_out(items, cfg.val_records)
+        if not items or len(val_items) < cfg.val_records:
+            raise TrainInputError(f"{cfg.data}: {len(items) + len(val_items)} records, not more than "
+                                  f"val_records={cfg.val_records} distinct ones")
     lengths = [len(render(it, tokenizer, processor, cfg.max_record_tokens))
                for it in _track(items, "measuring record lengths", progress and env.is_main)]
     sampler = PackedSampler(lengths, cfg.token_budget, seed=cfg.seed, rank=env.rank, world_size=env.world_size,

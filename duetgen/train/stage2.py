@@ -71,8 +71,8 @@ from duetgen.diffusion.flow_matching import FlowMatchingConfig, dit_sample_input
 from duetgen.models.builder import around_mllm, load_mllm
 from duetgen.models.mllm import RenderedSequence, all_layer_states, layer_states, negative_prefix_length
 from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
-from duetgen.train.common import (TrainInputError, check_finite, check_resume, extend_schedule, load_records,
-                                   pack_inputs, render)
+from duetgen.train.common import (TrainInputError, check_finite, check_resume, extend_schedule, hold_out,
+                                   load_records, pack_inputs, render)
 from duetgen.train.configs import Stage2Config
 from duetgen.train.logging import MetricsLogger
 from duetgen.train.optim import EMA, clip_grad_norm, make_adamw, make_scheduler
@@ -484,9 +484,10 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
 
     # --- data: records with at least one assistant image; a validation tail
     items = [it for it in load_records(cfg.data, include_kinds=cfg.include_kinds) if image_slots(it[1])[1]]
-    if len(items) <= cfg.val_records:
-        raise TrainInputError(f"{cfg.data}: {len(items)} records with assistant images, not more than val_records={cfg.val_records}")
-    items, val_items = items[: -cfg.val_records], items[-cfg.val_records:]
+    items, val_items = hold_out(items, cfg.val_records)
+    if not items or len(val_items) < cfg.val_records:
+        raise TrainInputError(f"{cfg.data}: {len(items) + len(val_items)} records with assistant images, not more "
+                              f"than val_records={cfg.val_records} distinct ones")
     def drawn_tokens(width: int, height: int) -> int:  # DiT tokens of an image at the size it is drawn at
         h, w = model.generation_size(height, width)
         return (h // multiple) * (w // multiple)

@@ -744,7 +744,9 @@ def run_engine(input_path: str | Path, out: str | Path, cfg: EngineConfig, execu
         for result in _run(executor, build_shard, tasks, len(shards), len(todo2), "records", progress):
             if result["records"]:
                 listed.append((shard_name(result["index"]), result["records"]))
-                listed.sort()  # input order, also when a resume finishes shards between ones done before
+                # input order, also when a resume finishes shards between ones done before (by number:
+                # part-100000 sorts between part-10000 and part-10001 by name)
+                listed.sort(key=lambda entry: int(entry[0].rsplit("-", 1)[1].split(".")[0]))
             if time.monotonic() - last > 2.0:  # the manifest follows the markers, a few times a minute
                 write_manifest(out, listed)
                 last = time.monotonic()

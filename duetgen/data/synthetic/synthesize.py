@@ -158,7 +158,9 @@ def commit_journaled_answers(out_dir: Path, shard_size: int, report: RunReport) 
                 continue  # committed before the journal was emptied (killed in between)
             try:
                 writer.write(Record.from_jsonl_line(e["record"]))
-            except (KeyError, TypeError, ValueError, OSError, RecordError, ImageError, DatasetError) as err:
+            except OSError:  # a full disk: the writer dropped its open shard, so stop and keep the journal whole
+                raise
+            except (KeyError, TypeError, ValueError, RecordError, ImageError, DatasetError) as err:
                 report.skip(e["key"], "lost_answer", f"its journaled answer cannot be committed ({err}); asked again")
                 ProgressLog(out_dir / PROGRESS_FILE).append(
                     {"key": e["key"], "status": "lost", "cost_usd": float(e.get("cost_usd") or 0.0)})
