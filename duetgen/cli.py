@@ -1060,6 +1060,8 @@ def generate(
         fail(f"--framing {framing!r}: expected duetgen or cosmos")
     out_has_files = out.exists() and (not out.is_dir() or any(out.iterdir()))
     if out_has_files and not (overwrite and (out / "manifest.json").is_file()):
+        if (out / "manifest.json").is_file():
+            fail(f"--out {str(out)!r} holds an earlier output; pass --overwrite to replace it, or choose a new folder")
         fail(f"--out {str(out)!r} exists and is not an earlier output to --overwrite; choose a new folder")
     for path in image or []:  # before the model loads (whether it reads as an image, the pipeline says)
         if not path.is_file():

@@ -47,7 +47,7 @@ def test_generate_writes_record_images_and_html(canvas_file, tmp_path):
     # same seed, same answer; --overwrite replaces the earlier output, without it the folder is refused
     again = runner.invoke(app, ["generate", text, "--image", str(path), "--model", str(trained_tiny_dir()),
                                 "--out", str(out), "--steps", "2", "--max-new-tokens", "150", "--quiet"])
-    assert again.exit_code == 2 and "exists" in again.output
+    assert again.exit_code == 2 and "holds an earlier output; pass --overwrite" in again.output
     again = runner.invoke(app, ["generate", text, "--image", str(path), "--model", str(trained_tiny_dir()),
                                 "--out", str(out), "--steps", "2", "--max-new-tokens", "150", "--quiet", "--overwrite"])
     assert again.exit_code == 0, again.output
