@@ -1053,16 +1053,17 @@ def generate(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help=_THREADS_HELP),
 ):
     """Generate an interleaved answer (text streams in, a progress bar per image) and save it with an HTML page."""
-    from duetgen.infer.render import print_live, save_output
+    from duetgen.infer.render import is_earlier_output, print_live, save_output
 
     settings = _generation_settings(seed, steps, guidance, temperature, top_p, max_new_tokens, max_images, image_size)
     if framing is not None and framing not in ("duetgen", "cosmos"):
         fail(f"--framing {framing!r}: expected duetgen or cosmos")
     out_has_files = out.exists() and (not out.is_dir() or any(out.iterdir()))
-    if out_has_files and not (overwrite and (out / "manifest.json").is_file()):
-        if (out / "manifest.json").is_file():
+    if out_has_files and not (overwrite and is_earlier_output(out)):
+        if is_earlier_output(out):
             fail(f"--out {str(out)!r} holds an earlier output; pass --overwrite to replace it, or choose a new folder")
-        fail(f"--out {str(out)!r} exists and is not an earlier output to --overwrite; choose a new folder")
+        fail(f"--out {str(out)!r} exists and is not an earlier output of `duetgen generate` (which --overwrite "
+             "replaces); choose a new folder")
     for path in image or []:  # before the model loads (whether it reads as an image, the pipeline says)
         if not path.is_file():
             fail(f"--image {str(path)!r}: no such file")

@@ -52,6 +52,14 @@ def test_generate_writes_record_images_and_html(canvas_file, tmp_path):
                                 "--out", str(out), "--steps", "2", "--max-new-tokens", "150", "--quiet", "--overwrite"])
     assert again.exit_code == 0, again.output
     assert list(Dataset(out))[0].messages[-1].content == record.messages[-1].content
+    # a review: any folder with a manifest counted as an earlier output, and --overwrite deleted it
+    from duetgen.shapeworld.world import generate as toyworld
+
+    toyworld(tmp_path / "training-set", 3, progress=False)
+    refused = runner.invoke(app, ["generate", text, "--model", str(trained_tiny_dir()), "--out",
+                                  str(tmp_path / "training-set"), "--steps", "2", "--quiet", "--overwrite"])
+    assert refused.exit_code == 2 and "is not an earlier output of `duetgen generate`" in refused.output
+    assert len(Dataset(tmp_path / "training-set")) == 3
 
 
 @pytest.mark.parametrize("args, message", [

@@ -433,6 +433,7 @@ def test_a_full_disk_during_the_journal_replay_keeps_the_journal(tmp_path, monke
     for key in "abcd":
         rec = Record(id=f"syn-{key}", meta={"request_id": key}, messages=[Message("user", [TextPart(key)])])
         journal.append({"key": key, "cost_usd": 0.01, "record": rec.to_jsonl_line()})
+    journal.append({"key": "e", "cost_usd": 0.5, "record": "{not a record"})  # lost: logged once, not per retry
     real_write, calls = DatasetWriter.write, []
 
     def write(self, rec):
@@ -445,9 +446,10 @@ def test_a_full_disk_during_the_journal_replay_keeps_the_journal(tmp_path, monke
     with pytest.raises(OSError):
         commit_journaled_answers(out, shard_size=10, report=RunReport("synthesize"))
     monkeypatch.undo()
-    assert [e["key"] for e in ProgressLog(out / ANSWERS_FILE).entries()] == list("abcd")  # nothing forgotten
+    assert [e["key"] for e in ProgressLog(out / ANSWERS_FILE).entries()] == list("abcde")  # nothing forgotten
     assert not (out / PROGRESS_FILE).exists() or "lost" not in (out / PROGRESS_FILE).read_text()
     report = RunReport("synthesize")
     commit_journaled_answers(out, shard_size=10, report=report)  # the disk has room again
     assert sorted(r.meta["request_id"] for r in Dataset(out)) == list("abcd")
     assert report.counts["committed_from_journal"] == 4
+    assert [e["key"] for e in ProgressLog(out / PROGRESS_FILE).entries() if e["status"] == "lost"] == ["e"]

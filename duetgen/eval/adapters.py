@@ -407,8 +407,9 @@ def _open_generation_file(out: Path, bound: dict) -> dict:
 
 def _default_images(bench, source, images):
     """The image root the readers use: ``--images``, or the prompts file's folder (InterleavedBench, ImgEdit)."""
-    if images is None and bench.prompts_format in ("interleavedbench_json", "imgedit_json") and Path(source).is_file():
-        return Path(source).parent
+    p = Path(source)
+    if images is None and p.is_file() and (bench.prompts_format == "imgedit_json" or p.suffix == ".json"):
+        return p.parent  # (read_prompts' own rule: ImgEdit's file, or any JSON read as InterleavedBench's)
     return images
 
 

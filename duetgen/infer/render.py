@@ -17,6 +17,7 @@ Design choices:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -45,14 +46,25 @@ def record_markdown(record: Record) -> str:
     return "\n".join(lines)
 
 
+def is_earlier_output(out: Path) -> bool:
+    """Whether ``out`` holds what ``save_output`` wrote (a one-record dataset named "generation ..." beside its
+    answer page): only such a folder is replaced on ``overwrite`` (a dataset's manifest alone is not enough)."""
+    try:
+        m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(m, dict) and str(m.get("name") or "").startswith("generation ") and m.get("num_records") == 1
+            and (out / HTML_NAME).is_file())
+
+
 def save_output(record: Record, out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Path]:
     """Store ``record`` (in-memory images allowed) as a one-record dataset with HTML and Markdown views."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} exists and is not empty; choose a new --out or pass overwrite")
-        if not (out / "manifest.json").is_file():
-            raise FileExistsError(f"{out} is not an earlier output (no manifest.json); refusing to replace it")
+        if not is_earlier_output(out):
+            raise FileExistsError(f"{out} is not an earlier output of duetgen generate; refusing to replace it")
         shutil.rmtree(out)
     with DatasetWriter(out, name=f"generation {record.id}") as writer:
         writer.write(record)  # stores PIL images as PNG and replaces them by their paths

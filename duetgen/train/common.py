@@ -113,7 +113,7 @@ def load_records(dirs: list[str], include_kinds: list[str] | None = None,
                 if keep(rec):
                     out.append((mix.dataset(mix.samples[i][0]), rec))
             continue
-        ds = Dataset(d)
+        ds = Dataset(Path(d).resolve())  # one spelling per dataset (hold_out and stage 2's condition cache key on it)
         out.extend((ds, rec) for rec in ds if keep(rec))
     if not out:
         raise TrainInputError(f"no records left in {dirs} after filtering kinds (include {include_kinds}, exclude {exclude_kinds})")

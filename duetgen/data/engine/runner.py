@@ -40,6 +40,7 @@ Design choices (the datatrove recipe):
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import glob
 import hashlib
@@ -743,10 +744,9 @@ def run_engine(input_path: str | Path, out: str | Path, cfg: EngineConfig, execu
         last = time.monotonic()
         for result in _run(executor, build_shard, tasks, len(shards), len(todo2), "records", progress):
             if result["records"]:
-                listed.append((shard_name(result["index"]), result["records"]))
                 # input order, also when a resume finishes shards between ones done before (by number:
                 # part-100000 sorts between part-10000 and part-10001 by name)
-                listed.sort(key=lambda entry: int(entry[0].rsplit("-", 1)[1].split(".")[0]))
+                bisect.insort(listed, (shard_name(result["index"]), result["records"]), key=_shard_number)
             if time.monotonic() - last > 2.0:  # the manifest follows the markers, a few times a minute
                 write_manifest(out, listed)
                 last = time.monotonic()
@@ -828,6 +828,10 @@ def _decide(work: Path, shards: list[ShardSpec], cfg: EngineConfig) -> DedupDeci
         atomic_write_bytes(path, json.dumps({"drops": by_shard, "copies": copies_by_shard,
                                              "stats": stats.to_json()}).encode())
     return DedupDecision(work, json.loads(path.read_text()))
+
+
+def _shard_number(entry: tuple[str, int]) -> int:
+    return int(entry[0].rsplit("-", 1)[1].split(".")[0])  # "shards/part-00042.jsonl" -> 42
 
 
 def _publish(out: Path, work: Path, shards: list[ShardSpec], done: set[int]) -> list[tuple[str, int]]:

@@ -151,6 +151,7 @@ def commit_journaled_answers(out_dir: Path, shard_size: int, report: RunReport) 
     journal = ProgressLog(out_dir / ANSWERS_FILE)
     if not journal.path.exists() or not journal.path.stat().st_size:
         return
+    lost = []
     with DatasetWriter(out_dir, shard_size=shard_size, append=True, name=out_dir.name) as writer:
         committed = {r.meta.get("request_id") for r in committed_records(out_dir)}  # (under the writer's lock)
         for e in journal.entries():
@@ -162,11 +163,12 @@ def commit_journaled_answers(out_dir: Path, shard_size: int, report: RunReport) 
                 raise
             except (KeyError, TypeError, ValueError, RecordError, ImageError, DatasetError) as err:
                 report.skip(e["key"], "lost_answer", f"its journaled answer cannot be committed ({err}); asked again")
-                ProgressLog(out_dir / PROGRESS_FILE).append(
-                    {"key": e["key"], "status": "lost", "cost_usd": float(e.get("cost_usd") or 0.0)})
+                lost.append({"key": e["key"], "status": "lost", "cost_usd": float(e.get("cost_usd") or 0.0)})
                 continue
             committed.add(e["key"])
             report.count("committed_from_journal")
+    for entry in lost:  # logged once the replay is through: a stopped replay keeps them in the journal, unlogged
+        ProgressLog(out_dir / PROGRESS_FILE).append(entry)
     journal.clear()  # every entry is committed now, or logged as lost
 
 
