@@ -543,7 +543,7 @@ def data_mix(
         if config is not None:
             try:
                 d = json.loads(config.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as e:
+            except (OSError, ValueError, RecursionError) as e:
                 fail(f"--config {str(config)!r}: not readable JSON ({e})")
             sources, n, s = parse_mix_config(d, str(config), base=config.parent)
         else:

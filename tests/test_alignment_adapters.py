@@ -237,3 +237,33 @@ def test_a_second_annotation_file_of_one_name_is_refused_and_a_moved_one_resumes
     shutil.copytree(tmp_path / "moved", tmp_path / "copy")  # a copy elsewhere, the first still there: the same file
     assert adapt("omnigen", tmp_path / "copy" / "data.jsonl", out, progress=False).counts["already_done"] == 1
     assert [r.messages[0].text for r in Dataset(out)] == ["edit task"]
+
+
+def test_over_long_huge_integer_and_deeply_nested_lines_are_skipped_rows(tmp_path, monkeypatch):
+    """A JSONL line was read whole (a 10 GB line exhausted memory), and json's own ValueError for an integer
+    of over 4,300 digits, or RecursionError for deep nesting, crashed the run at the same row on every rerun
+    (only JSONDecodeError was caught). Each is one skipped row now; the rows after it are converted."""
+    import json
+
+    import duetgen.data.alignment.adapters as adapters
+
+    monkeypatch.setattr(adapters, "MAX_RECORD_LINE_BYTES", 8192)
+    src = tmp_path / "omni"
+    src.mkdir()
+    draw(src, ["a.png", "b.png"])
+    row = {"task_type": "t2i", "instruction": "first", "input_images": [], "output_image": "a.png"}
+    lines = [json.dumps(row).encode(),
+             json.dumps({**row, "instruction": "x" * 10_000}).encode(),  # over the (patched) cap
+             b'{"instruction": "big", "n": ' + b"9" * 5000 + b"}",
+             b"[" * 3000 + b"]" * 3000,
+             json.dumps({**row, "instruction": "last", "output_image": "b.png"}).encode()]
+    (src / "data.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    report = adapt("omnigen", src, tmp_path / "out", progress=False)
+    assert sorted(r.messages[0].text for r in Dataset(tmp_path / "out")) == ["first", "last"]
+    why = {s["item"]: (s["reason"], s["detail"]) for s in report.skipped}
+    assert why["data.jsonl:2"] == ("bad_json", "a line over the cap of 8,192 bytes")
+    assert why["data.jsonl:3"][0] == "bad_json" and "4300" in why["data.jsonl:3"][1]
+    assert why["data.jsonl:4"] == ("bad_json", "nested too deeply")
+    (src / "list.json").write_text('[{"n": ' + "9" * 5000 + "}]")
+    with pytest.raises(RecordError, match="not a readable JSON file.*4300"):
+        adapt("uniworld", src / "list.json", tmp_path / "out2", image_root=src, progress=False)

@@ -296,6 +296,9 @@ def test_not_a_dataset_and_bad_manifest(tmp_path):
     (bad / "manifest.json").write_text("{not json")
     with pytest.raises(DatasetError, match="unreadable manifest"):
         Dataset(bad)
+    (bad / "manifest.json").write_text('{"format": "duetgen-interleaved", "format_version": ' + "9" * 5000 + "}")
+    with pytest.raises(DatasetError, match="unreadable manifest.*4300"):  # (json's int cap: a ValueError)
+        Dataset(bad)
     (bad / "manifest.json").write_text(json.dumps({"format": "duetgen-interleaved", "format_version": 99}))
     with pytest.raises(DatasetError, match="unsupported format_version 99"):
         Dataset(bad)

@@ -146,7 +146,8 @@ def test_retry_after_is_respected(server):
 
 def test_strict_json_valid_invalid_and_schema_mismatch(tmp_path):
     replies = {"good": '{"answer": "yes"}', "notjson": 'Sure! {"answer": "yes"}',
-               "fenced": '```json\n{"answer": "yes"}\n```', "wrong": '{"answer": 3}', "extra": '{"answer": "a", "x": 1}'}
+               "fenced": '```json\n{"answer": "yes"}\n```', "wrong": '{"answer": 3}', "extra": '{"answer": "a", "x": 1}',
+               "huge": '{"answer": ' + "9" * 5000 + "}", "deep": "[" * 3000 + "]" * 3000}
 
     def responder(body):
         return replies[body["messages"][-1]["content"][0]["text"]]
@@ -165,7 +166,12 @@ def test_strict_json_valid_invalid_and_schema_mismatch(tmp_path):
         assert r.status == "invalid_json" and "answer" in r.error and "string" in r.error
         r = c.chat(user("extra"), json_schema=SCHEMA)
         assert r.status == "invalid_json" and "Additional properties" in r.error
-        assert c.usage_totals["invalid_json"] == 4
+        # json's own ValueError (an integer of over 4,300 digits) and RecursionError crashed the call
+        r = c.chat(user("huge"), json_schema=SCHEMA)
+        assert r.status == "invalid_json" and "not readable JSON" in r.error and "4300" in r.error
+        r = c.chat(user("deep"), json_schema=SCHEMA)
+        assert r.status == "invalid_json" and "nested too deeply" in r.error
+        assert c.usage_totals["invalid_json"] == 6
 
 
 def test_truncated_json_reply_says_so():

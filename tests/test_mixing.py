@@ -158,6 +158,9 @@ def test_a_mixture_reads_as_every_dataset_reader_does(three, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(DatasetError, match=r"samples\[0\] = \[-1, 0\] is not \[source, record\]"):
         Mixture(tmp_path / "bad.json")[0]
+    (tmp_path / "huge.json").write_text('{"format": "duetgen-mix", "n": ' + "9" * 5000 + "}")
+    with pytest.raises(DatasetError, match="is not readable JSON.*4300"):  # (json's ValueError: a traceback)
+        Mixture(tmp_path / "huge.json")
     with pytest.raises(DatasetError, match="lies inside the dataset 'edit'"):
         build_mixture(sources(three), 12, seed=1, out_path=tmp_path / "edit" / "manifest.json")
     assert (tmp_path / "edit" / "manifest.json").read_text().startswith("{")

@@ -453,3 +453,16 @@ def test_a_full_disk_during_the_journal_replay_keeps_the_journal(tmp_path, monke
     assert sorted(r.meta["request_id"] for r in Dataset(out)) == list("abcd")
     assert report.counts["committed_from_journal"] == 4
     assert [e["key"] for e in ProgressLog(out / PROGRESS_FILE).entries() if e["status"] == "lost"] == ["e"]
+
+
+def test_request_lines_json_cannot_read_are_skipped_not_fatal(tmp_path):
+    """json's own ValueError (an integer of over 4,300 digits) and RecursionError (deep nesting) crashed
+    load_requests at the same line on every run; each is one skipped request now."""
+    reqs = write_requests(tmp_path / "requests.jsonl", [
+        '{"id": "big", "prompt": "p", "n": ' + "9" * 5000 + "}", "[" * 3000 + "]" * 3000,
+        {"id": "good", "prompt": "How do I fold a fitted sheet?"}])
+    report = RunReport("synthesize")
+    assert [r["id"] for r in load_requests(reqs, None, report)] == ["good"]
+    why = {s["item"]: (s["reason"], s["detail"]) for s in report.skipped}
+    assert why["requests.jsonl:1"][0] == "bad_request" and "4300" in why["requests.jsonl:1"][1]
+    assert why["requests.jsonl:2"] == ("bad_request", "not readable JSON (nested too deeply)")

@@ -225,6 +225,8 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         raise DatasetError(f"{path}: unreadable manifest ({e})") from None
     except RecursionError:
         raise DatasetError(f"{path}: unreadable manifest (JSON nested too deeply)") from None
+    except ValueError as e:  # an integer of over 4,300 digits
+        raise DatasetError(f"{path}: unreadable manifest ({e})") from None
     if not isinstance(m, dict):
         raise DatasetError(f"{path}: manifest must be a JSON object")
     if m.get("format") != FORMAT_NAME:
@@ -366,9 +368,8 @@ class DatasetWriter:
         """Remove what a killed writer left: tmp files and shards the manifest does not list."""
         listed = {s["path"] for s in self.manifest["shards"]}
         for sub in (SHARD_DIR, IMAGE_DIR):  # never delete through a link out of the root (another dataset's)
-            if (self.root / sub).exists():
-                if not (self.root / sub).resolve().is_relative_to(self.root.resolve()):
-                    raise DatasetError(f"{self.root / sub}: resolves outside the dataset root")
+            if not (self.root / sub).resolve().is_relative_to(self.root.resolve()):
+                raise DatasetError(f"{self.root / sub}: resolves outside the dataset root")
         for p in (self.root / SHARD_DIR).iterdir():
             rel = f"{SHARD_DIR}/{p.name}"
             if p.name.startswith(".part-") and p.name.endswith(".tmp"):
@@ -431,50 +432,41 @@ class DatasetWriter:
         self._shard_count = 0
 
     def _abort_shard(self, e: OSError) -> OSError:
-        """Drop the open shard after a failed write (it is never committed: the records committed before
-        stay readable, the open shard's records are not in the dataset); the error names the shard."""
+        """Drop the open shard after a failed write or commit (never committed: the records committed before
+        stay readable, the open shard's are not in the dataset; a shard file renamed but not listed is removed
+        by the next append); the error names the file."""
         path = self._tmp_path(self._next_shard)
-        try:
-            self._shard_file.close()
-        except OSError:
-            pass  # (flushing the rest fails the same way)
+        if self._shard_file is not None:
+            try:
+                self._shard_file.close()
+            except OSError:
+                pass  # (flushing the rest fails the same way)
         path.unlink(missing_ok=True)
         self._shard_file, self._shard_count = None, 0
         self._ids = set(self._committed_ids)
-        return OSError(e.errno, f"{e.strerror}; the open shard's records were not committed", str(path))
+        return OSError(e.errno, f"{e.strerror}; the open shard's records were not committed", e.filename or str(path))
 
     def _commit_shard(self) -> None:
         """tmp shard -> fsync -> rename, then the manifest listing it (also tmp + rename)."""
-        f, index = self._shard_file, self._next_shard
+        f, index, count = self._shard_file, self._next_shard, self._shard_count
         try:
             f.flush()
             os.fsync(f.fileno())
             f.close()
-        except OSError as e:
-            raise self._abort_shard(e) from e
-        count, self._shard_file, self._shard_count = self._shard_count, None, 0  # the file is closed: never again
-        try:
+            self._shard_file = None  # closed: a failure below must not flush it again
             fsync_files(self._pending_images)  # images first: a committed shard must not outlive its images
             self._pending_images.clear()
             rel = shard_name(index)
             os.replace(self._tmp_path(index), self.root / rel)
             fsync_dir(self.root / SHARD_DIR)
-            before = dict(self.manifest)
-            self.manifest["shards"] = [*self.manifest["shards"], {"path": rel, "num_records": count}]
-            self.manifest["num_records"] += count
-            self.manifest["updated"] = _now()
-            try:
-                atomic_write_bytes(self.root / MANIFEST, _manifest_bytes(self.manifest))
-            except OSError:
-                self.manifest = before  # not listed: the shard file is uncommitted, the next append removes it
-                raise
-        except OSError as e:  # the shard is not committed; the records committed before stay readable
-            self._tmp_path(index).unlink(missing_ok=True)
-            self._ids = set(self._committed_ids)
-            raise OSError(e.errno, f"{e.strerror}; the open shard's records were not committed",
-                          e.filename or str(self.root / MANIFEST)) from e
+            manifest = {**self.manifest, "shards": [*self.manifest["shards"], {"path": rel, "num_records": count}],
+                        "num_records": self.manifest["num_records"] + count, "updated": _now()}
+            atomic_write_bytes(self.root / MANIFEST, _manifest_bytes(manifest))
+        except OSError as e:
+            raise self._abort_shard(e) from e
+        self.manifest = manifest
         self._name_changed = False
-        self._next_shard = index + 1
+        self._shard_count, self._next_shard = 0, index + 1
         self._committed_ids = set(self._ids)
 
     @property
@@ -591,6 +583,24 @@ def write_manifest(root: str | os.PathLike, shards: list[tuple[str, int]], name:
 
 
 # --------------------------------------------------------------------------------- reader
+def read_record_line(f, where: str) -> Record | None:
+    """The next record of a binary JSONL file (None at its end): at most ``MAX_RECORD_LINE_BYTES`` read (an
+    over-long line is skipped to its end, then refused), decoded line by line (a bad byte names its own line),
+    parsed and validated; every problem is a RecordError naming ``where``."""
+    raw = f.readline(MAX_RECORD_LINE_BYTES + 2)
+    if not raw:
+        return None
+    if len(raw.rstrip(b"\n")) > MAX_RECORD_LINE_BYTES:  # images are files: a record is text
+        while raw and not raw.endswith(b"\n"):
+            raw = f.readline(1 << 20)
+        raise DatasetError(f"{where}: a record over the cap of {MAX_RECORD_LINE_BYTES:,} bytes")
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{where}: not valid UTF-8 ({e.reason})") from None
+    return _parse_record_line(line, where)
+
+
 def _parse_record_line(line: str, where: str) -> Record:
     if not line.strip():
         raise DatasetError(f"{where}: empty line")
@@ -653,28 +663,18 @@ class Dataset:
         except OSError as e:
             raise DatasetError(f"{path}: shard listed in the manifest cannot be opened ({e.strerror})") from None
         with f:
-            lineno = 0
             while True:
-                raw = f.readline(MAX_RECORD_LINE_BYTES + 2)
-                if not raw:
-                    break
-                lineno += 1
-                n += 1
                 try:
-                    if len(raw.rstrip(b"\n")) > MAX_RECORD_LINE_BYTES:  # images are files: a record is text
-                        while raw and not raw.endswith(b"\n"):  # skip to the line's end
-                            raw = f.readline(1 << 20)
-                        raise DatasetError(f"{path}:{lineno}: a record over the cap of {MAX_RECORD_LINE_BYTES:,} bytes")
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        raise DatasetError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
-                    rec = _parse_record_line(line, f"{path}:{lineno}")
+                    rec = read_record_line(f, f"{path}:{n + 1}")
                 except RecordError as e:
                     if on_error is None:
                         raise
                     on_error(str(e))
+                    n += 1
                     continue
+                if rec is None:
+                    break
+                n += 1
                 yield rec
         if n != entry["num_records"]:
             raise DatasetError(f"{path}: holds {n} records but the manifest says {entry['num_records']}")

@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from duetgen.data.dataset import (MAX_RECORD_LINE_BYTES, Dataset, DatasetError, _parse_record_line, atomic_write_bytes,
-                                  dataset_file)
+from duetgen.data.dataset import (MAX_RECORD_LINE_BYTES, Dataset, DatasetError, atomic_write_bytes, dataset_file,
+                                  read_record_line)
 from duetgen.data.record import Record
 
 MIX_FORMAT = "duetgen-mixture"
@@ -184,15 +184,6 @@ def _rel(path: str, base: Path) -> str:
         return str(Path(path).resolve())
 
 
-def _decoded(raw: bytes, where: str) -> str:
-    if len(raw.rstrip(b"\n")) > MAX_RECORD_LINE_BYTES:
-        raise DatasetError(f"{where}: a record over the cap of {MAX_RECORD_LINE_BYTES:,} bytes")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{where}: not valid UTF-8 ({e.reason})") from None
-
-
 class Mixture:
     """Read a mixture manifest: ``len(m)``, ``m[i] -> (source name, Record)``, ``m.dataset(name)``."""
 
@@ -200,7 +191,7 @@ class Mixture:
         self.path = Path(path)
         try:
             m = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # (UTF-8, JSON, a 4,300-digit integer, deep nesting)
             raise DatasetError(f"mixture manifest {str(self.path)!r} is not readable JSON ({e})") from None
         if not isinstance(m, dict) or m.get("format") != MIX_FORMAT or m.get("format_version") != MIX_VERSION:
             raise DatasetError(f"{str(self.path)!r} is not a {MIX_FORMAT} v{MIX_VERSION} manifest")
@@ -262,6 +253,7 @@ class Mixture:
             self._offsets[key] = offs
         with open(path, "rb") as f:
             f.seek(self._offsets[key][line])
-            where = f"{path}:{line + 1}"
-            rec = _parse_record_line(_decoded(f.readline(MAX_RECORD_LINE_BYTES + 2), where), where)
+            rec = read_record_line(f, f"{path}:{line + 1}")
+        if rec is None:  # (the file shrank since its lines were counted)
+            raise DatasetError(f"{path}: record {line + 1} is gone")
         return self.sources[k]["name"], rec

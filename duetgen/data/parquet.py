@@ -133,7 +133,7 @@ def _row_to_record(row: dict[str, Any], where: str) -> Record:
     try:
         messages = json.loads(row["messages"])
         meta = json.loads(row["meta"]) if row.get("meta") is not None else {}
-    except (TypeError, RecursionError, json.JSONDecodeError) as e:
+    except (TypeError, RecursionError, ValueError) as e:  # (JSON, a 4,300-digit integer)
         raise RecordError(f"{where}: 'messages'/'meta' is not valid JSON ({e})") from None
     images = row.get("images") or []
     if not isinstance(messages, list):

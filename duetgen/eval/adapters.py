@@ -52,14 +52,14 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from duetgen.data.dataset import Dataset, DatasetWriter, atomic_write_bytes, building_new_dataset
+from duetgen.data.dataset import (MAX_RECORD_LINE_BYTES, Dataset, DatasetWriter, atomic_write_bytes,
+                                  building_new_dataset)
 from duetgen.data.record import ImagePart, Message, Part, Record, RecordError, TextPart
 from duetgen.eval.benchmarks.readers import (ImageFolder, ImageSource, ReaderError, file_inside, is_comm_results_dir,
                                              read_comm_results, read_gedit, read_geneval_metadata, read_imgedit,
                                              read_interleavedbench, read_records)
 
 MAX_JSONL_BYTES = 1024 * 1024 * 1024  # one record file of a plain folder; records are streamed line by line
-MAX_RECORD_LINE_BYTES = 64 * 1024 * 1024  # one record (JSON parsing costs ~5x a line's size in memory)
 GENERATION_FILE = "generation.json"  # in a prediction folder written by generate_benchmark
 GENERATION_FORMAT = "duetgen-eval-generation"
 SEED_RULE = "int(sha256(f'{seed}:{item_id}')[:8], 16) >> 1"  # recorded with the settings; see item_seed
@@ -387,7 +387,7 @@ def _open_generation_file(out: Path, bound: dict) -> dict:
     if path.exists():
         try:
             run = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise AdapterError(f"{path}: unreadable ({e})") from None
         if not isinstance(run, dict) or run.get("format") != GENERATION_FORMAT:
             raise AdapterError(f"{path}: not a DuetGen generation file")

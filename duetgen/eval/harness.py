@@ -582,7 +582,7 @@ def _check_or_create_run(out: Path, settings: dict, cfg: RunConfig) -> dict:
     if path.exists():
         try:
             run = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise HarnessError(f"{path}: unreadable run file ({e})") from None
         if run.get("format") != RUN_FORMAT:
             raise HarnessError(f"{path}: not a DuetGen eval run")

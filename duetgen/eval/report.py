@@ -66,7 +66,7 @@ def load_run(run_dir: str | os.PathLike) -> dict:
     d = Path(run_dir)
     try:
         run = json.loads((d / RUN_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ReportError(f"{d}: not a run directory ({RUN_FILE}: {e})") from None
     b = run["settings"]["benchmark"]
     copy = d / BENCHMARK_COPY  # a benchmark given as a file: the run keeps it

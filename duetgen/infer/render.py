@@ -17,14 +17,13 @@ Design choices:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 from urllib.parse import quote
 
 from duetgen.data.dataset import Dataset, DatasetWriter, atomic_write_bytes
-from duetgen.data.record import ImagePart, Record, TextPart
+from duetgen.data.record import ImagePart, Record, RecordError, TextPart
 from duetgen.data.view import dataset_image_src, page_html, render_record_html
 
 HTML_NAME = "answer.html"
@@ -50,11 +49,10 @@ def is_earlier_output(out: Path) -> bool:
     """Whether ``out`` holds what ``save_output`` wrote (a one-record dataset named "generation ..." beside its
     answer page): only such a folder is replaced on ``overwrite`` (a dataset's manifest alone is not enough)."""
     try:
-        m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        m = Dataset(out).manifest  # (the bounded, checked manifest reader)
+    except (OSError, RecordError):
         return False
-    return (isinstance(m, dict) and str(m.get("name") or "").startswith("generation ") and m.get("num_records") == 1
-            and (out / HTML_NAME).is_file())
+    return str(m.get("name") or "").startswith("generation ") and m.get("num_records") == 1 and (out / HTML_NAME).is_file()
 
 
 def save_output(record: Record, out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Path]:

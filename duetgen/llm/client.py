@@ -241,7 +241,7 @@ class LLMClient:
                 text, refused = message["content"], False
             if not isinstance(text, str):
                 raise TypeError(f"message.content is {type(text).__name__}, not a string")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as e:
             # a body that is not JSON (cut short by a proxy, a restarting server's page) may pass; JSON of the
             # wrong shape (no content, a model's refusal format) is the same next time
             raise RequestFailed(f"malformed response body ({type(e).__name__}: {e}): {text[:200]}",
@@ -280,6 +280,8 @@ def _parse_and_validate(text: str, schema: dict) -> tuple[Any, str | None]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         return None, f"reply is not JSON: {e.msg} at line {e.lineno} column {e.colno}"
+    except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits; nesting past Python's stack
+        return None, f"reply is not readable JSON ({'nested too deeply' if isinstance(e, RecursionError) else e})"
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data), key=lambda e: list(e.path))
     if errors:
         e = errors[0]

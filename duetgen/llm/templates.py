@@ -65,7 +65,7 @@ class PromptTemplate:
                 raise TemplateError(f"template {str(name)!r} not found at {path}")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:
             raise TemplateError(f"template file {path}: not valid JSON ({e})") from None
         return cls.from_dict(d, where=str(path))
 

@@ -226,7 +226,7 @@ def read_pipeline_directory(root: str | os.PathLike, processor_dir: str | os.Pat
 def _read_json(path: Path, root: Path) -> dict:
     try:
         value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # (UTF-8, JSON, a 4,300-digit integer, deep nesting)
         raise PipelineDirectoryError(f"{root}: {path.relative_to(root)} is not valid JSON ({e})") from None
     if not isinstance(value, dict):
         raise PipelineDirectoryError(f"{root}: {path.relative_to(root)} must hold a JSON object")

@@ -565,7 +565,7 @@ def read_directory(root: Path) -> DirectoryParts:
     # duetgen.json
     try:
         saved = json.loads((root / SETTINGS_FILE).read_text())
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
         fail(f"{SETTINGS_FILE} is not valid JSON ({e})")
     if not isinstance(saved, dict) or "format_version" not in saved or "settings" not in saved:
         fail(f"{SETTINGS_FILE} must hold format_version and settings")
@@ -616,7 +616,7 @@ def read_directory(root: Path) -> DirectoryParts:
     # vae/
     try:
         vae = json.loads((root / "vae" / "config.json").read_text())
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
         fail(f"vae/config.json is not valid JSON ({e})")
     if not isinstance(vae, dict):
         fail(f"vae/config.json must hold a JSON object; got {type(vae).__name__}")

@@ -137,7 +137,7 @@ def _read_json(path: Path) -> Any:
             return json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (incomplete or foreign checkpoint directory)") from None
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 

@@ -668,7 +668,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, cfg: Stage2Config, mllm_dir
     from duetgen.train.checkpoint import unflatten_state
 
     checkpoint = Path(checkpoint)
-    bind_mllm(checkpoint.parent.parent, mllm_dir, write=False)  # the run's own MLLM, when the run recorded it
+    bind_mllm(run_dir, mllm_dir, write=False)  # the run's own MLLM, when the run recorded it
     mllm, tokenizer, processor = load_mllm(mllm_dir)
     model = build_duetgen(cfg, mllm, tokenizer, processor)
     trainable = nn.ModuleDict({"connector": model.connector, "dit": model.dit})

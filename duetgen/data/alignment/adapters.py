@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from duetgen.data.dataset import DatasetWriter, atomic_write_bytes
+from duetgen.data.dataset import MAX_RECORD_LINE_BYTES, DatasetWriter, atomic_write_bytes
 from duetgen.data.images import DEFAULT_MAX_PIXELS, ImageError, inspect_image
 from duetgen.data.record import ImagePart, Message, Record, RecordError, TextPart
 from duetgen.data.synthetic.runlog import RunReport, committed_records
@@ -86,7 +86,7 @@ class Sample:
 def _rows_json_list(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # (UTF-8, JSON, a 4,300-digit integer, deep nesting)
         raise RecordError(f"{str(path)!r} is not a readable JSON file ({e})") from None
     if not isinstance(data, list):
         raise RecordError(f"{str(path)!r}: expected a JSON list of samples, got {type(data).__name__}")
@@ -100,7 +100,12 @@ def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     except OSError as e:
         raise RecordError(f"{str(path)!r} cannot be read ({e.strerror})") from None
     with f:
-        for n, raw in enumerate(f, 1):
+        for n, raw in enumerate(iter(lambda: f.readline(MAX_RECORD_LINE_BYTES + 2), b""), 1):
+            if len(raw.rstrip(b"\n")) > MAX_RECORD_LINE_BYTES:  # never held whole: skipped to its end, one bad row
+                while raw and not raw.endswith(b"\n"):
+                    raw = f.readline(1 << 20)
+                yield f"{path.name}:{n}", Skip("bad_json", f"a line over the cap of {MAX_RECORD_LINE_BYTES:,} bytes")
+                continue
             if not raw.strip():
                 continue
             try:
@@ -109,6 +114,8 @@ def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 yield f"{path.name}:{n}", Skip("bad_json", f"not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})")
             except json.JSONDecodeError as e:
                 yield f"{path.name}:{n}", Skip("bad_json", e.msg)
+            except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits; nesting past the stack
+                yield f"{path.name}:{n}", Skip("bad_json", "nested too deeply" if isinstance(e, RecursionError) else str(e))
 
 
 def _rows_auto(path: Path) -> Iterator[tuple[str, Any]]:

@@ -142,7 +142,7 @@ def _load_titles(root: Path) -> dict[str, str]:
         d = json.loads(raw.decode("utf-8"))
     except RecursionError:
         raise ImageError(f"{path}: not readable JSON (nested too deeply)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # (UTF-8, JSON, a 4,300-digit integer)
         raise ImageError(f"{path}: not readable JSON ({e})") from None
     if not isinstance(d, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in d.items()):
         raise ImageError(f"{path}: must map file names to title strings")

@@ -157,7 +157,7 @@ class _ImageAPIClient:
         check_status(resp, text)
         try:
             payload = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # (JSON, UTF-8, a 4,300-digit integer, deep nesting)
             raise RequestFailed(f"reply body is not JSON ({e}): {text[:200]}") from None
         if not isinstance(payload, dict):
             raise RequestFailed(f"reply body is a JSON {type(payload).__name__}, not an object")

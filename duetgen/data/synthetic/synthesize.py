@@ -74,6 +74,9 @@ def load_requests(path: str | Path, image_root: str | Path | None, report: RunRe
         except json.JSONDecodeError as e:
             report.skip(where, "bad_request", f"not JSON ({e.msg})")
             continue
+        except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits; nesting past Python's stack
+            report.skip(where, "bad_request", f"not readable JSON ({'nested too deeply' if isinstance(e, RecursionError) else e})")
+            continue
         problem = _request_problem(r)
         if problem:
             report.skip(where, "bad_request", problem)

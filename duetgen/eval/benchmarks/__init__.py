@@ -176,7 +176,7 @@ def load_benchmark(name: str) -> Benchmark:
     raw = path.read_bytes()
     try:
         d = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
         raise BenchmarkError(f"benchmark file {path}: not valid JSON ({e})") from None
     bench = _from_dict(d, str(path))
     bench.sha256 = hashlib.sha256(raw).hexdigest()
