@@ -1094,10 +1094,10 @@ def train_export_step(
 ):
     """Turn step N of a stage-2 run into a DuetGen model directory (EMA weights), e.g. to compare runs at equal steps."""
     import dataclasses
-    import json as _json
 
     from safetensors import SafetensorError
 
+    from duetgen.train.common import read_json_object
     from duetgen.train.configs import Stage2Config
     from duetgen.train.stage2 import export_checkpoint
 
@@ -1108,12 +1108,12 @@ def train_export_step(
         fail(f"--out {str(out)!r} exists; pass --overwrite to replace it")
     mllm_dir = _stage1_mllm_dir(stage1)
     try:
-        saved = _json.loads((run / "config.json").read_text())
+        saved = read_json_object(run / "config.json")  # TrainInputError naming the file
         fields = {f.name for f in dataclasses.fields(Stage2Config)}
-        if not isinstance(saved, dict) or not set(saved) <= fields:
+        if not set(saved) <= fields:
             fail(f"--run {str(run)!r}: its config.json is not a stage-2 run's config")
         typer.echo(export_checkpoint(ckpt, Stage2Config(**saved), mllm_dir, out, use_ema=not raw, overwrite=overwrite))
-    except (ValueError, OSError, SafetensorError) as e:  # (ValueError: a JSON error, TrainInputError)
+    except (ValueError, RecursionError, OSError, SafetensorError) as e:  # JSON (nested too deep), TrainInputError
         fail(f"cannot export step {step} of {str(run)!r}: {e}")
 
 

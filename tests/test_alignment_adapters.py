@@ -264,6 +264,48 @@ def test_over_long_huge_integer_and_deeply_nested_lines_are_skipped_rows(tmp_pat
     assert why["data.jsonl:2"] == ("bad_json", "a line over the cap of 8,192 bytes")
     assert why["data.jsonl:3"][0] == "bad_json" and "4300" in why["data.jsonl:3"][1]
     assert why["data.jsonl:4"] == ("bad_json", "nested too deeply")
-    (src / "list.json").write_text('[{"n": ' + "9" * 5000 + "}]")
-    with pytest.raises(RecordError, match="not a readable JSON file.*4300"):
-        adapt("uniworld", src / "list.json", tmp_path / "out2", image_root=src, progress=False)
+
+
+def test_a_json_list_is_read_one_sample_at_a_time(tmp_path, monkeypatch):
+    """A JSON list annotation file was read whole (json.loads of a 50 MB list peaked at 2.8 GB, a nesting bomb
+    was a traceback). It is split into samples as it is read: the same samples as json.loads at any buffer size,
+    the samples before a broken one are kept, and each problem names the sample."""
+    import io
+    import json
+    import random
+
+    import duetgen.data.alignment.adapters as adapters
+
+    rng = random.Random(0)
+
+    def value(depth=0):
+        t = rng.random()
+        if depth > 3 or t < 0.3:
+            return rng.choice([1, -2.5, 1e300, "caf\u00e9 \"x\"", True, None, "", 12345678901234567890])
+        if t < 0.6:
+            return [value(depth + 1) for _ in range(rng.randrange(4))]
+        return {f"k{i}": value(depth + 1) for i in range(rng.randrange(4))}
+
+    for _ in range(200):
+        data = [value() for _ in range(rng.randrange(6))]
+        text = json.dumps(data, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 1]))
+        for chunk in (1, 3, 64):  # every item cut at every place by the buffer's end
+            assert list(adapters._json_list_items(io.BytesIO(text.encode()), "x", chunk=chunk)) == data
+    bad = {b'{"a": 1}': "expected a JSON list", b'[{"a": 1} {"b": 2}]': r"x\[0\]: expected ',' or '\]'",
+           b'[{"a": 1}, {"b": ': r"x\[1\]: not valid JSON", b"[" + b"[" * 5000: r"x\[0\]: unreadable JSON \(nested too deeply",
+           b'[{"n": ' + b"9" * 5000 + b"}]": r"x\[0\]: unreadable JSON.*4300", b"[1] 2": "text after the list's end",
+           b'["\xff"]': "not valid UTF-8", b'[{"a": "' + b"y" * 9000 + b'"}]': r"x\[0\]: a sample over the cap"}
+    monkeypatch.setattr(adapters, "MAX_RECORD_LINE_BYTES", 8192)
+    for raw, message in bad.items():
+        with pytest.raises(RecordError, match=message):
+            list(adapters._json_list_items(io.BytesIO(raw), "x", chunk=16))
+
+    src = tmp_path / "uni"
+    src.mkdir()
+    draw(src, ["a.png"])
+    good = {"image": "a.png", "conversations": [{"from": "human", "value": "Draw a square."},
+                                                {"from": "gpt", "value": "<gen_image>"}]}
+    (src / "data.json").write_text(json.dumps([good, {**good, "conversations": [{"from": "human"}]}])[:-3])
+    with pytest.raises(RecordError, match=r"data.json'\[1\]: not valid JSON"):
+        adapt("uniworld", src / "data.json", tmp_path / "out", image_root=src, progress=False)
+    assert len(Dataset(tmp_path / "out")) == 1  # the sample before the break was converted and committed

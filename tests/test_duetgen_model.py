@@ -494,3 +494,33 @@ def test_cli_model_init_assemble_check(tmp_path, local_parts):
     missing = runner.invoke(app, ["model", "assemble", str(tmp_path / "x"), "--mllm", str(tmp_path),
                                   "--dit", str(tmp_path), "--vae", str(tmp_path)])
     assert missing.exit_code == 2 and "mllm_dir has no config.json" in missing.output
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # json.loads: RecursionError
+LONG_INT = '{"n": ' + "1" * 5000 + "}"  # json.loads: ValueError (Python's 4300-digit limit)
+
+
+@pytest.mark.parametrize("name, change, problem", [
+    ("mllm/config.json", DEEP, "mllm/config.json is not valid JSON"),
+    ("mllm/config.json", "[1]", "mllm/config.json must hold a JSON object; got list"),
+    ("mllm/config.json", LONG_INT, "mllm/config.json is not valid JSON .*4300"),
+    ("mllm/config.json", {"text_config": [1]}, "mllm/config.json is not a readable Qwen2.5-VL config"),
+    ("dit/config.json", DEEP, "dit/config.json is not valid JSON"),
+    ("dit/config.json", "[1]", "dit/config.json must hold a JSON object"),
+    ("mllm/tokenizer_config.json", DEEP, "mllm/tokenizer_config.json is not valid JSON"),
+    ("mllm/tokenizer.json", DEEP, "mllm/tokenizer.json is not valid JSON"),
+    ("mllm/preprocessor_config.json", DEEP, "mllm/preprocessor_config.json is not valid JSON"),
+    ("mllm/preprocessor_config.json", "[1]", "mllm/preprocessor_config.json must hold a JSON object"),
+    ("mllm/preprocessor_config.json", {"size": [1, 2]}, "preprocessor_config.json: must hold a JSON object"),
+    ("mllm/preprocessor_config.json", {"patch_size": [14]}, "preprocessor_config.json: int.. argument"),
+], ids=lambda x: x if isinstance(x, str) and len(x) < 40 else None)
+def test_malformed_json_in_a_model_directory_is_named(saved_tiny, tmp_path, name, change, problem):
+    """An audit: a copied model directory whose JSON is nested too deep, holds a 5000-digit number or has
+    the wrong shape crashed `duetgen model info` with a RecursionError / TypeError traceback."""
+    path = copy_model(saved_tiny, tmp_path / "m")
+    if isinstance(change, dict):
+        change = json.dumps({**json.loads((path / name).read_text()), **change})
+    (path / name).write_text(change)
+    with pytest.raises(ModelDirectoryError, match=problem) as error:
+        DuetGen.from_pretrained(path)
+    assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)

@@ -435,6 +435,17 @@ def test_a_jsonl_url_with_a_lone_surrogate_is_bad_input_not_a_crash(tmp_path):
     assert "pages.jsonl:1" in example["detail"] and "surrogate" in example["detail"]
 
 
+def test_a_jsonl_page_nested_too_deeply_is_bad_input_not_a_crash(tmp_path):
+    """json raises RecursionError (not a ValueError) for nesting past Python's stack: one such line stopped the
+    whole run, again on every rerun (an audit, session 13)."""
+    inp = tmp_path / "pages.jsonl"
+    inp.write_text('{"url": "https://example.com/a", "html": "<p>hi</p>"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    funnel = run_engine(inp, tmp_path / "ds", config(), progress=False)
+    assert all_drops(funnel, "page_drops")["bad_input"] == 1
+    (example,) = stage(funnel, "extract")["examples"]["page:bad_input"]
+    assert "pages.jsonl:2" in example["detail"] and "nested too deeply" in example["detail"]
+
+
 def test_cli_reports_bad_input_cleanly(tmp_path):
     exe = str(REPO / ".venv" / "bin" / "duetgen")
     r = subprocess.run([exe, "data", "engine", "--input", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")],

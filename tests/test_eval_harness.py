@@ -450,6 +450,41 @@ def test_report_refuses_mixing_benchmarks(server, tmp_path):
         write_report([tmp_path / "h", tmp_path / "c"], tmp_path / "r.html")
 
 
+def test_report_of_a_run_folder_handed_in_damaged_is_an_error_naming_it(server, tmp_path, monkeypatch):
+    """A run folder someone hands in: run.json of another shape (KeyError / TypeError), a results.jsonl line
+    nested too deeply, holding a 4,300-digit number, over the line cap or of another shape, raised tracebacks
+    out of `eval report` (an audit, session 13). Bad result lines are dropped like a torn one; a run.json
+    that names no benchmark, or names one by path without its copy, is a ReportError."""
+    from duetgen.eval.report import ReportError, load_run
+
+    write_predictions(tmp_path / "p", 2, input_image=False)
+    run_benchmark(RunConfig("howto", str(tmp_path / "p"), str(tmp_path / "r")), judge(server), progress=False)
+    results = tmp_path / "r" / "results.jsonl"
+    good = results.read_text()
+    import duetgen.eval.harness as harness
+
+    monkeypatch.setattr(harness, "MAX_RECORD_LINE_BYTES", 20_000)
+    over = '{"id": "w", "metrics": {}, "pad": "' + "y" * 30_000 + '"}\n'
+    first, second = good.splitlines(keepends=True)
+    results.write_text(first + over + "[" * 5000 + "]" * 5000 + "\n" + '{"id": "x", "n": ' + "9" * 5000 + "}\n"
+                       + '{"id": "y"}\n' + '{"id": "z", "metrics": {"T-Com": 3}}\n' + second)
+    assert len(load_run(tmp_path / "r")["results"]) == 2  # the lines around the bad ones
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    for bad in ({"name": "x"}, [1, 2], {"settings": {"benchmark": {"name": 1}}}):
+        (tmp_path / "r" / "run.json").write_text(json.dumps(bad))
+        with pytest.raises(ReportError, match="does not name its benchmark"):
+            load_run(tmp_path / "r")
+    run["settings"]["benchmark"]["name"] = str(tmp_path / "elsewhere.json")
+    (tmp_path / "r" / "run.json").write_text(json.dumps(run))
+    with pytest.raises(ReportError, match="by path without keeping a copy"):
+        load_run(tmp_path / "r")
+    run["settings"]["benchmark"]["name"] = "howto"
+    run["bootstrap"] = [1]
+    (tmp_path / "r" / "run.json").write_text(json.dumps(run))
+    with pytest.raises(ReportError, match="not what `duetgen eval run` writes"):
+        load_run(tmp_path / "r")
+
+
 # ----------------------------------------------------------------------------- CLI and import
 def test_cli_run_report_and_errors(server, tmp_path):
     write_predictions(tmp_path / "pred", 3)
@@ -546,3 +581,26 @@ def test_import_reads_no_file_linked_out_of_its_folder_and_leaves_nothing_when_a
     recs[7]["messages"][1]["content"][0]["image"] = "a.png"
     (good / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert import_outputs(good, tmp_path / "p4", shard_size=2) == 10  # the fixed input imports into the same OUT
+
+
+def test_import_refuses_an_image_file_over_the_byte_cap(tmp_path, monkeypatch):
+    """A PNG padded with 400 MB passed the header and pixel checks and was read and stored whole (audit)."""
+    import io as _io
+
+    import duetgen.eval.benchmarks.readers as readers
+    from duetgen.data.images import ImageError
+
+    monkeypatch.setattr(readers, "DEFAULT_MAX_IMAGE_BYTES", 10_000)
+    src = tmp_path / "src"
+    src.mkdir()
+    png = _io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    (src / "ok.png").write_bytes(png.getvalue())
+    (src / "padded.png").write_bytes(png.getvalue() + bytes(20_000))
+    rec = {"id": "q", "messages": [{"role": "user", "content": [{"type": "text", "text": "Draw."}]},
+                                   {"role": "assistant", "content": [{"type": "image", "image": "padded.png"}]}]}
+    (src / "r.jsonl").write_text(json.dumps(rec) + "\n")
+    with pytest.raises(ImageError, match="'padded.png': over the cap of 10,000 bytes"):
+        import_outputs(src, tmp_path / "o")
+    (src / "r.jsonl").write_text(json.dumps(rec).replace("padded.png", "ok.png") + "\n")
+    assert import_outputs(src, tmp_path / "o") == 1

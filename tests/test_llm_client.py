@@ -85,6 +85,20 @@ def test_malformed_response_body_is_api_error(server):
     assert r.transient  # a body cut short (not JSON) may pass; JSON of the wrong shape would not
 
 
+def test_odd_usage_counts_and_finish_reason_count_zero_not_a_crash():
+    """usage and finish_reason were read outside the reply's checks: a string count, a list, an infinite number
+    raised out of chat() (an audit, session 13). They are the server's word: an odd one counts 0."""
+    odd = [{"prompt_tokens": "many"}, [1], {"prompt_tokens": float("inf"), "completion_tokens": -3}, None,
+           {"prompt_tokens": 7.0, "completion_tokens": True}]
+    replies = iter(odd)
+    with FakeOpenAIServer(lambda b: {"content": "ok", "usage": next(replies), "finish_reason": ["x"]}) as s:
+        c = client_for(s)
+        results = [c.chat(user(f"q{i}")) for i in range(len(odd))]
+    assert [r.status for r in results] == ["ok"] * 5 and all(r.text == "ok" for r in results)
+    assert [r.usage["prompt_tokens"] for r in results] == [0, 0, 0, 0, 7]
+    assert [r.usage["completion_tokens"] for r in results] == [0, 0, 0, 0, 0]
+
+
 def test_api_refusal_is_its_own_status_not_retried_and_cached(tmp_path):
     # OpenAI structured outputs refuse with content null and message.refusal set.
     reply = {"refusal": "I can't help with that."}

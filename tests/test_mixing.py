@@ -158,6 +158,10 @@ def test_a_mixture_reads_as_every_dataset_reader_does(three, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(DatasetError, match=r"samples\[0\] = \[-1, 0\] is not \[source, record\]"):
         Mixture(tmp_path / "bad.json")[0]
+    for src in ({"num_records": 1}, {**doc["sources"][0], "num_records": "1"}, [1]):
+        (tmp_path / "bad.json").write_text(json.dumps({**doc, "sources": [src]}))
+        with pytest.raises(DatasetError, match=r"sources\[0\] is not a source of `duetgen data mix`"):
+            Mixture(tmp_path / "bad.json")  # KeyError / TypeError in training before
     (tmp_path / "huge.json").write_text('{"format": "duetgen-mix", "n": ' + "9" * 5000 + "}")
     with pytest.raises(DatasetError, match="is not readable JSON.*4300"):  # (json's ValueError: a traceback)
         Mixture(tmp_path / "huge.json")

@@ -62,6 +62,18 @@ def ask(client, question, image=None):
 
 
 # ----------------------------------------------------------------------------- clients + filters
+@pytest.mark.parametrize("make", [gemini, openai])
+def test_odd_usage_counts_zero_and_an_odd_answer_is_an_api_error_not_a_crash(server, make):
+    """Usage counts of the wrong type (a string, a list, -5, 1e300) and answers of the wrong shape (a list for
+    finishReason, a list for the message) raised out of agenerate and stopped `data synthesize` (an audit,
+    session 13): an odd count is 0 (the paid answer is kept), an odd answer is one api_error."""
+    res = ask(make(server), "How do I repot a plant? ODDUSAGE")
+    assert res.status == "ok" and len(res.parts) == 8
+    assert res.usage == {"prompt_tokens": 0, "output_text_tokens": 0, "output_image_tokens": 0}
+    res = ask(make(server), "How do I repot a plant? ODDSHAPE")
+    assert res.status == "api_error" and ("malformed reply" in res.error or "not an object" in res.error)
+
+
 def test_gemini_good_answer_parts_cost_and_wire_shape(server):
     res = ask(gemini(server), "How do I repot a plant?", image=png_bytes((1, 2, 3), (300, 300)))
     assert res.status == "ok" and res.finish_reason == "STOP"
@@ -455,14 +467,22 @@ def test_a_full_disk_during_the_journal_replay_keeps_the_journal(tmp_path, monke
     assert [e["key"] for e in ProgressLog(out / PROGRESS_FILE).entries() if e["status"] == "lost"] == ["e"]
 
 
-def test_request_lines_json_cannot_read_are_skipped_not_fatal(tmp_path):
+def test_request_lines_json_cannot_read_are_skipped_not_fatal(tmp_path, monkeypatch):
     """json's own ValueError (an integer of over 4,300 digits) and RecursionError (deep nesting) crashed
-    load_requests at the same line on every run; each is one skipped request now."""
+    load_requests at the same line on every run, and the file was read whole (a 300 MB line was accepted; one
+    byte that is not UTF-8 anywhere refused the whole file); each is one skipped request now."""
+    import duetgen.data.synthetic.synthesize as synthesize_module
+
+    monkeypatch.setattr(synthesize_module, "MAX_RECORD_LINE_BYTES", 8192)
     reqs = write_requests(tmp_path / "requests.jsonl", [
         '{"id": "big", "prompt": "p", "n": ' + "9" * 5000 + "}", "[" * 3000 + "]" * 3000,
-        {"id": "good", "prompt": "How do I fold a fitted sheet?"}])
+        {"id": "long", "prompt": "x" * 10_000}, {"id": "good", "prompt": "How do I fold a fitted sheet?"}])
+    with open(reqs, "ab") as f:
+        f.write(b'{"id": "latin", "prompt": "caf\xe9"}\n{"id": "last", "prompt": "How do I tie a tie?"}\n')
     report = RunReport("synthesize")
-    assert [r["id"] for r in load_requests(reqs, None, report)] == ["good"]
+    assert [r["id"] for r in load_requests(reqs, None, report)] == ["good", "last"]
     why = {s["item"]: (s["reason"], s["detail"]) for s in report.skipped}
     assert why["requests.jsonl:1"][0] == "bad_request" and "4300" in why["requests.jsonl:1"][1]
     assert why["requests.jsonl:2"] == ("bad_request", "not readable JSON (nested too deeply)")
+    assert why["requests.jsonl:3"] == ("bad_request", "a line over the cap of 8,192 bytes")
+    assert why["requests.jsonl:5"][0] == "bad_request" and "utf-8" in why["requests.jsonl:5"][1]

@@ -181,3 +181,59 @@ def test_a_held_out_record_repeated_by_a_mixture_never_trains_nor_breaks_the_sam
     assert [r.id for _, r in train] == [r.id for r in recs[:3] + [recs[4]]]
     plain = [(ds, r) for r in recs]
     assert hold_out(plain, 4) == (plain[:-4], plain[-4:])  # without repeats: as before
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # json.loads: RecursionError
+LONG_INT = "1" * 5000  # json.loads: ValueError (Python's 4300-digit limit)
+
+
+def _aliases(value):
+    def change(path):
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        save_file(tensors, str(path), metadata={"format": "pt", "aliases": value})
+    return change
+
+
+STEP = "checkpoints/step-0000002/"
+
+
+@pytest.mark.parametrize("how, name, change, problem", [
+    ("export", "config.json", {"steps": "x", "ema_decay": "y"}, "config.json: value.s. of the wrong type: steps='x'"),
+    ("export", "mllm.json", "{}", "mllm.json: has no sha256"),
+    ("export", "mllm.json", DEEP, "mllm.json: not valid JSON"),
+    ("export", STEP + "state.json", "[1]", "state.json: must hold a JSON object"),
+    ("export", STEP + "state.json", "{}", "state.json: holds no 'ema' state"),
+    ("export", STEP + "state.safetensors", _aliases(DEEP), "state.safetensors: header metadata 'aliases'"),
+    ("resume", STEP + "state.safetensors", _aliases(LONG_INT), "state.safetensors: header metadata 'aliases'"),
+    ("resume", STEP + "meta.json", "[]", "meta.json: must hold a JSON object"),
+    ("resume", STEP + "meta.json", DEEP, "meta.json: not valid JSON"),
+    ("resume", "mllm.json", "{}", "mllm.json: has no sha256"),
+], ids=lambda x: x if isinstance(x, str) and len(x) < 40 else None)
+def test_malformed_json_in_a_run_folder_is_named(setup, tmp_path, how, name, change, problem):
+    """An audit: a run folder whose JSON is nested too deep, holds a 5000-digit number or has the wrong shape
+    crashed `train export-step` and --resume with a RecursionError / KeyError / TypeError traceback."""
+    import re
+
+    from duetgen.train.checkpoint import CheckpointError
+
+    root, _, mllm_dir, cfg2 = setup
+    run = shutil.copytree(root / "stage2", tmp_path / "run")
+    if callable(change):
+        change(run / name)
+    else:
+        if isinstance(change, dict):
+            change = json.dumps({**json.loads((run / name).read_text()), **change})
+        (run / name).write_text(change)
+    if how == "export":
+        r = runner.invoke(app, ["train", "export-step", "--run", str(run), "--step", "2", "--stage1",
+                                str(root / "stage1"), "--out", str(tmp_path / "out")])
+        output = r.output.replace("\n", "")  # one error line, however the terminal wraps it
+        assert r.exit_code == 2 and str(run / name) in output and re.search(problem, output), r.output
+    else:
+        with pytest.raises((TrainInputError, CheckpointError), match=problem) as error:
+            stage2.train(dataclasses.replace(cfg2, steps=3), mllm_dir, run, resume_run=True, progress=False)
+        assert str(run / name) in str(error.value)

@@ -199,6 +199,12 @@ class Mixture:
         self.sources, self.samples = m.get("sources"), m.get("samples")
         if not isinstance(self.sources, list) or not isinstance(self.samples, list):
             raise DatasetError(f"{str(self.path)!r}: a mixture manifest needs 'sources' and 'samples' lists")
+        for k, src in enumerate(self.sources):  # (a hand-edited manifest crashed training with a KeyError)
+            if not (isinstance(src, dict) and isinstance(src.get("name"), str) and isinstance(src.get("path"), str)
+                    and isinstance(src.get("num_records"), int) and not isinstance(src["num_records"], bool)
+                    and src["num_records"] >= 0 and isinstance(src.get("shards"), list)):
+                raise DatasetError(f"{str(self.path)!r}: sources[{k}] is not a source of `duetgen data mix` "
+                                   "(name, path, num_records, shards)")
 
         self._datasets: dict[int, Dataset] = {}
         self._offsets: dict[tuple[int, int], list[int]] = {}  # (source, shard) -> byte offset of each line

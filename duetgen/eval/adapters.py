@@ -55,9 +55,9 @@ from typing import Iterable
 from duetgen.data.dataset import (MAX_RECORD_LINE_BYTES, Dataset, DatasetWriter, atomic_write_bytes,
                                   building_new_dataset)
 from duetgen.data.record import ImagePart, Message, Part, Record, RecordError, TextPart
-from duetgen.eval.benchmarks.readers import (ImageFolder, ImageSource, ReaderError, file_inside, is_comm_results_dir,
-                                             read_comm_results, read_gedit, read_geneval_metadata, read_imgedit,
-                                             read_interleavedbench, read_records)
+from duetgen.eval.benchmarks.readers import (ImageFolder, ImageSource, ReaderError, TableImages, file_inside,
+                                             is_comm_results_dir, read_comm_results, read_gedit,
+                                             read_geneval_metadata, read_imgedit, read_interleavedbench, read_records)
 
 MAX_JSONL_BYTES = 1024 * 1024 * 1024  # one record file of a plain folder; records are streamed line by line
 GENERATION_FILE = "generation.json"  # in a prediction folder written by generate_benchmark
@@ -131,10 +131,10 @@ def _with_loaded_images(rec: Record, images: ImageSource) -> Record:
         parts = []
         for p in m.content:
             if isinstance(p, ImagePart):
-                src = images.image_path(p.path, rec.id)  # containment + existence
-                images.open_image(p.path, rec.id)  # format and pixel cap, before the bytes are trusted
-                # images stored in a table (GEdit-Bench's Parquet) have no file: the source reads them
-                data = images.read_bytes(p.path, rec.id) if hasattr(images, "read_bytes") else src.read_bytes()
+                images.open_image(p.path, rec.id)  # containment, format and pixel cap, before the bytes are trusted
+                # capped reads (a PNG padded to 400 MB was stored whole); a table's images (GEdit-Bench) have no file
+                read = images.read_image_bytes if isinstance(images, Dataset) else images.read_bytes
+                data = read(p.path, rec.id)
                 parts.append(ImagePart(data))
             else:
                 parts.append(TextPart(p.text))
@@ -364,7 +364,7 @@ def _check_items(bench, records: list[Record], where: str, images: ImageSource |
 
     for rec in records:
         request, _ = split_record(rec)
-        if images is not None and not hasattr(images, "read_bytes"):  # (a table's images have no path to check)
+        if images is not None and not isinstance(images, TableImages):  # (a table's images have no path to check)
             for m in request:
                 for p in m.content:
                     if isinstance(p, ImagePart) and isinstance(p.image, str):

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from duetgen.data.dataset import Dataset, atomic_write_bytes
+from duetgen.data.dataset import MAX_RECORD_LINE_BYTES, Dataset, atomic_write_bytes
 from duetgen.data.images import ImageError
 from duetgen.data.record import ImagePart, Message, Record, RecordError, TextPart
 from duetgen.eval.benchmarks import BENCHMARK_DIR, Benchmark, exact_scorer, load_benchmark
@@ -610,14 +610,19 @@ def read_results(path: Path) -> dict[str, dict]:
     if not path.exists():
         return out
     with open(path, "rb") as f:
-        for raw in f:
+        for raw in iter(lambda: f.readline(MAX_RECORD_LINE_BYTES + 2), b""):
             if not raw.endswith(b"\n"):
-                break  # torn last line
+                if len(raw) <= MAX_RECORD_LINE_BYTES:
+                    break  # torn last line
+                while raw and not raw.endswith(b"\n"):  # over the cap (a run handed in): never held whole
+                    raw = f.readline(1 << 20)
+                continue
             try:
                 line = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # (JSON, UTF-8, a 4,300-digit integer, deep nesting)
                 continue
-            if isinstance(line, dict) and isinstance(line.get("id"), str):
+            if (isinstance(line, dict) and isinstance(line.get("id"), str) and isinstance(line.get("metrics"), dict)
+                    and all(isinstance(v, dict) for v in line["metrics"].values())):
                 out[line["id"]] = line
     return out
 

@@ -68,16 +68,24 @@ def load_run(run_dir: str | os.PathLike) -> dict:
         run = json.loads((d / RUN_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:
         raise ReportError(f"{d}: not a run directory ({RUN_FILE}: {e})") from None
-    b = run["settings"]["benchmark"]
+    b = run.get("settings", {}).get("benchmark") if isinstance(run, dict) and isinstance(run.get("settings"), dict) else None
+    if not (isinstance(b, dict) and all(isinstance(b.get(k), str) for k in ("name", "version", "sha256"))):
+        raise ReportError(f"{d}: {RUN_FILE} does not name its benchmark (settings.benchmark: name, version, sha256)")
     copy = d / BENCHMARK_COPY  # a benchmark given as a file: the run keeps it
+    if not copy.is_file() and (Path(b["name"]).name != b["name"] or b["name"].endswith(".json")):
+        raise ReportError(f"{d}: {RUN_FILE} names the benchmark {b['name']!r} by path without keeping a copy")
     bench = load_benchmark(str(copy) if copy.is_file() else b["name"])
     if (bench.version, bench.sha256) != (b["version"], b["sha256"]):
         raise ReportError(f"{d}: run of {b['name']}@{b['version']} ({b['sha256'][:12]}), but the installed benchmark "
                           f"file is {bench.id} ({bench.sha256[:12]})")
     results = list(read_results(d / RESULTS_FILE).values())
     coverage = {"items_judged": len(results)}
-    boot = run.get("bootstrap", {})
-    summary = build_summary(bench, run, results, coverage, boot.get("n_boot", N_BOOT), boot.get("seed", SEED))
+    try:
+        boot = run.get("bootstrap", {})
+        summary = build_summary(bench, run, results, coverage, boot.get("n_boot", N_BOOT), boot.get("seed", SEED))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a run folder handed in, edited by hand
+        raise ReportError(f"{d}: {RUN_FILE} or {RESULTS_FILE} is not what `duetgen eval run` writes "
+                          f"({type(e).__name__}: {e})") from None
     return {"dir": d, "run": run, "bench": bench, "results": results, "summary": summary}
 
 

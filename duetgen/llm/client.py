@@ -246,10 +246,11 @@ class LLMClient:
             # wrong shape (no content, a model's refusal format) is the same next time
             raise RequestFailed(f"malformed response body ({type(e).__name__}: {e}): {text[:200]}",
                                 transient=isinstance(e, json.JSONDecodeError)) from None
-        u = payload.get("usage") or {}
-        usage = {"prompt_tokens": int(u.get("prompt_tokens") or 0),
-                 "completion_tokens": int(u.get("completion_tokens") or 0)}
-        return text, usage, choice.get("finish_reason"), refused
+        u = payload.get("usage")
+        u = u if isinstance(u, dict) else {}  # counts are the server's word: a missing or odd one counts 0
+        usage = {k: token_count(u.get(k)) for k in ("prompt_tokens", "completion_tokens")}
+        finish = choice.get("finish_reason")
+        return text, usage, finish if isinstance(finish, str) else None, refused
 
     def _finish(self, text: str, usage: dict, json_schema: dict | None, *, cached: bool,
                 finish_reason: str | None, refusal: bool = False) -> ChatResult:
@@ -273,6 +274,13 @@ class LLMClient:
 
 
 # ----------------------------------------------------------------------------- helpers
+def token_count(v: Any) -> int:
+    """A usage count from a server's reply: a non-negative integer, else 0 (a string, 1e999 or a list raised)."""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 53 else 0
+
+
 def _parse_and_validate(text: str, schema: dict) -> tuple[Any, str | None]:
     import jsonschema
 

@@ -210,8 +210,8 @@ class FakeOpenAIServer:
                 self.send_json(200, {
                     "id": "chatcmpl-fake", "object": "chat.completion", "model": body.get("model"),
                     "choices": [{"index": 0, "message": message, "finish_reason": reply.get("finish_reason", "stop")}],
-                    "usage": {"prompt_tokens": prompt_words, "completion_tokens": len(said.split()),
-                              "total_tokens": prompt_words + len(said.split())},
+                    "usage": reply.get("usage", {"prompt_tokens": prompt_words, "completion_tokens": len(said.split()),
+                                                 "total_tokens": prompt_words + len(said.split())}),
                 })
 
         self._httpd = serve_in_thread(Handler, "fake-openai")

@@ -529,6 +529,7 @@ MAX_CONFIG_BYTES = 64 << 20  # a model directory's JSON files (Qwen2.5-VL's toke
 def read_directory(root: Path) -> DirectoryParts:
     """Read and cross-check a DuetGen directory's configs; ModelDirectoryError naming `root` on any problem."""
     from diffusers import CosmosTransformer3DModel
+    from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError, safe_open
     from transformers import AutoTokenizer, Qwen2_5_VLConfig
 
@@ -550,6 +551,17 @@ def read_directory(root: Path) -> DirectoryParts:
         fail("mllm/ has no tokenizer files (tokenizer.json, or vocab.json + merges.txt): transformers would load a "
              "tokenizer of its special tokens only, and generation would write nothing")
 
+    def read_object(name: str) -> dict:
+        """A JSON file of the directory that must hold an object: read here first, so a malformed one is named
+        rather than crashing the library that reads it next."""
+        try:
+            value = json.loads((root / name).read_text())
+        except (ValueError, RecursionError) as e:  # RecursionError: nested too deep for the parser
+            fail(f"{name} is not valid JSON ({e})")
+        if not isinstance(value, dict):
+            fail(f"{name} must hold a JSON object; got {type(value).__name__}")
+        return value
+
     def check_weights(sub: str) -> None:
         """The part's *.safetensors: present, and each header readable and covering its file (no weight read)."""
         files = sorted((root / sub).glob("*.safetensors"))
@@ -563,11 +575,8 @@ def read_directory(root: Path) -> DirectoryParts:
                 fail(f"{sub}/{path.name}: not a readable safetensors file ({e})")
 
     # duetgen.json
-    try:
-        saved = json.loads((root / SETTINGS_FILE).read_text())
-    except (ValueError, RecursionError) as e:
-        fail(f"{SETTINGS_FILE} is not valid JSON ({e})")
-    if not isinstance(saved, dict) or "format_version" not in saved or "settings" not in saved:
+    saved = read_object(SETTINGS_FILE)
+    if "format_version" not in saved or "settings" not in saved:
         fail(f"{SETTINGS_FILE} must hold format_version and settings")
     if saved["format_version"] != FORMAT_VERSION:
         fail(f"{SETTINGS_FILE} has format_version {saved['format_version']!r}; this DuetGen reads {FORMAT_VERSION}")
@@ -582,17 +591,30 @@ def read_directory(root: Path) -> DirectoryParts:
     # mllm/
     check_weights("mllm")
     check_weights("dit")
-    mllm_config = Qwen2_5_VLConfig.from_pretrained(root / "mllm", local_files_only=True)
+    for name in ("mllm/config.json", "mllm/preprocessor_config.json", "dit/config.json", "mllm/tokenizer.json",
+                 "mllm/tokenizer_config.json", "mllm/vocab.json"):
+        if (root / name).is_file():  # the tokenizer files are optional one by one
+            read_object(name)
+    try:
+        mllm_config = Qwen2_5_VLConfig.from_pretrained(root / "mllm", local_files_only=True)
+    except (ValueError, TypeError, KeyError, AttributeError, StrictDataclassError) as e:  # a field of the wrong type
+        fail(f"mllm/config.json is not a readable Qwen2.5-VL config ({' '.join(str(e).split())})")  # one line
     if mllm_config.model_type != "qwen2_5_vl":
         fail(f"mllm/config.json has model_type {mllm_config.model_type!r}; expected 'qwen2_5_vl'")
     try:
         tokenizer = AutoTokenizer.from_pretrained(root / "mllm", local_files_only=True)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         fail(f"mllm/ has no loadable tokenizer ({e})")
-    image_processor = ImageProcessor.from_pretrained(root / "mllm", max_side=None)
+    try:
+        image_processor = ImageProcessor.from_pretrained(root / "mllm", max_side=None)
+    except ValueError as e:  # names the file
+        raise ModelDirectoryError(str(e)) from None
 
     # dit/
-    dit_config = dict(CosmosTransformer3DModel.load_config(root / "dit"))
+    try:
+        dit_config = dict(CosmosTransformer3DModel.load_config(root / "dit"))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        fail(f"dit/config.json is not a readable diffusers config ({type(e).__name__}: {e})")
     if dit_config.get("_class_name") != "CosmosTransformer3DModel":
         fail(f"dit/config.json is a {dit_config.get('_class_name')!r}; expected 'CosmosTransformer3DModel'")
     dit_config = {**_cosmos_defaults(), **dit_config}
@@ -614,12 +636,7 @@ def read_directory(root: Path) -> DirectoryParts:
         fail(f"{CONNECTOR_FILE}: {RECENCY_KEY} {recency} is not (K + 1, {weight[0]}) rows of the output width")
 
     # vae/
-    try:
-        vae = json.loads((root / "vae" / "config.json").read_text())
-    except (ValueError, RecursionError) as e:
-        fail(f"vae/config.json is not valid JSON ({e})")
-    if not isinstance(vae, dict):
-        fail(f"vae/config.json must hold a JSON object; got {type(vae).__name__}")
+    vae = read_object("vae/config.json")
     if vae.get("_class_name") not in VAE_CLASSES:
         fail(f"vae/config.json _class_name is {vae.get('_class_name')!r}; expected one of {VAE_CLASSES}")
     if vae["_class_name"] == "AutoencoderKLWan":

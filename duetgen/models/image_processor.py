@@ -60,8 +60,9 @@ class ImageProcessor:
                 raise ValueError(f"ImageProcessor.{name}={value!r}: must be a positive int")
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"ImageProcessor: min_pixels={self.min_pixels} > max_pixels={self.max_pixels}")
-        if self.max_side is not None and self.max_side < self.factor:
-            raise ValueError(f"ImageProcessor.max_side={self.max_side}: must be >= patch_size*merge_size={self.factor}")
+        if self.max_side is not None and (not isinstance(self.max_side, int) or self.max_side < self.factor):
+            raise ValueError(f"ImageProcessor.max_side={self.max_side!r}: must be an int >= patch_size*merge_size="
+                             f"{self.factor}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             raise ValueError("ImageProcessor: image_mean and image_std need 3 values (RGB)")
         self.image_mean = tuple(float(v) for v in self.image_mean)
@@ -156,18 +157,26 @@ class ImageProcessor:
         path = Path(directory) / "preprocessor_config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no preprocessor_config.json in the model directory")
-        cfg = json.loads(path.read_text())
+        try:
+            cfg = json.loads(path.read_text())
+        except (ValueError, RecursionError) as e:  # RecursionError: nested too deep for the parser
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("size") or {}, dict):
+            raise ValueError(f"{path}: must hold a JSON object (and its size, if any, an object)")
         size = cfg.get("size") or {}
-        return cls(
-            patch_size=int(cfg.get("patch_size", 14)),
-            merge_size=int(cfg.get("merge_size", 2)),
-            temporal_patch_size=int(cfg.get("temporal_patch_size", 2)),
-            min_pixels=int(cfg.get("min_pixels", size.get("shortest_edge", 56 * 56))),
-            max_pixels=int(cfg.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280))),
-            max_side=cfg.get("duetgen_max_side", max_side),
-            image_mean=tuple(cfg.get("image_mean", OPENAI_CLIP_MEAN)),
-            image_std=tuple(cfg.get("image_std", OPENAI_CLIP_STD)),
-        )
+        try:
+            return cls(
+                patch_size=int(cfg.get("patch_size", 14)),
+                merge_size=int(cfg.get("merge_size", 2)),
+                temporal_patch_size=int(cfg.get("temporal_patch_size", 2)),
+                min_pixels=int(cfg.get("min_pixels", size.get("shortest_edge", 56 * 56))),
+                max_pixels=int(cfg.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280))),
+                max_side=cfg.get("duetgen_max_side", max_side),
+                image_mean=tuple(cfg.get("image_mean", OPENAI_CLIP_MEAN)),
+                image_std=tuple(cfg.get("image_std", OPENAI_CLIP_STD)),
+            )
+        except (TypeError, ValueError) as e:  # a field of the wrong type or out of range
+            raise ValueError(f"{path}: {e}") from None
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``preprocessor_config.json`` in the Qwen2-VL format (plain transformers can read it)."""

@@ -131,14 +131,18 @@ def _write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path) -> dict:
+    """A checkpoint's JSON file; every one holds an object."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            value = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (incomplete or foreign checkpoint directory)") from None
-    except (ValueError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep for the parser
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object; got {type(value).__name__}")
+    return value
 
 
 def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], ties: Mapping[str, str] | None = None) -> None:
@@ -188,7 +192,7 @@ class _TensorReader:
         self.stored = set(self.file.keys())
         try:
             self.aliases = json.loads((self.file.metadata() or {}).get("aliases", "{}"))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, an integer too long to parse, nested too deep
             self.aliases = None
         if not (isinstance(self.aliases, dict) and all(isinstance(k, str) and v in self.stored
                                                        for k, v in self.aliases.items())):
@@ -502,6 +506,9 @@ def resume(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Opt
     meta = _read_json(path / "meta.json")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}/meta.json: format {meta.get('format')!r}, expected {FORMAT!r}")
+    missing = sorted({"step", "world_size", "trainable_only", "statefuls", "files"} - set(meta))
+    if missing:
+        raise CheckpointError(f"{path}/meta.json: missing {', '.join(missing)}")
     statefuls = _statefuls(scheduler, stateful)
     if set(meta["statefuls"]) != set(statefuls):
         raise CheckpointError(f"{path}: saved statefuls {sorted(meta['statefuls'])}, given {sorted(statefuls)}; "
@@ -536,6 +543,8 @@ def resume(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Opt
         # 3. scheduler, sampler, EMA, ...: JSON on every rank, tensors from rank 0
         reader = _TensorReader(path / "state.safetensors", stack)
         tree = _read_json(path / "state.json")
+        if not set(statefuls) <= set(tree):
+            raise CheckpointError(f"{path}/state.json: holds {sorted(tree)}, not the statefuls {sorted(statefuls)}")
         for name, obj in statefuls.items():
             obj.load_state_dict(unflatten_state(tree[name], reader.get if rank == 0 else None,
                                                 template=obj.state_dict(), collective=_distributed()))
@@ -545,3 +554,15 @@ def resume(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Opt
         set_rng_state(_read_json(path / "rng" / f"rank-{rank:05d}.json"))
     _barrier()
     return Resumed(step=int(meta["step"]), path=path, config=meta.get("config"), world_size=int(meta["world_size"]))
+
+
+def load_stateful(path: str | os.PathLike, name: str, obj: Any) -> None:
+    """Restore one stateful saved in the checkpoint directory ``path`` (e.g. the EMA, to export it) into
+    ``obj``, in this process alone; CheckpointError naming the file on any problem."""
+    path = Path(path)
+    tree = _read_json(path / "state.json")
+    if not isinstance(tree.get(name), dict):
+        raise CheckpointError(f"{path}/state.json: holds no {name!r} state")
+    with ExitStack() as stack:
+        reader = _TensorReader(path / "state.safetensors", stack)
+        obj.load_state_dict(unflatten_state(tree[name], reader.get, template=obj.state_dict()))

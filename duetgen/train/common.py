@@ -11,6 +11,8 @@ import dataclasses
 import json
 import math
 import os
+import types
+import typing
 from pathlib import Path
 
 import torch
@@ -31,6 +33,37 @@ class TrainDiverged(RuntimeError):
     """The loss or the gradient norm stopped being finite: the run stops before the step is applied, so no
     checkpoint holds non-finite weights. A resume would replay the same steps exactly (it is bit-exact), so
     the way on is a new run with other settings."""
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A run folder's JSON file that holds an object (the folder may come from elsewhere: TrainInputError naming
+    the file, not a traceback, when it does not)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep for the parser
+        raise TrainInputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise TrainInputError(f"{path}: must hold a JSON object; got {type(value).__name__}")
+    return value
+
+
+def check_config_types(cfg, source) -> None:
+    """Refuse a config whose values are not of its fields' types (a run's config.json edited or copied from
+    elsewhere: ``source`` names it), before anything computes with a string where a number belongs."""
+    hints = typing.get_type_hints(type(cfg))
+    wrong = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+             if not _of_type(getattr(cfg, f.name), hints[f.name])]
+    if wrong:
+        raise TrainInputError(f"{source}: value(s) of the wrong type: {', '.join(wrong)}")
+
+
+def _of_type(value, hint) -> bool:
+    """isinstance for the annotations configs use (int, float, str, bool, list[X], X | None) on JSON values."""
+    if isinstance(hint, types.UnionType):
+        return any(_of_type(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return type(value) is list and all(_of_type(v, typing.get_args(hint)[0]) for v in value)
+    return type(value) in ((int, float) if hint is float else (hint,))  # exact: a bool is no int here
 
 
 def check_finite(step: int, loss: float, grad_norm: float) -> None:
@@ -55,8 +88,11 @@ def check_resume(checkpoint, cfg):
     """``cfg`` for resuming ``checkpoint``: refused (naming what differs) when it changes a setting the run
     was trained with (but ``RESUME_MAY_CHANGE``) or asks for fewer steps than are done. The warm-up is the
     run's own (the CLI shortens it for a short first run; a longer resume keeps the schedule it started)."""
-    meta = json.loads((Path(checkpoint) / "meta.json").read_text())
+    path = Path(checkpoint) / "meta.json"
+    meta = read_json_object(path)
     saved, new = meta.get("config"), dataclasses.asdict(cfg)
+    if type(meta.get("step")) is not int:  # bool is an int subclass, and no step count
+        raise TrainInputError(f"{path}: step must be an int; got {meta.get('step')!r}")
     if meta["step"] > cfg.steps:
         raise TrainInputError(f"{checkpoint} is at step {meta['step']}, past --steps {cfg.steps}")
     if not isinstance(saved, dict):

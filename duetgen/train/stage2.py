@@ -70,9 +70,9 @@ from duetgen.diffusion.draw import network_x0, previous_canvas, white_canvas_lat
 from duetgen.diffusion.flow_matching import FlowMatchingConfig, dit_sample_inputs, flow_matching_loss, sample_time
 from duetgen.models.builder import around_mllm, load_mllm
 from duetgen.models.mllm import RenderedSequence, all_layer_states, layer_states, negative_prefix_length
-from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
-from duetgen.train.common import (TrainInputError, check_finite, check_resume, extend_schedule, hold_out,
-                                   load_records, pack_inputs, render)
+from duetgen.train.checkpoint import CheckpointError, load_stateful, open_run_dir, resume, save_checkpoint
+from duetgen.train.common import (TrainInputError, check_config_types, check_finite, check_resume, extend_schedule,
+                                   hold_out, load_records, pack_inputs, read_json_object, render)
 from duetgen.train.configs import Stage2Config
 from duetgen.train.logging import MetricsLogger
 from duetgen.train.optim import EMA, clip_grad_norm, make_adamw, make_scheduler
@@ -160,7 +160,7 @@ class ConditionCache:
         mine = mllm_fingerprint(mllm_dir)
         stamp = self.root / "fingerprint.json"
         if stamp.is_file():
-            theirs = json.loads(stamp.read_text())
+            theirs = read_json_object(stamp)
             if theirs != mine:
                 raise TrainInputError(f"condition cache {self.root} holds states of another MLLM than {mllm_dir} "
                                  f"(its weights differ); use a new cache folder or delete this one")
@@ -200,9 +200,11 @@ def bind_mllm(run_dir: Path, mllm_dir: str | os.PathLike, write: bool = True, fr
     DiT learned that MLLM's states)."""
     path, mine = run_dir / MLLM_BINDING, mllm_fingerprint(mllm_dir)
     if path.is_file() and not fresh:
-        bound = json.loads(path.read_text())
+        bound = read_json_object(path)
+        if not isinstance(bound.get("sha256"), dict):
+            raise TrainInputError(f"{path}: has no sha256 fingerprint of the run's MLLM")
         if bound["sha256"] != mine:
-            raise TrainInputError(f"{run_dir} trained on the MLLM at {bound['path']}; {mllm_dir} holds another one "
+            raise TrainInputError(f"{run_dir} trained on the MLLM at {bound.get('path')}; {mllm_dir} holds another one "
                                   "(its files differ): give the run's own MLLM, or start a new --out")
     elif write:
         atomic_write_bytes(path, (json.dumps({"path": str(Path(mllm_dir).resolve()), "sha256": mine}, indent=1)
@@ -663,20 +665,17 @@ def export_checkpoint(checkpoint: str | os.PathLike, cfg: Stage2Config, mllm_dir
     run_dir = Path(checkpoint).resolve().parent.parent
     if run_dir.is_relative_to(Path(out).resolve()):
         raise TrainInputError(f"--out {str(out)!r} holds the run {str(run_dir)!r}: exporting there would delete it")
-    from safetensors import safe_open
-
-    from duetgen.train.checkpoint import unflatten_state
-
+    check_config_types(cfg, run_dir / "config.json")
     checkpoint = Path(checkpoint)
     bind_mllm(run_dir, mllm_dir, write=False)  # the run's own MLLM, when the run recorded it
     mllm, tokenizer, processor = load_mllm(mllm_dir)
     model = build_duetgen(cfg, mllm, tokenizer, processor)
     trainable = nn.ModuleDict({"connector": model.connector, "dit": model.dit})
     ema = EMA(trainable, decay=cfg.ema_decay)
-    tree = json.loads((checkpoint / "state.json").read_text())["ema"]
-    with safe_open(str(checkpoint / "state.safetensors"), framework="pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-        ema.load_state_dict(unflatten_state(tree, lambda key: f.get_tensor(aliases.get(key, key))))
+    try:
+        load_stateful(checkpoint, "ema", ema)
+    except CheckpointError as e:  # names the file; the CLI reports a TrainInputError as one line
+        raise TrainInputError(str(e)) from None
     if use_ema:
         ema.copy_to(trainable)
     else:

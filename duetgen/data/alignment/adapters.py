@@ -43,6 +43,7 @@ Design choices:
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
@@ -84,14 +85,79 @@ class Sample:
 
 # ----------------------------------------------------------------------------- row readers
 def _rows_json_list(path: Path) -> Iterator[tuple[str, Any]]:
+    """The samples of a JSON list file, one at a time: memory holds one sample (capped like a record line), not
+    the file (json.loads of a 50 MB list peaked at 2.8 GB). A list that breaks off stops the file there, named."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # (UTF-8, JSON, a 4,300-digit integer, deep nesting)
-        raise RecordError(f"{str(path)!r} is not a readable JSON file ({e})") from None
-    if not isinstance(data, list):
-        raise RecordError(f"{str(path)!r}: expected a JSON list of samples, got {type(data).__name__}")
-    for i, row in enumerate(data):
-        yield f"{path.name}[{i}]", row
+        f = open(path, "rb")
+    except OSError as e:
+        raise RecordError(f"{str(path)!r} cannot be read ({e.strerror})") from None
+    with f:
+        yield from ((f"{path.name}[{i}]", row) for i, row in enumerate(_json_list_items(f, repr(str(path)))))
+
+
+def _json_list_items(f, where: str, chunk: int = 1 << 20) -> Iterator[Any]:
+    """Items of a JSON list read from binary ``f``: each decoded by ``json`` alone (ijson, the streaming library,
+    took 2.2 GB on a 60 KB nesting bomb: docs/decisions.md), at most ``MAX_RECORD_LINE_BYTES`` characters each."""
+    utf8, decoder = codecs.getincrementaldecoder("utf-8")(), json.JSONDecoder()
+    buf, pos, eof = "", 0, False
+
+    def more() -> bool:  # read on (positions stay valid when nothing was read); False at the end of the file
+        nonlocal buf, pos, eof
+        if eof:
+            return False
+        raw = f.read(max(chunk, len(buf) - pos))  # doubles while one item outgrows the buffer
+        eof = not raw
+        try:
+            text = utf8.decode(raw, final=eof)
+        except UnicodeDecodeError as e:
+            raise RecordError(f"{where}: not valid UTF-8 ({e.reason})") from None
+        if text:
+            buf, pos = buf[pos:] + text, 0
+        return not eof
+
+    def next_char() -> str:  # the next non-space character ('' at the end), not consumed
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or not more():
+                return buf[pos:pos + 1]
+
+    if next_char() != "[":
+        raise RecordError(f"{where}: expected a JSON list of samples")
+    pos += 1
+    if next_char() == "]":
+        return
+    i = 0
+    while True:
+        next_char()
+        while True:
+            try:
+                item, end = decoder.raw_decode(buf, pos)
+                error = None
+            except json.JSONDecodeError as e:  # cut by the buffer's end, or broken
+                end, error = len(buf), e
+            except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits; nesting past the stack
+                why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+                raise RecordError(f"{where}[{i}]: unreadable JSON ({why})") from None
+            if end - pos > MAX_RECORD_LINE_BYTES:  # (at most twice the cap is read to find out)
+                raise RecordError(f"{where}[{i}]: a sample over the cap of {MAX_RECORD_LINE_BYTES:,} characters")
+            if error is None and (not isinstance(item, (int, float)) or buf[end:].strip("0123456789+-.eE")):
+                break  # (a number that reaches the buffer's end may go on in the next read)
+            if not more():
+                if error is not None:
+                    raise RecordError(f"{where}[{i}]: not valid JSON ({error.msg})") from None
+                break
+        yield item
+        pos, i = end, i + 1
+        sep = next_char()
+        pos += 1
+        if sep == "]":
+            if next_char():
+                raise RecordError(f"{where}: text after the list's end")
+            return
+        if sep != ",":
+            raise RecordError(f"{where}[{i - 1}]: expected ',' or ']' after it, got {sep or 'the end of the file'!r}")
 
 
 def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:

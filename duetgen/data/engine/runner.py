@@ -388,8 +388,9 @@ def read_shard(spec: ShardSpec, cfg: EngineConfig) -> Iterator[Doc]:
                     raise ValueError("'url' must be a string")
                 if url is not None:  # a JSON "\ud800" escape makes a lone surrogate: no URL (and no id from it)
                     url.encode("utf-8")  # UnicodeEncodeError is a ValueError: bad_input, named below
-            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-                d.meta["input_drop"] = ("bad_input", f"{where}: {e}")
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; nesting past the stack
+                why = "JSON nested too deeply" if isinstance(e, RecursionError) else e
+                d.meta["input_drop"] = ("bad_input", f"{where}: {why}")
                 yield d
                 continue
             d.id = _doc_id(obj.get("id"), url, where)

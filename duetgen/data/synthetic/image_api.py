@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 import httpx
 
+from duetgen.llm.client import token_count
 from duetgen.llm.transport import LoopPool, RequestFailed, check_status, post_json, with_retries
 
 Status = Literal["ok", "blocked", "api_error"]
@@ -125,7 +126,10 @@ class _ImageAPIClient:
         self._add(requests=1)
         try:
             payload = await self._post_with_retries(body)
-            res = self._parse(payload)
+            try:
+                res = self._parse(payload)
+            except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as e:
+                raise RequestFailed(f"malformed reply ({type(e).__name__}: {e})") from None  # the shape it assumed
         except RequestFailed as e:
             res = GenerationResult("api_error", error=str(e))
         res.model = self.model
@@ -203,15 +207,16 @@ class GeminiImageClient(_ImageAPIClient):
         return body
 
     def _parse(self, payload: dict) -> GenerationResult:
-        um = payload.get("usageMetadata") or {}
-        out_total = int(um.get("candidatesTokenCount") or 0)
-        image_tokens = sum(int(d.get("tokenCount") or 0) for d in um.get("candidatesTokensDetails") or []
+        um = _obj(payload.get("usageMetadata"))  # counts are the server's word: an odd one counts 0
+        out_total = token_count(um.get("candidatesTokenCount"))
+        details = um.get("candidatesTokensDetails")
+        image_tokens = sum(token_count(d.get("tokenCount")) for d in (details if isinstance(details, list) else [])
                            if isinstance(d, dict) and d.get("modality") == "IMAGE")
-        usage = {"prompt_tokens": int(um.get("promptTokenCount") or 0),
+        usage = {"prompt_tokens": token_count(um.get("promptTokenCount")),
                  # thinking tokens are billed as text output
-                 "output_text_tokens": max(0, out_total - image_tokens) + int(um.get("thoughtsTokenCount") or 0),
+                 "output_text_tokens": max(0, out_total - image_tokens) + token_count(um.get("thoughtsTokenCount")),
                  "output_image_tokens": image_tokens}
-        block = (payload.get("promptFeedback") or {}).get("blockReason")
+        block = _obj(payload.get("promptFeedback")).get("blockReason")
         cands = payload.get("candidates") or []
         if block and not cands:
             return GenerationResult("blocked", usage=usage, error=f"prompt blocked: {block}", finish_reason=block)
@@ -220,7 +225,8 @@ class GeminiImageClient(_ImageAPIClient):
         cand = cands[0]
         finish = cand.get("finishReason")
         parts = []
-        for j, p in enumerate((cand.get("content") or {}).get("parts") or []):
+        parts_in = _obj(cand.get("content")).get("parts")
+        for j, p in enumerate(parts_in if isinstance(parts_in, list) else []):
             if not isinstance(p, dict) or p.get("thought"):  # thought summaries are not the answer
                 continue
             if isinstance(p.get("text"), str):
@@ -265,18 +271,20 @@ class OpenAIImageClient(_ImageAPIClient):
         return body
 
     def _parse(self, payload: dict) -> GenerationResult:
-        u = payload.get("usage") or {}
-        details = u.get("completion_tokens_details") or {}
-        image_tokens = int(details.get("image_tokens") or 0)
-        usage = {"prompt_tokens": int(u.get("prompt_tokens") or 0),
-                 "output_text_tokens": max(0, int(u.get("completion_tokens") or 0) - image_tokens),
+        u = _obj(payload.get("usage"))  # counts are the server's word: an odd one counts 0
+        image_tokens = token_count(_obj(u.get("completion_tokens_details")).get("image_tokens"))
+        usage = {"prompt_tokens": token_count(u.get("prompt_tokens")),
+                 "output_text_tokens": max(0, token_count(u.get("completion_tokens")) - image_tokens),
                  "output_image_tokens": image_tokens}
-        reported_cost = u.get("cost") if isinstance(u.get("cost"), (int, float)) else 0.0
+        cost = u.get("cost")
+        reported_cost = float(cost) if isinstance(cost, (int, float)) and 0 <= cost < 1e9 else 0.0
         try:
             choice = payload["choices"][0]
             msg = choice["message"]
         except (KeyError, IndexError, TypeError):
             raise RequestFailed(f"reply has no choices[0].message: {json.dumps(payload)[:200]}") from None
+        if not isinstance(msg, dict) or not isinstance(choice, dict):
+            raise RequestFailed(f"reply's choices[0].message is not an object: {json.dumps(payload)[:200]}")
         finish = choice.get("finish_reason")
         parts: list[dict] = []
         content = msg.get("content")
@@ -302,6 +310,11 @@ class OpenAIImageClient(_ImageAPIClient):
 
 
 # ============================================================================= helpers
+def _obj(v: Any) -> dict:
+    """A reply's field that should be a JSON object: itself, else an empty one (null, a list, a string)."""
+    return v if isinstance(v, dict) else {}
+
+
 def _check_messages(messages: list[dict]) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {role, content} dicts")

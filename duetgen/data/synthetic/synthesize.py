@@ -32,9 +32,9 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from duetgen.data.dataset import DatasetWriter, DatasetError, fsync_files
+from duetgen.data.dataset import MAX_RECORD_LINE_BYTES, DatasetError, DatasetWriter, fsync_files
 from duetgen.data.images import DEFAULT_MAX_PIXELS, ImageError, inspect_image
 from duetgen.data.record import Record, RecordError
 from duetgen.data.synthetic.quality import QualityConfig, build_record
@@ -61,36 +61,52 @@ def load_requests(path: str | Path, image_root: str | Path | None, report: RunRe
     """Parse a requests JSONL; bad lines are skipped with a reason (``bad_request``, ``duplicate_id``)."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        f = open(path, "rb")  # line by line, each capped: a 300 MB line was read whole
+    except OSError as e:
         raise RecordError(f"requests file {str(path)!r} cannot be read ({e})") from None
     out, seen = [], set()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path.name}:{n}"
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            report.skip(where, "bad_request", f"not JSON ({e.msg})")
-            continue
-        except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits; nesting past Python's stack
-            report.skip(where, "bad_request", f"not readable JSON ({'nested too deeply' if isinstance(e, RecursionError) else e})")
-            continue
-        problem = _request_problem(r)
-        if problem:
-            report.skip(where, "bad_request", problem)
-            continue
-        if r["id"] in seen:
-            report.skip(where, "duplicate_id", r["id"])
-            continue
-        if r.get("images") and image_root is None:
-            report.skip(where, "bad_request", "request has images but no image root was given")
-            continue
-        seen.add(r["id"])
-        r.setdefault("kind", "dish" if r.get("images") else "howto")
-        out.append(r)
+    with f:
+        for n, raw in enumerate(_capped_lines(f), 1):
+            where = f"{path.name}:{n}"
+            if raw is None:
+                report.skip(where, "bad_request", f"a line over the cap of {MAX_RECORD_LINE_BYTES:,} bytes")
+                continue
+            if not raw.strip():
+                continue
+            try:
+                r = json.loads(raw)
+            except json.JSONDecodeError as e:
+                report.skip(where, "bad_request", f"not JSON ({e.msg})")
+                continue
+            except (ValueError, RecursionError) as e:  # not UTF-8; a 4,300-digit integer; nesting past the stack
+                why = "nested too deeply" if isinstance(e, RecursionError) else e
+                report.skip(where, "bad_request", f"not readable JSON ({why})")
+                continue
+            problem = _request_problem(r)
+            if problem:
+                report.skip(where, "bad_request", problem)
+                continue
+            if r["id"] in seen:
+                report.skip(where, "duplicate_id", r["id"])
+                continue
+            if r.get("images") and image_root is None:
+                report.skip(where, "bad_request", "request has images but no image root was given")
+                continue
+            seen.add(r["id"])
+            r.setdefault("kind", "dish" if r.get("images") else "howto")
+            out.append(r)
     return out
+
+
+def _capped_lines(f) -> Iterator[bytes | None]:
+    """The lines of binary ``f``; None for one over ``MAX_RECORD_LINE_BYTES`` (skipped unread to its end)."""
+    for raw in iter(lambda: f.readline(MAX_RECORD_LINE_BYTES + 2), b""):
+        if len(raw.rstrip(b"\n")) <= MAX_RECORD_LINE_BYTES:
+            yield raw
+            continue
+        while raw and not raw.endswith(b"\n"):
+            raw = f.readline(1 << 20)
+        yield None
 
 
 def _request_problem(r: Any) -> str:

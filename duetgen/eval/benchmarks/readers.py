@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from duetgen.data.dataset import Dataset, resolve_inside
-from duetgen.data.images import DEFAULT_MAX_PIXELS, ImageError, open_rgb_image
+from duetgen.data.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, ImageError, open_rgb_image
 from duetgen.data.record import ImagePart, Message, Record, RecordError, TextPart, check_image_path
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # InterleavedBench's file is ~1 MB; a CoMM results.json is < 10 kB
@@ -65,6 +65,8 @@ class ImageSource(Protocol):
 
     def open_image(self, path: str, record_id: str = "?"): ...
 
+    def read_bytes(self, path: str, record_id: str = "?") -> bytes: ...  # (a Dataset: read_image_bytes)
+
 
 class ImageFolder:
     """Images under a folder, opened with the same containment and pixel-cap checks as a Dataset."""
@@ -82,6 +84,18 @@ class ImageFolder:
     def open_image(self, path: str, record_id: str = "?"):
         return open_rgb_image(self.image_path(path, record_id), f"record {record_id!r}: image {path!r}",
                               self.max_pixels)
+
+    def read_bytes(self, path: str, record_id: str = "?") -> bytes:
+        """The file's bytes, at most ``DEFAULT_MAX_IMAGE_BYTES`` (a PNG padded with 400 MB was stored whole)."""
+        where = f"record {record_id!r}: image {path!r}"
+        try:
+            with open(self.image_path(path, record_id), "rb") as f:
+                data = f.read(DEFAULT_MAX_IMAGE_BYTES + 1)
+        except OSError as e:
+            raise ImageError(f"{where}: cannot be read ({e.strerror})") from None
+        if len(data) > DEFAULT_MAX_IMAGE_BYTES:
+            raise ImageError(f"{where}: over the cap of {DEFAULT_MAX_IMAGE_BYTES:,} bytes")
+        return data
 
     def __repr__(self) -> str:
         return f"ImageFolder({str(self.root)!r})"
