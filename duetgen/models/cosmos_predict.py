@@ -223,9 +223,16 @@ def read_pipeline_directory(root: str | os.PathLike, processor_dir: str | os.Pat
 
 
 
-def _read_json(path: Path, root: Path) -> dict:
+def _read_json(path: Path, root: Path, cap: int = 64 << 20) -> dict:
     try:
-        value = json.loads(path.read_text())
+        with open(path, "rb") as f:
+            raw = f.read(cap + 1)  # bounded: a pipeline folder may come from anywhere
+    except OSError as e:
+        raise PipelineDirectoryError(f"{root}: {path.relative_to(root)} cannot be read ({e.strerror})") from None
+    if len(raw) > cap:
+        raise PipelineDirectoryError(f"{root}: {path.relative_to(root)} is over the cap of {cap:,} bytes")
+    try:
+        value = json.loads(raw)
     except (ValueError, RecursionError) as e:  # (UTF-8, JSON, a 4,300-digit integer, deep nesting)
         raise PipelineDirectoryError(f"{root}: {path.relative_to(root)} is not valid JSON ({e})") from None
     if not isinstance(value, dict):

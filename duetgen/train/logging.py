@@ -91,7 +91,9 @@ class MetricsLogger:
         for n, line in enumerate(self.jsonl_path.read_text(encoding="utf-8").splitlines()):
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by the kill: nothing after it can be trusted anyway
+            except (ValueError, RecursionError):  # a line cut by the kill: nothing after it can be trusted anyway
+                break
+            if not isinstance(entry, dict):
                 break
             if entry.get("step", math.inf) <= start_step:
                 kept.append(line)

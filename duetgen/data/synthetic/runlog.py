@@ -74,7 +74,7 @@ class ProgressLog:
                 continue
             try:
                 e = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # (JSON; a 4,300-digit integer; nesting past the stack)
                 if i == last:  # torn by a kill mid-append: that item simply was not finished
                     return
                 raise DatasetError(f"{self.path}:{i + 1}: malformed progress line") from None
