@@ -5,6 +5,7 @@ Each area adds its commands here as thin functions that parse options and call l
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -38,7 +39,7 @@ def fail(msg: str) -> None:
 # The nine flags of a generation, declared once: `generate` and `eval generate` take all nine, `train eval-toy` three.
 # parameter -> (default, flag, bounds, help); a command words the help its own way where it says more.
 _GENERATION_OPTIONS = {
-    "seed": (0, "--seed", {}, "Seed of token sampling and image noise."),
+    "seed": (0, "--seed", {"min": 0, "max": 2**63 - 1}, "Seed of token sampling and image noise."),
     "steps": (None, "--steps", {"min": 1}, "Sampler steps per image (default: the model's)."),
     "guidance": (None, "--guidance", {}, "Guidance scale w (1 = none; default: the model's)."),
     "temperature": (0.0, "--temperature", {"min": 0.0}, "0 = greedy."),
@@ -83,6 +84,23 @@ def _check_device(device: str) -> None:
         fail(f"--device {device!r}: DuetGen runs on cpu or cuda")
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """``--host`` / ``--port`` can be bound now (the server binds them again once the model has loaded)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        fail(f"--host {host!r}: not an address or a name this machine resolves ({e.strerror})")
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as e:
+            fail(f"--host {host!r} --port {port}: cannot be bound ({e.strerror}); another server may be using it")
+
+
 def _parse_image_size(value: Optional[str]) -> Optional[tuple[int, int]]:
     """``--image-size HxW`` (or one side, for a square) -> (height, width); None when the flag is not given."""
     if value is None:
@@ -95,6 +113,8 @@ def _parse_image_size(value: Optional[str]) -> Optional[tuple[int, int]]:
         parts = parts * 2
     if len(parts) != 2 or min(parts) < 1:
         fail(f"--image-size {value!r}: expected HEIGHTxWIDTH or one side, e.g. 64x64 or 64")
+    if max(parts) > 8192:  # (a model's own max_size is checked later; this bounds what is allocated first)
+        fail(f"--image-size {value!r}: a side is at most 8192 pixels")
     return parts[0], parts[1]
 
 
@@ -130,7 +150,7 @@ def data_view(
 
     try:
         pages = render_dataset_html(dataset_dir, out, per_page=per_page, limit=limit, embed=embed)
-    except (RecordError, OSError) as e:
+    except (RecordError, OSError) as e:  # (a DatasetError naming --out is a RecordError)
         fail(f"cannot render {str(dataset_dir)!r}: {e}")
     for p in pages:
         typer.echo(str(p))
@@ -172,7 +192,7 @@ def data_import_parquet(
 def data_toyworld(
     out: Path = typer.Option(..., "--out", help="New dataset directory to write."),
     n: int = typer.Option(..., "--n", min=0, help="Number of records."),
-    seed: int = typer.Option(0, "--seed", help="Seed: the same seed, split and kinds (in the same order) give the same dataset."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed: the same seed, split and kinds (in the same order) give the same dataset."),
     split: str = typer.Option("train", "--split", help="train | val | test (decided by a hash of every scene; see docs/shapeworld.md)."),
     kinds: Optional[str] = typer.Option(None, "--kinds", help="Comma-separated subset of how-to,continuation,text-to-image,editing,understanding,transition (default: all, in the default mix)."),
     shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Records per shard."),
@@ -304,7 +324,7 @@ def data_expand(
     batch_size: int = typer.Option(25, "--batch-size", min=1, help="Questions asked for per LLM call."),
     rounds: int = typer.Option(3, "--rounds", min=1, help="Rounds of asking the subcategories still short of the target."),
     threshold: float = typer.Option(0.6, "--dedup-threshold", min=0.0, max=1.0, help="Character-shingle Jaccard at which two questions are near-duplicates."),
-    seed: int = typer.Option(0, "--seed", help="Run seed (per-request LLM seeds derive from it)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Run seed (per-request LLM seeds derive from it)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="SQLite response cache: a rerun costs nothing."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the API key."),
     max_concurrency: int = typer.Option(8, "--max-concurrency", min=1, help="LLM requests in flight."),
@@ -364,7 +384,7 @@ def data_expand(
 def data_dish_prompts(
     photo_dir: Path = typer.Argument(..., help="Folder of dish photos (optional titles.json maps file names to dish names)."),
     out: Path = typer.Option(..., "--out", help="Requests JSONL to write; image paths are relative to PHOTO_DIR."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the question wording."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed for the question wording."),
     min_side: int = typer.Option(256, "--min-side", min=1, help="Skip photos whose shorter side is smaller."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many requests."),
 ):
@@ -404,7 +424,7 @@ def data_synthesize(
     max_images: int = typer.Option(12, "--max-images", min=1, help="Drop answers with more images."),
     min_side: int = typer.Option(256, "--min-side", min=1, help="Drop answers with an image whose shorter side is smaller."),
     temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature."),
-    seed: int = typer.Option(0, "--seed", help="Run seed (per-request API seeds derive from it)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Run seed (per-request API seeds derive from it)."),
     retry_dropped: bool = typer.Option(False, "--retry-dropped", help="Ask again for requests an earlier run dropped (refused / filtered)."),
     price_input: Optional[float] = typer.Option(None, "--price-input", help="USD per 1M input tokens (default: the API's list price in image_api.py)."),
     price_text: Optional[float] = typer.Option(None, "--price-text", help="USD per 1M output text tokens."),
@@ -528,17 +548,19 @@ def data_mix(
     config: Optional[Path] = typer.Option(None, "--config", help='JSON: {"seed", "num_samples", "datasets": [{"name", "path", "weight"}]}; paths relative to it.'),
     dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="NAME=PATH:WEIGHT (repeatable), instead of --config."),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", min=1, help="Total samples (default: the sum of dataset sizes)."),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed (overrides the config's)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**63 - 1, help="Seed (overrides the config's)."),
 ):
     """Mix datasets by weight into a deterministic stage-2 training manifest."""
-    import json
-
     from duetgen.data.dataset import DatasetError
     from duetgen.data.mixing import build_mixture, parse_mix_config
     from duetgen.data.record import RecordError
 
     if (config is None) == (not dataset):
         fail("give either --config or one or more --dataset NAME=PATH:WEIGHT")
+    if out.is_dir() or not out.name:
+        fail(f"--out {str(out)!r} is a folder; give the manifest's file name, e.g. stage2-mix.json")
+    if config is not None and not config.is_file():  # (a FIFO hung the read)
+        fail(f"--config {str(config)!r}: not a regular file")
     try:
         if config is not None:
             try:
@@ -869,6 +891,12 @@ def _stage1_mllm_dir(stage1: Path) -> Path:
     if not (mllm_dir / "config.json").is_file() or not any(mllm_dir.glob("*.safetensors")):
         fail(f"--stage1 {str(stage1)!r}: no finished stage-1 MLLM there (expected {mllm_dir}/config.json and its "
              "*.safetensors weights)")
+    try:  # (another config.json there built a default-size model for minutes, then raised a traceback)
+        config = json.loads((mllm_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        fail(f"--stage1 {str(stage1)!r}: {mllm_dir}/config.json is not readable JSON ({e})")
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        fail(f"--stage1 {str(stage1)!r}: {mllm_dir}/config.json is not a transformers model config (no model_type)")
     return mllm_dir
 
 
@@ -879,7 +907,7 @@ def _stage1_mllm_dir(stage1: Path) -> Path:
 def model_init(
     out: Path = typer.Argument(..., help="Model directory to write."),
     preset: str = typer.Option("toy", "--preset", help="tiny, tiny-wan or toy (the real preset needs its weights: `model assemble`)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed of the random weights."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory."),
 ):
     """Write a randomly initialised DuetGen directory of an offline preset (a starting point, or for trying the tools)."""
@@ -890,7 +918,7 @@ def model_init(
         if get_preset(preset).tokenizer is None:
             fail(f"--preset {preset!r}: its tokenizer comes with real weights; use `duetgen model assemble`")
         path = build(preset, seed=seed).save_pretrained(out, overwrite=overwrite)
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # FileExistsError; a folder that cannot be written
         fail(str(e))
     typer.echo(f"wrote {path}")
 
@@ -980,7 +1008,7 @@ def model_check(
 
     try:
         parts = read_directory(path)
-        differences = preset_differences(parts, get_preset(expect)) if expect else []
+        differences = preset_differences(parts, get_preset(expect)) if expect is not None else []
     except (ModelDirectoryError, ValueError, OSError) as e:
         fail(str(e))
     if differences:
@@ -1050,20 +1078,29 @@ def generate(
     device: str = _generation_option("device"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier output in --out."),
     quiet: bool = typer.Option(False, "--quiet", help="No live view; print only the output paths."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=_THREADS_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=1024, help=_THREADS_HELP),
 ):
     """Generate an interleaved answer (text streams in, a progress bar per image) and save it with an HTML page."""
-    from duetgen.infer.render import is_earlier_output, print_live, save_output
+    from duetgen.infer.render import foreign_files, print_live, save_output
 
     settings = _generation_settings(seed, steps, guidance, temperature, top_p, max_new_tokens, max_images, image_size)
     if framing is not None and framing not in ("duetgen", "cosmos"):
         fail(f"--framing {framing!r}: expected duetgen or cosmos")
-    out_has_files = out.exists() and (not out.is_dir() or any(out.iterdir()))
-    if out_has_files and not (overwrite and is_earlier_output(out)):
-        if is_earlier_output(out):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        foreign = foreign_files(out) if out.is_dir() else None
+        if foreign is None:
+            fail(f"--out {str(out)!r} exists and is not an earlier output of `duetgen generate` (which --overwrite "
+                 "replaces); choose a new folder")
+        if foreign:
+            fail(f"--out {str(out)!r} holds an earlier output and files `duetgen generate` did not write "
+                 f"({', '.join(str(p) for p in foreign[:3])}{' ...' if len(foreign) > 3 else ''}); --overwrite "
+                 "replaces only its own: move them, or choose a new folder")
+        if not overwrite:
             fail(f"--out {str(out)!r} holds an earlier output; pass --overwrite to replace it, or choose a new folder")
-        fail(f"--out {str(out)!r} exists and is not an earlier output of `duetgen generate` (which --overwrite "
-             "replaces); choose a new folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # before the model loads: an --out that cannot be written fails now
+    except OSError as e:
+        fail(f"--out {str(out)!r}: cannot be created ({e.strerror})")
     for path in image or []:  # before the model loads (whether it reads as an image, the pipeline says)
         if not path.is_file():
             fail(f"--image {str(path)!r}: no such file")
@@ -1074,7 +1111,10 @@ def generate(
         finished = print_live(events) if not quiet else [e for e in events][-1]
     except ValueError as e:  # empty / over-long prompt, unreadable or oversize image, bad settings
         fail(str(e))
-    paths = save_output(finished.record, out, overwrite=overwrite)
+    try:
+        paths = save_output(finished.record, out, overwrite=overwrite)
+    except OSError as e:  # (the disk filled, the folder went away)
+        fail(f"--out {str(out)!r}: the answer could not be saved ({e})")
     stats = finished.stats
     if not quiet:
         typer.secho(f"{stats['images']} image(s), {stats['new_tokens']} tokens, {finished.reason}, "
@@ -1174,8 +1214,8 @@ def serve(
     batch_image_wait: int = typer.Option(8, "--batch-image-wait", min=0, help="With --batch: steps an image's first sampler step may wait for other answers still writing, so their images are drawn together."),
     batch_text_wait: int = typer.Option(20, "--batch-text-wait", min=0, help="With --batch: steps an answer's next token may wait for other answers' drawings that end within that many sampler steps, so they decode together (more throughput; that answer's text pauses meanwhile)."),
     timeout: float = typer.Option(300.0, "--timeout", min=1.0, help="Seconds a request may wait + generate."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=_THREADS_HELP),
-    max_upload_mb: float = typer.Option(16.0, "--max-upload-mb", min=0.1, help="Request body cap (JSON with base64 images)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=1024, help=_THREADS_HELP),
+    max_upload_mb: float = typer.Option(16.0, "--max-upload-mb", min=0.1, max=4096.0, help="Request body cap (JSON with base64 images)."),
     max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels", min=1, help="Pixel cap of one uploaded image."),
     max_prompt_chars: int = typer.Option(4000, "--max-prompt-chars", min=1, help="Text cap of one request."),
     allowed_host: Optional[list[str]] = typer.Option(None, "--allowed-host", help="Host header value to answer besides the bound host (repeatable; '*' = any, e.g. behind a proxy). Others get 400: DNS rebinding."),
@@ -1194,6 +1234,11 @@ def serve(
 
     if (replicas > 1 or ray_address is not None) and not on_ray:
         fail("--replicas and --ray-address need --ray (one process serves one model; see docs/serving.md)")
+    if not host.strip():
+        fail("--host is empty; give an interface to bind: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
+    if not max_upload_mb == max_upload_mb:  # NaN passes typer's range check
+        fail("--max-upload-mb must be a number of megabytes")
+    _check_port_free(host, port)  # before the model loads (uvicorn found it taken after, and exited 3)
     limits = ServeLimits(max_body_bytes=int(max_upload_mb * (1 << 20)), max_image_pixels=max_image_pixels,
                          max_prompt_chars=max_prompt_chars, queue_size=queue_size, request_timeout_s=timeout,
                          max_batch=batch, batch_image_wait=batch_image_wait, batch_text_wait=batch_text_wait)
@@ -1232,7 +1277,7 @@ def serve(
 def demo(
     out: Path = typer.Option(Path("out/demo"), "--out", help="Folder for everything the demo writes."),
     n: int = typer.Option(60, "--n", min=1, help="ShapeWorld records to generate."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the generated ShapeWorld set."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed for the generated ShapeWorld set."),
 ):
     """The main job on the embedded ShapeWorld default: build a set, view it, judge it, generate.
 
@@ -1242,8 +1287,22 @@ def demo(
     4. answer a how-to, a continuation (with a canvas) and an editing prompt with the shipped
        ShapeWorld checkpoint, written as records and an HTML page.
     """
-    import shutil
+    from duetgen.shapeworld.evaluate import DEMO_ANSWERS_NAME, remove_demo_dataset
 
+    data_dir = out / "shapeworld-test"
+    if out.exists() and not out.is_dir():
+        fail(f"--out {str(out)!r} is a file; the demo writes a folder")
+    try:
+        for folder, name in ((data_dir, "shapeworld-test-"), (out / "generated", DEMO_ANSWERS_NAME)):
+            remove_demo_dataset(folder, name)  # the demo's own datasets: a rerun starts clean
+        out.mkdir(parents=True, exist_ok=True)
+        _demo_steps(out, data_dir, n, seed)
+    except OSError as e:  # an --out that cannot be written, a folder of the user's
+        fail(f"demo --out {str(out)!r}: {e}")
+
+
+def _demo_steps(out: Path, data_dir: Path, n: int, seed: int) -> None:
+    """The demo's four steps (see ``demo``), writing under ``out``."""
     from transformers.utils import logging as transformers_logging
 
     from duetgen.data.view import render_dataset_html
@@ -1251,14 +1310,6 @@ def demo(
     from duetgen.shapeworld import judge, world
     from duetgen.shapeworld.evaluate import shapeworld_demo
 
-    data_dir = out / "shapeworld-test"
-    if out.exists() and not out.is_dir():
-        fail(f"--out {str(out)!r} is a file; the demo writes a folder")
-    if data_dir.is_dir() and not data_dir.is_symlink():
-        shutil.rmtree(data_dir)  # the demo owns this folder; a rerun starts clean
-    elif data_dir.exists() or data_dir.is_symlink():
-        fail(f"{str(data_dir)!r} is not a folder the demo wrote; move it away")
-    out.mkdir(parents=True, exist_ok=True)
     typer.secho(f"[1/4] generating {n} ShapeWorld test records (seed {seed})", bold=True)
     counts = world.generate(data_dir, n, seed=seed, split="test")
     typer.echo("      " + ", ".join(f"{k} {c}" for k, c in counts.items()))
@@ -1284,7 +1335,6 @@ def demo(
     typer.secho(f"html view: {pages[0].resolve()}", fg=typer.colors.GREEN)
     if generated is not None:
         typer.secho(f"generated: {generated.resolve()}", fg=typer.colors.GREEN)
-
 
 
 if __name__ == "__main__":  # pragma: no cover

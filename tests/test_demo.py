@@ -19,3 +19,13 @@ def test_demo_writes_the_set_the_page_and_a_perfect_ground_truth_score(tmp_path)
     assert scored and all(v == 1.0 for v in scored.values()), summary
     # a rerun starts clean instead of failing on the existing dataset
     assert CliRunner().invoke(app, ["demo", "--out", str(out), "--n", "5"]).exit_code == 0
+    # an audit: a rerun deleted `generated/` and `shapeworld-test/` whatever they held; a folder of the
+    # user's there is refused now, and nothing of it is lost
+    (out / "generated" / "thesis.txt").write_text("mine")
+    refused = CliRunner().invoke(app, ["demo", "--out", str(out), "--n", "5"])
+    assert refused.exit_code == 2 and "is not a folder the demo wrote" in refused.output
+    assert (out / "generated" / "thesis.txt").read_text() == "mine"
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    refused = CliRunner().invoke(app, ["demo", "--out", str(blocked / "demo"), "--n", "5"])
+    assert refused.exit_code == 2 and "error: demo --out" in refused.output  # a traceback before

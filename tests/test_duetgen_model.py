@@ -485,6 +485,17 @@ def test_cli_model_init_assemble_check(tmp_path, local_parts):
     assert runner.invoke(app, ["model", "check", str(tmp_path / "toy"), "--expect", "toy"]).exit_code == 0
     mismatch = runner.invoke(app, ["model", "check", str(tmp_path / "toy"), "--expect", "tiny"])
     assert mismatch.exit_code == 2 and "does not match preset 'tiny'" in mismatch.output
+    empty = runner.invoke(app, ["model", "check", str(tmp_path / "toy"), "--expect", ""])  # skipped the check
+    assert empty.exit_code == 2, empty.output
+    # an audit: model check passed default sampler settings that generate then refused
+    settings = json.loads((tmp_path / "toy" / "duetgen.json").read_text())
+    for bad in ({"num_steps": -5}, {"solver": "bogus"}, {"shift": float("nan")}):
+        broken = json.loads(json.dumps(settings))
+        broken["settings"]["sampler"].update(bad)
+        (tmp_path / "toy" / "duetgen.json").write_text(json.dumps(broken))
+        checked = runner.invoke(app, ["model", "check", str(tmp_path / "toy")])
+        assert checked.exit_code == 2 and f"sampler.{next(iter(bad))}" in checked.output, checked.output
+    (tmp_path / "toy" / "duetgen.json").write_text(json.dumps(settings))
     result = runner.invoke(app, ["model", "assemble", str(tmp_path / "real"), "--mllm", str(local_parts / "qwen"),
                                  "--dit", str(local_parts / "cosmos" / "transformer"),
                                  "--vae", str(local_parts / "cosmos" / "vae")])
@@ -494,6 +505,18 @@ def test_cli_model_init_assemble_check(tmp_path, local_parts):
     missing = runner.invoke(app, ["model", "assemble", str(tmp_path / "x"), "--mllm", str(tmp_path),
                                   "--dit", str(tmp_path), "--vae", str(tmp_path)])
     assert missing.exit_code == 2 and "mllm_dir has no config.json" in missing.output
+    # an audit: --overwrite replaced any folder (a dataset, a folder of notes); only a model or an empty one now
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.txt").write_text("mine")
+    refused = runner.invoke(app, ["model", "init", str(tmp_path / "notes"), "--preset", "tiny", "--overwrite"])
+    assert refused.exit_code == 2 and "is not a DuetGen model directory" in refused.output
+    assert (tmp_path / "notes" / "thesis.txt").read_text() == "mine"
+    again = runner.invoke(app, ["model", "init", str(tmp_path / "toy"), "--preset", "tiny", "--overwrite"])
+    assert again.exit_code == 0, again.output
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    refused = runner.invoke(app, ["model", "init", str(blocked / "m"), "--preset", "tiny"])
+    assert refused.exit_code == 2 and "error:" in refused.output  # a traceback before
 
 
 DEEP = "[" * 100_000 + "]" * 100_000  # json.loads: RecursionError

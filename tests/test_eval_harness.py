@@ -448,6 +448,14 @@ def test_report_refuses_mixing_benchmarks(server, tmp_path):
 
     with pytest.raises(ReportError, match="report them separately"):
         write_report([tmp_path / "h", tmp_path / "c"], tmp_path / "r.html")
+    # an audit: --out RUN/summary.html replaced the run's own summary.json; --out X.json wrote page and JSON to
+    # one path (the page was lost)
+    summary = (tmp_path / "h" / "summary.json").read_text()
+    with pytest.raises(ReportError, match="lies in the run directory"):
+        write_report([tmp_path / "h"], tmp_path / "h" / "summary.html")
+    assert (tmp_path / "h" / "summary.json").read_text() == summary
+    with pytest.raises(ReportError, match="give the HTML page's path"):
+        write_report([tmp_path / "h"], tmp_path / "r.json")
 
 
 def test_report_of_a_run_folder_handed_in_damaged_is_an_error_naming_it(server, tmp_path, monkeypatch):
@@ -504,6 +512,9 @@ def test_cli_run_report_and_errors(server, tmp_path):
     assert r.exit_code == 2 and "--judge-url" in r.output
     r = runner.invoke(app, [a if a != "judge-test" else "another-judge" for a in args])
     assert r.exit_code == 2 and "different judge settings" in r.output
+    inside = [a if a != str(tmp_path / "run") else str(tmp_path / "pred") for a in args]  # wrote into the dataset
+    r = runner.invoke(app, inside)
+    assert r.exit_code == 2 and "lies inside --pred" in r.output and not (tmp_path / "pred" / "run.json").exists()
     r = runner.invoke(app, ["eval", "run", "--benchmark", "cooking", "--pred", str(tmp_path / "missing"),
                             "--out", str(tmp_path / "y"), "--judge-url", server.url, "--judge-model", "j"])
     assert r.exit_code == 2 and "neither a DuetGen dataset" in r.output

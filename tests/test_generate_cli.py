@@ -60,6 +60,32 @@ def test_generate_writes_record_images_and_html(canvas_file, tmp_path):
                                   str(tmp_path / "training-set"), "--steps", "2", "--quiet", "--overwrite"])
     assert refused.exit_code == 2 and "is not an earlier output of `duetgen generate`" in refused.output
     assert len(Dataset(tmp_path / "training-set")) == 3
+    # an audit: --overwrite deleted the whole folder, files the user added beside the answer too (and with
+    # --out . everything in the shell's folder, then failed); it replaces only what generate wrote now
+    (out / "my_notes.txt").write_text("mine")
+    (out / "images" / "user.png").write_bytes(b"mine")
+    refused = runner.invoke(app, ["generate", text, "--model", str(trained_tiny_dir()), "--out", str(out),
+                                  "--steps", "2", "--quiet", "--overwrite"])
+    assert refused.exit_code == 2 and "files `duetgen generate` did not write" in refused.output
+    assert "my_notes.txt" in refused.output and (out / "my_notes.txt").is_file() and len(Dataset(out)) == 1
+    (out / "my_notes.txt").unlink()
+    (out / "images" / "user.png").unlink()
+    import os
+
+    here = os.getcwd()
+    os.chdir(out)
+    try:
+        again = runner.invoke(app, ["generate", text, "--model", str(trained_tiny_dir()), "--out", ".",
+                                    "--steps", "2", "--max-new-tokens", "150", "--quiet", "--overwrite"])
+    finally:
+        os.chdir(here)
+    assert again.exit_code == 0, again.output
+    assert len(Dataset(out)) == 1 and (out / "answer.html").is_file()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    refused = runner.invoke(app, ["generate", text, "--model", str(trained_tiny_dir()), "--out",
+                                  str(blocked / "sub"), "--quiet"])  # failed after generating, with a traceback
+    assert refused.exit_code == 2 and "cannot be created" in refused.output
 
 
 @pytest.mark.parametrize("args, message", [
@@ -68,6 +94,9 @@ def test_generate_writes_record_images_and_html(canvas_file, tmp_path):
     (["Draw a red circle.", "--image", "{tmp}/missing.png", "--out", "{out}"], "missing.png': no such file"),
     (["Draw a red circle.", "--image", "{tmp}/bad.png", "--out", "{out}"], "not a readable image"),
     (["Draw a red circle.", "--image-size", "17x16", "--out", "{out}"], "multiples of 4"),
+    (["Draw a red circle.", "--image-size", "100000x100000", "--out", "{out}"], "at most 8192"),
+    (["Draw a red circle.", "--seed", str(10 ** 20), "--out", "{out}"], "--seed"),
+    (["Draw a red circle.", "--threads", "100000", "--out", "{out}"], "--threads"),
     (["Draw a red circle.", "--image-size", "big", "--out", "{out}"], "--image-size"),
     (["Draw a red circle.", "--top-p", "0", "--out", "{out}"], "top_p"),
     (["Draw a red circle.", "--device", "bogus", "--out", "{out}"], "--device 'bogus': not a device name"),
@@ -132,3 +161,15 @@ def test_default_checkpoint_answers_a_shapeworld_prompt(tmp_path):
 def test_serve_refuses_flags_that_cannot_work_before_loading_anything():
     result = runner.invoke(app, ["serve", "--replicas", "2"])
     assert result.exit_code == 2 and "--replicas and --ray-address need --ray" in result.output
+    # an audit: an empty --host served on every interface and answered nothing; a port in use was found only
+    # after the model loaded (uvicorn's own error, exit 3); --max-upload-mb inf / nan were tracebacks
+    import socket
+
+    assert "--host is empty" in runner.invoke(app, ["serve", "--host", ""]).output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = runner.invoke(app, ["serve", "--port", str(busy.getsockname()[1])])
+    assert taken.exit_code == 2 and "cannot be bound" in taken.output
+    for value in ("inf", "nan"):
+        assert runner.invoke(app, ["serve", "--max-upload-mb", value]).exit_code == 2

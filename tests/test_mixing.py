@@ -1,6 +1,7 @@
 """Weighted, seeded mixture of datasets into a stage-2 training manifest."""
 
 import json
+import os
 from collections import Counter
 
 import pytest
@@ -119,6 +120,12 @@ def test_cli_mix_with_config_and_flags(three, tmp_path):
     assert json.loads((tmp_path / "m2.json").read_text())["samples"] == json.loads((tmp_path / "m.json").read_text())["samples"]
     res = runner.invoke(app, ["data", "mix", "--out", str(tmp_path / "m3.json"), "--dataset", "broken"])
     assert res.exit_code == 2 and "NAME=PATH:WEIGHT" in res.output
+    # an audit: a FIFO as --config hung the command; --out "" (a folder) was a traceback
+    os.mkfifo(tmp_path / "fifo")
+    res = runner.invoke(app, ["data", "mix", "--config", str(tmp_path / "fifo"), "--out", str(tmp_path / "m4.json")])
+    assert res.exit_code == 2 and "not a regular file" in res.output
+    res = runner.invoke(app, ["data", "mix", "--config", str(tmp_path / "mix.config.json"), "--out", ""])
+    assert res.exit_code == 2 and "is a folder" in res.output
 
 
 def test_a_negative_seed_or_a_mix_too_large_to_build_is_refused_by_name(three, tmp_path):

@@ -110,10 +110,14 @@ def test_export_step_never_replaces_a_folder_unasked_nor_the_run(setup, tmp_path
     assert r.exit_code == 2 and "exists; pass --overwrite" in r.output
     assert (tmp_path / "precious" / "thesis.txt").read_text() == "thesis"
     shutil.copytree(root / "stage2", tmp_path / "run")
-    r = runner.invoke(app, ["train", "export-step", "--run", str(tmp_path / "run"), "--step", "2", "--stage1",
-                            str(root / "stage1"), "--out", str(tmp_path / "run"), "--overwrite"])
-    assert r.exit_code == 2 and "exporting there would delete it" in r.output
-    assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "meta.json").is_file()
+    for inside in ("", "checkpoints"):  # the run itself; a folder inside it (an audit: all checkpoints went)
+        r = runner.invoke(app, ["train", "export-step", "--run", str(tmp_path / "run"), "--step", "2", "--stage1",
+                                str(root / "stage1"), "--out", str(tmp_path / "run" / inside), "--overwrite"])
+        assert r.exit_code == 2 and "holds or lies inside the run" in r.output
+        assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "meta.json").is_file()
+    r = runner.invoke(app, args + ["--out", str(tmp_path / "precious"), "--overwrite"])
+    assert r.exit_code == 2 and "is not a DuetGen model directory" in r.output  # --overwrite replaces only a model
+    assert (tmp_path / "precious" / "thesis.txt").read_text() == "thesis"
     r = runner.invoke(app, args + ["--out", str(tmp_path / "exported")])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, args + ["--out", str(tmp_path / "exported"), "--overwrite"])
@@ -237,3 +241,20 @@ def test_malformed_json_in_a_run_folder_is_named(setup, tmp_path, how, name, cha
         with pytest.raises((TrainInputError, CheckpointError), match=problem) as error:
             stage2.train(dataclasses.replace(cfg2, steps=3), mllm_dir, run, resume_run=True, progress=False)
         assert str(run / name) in str(error.value)
+
+
+def test_a_run_never_writes_into_its_inputs_nor_among_other_files(setup, tmp_path):
+    """An audit: `train stage2 --out STAGE1/mllm` wrote the run's config.json over the MLLM's (every later run on
+    it failed), and a new run into a dataset or a folder of notes scattered its files among them."""
+    root, _, mllm_dir, _ = setup
+    mllm_config = (mllm_dir / "config.json").read_text()
+    r = runner.invoke(app, ["train", "stage2", "--config", "tiny", "--stage1", str(root / "stage1"), "--data",
+                            str(root / "train"), "--steps", "1", "--out", str(mllm_dir), "--quiet"])
+    assert r.exit_code == 2 and "lies inside the run's input" in r.output
+    assert (mllm_dir / "config.json").read_text() == mllm_config
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.txt").write_text("mine")
+    r = runner.invoke(app, ["train", "stage1", "--config", "tiny", "--data", str(root / "train"), "--steps", "1",
+                            "--out", str(tmp_path / "notes"), "--quiet"])
+    assert r.exit_code == 2 and "holds files of something else" in r.output
+    assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["thesis.txt"]

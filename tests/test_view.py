@@ -188,6 +188,16 @@ def test_cli_view(tmp_path):
     (tmp_path / "notds" / "manifest.json").write_text("[1, 2")
     res = runner.invoke(app, ["data", "view", str(tmp_path / "notds"), "--out", str(tmp_path / "x.html")])
     assert res.exit_code == 2 and "unreadable manifest" in res.output
+    # an audit: --out ds/manifest.json wrote the page over the manifest (every later command failed)
+    manifest = (tmp_path / "ds" / "manifest.json").read_text()
+    for inside in ("manifest.json", "images/x.html", "shards/part-00009.jsonl"):
+        res = runner.invoke(app, ["data", "view", str(tmp_path / "ds"), "--out", str(tmp_path / "ds" / inside)])
+        assert res.exit_code == 2 and "one of the dataset's own files" in res.output, inside
+    assert (tmp_path / "ds" / "manifest.json").read_text() == manifest
+    res = runner.invoke(app, ["data", "view", str(tmp_path / "ds"), "--out", str(tmp_path / "notds")])
+    assert res.exit_code == 2 and "is a folder; give the page's file name" in res.output
+    res = runner.invoke(app, ["data", "view", str(tmp_path / "ds"), "--out", str(tmp_path / "ds" / "index.html")])
+    assert res.exit_code == 0, res.output  # beside the dataset's files is fine (stage 1 writes its pages there)
 
 
 def test_broken_image_is_named_by_its_record(tmp_path):

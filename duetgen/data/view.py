@@ -38,7 +38,7 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import track
 
-from duetgen.data.dataset import Dataset, atomic_write_bytes
+from duetgen.data.dataset import IMAGE_DIR, MANIFEST, SHARD_DIR, Dataset, DatasetError, atomic_write_bytes
 from duetgen.data.images import ImageError, inspect_image
 from duetgen.data.record import ImagePart, Record, RecordError
 
@@ -229,6 +229,13 @@ def render_dataset_html(dataset_root: str | os.PathLike, out_path: str | os.Path
         raise ValueError(f"limit must be >= 0, got {limit!r}")
     ds = Dataset(dataset_root)
     out_path = Path(out_path)
+    root, target = ds.root.resolve(), out_path.resolve()
+    if target in (root / MANIFEST, root / ".writer.lock") or any(target.is_relative_to(root / d)
+                                                                 for d in (SHARD_DIR, IMAGE_DIR)):
+        raise DatasetError(f"{str(out_path)!r} is one of the dataset's own files (its manifest, shards or images); "
+                           "write the page beside them")  # (--out ds/manifest.json replaced the manifest)
+    if out_path.is_dir():
+        raise DatasetError(f"{str(out_path)!r} is a folder; give the page's file name, e.g. {out_path / 'index.html'}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     total = len(ds) if limit is None else min(limit, len(ds))
     num_pages = max(1, -(-total // per_page))

@@ -647,6 +647,10 @@ def run_benchmark(cfg: RunConfig, judge_config: JudgeConfig | None = None, api_k
     prompts = read_judge_prompts(bench, cfg)
     items, coverage = build_items(bench, cfg)
     out = Path(cfg.out)
+    for name in ("pred", "truth", "prompts", "images"):  # (--out TRUTH wrote run files into the dataset)
+        given = getattr(cfg, name)
+        if given and out.resolve().is_relative_to(Path(given).resolve()):
+            raise HarnessError(f"--out {str(out)!r} lies inside --{name} {given!r}; write the run beside the inputs")
     out.mkdir(parents=True, exist_ok=True)
     run = _check_or_create_run(out, _settings(bench, judge_config, cfg, prompts), cfg)
     if Path(bench.path).resolve().parent != BENCHMARK_DIR.resolve():  # not an installed benchmark: keep its file

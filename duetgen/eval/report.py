@@ -271,6 +271,14 @@ def write_report(run_dirs: list[str | os.PathLike], out: str | os.PathLike, gall
             raise ReportError(f"{r['dir']}: a run of {r['bench'].id}, the first run is of {bench.id}; report them separately")
     metrics = bench.metric_names()
     out = Path(out)
+    if out.is_dir() or not out.name:
+        raise ReportError(f"--out {str(out)!r} is a folder; give the HTML page's path, e.g. report.html")
+    if out.suffix.lower() == ".json":  # the summary goes to out with .json: one path for both lost the page
+        raise ReportError(f"--out {str(out)!r}: give the HTML page's path (report.html); the JSON goes beside it")
+    for r in runs:  # (--out RUN/summary.html replaced the run's own summary.json)
+        if out.resolve().parent == Path(r["dir"]).resolve():
+            raise ReportError(f"--out {str(out)!r} lies in the run directory {str(r['dir'])!r}, whose files it could "
+                              "replace; write the report beside the runs")
     out.parent.mkdir(parents=True, exist_ok=True)
 
     body = [f'<p>{esc(bench.description)}<br><span class="note">Source: {esc(bench.source)}. Benchmark file '

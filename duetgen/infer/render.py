@@ -18,12 +18,11 @@ Design choices:
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from urllib.parse import quote
 
-from duetgen.data.dataset import Dataset, DatasetWriter, atomic_write_bytes
-from duetgen.data.record import ImagePart, Record, RecordError, TextPart
+from duetgen.data.dataset import MANIFEST, Dataset, DatasetWriter, atomic_write_bytes
+from duetgen.data.record import ImagePart, Record, TextPart
 from duetgen.data.view import dataset_image_src, page_html, render_record_html
 
 HTML_NAME = "answer.html"
@@ -45,14 +44,40 @@ def record_markdown(record: Record) -> str:
     return "\n".join(lines)
 
 
-def is_earlier_output(out: Path) -> bool:
-    """Whether ``out`` holds what ``save_output`` wrote (a one-record dataset named "generation ..." beside its
-    answer page): only such a folder is replaced on ``overwrite`` (a dataset's manifest alone is not enough)."""
+def _output_files(out: Path) -> set[Path] | None:
+    """The files ``save_output`` wrote in ``out`` (a one-record dataset named "generation ..." beside its answer
+    page: a dataset's manifest alone is not enough); None when ``out`` is not such a folder."""
     try:
-        m = Dataset(out).manifest  # (the bounded, checked manifest reader)
-    except (OSError, RecordError):
-        return False
-    return str(m.get("name") or "").startswith("generation ") and m.get("num_records") == 1 and (out / HTML_NAME).is_file()
+        ds = Dataset(out)  # (the bounded, checked manifest reader)
+        m = ds.manifest
+        if not (str(m.get("name") or "").startswith("generation ") and m.get("num_records") == 1
+                and (out / HTML_NAME).is_file()):
+            return None
+        (record,) = list(ds)
+    except (OSError, ValueError):
+        return None
+    return ({out / MANIFEST, out / HTML_NAME, out / MARKDOWN_NAME, out / ".writer.lock"}
+            | {out / shard for shard in ds.shards}
+            | {out / p.path for msg in record.messages for p in msg.content if isinstance(p, ImagePart)})
+
+
+def foreign_files(out: Path) -> list[Path] | None:
+    """What in ``out`` an earlier ``save_output`` did not write (a user's notes, another image): ``overwrite``
+    replaces the folder only when this is empty. None when ``out`` holds no earlier output at all."""
+    mine = _output_files(out)
+    if mine is None:
+        return None
+    found = (Path(d) / f for d, _, files in os.walk(out) for f in files)  # (links are files here, never followed)
+    return sorted(p for p in found if p not in mine)
+
+
+def _remove_output(out: Path) -> None:
+    """Delete exactly what ``save_output`` wrote in ``out`` (so ``--out .`` works and nothing else goes)."""
+    for path in _output_files(out) or ():
+        path.unlink(missing_ok=True)
+    for d, _, _ in sorted(os.walk(out), key=lambda w: -len(w[0])):  # the folders it emptied, deepest first
+        if Path(d) != out and not any(Path(d).iterdir()):
+            Path(d).rmdir()
 
 
 def save_output(record: Record, out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Path]:
@@ -61,9 +86,14 @@ def save_output(record: Record, out_dir: str | os.PathLike, overwrite: bool = Fa
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} exists and is not empty; choose a new --out or pass overwrite")
-        if not is_earlier_output(out):
+        foreign = foreign_files(out)
+        if foreign is None:
             raise FileExistsError(f"{out} is not an earlier output of duetgen generate; refusing to replace it")
-        shutil.rmtree(out)
+        if foreign:
+            raise FileExistsError(f"{out} holds files duetgen generate did not write ({foreign[0]}"
+                                  f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); refusing to "
+                                  "replace it")
+        _remove_output(out)
     with DatasetWriter(out, name=f"generation {record.id}") as writer:
         writer.write(record)  # stores PIL images as PNG and replaces them by their paths
     ds = Dataset(out)

@@ -92,6 +92,22 @@ class ModelDirectoryError(ValueError):
 MAX_IMAGE_SIDE = 8192  # pixels: a generated image's side (the paper draws 768; 8192^2 latents already fill a GPU)
 
 
+def sampler_problems(s: SamplerConfig) -> list[str]:
+    """What makes a default sampler unusable (each names its setting), as the sampler itself would refuse it."""
+    problems = []
+    if s.solver not in ("euler", "unipc"):
+        problems.append(f"sampler.solver={s.solver!r} is not 'euler' or 'unipc'")
+    if s.schedule not in ("flow", "karras"):
+        problems.append(f"sampler.schedule={s.schedule!r} is not 'flow' or 'karras'")
+    if type(s.num_steps) is not int or s.num_steps < 1:
+        problems.append(f"sampler.num_steps={s.num_steps!r} must be an int >= 1")
+    if type(s.shift) not in (int, float) or not 0 < s.shift < float("inf"):
+        problems.append(f"sampler.shift={s.shift!r} must be a finite number > 0")
+    if type(s.unipc_order) is not int or not 1 <= s.unipc_order <= 3:
+        problems.append(f"sampler.unipc_order={s.unipc_order!r} must be 1, 2 or 3")
+    return problems
+
+
 @dataclass
 class DuetGenConfig:
     """Settings saved in duetgen.json. The architecture itself lives in each part's own config file.
@@ -146,6 +162,7 @@ class DuetGenConfig:
             problems.append(f"guidance_scale_without_frames={self.guidance_scale_without_frames!r} must be > 0 or None")
         if self.dit_attention not in ATTENTION_MODES:
             problems.append(f"dit_attention={self.dit_attention!r} is not one of {ATTENTION_MODES}")
+        problems += sampler_problems(self.sampler)  # (model check passed what generate then refused)
         if not (isinstance(self.condition_frame_time, (int, float)) and 0 <= self.condition_frame_time < 1):
             problems.append(f"condition_frame_time={self.condition_frame_time!r} must be a flow time in [0, 1)")
         if self.framing not in FRAMINGS:
@@ -423,7 +440,10 @@ class DuetGen(nn.Module):
             raise ValueError(f"{target}: this model has no tokenizer (a random build of a preset whose tokenizer "
                              f"comes with real weights); assemble it with duetgen.models.builder.assemble to save it")
         if target.exists() and not overwrite:
-            raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+            raise FileExistsError(f"{target} exists; pass --overwrite (overwrite=True) to replace it")
+        if target.exists() and not (target.is_dir() and ((target / SETTINGS_FILE).is_file() or not any(target.iterdir()))):
+            raise FileExistsError(f"{target} is not a DuetGen model directory (no {SETTINGS_FILE}) nor empty; "
+                                  "overwrite replaces only a model: write the model elsewhere")
         if target.exists() and Path.cwd().resolve().is_relative_to(target.resolve()):
             raise ValueError(f"{str(target)!r} is the folder you are in (or holds it): replacing it would leave the "
                              "shell in a deleted folder; write the model elsewhere")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -84,6 +85,27 @@ def evaluate_toy(model_dir: str | os.PathLike, truth_dir: str | os.PathLike, out
 
 # ----------------------------------------------------------------------------- the demo
 DEMO_KINDS = ("how-to", "continuation", "editing")  # issue 5: what `make demo` ends with
+DEMO_ANSWERS_NAME = "duetgen demo answers"
+
+
+def remove_demo_dataset(folder: Path, name_prefix: str) -> None:
+    """Remove ``folder`` for a rerun when it is a dataset the demo wrote (its name starts with ``name_prefix`` and
+    it holds only a dataset's own entries); anything else there is the user's: ``FileExistsError``, nothing lost."""
+    from duetgen.data.dataset import IMAGE_DIR, MANIFEST, SHARD_DIR, Dataset
+
+    if not folder.exists() and not folder.is_symlink():
+        return
+    name = None
+    if folder.is_dir() and not folder.is_symlink():
+        try:
+            name = str(Dataset(folder).manifest.get("name") or "")
+        except (OSError, ValueError):
+            pass
+    own = {MANIFEST, SHARD_DIR, IMAGE_DIR, ".writer.lock"}
+    if name is None or not name.startswith(name_prefix) or any(p.name not in own for p in folder.iterdir()):
+        raise FileExistsError(f"{str(folder)!r} is not a folder the demo wrote (it replaces only its own datasets); "
+                              "move it away or choose another --out")
+    shutil.rmtree(folder)
 
 
 def shapeworld_demo(pipe, out_dir: str | os.PathLike, seed: int = 0, **settings) -> Path:
@@ -91,16 +113,14 @@ def shapeworld_demo(pipe, out_dir: str | os.PathLike, seed: int = 0, **settings)
     continuation and editing), store the answers as one dataset under ``out_dir`` and render it as
     HTML; returns the HTML path. ``settings`` are generation overrides (``num_steps=10``, ...)."""
     import random
-    import shutil
 
     from duetgen.data.dataset import DatasetWriter
     from duetgen.data.view import render_dataset_html
 
     out = Path(out_dir)
     data_dir = out / "generated"
-    if data_dir.exists():
-        shutil.rmtree(data_dir)  # the demo owns this folder; a rerun starts clean
-    with DatasetWriter(data_dir, name="duetgen demo answers") as writer:
+    remove_demo_dataset(data_dir, DEMO_ANSWERS_NAME)  # a rerun starts clean; a folder of the user's is refused
+    with DatasetWriter(data_dir, name=DEMO_ANSWERS_NAME) as writer:
         for i, kind in enumerate(DEMO_KINDS):
             task = world.sample_task(kind, random.Random(seed * 100 + i), split="test")
             images = [world.render(task.initial)] if task.has_canvas else []

@@ -56,7 +56,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -452,17 +452,45 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def open_run_dir(run_dir: str | os.PathLike, resume_run: bool) -> tuple[Path, Path | None]:
+def open_run_dir(run_dir: str | os.PathLike, resume_run: bool,
+                 inputs: Sequence[str | os.PathLike | None] = ()) -> tuple[Path, Path | None]:
     """Create ``run_dir`` for a training run; return it and its latest checkpoint (None for a new run).
 
-    A run that already has checkpoints is refused unless resuming, so nothing is overwritten by accident.
+    A run that already has checkpoints is refused unless resuming, so nothing is overwritten by accident; so is
+    a folder inside one of the run's ``inputs`` (the stage-1 MLLM, a dataset: the run's config.json replaced
+    the MLLM's) and a new run into a folder that holds other files (a run scattered its files among them).
     """
     run_dir = Path(run_dir)
+    for path in filter(None, inputs):  # (a preset name such as "tiny" is no folder)
+        if Path(path).exists() and run_dir.resolve().is_relative_to(Path(path).resolve()):
+            raise FileExistsError(f"--out {str(run_dir)!r} lies inside the run's input {str(path)!r}: the run would "
+                                  "write its files there; choose a folder beside it")
     found = latest_checkpoint(run_dir / "checkpoints")
     if found is not None and not resume_run:
         raise FileExistsError(f"{run_dir} already holds checkpoints ({found.name}); pass --resume or a new --out")
+    if found is None and run_dir.is_dir() and any(run_dir.iterdir()) and not _is_run_dir(run_dir):
+        raise FileExistsError(f"--out {str(run_dir)!r} holds files of something else (no training run's config.json "
+                              "or checkpoints/); choose a new or an empty folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, found
+
+
+RUN_ENTRIES = {"checkpoints", "config.json", "metrics.jsonl", "mllm", "mllm.json", "model", "samples", "tensorboard",
+               "tokenizer"}  # what stage 1 and stage 2 write at the top of their run folders
+
+
+def _is_run_dir(run_dir: Path) -> bool:
+    """A training run's folder (one that stopped before its first checkpoint counts): nothing but a run's
+    entries, and a run's config.json when there is one (an MLLM's own config.json has no steps / data)."""
+    if any(p.name not in RUN_ENTRIES for p in run_dir.iterdir()):
+        return False
+    if not (run_dir / "config.json").exists():
+        return True
+    try:
+        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(config, dict) and {"steps", "data"} <= set(config)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

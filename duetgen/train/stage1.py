@@ -168,7 +168,7 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, resume_run: bool = Fals
 
 def _train(cfg: Stage1Config, run_dir, env: DistEnv, resume_run: bool, progress: bool, stop_after: int | None) -> Path:
     # --- setup
-    run_dir, found = open_run_dir(run_dir, resume_run)
+    run_dir, found = open_run_dir(run_dir, resume_run, inputs=[cfg.mllm, *cfg.data, cfg.val_data])
     if found is not None:
         cfg = check_resume(found, cfg)  # before anything loads: another config is refused by name
     ckpt_dir = run_dir / "checkpoints"

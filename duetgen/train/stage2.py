@@ -455,7 +455,8 @@ def train(cfg: Stage2Config, mllm_dir: str | os.PathLike, run_dir: str | os.Path
 def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool, progress: bool,
            stop_after: int | None) -> Path:
     # --- setup
-    run_dir, found = open_run_dir(run_dir, resume_run)
+    run_dir, found = open_run_dir(run_dir, resume_run, inputs=[mllm_dir, *cfg.data, cfg.init_from,
+                                                               cfg.condition_cache])
     if found is not None:
         cfg = check_resume(found, cfg)  # before anything loads: another config is refused by name
     ckpt_dir = run_dir / "checkpoints"
@@ -662,9 +663,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, cfg: Stage2Config, mllm_dir
                       out: str | os.PathLike, use_ema: bool = True, overwrite: bool = False) -> Path:
     """A DuetGen directory from a stage-2 training checkpoint (its EMA weights, or the raw ones), e.g. to
     evaluate step N. ``out`` must be new unless ``overwrite``; it may never hold the run itself."""
-    run_dir = Path(checkpoint).resolve().parent.parent
-    if run_dir.is_relative_to(Path(out).resolve()):
-        raise TrainInputError(f"--out {str(out)!r} holds the run {str(run_dir)!r}: exporting there would delete it")
+    run_dir, target = Path(checkpoint).resolve().parent.parent, Path(out).resolve()
+    if run_dir.is_relative_to(target) or target.is_relative_to(run_dir):  # (--out RUN/checkpoints replaced them all)
+        raise TrainInputError(f"--out {str(out)!r} holds or lies inside the run {str(run_dir)!r}: exporting there "
+                              "could replace its checkpoints; export beside the run")
     check_config_types(cfg, run_dir / "config.json")
     checkpoint = Path(checkpoint)
     bind_mllm(run_dir, mllm_dir, write=False)  # the run's own MLLM, when the run recorded it
