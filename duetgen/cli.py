@@ -85,20 +85,17 @@ def _check_device(device: str) -> None:
 
 
 def _check_port_free(host: str, port: int) -> None:
-    """``--host`` / ``--port`` can be bound now (the server binds them again once the model has loaded)."""
+    """``--host`` / ``--port`` can be bound now, probed as uvicorn binds them (IPv6 for a host with a ':', else
+    IPv4; the server binds them again once the model has loaded)."""
     import socket
 
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        fail(f"--host {host!r}: not an address or a name this machine resolves ({e.strerror})")
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
         try:
-            probe.bind(address)
-        except OSError as e:
-            fail(f"--host {host!r} --port {port}: cannot be bound ({e.strerror}); another server may be using it")
+            probe.bind((host, port))
+        except OSError as e:  # (socket.gaierror too: a name this machine does not resolve)
+            fail(f"--host {host!r} --port {port}: cannot be bound ({e.strerror}); another server may be using it, "
+                 "or the host is not an address of this machine")
 
 
 def _parse_image_size(value: Optional[str]) -> Optional[tuple[int, int]]:

@@ -294,7 +294,8 @@ def test_a_json_list_is_read_one_sample_at_a_time(tmp_path, monkeypatch):
     bad = {b'{"a": 1}': "expected a JSON list", b'[{"a": 1} {"b": 2}]': r"x\[0\]: expected ',' or '\]'",
            b'[{"a": 1}, {"b": ': r"x\[1\]: not valid JSON", b"[" + b"[" * 5000: r"x\[0\]: unreadable JSON \(nested too deeply",
            b'[{"n": ' + b"9" * 5000 + b"}]": r"x\[0\]: unreadable JSON.*4300", b"[1] 2": "text after the list's end",
-           b'["\xff"]': "not valid UTF-8", b'[{"a": "' + b"y" * 9000 + b'"}]': r"x\[0\]: a sample over the cap"}
+           b'["\xff"]': "not valid UTF-8", b'[{"a": "' + b"y" * 9000 + b'"}]': r"x\[0\]: a sample over the cap",
+           b'[{"a": }, ' + b", ".join([b'{"b": 1}'] * 2000) + b"]": r"x\[0\]: not valid JSON"}  # (not "over the cap")
     monkeypatch.setattr(adapters, "MAX_RECORD_LINE_BYTES", 8192)
     for raw, message in bad.items():
         with pytest.raises(RecordError, match=message):

@@ -70,6 +70,15 @@ def test_generate_writes_record_images_and_html(canvas_file, tmp_path):
     assert "my_notes.txt" in refused.output and (out / "my_notes.txt").is_file() and len(Dataset(out)) == 1
     (out / "my_notes.txt").unlink()
     (out / "images" / "user.png").unlink()
+    for mine in ("empty-folder", "linked"):  # (a review: an empty folder of the user's was removed, a link missed)
+        if mine == "linked":
+            (out / mine).symlink_to(tmp_path, target_is_directory=True)
+        else:
+            (out / mine).mkdir()
+        refused = runner.invoke(app, ["generate", text, "--model", str(trained_tiny_dir()), "--out", str(out),
+                                      "--steps", "2", "--quiet", "--overwrite"])
+        assert refused.exit_code == 2 and mine in refused.output
+        (out / mine).unlink() if mine == "linked" else (out / mine).rmdir()
     import os
 
     here = os.getcwd()

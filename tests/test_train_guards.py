@@ -216,6 +216,9 @@ STEP = "checkpoints/step-0000002/"
     ("resume", STEP + "meta.json", "[]", "meta.json: must hold a JSON object"),
     ("resume", STEP + "meta.json", DEEP, "meta.json: not valid JSON"),
     ("resume", "mllm.json", "{}", "mllm.json: has no sha256"),
+    ("resume", STEP + "meta.json", {"statefuls": 5}, "meta.json: step / world_size must be ints"),  # (a review:
+    ("resume", STEP + "meta.json", {"world_size": "x"}, "meta.json: step / world_size must be ints"),  # TypeErrors)
+    ("resume", STEP + "state.json", {"ema": 5}, "state.json: 'ema' holds no saved state"),
 ], ids=lambda x: x if isinstance(x, str) and len(x) < 40 else None)
 def test_malformed_json_in_a_run_folder_is_named(setup, tmp_path, how, name, change, problem):
     """An audit: a run folder whose JSON is nested too deep, holds a 5000-digit number or has the wrong shape

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from urllib.parse import quote
 
-from duetgen.data.dataset import MANIFEST, Dataset, DatasetWriter, atomic_write_bytes
+from duetgen.data.dataset import IMAGE_DIR, MANIFEST, SHARD_DIR, Dataset, DatasetWriter, atomic_write_bytes
 from duetgen.data.record import ImagePart, Record, TextPart
 from duetgen.data.view import dataset_image_src, page_html, render_record_html
 
@@ -62,22 +62,33 @@ def _output_files(out: Path) -> set[Path] | None:
 
 
 def foreign_files(out: Path) -> list[Path] | None:
-    """What in ``out`` an earlier ``save_output`` did not write (a user's notes, another image): ``overwrite``
-    replaces the folder only when this is empty. None when ``out`` holds no earlier output at all."""
+    """What in ``out`` an earlier ``save_output`` did not write (a user's notes, another image, a folder or a link
+    of theirs): ``overwrite`` replaces the folder only when this is empty. None when ``out`` holds no earlier
+    output at all."""
     mine = _output_files(out)
     if mine is None:
         return None
-    found = (Path(d) / f for d, _, files in os.walk(out) for f in files)  # (links are files here, never followed)
-    return sorted(p for p in found if p not in mine)
+    own_dirs = {out / SHARD_DIR, out / IMAGE_DIR} | _folders_of(mine, out)
+    found = []
+    for d, dirs, files in os.walk(out):  # (a link to a folder is listed in dirs, never followed)
+        found += [Path(d) / x for x in dirs if (Path(d) / x).is_symlink() or Path(d) / x not in own_dirs]
+        found += [Path(d) / x for x in files if Path(d) / x not in mine]
+    return sorted(found)
+
+
+def _folders_of(files: set[Path], out: Path) -> set[Path]:
+    return {q for p in files for q in p.parents if q != out and q.is_relative_to(out)}
 
 
 def _remove_output(out: Path) -> None:
-    """Delete exactly what ``save_output`` wrote in ``out`` (so ``--out .`` works and nothing else goes)."""
-    for path in _output_files(out) or ():
+    """Delete exactly what ``save_output`` wrote in ``out`` (so ``--out .`` works and nothing else goes): its
+    files, then the folders holding them that this left empty, deepest first."""
+    mine = _output_files(out) or set()
+    for path in mine:
         path.unlink(missing_ok=True)
-    for d, _, _ in sorted(os.walk(out), key=lambda w: -len(w[0])):  # the folders it emptied, deepest first
-        if Path(d) != out and not any(Path(d).iterdir()):
-            Path(d).rmdir()
+    for folder in sorted(_folders_of(mine, out), key=lambda q: -len(q.parts)):
+        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def save_output(record: Record, out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Path]:

@@ -537,6 +537,11 @@ def resume(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Opt
     missing = sorted({"step", "world_size", "trainable_only", "statefuls", "files"} - set(meta))
     if missing:
         raise CheckpointError(f"{path}/meta.json: missing {', '.join(missing)}")
+    if not (type(meta["step"]) is int and type(meta["world_size"]) is int and type(meta["trainable_only"]) is bool
+            and all(isinstance(v, list) and all(isinstance(x, str) for x in v)
+                    for v in (meta["statefuls"], meta["files"]))):  # (a hand-edited file was a TypeError)
+        raise CheckpointError(f"{path}/meta.json: step / world_size must be ints, trainable_only a bool, "
+                              "statefuls / files lists of names")
     statefuls = _statefuls(scheduler, stateful)
     if set(meta["statefuls"]) != set(statefuls):
         raise CheckpointError(f"{path}: saved statefuls {sorted(meta['statefuls'])}, given {sorted(statefuls)}; "
@@ -574,8 +579,13 @@ def resume(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Opt
         if not set(statefuls) <= set(tree):
             raise CheckpointError(f"{path}/state.json: holds {sorted(tree)}, not the statefuls {sorted(statefuls)}")
         for name, obj in statefuls.items():
-            obj.load_state_dict(unflatten_state(tree[name], reader.get if rank == 0 else None,
-                                                template=obj.state_dict(), collective=_distributed()))
+            if not isinstance(tree[name], dict):
+                raise CheckpointError(f"{path}/state.json: {name!r} holds no saved state")
+            try:
+                obj.load_state_dict(unflatten_state(tree[name], reader.get if rank == 0 else None,
+                                                    template=obj.state_dict(), collective=_distributed()))
+            except (KeyError, TypeError) as e:  # a state of another shape than the one saved (its own errors stand)
+                raise CheckpointError(f"{path}/state.json: {name!r} does not fit ({type(e).__name__}: {e})") from None
 
     # 4. RNG last, so nothing above draws from the restored generators
     if restore_rng:

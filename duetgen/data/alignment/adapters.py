@@ -136,6 +136,8 @@ def _json_list_items(f, where: str, chunk: int = 1 << 20) -> Iterator[Any]:
                 item, end = decoder.raw_decode(buf, pos)
                 error = None
             except json.JSONDecodeError as e:  # cut by the buffer's end, or broken
+                if e.pos < len(buf) - 16 and not e.msg.startswith("Unterminated string"):  # broken (a cut literal,
+                    raise RecordError(f"{where}[{i}]: not valid JSON ({e.msg})") from None  # escape, is short)
                 end, error = len(buf), e
             except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits; nesting past the stack
                 why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
