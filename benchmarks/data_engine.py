@@ -12,8 +12,8 @@
    ``duetgen data engine`` on one core and on two workers (pages/s, whole run), the driver's peak
    RSS at each size of ``--rss-pages`` (two workers: the driver only plans, decides duplicates and
    lists shards), and in the same run the same WARC through datatrove's WarcReader + Trafilatura
-   (the reference text pipeline; installed for the benchmark only: ``pip install datatrove
-   trafilatura``) as the baseline ratio, whole engine and pass 1 alone (text only, like the reference).
+   (the reference text pipeline; installed for the benchmark only: ``pip install datatrove==0.10.1
+   trafilatura faust-cchardet python-magic``; WarcReader needs the last two) as the baseline ratio, whole engine and pass 1 alone (text only, like the reference).
    The reference and our passes take turns ``--rounds`` times (the box is shared) and each ratio is
    the median of the rounds; each round also splits both passes, run in-process after the model
    loads, into stages, so the text path (pass 1, text clean-up, dialogue) and the image path
@@ -357,6 +357,9 @@ def bench_warc_stages(warc: Path, n_pages: int) -> dict:
 IMAGE_STAGES = ("fetch_images", "image_rules", "dedup_images", "write (images + shard)")
 
 
+REFERENCE_INSTALL = "pip install datatrove==0.10.1 trafilatura faust-cchardet python-magic"
+
+
 def bench_reference(warc: Path, n_pages: int) -> tuple[float, float] | None:
     """(pages per wall second, pages per CPU second) of datatrove's WarcReader + Trafilatura over the
     same WARC (None if not installed). Its extractor runs in a sandbox child process: CPU time counts
@@ -364,11 +367,12 @@ def bench_reference(warc: Path, n_pages: int) -> tuple[float, float] | None:
     try:
         from datatrove.pipeline.extractors import Trafilatura
         from datatrove.pipeline.readers import WarcReader
+
+        reader = WarcReader(str(warc.parent), glob_pattern=warc.name)  # (checks its own optional dependencies)
+        extractor = Trafilatura(favour_precision=True)
     except ImportError as e:
-        print(f"reference pipeline not installed ({e}); pip install datatrove trafilatura")
+        print(f"reference pipeline not installed ({e}); {REFERENCE_INSTALL}")
         return None
-    reader = WarcReader(str(warc.parent), glob_pattern=warc.name)
-    extractor = Trafilatura(favour_precision=True)
     t0, c0 = time.perf_counter(), _cpu()
     n = sum(1 for _ in extractor.run(reader.run(rank=0, world_size=1), rank=0, world_size=1))
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
