@@ -472,6 +472,7 @@ def open_run_dir(run_dir: str | os.PathLike, resume_run: bool,
         raise FileExistsError(f"--out {str(run_dir)!r} holds files of something else (no training run's config.json "
                               "or checkpoints/); choose a new or an empty folder")
     run_dir.mkdir(parents=True, exist_ok=True)
+    _barrier()  # every rank has looked at the folder before rank 0 writes into it (its temp files are no strangers)
     return run_dir, found
 
 
@@ -482,8 +483,8 @@ RUN_ENTRIES = {"checkpoints", "config.json", "metrics.jsonl", "mllm", "mllm.json
 def _is_run_dir(run_dir: Path) -> bool:
     """A training run's folder (one that stopped before its first checkpoint counts): nothing but a run's
     entries, and a run's config.json when there is one (an MLLM's own config.json has no steps / data)."""
-    if any(p.name not in RUN_ENTRIES for p in run_dir.iterdir()):
-        return False
+    if any(p.name not in RUN_ENTRIES and not p.name.startswith(".") for p in run_dir.iterdir()):
+        return False  # (hidden entries: an atomic write's temp file left by a killed first attempt)
     if not (run_dir / "config.json").exists():
         return True
     try:
