@@ -583,17 +583,38 @@ def write_manifest(root: str | os.PathLike, shards: list[tuple[str, int]], name:
 
 
 # --------------------------------------------------------------------------------- reader
+def json_problem(e: BaseException) -> str:
+    """What ``json.loads`` refused beyond its grammar, in words: nesting past Python's stack (RecursionError), an
+    integer of over 4,300 digits (its ValueError's own message)."""
+    return "nested too deeply" if isinstance(e, RecursionError) else str(e)
+
+
+def read_capped_line(f, cap: int = MAX_RECORD_LINE_BYTES) -> bytes | None:
+    """The next line of binary ``f`` (b"" at its end), at most ``cap`` bytes of it held: None for a longer line,
+    which is skipped to its end unread (a 10 GB line never reaches memory)."""
+    raw = f.readline(cap + 2)
+    if len(raw.rstrip(b"\n")) <= cap:
+        return raw
+    while raw and not raw.endswith(b"\n"):
+        raw = f.readline(1 << 20)
+    return None
+
+
+def capped_lines(f, cap: int = MAX_RECORD_LINE_BYTES) -> Iterator[bytes | None]:
+    """``read_capped_line`` to the end of ``f``: each line, or None for one over ``cap``."""
+    while (raw := read_capped_line(f, cap)) != b"":
+        yield raw
+
+
 def read_record_line(f, where: str) -> Record | None:
     """The next record of a binary JSONL file (None at its end): at most ``MAX_RECORD_LINE_BYTES`` read (an
     over-long line is skipped to its end, then refused), decoded line by line (a bad byte names its own line),
     parsed and validated; every problem is a RecordError naming ``where``."""
-    raw = f.readline(MAX_RECORD_LINE_BYTES + 2)
+    raw = read_capped_line(f)
+    if raw is None:  # images are files: a record is text
+        raise DatasetError(f"{where}: a record over the cap of {MAX_RECORD_LINE_BYTES:,} bytes")
     if not raw:
         return None
-    if len(raw.rstrip(b"\n")) > MAX_RECORD_LINE_BYTES:  # images are files: a record is text
-        while raw and not raw.endswith(b"\n"):
-            raw = f.readline(1 << 20)
-        raise DatasetError(f"{where}: a record over the cap of {MAX_RECORD_LINE_BYTES:,} bytes")
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from duetgen.data.dataset import (MAX_RECORD_LINE_BYTES, Dataset, DatasetWriter, atomic_write_bytes,
-                                  building_new_dataset)
+                                  building_new_dataset, json_problem)
 from duetgen.data.record import ImagePart, Message, Part, Record, RecordError, TextPart
 from duetgen.eval.benchmarks.readers import (ImageFolder, ImageSource, ReaderError, TableImages, file_inside,
                                              is_comm_results_dir, read_comm_results, read_gedit,
@@ -120,8 +120,7 @@ def _iter_jsonl_folder(src: Path) -> Iterable[Record]:
                 except RecordError as e:
                     raise ReaderError(f"{path}:{lineno}: {e}") from None
                 except (ValueError, RecursionError) as e:  # a 4,300-digit integer; nesting past the stack
-                    why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-                    raise ReaderError(f"{path}:{lineno}: unreadable JSON ({why})") from None
+                    raise ReaderError(f"{path}:{lineno}: unreadable JSON ({json_problem(e)})") from None
 
 
 def _with_loaded_images(rec: Record, images: ImageSource) -> Record:

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from duetgen.data.dataset import MAX_RECORD_LINE_BYTES, Dataset, atomic_write_bytes
+from duetgen.data.dataset import MAX_RECORD_LINE_BYTES, Dataset, atomic_write_bytes, capped_lines
 from duetgen.data.images import ImageError
 from duetgen.data.record import ImagePart, Message, Record, RecordError, TextPart
 from duetgen.eval.benchmarks import BENCHMARK_DIR, Benchmark, exact_scorer, load_benchmark
@@ -610,13 +610,11 @@ def read_results(path: Path) -> dict[str, dict]:
     if not path.exists():
         return out
     with open(path, "rb") as f:
-        for raw in iter(lambda: f.readline(MAX_RECORD_LINE_BYTES + 2), b""):
-            if not raw.endswith(b"\n"):
-                if len(raw) <= MAX_RECORD_LINE_BYTES:
-                    break  # torn last line
-                while raw and not raw.endswith(b"\n"):  # over the cap (a run handed in): never held whole
-                    raw = f.readline(1 << 20)
+        for raw in capped_lines(f, MAX_RECORD_LINE_BYTES):
+            if raw is None:  # over the cap (a run handed in): never held whole
                 continue
+            if not raw.endswith(b"\n"):
+                break  # torn last line
             try:
                 line = json.loads(raw)
             except (ValueError, RecursionError):  # (JSON, UTF-8, a 4,300-digit integer, deep nesting)

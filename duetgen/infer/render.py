@@ -66,8 +66,11 @@ def foreign_files(out: Path) -> list[Path] | None:
     of theirs): ``overwrite`` replaces the folder only when this is empty. None when ``out`` holds no earlier
     output at all."""
     mine = _output_files(out)
-    if mine is None:
-        return None
+    return None if mine is None else _not_in(mine, out)
+
+
+def _not_in(mine: set[Path], out: Path) -> list[Path]:
+    """Every file, folder and link under ``out`` that is not one of ``mine`` (nor a folder holding them)."""
     own_dirs = {out / SHARD_DIR, out / IMAGE_DIR} | _folders_of(mine, out)
     found = []
     for d, dirs, files in os.walk(out):  # (a link to a folder is listed in dirs, never followed)
@@ -80,10 +83,9 @@ def _folders_of(files: set[Path], out: Path) -> set[Path]:
     return {q for p in files for q in p.parents if q != out and q.is_relative_to(out)}
 
 
-def _remove_output(out: Path) -> None:
-    """Delete exactly what ``save_output`` wrote in ``out`` (so ``--out .`` works and nothing else goes): its
-    files, then the folders holding them that this left empty, deepest first."""
-    mine = _output_files(out) or set()
+def _remove_output(mine: set[Path], out: Path) -> None:
+    """Delete exactly ``mine``, what ``save_output`` wrote in ``out`` (so ``--out .`` works and nothing else goes):
+    its files, then the folders holding them that this left empty, deepest first."""
     for path in mine:
         path.unlink(missing_ok=True)
     for folder in sorted(_folders_of(mine, out), key=lambda q: -len(q.parts)):
@@ -97,14 +99,15 @@ def save_output(record: Record, out_dir: str | os.PathLike, overwrite: bool = Fa
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} exists and is not empty; choose a new --out or pass overwrite")
-        foreign = foreign_files(out)
-        if foreign is None:
+        mine = _output_files(out)
+        if mine is None:
             raise FileExistsError(f"{out} is not an earlier output of duetgen generate; refusing to replace it")
+        foreign = _not_in(mine, out)
         if foreign:
             raise FileExistsError(f"{out} holds files duetgen generate did not write ({foreign[0]}"
                                   f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); refusing to "
                                   "replace it")
-        _remove_output(out)
+        _remove_output(mine, out)
     with DatasetWriter(out, name=f"generation {record.id}") as writer:
         writer.write(record)  # stores PIL images as PNG and replaces them by their paths
     ds = Dataset(out)

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from duetgen.data.dataset import MAX_RECORD_LINE_BYTES, DatasetWriter, atomic_write_bytes
+from duetgen.data.dataset import MAX_RECORD_LINE_BYTES, DatasetWriter, atomic_write_bytes, capped_lines, json_problem
 from duetgen.data.images import DEFAULT_MAX_PIXELS, ImageError, inspect_image
 from duetgen.data.record import ImagePart, Message, Record, RecordError, TextPart
 from duetgen.data.synthetic.runlog import RunReport, committed_records
@@ -140,8 +140,7 @@ def _json_list_items(f, where: str, chunk: int = 1 << 20) -> Iterator[Any]:
                     raise RecordError(f"{where}[{i}]: not valid JSON ({e.msg})") from None  # escape, is short)
                 end, error = len(buf), e
             except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits; nesting past the stack
-                why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-                raise RecordError(f"{where}[{i}]: unreadable JSON ({why})") from None
+                raise RecordError(f"{where}[{i}]: unreadable JSON ({json_problem(e)})") from None
             if end - pos > MAX_RECORD_LINE_BYTES:  # (at most twice the cap is read to find out)
                 raise RecordError(f"{where}[{i}]: a sample over the cap of {MAX_RECORD_LINE_BYTES:,} characters")
             if error is None and (not isinstance(item, (int, float)) or buf[end:].strip("0123456789+-.eE")):
@@ -168,10 +167,8 @@ def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     except OSError as e:
         raise RecordError(f"{str(path)!r} cannot be read ({e.strerror})") from None
     with f:
-        for n, raw in enumerate(iter(lambda: f.readline(MAX_RECORD_LINE_BYTES + 2), b""), 1):
-            if len(raw.rstrip(b"\n")) > MAX_RECORD_LINE_BYTES:  # never held whole: skipped to its end, one bad row
-                while raw and not raw.endswith(b"\n"):
-                    raw = f.readline(1 << 20)
+        for n, raw in enumerate(capped_lines(f, MAX_RECORD_LINE_BYTES), 1):
+            if raw is None:  # never held whole: one bad row
                 yield f"{path.name}:{n}", Skip("bad_json", f"a line over the cap of {MAX_RECORD_LINE_BYTES:,} bytes")
                 continue
             if not raw.strip():
@@ -183,7 +180,7 @@ def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             except json.JSONDecodeError as e:
                 yield f"{path.name}:{n}", Skip("bad_json", e.msg)
             except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits; nesting past the stack
-                yield f"{path.name}:{n}", Skip("bad_json", "nested too deeply" if isinstance(e, RecursionError) else str(e))
+                yield f"{path.name}:{n}", Skip("bad_json", json_problem(e))
 
 
 def _rows_auto(path: Path) -> Iterator[tuple[str, Any]]:

@@ -32,9 +32,10 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from duetgen.data.dataset import MAX_RECORD_LINE_BYTES, DatasetError, DatasetWriter, fsync_files
+from duetgen.data.dataset import (MAX_RECORD_LINE_BYTES, DatasetError, DatasetWriter, capped_lines, fsync_files,
+                                  json_problem)
 from duetgen.data.images import DEFAULT_MAX_PIXELS, ImageError, inspect_image
 from duetgen.data.record import Record, RecordError
 from duetgen.data.synthetic.quality import QualityConfig, build_record
@@ -66,7 +67,7 @@ def load_requests(path: str | Path, image_root: str | Path | None, report: RunRe
         raise RecordError(f"requests file {str(path)!r} cannot be read ({e})") from None
     out, seen = [], set()
     with f:
-        for n, raw in enumerate(_capped_lines(f), 1):
+        for n, raw in enumerate(capped_lines(f, MAX_RECORD_LINE_BYTES), 1):
             where = f"{path.name}:{n}"
             if raw is None:
                 report.skip(where, "bad_request", f"a line over the cap of {MAX_RECORD_LINE_BYTES:,} bytes")
@@ -79,8 +80,7 @@ def load_requests(path: str | Path, image_root: str | Path | None, report: RunRe
                 report.skip(where, "bad_request", f"not JSON ({e.msg})")
                 continue
             except (ValueError, RecursionError) as e:  # not UTF-8; a 4,300-digit integer; nesting past the stack
-                why = "nested too deeply" if isinstance(e, RecursionError) else e
-                report.skip(where, "bad_request", f"not readable JSON ({why})")
+                report.skip(where, "bad_request", f"not readable JSON ({json_problem(e)})")
                 continue
             problem = _request_problem(r)
             if problem:
@@ -96,17 +96,6 @@ def load_requests(path: str | Path, image_root: str | Path | None, report: RunRe
             r.setdefault("kind", "dish" if r.get("images") else "howto")
             out.append(r)
     return out
-
-
-def _capped_lines(f) -> Iterator[bytes | None]:
-    """The lines of binary ``f``; None for one over ``MAX_RECORD_LINE_BYTES`` (skipped unread to its end)."""
-    for raw in iter(lambda: f.readline(MAX_RECORD_LINE_BYTES + 2), b""):
-        if len(raw.rstrip(b"\n")) <= MAX_RECORD_LINE_BYTES:
-            yield raw
-            continue
-        while raw and not raw.endswith(b"\n"):
-            raw = f.readline(1 << 20)
-        yield None
 
 
 def _request_problem(r: Any) -> str:

@@ -39,7 +39,7 @@ import re
 from pathlib import Path
 from typing import Any, Protocol
 
-from duetgen.data.dataset import Dataset, resolve_inside
+from duetgen.data.dataset import Dataset, json_problem, resolve_inside
 from duetgen.data.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, ImageError, open_rgb_image
 from duetgen.data.record import ImagePart, Message, Record, RecordError, TextPart, check_image_path
 
@@ -135,11 +135,7 @@ def _read_json(path: Path) -> Any:
     except json.JSONDecodeError as e:
         raise ReaderError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits; nesting deeper than Python's stack
-        raise ReaderError(f"{path}: unreadable JSON ({_json_problem(e)})") from None
-
-
-def _json_problem(e: BaseException) -> str:
-    return "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ReaderError(f"{path}: unreadable JSON ({json_problem(e)})") from None
 
 
 def _interleave(text: str, token: str, images: list[str], where: str) -> list[TextPart | ImagePart]:
@@ -562,7 +558,7 @@ def _json_lines(path: Path):
         except json.JSONDecodeError as e:
             raise ReaderError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
         except (ValueError, RecursionError) as e:
-            raise ReaderError(f"{path}:{lineno}: unreadable JSON ({_json_problem(e)})") from None
+            raise ReaderError(f"{path}:{lineno}: unreadable JSON ({json_problem(e)})") from None
 
 
 def read_geneval_metadata(path: str | os.PathLike) -> list[dict]:
