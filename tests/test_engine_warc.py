@@ -367,6 +367,21 @@ def test_a_record_cut_short_at_the_end_of_the_file_is_corrupt_not_a_page(tmp_pat
     assert [x.kind for x in iter_warc(path)] == ["page", "corrupt"]
 
 
+def test_a_last_member_cut_in_its_trailer_or_anywhere_in_a_skipped_record_is_corrupt(tmp_path):
+    """The damage probe's last misreads (session 14): a member whose deflate data is whole but whose CRC and length
+    are cut off read as a page (warcio does not look for the member's end); a member cut inside its headers read as
+    a record of the lines before the cut (no WARC-Type), and a non-page record is never read for its body."""
+    good = member("https://x.example/ok.html", "text/html", b"<p>ok</p>")
+    page = member("https://x.example/cut.html", "text/html", (PAGES_DIR / "bathe-a-cat.html").read_bytes())
+    script = member("https://x.example/x.js", "application/javascript", b"var x = 1;" * 30)
+    path = tmp_path / "c.warc.gz"
+    for cut in [*((page, n) for n in range(1, 9)), *((script, n) for n in range(1, len(script)))]:
+        path.write_bytes(good + cut[0][:-cut[1]])
+        assert [x.kind for x in iter_warc(path)] == ["page", "corrupt"], cut[1]
+    path.write_bytes(good + page)
+    assert [x.kind for x in iter_warc(path)] == ["page", "page"]
+
+
 @pytest.mark.parametrize("name", ["in.warc.gz", "in.warc"])
 def test_a_file_switching_between_gzipped_and_uncompressed_records_loses_none(tmp_path, name):
     """warcio decides gzip or not at its first record: at a switch it failed, and the records after the switch

@@ -207,6 +207,17 @@ def _raw_headers_damage(fd: int, offset: int, length: int) -> str | None:
     return None  # (not reached for headers warcio read: their bytes fit in the window)
 
 
+_REQUIRED = ("WARC-Type", "Content-Length")  # (WARC-Record-ID is checked with the format)
+
+
+def _member_cut_at_end(it, f, size: int) -> bool:
+    """The gzip member just read is the last bytes of the file and does not end there: its block was whole (the
+    deflate data complete) but its trailer is cut off. warcio does not notice; ``gzip`` calls it truncated."""
+    decompressor = it.reader.decompressor
+    return (decompressor is not None and not decompressor.eof and not it.reader.rem_length()
+            and f.tell() >= size)
+
+
 def _find(f, start: int, size: int, magics: tuple[bytes, ...] = (_GZIP_MAGIC, _WARC_MAGIC)) -> int | None:
     """Offset of the next of ``magics`` at or after ``start`` (read in 1 MiB windows), or None. By default the
     next record start: a gzip member (``1f 8b 08``) or an uncompressed record (``WARC/1.``), whichever comes
@@ -255,6 +266,10 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
                         # warcio falls back to reading raw bytes as an ARC record when a member fails to
                         # decompress early: garbage that would swallow the records after it
                         raise ValueError(f"not a WARC record ({rec.format} format, no WARC-Record-ID)")
+                    if absent := [h for h in _REQUIRED if rec.rec_headers.get_header(h) is None]:
+                        # a gzip member cut inside its headers reads as a record of the lines before the cut
+                        raise ValueError(f"the record has no {' or '.join(absent)} header (the WARC standard "
+                                         "requires them): it was cut short in its headers")
                     if _merged_headers(rec.rec_headers.headers) or rec.rec_headers.statusline:
                         # cut short inside its headers, it ran on into the next record's: read as one, that
                         # record's block came under this one's URI (or the next record was lost)
@@ -272,6 +287,9 @@ def iter_warc(path: str | Path, start: int = 0, end: int | None = None, page_cap
                         raise ValueError(f"the record is cut short: {missing:,} of its {rec.length:,} bytes missing")
                     if any(p.startswith("block digest failed") for p in rec.digest_checker.problems):
                         raise ValueError(f"the record's WARC-Block-Digest does not match its {rec.length:,} bytes")
+                    if _member_cut_at_end(it, f, size):
+                        raise ValueError("the record's gzip member is cut short: the file ends before the member's "
+                                         "end (its CRC and length)")
                     good_end = it.offset if it.offset > cur else None  # (not inside a multi-record member)
                     in_bad, retried = False, None
                     yield item
