@@ -382,6 +382,18 @@ def test_a_last_member_cut_in_its_trailer_or_anywhere_in_a_skipped_record_is_cor
     assert [x.kind for x in iter_warc(path)] == ["page", "page"]
 
 
+def test_a_warc_gzipped_twice_is_named_as_such(tmp_path):
+    """A per-record .warc.gz gzipped again (a download saved with its Content-Encoding) read as one corrupt region
+    whose reason was warcio's garbled "first line"; the funnel now says what it is and what to do."""
+    import gzip
+
+    raw = b"".join(member(f"https://x.example/p{i}.html", "text/html", b"<p>ok %d</p>" % i) for i in range(3))
+    path = tmp_path / "twice.warc.gz"
+    path.write_bytes(gzip.compress(raw))
+    first = next(iter_warc(path))
+    assert first.kind == "corrupt" and first.reason.startswith("the file is gzipped twice"), first.reason
+
+
 @pytest.mark.parametrize("name", ["in.warc.gz", "in.warc"])
 def test_a_file_switching_between_gzipped_and_uncompressed_records_loses_none(tmp_path, name):
     """warcio decides gzip or not at its first record: at a switch it failed, and the records after the switch

@@ -566,6 +566,9 @@ def corrupt_reason(e: Exception) -> str:
     text = " ".join(str(e).split())
     if isinstance(e, _Tail):
         return text
+    if re.search(r"first line: \[['\"]\\x1f\\x8b\\x08", text):  # a gzip member whose content is gzip again
+        return ("the file is gzipped twice (a gzip member holds another gzip stream; a download saved with its "
+                "Content-Encoding does that): `gunzip` it once")
     if "non-chunked gzip" in text:  # `gzip crawl.warc`: one gzip stream, so no record after the first can be sought
         return (f"{ONE_STREAM}, not one gzip member per record (`gzip crawl.warc` makes that): the engine reads a "
                 "copy with one member per record; by hand: `warcio recompress IN OUT`")
