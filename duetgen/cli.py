@@ -466,9 +466,11 @@ def data_synthesize(
     c = report.extra.get("cost_usd", {})
     typer.echo(f"wrote {report.counts.get('written', 0)} records to {out}; skipped {len(report.skipped)} "
                f"({dict(report.skip_reasons)}); cost ${c.get('this_run', 0):.4f} this run, ${c.get('all_runs', 0):.4f} in all")
-    failed = report.skip_reasons.get("api_error", 0)
-    if failed and not report.counts.get("written"):
-        fail(f"no record written: {failed} API request(s) failed (the report's skipped list says why); rerun to retry")
+    failed, rejected = report.skip_reasons.get("api_error", 0), report.skip_reasons.get("api_rejected", 0)
+    if (failed or rejected) and not report.counts.get("written"):
+        fail(f"no record written: {failed} API request(s) failed (a rerun asks again), {rejected} rejected by the API "
+             "(dropped: the same request gets the same answer; --retry-dropped asks again); the report's skipped "
+             "list says why")
 
 
 @data_app.command("transitions")

@@ -232,6 +232,25 @@ def test_api_errors_are_retried_by_the_next_run(server, tmp_path):
     assert r2.counts["written"] == 1
 
 
+def test_a_request_the_api_rejects_is_dropped_and_a_cut_reply_is_asked_again(server, tmp_path):
+    """A 400 is the same answer on every run: it was left for the next run forever (the image client did not say
+    which errors may pass); a reply cut mid-JSON may pass and is asked again."""
+    reqs = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "How do I a?"}])
+    server.inject("400")
+    r1 = run(reqs, gemini(server, max_retries=0), tmp_path / "out")
+    assert r1.skip_reasons == {"api_rejected": 1} and "HTTP 400" in r1.skipped[0]["detail"]
+    asked = server.requests
+    r2 = run(reqs, gemini(server, max_retries=0), tmp_path / "out")
+    assert server.requests == asked and not r2.counts.get("written")  # not asked again
+    r3 = run(reqs, gemini(server, max_retries=0), tmp_path / "out", SynthesisConfig(retry_dropped=True))
+    assert r3.counts["written"] == 1
+    reqs = write_requests(tmp_path / "r2.jsonl", [{"id": "b", "prompt": "How do I b?"}])
+    server.inject("notjson")
+    r4 = run(reqs, gemini(server, max_retries=0), tmp_path / "out2")
+    assert r4.skip_reasons == {"api_error": 1}
+    assert run(reqs, gemini(server, max_retries=0), tmp_path / "out2").counts["written"] == 1
+
+
 class CrashingClient:
     """Answers two requests, then fails like a dead process would (an exception out of the run)."""
 

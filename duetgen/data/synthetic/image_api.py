@@ -78,6 +78,7 @@ class GenerationResult:
     cost_usd: float = 0.0
     error: str | None = None  # why, for api_error and blocked
     model: str = ""
+    transient: bool = False  # an api_error that may pass (unreachable, 429 / 5xx, a cut reply): a rerun asks again
 
     @property
     def num_images(self) -> int:
@@ -131,7 +132,7 @@ class _ImageAPIClient:
             except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as e:
                 raise RequestFailed(f"malformed reply ({type(e).__name__}: {e})") from None  # the shape it assumed
         except RequestFailed as e:
-            res = GenerationResult("api_error", error=str(e))
+            res = GenerationResult("api_error", error=str(e), transient=e.transient)
         res.model = self.model
         if res.status != "api_error":
             res.cost_usd = res.cost_usd or self.pricing.cost(res.usage)
@@ -162,7 +163,7 @@ class _ImageAPIClient:
         try:
             payload = json.loads(raw)
         except (ValueError, RecursionError) as e:  # (JSON, UTF-8, a 4,300-digit integer, deep nesting)
-            raise RequestFailed(f"reply body is not JSON ({e}): {text[:200]}") from None
+            raise RequestFailed(f"reply body is not JSON ({e}): {text[:200]}", transient=True) from None
         if not isinstance(payload, dict):
             raise RequestFailed(f"reply body is a JSON {type(payload).__name__}, not an object")
         return payload

@@ -2,7 +2,10 @@
 
 Filters, in the order they are applied (the first failing one names the drop reason):
 
-    api_error        the request failed (not a drop: it is retried by the next run)
+    api_error        the request failed in a way that may pass (unreachable, 429 / 5xx after the retries, a cut
+                     reply, a rejected key): not a drop, the next run asks again
+    api_rejected     the API refused the request itself (400 / 422: asking again gets the same answer) or answered
+                     in a shape no client reads: a drop, not asked again (``--retry-dropped`` does)
     refused          the API blocked the prompt/answer, or the text is a refusal and has no image
     bad_image        an image part is not base64, not an image MIME type, not decodable, or a URL
     too_large_image  an image is over the pixel cap (decompression-bomb guard)
@@ -51,7 +54,7 @@ def build_record(request: dict[str, Any], user_images: list[bytes], result: Gene
                  cfg: QualityConfig, extra_meta: dict[str, Any] | None = None) -> tuple[Record | None, str, str]:
     """(record, "", "") when the answer passes, else (None, reason code, detail)."""
     if result.status == "api_error":
-        return None, "api_error", result.error or ""
+        return None, "api_error" if result.transient else "api_rejected", result.error or ""
     texts_so_far = " ".join(p["text"] for p in result.parts if p["type"] == "text")
     if result.status == "blocked":
         return None, "refused", result.error or ""
