@@ -515,6 +515,36 @@ def test_charset_labels_decode_as_browsers_do():
     assert b"\x93repot\x94".decode(_http_charset("text/html; charset=iso-8859-1")) == "\u201crepot\u201d"
     sjis = '<meta charset="shift_jis"><p>\u2460\u2461</p>'.encode("cp932")
     assert decode_html(sjis) == ('<meta charset="shift_jis"><p>\u2460\u2461</p>', "cp932")
+    # session 14 audit: labels browsers know that Python does not, and Python codecs no browser knows (base64 and
+    # the like are no text codecs: a page naming one stopped the run, and every rerun)
+    for label, codec in [("windows-874", "cp874"), ("x-sjis", "cp932"), ("x-euc-jp", "euc_jp"),
+                         ("iso-8859-8-i", "iso8859-8"), ("windows-31j", "cp932"), ("x-mac-roman", "mac-roman"),
+                         ("unicode-1-1-utf-8", "utf-8"), ("gb2312", "gb18030"),
+                         ("base64", None), ("hex", None), ("rot13", None), ("zlib", None), ("utf-7", None),
+                         ("iso-2022-kr", None), ("x-user-defined", None)]:
+        assert _http_charset(f"text/html; charset={label}") == codec, label
+    thai = "\u0e27\u0e34\u0e18\u0e35\u0e2d\u0e32\u0e1a\u0e19\u0e49\u0e33"
+    assert decode_html(f'<meta charset="windows-874"><p>{thai}</p>'.encode("cp874"))[0].endswith(f"{thai}</p>")
+    assert decode_html('<meta charset="utf-16"><p>caf\u00e9</p>'.encode()) == (
+        '<meta charset="utf-16"><p>caf\u00e9</p>', "utf-8")  # WHATWG: a <meta> saying UTF-16 means UTF-8
+    assert decode_html(b'<meta charset="base64"><p>caf\xc3\xa9</p>')[1] == "utf-8"
+
+
+def test_a_page_naming_a_python_only_codec_is_read_and_the_run_goes_on(tmp_path):
+    """The audit's HIGH: ``charset=base64`` in the HTTP header (or ``<meta charset="hex">``) raised LookupError out of
+    the shard, so the run stopped, and every rerun."""
+    html = (PAGES_DIR / "bathe-a-cat.html").read_bytes()
+    crawl = tmp_path / "c.warc.gz"
+    buf = io.BytesIO()
+    w = WARCWriter(buf, gzip=True)
+    for i, (ctype, body) in enumerate([("text/html; charset=base64", html),
+                                       ("text/html", html.replace(b"<head>", b'<head><meta charset="hex">'))]):
+        hh = StatusAndHeaders("200 OK", [("Content-Type", ctype)], protocol="HTTP/1.1")
+        w.write_record(w.create_warc_record(f"https://x.example/p{i}.html", "response",
+                                            payload=io.BytesIO(body.replace(b"Cat", b"Cat %d" % i)), http_headers=hh))
+    crawl.write_bytes(buf.getvalue())
+    funnel = run_engine(str(crawl), tmp_path / "out", config(), progress=False)
+    assert funnel["summary"]["pages_in"] == 2 and stage(funnel, "extract")["pages_out"] == 2, funnel["summary"]
 
 
 def test_a_pages_image_url_finds_the_crawls_image_in_any_spelling_and_through_its_redirects(tmp_path):

@@ -26,6 +26,7 @@ from urllib.parse import urljoin, urlsplit
 
 import lxml.etree
 import lxml.html
+import webencodings
 
 from duetgen.data.engine.document import Doc, ImageItem, TextItem
 
@@ -73,20 +74,20 @@ class ExtractConfig:
     max_html_bytes: int = 5_000_000  # pages above this are refused before parsing (a 50 MB page is hostile)
 
 
-# WHATWG Encoding: legacy labels decode with the wider table browsers use (a page labelled iso-8859-1 with
-# curly quotes, Shift_JIS with circled digits); Python's codecs of those names are the strict tables
-WEB_SUPERSETS = {"iso8859-1": "cp1252", "ascii": "cp1252", "latin-1": "cp1252", "iso8859-9": "cp1254",
-                 "shift_jis": "cp932", "euc_kr": "cp949", "gb2312": "gb18030", "gbk": "gb18030", "tis-620": "cp874",
-                 "iso8859-11": "cp874"}
+# WHATWG Encoding: a label names the encoding browsers decode with (webencodings holds the standard's table:
+# iso-8859-1 and ascii are windows-1252, Shift_JIS is Windows-31J, x-sjis and windows-874 are labels too), and a
+# label outside it is unknown, even where Python has a codec of that name (base64, rot13, hex, zlib: not text
+# codecs at all, a page naming one stopped the run; utf-7). GBK decodes with the gb18030 decoder; "replacement"
+# (iso-2022-kr, hz-gb-2312) and x-user-defined decode no text.
+_NO_TEXT = {"replacement", "x-user-defined"}
 
 
 def web_codec(label: str) -> str | None:
-    """The Python codec a browser would decode a charset label with, or None for an unknown label."""
-    try:
-        name = codecs.lookup(label.strip().strip("\"'").lower()).name
-    except LookupError:
+    """The Python codec a browser would decode a charset label with, or None for a label browsers do not know."""
+    encoding = webencodings.lookup(label.strip().strip("\"'"))
+    if encoding is None or encoding.name in _NO_TEXT:
         return None
-    return WEB_SUPERSETS.get(name, name)
+    return "gb18030" if encoding.name == "gbk" else encoding.codec_info.name
 
 
 def decode_html(data: bytes) -> tuple[str, str]:
@@ -97,6 +98,8 @@ def decode_html(data: bytes) -> tuple[str, str]:
     m = _META_CHARSET.search(data[:4096])
     if m:
         enc = web_codec(m.group(1).decode("ascii", "ignore"))
+        if enc in ("utf-16-le", "utf-16-be"):  # WHATWG: a <meta> that says UTF-16 is wrong (the bytes it sits in
+            enc = "utf-8"                       # are ASCII-compatible): UTF-8
         if enc is not None:
             return data.decode(enc, errors="replace"), enc
     try:
