@@ -530,6 +530,90 @@ def test_charset_labels_decode_as_browsers_do():
     assert decode_html(b'<meta charset="base64"><p>caf\xc3\xa9</p>')[1] == "utf-8"
 
 
+def response(uri: str, http_headers: list[tuple[str, str]], payload: bytes, **warc_headers: str) -> bytes:
+    """One response record (its own gzip member) with the HTTP headers and payload bytes exactly as given."""
+    buf = io.BytesIO()
+    w = WARCWriter(buf, gzip=True)
+    hh = StatusAndHeaders("200 OK", http_headers, protocol="HTTP/1.1")
+    w.write_record(w.create_warc_record(uri, "response", payload=io.BytesIO(payload), http_headers=hh,
+                                        warc_headers_dict={k.replace("_", "-"): v for k, v in warc_headers.items()}))
+    return buf.getvalue()
+
+
+def test_payload_encodings_are_read_as_http_reads_them(tmp_path):
+    """Session 14 audit: ``x-gzip``, ``br`` and ``Transfer-Encoding: Chunked`` reached the extractor still encoded
+    (warcio compares header values as written; brotli was not installed), a page whose payload no decoder reads was
+    a page of compressed bytes, and a page without Content-Type was skipped though the crawler had identified it."""
+    import gzip
+
+    import brotli
+
+    html = b"<html><body><p>" + b"How to bathe a cat, step by step. " * 40 + b"</p></body></html>"
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(html[i:i + 500]), html[i:i + 500]) for i in range(0, len(html), 500))
+    cases = {
+        "xgzip": ([("Content-Type", "text/html"), ("Content-Encoding", "x-gzip")], gzip.compress(html), {}),
+        "br": ([("Content-Type", "text/html"), ("Content-Encoding", "br")], brotli.compress(html), {}),
+        "chunked": ([("Content-Type", "text/html"), ("Transfer-Encoding", "Chunked")], chunked, {}),
+        "gzip-chunked": ([("Content-Type", "text/html"), ("Content-Encoding", "GZIP"),
+                          ("Transfer-Encoding", "chunked")],
+                         b"%x\r\n%s\r\n0\r\n\r\n" % (len(gzip.compress(html)), gzip.compress(html)), {}),
+        "sniffed": ([], html, {"WARC_Identified_Payload_Type": "text/html"}),
+        "zstd": ([("Content-Type", "text/html"), ("Content-Encoding", "zstd")], b"(\xb5/\xfd junk", {}),
+        "brbomb": ([("Content-Type", "text/html"), ("Content-Encoding", "br")], brotli.compress(b"a" * 50_000_000), {}),
+    }
+    path = tmp_path / "enc.warc.gz"
+    path.write_bytes(b"".join(response(f"https://x.example/{k}", h, p, **w) for k, (h, p, w) in cases.items()))
+    items = {(x.uri or "corrupt").rsplit("/", 1)[-1]: x for x in iter_warc(path)}
+    for name in ("xgzip", "br", "chunked", "gzip-chunked", "sniffed"):
+        assert items[name].kind == "page" and items[name].data == html, name
+    assert (items["zstd"].kind, items["zstd"].reason) == ("skip", "content_encoding")
+    assert items["brbomb"].kind == "too_large"  # 80 bytes of br that inflate to 50 MB: never past the cap + 1
+
+
+def test_an_image_the_crawl_holds_truncated_is_fetched_and_x_png_is_a_png(tmp_path):
+    """Session 14 audit: an image record the crawler cut (``WARC-Truncated``, as Common Crawl cuts large payloads)
+    was taken from the crawl and dropped as corrupt; it is not the image, so the page's image is fetched instead.
+    ``image/x-png`` (a legacy PNG type) was ``bad_content_type``."""
+    with Site() as site:
+        page_url = site.page_url("bathe-a-cat.html")
+        parts = [member(page_url, "text/html", (PAGES_DIR / "bathe-a-cat.html").read_bytes())]
+        for name, (ctype, make) in IMAGES.items():
+            body = make()
+            if name == "step1.jpg":
+                parts.append(response(f"{site.url}/img/{name}", [("Content-Type", ctype)], body[:2000],
+                                      WARC_Truncated="length"))
+            elif name.endswith(".png"):
+                parts.append(response(f"{site.url}/img/{name}", [("Content-Type", "image/x-png")], body))
+            else:
+                parts.append(member(f"{site.url}/img/{name}", ctype, body))
+        (tmp_path / "crawl").mkdir()
+        (tmp_path / "crawl" / "a.warc.gz").write_bytes(b"".join(parts))
+        run_engine(str(tmp_path / "crawl" / "*.warc.gz"), tmp_path / "ds", config(), progress=False)
+    (rec,) = list(Dataset(tmp_path / "ds"))
+    ds = Dataset(tmp_path / "ds")
+    assert [ds.read_image_bytes(p.path) for p in rec.image_parts()] == [photo(i) for i in (1, 2, 3, 4, 5, 6)]
+    first, *rest = rec.meta["images"]
+    assert "warc" not in first and all(im["warc"].startswith("a.warc.gz@") for im in rest)  # fetched; the crawl's
+
+
+def test_a_record_whose_http_headers_never_end_is_corrupt_without_reading_them_all(tmp_path):
+    """Session 14 audit (HIGH): warcio keeps every HTTP header line it parses; a gzip member of 80 MiB of header
+    lines with no blank line (458 KB in the file) took 2.3 GB of memory. Header lines stop at 1 MiB now."""
+    import gzip
+
+    lines = b"X-A: b\r\n" * ((20 << 20) // 8)  # 20 MiB of header lines
+    payload = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n" + lines + b"\r\n<p>never</p>"
+    head = (b"WARC/1.0\r\nWARC-Type: response\r\nWARC-Record-ID: <urn:uuid:00000000-0000-0000-0000-000000000001>\r\n"
+            b"WARC-Date: 2026-01-01T00:00:00Z\r\nWARC-Target-URI: https://x.example/h\r\n"
+            b"Content-Type: application/http; msgtype=response\r\nContent-Length: %d\r\n\r\n" % len(payload))
+    good = member("https://x.example/ok.html", "text/html", b"<p>ok</p>")
+    path = tmp_path / "h.warc.gz"
+    path.write_bytes(gzip.compress(head + payload + b"\r\n\r\n") + good)
+    items = list(iter_warc(path))
+    assert [x.kind for x in items] == ["corrupt", "page"], items
+    assert "header lines run past 1,048,576 bytes" in items[0].reason
+
+
 def test_a_page_naming_a_python_only_codec_is_read_and_the_run_goes_on(tmp_path):
     """The audit's HIGH: ``charset=base64`` in the HTTP header (or ``<meta charset="hex">``) raised LookupError out of
     the shard, so the run stopped, and every rerun."""

@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urljoin
 
+from warcio.bufferedreaders import BufferedReader, ChunkedDataReader, DecompressingBufferedReader
 from yarl import URL
 
 from duetgen.data.engine.extract import web_codec
@@ -117,7 +118,9 @@ def _classify(rec, offset: int, page_cap: int, read_pages: bool) -> WarcItem:
         return WarcItem(kind="skip", reason=f"warc_{kind}", alias_of=refers, **base)
     if rec.http_headers is None:
         return WarcItem(kind="skip", reason="not_http", **base)
-    content_type = rec.http_headers.get_header("Content-Type") or ""
+    # no Content-Type: the crawler's own sniffing (Common Crawl's WARC-Identified-Payload-Type), as a browser sniffs
+    content_type = (rec.http_headers.get_header("Content-Type")
+                    or rec.rec_headers.get_header("WARC-Identified-Payload-Type") or "")
     mime = content_type.split(";")[0].strip().lower()
     status = rec.http_headers.get_statuscode()
     if status != "200":
@@ -125,20 +128,80 @@ def _classify(rec, offset: int, page_cap: int, read_pages: bool) -> WarcItem:
         alias_of = urljoin(uri, location) if uri and location else None
         return WarcItem(kind="skip", reason="http_status", mime=mime, alias_of=alias_of, **base)
     if mime.startswith("image/"):
+        if rec.rec_headers.get_header("WARC-Truncated"):  # the crawler kept part of it: not the image, so it is
+            return WarcItem(kind="skip", reason="truncated_image", mime=mime, **base)  # not indexed, but fetched
         return WarcItem(kind="image", mime=mime, **base)
     if mime not in HTML_TYPES:
         return WarcItem(kind="skip", reason="not_html", mime=mime, **base)
+    if _content_encoding(rec) is _UNDECODABLE:
+        return WarcItem(kind="skip", reason="content_encoding", mime=mime, **base)
     length = int(rec.rec_headers.get_header("Content-Length") or 0)
     if length > page_cap + HTTP_HEADER_SLACK:  # decided from the header: the body is never read
         return WarcItem(kind="too_large", mime=mime, reason=f"record of {length:,} bytes > cap {page_cap:,}", **base)
-    body = rec.content_stream().read(page_cap + 1)  # de-chunked, Content-Encoding decoded, capped
+    body = _content_stream(rec, page_cap).read(page_cap + 1)  # de-chunked, Content-Encoding decoded, capped
     if len(body) > page_cap:
         return WarcItem(kind="too_large", mime=mime, reason=f"body over the cap of {page_cap:,} bytes", **base)
     return WarcItem(kind="page", mime=mime, charset=_http_charset(content_type),
                     data=body if read_pages else None, **base)
 
 
+class _BrotliDecompressor:
+    """``Content-Encoding: br`` for warcio, which registers a decoder for the old brotlipy API (``decompress``, a
+    settable ``unused_data``; brotli's own binding has ``process``: every br payload failed, and warcio then passes
+    the bytes on still encoded). Bounded: 80 bytes of br inflate to 50 MB in one call, so at most ``limit`` bytes
+    come out; a reader asks for its cap + 1 and finds the payload too large (``_content_stream``)."""
+
+    unused_data = None  # (warcio asks; a payload is one brotli stream)
+    _STEP = 1 << 20
+
+    def __init__(self, limit: int = 32 << 20):
+        import brotli
+
+        self._brotli, self._left = brotli.Decompressor(), limit
+
+    def decompress(self, data: bytes) -> bytes:
+        out = bytearray()
+        while self._left > 0 and (data or not self._brotli.can_accept_more_data()):
+            piece = self._brotli.process(data, output_buffer_limit=min(self._STEP, self._left))[:self._left]
+            out += piece
+            self._left -= len(piece)
+            data = b""  # (the rest of this input's output is drained with empty input, as brotli requires)
+        return bytes(out)
+
+
+BufferedReader.DECOMPRESSORS["br"] = _BrotliDecompressor
+_UNDECODABLE = object()
+_ENCODING_ALIASES = {"x-gzip": "gzip", "x-deflate": "deflate", "identity": "", "none": ""}
+
+
+def _content_encoding(rec):
+    """The payload's Content-Encoding as warcio names its decoders ("" for none), or ``_UNDECODABLE`` (zstd,
+    compress, several encodings stacked). HTTP reads the value case-insensitively and takes x-gzip for gzip (RFC
+    9110); warcio compares as written and passed anything else through still encoded: a page of compressed bytes
+    (session 14 audit)."""
+    value = (rec.http_headers.get_header("Content-Encoding") or "").strip().lower()
+    value = _ENCODING_ALIASES.get(value, value)
+    return value if not value or value in DecompressingBufferedReader.get_supported_decompressors() else _UNDECODABLE
+
+
+def _content_stream(rec, cap: int):
+    """warcio's ``content_stream`` with the headers read as HTTP reads them: ``Transfer-Encoding: Chunked`` is
+    chunked (warcio compares with "chunked" as written, and chunk-size lines leaked into the page's text). The
+    caller reads at most ``cap + 1`` bytes, which a br decoder never inflates past."""
+    encoding = _content_encoding(rec) or None
+    if (rec.http_headers.get_header("Transfer-Encoding") or "").strip().lower() == "chunked":
+        stream = ChunkedDataReader(rec.raw_stream, decomp_type=encoding)
+    elif encoding:
+        stream = BufferedReader(rec.raw_stream, decomp_type=encoding)
+    else:
+        return rec.raw_stream
+    if encoding == "br":
+        stream.decompressor = _BrotliDecompressor(limit=cap + 1)
+    return stream
+
+
 MAX_LINE_BYTES = 1 << 20  # a WARC or HTTP header line is never near this
+MAX_HEADER_SECTION_BYTES = 1 << 20  # nor a record's WARC or HTTP header section (servers refuse past 8-64 KB)
 
 
 def _archive_iterator(f, check_digests: bool):
@@ -146,18 +209,26 @@ def _archive_iterator(f, check_digests: bool):
 
     - header lines are read at most ``MAX_LINE_BYTES`` at a time: warcio reads a line with no cap, joining pieces
       as it goes, so a gzip member of 52 MB of zeros (50 KB in the file) took 1.8 CPU s and ~0.9 GB of memory
-      before it was found corrupt (a member of junk is read as a header line);
+      before it was found corrupt (a member of junk is read as a header line); and at most
+      ``MAX_HEADER_SECTION_BYTES`` of them before a blank line: warcio keeps every header line it parses, so a member of 80 MiB of ``X-A: b`` HTTP
+      header lines (458 KB in the file) took 2.3 GB (session 14 audit);
     - a gzip member that fails to decompress after its first read raises: warcio prints zlib's error and reads on
       as if the file ended there, so every record after a member with a bad checksum was lost, counted as nothing
       or as "bytes at the end of the file" (an audit's random damaged files, ~2 in 1,000). A failure at a member's
       first read is left to warcio, which then reads the bytes as they are (how it reads an uncompressed WARC).
     """
     from warcio.archiveiterator import ArchiveIterator
-    from warcio.bufferedreaders import DecompressingBufferedReader
 
     class CheckedReader(DecompressingBufferedReader):
+        header_bytes = 0  # of the header lines read since the last blank one
+
         def readline(self, length=None):
-            return super().readline(MAX_LINE_BYTES if length is None else min(length, MAX_LINE_BYTES))
+            line = super().readline(MAX_LINE_BYTES if length is None else min(length, MAX_LINE_BYTES))
+            self.header_bytes = 0 if not line.strip() else self.header_bytes + len(line)
+            if self.header_bytes > MAX_HEADER_SECTION_BYTES:
+                raise ValueError(f"a record's header lines run past {MAX_HEADER_SECTION_BYTES:,} bytes without a blank "
+                                 "line")
+            return line
 
         def _decompress(self, data):
             if self.decompressor is not None and data and self.num_block_read:
@@ -588,7 +659,10 @@ def read_warc_image(path: str | Path, offset: int, max_bytes: int) -> tuple[str,
             if length > max_bytes + HTTP_HEADER_SLACK:
                 raise FetchError("too_large", f"{where}: record of {length:,} bytes > cap {max_bytes:,}")
             mime = (rec.http_headers.get_header("Content-Type") or "").split(";")[0].strip().lower()
-            data = rec.content_stream().read(max_bytes + 1)
+            if _content_encoding(rec) is _UNDECODABLE:
+                raise FetchError("corrupt_warc_record", f"{where}: Content-Encoding "
+                                 f"{rec.http_headers.get_header('Content-Encoding')!r} is not one this reader decodes")
+            data = _content_stream(rec, max_bytes).read(max_bytes + 1)
         except FetchError:
             raise
         except Exception as e:
