@@ -68,6 +68,19 @@ def test_lazy_loaded_src_and_base_href():
     assert d.url == "https://cdn.example/site/" and d.images[0].src == "photos/a.jpg"
     canon = '<html><head><link rel="canonical" href="https://ex.example/p"></head><body><p>hi</p></body></html>'
     assert extract(Doc(id="y", url=None, html=canon), ExtractConfig()).url == "https://ex.example/p"
+    # a page with its own URL keeps it (session 14 audit: <base href="/"> made every page's URL the site root);
+    # its images still resolve against the base
+    d = extract(Doc(id="z", url="https://ex.example/how/to", html=html.replace("https://cdn.example/site/", "/")),
+                ExtractConfig())
+    assert (d.url, d.base_url) == ("https://ex.example/how/to", "https://ex.example/")
+    from duetgen.data.engine.document import StageStats
+    from duetgen.data.engine.fetch import FetchConfig, FetchError
+    from duetgen.data.engine.stages import FetchImages
+
+    stage, asked = FetchImages(FetchConfig()), []
+    stage._fetch = lambda url: asked.append(url) or FetchError("http_error", url)  # (no network: what is asked for)
+    list(stage([d], StageStats("fetch_images")))
+    assert asked == ["https://ex.example/photos/a.jpg"]
 
 
 def test_hostile_pages_are_refused_with_a_reason():

@@ -78,7 +78,7 @@ Item = TextItem | ImageItem
 @dataclass
 class Doc:
     id: str
-    url: str | None  # base URL for relative image links (None: relative images cannot be fetched)
+    url: str | None  # the page's URL (a WARC record's target URI; None: relative images cannot be fetched)
     html: str | bytes | None = None  # raw page until extraction, then None (memory)
     title: str = ""
     items: list[Item] = field(default_factory=list)
@@ -89,6 +89,9 @@ class Doc:
     # files read from ``local_root / dirname(local_page)``, never from outside ``local_root``.
     local_root: str | None = None  # the input folder
     local_page: str | None = None  # the page's path relative to it
+    # where the page's relative image links resolve when its <base href> says other than ``url`` (the page keeps
+    # its own URL: a site's <base href="/"> made every page's URL the site root; session 14 audit)
+    base_url: str | None = None
     pos: int = 0  # position in its shard's reading order (runner.py: pass 2 finds pass 1's pages by it)
     # Pass 1: the cleaned body text the language and near-dup checks read (language.page_text), set once
     # by the language filter; cleaning it again for the MinHash cost 3 ms a page (benchmarks/data_engine.py).

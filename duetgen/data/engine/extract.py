@@ -208,7 +208,8 @@ def _base_url(tree, url: str | None) -> str | None:
 
 
 def extract(doc: Doc, cfg: ExtractConfig) -> Doc:
-    """Fill ``doc.title``, ``doc.items`` and ``doc.url`` (base URL) from ``doc.html``. Raises ExtractError."""
+    """Fill ``doc.title``, ``doc.items`` and ``doc.base_url`` (``doc.url`` too when the page came without one) from
+    ``doc.html``. Raises ExtractError."""
     raw = doc.html
     if raw is None:
         raise ExtractError("empty_page", "no HTML")
@@ -232,11 +233,15 @@ def extract(doc: Doc, cfg: ExtractConfig) -> Doc:
     doc.title = _title(tree)
     if tree.xpath("//base/@href"):  # the page names where its images live: over http, not beside it
         doc.local_root = doc.local_page = None
-    doc.url = _base_url(tree, doc.url)
+    base = _base_url(tree, doc.url)
+    if doc.url is None:
+        doc.url = base  # (a page that came without a URL: its <base href>, canonical link or og:url names it)
+    elif base != doc.url:
+        doc.base_url = base
     try:
         _strip_boilerplate(tree)
         root = _main_root(tree)
-        doc.items = _walk(root, doc.url)
+        doc.items = _walk(root, doc.base_url or doc.url)
     except ValueError as e:  # lxml refusing a string it made from the page (a character the cleaning above missed)
         raise ExtractError("parse_error", f"lxml: {e}") from None
     doc.html = None  # the raw page is not needed any more

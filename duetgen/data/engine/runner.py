@@ -461,15 +461,15 @@ def page_to_json(d: Doc) -> dict:
     """A page as pass 1 leaves it (extracted, language in meta), for pass 2 to start from."""
     items = [["text", x.text, x.kind, x.level, x.group, x.cleaned] if isinstance(x, TextItem)
              else ["image", x.src, x.alt, x.group, x.hints] for x in d.items]
-    return {"pos": d.pos, "id": d.id, "url": d.url, "title": d.title, "source": d.source, "meta": d.meta,
-            "local_root": d.local_root, "local_page": d.local_page, "items": items}
+    return {"pos": d.pos, "id": d.id, "url": d.url, "base_url": d.base_url, "title": d.title, "source": d.source,
+            "meta": d.meta, "local_root": d.local_root, "local_page": d.local_page, "items": items}
 
 
 def page_from_json(o: dict) -> Doc:
     items = [TextItem(text=x[1], kind=x[2], level=x[3], group=x[4], cleaned=x[5]) if x[0] == "text"
              else ImageItem(src=x[1], alt=x[2], group=x[3], hints=x[4]) for x in o["items"]]
-    return Doc(id=o["id"], url=o["url"], title=o["title"], items=items, source=o["source"], meta=o["meta"],
-               local_root=o["local_root"], local_page=o["local_page"], pos=o["pos"])
+    return Doc(id=o["id"], url=o["url"], base_url=o.get("base_url"), title=o["title"], items=items,
+               source=o["source"], meta=o["meta"], local_root=o["local_root"], local_page=o["local_page"], pos=o["pos"])
 
 
 def sketch_shard(task: tuple[ShardSpec, EngineConfig, str]) -> dict:

@@ -224,8 +224,8 @@ class FetchImages:
                         item.url = src
                     elif d.local_root is not None and not parts.netloc:
                         files[src] = None
-                    elif d.url:
-                        item.url = urljoin(d.url, src)
+                    elif d.base_url or d.url:
+                        item.url = urljoin(d.base_url or d.url, src)
                 urls = sorted({i.url for i in d.images if i.url and urlsplit(i.url).scheme in ("http", "https")})
                 fetched = dict(zip(urls, pool.map(self._fetch, urls)))  # each URL once per page
                 files = dict(zip(files, pool.map(lambda src: self._read(d, src), files)))
