@@ -472,3 +472,28 @@ def test_a_resume_lists_the_shards_in_input_order(site, tmp_path):
     assert not stale.exists() and not list((out / "shards").glob(".part-*.tmp"))
     assert [s["path"] for s in json.loads((out / "manifest.json").read_text())["shards"]] == listed
     assert len(list(Dataset(out))) == sum(s["num_records"] for s in json.loads((out / "manifest.json").read_text())["shards"])
+
+
+def _dies_on_task(task: tuple[int, str, int]) -> int:
+    """Dies (SIGKILL, as the OOM killer kills) the first ``deaths`` times it runs task ``n``; else returns n."""
+    n, marks, deaths = task
+    if n == 2:
+        tries = Path(marks) / "tries"
+        count = len(tries.read_text()) if tries.exists() else 0
+        tries.write_text("x" * (count + 1))
+        if count < deaths:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return n
+
+
+def test_a_worker_killed_mid_task_runs_its_tasks_again_and_twice_stops_the_run_by_name(tmp_path):
+    """Session 14 audit: one worker killed (the OOM killer) broke the process pool and ended the whole run with a
+    74-line BrokenProcessPool traceback. Now the unfinished tasks run again in a fresh pool, in order; a task in
+    flight at two deaths in a row stops the run with an EngineError that says how to resume."""
+    (tmp_path / "once").mkdir()
+    tasks = [(n, str(tmp_path / "once"), 1) for n in range(6)]
+    assert list(LocalExecutor(2).map_ordered(_dies_on_task, tasks)) == list(range(6))
+    (tmp_path / "always").mkdir()
+    tasks = [(n, str(tmp_path / "always"), 99) for n in range(6)]
+    with pytest.raises(EngineError, match=r"died twice with shard task [1-3] of 6 unfinished.*rerun the same command"):
+        list(LocalExecutor(2).map_ordered(_dies_on_task, tasks))

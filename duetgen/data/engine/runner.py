@@ -49,11 +49,13 @@ import json
 import multiprocessing
 import os
 import re
+import sys
 import threading
 import time
 import zlib
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -623,6 +625,26 @@ class LocalExecutor:
             for t in tasks:
                 yield fn(t)
             return
+        # A worker that dies (the OOM killer, a kill) breaks the whole pool: the tasks not yet returned run again in
+        # a fresh pool (a task writes its shard under a name of its own, then renames it: running it again writes
+        # the same shard). Two deaths in a row before the next task returns stop the run, rerunnable.
+        tasks, done, broke_at = list(tasks), 0, None
+        while done < len(tasks):
+            try:
+                for result in self._map_in_pool(fn, tasks[done:]):
+                    yield result
+                    done += 1
+            except BrokenProcessPool:
+                if broke_at == done:
+                    raise EngineError(
+                        f"a worker process died twice with shard task {done + 1} of {len(tasks)} unfinished (killed, "
+                        "or out of memory?); finished shards are kept: rerun the same command to resume (fewer "
+                        "--workers use less memory)") from None
+                broke_at = done
+                print(f"warning: a worker process died (killed, or out of memory?); running the {len(tasks) - done} "
+                      "unfinished shard task(s) again in new workers", file=sys.stderr)
+
+    def _map_in_pool(self, fn: Callable, tasks: list) -> Iterator:
         # spawn, not fork: the driver may hold threads (progress bar, sqlite) that fork would copy mid-state.
         with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
