@@ -280,11 +280,26 @@ def test_language_stage_judges_a_batch_of_pages_as_it_judges_one():
     stage = language.LanguageFilter(language.LanguageConfig(languages=("en", "de", "ja")))
     docs = [Doc(f"p{i:02d}", None, items=[TextItem(t)]) for i, t in enumerate(texts)]
     kept = list(stage(iter(docs), stats))
-    assert [d.meta["language"] for d in docs] == [{"code": c, "confidence": p} for c, p in alone]
-    assert {c for c, _ in alone} == set(SENTENCES) | {None}
-    wanted = [d.id for d, (c, _) in zip(docs, alone) if c in ("en", "de", "ja")]
+    assert [d.meta["language"] for d in docs] == [{"code": c, "confidence": p} for c, p, _ in alone]
+    assert {c for c, _, _ in alone} == set(SENTENCES) | {None}
+    wanted = [d.id for d, (c, _, _) in zip(docs, alone) if c in ("en", "de", "ja")]
     assert [d.id for d in kept] == wanted and stats.page_drops["language_undetected"] == 4
     assert stats.page_drops["language_not_wanted"] == 4 * 7
+
+
+def test_a_page_of_several_scripts_is_undetected_not_guessed():
+    """Session 14 audit: one word in each of five scripts was Sesotho at 0.64 (over the 0.5 cut), kept with
+    ``--languages any`` as a Sesotho record. Under 75 % of the letters in one script names no language; Japanese
+    (Han and kana) and an English page quoting a Russian word are one language."""
+    from duetgen.data.engine import language
+
+    mixed = "mix\n" + "cat \u043a\u043e\u0442 \u732b \u03b3\u03ac\u03c4\u03b1 \u0642\u0637\u0629 chat Katze gato " * 20
+    code, conf, why = language.detect(mixed, 0.5)
+    assert code is None and conf >= 0.5 and why.startswith("letters in several scripts (Latin"), (code, conf, why)
+    assert language.detect(SENTENCES["ja"] * 3, 0.5)[0] == "ja"
+    quoting = SENTENCES["en"] * 3 + " The Russian word for cat is \u043a\u043e\u0448\u043a\u0430."
+    assert language.detect(quoting, 0.5)[0] == "en"
+    assert language.script_mix(SENTENCES["ru"]) is None and language.script_mix("12 34") is None
 
 
 def test_a_member_cut_short_never_swallows_or_fakes_the_records_after_it(tmp_path):
@@ -844,6 +859,21 @@ def test_an_output_folder_holding_other_files_is_refused_untouched(tmp_path):
     with pytest.raises(EngineError, match="other files in it"):
         run_engine(str(tmp_path / "crawl" / "*.warc.gz"), out, config(), progress=False)
     assert stray.read_text() == '{"x": 1}\n' and not (out / "_engine").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("notes")  # (was "[Errno 20] Not a directory: 'afile/_engine/sketch'")
+    with pytest.raises(EngineError, match="is a file, not a folder"):
+        run_engine(str(tmp_path / "crawl" / "*.warc.gz"), afile, config(), progress=False)
+    assert afile.read_text() == "notes"
+
+
+def test_language_codes_given_wrong_say_what_is_wrong():
+    from duetgen.data.engine.language import check_languages
+
+    for codes, message in [((), "names no language"), (("en", "any"), "'any' keeps every page, so it stands alone"),
+                           (("en", "xx"), "unknown ISO 639-1 code\\(s\\) xx ")]:
+        with pytest.raises(ValueError, match=message):
+            check_languages(codes)
+    check_languages(("en", "de"))
 
 
 def write_cluster_crawl(tmp_path: Path, site: Site) -> tuple[str, str]:

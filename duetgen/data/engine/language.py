@@ -14,13 +14,21 @@ Design choices:
   tables (memory-bound lookups) stay in the CPU caches instead of being evicted by each page's
   extraction in between. Same calls, same answers; in benchmarks/data_engine.py the stage went from
   3.2-5.3 to 2.9-3.3 CPU ms a page (issue 18).
-- Undetectable is not guessed: lingua's answer is None (no letters, digits only...) or its top
-  confidence is under ``min_confidence`` -> the page is dropped as ``language_undetected``
-  (``--languages any`` keeps it, with ``meta.language = null``).
+- Undetectable is not guessed: lingua's answer is None (no letters, digits only...), its top
+  confidence is under ``min_confidence``, or under ``MIN_SCRIPT_SHARE`` of the sample's letters are in
+  one script -> the page is dropped as ``language_undetected`` (``--languages any`` keeps it, with
+  ``meta.language = {"code": null, ...}``). The script test is the audit's (session 14): a page of one
+  word in each of five scripts was Sesotho at 0.64 (lingua ranks languages; it does not say "none
+  of them"). Japanese counts its kana with the Han characters (one script group, as Korean's Hangul);
+  an English page quoting a Russian word is >99 % Latin. ~0.01 ms a mostly-ASCII page (its ASCII
+  letters are counted in C), ~0.2 ms a page in another script.
 """
 
 from __future__ import annotations
 
+import re
+import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 
 from duetgen.data.engine.document import Doc
@@ -28,6 +36,9 @@ from duetgen.data.engine.text import clean_block
 
 _DETECTOR = None
 BATCH_PAGES = 32  # pages whose text lingua reads one after another (its n-gram tables stay in the CPU caches)
+MIN_SCRIPT_SHARE = 0.75  # of the sample's letters in its main script, else no language is named (docstring)
+_SCRIPT_GROUPS = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "HANGUL": "CJK"}  # written together with Han (CJK ...)
+_ASCII_LETTERS = re.compile(r"[A-Za-z]")
 
 
 @dataclass
@@ -49,26 +60,48 @@ def check_languages(codes: tuple[str, ...]) -> None:
     """Raise ValueError naming a code lingua does not know."""
     if codes == ("any",):
         return
+    if not codes:
+        raise ValueError("--languages names no language: give ISO 639-1 codes (e.g. en or en,de) or 'any'")
+    if "any" in codes:
+        raise ValueError(f"--languages {','.join(codes)}: 'any' keeps every page, so it stands alone")
     from lingua import Language
 
     known = {lang.iso_code_639_1.name.lower() for lang in Language.all()}
-    bad = [c for c in codes if c not in known]
-    if bad or not codes:
-        raise ValueError(f"--languages: unknown ISO 639-1 code(s) {bad or codes!r} "
+    if bad := [c for c in codes if c not in known]:
+        raise ValueError(f"--languages: unknown ISO 639-1 code(s) {', '.join(bad)} "
                          f"(lingua knows {len(known)}, e.g. en, de, fr; or 'any')")
 
 
-def detect(text: str, min_confidence: float) -> tuple[str | None, float]:
-    """(ISO 639-1 code or None when undetectable, confidence in [0, 1])."""
+def script_mix(text: str) -> str | None:
+    """None when at least ``MIN_SCRIPT_SHARE`` of the letters are in one script, else the shares ("Latin 59%,
+    Greek 15%, ...")."""
+    letters = sum(map(str.isalpha, text))
+    if not letters or len(_ASCII_LETTERS.findall(text)) >= MIN_SCRIPT_SHARE * letters:
+        return None
+    scripts = Counter()
+    for ch in text:
+        if ch.isalpha():
+            script = unicodedata.name(ch, "UNKNOWN").split(" ", 1)[0]
+            scripts[_SCRIPT_GROUPS.get(script, script)] += 1
+    if scripts.most_common(1)[0][1] >= MIN_SCRIPT_SHARE * letters:
+        return None
+    return ", ".join(f"{s.title()} {n / letters:.0%}" for s, n in scripts.most_common(4))
+
+
+def detect(text: str, min_confidence: float) -> tuple[str | None, float, str]:
+    """(ISO 639-1 code or None when undetectable, confidence in [0, 1], why undetectable or "")."""
     global _DETECTOR
     if _DETECTOR is None:
         from lingua import LanguageDetectorBuilder
 
         _DETECTOR = LanguageDetectorBuilder.from_all_languages().with_low_accuracy_mode().build()
     values = _DETECTOR.compute_language_confidence_values(text)
+    confidence = round(values[0].value, 3) if values else 0.0
     if not values or values[0].value < min_confidence:
-        return None, round(values[0].value, 3) if values else 0.0
-    return values[0].language.iso_code_639_1.name.lower(), round(values[0].value, 3)
+        return None, confidence, f"top confidence {confidence} < {min_confidence}"
+    if mix := script_mix(text):
+        return None, confidence, f"letters in several scripts ({mix}): no one language"
+    return values[0].language.iso_code_639_1.name.lower(), confidence, ""
 
 
 class LanguageFilter:
@@ -92,11 +125,11 @@ class LanguageFilter:
         for d in batch:
             d.clean_text = page_text(d)
         verdicts = [detect(d.clean_text[: self.cfg.sample_chars], self.cfg.min_confidence) for d in batch]
-        for d, (code, conf) in zip(batch, verdicts):
+        for d, (code, conf, why) in zip(batch, verdicts):
             d.meta["language"] = {"code": code, "confidence": conf}
             stats.counts[f"language:{code or 'undetected'}"] += 1
             if code is None and not self.keep_any:
-                stats.drop_page(d, "language_undetected", f"top confidence {conf} < {self.cfg.min_confidence}")
+                stats.drop_page(d, "language_undetected", why)
             elif code is not None and not self.keep_any and code not in self.cfg.languages:
                 stats.drop_page(d, "language_not_wanted", f"{code} ({conf}), wanted {', '.join(self.cfg.languages)}")
             else:

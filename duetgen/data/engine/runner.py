@@ -721,6 +721,8 @@ def run_engine(input_path: str | Path, out: str | Path, cfg: EngineConfig, execu
     """Run (or resume) the engine. Returns the funnel JSON (also written to OUT/funnel.{json,html})."""
     input_path, out = Path(input_path), Path(out)
     t0 = time.perf_counter()
+    if out.exists() and not out.is_dir():
+        raise EngineError(f"output {str(out)!r} is a file, not a folder: --out names the dataset folder to write")
     if (out / MANIFEST).exists() and not (out / ENGINE_DIR / "plan.json").exists():
         raise EngineError(f"output {str(out)!r} already holds a dataset not written by this engine")
     if out.is_dir() and any(out.iterdir()) and not (out / ENGINE_DIR).is_dir():
