@@ -249,6 +249,13 @@ def test_a_request_the_api_rejects_is_dropped_and_a_cut_reply_is_asked_again(ser
     r4 = run(reqs, gemini(server, max_retries=0), tmp_path / "out2")
     assert r4.skip_reasons == {"api_error": 1}
     assert run(reqs, gemini(server, max_retries=0), tmp_path / "out2").counts["written"] == 1
+    # the caller's account, not the request (the review: a bad key, as Gemini says it with a 400, and spent credits
+    # were dropped, so fixing the key left every request dropped): asked again by the next run
+    reqs = write_requests(tmp_path / "r3.jsonl", [{"id": "c", "prompt": "How do I c?"}])
+    for fault in ("400key", "402"):
+        server.inject(fault)
+        assert run(reqs, gemini(server, max_retries=0), tmp_path / "out3").skip_reasons == {"api_error": 1}, fault
+    assert run(reqs, gemini(server, max_retries=0), tmp_path / "out3").counts["written"] == 1
 
 
 class CrashingClient:

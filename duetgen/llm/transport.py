@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import email.utils
 import random
+import re
 import time
 from typing import Awaitable, Callable, TypeVar
 
@@ -153,9 +154,17 @@ def check_status(resp: httpx.Response, body_text: str) -> None:
         raise RetryableError(f"HTTP {resp.status_code}: {body_text[:200]}")
     if resp.status_code in (408, 409, 425):  # request timeout, conflict, too early: may pass at once
         raise RetryableError(f"HTTP {resp.status_code}: {body_text[:200]}")
-    if resp.status_code != 200:  # not retried now; 401 / 403 / 404 (a key, a model name) may pass once fixed
+    if resp.status_code != 200:  # not retried now; 401 / 402 / 403 / 404 (a key, credits, a model name) and an
+        # account-side 400 (Gemini answers a bad key and an unsupported region with 400) may pass once fixed
         raise RequestFailed(f"HTTP {resp.status_code} (not retried): {body_text[:300]}",
-                            transient=resp.status_code in (401, 403, 404))
+                            transient=resp.status_code in (401, 402, 403, 404)
+                            or resp.status_code == 400 and bool(_ACCOUNT_SIDE.search(body_text)))
+
+
+# words of a 400 that is about the caller's account, not the request (Gemini: API_KEY_INVALID, "API key not
+# valid", FAILED_PRECONDITION "User location is not supported"; billing and credits elsewhere)
+_ACCOUNT_SIDE = re.compile(r"API_KEY|API key|FAILED_PRECONDITION|location is not supported|billing|credits",
+                           re.IGNORECASE)
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -83,9 +83,23 @@ _NO_TEXT = {"replacement", "x-user-defined"}
 
 
 def web_codec(label: str) -> str | None:
-    """The Python codec a browser would decode a charset label with, or None for a label browsers do not know."""
-    encoding = webencodings.lookup(label.strip().strip("\"'"))
-    if encoding is None or encoding.name in _NO_TEXT:
+    """The Python codec a browser would decode a charset label with, or None for a label that names no text
+    encoding. A label outside the WHATWG table that Python reads as a text codec (``cp949``, ``euc_jp``,
+    ``big5hkscs``: pages written by Python-minded tools say so) is read as that codec, mapped through the table
+    by its canonical name (``euc_kr`` -> cp949, as browsers read EUC-KR); UTF-7 never (browsers refuse it)."""
+    label = label.strip().strip("\"'")
+    encoding = webencodings.lookup(label)
+    if encoding is None:
+        try:
+            info = codecs.lookup(label)
+        except LookupError:
+            return None
+        if not getattr(info, "_is_text_encoding", True) or info.name == "utf-7":  # base64, hex, rot13, zlib
+            return None
+        encoding = webencodings.lookup(info.name.replace("_", "-"))
+        if encoding is None:
+            return info.name
+    if encoding.name in _NO_TEXT:
         return None
     return "gb18030" if encoding.name == "gbk" else encoding.codec_info.name
 

@@ -15,13 +15,12 @@ Design choices:
   extraction in between. Same calls, same answers; in benchmarks/data_engine.py the stage went from
   3.2-5.3 to 2.9-3.3 CPU ms a page (issue 18).
 - Undetectable is not guessed: lingua's answer is None (no letters, digits only...), its top
-  confidence is under ``min_confidence``, or under ``MIN_SCRIPT_SHARE`` of the sample's letters are in
-  one script -> the page is dropped as ``language_undetected`` (``--languages any`` keeps it, with
-  ``meta.language = {"code": null, ...}``). The script test is the audit's (session 14): a page of one
-  word in each of five scripts was Sesotho at 0.64 (lingua ranks languages; it does not say "none
-  of them"). Japanese counts its kana with the Han characters (one script group, as Korean's Hangul);
-  an English page quoting a Russian word is >99 % Latin. ~0.01 ms a mostly-ASCII page (its ASCII
-  letters are counted in C), ~0.2 ms a page in another script.
+  confidence is under ``min_confidence``, or its letters are written in several scripts besides Latin (``script_mix``) -> the page is dropped
+  as ``language_undetected`` (``--languages any`` keeps it, with ``meta.language = {"code": null,
+  ...}``). The script test is the audit's (session 14): a page of one word in each of five scripts
+  was Sesotho at 0.64 (lingua ranks languages; it does not say "none of them"). Latin letters are
+  neutral (brand names in Japanese or Hindi news; Serbian in both alphabets), kana and Hangul count
+  with Han. ~0.01 ms a mostly-ASCII page (its ASCII letters are counted in C), ~0.2 ms otherwise.
 """
 
 from __future__ import annotations
@@ -36,8 +35,10 @@ from duetgen.data.engine.text import clean_block
 
 _DETECTOR = None
 BATCH_PAGES = 32  # pages whose text lingua reads one after another (its n-gram tables stay in the CPU caches)
-MIN_SCRIPT_SHARE = 0.75  # of the sample's letters in its main script, else no language is named (docstring)
-_SCRIPT_GROUPS = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "HANGUL": "CJK"}  # written together with Han (CJK ...)
+MIN_FOREIGN_SHARE = 0.25  # letters outside Latin: at least this share of the sample's letters ...
+MIN_SCRIPT_SHARE = 0.75  # ... and no one non-Latin script holds this share of them: no language is named
+_SCRIPT_GROUPS = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "HANGUL": "CJK", "HALFWIDTH": "CJK", "FULLWIDTH": "LATIN",
+                  "MATHEMATICAL": "LATIN"}  # written together with Han (CJK ...); Latin in other clothes
 _ASCII_LETTERS = re.compile(r"[A-Za-z]")
 
 
@@ -73,17 +74,22 @@ def check_languages(codes: tuple[str, ...]) -> None:
 
 
 def script_mix(text: str) -> str | None:
-    """None when at least ``MIN_SCRIPT_SHARE`` of the letters are in one script, else the shares ("Latin 59%,
-    Greek 15%, ...")."""
+    """The letters' script shares ("Latin 59%, Greek 15%, ...") when the text is written in several scripts besides
+    Latin, else None. Latin is neutral: brand names, code and units in Latin letters fill pages in every language
+    (a review's Japanese, Chinese, Korean, Hindi and Arabic tech news were 28-72 % Latin letters, and a CJK letter
+    is a syllable or a word), and Serbian is written in Latin and Cyrillic. A text is mixed when at least
+    ``MIN_FOREIGN_SHARE`` of its letters are outside Latin and no one script holds ``MIN_SCRIPT_SHARE`` of those."""
     letters = sum(map(str.isalpha, text))
-    if not letters or len(_ASCII_LETTERS.findall(text)) >= MIN_SCRIPT_SHARE * letters:
+    if not letters or len(_ASCII_LETTERS.findall(text)) > (1 - MIN_FOREIGN_SHARE) * letters:
         return None
     scripts = Counter()
     for ch in text:
         if ch.isalpha():
             script = unicodedata.name(ch, "UNKNOWN").split(" ", 1)[0]
             scripts[_SCRIPT_GROUPS.get(script, script)] += 1
-    if scripts.most_common(1)[0][1] >= MIN_SCRIPT_SHARE * letters:
+    foreign = letters - scripts["LATIN"]
+    if foreign < MIN_FOREIGN_SHARE * letters or max(n for s, n in scripts.items() if s != "LATIN") >= (
+            MIN_SCRIPT_SHARE * foreign):
         return None
     return ", ".join(f"{s.title()} {n / letters:.0%}" for s, n in scripts.most_common(4))
 

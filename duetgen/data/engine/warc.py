@@ -171,17 +171,24 @@ class _BrotliDecompressor:
 
 BufferedReader.DECOMPRESSORS["br"] = _BrotliDecompressor
 _UNDECODABLE = object()
-_ENCODING_ALIASES = {"x-gzip": "gzip", "x-deflate": "deflate", "identity": "", "none": ""}
+_ENCODING_ALIASES = {"x-gzip": "gzip", "x-deflate": "deflate"}
+_COMPRESSIONS = {"zstd", "compress", "x-compress", "dcb", "dcz"}  # real codings this reader has no decoder for
 
 
 def _content_encoding(rec):
     """The payload's Content-Encoding as warcio names its decoders ("" for none), or ``_UNDECODABLE`` (zstd,
-    compress, several encodings stacked). HTTP reads the value case-insensitively and takes x-gzip for gzip (RFC
-    9110); warcio compares as written and passed anything else through still encoded: a page of compressed bytes
-    (session 14 audit)."""
-    value = (rec.http_headers.get_header("Content-Encoding") or "").strip().lower()
-    value = _ENCODING_ALIASES.get(value, value)
-    return value if not value or value in DecompressingBufferedReader.get_supported_decompressors() else _UNDECODABLE
+    compress, several codings stacked). HTTP reads the value case-insensitively and takes x-gzip for gzip (RFC
+    9110); warcio compares as written and passed those through still encoded: a page of compressed bytes
+    (session 14 audit). Any other value (``utf-8``, ``binary``, ``identity``: servers misconfigured) is no coding,
+    and the bytes pass as they are, as browsers pass them (a review found plain pages skipped otherwise)."""
+    value = (rec.http_headers.get_header("Content-Encoding") or "").lower()
+    codings = [_ENCODING_ALIASES.get(v.strip(), v.strip()) for v in value.split(",") if v.strip()]
+    decoders = DecompressingBufferedReader.get_supported_decompressors()
+    if len(codings) == 1 and codings[0] in decoders:
+        return codings[0]
+    if any(c in _COMPRESSIONS or c in decoders for c in codings):  # zstd, or real codings stacked
+        return _UNDECODABLE
+    return ""
 
 
 def _content_stream(rec, cap: int):
@@ -229,6 +236,10 @@ def _archive_iterator(f, check_digests: bool):
                 raise ValueError(f"a record's header lines run past {MAX_HEADER_SECTION_BYTES:,} bytes without a blank "
                                  "line")
             return line
+
+        def read(self, length=None):  # a block is being read, not headers (a chunked body reads its chunk-size
+            self.header_bytes = 0     # lines with readline and its chunks with read: a review's 8-byte chunks)
+            return super().read(length)
 
         def _decompress(self, data):
             if self.decompressor is not None and data and self.num_block_read:

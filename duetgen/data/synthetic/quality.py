@@ -3,7 +3,8 @@
 Filters, in the order they are applied (the first failing one names the drop reason):
 
     api_error        the request failed in a way that may pass (unreachable, 429 / 5xx after the retries, a cut
-                     reply, a rejected key): not a drop, the next run asks again
+                     reply, a key / credits / region to fix: 401-404 or a 400 saying so, as Gemini's bad-key
+                     answer): not a drop, the next run asks again
     api_rejected     the API refused the request itself (400 / 422: asking again gets the same answer) or answered
                      in a shape no client reads: a drop, not asked again (``--retry-dropped`` does)
     refused          the API blocked the prompt/answer, or the text is a refusal and has no image
