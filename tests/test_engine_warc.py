@@ -516,6 +516,9 @@ def test_warc_input_sets_as_users_give_them(tmp_path):
     (crawl / "B.WARC.GZ").write_bytes(member("https://x.example/b.html", "text/html", page.replace(b"Cat", b"Dog")))
     funnel = run_engine(str(crawl / "*"), tmp_path / "out", config(), progress=False)
     assert funnel["summary"]["warc"]["files"] == 2 and funnel["summary"]["pages_in"] == 2, funnel["summary"]
+    (crawl / "0-link.warc.gz").symlink_to(crawl / "B.WARC.GZ")  # sorts before its target: the target's name is kept
+    assert [p.name for p in runner_mod.warc_files(str(crawl / "*"))] == ["B.WARC.GZ", "a.warc.gz"]
+    (crawl / "0-link.warc.gz").unlink()
     with pytest.raises(EngineError, match=r"holds no \.html/\.htm files; it holds WARC files: .*'\S*/\*\.warc\*'"):
         run_engine(crawl, tmp_path / "out2", config(), progress=False)
     junk = tmp_path / "junk"
