@@ -261,3 +261,14 @@ def test_a_run_never_writes_into_its_inputs_nor_among_other_files(setup, tmp_pat
                             "--out", str(tmp_path / "notes"), "--quiet"])
     assert r.exit_code == 2 and "holds files of something else" in r.output
     assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["thesis.txt"]
+
+
+def test_more_packs_per_step_than_an_epoch_holds_is_said(setup, tmp_path, capsys):
+    """`--packs-per-rank` far above the data made every step see records twice, silently (session 13's note)."""
+    from duetgen.train.common import warn_packs_per_rank
+
+    warn_packs_per_rank(3, 3)
+    assert capsys.readouterr().out == ""
+    _, cfg1, _, _ = setup
+    stage1.train(dataclasses.replace(cfg1, steps=1, packs_per_rank=40), tmp_path / "s1", progress=False)
+    assert "--packs-per-rank 40 is more than the" in capsys.readouterr().out

@@ -203,6 +203,14 @@ def pack_inputs(model, seqs: list[RenderedSequence]) -> dict[str, torch.Tensor]:
     return inputs
 
 
+def warn_packs_per_rank(packs_per_rank: int, packs_per_epoch: int) -> None:
+    """A step asks each rank for more packs than an epoch holds: the sampler starts a new epoch inside the step, so
+    a step sees records twice (their loss counts twice). Allowed (tiny data, a smoke run), said once."""
+    if packs_per_rank > packs_per_epoch:
+        print(f"warning: --packs-per-rank {packs_per_rank} is more than the {packs_per_epoch} pack(s) an epoch holds "
+              "on each rank: every step sees some records more than once", flush=True)
+
+
 def extend_schedule(scheduler, total_steps: int) -> None:
     """A resumed run whose config asks for another number of steps (``--resume --steps N``) continues on
     the cosine of the new length from where it is: the checkpoint stored the old length with the schedule."""

@@ -55,7 +55,7 @@ from duetgen.models.mllm import IGNORE_INDEX, RenderedSequence
 from duetgen.models.packed_attention import use_packed_attention
 from duetgen.train.checkpoint import open_run_dir, resume, save_checkpoint
 from duetgen.train.common import (TrainInputError, check_finite, check_resume, extend_schedule, hold_out,
-                                   load_records, pack_inputs, render)
+                                   load_records, pack_inputs, render, warn_packs_per_rank)
 from duetgen.train.configs import Stage1Config
 from duetgen.train.logging import MetricsLogger
 from duetgen.train.optim import clip_grad_norm, make_adamw, make_scheduler
@@ -216,6 +216,7 @@ def _train(cfg: Stage1Config, run_dir, env: DistEnv, resume_run: bool, progress:
         ranks = f" x {env.world_size} ranks" if env.distributed else ""
         print(f"stage 1: {n_params / 1e6:.2f}M params ({n_trained / 1e6:.2f}M trained), {len(items)} train records ({sum(lengths)} tokens), "
               f"{sampler.packs_per_epoch()} packs/epoch per rank, start at step {step}/{cfg.steps} on {device}{ranks}", flush=True)
+        warn_packs_per_rank(cfg.packs_per_rank, sampler.packs_per_epoch())
 
     # --- the loop
     packs = iter(sampler)

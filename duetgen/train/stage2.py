@@ -72,7 +72,8 @@ from duetgen.models.builder import around_mllm, load_mllm
 from duetgen.models.mllm import RenderedSequence, all_layer_states, layer_states, negative_prefix_length
 from duetgen.train.checkpoint import CheckpointError, load_stateful, open_run_dir, resume, save_checkpoint
 from duetgen.train.common import (TrainInputError, check_config_types, check_finite, check_resume, extend_schedule,
-                                   hold_out, load_records, pack_inputs, read_json_object, render)
+                                   hold_out, load_records, pack_inputs, read_json_object, render,
+                                   warn_packs_per_rank)
 from duetgen.train.configs import Stage2Config
 from duetgen.train.logging import MetricsLogger
 from duetgen.train.optim import EMA, clip_grad_norm, make_adamw, make_scheduler
@@ -525,6 +526,7 @@ def _train(cfg: Stage2Config, mllm_dir, run_dir, env: DistEnv, resume_run: bool,
         print(f"stage 2: {n_params / 1e6:.2f}M trainable params (connector + DiT), MLLM frozen, {len(items)} train "
               f"records, {sampler.packs_per_epoch()} packs/epoch per rank, start at step {step}/{cfg.steps} on "
               f"{device}{ranks}", flush=True)
+        warn_packs_per_rank(cfg.packs_per_rank, sampler.packs_per_epoch())
 
     # --- the loop
     packs = iter(sampler)
