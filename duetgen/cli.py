@@ -12,6 +12,16 @@ from typing import Optional
 
 import typer
 
+
+def out_path(value) -> Path:
+    """``--out`` as a Path, refusing an empty value: typer turned ``--out ""`` into ``.``, and the command wrote into
+    the current folder."""
+    if isinstance(value, Path):
+        return value
+    if not str(value).strip():
+        raise typer.BadParameter("is empty: give a path (. for the current folder)")
+    return Path(value)
+
 app = typer.Typer(
     help="DuetGen: interleaved text-and-image generation (an MLLM writes, a video DiT draws).",
     no_args_is_help=True,
@@ -136,7 +146,7 @@ def _parse_kinds(kinds: Optional[str]) -> Optional[list[str]]:
 @data_app.command("view")
 def data_view(
     dataset_dir: Path = typer.Argument(..., help="Dataset directory (holds manifest.json)."),
-    out: Path = typer.Option(..., "--out", help="Page 1; later pages are written next to it as <stem>-page-NNNN.html."),
+    out: Path = typer.Option(..., "--out", parser=out_path, help="Page 1; later pages are written next to it as <stem>-page-NNNN.html."),
     per_page: int = typer.Option(50, "--per-page", min=1, help="Records per page."),
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Show only the first N records."),
     embed: bool = typer.Option(False, "--embed", help="Inline images as data URIs (a page that stands alone)."),
@@ -187,7 +197,7 @@ def data_import_parquet(
 
 @data_app.command("toyworld")
 def data_toyworld(
-    out: Path = typer.Option(..., "--out", help="New dataset directory to write."),
+    out: Path = typer.Option(..., "--out", parser=out_path, help="New dataset directory to write."),
     n: int = typer.Option(..., "--n", min=0, help="Number of records."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed: the same seed, split and kinds (in the same order) give the same dataset."),
     split: str = typer.Option("train", "--split", help="train | val | test (decided by a hash of every scene; see docs/shapeworld.md)."),
@@ -214,7 +224,7 @@ def data_toyworld(
 @data_app.command("engine")
 def data_engine(
     input: Path = typer.Option(..., "--input", help="Pages: a .jsonl file of {url, html[, id, source]} per line, a directory of .html files, or WARC files ('crawl/*.warc.gz', quoted)."),
-    out: Path = typer.Option(..., "--out", help="Dataset directory to write; rerun the same command to resume a killed run."),
+    out: Path = typer.Option(..., "--out", parser=out_path, help="Dataset directory to write; rerun the same command to resume a killed run."),
     llm: Optional[str] = typer.Option(None, "--llm", help="OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1); without it: rules and templates only."),
     model: Optional[str] = typer.Option(None, "--model", help="Model id as the endpoint names it (a multimodal model: it captions images)."),
     workers: int = typer.Option(1, "--workers", min=1, help="Local worker processes (1: in this process)."),
@@ -313,7 +323,7 @@ def data_taxonomy(
 
 @data_app.command("expand")
 def data_expand(
-    out: Path = typer.Option(..., "--out", help="Query pool JSONL to write (id, prompt, kind, domain, subcategory, origin)."),
+    out: Path = typer.Option(..., "--out", parser=out_path, help="Query pool JSONL to write (id, prompt, kind, domain, subcategory, origin)."),
     llm_url: Optional[str] = typer.Option(None, "--llm-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."),
     llm_model: Optional[str] = typer.Option(None, "--llm-model", help="Model id as the endpoint names it."),
     taxonomy: Optional[Path] = typer.Option(None, "--taxonomy", help="Taxonomy JSON (default: the shipped one)."),
@@ -380,7 +390,7 @@ def data_expand(
 @data_app.command("dish-prompts")
 def data_dish_prompts(
     photo_dir: Path = typer.Argument(..., help="Folder of dish photos (optional titles.json maps file names to dish names)."),
-    out: Path = typer.Option(..., "--out", help="Requests JSONL to write; image paths are relative to PHOTO_DIR."),
+    out: Path = typer.Option(..., "--out", parser=out_path, help="Requests JSONL to write; image paths are relative to PHOTO_DIR."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed for the question wording."),
     min_side: int = typer.Option(256, "--min-side", min=1, help="Skip photos whose shorter side is smaller."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many requests."),
@@ -407,7 +417,7 @@ def data_dish_prompts(
 @data_app.command("synthesize")
 def data_synthesize(
     requests: Path = typer.Argument(..., help="Requests JSONL (from `data expand` or `data dish-prompts`)."),
-    out: Path = typer.Option(..., "--out", help="Dataset directory; rerun the same command to resume."),
+    out: Path = typer.Option(..., "--out", parser=out_path, help="Dataset directory; rerun the same command to resume."),
     api: str = typer.Option("gemini", "--api", help="gemini (generateContent REST shape) | openai (chat completions with image parts)."),
     url: str = typer.Option("https://generativelanguage.googleapis.com", "--url", help="API base URL (openai: the /v1 root)."),
     model: str = typer.Option("gemini-2.5-flash-image", "--model", help="Model id."),
@@ -476,7 +486,7 @@ def data_synthesize(
 @data_app.command("transitions")
 def data_transitions(
     inputs: list[Path] = typer.Argument(..., help="Video files and/or folders (searched recursively)."),
-    out: Path = typer.Option(..., "--out", help="Dataset directory; rerun the same command to resume."),
+    out: Path = typer.Option(..., "--out", parser=out_path, help="Dataset directory; rerun the same command to resume."),
     llm_url: str = typer.Option(..., "--llm-url", help="OpenAI-compatible endpoint of the captioning MLLM (e.g. a local vLLM with Qwen2.5-VL)."),
     llm_model: str = typer.Option(..., "--llm-model", help="Model id as the endpoint names it."),
     window_s: float = typer.Option(5.0, "--window", min=0.1, help="Clip length in seconds."),
@@ -523,7 +533,7 @@ def data_transitions(
 def data_adapt(
     source: Path = typer.Argument(..., help="The dataset's annotation file, or the folder that holds it."),
     fmt: str = typer.Option(..., "--format", help="sharegpt4o | nhr-edit | omnigen | uniworld | echo4o."),
-    out: Path = typer.Option(..., "--out", help="Dataset directory (appended to; rerun skips records already there)."),
+    out: Path = typer.Option(..., "--out", parser=out_path, help="Dataset directory (appended to; rerun skips records already there)."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder the image paths are relative to (default: the annotation file's folder)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Convert at most this many samples."),
 ):
@@ -543,7 +553,7 @@ def data_adapt(
 
 @data_app.command("mix")
 def data_mix(
-    out: Path = typer.Option(..., "--out", help="Mixture manifest JSON to write (the stage-2 sample list)."),
+    out: Path = typer.Option(..., "--out", parser=out_path, help="Mixture manifest JSON to write (the stage-2 sample list)."),
     config: Optional[Path] = typer.Option(None, "--config", help='JSON: {"seed", "num_samples", "datasets": [{"name", "path", "weight"}]}; paths relative to it.'),
     dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="NAME=PATH:WEIGHT (repeatable), instead of --config."),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", min=1, help="Total samples (default: the sum of dataset sizes)."),
@@ -594,7 +604,7 @@ def data_mix(
 def eval_toyworld(
     pred: Path = typer.Option(..., "--pred", help="Dataset of predictions (records with the truth's ids, assistant turns filled)."),
     truth: Path = typer.Option(..., "--truth", help="ShapeWorld dataset written by `duetgen data toyworld`."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the full report (summary + per-record scores) as JSON."),
+    out: Optional[Path] = typer.Option(None, "--out", parser=out_path, help="Write the full report (summary + per-record scores) as JSON."),
 ):
     """Score predictions with the exact ShapeWorld judge: T-Com, I-Com, I-Co, IT-Co, I-Q, U-Acc per task kind."""
     from duetgen.data.record import RecordError
@@ -618,7 +628,7 @@ def eval_toyworld(
 def eval_generate(
     benchmark: str = typer.Option(..., "--benchmark", help="Benchmark name (see `duetgen eval benchmarks`) or a benchmark JSON file."),
     model: Path = typer.Option(..., "--model", help="DuetGen model directory (DuetGen.save_pretrained / a training checkpoint)."),
-    out: Path = typer.Option(..., "--out", help="Prediction folder to write (a dataset, plus generation.json); give it to `eval run --pred`. Rerun to resume."),
+    out: Path = typer.Option(..., "--out", parser=out_path, help="Prediction folder to write (a dataset, plus generation.json); give it to `eval run --pred`. Rerun to resume."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="The inputs: a dataset directory, InterleavedBench's interleaved_bench.json, ImgEdit's basic_edit.json, a GEdit-Bench Parquet/datasets copy, or GenEval's evaluation_metadata.jsonl."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image root for an InterleavedBench JSON or ImgEdit's basic_edit.json (default: its folder)."),
     truth: Optional[Path] = typer.Option(None, "--truth", help="shapeworld: the ground-truth dataset; only its user turns are shown to the model."),
@@ -678,7 +688,7 @@ def eval_generate(
 def eval_run(
     benchmark: str = typer.Option(..., "--benchmark", help="Benchmark name (see `duetgen eval benchmarks`) or a benchmark JSON file."),
     pred: Path = typer.Option(..., "--pred", help="The model's outputs: a dataset directory, a CoMM results folder (<data_id>_taskN/results.json), an ImgEdit or GEdit-Bench edited-images folder, or GenEval's results.jsonl."),
-    out: Path = typer.Option(..., "--out", help="Run directory. Rerun the same command to resume: finished judge calls come from the score cache."),
+    out: Path = typer.Option(..., "--out", parser=out_path, help="Run directory. Rerun the same command to resume: finished judge calls come from the score cache."),
     judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible endpoint of the judge, e.g. http://127.0.0.1:8000/v1 (a local vLLM) or a hosted API."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Judge model id as the endpoint names it."),
     k: int = typer.Option(1, "--k", min=1, help="Judge samples per scored unit (seeds 0..k-1); each score is their median."),
@@ -745,7 +755,7 @@ def _print_summary(summary: dict) -> None:
 @eval_app.command("report")
 def eval_report(
     run_dirs: list[Path] = typer.Argument(..., help="One or more run directories of the same benchmark (compared side by side)."),
-    out: Path = typer.Option(Path("report.html"), "--out", help="HTML file to write; the JSON summary goes next to it (.json)."),
+    out: Path = typer.Option(Path("report.html"), "--out", parser=out_path, help="HTML file to write; the JSON summary goes next to it (.json)."),
     gallery: int = typer.Option(12, "--gallery", min=0, help="Items shown in the side-by-side gallery."),
 ):
     """Write an HTML report (tables with 95% intervals, bar chart, galleries) and a JSON summary of runs."""
@@ -821,7 +831,7 @@ def _train_config(load, name: str, data: Optional[list[Path]], steps: Optional[i
 @train_app.command("stage1")
 def train_stage1(
     config: str = typer.Option("toy", "--config", help="Run config name (duetgen/train/configs.py, STAGE1_CONFIGS): the ShapeWorld recipe is toy-read-first, then toy, then toy-read-more (docs/training.md); tiny, tiny-lora for tests; others are earlier runs."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<config>/stage1)."),
+    out: Optional[Path] = typer.Option(None, "--out", parser=out_path, help="Run directory (default runs/<config>/stage1)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
     data: Optional[list[Path]] = typer.Option(None, "--data", help="Dataset directories or `duetgen data mix` manifests (default: the config's)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Override the config's number of steps."),
@@ -847,7 +857,7 @@ def train_stage1(
 def train_stage2(
     config: str = typer.Option("toy", "--config", help="Run config name (duetgen/train/configs.py, STAGE2_CONFIGS): the ShapeWorld recipe is toy-draw, then toy (from toy-draw's model; `duetgen train shapeworld` runs both); toy-text-only (the no-frames ablation), tiny for tests; others are earlier runs (docs/training.md)."),
     stage1: Path = typer.Option(..., "--stage1", help="Stage-1 run directory (holds mllm/) or a transformers MLLM directory."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<config>/stage2)."),
+    out: Optional[Path] = typer.Option(None, "--out", parser=out_path, help="Run directory (default runs/<config>/stage2)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
     data: Optional[list[Path]] = typer.Option(None, "--data", help="Dataset directories or `duetgen data mix` manifests (default: the config's)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Override the config's number of steps."),
@@ -1064,7 +1074,7 @@ def generate(
     prompt: str = typer.Argument(..., help="The user's request, e.g. \"How do I arrange a red circle at the top left and a blue square in the center?\""),
     image: Optional[list[Path]] = typer.Option(None, "--image", help="Input image (repeatable), shown to the model before the prompt text."),
     model: Optional[Path] = typer.Option(None, "--model", help="DuetGen model directory (default: the shipped ShapeWorld checkpoint)."),
-    out: Path = typer.Option(..., "--out", help="Output folder: a one-record dataset, answer.html and answer.md."),
+    out: Path = typer.Option(..., "--out", parser=out_path, help="Output folder: a one-record dataset, answer.html and answer.md."),
     seed: int = _generation_option("seed"),
     steps: Optional[int] = _generation_option("steps"),
     guidance: Optional[float] = _generation_option("guidance"),
@@ -1127,7 +1137,7 @@ def train_export_step(
     run: Path = typer.Option(..., "--run", help="Stage-2 run directory (holds checkpoints/ and config.json)."),
     step: int = typer.Option(..., "--step", min=1, help="The checkpoint step to export."),
     stage1: Path = typer.Option(..., "--stage1", help="The MLLM the run trained on: a stage-1 run directory (holds mllm/) or an MLLM directory."),
-    out: Path = typer.Option(..., "--out", help="New DuetGen model directory (an existing one only with --overwrite; never the run's own folder)."),
+    out: Path = typer.Option(..., "--out", parser=out_path, help="New DuetGen model directory (an existing one only with --overwrite; never the run's own folder)."),
     raw: bool = typer.Option(False, "--raw", help="Export the raw weights instead of the EMA ones."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
 ):
@@ -1158,7 +1168,7 @@ def train_export_step(
 
 @train_app.command("shapeworld")
 def train_shapeworld(
-    out: Path = typer.Option(..., "--out", help="Run directory: data/, the stage runs, eval-test/, model/ and phases.json (wall time per phase)."),
+    out: Path = typer.Option(..., "--out", parser=out_path, help="Run directory: data/, the stage runs, eval-test/, model/ and phases.json (wall time per phase)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run: finished phases are skipped, the interrupted one resumes from its checkpoint."),
     recipe: str = typer.Option("shapeworld", "--recipe", help="shapeworld (the shipped checkpoint's recipe, about 90 min on 2 CPU cores) or tiny (seconds; tests)."),
     quiet: bool = typer.Option(False, "--quiet", help="JSON lines instead of progress bars (for a log file)."),
@@ -1180,7 +1190,7 @@ def train_shapeworld(
 def train_eval_toy(
     model: Path = typer.Option(..., "--model", help="Trained DuetGen directory (stage-2 output, e.g. checkpoints/shapeworld-toy)."),
     truth: Path = typer.Option(..., "--truth", help="ShapeWorld dataset with the prompts and truth (`duetgen data toyworld --split test`)."),
-    out: Path = typer.Option(..., "--out", help="Folder for pred/ (the answers), pred.html and report.json."),
+    out: Path = typer.Option(..., "--out", parser=out_path, help="Folder for pred/ (the answers), pred.html and report.json."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Answer only the first N records (scored on those)."),
     kinds: Optional[str] = typer.Option(None, "--kinds", help="Only these task kinds, comma-separated (e.g. editing,continuation)."),
     steps: Optional[int] = _generation_option("steps", "Sampler steps per image (default: the model's, as `duetgen generate`)."),
@@ -1274,7 +1284,7 @@ def serve(
 
 @app.command("demo")
 def demo(
-    out: Path = typer.Option(Path("out/demo"), "--out", help="Folder for everything the demo writes."),
+    out: Path = typer.Option(Path("out/demo"), "--out", parser=out_path, help="Folder for everything the demo writes."),
     n: int = typer.Option(60, "--n", min=1, help="ShapeWorld records to generate."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed for the generated ShapeWorld set."),
 ):

@@ -182,3 +182,14 @@ def test_serve_refuses_flags_that_cannot_work_before_loading_anything():
     assert taken.exit_code == 2 and "cannot be bound" in taken.output
     for value in ("inf", "nan"):
         assert runner.invoke(app, ["serve", "--max-upload-mb", value]).exit_code == 2
+
+
+@pytest.mark.parametrize("command", [["data", "toyworld", "--n", "2"], ["eval", "run", "--benchmark", "shapeworld", "--pred", "p"],
+                                     ["generate", "Draw a red circle."], ["demo"]])
+def test_an_empty_out_is_refused_not_read_as_the_current_folder(command, tmp_path, monkeypatch):
+    """typer turned `--out ""` into `.`: `data toyworld --out ""` and `eval run --out ""` wrote into the current
+    folder (session 13's note)."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, [*command, "--out", ""])
+    assert result.exit_code == 2 and "is empty" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
