@@ -125,6 +125,8 @@ def test_cli_mix_with_config_and_flags(three, tmp_path):
     res = runner.invoke(app, ["data", "mix", "--config", str(tmp_path / "fifo"), "--out", str(tmp_path / "m4.json")])
     assert res.exit_code == 2 and "not a regular file" in res.output
     res = runner.invoke(app, ["data", "mix", "--config", str(tmp_path / "mix.config.json"), "--out", ""])
+    assert res.exit_code == 2 and "is empty" in res.output  # (session 14: refused as empty, not read as ".")
+    res = runner.invoke(app, ["data", "mix", "--config", str(tmp_path / "mix.config.json"), "--out", str(tmp_path)])
     assert res.exit_code == 2 and "is a folder" in res.output
 
 
