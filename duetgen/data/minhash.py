@@ -10,9 +10,12 @@
 
 Design choices:
 - ``datasketch`` (``MinHash``, ``MinHashLSH``): measured faster than our own numpy MinHash on the same pages
-  (docs/decisions.md, "Near-duplicate MinHash/LSH is datasketch"). Its affine32 scheme over SHA-1 shingle
+  (docs/decisions.md, "Near-duplicate MinHash/LSH is datasketch"). Its affine32 scheme over 32-bit shingle
   hashes is stable across processes and machines, so a signature computed in a worker means the same in the
   driver (``MinHasher.lean`` rebuilds it from its hash values). One permutation table per hasher, drawn once.
+- Shingles are hashed with xxHash's xxh32 (datasketch's ``hashfunc`` option), not its SHA-1 default: a
+  benchmark page's 1,709 shingles 1.84 -> 1.01 CPU ms (session 14, docs/decisions.md). Signatures made with
+  one hash do not mix with another's: the engine's config names it (a run sketched before refuses to resume).
 - Greedy and order-preserving: the caller visits items in its own order and keeps an item unless it is near
   one kept before it; ``first_near`` tries the LSH's candidates earliest kept first and returns the first the
   caller's test accepts, so the decision is deterministic and names the earliest kept near item.
@@ -28,9 +31,12 @@ import re
 from collections.abc import Callable
 
 import numpy as np
+import xxhash
 from datasketch import LeanMinHash, MinHash, MinHashLSH
+from datasketch.hashfunc import sha1_hash32
 
 SCHEME = "affine32"  # datasketch's default since 2.0; hash values are uint32
+SHINGLE_HASHES = {"xxh32": xxhash.xxh32_intdigest, "sha1": sha1_hash32}  # (sha1: datasketch's default, before)
 
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
 _PUNCT_RE = re.compile(r"[^\w\s]", re.UNICODE)
@@ -66,12 +72,15 @@ def jaccard(a: set[str], b: set[str]) -> float:
 class MinHasher:
     """MinHash signatures of shingle sets, all with one permutation table."""
 
-    def __init__(self, num_perm: int = 128, seed: int = 0):
-        self.num_perm, self.seed = num_perm, seed
+    def __init__(self, num_perm: int = 128, seed: int = 0, shingle_hash: str = "xxh32"):
+        if shingle_hash not in SHINGLE_HASHES:
+            raise ValueError(f"shingle_hash {shingle_hash!r}: one of {', '.join(SHINGLE_HASHES)}")
+        self.num_perm, self.seed, self._hashfunc = num_perm, seed, SHINGLE_HASHES[shingle_hash]
         self._permutations = MinHash(num_perm, seed=seed, scheme=SCHEME).permutations  # drawn once
 
     def __call__(self, shingles: set[str]) -> MinHash:
-        m = MinHash(self.num_perm, seed=self.seed, permutations=self._permutations, scheme=SCHEME)
+        m = MinHash(self.num_perm, seed=self.seed, permutations=self._permutations, scheme=SCHEME,
+                    hashfunc=self._hashfunc)
         m.update_batch([s.encode() for s in shingles])
         return m
 

@@ -45,6 +45,7 @@ class NearDupPageConfig:
     num_perm: int = 128
     bands: int = 16
     seed: int = 0
+    shingle_hash: str = "xxh32"  # (data/minhash.py) a run's sketches are all of one hash: part of its settings
 
 
 class PageSketcher:
@@ -52,7 +53,7 @@ class PageSketcher:
 
     def __init__(self, cfg: NearDupPageConfig):
         self.cfg = cfg
-        self._hasher = MinHasher(cfg.num_perm, cfg.seed)
+        self._hasher = MinHasher(cfg.num_perm, cfg.seed, cfg.shingle_hash)
 
     def __call__(self, text: str) -> np.ndarray:
         return self._hasher(word_shingles(text, self.cfg.shingle_words)).hashvalues  # (P,) uint32
@@ -79,7 +80,7 @@ def decide(sketches: list[Sketch], cfg: NearDupPageConfig,
     next of them when the kept page itself yields no record."""
     stats = StageStats("dedup_pages")
     drops: dict[tuple[int, int], str] = {}
-    index, hasher = GreedyIndex(cfg.num_perm, cfg.bands), MinHasher(cfg.num_perm, cfg.seed)
+    index, hasher = GreedyIndex(cfg.num_perm, cfg.bands), MinHasher(cfg.num_perm, cfg.seed, cfg.shingle_hash)
     kept: list[Sketch] = []  # index key -> its sketch
     first_of_id: dict[str, Sketch] = {}
     for s in sorted(sketches, key=lambda s: (s.id, s.shard, s.pos)):
