@@ -15,9 +15,9 @@ Design choices:
   extraction in between. Same calls, same answers; in benchmarks/data_engine.py the stage went from
   3.2-5.3 to 2.9-3.3 CPU ms a page (issue 18).
 - Undetectable is not guessed: lingua's answer is None (no letters, digits only...), its top
-  confidence is under ``min_confidence``, or its letters are written in several scripts besides Latin (``script_mix``) -> the page is dropped
-  as ``language_undetected`` (``--languages any`` keeps it, with ``meta.language = {"code": null,
-  ...}``). The script test is the audit's (session 14): a page of one word in each of five scripts
+  confidence is under ``min_confidence``, or its letters are written in several scripts besides
+  Latin (``script_mix``) -> the page is dropped as ``language_undetected`` (``--languages any``
+  keeps it, with ``meta.language = {"code": null, ...}``). The script test is the audit's (session 14): a page of one word in each of five scripts
   was Sesotho at 0.64 (lingua ranks languages; it does not say "none of them"). Latin letters are
   neutral (brand names in Japanese or Hindi news; Serbian in both alphabets), kana and Hangul count
   with Han. ~0.01 ms a mostly-ASCII page (its ASCII letters are counted in C), ~0.2 ms otherwise.

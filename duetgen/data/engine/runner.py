@@ -160,9 +160,9 @@ def warc_files(input_path: str | Path) -> list[Path] | None:
             raise EngineError(f"input {s!r}: {bad[0]!r} is not a .warc / .warc.gz file")
         unique: dict[Path, Path] = {}  # a file the glob names twice (a symlink to it) is read once, by its own
         for p in files:                # name rather than a link's (records cite it in meta.engine.input)
-            kept = unique.setdefault(p.resolve(), p)
-            if kept.is_symlink() and not p.is_symlink():
-                unique[p.resolve()] = p
+            target = p.resolve()
+            if unique.setdefault(target, p).is_symlink() and not p.is_symlink():
+                unique[target] = p
         return list(unique.values())
     if is_warc(s):
         if not Path(s).is_file():

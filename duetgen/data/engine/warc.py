@@ -133,12 +133,13 @@ def _classify(rec, offset: int, page_cap: int, read_pages: bool) -> WarcItem:
         return WarcItem(kind="image", mime=mime, **base)
     if mime not in HTML_TYPES:
         return WarcItem(kind="skip", reason="not_html", mime=mime, **base)
-    if _content_encoding(rec) is _UNDECODABLE:
+    stream = _content_stream(rec, page_cap)
+    if stream is None:
         return WarcItem(kind="skip", reason="content_encoding", mime=mime, **base)
     length = int(rec.rec_headers.get_header("Content-Length") or 0)
     if length > page_cap + HTTP_HEADER_SLACK:  # decided from the header: the body is never read
         return WarcItem(kind="too_large", mime=mime, reason=f"record of {length:,} bytes > cap {page_cap:,}", **base)
-    body = _content_stream(rec, page_cap).read(page_cap + 1)  # de-chunked, Content-Encoding decoded, capped
+    body = stream.read(page_cap + 1)  # de-chunked, Content-Encoding decoded, capped
     if len(body) > page_cap:
         return WarcItem(kind="too_large", mime=mime, reason=f"body over the cap of {page_cap:,} bytes", **base)
     return WarcItem(kind="page", mime=mime, charset=_http_charset(content_type),
@@ -193,9 +194,13 @@ def _content_encoding(rec):
 
 def _content_stream(rec, cap: int):
     """warcio's ``content_stream`` with the headers read as HTTP reads them: ``Transfer-Encoding: Chunked`` is
-    chunked (warcio compares with "chunked" as written, and chunk-size lines leaked into the page's text). The
-    caller reads at most ``cap + 1`` bytes, which a br decoder never inflates past."""
-    encoding = _content_encoding(rec) or None
+    chunked (warcio compares with "chunked" as written, and chunk-size lines leaked into the page's text); None
+    when no decoder reads the payload's Content-Encoding. The caller reads at most ``cap + 1`` bytes, which a br
+    decoder never inflates past."""
+    encoding = _content_encoding(rec)
+    if encoding is _UNDECODABLE:
+        return None
+    encoding = encoding or None
     if (rec.http_headers.get_header("Transfer-Encoding") or "").strip().lower() == "chunked":
         stream = ChunkedDataReader(rec.raw_stream, decomp_type=encoding)
     elif encoding:
@@ -670,10 +675,11 @@ def read_warc_image(path: str | Path, offset: int, max_bytes: int) -> tuple[str,
             if length > max_bytes + HTTP_HEADER_SLACK:
                 raise FetchError("too_large", f"{where}: record of {length:,} bytes > cap {max_bytes:,}")
             mime = (rec.http_headers.get_header("Content-Type") or "").split(";")[0].strip().lower()
-            if _content_encoding(rec) is _UNDECODABLE:
+            stream = _content_stream(rec, max_bytes)
+            if stream is None:
                 raise FetchError("corrupt_warc_record", f"{where}: Content-Encoding "
                                  f"{rec.http_headers.get_header('Content-Encoding')!r} is not one this reader decodes")
-            data = _content_stream(rec, max_bytes).read(max_bytes + 1)
+            data = stream.read(max_bytes + 1)
         except FetchError:
             raise
         except Exception as e:
