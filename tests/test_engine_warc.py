@@ -608,6 +608,13 @@ def test_payload_encodings_are_read_as_http_reads_them(tmp_path):
     assert items["tinychunks"].kind == "page" and items["tinychunks"].data == big
     for name in ("zstd", "stacked"):
         assert (items[name].kind, items[name].reason) == ("skip", "content_encoding"), name
+    # an image the index took for one by its sniffed type is read as that type (it was "" there: bad_content_type)
+    from duetgen.data.engine.warc import read_warc_image
+
+    photo_record = response("https://x.example/p.jpg", [], photo(1), WARC_Identified_Payload_Type="image/jpeg")
+    (tmp_path / "img.warc.gz").write_bytes(photo_record)
+    (item,) = iter_warc(tmp_path / "img.warc.gz")
+    assert item.kind == "image" and read_warc_image(tmp_path / "img.warc.gz", 0, 10_000_000) == ("image/jpeg", photo(1))
     assert items["brbomb"].kind == "too_large"  # 80 bytes of br that inflate to 50 MB: never past the cap + 1
 
 

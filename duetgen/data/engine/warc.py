@@ -107,6 +107,13 @@ def _http_charset(content_type: str) -> str | None:
     return None
 
 
+def _content_type(rec) -> str:
+    """The response's Content-Type; without one, the crawler's own sniffing (Common Crawl's
+    WARC-Identified-Payload-Type), as a browser sniffs."""
+    return (rec.http_headers.get_header("Content-Type")
+            or rec.rec_headers.get_header("WARC-Identified-Payload-Type") or "")
+
+
 def _classify(rec, offset: int, page_cap: int, read_pages: bool) -> WarcItem:
     """One record -> WarcItem; reads the body of a page only (capped). May raise on corrupt input."""
     kind = rec.rec_type
@@ -118,9 +125,7 @@ def _classify(rec, offset: int, page_cap: int, read_pages: bool) -> WarcItem:
         return WarcItem(kind="skip", reason=f"warc_{kind}", alias_of=refers, **base)
     if rec.http_headers is None:
         return WarcItem(kind="skip", reason="not_http", **base)
-    # no Content-Type: the crawler's own sniffing (Common Crawl's WARC-Identified-Payload-Type), as a browser sniffs
-    content_type = (rec.http_headers.get_header("Content-Type")
-                    or rec.rec_headers.get_header("WARC-Identified-Payload-Type") or "")
+    content_type = _content_type(rec)
     mime = content_type.split(";")[0].strip().lower()
     status = rec.http_headers.get_statuscode()
     if status != "200":
@@ -674,7 +679,7 @@ def read_warc_image(path: str | Path, offset: int, max_bytes: int) -> tuple[str,
             length = int(rec.rec_headers.get_header("Content-Length") or 0)
             if length > max_bytes + HTTP_HEADER_SLACK:
                 raise FetchError("too_large", f"{where}: record of {length:,} bytes > cap {max_bytes:,}")
-            mime = (rec.http_headers.get_header("Content-Type") or "").split(";")[0].strip().lower()
+            mime = _content_type(rec).split(";")[0].strip().lower()  # (as the index saw it: an image)
             stream = _content_stream(rec, max_bytes)
             if stream is None:
                 raise FetchError("corrupt_warc_record", f"{where}: Content-Encoding "
