@@ -227,8 +227,9 @@ def _archive_iterator(f, check_digests: bool):
     - header lines are read at most ``MAX_LINE_BYTES`` at a time: warcio reads a line with no cap, joining pieces
       as it goes, so a gzip member of 52 MB of zeros (50 KB in the file) took 1.8 CPU s and ~0.9 GB of memory
       before it was found corrupt (a member of junk is read as a header line); and at most
-      ``MAX_HEADER_SECTION_BYTES`` of them before a blank line: warcio keeps every header line it parses, so a member of 80 MiB of ``X-A: b`` HTTP
-      header lines (458 KB in the file) took 2.3 GB (session 14 audit);
+      ``MAX_HEADER_SECTION_BYTES`` of them before a blank line: warcio keeps every header line it parses, so a
+      member of 80 MiB of ``X-A: b`` HTTP header lines (122 KB in the file) took 2.2 GB and 23 CPU s (session 14
+      audit; ``scripts/probes/warc_header_lines.py``);
     - a gzip member that fails to decompress after its first read raises: warcio prints zlib's error and reads on
       as if the file ended there, so every record after a member with a bad checksum was lost, counted as nothing
       or as "bytes at the end of the file" (an audit's random damaged files, ~2 in 1,000). A failure at a member's
