@@ -14,7 +14,7 @@ Design choices:
   hashes is stable across processes and machines, so a signature computed in a worker means the same in the
   driver (``MinHasher.lean`` rebuilds it from its hash values). One permutation table per hasher, drawn once.
 - Shingles are hashed with xxHash's xxh32 (datasketch's ``hashfunc`` option), not its SHA-1 default: signatures
-  1.86x faster in ``benchmarks/data_engine.py --only minhash`` (session 14, docs/decisions.md). Signatures made with
+  1.4-2.0x faster in ``benchmarks/data_engine.py --only minhash`` (session 14, docs/decisions.md). Signatures made with
   one hash do not mix with another's: the engine's config names it (a run sketched before refuses to resume).
 - Greedy and order-preserving: the caller visits items in its own order and keeps an item unless it is near
   one kept before it; ``first_near`` tries the LSH's candidates earliest kept first and returns the first the
