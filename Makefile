@@ -20,12 +20,14 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/duetgen demo --out $(OUT)
 
+# -X faulthandler: a crash in native code, also at interpreter exit, prints every thread's Python stack (session
+# 14: one fresh-clone run segfaulted at exit after all tests passed, with nothing to go on)
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -X faulthandler -m pytest
 
 # the same without the tests marked slow (killed subprocesses, torchrun ranks, Ray, Chromium): while working
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -X faulthandler -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) out
